@@ -1,0 +1,83 @@
+"""Cookies for DoS resistance under load (WireGuard whitepaper §5.4.7).
+
+The responder, when under load, answers an initiation with a valid mac1 but
+no valid mac2 by a COOKIE message instead of doing DH. The cookie is a MAC of
+the sender's address under a secret that changes every COOKIE_SECRET_MS, and
+travels encrypted under a key derived from the responder's public key with
+mac1 as associated data, so only the initiator that sent that message can
+use it. The initiator then puts mac2 = MAC(cookie, message) in its retries.
+"""
+from microtun.aead import AEAD
+from microtun.hmac import hmac_sha256
+from microtun.rand import random_bytes
+from microtun.ticks import ticks_diff
+from microtun import messages as m
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+COOKIE_SECRET_MS = const(120000)   # responder secret lifetime (WireGuard: 120 s)
+COOKIE_VALID_MS = const(110000)    # initiator stops using a cookie a bit earlier
+
+
+def addr_bytes(addr):
+    """A stable byte form of an opaque address object."""
+    if isinstance(addr, (bytes, bytearray)):
+        return bytes(addr)
+    return repr(addr).encode()
+
+
+class CookieChecker:
+    """Responder side."""
+
+    def __init__(self, public_key):
+        self._aead = AEAD(m.cookie_key(public_key))
+        self._secret = None
+        self._born = 0
+
+    def _current_secret(self, now):
+        if self._secret is None or ticks_diff(now, self._born) >= COOKIE_SECRET_MS:
+            self._secret = random_bytes(32)
+            self._born = now
+        return self._secret
+
+    def cookie_for(self, addr, now):
+        return hmac_sha256(self._current_secret(now), addr_bytes(addr))[:m.MAC_LEN]
+
+    def check_mac2(self, data, mac2_off, addr, now):
+        return m.check_mac(self.cookie_for(addr, now), data, mac2_off)
+
+    def reply(self, receiver_index, mac1, addr, now):
+        """A COOKIE message answering an initiation whose mac1 was given."""
+        nonce = random_bytes(m.COOKIE_NONCE_LEN)
+        enc = self._aead.seal(nonce, self.cookie_for(addr, now), mac1)
+        return m.header(m.TYPE_COOKIE) + receiver_index.to_bytes(4, "big") + nonce + enc
+
+
+class CookieJar:
+    """Initiator side: remembers the last cookie and the mac1 it answers."""
+
+    def __init__(self, responder_public):
+        self._aead = AEAD(m.cookie_key(responder_public))
+        self.cookie = None
+        self._got = 0
+        self.last_mac1 = None
+
+    def consume(self, data, now):
+        """Process a COOKIE message; True if it held a valid cookie."""
+        if self.last_mac1 is None:
+            return False
+        cookie = self._aead.open(data[8:20], data[20:52], self.last_mac1)
+        if cookie is None:
+            return False
+        self.cookie = cookie
+        self._got = now
+        return True
+
+    def current(self, now):
+        if self.cookie is not None and ticks_diff(now, self._got) >= COOKIE_VALID_MS:
+            self.cookie = None
+        return self.cookie

@@ -1,0 +1,112 @@
+"""Timer constants and the small yes/no rules that drive a session
+(docs/PROTOCOL.md, "Timers"). Times are ms; compare only via ticks_diff.
+
+WireGuard's values (whitepaper §6.1, wireguard-go device/constants.go) are
+given next to ours. Ours differ where an idle battery-powered device pays for
+every packet: a sensor that reports once a minute should not run a handshake
+(~270 bytes on the air and four X25519 on the MCU) every two minutes.
+"""
+from microtun.ticks import ticks_diff
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+# --- specification-level constants (WireGuard value in the comment) --------
+REKEY_AFTER_MESSAGES = 2**60             # same as WireGuard
+REKEY_AFTER_TIME_MS = const(1800000)     # WG 120 s; ours 30 min: forward-secrecy window vs airtime
+REJECT_AFTER_TIME_MS = const(2100000)    # WG 180 s (= rekey + 60 s); ours rekey + 5 min
+REKEY_TIMEOUT_MS = const(5000)           # WG 5 s: first handshake retry
+REKEY_TIMEOUT_JITTER_MS = const(333)     # WG 0..333 ms
+MAX_RETRY_INTERVAL_MS = const(60000)     # WG retries every 5 s for 90 s, then gives up; we back
+                                         # off 5, 10, 20, 40, 60, 60 s ... and never give up
+KEEPALIVE_TIMEOUT_MS = const(10000)      # WG 10 s passive keepalive
+WIPE_AFTER_MS = const(6300000)           # WG 540 s (3 x reject); ours 3 x reject
+INIT_MIN_INTERVAL_MS = const(20)         # WG: at most 50 initiations/s accepted per peer
+UNDER_LOAD_PER_S = const(50)             # responder: initiations/s before mac2 (cookie) is required
+
+
+class Params:
+    """Per-endpoint timer settings: the constants above, overridable (tests
+    use short ones; a gateway may choose a shorter rekey)."""
+
+    def __init__(self, **kw):
+        self.rekey_after_ms = REKEY_AFTER_TIME_MS
+        self.reject_after_ms = REJECT_AFTER_TIME_MS
+        self.rekey_after_messages = REKEY_AFTER_MESSAGES
+        self.rekey_timeout_ms = REKEY_TIMEOUT_MS
+        self.jitter_ms = REKEY_TIMEOUT_JITTER_MS
+        self.max_retry_ms = MAX_RETRY_INTERVAL_MS
+        self.keepalive_ms = KEEPALIVE_TIMEOUT_MS
+        self.persistent_keepalive_ms = 0      # 0 = off; the path layer keeps NATs open
+        self.wipe_after_ms = WIPE_AFTER_MS
+        self.init_min_interval_ms = INIT_MIN_INTERVAL_MS
+        self.under_load_per_s = UNDER_LOAD_PER_S
+        self.keep_session = True              # initiator: rekey even when idle
+        self.queue_len = 16                   # app messages held while no session
+        for k in kw:
+            if not hasattr(self, k):
+                raise ValueError("unknown timer parameter %r" % k)
+            setattr(self, k, kw[k])
+
+
+def retry_interval(p, attempts, jitter):
+    """Delay before handshake attempt number `attempts` + 1 (attempts >= 1)."""
+    d = p.rekey_timeout_ms << min(attempts - 1, 5)
+    if d > p.max_retry_ms:
+        d = p.max_retry_ms
+    return d + jitter % (p.jitter_ms + 1)
+
+
+def elapsed(now, then):
+    return ticks_diff(now, then)
+
+
+def should_retry_handshake(s, now):
+    """An initiation is outstanding and its retry time has come."""
+    return s.hs is not None and ticks_diff(now, s.hs_retry_at) >= 0
+
+
+def should_rekey_on_send(s, now, p):
+    """Initiator, about to send: the current keypair is old or worn."""
+    kp = s.current
+    return (kp is not None and kp.initiator and s.hs is None and
+            (ticks_diff(now, kp.created) >= p.rekey_after_ms or kp.send_counter >= p.rekey_after_messages))
+
+
+def should_rekey_on_receive(s, now, p):
+    """Initiator: the keypair is about to be rejected (WG: reject - keepalive - rekey timeout)."""
+    kp = s.current
+    return (kp is not None and kp.initiator and s.hs is None and
+            ticks_diff(now, kp.created) >= p.reject_after_ms - p.keepalive_ms - p.rekey_timeout_ms)
+
+
+def should_rekey_idle(s, now, p):
+    """Initiator that keeps its session up while idle, so the far end can reach it."""
+    kp = s.current
+    return (p.keep_session and kp is not None and kp.initiator and s.hs is None and
+            ticks_diff(now, kp.created) >= p.rekey_after_ms)
+
+
+def should_send_keepalive(s, now, p):
+    """Passive keepalive: we received data and have sent nothing back for a while."""
+    return (s.current is not None and s.keepalive_due is not None and
+            ticks_diff(now, s.keepalive_due) >= 0)
+
+
+def should_send_persistent_keepalive(s, now, p):
+    return (p.persistent_keepalive_ms > 0 and s.current is not None and
+            ticks_diff(now, s.last_sent) >= p.persistent_keepalive_ms)
+
+
+def should_handshake_unresponsive(s, now, p):
+    """Initiator sent data and heard nothing back for keepalive + rekey timeout:
+    the far end may have lost our session (e.g. it restarted)."""
+    return (s.hs is None and s.data_sent_unanswered is not None and
+            ticks_diff(now, s.data_sent_unanswered) >= p.keepalive_ms + p.rekey_timeout_ms)
+
+
+def is_expired(kp, now, p):
+    return ticks_diff(now, kp.created) >= p.reject_after_ms
