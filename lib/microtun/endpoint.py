@@ -37,6 +37,12 @@ except ImportError:
         return x
 
 MAX_CHANNEL = const(255)
+CONTROL_CHANNEL = const(0)   # path probes; never subject to channel access control
+PATH_PROBE = const(1)        # channel 0: [1, path, seq(4), ticks(4), srtt(2)] -> answered with [2, ...]
+PATH_REPLY = const(2)
+PATH_PROBE_LEN = const(13)   # channel byte + 12 (microtun.paths.PROBE_LEN)
+PATH_FRESH_MS = const(900000)
+MAX_PATHS_PER_PEER = const(8)  # gateway: a device path seen this recently gets "critical" copies
 MAX_PAYLOAD = const(65000)
 
 # Event kinds
@@ -48,13 +54,14 @@ SWEEP_MS = const(1000)    # gateway: how often sessions are checked for expiry
 
 
 class Event:
-    __slots__ = ("kind", "peer", "channel", "data")
+    __slots__ = ("kind", "peer", "channel", "data", "addr")
 
-    def __init__(self, kind, peer, channel=None, data=None):
+    def __init__(self, kind, peer, channel=None, data=None, addr=None):
         self.kind = kind
         self.peer = peer
         self.channel = channel
         self.data = data
+        self.addr = addr          # where the datagram came from (opaque)
 
     def __repr__(self):
         return "Event(%s, ch=%s, %s)" % (self.kind, self.channel, self.data)
@@ -133,17 +140,34 @@ class _Endpoint:
             if dropped is not None:
                 self._forget((dropped,))
         s.addr = addr
+        if s.paths is not None:
+            if addr not in s.paths and len(s.paths) >= MAX_PATHS_PER_PEER:
+                oldest = None
+                for a in s.paths:
+                    if oldest is None or ticks_diff(s.paths[a], s.paths[oldest]) < 0:
+                        oldest = a
+                del s.paths[oldest]
+                s.path_rtt.pop(oldest, None)
+            s.paths[addr] = now
         s.received(len(data), len(pt) > 0, now, self.params)
         if not pt:
             self._count("keepalive_rx")
             return
         ch = pt[0]
-        if s.channels is not None and ch not in s.channels:
+        if ch == CONTROL_CHANNEL:
+            if self._control(s, pt, addr, now):
+                self._on_authenticated(s, now)
+                return
+        elif s.channels is not None and ch not in s.channels:
             self._count("channel_denied")
             return
         self._count("data_rx")
-        self._events.append(Event(DATA, s, ch, pt[1:]))
+        self._events.append(Event(DATA, s, ch, pt[1:], addr))
         self._on_authenticated(s, now)
+
+    def _control(self, s, pt, addr, now):
+        """Channel-0 messages the core handles itself; True if consumed."""
+        return False
 
     def _on_authenticated(self, s, now):
         pass
@@ -357,6 +381,8 @@ class Gateway(_Endpoint):
         s = self.peers.get(public)
         if s is None:
             s = self.peers[public] = Session(public, psk, name, chans)
+            s.paths = {}
+            s.path_rtt = {}
         else:
             if psk != s.psk:
                 self._drop_keys(s)           # a new psk invalidates the session
@@ -375,20 +401,47 @@ class Gateway(_Endpoint):
         s.current = s.previous = s.next = None
         s.keepalive_due = None
 
-    def send(self, peer_public, channel, payload, now):
-        """Send app data to a device over its session. Returns False (and
-        counts `no_session`) if the device has no usable session."""
+    def send(self, peer_public, channel, payload, now, route=None):
+        """Send app data to a device over its session. route: None (the path
+        the device was last heard on), "critical" (a copy on every path the
+        device used within PATH_FRESH_MS; the device keeps the first), or an
+        address. Returns False (and counts `no_session`) if the device has
+        no usable session."""
         _check_send(channel, payload)
-        s = self.peers.get(bytes(peer_public)) if not isinstance(peer_public, Session) else peer_public
+        s = peer_public if isinstance(peer_public, Session) else self.peers.get(bytes(peer_public))
         if s is None:
             raise ValueError("unknown peer")
         if s.current is None or timers.is_expired(s.current, now, self.params):
             self._count("no_session")
             return False
-        if self._send_on(s, channel, bytes(payload), now, s.addr):
-            self._count("data_tx")
+        pkt = s.sealed(bytes((channel,)) + bytes(payload), now)
+        if pkt is None:
+            self._count("no_session")
+            return False
+        self._count("data_tx")
+        for addr in self._routes(s, route, now):
+            self._emit(pkt, addr)
+        return True
+
+    def _routes(self, s, route, now):
+        if route is None:
+            return (s.addr,)
+        if route != "critical":
+            return (route,)
+        fresh = [a for a, seen in s.paths.items() if ticks_diff(now, seen) < PATH_FRESH_MS]
+        if s.addr is not None and s.addr not in fresh:
+            fresh.append(s.addr)
+        return fresh or (s.addr,)
+
+    def _control(self, s, pt, addr, now):
+        if len(pt) == PATH_PROBE_LEN and pt[1] == PATH_PROBE:
+            self._count("path_probe_rx")
+            r = (pt[11] << 8) | pt[12]
+            s.path_rtt[addr] = None if r == 0xFFFF else r   # the device's own measurement
+            pkt = s.sealed(bytes((CONTROL_CHANNEL, PATH_REPLY)) + pt[2:], now)
+            if pkt is not None:
+                self._emit(pkt, addr)       # answered on the path it came by
             return True
-        self._count("no_session")
         return False
 
     # -- input ---------------------------------------------------------------
@@ -483,6 +536,10 @@ class Gateway(_Endpoint):
         if self._sweep_at is None or ticks_diff(now, self._sweep_at) >= 0:
             self._sweep_at = ticks_add(now, SWEEP_MS)
             for s in list(self.peers.values()):
+                if s.paths:
+                    for a in [a for a, seen in s.paths.items() if ticks_diff(now, seen) >= PATH_FRESH_MS]:
+                        del s.paths[a]
+                        s.path_rtt.pop(a, None)
                 had = s.current is not None or s.next is not None
                 if had:
                     self._session_timers(s, now, s.addr)

@@ -42,6 +42,8 @@ class Session:
         self.data_sent_unanswered = None
         self.established_at = None
         self.addr = None              # where the peer was last authenticated (opaque)
+        self.paths = None             # gateway: addr -> last authenticated arrival (ticks)
+        self.path_rtt = None          # gateway: addr -> srtt the device reported (ms)
         # counters
         self.handshakes = 0
         self.tx_packets = 0

@@ -1,0 +1,180 @@
+"""Path health and send policies (microtun.paths), on a fake clock that wraps."""
+from microtun import paths as P
+from microtun.ticks import ticks_add, TICKS_PERIOD
+from mtest import raises
+
+PORTABLE = True
+T0 = TICKS_PERIOD - 500
+
+
+def make(n=2, policy=P.BEST):
+    ps = [P.Path(i, "p%d" % i, 100 + i, 200 + i, None) for i in range(n)]
+    return P.PathSet(ps, policy)
+
+
+def reply(ps, path, seq, now):
+    return ps.on_probe_reply(P.probe_message(P.CTL_PATH_REPLY, path.index, seq, 0), now)
+
+
+def bring_up(ps, now, rtts=(20, 40)):
+    for (p, seq) in ps.due_probes(now):
+        assert reply(ps, p, seq, ticks_add(now, rtts[p.index]))
+    return ticks_add(now, max(rtts))
+
+
+def test_state_table_is_printable_and_complete():
+    text = P.print_table()
+    for s in (P.NEW, P.UP, P.SUSPECT, P.DOWN):
+        assert s in text
+    # every state can be left, and DOWN comes back only through a reply
+    assert P.TRANSITIONS[(P.DOWN, "reply")] == P.UP
+    assert (P.DOWN, "miss") not in P.TRANSITIONS
+
+
+def test_new_paths_come_up_on_reply_and_best_is_fastest():
+    ps = make()
+    assert ps.best() is None
+    now = bring_up(ps, T0)
+    assert [p.state for p in ps.paths] == [P.UP, P.UP]
+    assert ps.best() is ps.paths[0]
+    assert ps.select(None, now) == [ps.paths[0]]
+
+
+def test_transitions_table_driven():
+    # (events, expected state): r = reply, m = probe lost (RTO passes)
+    cases = [
+        ("r", P.UP), ("rm", P.SUSPECT), ("rmr", P.UP), ("rmmm", P.DOWN),
+        ("rmmmr", P.UP), ("mmm", P.DOWN), ("m", P.NEW),
+    ]
+    for events, expect in cases:
+        ps = make(1)
+        p = ps.paths[0]
+        now = T0
+        for ev in events:
+            ps.note_app_send(now)
+            (q, seq), = ps.due_probes(now)
+            if ev == "r":
+                reply(ps, p, seq, ticks_add(now, 10))
+                now = ticks_add(now, 10)
+            else:
+                now = ticks_add(now, p.rto() + 1)
+                p.check_timeouts(now)
+            now = ticks_add(now, 5000)      # the next probe is due
+        assert p.state == expect, (events, p.state)
+
+
+def test_rtt_estimator_rfc6298():
+    ps = make(1)
+    p = ps.paths[0]
+    now = T0
+    for rtt in (100, 100, 100, 100):
+        ps.note_app_send(now)
+        (q, seq), = ps.due_probes(now)
+        reply(ps, p, seq, ticks_add(now, rtt))
+        now = ticks_add(now, 5000)
+    assert abs(p.srtt - 100) < 1e-6
+    assert p.rttvar < 50
+    assert P.RTO_MIN_MS <= p.rto() <= 200
+
+
+def test_late_or_duplicate_reply_ignored():
+    ps = make(1)
+    p = ps.paths[0]
+    (q, seq), = ps.due_probes(T0)
+    assert reply(ps, p, seq, ticks_add(T0, 10))
+    assert not reply(ps, p, seq, ticks_add(T0, 12))       # duplicate copy
+    assert not reply(ps, p, seq + 7, ticks_add(T0, 12))   # never sent
+
+
+def test_suspect_path_means_send_on_both():
+    ps = make()
+    now = bring_up(ps, T0)
+    best = ps.paths[0]
+    (ps.paths[0].outstanding).clear()
+    best.outstanding[99] = now
+    now = ticks_add(now, best.rto() + 1)
+    best.check_timeouts(now)
+    assert best.state == P.SUSPECT
+    assert ps.select(P.BEST, now) == [ps.paths[0], ps.paths[1]]
+
+
+def test_down_path_not_used_and_other_takes_over():
+    ps = make()
+    now = bring_up(ps, T0)
+    a = ps.paths[0]
+    for i in range(3):
+        a.outstanding[50 + i] = now
+        now = ticks_add(now, a.rto() + 1)
+        a.check_timeouts(now)
+    assert a.state == P.DOWN
+    assert ps.select(P.BEST, now) == [ps.paths[1]]
+    assert ps.select(P.CRITICAL, now) == [ps.paths[1]]
+
+
+def test_critical_uses_every_live_path():
+    ps = make(3)
+    now = bring_up(ps, T0, (10, 20, 30))
+    assert ps.select(P.CRITICAL, now) == ps.paths
+
+
+def test_nothing_validated_sends_everywhere():
+    ps = make()
+    assert ps.select(P.BEST, T0) == ps.paths
+
+
+def test_explicit_path_index_route():
+    ps = make()
+    assert ps.select(1, T0) == [ps.paths[1]]
+    assert ps.select(5, T0) == []
+
+
+def test_adaptive_hysteresis():
+    ps = make(policy=P.ADAPTIVE)
+    now = bring_up(ps, T0)
+    best = ps.paths[0]
+    assert ps.select(None, now) == [best]
+    best.loss = 0.06                     # above ON
+    assert len(ps.select(None, now)) == 2
+    best.loss = 0.03                     # between OFF and ON: keep duplicating
+    assert len(ps.select(None, now)) == 2
+    best.loss = 0.01                     # below OFF: stop
+    assert ps.select(None, now) == [best]
+    best.loss = 0.03                     # between again, not yet duplicating: stay single
+    assert ps.select(None, now) == [best]
+
+
+def test_probe_pacing_idle_vs_active():
+    ps = make(1)
+    p = ps.paths[0]
+    now = bring_up(ps, T0, (10, 10))
+    # idle and healthy: next probe minutes away
+    assert ps.due_probes(ticks_add(now, 1000)) == []
+    assert ps.due_probes(ticks_add(now, 290000)) == []
+    ps.note_app_send(now)
+    due = ps.due_probes(ticks_add(now, 1))
+    assert len(due) == 1                 # becoming active pulls the probe in
+    assert ps.due_probes(ticks_add(now, 50)) == []
+    assert len(ps.due_probes(ticks_add(now, 250))) == 1
+
+
+def test_nat_keepalive_due():
+    ps = make()
+    for p in ps.paths:
+        p.last_tx = T0
+    assert ps.due_keepalives(ticks_add(T0, 24000)) == []
+    assert ps.due_keepalives(ticks_add(T0, 25000)) == ps.paths
+
+
+def test_timer_points_at_earliest_need():
+    ps = make(1)
+    p = ps.paths[0]
+    ps.due_probes(T0)
+    t = ps.get_timer()
+    assert t is not None
+
+
+def test_misuse():
+    raises(ValueError, P.PathSet, [], P.BEST)
+    raises(ValueError, P.PathSet, [P.Path(0, "a", 1, 2, None)], "fastest")
+    assert P.parse_probe(b"\x01" * 5) is None
+    assert P.parse_probe(bytes(12)) is None

@@ -1,0 +1,138 @@
+"""Device configuration: load and validate (docs/CONFIG.md, "Device").
+
+A config problem is one clear line naming the file, the field and what is
+expected, raised as ConfigError; the firmware logs it and stays in safe
+mode instead of crashing in a loop.
+"""
+import json
+
+from microtun.paths import POLICIES
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def key_field(cfg, where, name, optional=False):
+    v = cfg.get(name)
+    if v is None:
+        if optional:
+            return None
+        raise ConfigError("%s%s: missing; expected 64 hex characters (a 32-byte key)" % (where, name))
+    if not isinstance(v, str) or len(v) != 64:
+        raise ConfigError("%s%s: expected 64 hex characters (a 32-byte key), got %s" % (
+            where, name, ("%d characters" % len(v)) if isinstance(v, str) else type(v).__name__))
+    try:
+        return bytes.fromhex(v)
+    except ValueError:
+        raise ConfigError("%s%s: expected 64 hex characters (a 32-byte key), got non-hex text" % (where, name))
+
+
+def int_field(cfg, where, name, lo, hi, default=None):
+    v = cfg.get(name, default)
+    if v is None:
+        raise ConfigError("%s%s: missing; expected an integer from %d to %d" % (where, name, lo, hi))
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ConfigError("%s%s: expected an integer from %d to %d, got %r" % (where, name, lo, hi, v))
+    return v
+
+
+def str_field(cfg, where, name, default=None):
+    v = cfg.get(name, default)
+    if not isinstance(v, str) or not v:
+        raise ConfigError("%s%s: %s; expected a non-empty string" % (
+            where, name, "missing" if v is None else "got %r" % (v,)))
+    return v
+
+
+def parse_hostport(text, where):
+    """'host:port' or '[v6]:port' -> (host, port)."""
+    if not isinstance(text, str):
+        raise ConfigError("%s: expected \"host:port\", got %r" % (where, text))
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]:")
+    else:
+        host, sep, rest = text.rpartition(":")
+    if not sep or not host:
+        raise ConfigError("%s: expected \"host:port\" (IPv6 as \"[addr]:port\"), got %r" % (where, text))
+    try:
+        port = int(rest)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise ConfigError("%s: port must be 1..65535, got %r" % (where, rest))
+    return host, port
+
+
+class PathConfig:
+    def __init__(self, d, where):
+        self.name = str_field(d, where, "name")
+        self.pop = parse_hostport(d.get("pop"), where + "pop")
+        self.label = int_field(d, where, "label", 1, 0xFFFFFF)
+        self.rx_label = int_field(d, where, "rx_label", 1, 0xFFFFFF)
+        self.hop_key = key_field(d, where, "hop_key")
+
+
+class DeviceConfig:
+    """Validated device settings. Fields: name, private_key, gateway_public,
+    psk (or None), paths (list of PathConfig), policy, nat_keepalive_ms,
+    window, state_dir, network (board-specific dict, e.g. Wi-Fi), app (free
+    dict for the application), watchdog_ms (0 = off)."""
+
+    def __init__(self, d, source="config"):
+        if not isinstance(d, dict):
+            raise ConfigError("%s: expected a JSON object at the top level" % source)
+        w = source + ": "
+        self.source = source
+        self.name = str_field(d, w, "name")
+        self.private_key = key_field(d, w, "private_key")
+        self.gateway_public = key_field(d, w, "gateway_public_key")
+        self.psk = key_field(d, w, "psk", optional=True)
+        paths = d.get("paths")
+        if not isinstance(paths, list) or not paths:
+            raise ConfigError("%spaths: expected a non-empty list of paths" % w)
+        if len(paths) > 8:
+            raise ConfigError("%spaths: at most 8 paths, got %d" % (w, len(paths)))
+        self.paths = []
+        for i, p in enumerate(paths):
+            pw = "%spaths[%d]." % (w, i)
+            if not isinstance(p, dict):
+                raise ConfigError("%spaths[%d]: expected an object" % (w, i))
+            self.paths.append(PathConfig(p, pw))
+        rx = [p.rx_label for p in self.paths]
+        for i, lbl in enumerate(rx):
+            if lbl in rx[:i]:
+                raise ConfigError("%spaths[%d].rx_label: %d is used by another path; each path needs its own" % (w, i, lbl))
+        self.policy = d.get("policy", "best")
+        if self.policy not in POLICIES:
+            raise ConfigError("%spolicy: expected one of %s, got %r" % (w, ", ".join(POLICIES), self.policy))
+        self.nat_keepalive_ms = int_field(d, w, "nat_keepalive_s", 5, 3600, 25) * 1000
+        self.window = int_field(d, w, "window", 64, 65536, 1024)
+        self.state_dir = d.get("state_dir", ".")
+        if not isinstance(self.state_dir, str):
+            raise ConfigError("%sstate_dir: expected a directory path string" % w)
+        self.network = d.get("network") or {}
+        if not isinstance(self.network, dict):
+            raise ConfigError("%snetwork: expected an object (board network settings)" % w)
+        self.app = d.get("app") or {}
+        if not isinstance(self.app, dict):
+            raise ConfigError("%sapp: expected an object (application settings)" % w)
+        self.watchdog_ms = int_field(d, w, "watchdog_s", 0, 3600, 0) * 1000
+
+
+def load(path):
+    """Read and validate a device config file; raises ConfigError."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        raise ConfigError("%s: cannot read the file; provision one with `microtun provision` and copy it to the device" % path)
+    return loads(text, path)
+
+
+def loads(text, source="config"):
+    try:
+        d = json.loads(text)
+    except ValueError as e:
+        raise ConfigError("%s: not valid JSON (%s)" % (source, e))
+    return DeviceConfig(d, source)

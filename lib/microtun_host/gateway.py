@@ -1,0 +1,429 @@
+"""The gateway server: the inner tunnel's responder for many devices.
+
+    microtun gateway --config gateway.json
+
+It terminates the last hop of every path (outer label + hop key), runs the
+sans-I/O `microtun.endpoint.Gateway`, enforces each device's channel access,
+and connects each channel to a local UDP service (`"1": "127.0.0.1:5000"`):
+every (device, channel) pair gets its own local socket, so the service sees
+one source port per device and its replies go back to that device.
+
+Embedding (same process as the application):
+
+    server = GatewayServer(load_gateway_config("gateway.json"))
+    server.on_data = lambda device, channel, data: ...
+    await server.start()
+    server.send("sensor-1", 2, b"led on", critical=True)
+    print(server.status())
+    await server.stop()
+"""
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from microtun import outer
+from microtun_host import config as hconfig
+from microtun_host import control
+from microtun_host.config import ConfigError
+from microtun.endpoint import Gateway, DATA, HANDSHAKE, EXPIRED, CONTROL_CHANNEL
+from microtun.ticks import TICKS_MASK, ticks_diff
+from microtun import timers
+from microtun.replay import GATEWAY_WINDOW
+
+log = logging.getLogger("microtun.gateway")
+
+
+def now_ms():
+    return int(time.monotonic() * 1000) & TICKS_MASK
+
+
+# --- configuration -----------------------------------------------------------
+# gateway.json (docs/CONFIG.md, "Gateway"):
+#   name, listen, control (optional, loopback), private_key, registry (file),
+#   links: [{name, in_label, reply_label, key, next ("host:port" or "learn")}],
+#   services: {"1": "127.0.0.1:5000", ...}, rekey_after_s, window, log_level
+# registry.json: {"devices": [{name, public_key, psk (optional), channels}]}
+
+class Link:
+    """The last hop of one path: packets arrive with in_label under key from
+    the PoP at `next`; replies go back to it with reply_label."""
+
+    def __init__(self, node):
+        node.only("name", "in_label", "reply_label", "key", "next")
+        self.in_label = node.integer("in_label", 1, 0xFFFFFF)
+        self.name = node.text("name", "link%d" % self.in_label)
+        self.reply_label = node.integer("reply_label", 1, 0xFFFFFF)
+        self.key = outer.HopKey(node.key32("key"))
+        nxt = node.value.get("next", "learn")
+        self.learn = nxt == "learn"
+        self.next = None if self.learn else node.address("next")
+        self.peer_addr = None if self.next is None else self.next.sockaddr
+
+
+class DeviceEntry:
+    def __init__(self, node):
+        node.only("name", "public_key", "psk", "channels")
+        self.name = node.text("name")
+        self.public_key = node.key32("public_key")
+        self.psk = node.key32("psk") if node.value.get("psk") is not None else None
+        ch = node.items("channels", default=None)
+        if ch is not None and not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 255 for c in ch):
+            raise node.error("channels", "expected a list of channel numbers 1..255")
+        self.channels = ch
+
+
+class GatewayConfig:
+    def __init__(self, root):
+        root.only("name", "listen", "control", "private_key", "registry", "links", "services",
+                  "rekey_after_s", "window", "log_level")
+        self.source = root.file
+        self.name = root.text("name", "gateway")
+        self.listen = root.address("listen")
+        self.control = root.address("control", None, loopback=True)
+        self.private_key = root.key32("private_key")
+        self.links = [Link(n) for n in root.objects("links", min_len=1)]
+        seen = {}
+        for i, link in enumerate(self.links):
+            if link.in_label in seen:
+                raise ConfigError("%s: links[%d].in_label: %d is already used by links[%d]" % (
+                    root.file, i, link.in_label, seen[link.in_label]))
+            seen[link.in_label] = i
+        self.services = {}
+        svc = root.obj("services", None)
+        if svc is not None:
+            for k in svc.value:
+                if k.startswith("_"):
+                    continue
+                if not k.isdigit() or not 1 <= int(k) <= 255:
+                    raise svc.error(k, "channel numbers are 1..255")
+                self.services[int(k)] = svc.address(k).sockaddr
+        reg = root.text("registry")
+        base = os.path.dirname(os.path.abspath(root.file))
+        self.registry_path = reg if os.path.isabs(reg) else os.path.join(base, reg)
+        self.rekey_after_ms = root.integer("rekey_after_s", 10, 86400, timers.REKEY_AFTER_TIME_MS // 1000) * 1000
+        self.window = root.integer("window", 64, 65536, GATEWAY_WINDOW)
+        self.log_level = root.text("log_level", "info", choices=("debug", "info", "warning", "error"))
+        self.devices = load_registry(self.registry_path)
+
+
+def load_registry(path):
+    root = hconfig.load(path)
+    root.only("devices")
+    out = []
+    names = {}
+    keys = {}
+    for i, n in enumerate(root.objects("devices")):
+        e = DeviceEntry(n)
+        if e.name in names:
+            raise n.error("name", "%r is already used by devices[%d]" % (e.name, names[e.name]))
+        if e.public_key in keys:
+            raise n.error("public_key", "the same key is registered as devices[%d]" % keys[e.public_key])
+        names[e.name] = i
+        keys[e.public_key] = i
+        out.append(e)
+    return out
+
+
+def load_gateway_config(path):
+    return GatewayConfig(hconfig.load(path))
+
+
+# --- the server ----------------------------------------------------------------
+
+class _Proto(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram):
+        self.on_datagram = on_datagram
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.on_datagram(data, addr)
+
+    def error_received(self, exc):
+        pass
+
+
+class GatewayServer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        p = timers.Params(rekey_after_ms=cfg.rekey_after_ms,
+                          reject_after_ms=cfg.rekey_after_ms + (timers.REJECT_AFTER_TIME_MS - timers.REKEY_AFTER_TIME_MS))
+        self.core = Gateway(cfg.private_key, params=p, window=cfg.window)
+        self.links = list(cfg.links)
+        self.by_label = {l.in_label: i for i, l in enumerate(self.links)}
+        self.names = {}                   # device name -> public key
+        self.stats = {}
+        self.on_data = None               # callback(device_name, channel, data)
+        self.on_event = None              # callback(kind, device_name)
+        self._transport = None
+        self._control = None
+        self._services = {}               # (public key, channel) -> transport
+        self._timer = None
+        self._started = time.monotonic()
+        self._apply_registry(cfg.devices)
+
+    # -- registry ------------------------------------------------------------
+    def _apply_registry(self, devices):
+        want = {e.public_key: e for e in devices}
+        for pub in list(self.core.peers):
+            if pub not in want:
+                name = self.core.peers[pub].name
+                self.core.remove_peer(pub)
+                self._close_services(pub)
+                log.info("device %s revoked: its sessions are closed", name)
+        for e in devices:
+            new = e.public_key not in self.core.peers
+            self.core.add_peer(e.public_key, psk=e.psk, name=e.name, channels=e.channels)
+            if new:
+                log.info("device %s registered (channels %s)", e.name, e.channels or "all")
+        self.names = {e.name: e.public_key for e in devices}
+
+    def reload(self):
+        """Re-read the registry (add, update, revoke devices). On an invalid
+        file the running registry is kept. Returns (ok, message)."""
+        try:
+            devices = load_registry(self.cfg.registry_path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running registry: %s", e)
+            return False, str(e)
+        self._apply_registry(devices)
+        msg = "registry reloaded: %d devices" % len(devices)
+        log.info(msg)
+        return True, msg
+
+    # -- lifecycle -----------------------------------------------------------
+    async def start(self):
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Proto(self._on_outer), local_addr=self.cfg.listen.sockaddr,
+            family=socket.AF_INET6 if self.cfg.listen.family == 6 else socket.AF_INET)
+        if self.cfg.control is not None:
+            self._control = await control.serve(self.cfg.control, {
+                "status": lambda req: {"status": self.status()},
+                "stats": lambda req: {"counters": self.counters()},
+                "reload": self._reload_cmd,
+            }, log)
+        self._schedule()
+        log.info("gateway %s listening on %s, %d links, %d devices, services %s",
+                 self.cfg.name, hconfig.format_sockaddr(self.address), len(self.links), len(self.core.peers),
+                 {c: "%s:%d" % a for c, a in self.cfg.services.items()})
+
+    @property
+    def address(self):
+        return self._transport.get_extra_info("sockname")
+
+    @property
+    def control_address(self):
+        return None if self._control is None else self._control.get_extra_info("sockname")
+
+    async def stop(self):
+        if self._timer is not None:
+            self._timer.cancel()
+        for t in list(self._services.values()):
+            t.close()
+        self._services.clear()
+        if self._control is not None:
+            self._control.close()
+        if self._transport is not None:
+            self._transport.close()
+        log.info("gateway stopped: %s", json.dumps(self.counters()))
+
+    # -- outer plane ---------------------------------------------------------
+    def _count(self, reason):
+        self.stats[reason] = self.stats.get(reason, 0) + 1
+
+    def _on_outer(self, pkt, src):
+        parsed = outer.parse(pkt)
+        if parsed is None:
+            self._count("outer_" + (outer.reject_reason(pkt) or "malformed"))
+            return
+        ptype, label = parsed
+        i = self.by_label.get(label)
+        if i is None:
+            self._count("outer_unknown_label")
+            return
+        link = self.links[i]
+        if not outer.verify(link.key, pkt):
+            self._count("outer_bad_mac")
+            return
+        if link.learn:
+            link.peer_addr = src
+        if ptype == outer.TYPE_HOP_PROBE:
+            fam = 6 if ":" in src[0] else 4
+            addr = socket.inet_pton(socket.AF_INET6 if fam == 6 else socket.AF_INET, src[0])
+            payload = pkt[outer.HEADER_LEN:]
+            if len(payload) <= outer.PROBE_MAX:
+                self._send_outer(outer.TYPE_HOP_PROBE_REPLY, link.in_label, link,
+                                 outer.probe_reply_payload(payload, fam, src[1], addr), src)
+            return
+        if ptype != outer.TYPE_DATA:
+            self._count("outer_unexpected_type")
+            return
+        now = now_ms()
+        self.core.receive_datagram(pkt[outer.HEADER_LEN:], i, now)
+        self._events(now)
+        self._flush(now)
+        self._schedule()
+
+    def _send_outer(self, ptype, label, link, payload, addr):
+        if addr is None:
+            self._count("no_route")
+            return
+        self._transport.sendto(outer.seal(ptype, label, link.key, payload), addr)
+
+    def _flush(self, now):
+        for data, i in self.core.datagrams_to_send(now):
+            link = self.links[i] if isinstance(i, int) and 0 <= i < len(self.links) else None
+            if link is None:
+                self._count("no_route")
+                continue
+            self._send_outer(outer.TYPE_DATA, link.reply_label, link, data, link.peer_addr)
+
+    # -- inner events and services ----------------------------------------------
+    def _events(self, now):
+        while True:
+            e = self.core.next_event()
+            if e is None:
+                return
+            name = e.peer.name
+            if e.kind == DATA:
+                self._deliver(e.peer, e.channel, e.data)
+            elif e.kind == HANDSHAKE:
+                log.info("device %s: session established (handshake %d, via %s)",
+                         name, e.peer.handshakes, self._link_name(e.peer.addr))
+            elif e.kind == EXPIRED:
+                log.info("device %s: session expired", name)
+            if self.on_event is not None:
+                self.on_event(e.kind, name)
+
+    def _link_name(self, i):
+        return self.links[i].name if isinstance(i, int) and 0 <= i < len(self.links) else "?"
+
+    def _deliver(self, peer, channel, data):
+        svc = self.cfg.services.get(channel)
+        if svc is None:
+            if self.on_data is not None:
+                self.on_data(peer.name, channel, bytes(data))
+            else:
+                self._count("no_service")
+            return
+        key = (peer.public_key, channel)
+        t = self._services.get(key)
+        if t is None:
+            self._open_service(peer, channel, svc, data)
+            return
+        t.sendto(bytes(data))
+
+    def _open_service(self, peer, channel, svc, first):
+        loop = asyncio.get_running_loop()
+        pub = peer.public_key
+
+        def on_reply(data, addr):
+            self.send(pub, channel, data)
+
+        async def opener():
+            try:
+                t, _ = await loop.create_datagram_endpoint(lambda: _Proto(on_reply), remote_addr=svc)
+            except OSError as e:
+                self._count("service_error")
+                log.warning("channel %d service %s:%d unavailable: %s", channel, svc[0], svc[1], e)
+                return
+            old = self._services.get((pub, channel))
+            if old is not None:
+                t.close()
+                t = old
+            else:
+                self._services[(pub, channel)] = t
+            t.sendto(bytes(first))
+        loop.create_task(opener())
+
+    def _close_services(self, pub):
+        for key in [k for k in self._services if k[0] == pub]:
+            self._services.pop(key).close()
+
+    def send(self, device, channel, data, critical=False):
+        """Send data to a device (name or public key) on a channel. Returns
+        False if the device has no session now (counted as no_session)."""
+        pub = self.names.get(device, device) if isinstance(device, str) else device
+        if pub not in self.core.peers:
+            raise ValueError("unknown device %r" % (device,))
+        now = now_ms()
+        ok = self.core.send(pub, channel, data, now, route="critical" if critical else None)
+        self._flush(now)
+        self._schedule()
+        return ok
+
+    # -- timers ------------------------------------------------------------------
+    def _schedule(self):
+        if self._timer is not None:
+            self._timer.cancel()
+        d = self.core.get_timer()
+        if d is None:
+            self._timer = None
+            return
+        delay = max(0, ticks_diff(d, now_ms())) / 1000
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self):
+        now = now_ms()
+        self.core.handle_timer(now)
+        self._events(now)
+        self._flush(now)
+        self._schedule()
+
+    # -- status and control --------------------------------------------------------
+    def counters(self):
+        c = dict(self.core.stats)
+        c.update(self.stats)
+        return c
+
+    def status(self):
+        now = now_ms()
+        devices = []
+        for pub, s in self.core.peers.items():
+            d = s.info(now)
+            d["public_key"] = pub.hex()
+            d["paths"] = [{"link": self._link_name(a), "last_seen_ms_ago": ticks_diff(now, seen),
+                           "srtt_ms": s.path_rtt.get(a)} for a, seen in sorted(s.paths.items(), key=lambda x: str(x[0]))]
+            devices.append(d)
+        return {"gateway": self.cfg.name, "uptime_s": round(time.monotonic() - self._started, 1),
+                "devices": devices, "counters": self.counters()}
+
+    def _reload_cmd(self, req):
+        ok, msg = self.reload()
+        return {"ok": ok, "message": msg} if ok else {"ok": False, "error": msg}
+
+
+async def serve(cfg, ready=None):
+    server = GatewayServer(cfg)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    if ready:
+        ready(server)
+    await stop.wait()
+    await server.stop()
+    print(json.dumps({"gateway": cfg.name, "counters": server.counters()}), flush=True)
+
+
+def main(args):
+    """`microtun gateway --config FILE`; returns the exit code."""
+    try:
+        cfg = load_gateway_config(args.config)
+    except ConfigError as e:
+        print("microtun gateway: %s" % e, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
+                        format="%(asctime)s gateway %(levelname)s %(message)s", stream=sys.stderr)
+    asyncio.run(serve(cfg))
+    return 0
