@@ -1,0 +1,155 @@
+"""Tunnel benchmark (issue 3): prints one JSON object.
+
+    MICROPYPATH=lib:.frozen micropython tools/bench_tunnel.py
+    python tools/bench_tunnel.py
+
+- device side of a complete handshake, as a multiple of one X25519 measured
+  in the same run (target <= 5x);
+- per-packet tunnel cost at 1200 bytes (Device.send -> datagram ->
+  Gateway.receive_datagram -> event) against the bare AEAD seal + open of the
+  same size (target <= 1.3x);
+- heap in use with an established session and a 1024-packet window, and
+  bytes allocated per packet sent and received (MicroPython).
+"""
+import sys
+import json
+
+try:
+    import benchutil as bu
+except ImportError:
+    sys.path.insert(0, "tools")
+    import benchutil as bu
+
+from microtun.endpoint import Device, Gateway
+from microtun.aead import AEAD
+from microtun.x25519 import x25519
+from microtun.ticks import ticks_add
+
+DEV_KEY = bytes(range(1, 33))
+GW_KEY = bytes(range(101, 133))
+PSK = b"\x42" * 32
+SIZE = 1200
+
+
+def drain(src, dst, now):
+    for data, _ in src.datagrams_to_send(now):
+        dst.receive_datagram(data, "addr", now)
+
+
+def make_pair():
+    gw = Gateway(GW_KEY)
+    dev = Device(DEV_KEY, gw.public_key, psk=PSK, boot_counter=1)
+    gw.add_peer(dev.public_key, psk=PSK)
+    return dev, gw
+
+
+def handshake_times(dev, gw, now, rounds):
+    """Median device-side us for a handshake (create INIT + read RESPONSE,
+    static-static DH cached), and the X25519 median in the same rounds."""
+    dev_us = []
+    dh_us = []
+    dhs = []
+    k = bytes(range(7, 39))
+    u = bytes(range(40, 72))
+    for r in range(rounds):
+        now = ticks_add(now, 1000)
+        d0 = dev.dh_count
+        t0 = bu.now_us()
+        dev.session.current = None          # force a fresh handshake
+        dev._initiate(now)
+        t1 = bu.elapsed_us(t0)
+        msgs = dev.datagrams_to_send(now)
+        for data, _ in msgs:
+            gw.receive_datagram(data, "addr", now)
+        resp = gw.datagrams_to_send(now)
+        t0 = bu.now_us()
+        for data, _ in resp:
+            dev.receive_datagram(data, "addr", now)
+        t2 = bu.elapsed_us(t0)
+        drain(dev, gw, now)
+        if not dev.established:
+            raise RuntimeError("handshake failed in benchmark: %r %r" % (dev.stats, gw.stats))
+        while dev.next_event() or gw.next_event():
+            pass
+        dev_us.append(t1 + t2)
+        dhs.append(dev.dh_count - d0)
+        dh_us.append(bu.per_call_us(lambda: x25519(k, u), 2))
+    return bu.median(dev_us), bu.median(dh_us), max(dhs), now
+
+
+def main():
+    rounds = 9
+    dev, gw = make_pair()
+    now = 1000
+    t0 = bu.now_us()
+    dev.connect(now)
+    drain(dev, gw, now)
+    drain(gw, dev, now)
+    drain(dev, gw, now)
+    first_us = bu.elapsed_us(t0)
+    first_dh = dev.dh_count
+    hs_us, dh_us, dh_per_hs, now = handshake_times(dev, gw, now, rounds)
+
+    peer = gw.peers[dev.public_key]
+    payload = bytes(SIZE - 1)          # one byte of channel + 1199 = 1200 plaintext
+    state = {"now": now}
+
+    def tunnel_packet():
+        n = state["now"]
+        dev.send(1, payload, n)
+        for data, _ in dev.datagrams_to_send(n):
+            gw.receive_datagram(data, "addr", n)
+        gw.next_event()
+
+    def tunnel_packet_back():
+        n = state["now"]
+        gw.send(peer, 1, payload, n)
+        for data, _ in gw.datagrams_to_send(n):
+            dev.receive_datagram(data, "addr", n)
+        dev.next_event()
+
+    a = AEAD(bytes(32))
+    b = AEAD(bytes(32))
+    nonce = bytes(12)
+    pt = bytes(SIZE)
+    ct = a.seal(nonce, pt, b"")
+
+    def bare():
+        a.seal(nonce, pt, b"")
+        b.open(nonce, ct, b"")
+
+    n = 30 if bu.MICROPYTHON else 300
+    t = bu.interleaved({"tunnel": tunnel_packet, "tunnel_back": tunnel_packet_back, "bare": bare}, n, rounds)
+
+    # heap: a device endpoint with an established session (gateway side discarded)
+    gw_stats = dict(gw.stats)
+    del gw
+    res = {
+        "interpreter": sys.implementation.name,
+        "x25519_ms": round(dh_us / 1000, 3),
+        "first_handshake_device_ms": round(first_us / 1000, 3),
+        "first_handshake_x25519_ops": first_dh,
+        "handshake_device_ms": round(hs_us / 1000, 3),
+        "handshake_x25519_ops": dh_per_hs,
+        "handshake_over_x25519": round(hs_us / dh_us, 2),
+        "packet_1200_tunnel_us": round(t["tunnel"], 1),
+        "packet_1200_tunnel_back_us": round(t["tunnel_back"], 1),
+        "packet_1200_bare_aead_us": round(t["bare"], 1),
+        "packet_over_bare": round(t["tunnel"] / t["bare"], 3),
+        "packet_back_over_bare": round(t["tunnel_back"] / t["bare"], 3),
+        "gateway_drops": {k: v for k, v in gw_stats.items() if k not in ("data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepalive_tx")},
+        "targets": {"handshake_over_x25519": 5.0, "packet_over_bare": 1.3},
+    }
+    if bu.MICROPYTHON:
+        small = bytes(63)
+
+        def send_only():
+            dev.send(1, small, state["now"])
+            dev.datagrams_to_send(state["now"])
+        res["device_heap_bytes"] = bu.heap_used()
+        res["alloc_per_64B_send"] = bu.bytes_allocated_per_call(send_only, 20)
+        res["heap_peak_bytes"] = bu.peak_heap()
+    print(json.dumps(res))
+
+
+main()
