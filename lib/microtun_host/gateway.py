@@ -240,6 +240,13 @@ class GatewayServer:
         self.stats[reason] = self.stats.get(reason, 0) + 1
 
     def _on_outer(self, pkt, src):
+        try:
+            self._handle_outer(pkt, src)
+        except Exception:           # a bug must cost one datagram, never the gateway
+            self._count("internal_error")
+            log.exception("internal error handling a datagram from %s", src)
+
+    def _handle_outer(self, pkt, src):
         parsed = outer.parse(pkt)
         if parsed is None:
             self._count("outer_" + (outer.reject_reason(pkt) or "malformed"))
@@ -326,7 +333,10 @@ class GatewayServer:
         pub = peer.public_key
 
         def on_reply(data, addr):
-            self.send(pub, channel, data)
+            try:
+                self.send(pub, channel, data)
+            except ValueError:      # the device was revoked meanwhile
+                self._count("service_reply_dropped")
 
         async def opener():
             try:
@@ -416,14 +426,77 @@ async def serve(cfg, ready=None):
     print(json.dumps({"gateway": cfg.name, "counters": server.counters()}), flush=True)
 
 
-def main(args):
-    """`microtun gateway --config FILE`; returns the exit code."""
+def main(config_path, check=False):
+    """`microtun gateway --config FILE [--check]`; returns the exit code."""
     try:
-        cfg = load_gateway_config(args.config)
+        cfg = load_gateway_config(config_path)
     except ConfigError as e:
         print("microtun gateway: %s" % e, file=sys.stderr)
         return 2
+    if check:
+        print("%s: ok (%d links, %d devices)" % (config_path, len(cfg.links), len(cfg.devices)))
+        return 0
     logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
                         format="%(asctime)s gateway %(levelname)s %(message)s", stream=sys.stderr)
     asyncio.run(serve(cfg))
     return 0
+
+
+
+# --- `microtun status` ------------------------------------------------------------
+
+def _ago(ms):
+    if ms is None:
+        return "never"
+    s = ms / 1000
+    return "%.1fs ago" % s if s < 120 else "%dm ago" % (s // 60)
+
+
+def format_status(st):
+    """A human table of a status() dict."""
+    lines = ["gateway %s, up %ss" % (st["gateway"], st["uptime_s"])]
+    lines.append("%-16s %-5s %-10s %-12s %-12s %s" % ("device", "up", "handshake", "rx", "tx", "paths (link: last seen, srtt)"))
+    for d in st["devices"]:
+        paths = ", ".join("%s: %s, %s" % (p["link"], _ago(p["last_seen_ms_ago"]),
+                                          "-" if p["srtt_ms"] is None else "%dms" % p["srtt_ms"]) for p in d["paths"])
+        lines.append("%-16s %-5s %-10s %-12s %-12s %s" % (
+            d["name"], "yes" if d["established"] else "no", _ago(d["last_handshake_ms_ago"]),
+            "%d/%dB" % (d["rx_packets"], d["rx_bytes"]), "%d/%dB" % (d["tx_packets"], d["tx_bytes"]), paths or "-"))
+    drops = {k: v for k, v in sorted(st["counters"].items())
+             if k not in ("data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepalive_tx", "path_probe_rx")}
+    lines.append("counters: " + (", ".join("%s=%d" % kv for kv in drops.items()) or "no drops"))
+    return "\n".join(lines)
+
+
+def status_main(config_path=None, control_addr=None, as_json=False):
+    """`microtun status --config gateway.json | --control ADDR [--json]`."""
+    if control_addr is None:
+        try:
+            cfg = load_gateway_config(config_path)
+        except ConfigError as e:
+            print("microtun status: %s" % e, file=sys.stderr)
+            return 2
+        if cfg.control is None:
+            print("microtun status: %s: control: not set; add \"control\": \"127.0.0.1:PORT\" and restart the gateway"
+                  % config_path, file=sys.stderr)
+            return 2
+        control_addr = str(cfg.control)
+    try:
+        reply = control.query(control_addr, {"cmd": "status"}, timeout=2.0)
+    except control.ControlError as e:
+        print("microtun status: %s (is the gateway running?)" % e, file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print("microtun status: %s" % reply.get("error"), file=sys.stderr)
+        return 1
+    print(json.dumps(reply["status"], indent=1) if as_json else format_status(reply["status"]))
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m microtun_host.gateway")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--check", action="store_true")
+    a = ap.parse_args()
+    sys.exit(main(a.config, a.check))

@@ -1,0 +1,163 @@
+"""Scripted device traffic for integration tests, the demo and benchmarks.
+Runs on the MicroPython unix port (and CPython):
+
+    micropython tools/device_run.py CONFIG [options]
+
+    --count N          messages to send (default 50)
+    --interval MS      between messages (default 20)
+    --size B           payload bytes (default 32)
+    --policy P         best | critical | adaptive (default: the config's)
+    --critical-every K every K-th message is sent critical (default 0: none)
+    --connect-ms MS    give up if no session within this (default 10000)
+    --linger MS        keep receiving after the last send (default 1500)
+    --rebind-at MS     open new sockets this long after the first send
+    --idle MS          send nothing, just stay connected this long (bytes/hour test)
+    --echo             expect every message echoed back on channel 1 (default on)
+
+Each message is "<id>:<padding>" on channel 1; the gateway's channel-1
+service echoes it back. Prints progress lines "P {...}" and one final line
+"RESULT {json}" with counts, lost ids, the longest run of lost messages,
+path health and heap figures.
+"""
+import sys
+import gc
+import json
+
+try:
+    from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
+except ImportError:
+    import time as _t
+
+    def ticks_ms():
+        return int(_t.monotonic() * 1000)
+
+    def ticks_diff(a, b):
+        return a - b
+
+    def ticks_add(a, b):
+        return a + b
+
+    def sleep_ms(ms):
+        _t.sleep(ms / 1000)
+
+from microtun.driver import Tunnel
+from microtun.config import ConfigError
+
+
+def parse_args(argv):
+    opts = {"count": 50, "interval": 20, "size": 32, "policy": None, "critical-every": 0,
+            "connect-ms": 10000, "linger": 1500, "rebind-at": -1, "idle": 0}
+    if not argv:
+        print(__doc__)
+        sys.exit(2)
+    cfg = argv[0]
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("--") or a[2:] not in opts and a != "--echo":
+            print("device_run: unknown option %s" % a)
+            sys.exit(2)
+        if a == "--echo":
+            i += 1
+            continue
+        v = argv[i + 1]
+        opts[a[2:]] = v if a == "--policy" else int(v)
+        i += 2
+    return cfg, opts
+
+
+def heap():
+    gc.collect()
+    try:
+        return gc.mem_alloc()
+    except AttributeError:
+        return None
+
+
+def main():
+    cfg_path, o = parse_args(sys.argv[1:])
+    t_start = ticks_ms()
+    try:
+        t = Tunnel.from_file(cfg_path, log=lambda lvl, msg: print("L", lvl, msg))
+    except ConfigError as e:
+        print("RESULT " + json.dumps({"error": str(e)}))
+        return 2
+    replies = {}
+    dup_replies = [0]
+    peak = [heap() or 0]
+
+    def on_data(ch, data):
+        try:
+            mid = int(bytes(data).split(b":", 1)[0])
+        except ValueError:
+            return
+        if mid in replies:
+            dup_replies[0] += 1
+        else:
+            replies[mid] = ticks_ms()
+    t.on_data = on_data
+
+    up = t.connect(o["connect-ms"])
+    t_connected = ticks_diff(ticks_ms(), t_start)
+    x25519_at_connect = t.device.dh_count
+    if not up:
+        print("RESULT " + json.dumps({"error": "no session within %d ms" % o["connect-ms"],
+                                      "health": t.health()}))
+        return 1
+    print("P " + json.dumps({"connected_ms": t_connected}))
+    sent_at = {}
+    t0 = ticks_ms()
+    if o["idle"]:
+        t.run(o["idle"])
+    rebound = False
+    for i in range(o["count"]):
+        due = ticks_add(t0, i * o["interval"])
+        while ticks_diff(due, ticks_ms()) > 0:
+            t.poll(ticks_diff(due, ticks_ms()))
+        if o["rebind-at"] >= 0 and not rebound and ticks_diff(ticks_ms(), t0) >= o["rebind-at"]:
+            t.rebind()
+            rebound = True
+            print("P " + json.dumps({"rebind_at_id": i}))
+        pad = o["size"] - len(b"%d:" % i)
+        msg = b"%d:" % i + b"x" * (pad if pad > 0 else 0)
+        pol = o["policy"]
+        if o["critical-every"] and i % o["critical-every"] == 0:
+            pol = "critical"
+        if t.send(1, msg, policy=pol):
+            sent_at[i] = ticks_ms()
+        if i % 50 == 0:
+            h = heap()
+            if h and h > peak[0]:
+                peak[0] = h
+    end = ticks_add(ticks_ms(), o["linger"])
+    while ticks_diff(end, ticks_ms()) > 0 and len(replies) < len(sent_at):
+        t.poll(min(100, ticks_diff(end, ticks_ms())))
+    lost = [i for i in sorted(sent_at) if i not in replies]
+    run = best = 0
+    prev = None
+    for i in range(o["count"]):
+        if i in sent_at and i not in replies:
+            run += 1
+            if run > best:
+                best = run
+        else:
+            run = 0
+    rtts = sorted(ticks_diff(replies[i], sent_at[i]) for i in replies if i in sent_at)
+    res = {
+        "sent": len(sent_at), "delivered": len(replies), "lost": len(lost),
+        "lost_ids": lost[:200], "longest_loss_run": best,
+        "longest_gap_ms": best * o["interval"],
+        "duplicate_replies": dup_replies[0],
+        "connect_ms": t_connected, "x25519_ops_to_connect": x25519_at_connect,
+        "rtt_ms_median": rtts[len(rtts) // 2] if rtts else None,
+        "rtt_ms_p99": rtts[min(len(rtts) - 1, (len(rtts) * 99) // 100)] if rtts else None,
+        "handshakes": t.device.session.handshakes,
+        "health": t.health(),
+        "heap_steady": heap(), "heap_peak": peak[0],
+    }
+    t.close()
+    print("RESULT " + json.dumps(res))
+    return 0
+
+
+sys.exit(main())
