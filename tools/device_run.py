@@ -12,7 +12,7 @@ Runs on the MicroPython unix port (and CPython):
     --linger MS        keep receiving after the last send (default 1500)
     --rebind-at MS     open new sockets this long after the first send
     --idle MS          send nothing, just stay connected this long (bytes/hour test)
-    --echo             expect every message echoed back on channel 1 (default on)
+    --channel C        app channel to send on (default 1)
 
 Each message is "<id>:<padding>" on channel 1; the gateway's channel-1
 service echoes it back. Prints progress lines "P {...}" and one final line
@@ -46,7 +46,7 @@ from microtun.config import ConfigError
 
 def parse_args(argv):
     opts = {"count": 50, "interval": 20, "size": 32, "policy": None, "critical-every": 0,
-            "connect-ms": 10000, "linger": 1500, "rebind-at": -1, "idle": 0}
+            "connect-ms": 10000, "linger": 1500, "rebind-at": -1, "idle": 0, "channel": 1}
     if not argv:
         print(__doc__)
         sys.exit(2)
@@ -54,12 +54,9 @@ def parse_args(argv):
     i = 1
     while i < len(argv):
         a = argv[i]
-        if not a.startswith("--") or a[2:] not in opts and a != "--echo":
-            print("device_run: unknown option %s" % a)
+        if not a.startswith("--") or a[2:] not in opts or i + 1 >= len(argv):
+            print("device_run: unknown option or missing value: %s" % a)
             sys.exit(2)
-        if a == "--echo":
-            i += 1
-            continue
         v = argv[i + 1]
         opts[a[2:]] = v if a == "--policy" else int(v)
         i += 2
@@ -123,7 +120,7 @@ def main():
         pol = o["policy"]
         if o["critical-every"] and i % o["critical-every"] == 0:
             pol = "critical"
-        if t.send(1, msg, policy=pol):
+        if t.send(o["channel"], msg, policy=pol):
             sent_at[i] = ticks_ms()
         if i % 50 == 0:
             h = heap()

@@ -49,6 +49,7 @@ except ImportError:
 _EAGAIN = (11, 35)           # EAGAIN on Linux / lwIP, macOS
 _RECV_MAX = 2048
 _PROBE_ECHO_LEN = 8
+ALL_DOWN_MS = 2000           # every path down this long: handshake again
 
 
 def _log_print(level, msg):
@@ -104,7 +105,7 @@ class Tunnel:
         self._socks = [None] * len(cfg.paths)
         self._addrs = [None] * len(cfg.paths)
         self._by_sock = {}
-        self._was_established = False
+        self._all_down_since = None
         for i in range(len(cfg.paths)):
             self._open(i)
 
@@ -318,8 +319,24 @@ class Tunnel:
                 self.device.send(CONTROL_CHANNEL, probe_message(CTL_PATH_PROBE, p.index, seq, now, p.srtt), now, route=p.index)
         for p in self.paths.due_keepalives(now):
             self._hop_probe(p, now)
+        self._check_all_down(now)
         self._events(now)
         self._flush(now)
+
+    def _check_all_down(self, now):
+        """Every path dead while we think we have a session: the far end may
+        have restarted. Handshake again (on every path) after ALL_DOWN_MS,
+        then at most every ALL_DOWN_MS while it lasts."""
+        if not self.device.established or any(p.live for p in self.paths.paths):
+            self._all_down_since = None
+            return
+        if self._all_down_since is None:
+            self._all_down_since = now
+        elif ticks_diff(now, self._all_down_since) >= ALL_DOWN_MS:
+            self._all_down_since = now
+            self._count("rehandshake_all_paths_down")
+            self.log("warn", "every path is down; handshaking again")
+            self.device.rekey(now)
 
     def _hop_probe(self, p, now):
         n = outer.seal_into(self._buf, outer.TYPE_HOP_PROBE, p.label, p.key, outer.probe_body(p.seq, now))

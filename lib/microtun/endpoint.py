@@ -223,6 +223,14 @@ class Device(_Endpoint):
         if self.session.current is None and self.session.hs is None:
             self._initiate(now)
 
+    def rekey(self, now):
+        """Start a new handshake now (the driver calls this when every path
+        went dark: the gateway may have restarted and lost our session).
+        The current keys stay usable until the new ones arrive."""
+        self._wanted = True
+        if self.session.hs is None:
+            self._initiate(now)
+
     def send(self, channel, payload, now, route=None):
         """Queue app data for the gateway. Returns True if sent now or held
         until the session is up; False if the hold queue is full (counted
