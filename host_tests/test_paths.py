@@ -87,15 +87,30 @@ def test_late_or_duplicate_reply_ignored():
 
 
 def test_suspect_path_means_send_on_both():
+    # The best path misses a probe but is still the best choice (the other
+    # one is worse): while in doubt, traffic goes on both.
     ps = make()
     now = bring_up(ps, T0)
-    best = ps.paths[0]
-    (ps.paths[0].outstanding).clear()
+    best, other = ps.paths
+    other.loss = 0.2
     best.outstanding[99] = now
     now = ticks_add(now, best.rto() + 1)
     best.check_timeouts(now)
     assert best.state == P.SUSPECT
-    assert ps.select(P.BEST, now) == [ps.paths[0], ps.paths[1]]
+    assert ps.select(P.BEST, now) == [best, other]
+
+
+def test_suspect_path_yields_to_validated_clean_path():
+    # Make-before-break: the other path is already validated (UP) and clean,
+    # so traffic moves to it at once instead of waiting on the doubtful one.
+    ps = make()
+    now = bring_up(ps, T0)
+    best, other = ps.paths
+    best.outstanding[99] = now
+    now = ticks_add(now, best.rto() + 1)
+    best.check_timeouts(now)
+    assert best.state == P.SUSPECT
+    assert ps.select(P.BEST, now) == [other]
 
 
 def test_down_path_not_used_and_other_takes_over():
@@ -129,18 +144,20 @@ def test_explicit_path_index_route():
 
 
 def test_adaptive_hysteresis():
+    # Adaptive duplicates while even the best path is lossy (here both are),
+    # with hysteresis between ADAPTIVE_LOSS_ON and ADAPTIVE_LOSS_OFF.
     ps = make(policy=P.ADAPTIVE)
     now = bring_up(ps, T0)
-    best = ps.paths[0]
-    assert ps.select(None, now) == [best]
-    best.loss = 0.06                     # above ON
-    assert len(ps.select(None, now)) == 2
-    best.loss = 0.03                     # between OFF and ON: keep duplicating
-    assert len(ps.select(None, now)) == 2
-    best.loss = 0.01                     # below OFF: stop
-    assert ps.select(None, now) == [best]
-    best.loss = 0.03                     # between again, not yet duplicating: stay single
-    assert ps.select(None, now) == [best]
+    a, b = ps.paths
+
+    def both(loss):
+        a.loss = b.loss = loss
+        return len(ps.select(None, now))
+    assert both(0.0) == 1
+    assert both(0.06) == 2         # above ON
+    assert both(0.03) == 2         # between OFF and ON: keep duplicating
+    assert both(0.01) == 1         # below OFF: stop
+    assert both(0.03) == 1         # between again, not duplicating: stay single
 
 
 def test_probe_pacing_idle_vs_active():
@@ -178,3 +195,20 @@ def test_misuse():
     raises(ValueError, P.PathSet, [P.Path(0, "a", 1, 2, None)], "fastest")
     assert P.parse_probe(b"\x01" * 5) is None
     assert P.parse_probe(bytes(12)) is None
+
+
+def test_lossy_best_path_loses_its_place_with_margin():
+    ps = make()
+    now = bring_up(ps, T0, (10, 12))
+    a, b = ps.paths
+    assert ps.best() is a
+    a.loss = 0.005                 # 5 ms penalty: within the margin, no flapping
+    assert ps.best() is a
+    a.loss = 0.1                   # 100 ms penalty: b takes over
+    assert ps.best() is b
+    assert ps.best_switches == 1
+    a.loss = 0.0                   # a is back, but only 2 ms better: stay on b
+    assert ps.best() is b
+    b.loss = 0.05
+    assert ps.best() is a
+    assert ps.best_switches == 2

@@ -19,13 +19,10 @@ import sys
 import select
 import socket
 
-from microtun import outer
 from microtun import config as _config
-from microtun.endpoint import Device, DATA, HANDSHAKE, CONTROL_CHANNEL
 from microtun.freshness import next_boot_counter
-from microtun.paths import Path, PathSet, probe_message, CTL_PATH_PROBE, CTL_PATH_REPLY, PROBE_LEN
-from microtun.ticks import ticks_add, ticks_diff, ticks_min, TICKS_MASK
-from microtun import timers
+from microtun.ticks import ticks_add, ticks_diff, TICKS_MASK
+from microtun.tunnel import TunnelCore
 
 try:
     from time import ticks_ms as _ticks_ms
@@ -48,8 +45,6 @@ except ImportError:
 
 _EAGAIN = (11, 35)           # EAGAIN on Linux / lwIP, macOS
 _RECV_MAX = 2048
-_PROBE_ECHO_LEN = 8
-ALL_DOWN_MS = 2000           # every path down this long: handshake again
 
 
 def _log_print(level, msg):
@@ -80,7 +75,8 @@ class FileStorage:
 
 
 class Tunnel:
-    """A device's tunnel: connect, send, recv, health."""
+    """A device's tunnel: connect, send, recv, health. Sockets and polling
+    around microtun.tunnel.TunnelCore."""
 
     def __init__(self, cfg, storage=None, log=_log_print, params=None):
         self.cfg = cfg
@@ -93,19 +89,15 @@ class Tunnel:
             self.storage.write("boot", (1).to_bytes(4, "big"))
             boot = 1
         self.boot_counter = boot
-        self.device = Device(cfg.private_key, cfg.gateway_public, psk=cfg.psk, boot_counter=boot,
-                             params=params or timers.Params(), window=cfg.window)
-        self.paths = PathSet([Path(i, pc.name, pc.label, pc.rx_label, outer.HopKey(pc.hop_key))
-                              for i, pc in enumerate(cfg.paths)], cfg.policy, cfg.nat_keepalive_ms)
-        self.stats = {}
+        self.core = TunnelCore(cfg, boot, params=params, log=log)
+        self.device = self.core.device
+        self.paths = self.core.paths
+        self.stats = self.core.stats
         self.on_data = None          # optional callback(channel, data)
-        self._inbox = []
-        self._buf = bytearray(_RECV_MAX + outer.HEADER_LEN)
         self._poller = select.poll()
         self._socks = [None] * len(cfg.paths)
         self._addrs = [None] * len(cfg.paths)
         self._by_sock = {}
-        self._all_down_since = None
         for i in range(len(cfg.paths)):
             self._open(i)
 
@@ -161,79 +153,75 @@ class Tunnel:
 
     def rebind(self, index=None):
         """Open new sockets (new source ports), as after a network change.
-        The session continues: the gateway follows authenticated packets."""
+        The session continues: the PoPs and the gateway follow authenticated
+        packets."""
         for i in (range(len(self._socks)) if index is None else (index,)):
             self._close(i)
             self._open(i)
         self._count("rebind")
 
-    def _sendto(self, i, n):
-        s = self._socks[i]
-        if s is None and not self._open(i):
-            return False
-        try:
-            self._socks[i].sendto(memoryview(self._buf)[:n], self._addrs[i])
-        except OSError:
-            self._count("send_error")
-            return False
-        return True
+    def _send_out(self):
+        for i, pkt in self.core.datagrams_to_send():
+            s = self._socks[i]
+            if s is None and not self._open(i):
+                self._count("send_error")
+                continue
+            try:
+                self._socks[i].sendto(pkt, self._addrs[i])
+            except OSError:
+                self._count("send_error")
 
     # -- app API ---------------------------------------------------------------
     @property
     def established(self):
-        return self.device.established
+        return self.core.established
 
     def connect(self, timeout_ms=0):
         """Start the session; with timeout_ms, wait for it. True once up."""
-        self.device.connect(now_ms())
-        self._flush(now_ms())
+        self.core.connect(now_ms())
+        self._send_out()
         if timeout_ms:
             end = ticks_add(now_ms(), timeout_ms)
-            while not self.device.established and ticks_diff(end, now_ms()) > 0:
+            while not self.core.established and ticks_diff(end, now_ms()) > 0:
                 self.poll(ticks_diff(end, now_ms()))
-        return self.device.established
+        return self.core.established
 
     def send(self, channel, data, policy=None):
         """Send data on an app channel (1..255). policy: None (config default),
         "best", "critical" or "adaptive". False if it could not be queued."""
-        if channel == CONTROL_CHANNEL:
-            raise ValueError("channel 0 is reserved for path control; use 1..255")
-        now = now_ms()
-        ok = self.device.send(channel, data, now, route=policy)
-        self.paths.note_app_send(now)
-        self._flush(now)
+        ok = self.core.send(channel, data, now_ms(), policy)
+        self._send_out()
         return ok
 
     def recv(self, timeout_ms=0):
         """The next (channel, data) from the gateway, or None after timeout_ms."""
-        if not self._inbox:
-            end = ticks_add(now_ms(), timeout_ms)
-            while True:
-                self.poll(max(0, ticks_diff(end, now_ms())))
-                if self._inbox or ticks_diff(end, now_ms()) <= 0:
-                    break
-        return self._inbox.pop(0) if self._inbox else None
+        m = self.core.next_message()
+        if m is not None:
+            return m
+        end = ticks_add(now_ms(), timeout_ms)
+        while True:
+            self.poll(max(0, ticks_diff(end, now_ms())))
+            m = self.core.next_message()
+            if m is not None or ticks_diff(end, now_ms()) <= 0:
+                return m
 
     def health(self):
         """Link health for the app: session state, per-path state, counters."""
-        return {"established": self.device.established, "boot": self.boot_counter,
-                "paths": self.paths.health(), "tunnel": dict(self.device.stats),
-                "driver": dict(self.stats)}
+        h = self.core.health()
+        h["boot"] = self.boot_counter
+        return h
 
     def close(self):
         for i in range(len(self._socks)):
             self._close(i)
 
     # -- the loop --------------------------------------------------------------
-    def next_deadline(self):
-        return ticks_min(self.device.get_timer(), self.paths.get_timer())
-
     def poll(self, timeout_ms=1000):
         """Wait for datagrams or the next deadline (at most timeout_ms) and
         process everything that is due."""
         now = now_ms()
         wait = timeout_ms
-        d = self.next_deadline()
+        d = self.core.get_timer()
         if d is not None:
             wait = min(wait, max(0, ticks_diff(d, now)))
         for obj, ev in self._poller.poll(wait):
@@ -242,7 +230,12 @@ class Tunnel:
                 i = self._by_sock.get(obj)
             if i is not None:
                 self._drain(i)
-        self._timers(now_ms())
+        now = now_ms()
+        d = self.core.get_timer()
+        if d is not None and ticks_diff(d, now) <= 0:
+            self.core.handle_timer(now)
+        self._send_out()
+        self._deliver()
 
     def run(self, duration_ms):
         end = ticks_add(now_ms(), duration_ms)
@@ -258,99 +251,13 @@ class Tunnel:
                 if e.args and e.args[0] not in _EAGAIN:
                     self._count("recv_error")
                 return
-            self._incoming(i, data, now_ms())
+            self.core.receive(i, data, now_ms())
 
-    def _incoming(self, i, pkt, now):
-        p = self.paths.paths[i]
-        parsed = outer.parse(pkt)
-        if parsed is None:
-            self._count("outer_" + (outer.reject_reason(pkt) or "malformed"))
+    def _deliver(self):
+        if self.on_data is None:
             return
-        ptype, label = parsed
-        if label != p.rx_label and not (ptype == outer.TYPE_HOP_PROBE_REPLY and label == p.label):
-            self._count("outer_unknown_label")
-            return
-        if not outer.verify(p.key, pkt):
-            self._count("outer_bad_mac")
-            return
-        p.last_rx = now
-        p.rx_packets += 1
-        p.rx_bytes += len(pkt)
-        if ptype == outer.TYPE_DATA:
-            self.device.receive_datagram(pkt[outer.HEADER_LEN:], i, now)
-            self._events(now)
-            self._flush(now)
-        elif ptype == outer.TYPE_HOP_PROBE_REPLY:
-            r = outer.parse_probe_reply(pkt[outer.HEADER_LEN:], _PROBE_ECHO_LEN)
-            if r is not None:
-                addr = outer.format_addr(r[1], r[2], r[3])
-                if addr != p.public_addr:
-                    self.log("info", "path %s: the PoP sees us at %s" % (p.name, addr))
-                p.public_addr = addr
-        else:
-            self._count("outer_unexpected_type")
-
-    def _events(self, now):
         while True:
-            e = self.device.next_event()
-            if e is None:
-                break
-            if e.kind == DATA:
-                if e.channel == CONTROL_CHANNEL:
-                    p = self.paths.paths[e.addr] if isinstance(e.addr, int) and e.addr < len(self.paths.paths) else None
-                    d = e.data
-                    if p is not None and len(d) == PROBE_LEN and d[0] == CTL_PATH_REPLY and d[1] == p.index:
-                        if self.paths.on_probe_reply(d, now):
-                            self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
-                    continue
-                if self.on_data is not None:
-                    self.on_data(e.channel, e.data)
-                else:
-                    self._inbox.append((e.channel, e.data))
-            elif e.kind == HANDSHAKE:
-                self.log("info", "session established (handshake %d)" % self.device.session.handshakes)
-
-    def _timers(self, now):
-        d = self.device.get_timer()
-        if d is not None and ticks_diff(d, now) <= 0:
-            self.device.handle_timer(now)
-        if self.device.established:
-            for p, seq in self.paths.due_probes(now):
-                self.device.send(CONTROL_CHANNEL, probe_message(CTL_PATH_PROBE, p.index, seq, now, p.srtt), now, route=p.index)
-        for p in self.paths.due_keepalives(now):
-            self._hop_probe(p, now)
-        self._check_all_down(now)
-        self._events(now)
-        self._flush(now)
-
-    def _check_all_down(self, now):
-        """Every path dead while we think we have a session: the far end may
-        have restarted. Handshake again (on every path) after ALL_DOWN_MS,
-        then at most every ALL_DOWN_MS while it lasts."""
-        if not self.device.established or any(p.live for p in self.paths.paths):
-            self._all_down_since = None
-            return
-        if self._all_down_since is None:
-            self._all_down_since = now
-        elif ticks_diff(now, self._all_down_since) >= ALL_DOWN_MS:
-            self._all_down_since = now
-            self._count("rehandshake_all_paths_down")
-            self.log("warn", "every path is down; handshaking again")
-            self.device.rekey(now)
-
-    def _hop_probe(self, p, now):
-        n = outer.seal_into(self._buf, outer.TYPE_HOP_PROBE, p.label, p.key, outer.probe_body(p.seq, now))
-        if self._sendto(p.index, n):
-            p.last_tx = now
-            p.tx_packets += 1
-            p.tx_bytes += n
-            self._count("hop_probe_tx")
-
-    def _flush(self, now):
-        for data, route in self.device.datagrams_to_send(now):
-            for p in self.paths.select(route, now):
-                n = outer.seal_into(self._buf, outer.TYPE_DATA, p.label, p.key, data)
-                if self._sendto(p.index, n):
-                    p.last_tx = now
-                    p.tx_packets += 1
-                    p.tx_bytes += n
+            m = self.core.next_message()
+            if m is None:
+                return
+            self.on_data(m[0], m[1])

@@ -49,6 +49,8 @@ POLICIES = (BEST, CRITICAL, ADAPTIVE)
 ADAPTIVE_LOSS_ON = 0.05          # duplicate while the best path loses > 5 % ...
 ADAPTIVE_LOSS_OFF = 0.02         # ... and stop once it is back under 2 %
 ADAPTIVE_RTT_MS = const(1000)    # or while its srtt exceeds this
+LOSS_PENALTY_MS = const(1000)    # path score = srtt + loss x this (5 % loss "costs" 50 ms)
+SWITCH_MARGIN_MS = const(10)     # a path must score this much better to take over
 
 # Control messages on channel 0 (inside the tunnel)
 CTL_PATH_PROBE = const(1)
@@ -188,19 +190,28 @@ class PathSet:
         self.nat_keepalive_ms = nat_keepalive_ms
         self._active_until = None
         self._dup = False              # adaptive: currently duplicating
+        self._best = None
+        self.best_switches = 0         # how often traffic moved to another path
         self.by_rx_label = {p.rx_label: p for p in paths}
 
     # -- choosing paths ------------------------------------------------------
     def best(self):
-        """The live path with the lowest smoothed RTT (UP wins a tie). If it
-        is SUSPECT, select() sends on every live path until it is decided."""
-        best = None
+        """The live path with the lowest score (srtt + loss penalty), kept
+        until another one is better by SWITCH_MARGIN_MS. If it is SUSPECT,
+        select() sends on every live path until it is decided."""
+        cand = None
         for p in self.paths:
-            if not p.live:
-                continue
-            if best is None or _better(p, best):
-                best = p
-        return best
+            if p.live and (cand is None or _better(p, cand)):
+                cand = p
+        cur = self._best
+        if cur is None or not cur.live:
+            if cand is not cur and cur is not None:
+                self.best_switches += 1
+            self._best = cand
+        elif cand is not cur and _score(cand) + SWITCH_MARGIN_MS < _score(cur):
+            self._best = cand
+            self.best_switches += 1
+        return self._best
 
     def select(self, route, now):
         """Paths to send one datagram on. route: None (the default policy),
@@ -297,9 +308,13 @@ class PathSet:
         return [p.info() for p in self.paths]
 
 
+def _score(p):
+    return (p.srtt if p.srtt is not None else 1e6) + p.loss * LOSS_PENALTY_MS
+
+
 def _better(a, b):
-    ra = a.srtt if a.srtt is not None else 1e9
-    rb = b.srtt if b.srtt is not None else 1e9
-    if ra != rb:
-        return ra < rb
+    sa = _score(a)
+    sb = _score(b)
+    if sa != sb:
+        return sa < sb
     return a.state == UP and b.state != UP

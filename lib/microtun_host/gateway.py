@@ -37,6 +37,8 @@ from microtun.replay import GATEWAY_WINDOW
 
 log = logging.getLogger("microtun.gateway")
 
+DRAIN_S = 10.0      # a link removed by a reload still accepts packets this long
+
 
 def now_ms():
     return int(time.monotonic() * 1000) & TICKS_MASK
@@ -88,11 +90,16 @@ class GatewayConfig:
         self.private_key = root.key32("private_key")
         self.links = [Link(n) for n in root.objects("links", min_len=1)]
         seen = {}
+        names = {}
         for i, link in enumerate(self.links):
             if link.in_label in seen:
                 raise ConfigError("%s: links[%d].in_label: %d is already used by links[%d]" % (
                     root.file, i, link.in_label, seen[link.in_label]))
+            if link.name in names:
+                raise ConfigError("%s: links[%d].name: %r is already used by links[%d]" % (
+                    root.file, i, link.name, names[link.name]))
             seen[link.in_label] = i
+            names[link.name] = i
         self.services = {}
         svc = root.obj("services", None)
         if svc is not None:
@@ -156,8 +163,7 @@ class GatewayServer:
         p = timers.Params(rekey_after_ms=cfg.rekey_after_ms,
                           reject_after_ms=cfg.rekey_after_ms + (timers.REJECT_AFTER_TIME_MS - timers.REKEY_AFTER_TIME_MS))
         self.core = Gateway(cfg.private_key, params=p, window=cfg.window)
-        self.links = list(cfg.links)
-        self.by_label = {l.in_label: i for i, l in enumerate(self.links)}
+        self._set_links(cfg.links)
         self.names = {}                   # device name -> public key
         self.stats = {}
         self.on_data = None               # callback(device_name, channel, data)
@@ -169,7 +175,37 @@ class GatewayServer:
         self._started = time.monotonic()
         self._apply_registry(cfg.devices)
 
-    # -- registry ------------------------------------------------------------
+    # -- links and registry ------------------------------------------------------
+    # A session's path is the *name* of the link its packets arrived on
+    # ("d1/a"), so a reload can rebuild the link table (a route re-spliced:
+    # new labels) without touching sessions. Links removed by a reload keep
+    # working for DRAIN_S so packets already in flight on the old chain land.
+    def _set_links(self, links, now=None):
+        old = getattr(self, "by_name", {})
+        self.by_name = {l.name: l for l in links}
+        self.by_label = {l.in_label: l for l in links}
+        for name, l in old.items():       # keep what was learned
+            n = self.by_name.get(name)
+            if n is not None and n.learn and n.peer_addr is None:
+                n.peer_addr = l.peer_addr
+        draining = getattr(self, "_draining", {})
+        if now is not None:
+            for l in old.values():
+                if l.in_label not in self.by_label and self.by_name.get(l.name) is not l:
+                    draining[l.in_label] = (l, now + DRAIN_S)
+        self._draining = {lbl: v for lbl, v in draining.items() if lbl not in self.by_label}
+        self.links = list(links)
+
+    def _link_for_label(self, label):
+        l = self.by_label.get(label)
+        if l is None and self._draining:
+            v = self._draining.get(label)
+            if v is not None:
+                if time.monotonic() < v[1]:
+                    return v[0]
+                del self._draining[label]
+        return l
+
     def _apply_registry(self, devices):
         want = {e.public_key: e for e in devices}
         for pub in list(self.core.peers):
@@ -186,15 +222,27 @@ class GatewayServer:
         self.names = {e.name: e.public_key for e in devices}
 
     def reload(self):
-        """Re-read the registry (add, update, revoke devices). On an invalid
-        file the running registry is kept. Returns (ok, message)."""
+        """Re-read the config and the registry: links (re-spliced routes),
+        services, devices (add, update, revoke). The listen address and the
+        private key need a restart. On any error the running configuration
+        is kept. Returns (ok, message)."""
         try:
-            devices = load_registry(self.cfg.registry_path)
+            cfg = load_gateway_config(self.cfg.source)
         except ConfigError as e:
-            log.error("reload refused, keeping the running registry: %s", e)
+            log.error("reload refused, keeping the running configuration: %s", e)
             return False, str(e)
-        self._apply_registry(devices)
-        msg = "registry reloaded: %d devices" % len(devices)
+        if cfg.private_key != self.cfg.private_key or cfg.listen != self.cfg.listen:
+            msg = "reload refused: private_key and listen change only with a restart"
+            log.error(msg)
+            return False, msg
+        self._set_links(cfg.links, time.monotonic())
+        self._apply_registry(cfg.devices)
+        if cfg.services != self.cfg.services:
+            for t in list(self._services.values()):
+                t.close()
+            self._services.clear()
+        self.cfg = cfg
+        msg = "reloaded: %d links, %d devices" % (len(cfg.links), len(cfg.devices))
         log.info(msg)
         return True, msg
 
@@ -252,11 +300,10 @@ class GatewayServer:
             self._count("outer_" + (outer.reject_reason(pkt) or "malformed"))
             return
         ptype, label = parsed
-        i = self.by_label.get(label)
-        if i is None:
+        link = self._link_for_label(label)
+        if link is None:
             self._count("outer_unknown_label")
             return
-        link = self.links[i]
         if not outer.verify(link.key, pkt):
             self._count("outer_bad_mac")
             return
@@ -274,7 +321,7 @@ class GatewayServer:
             self._count("outer_unexpected_type")
             return
         now = now_ms()
-        self.core.receive_datagram(pkt[outer.HEADER_LEN:], i, now)
+        self.core.receive_datagram(pkt[outer.HEADER_LEN:], link.name, now)
         self._events(now)
         self._flush(now)
         self._schedule()
@@ -286,8 +333,8 @@ class GatewayServer:
         self._transport.sendto(outer.seal(ptype, label, link.key, payload), addr)
 
     def _flush(self, now):
-        for data, i in self.core.datagrams_to_send(now):
-            link = self.links[i] if isinstance(i, int) and 0 <= i < len(self.links) else None
+        for data, name in self.core.datagrams_to_send(now):
+            link = self.by_name.get(name)
             if link is None:
                 self._count("no_route")
                 continue
@@ -304,14 +351,11 @@ class GatewayServer:
                 self._deliver(e.peer, e.channel, e.data)
             elif e.kind == HANDSHAKE:
                 log.info("device %s: session established (handshake %d, via %s)",
-                         name, e.peer.handshakes, self._link_name(e.peer.addr))
+                         name, e.peer.handshakes, e.peer.addr)
             elif e.kind == EXPIRED:
                 log.info("device %s: session expired", name)
             if self.on_event is not None:
                 self.on_event(e.kind, name)
-
-    def _link_name(self, i):
-        return self.links[i].name if isinstance(i, int) and 0 <= i < len(self.links) else "?"
 
     def _deliver(self, peer, channel, data):
         svc = self.cfg.services.get(channel)
@@ -400,7 +444,7 @@ class GatewayServer:
         for pub, s in self.core.peers.items():
             d = s.info(now)
             d["public_key"] = pub.hex()
-            d["paths"] = [{"link": self._link_name(a), "last_seen_ms_ago": ticks_diff(now, seen),
+            d["paths"] = [{"link": a, "last_seen_ms_ago": ticks_diff(now, seen),
                            "srtt_ms": s.path_rtt.get(a)} for a, seen in sorted(s.paths.items(), key=lambda x: str(x[0]))]
             devices.append(d)
         return {"gateway": self.cfg.name, "uptime_s": round(time.monotonic() - self._started, 1),

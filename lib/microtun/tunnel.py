@@ -1,0 +1,195 @@
+"""The device's whole protocol stack, sans-I/O: the inner endpoint (Device),
+the paths (PathSet) and the outer framing, driven by datagrams and `now`.
+
+    core = TunnelCore(cfg, boot_counter)
+    core.connect(now)
+    core.send(1, b"temp=21.5", now, policy="critical")
+    core.receive(path_index, outer_packet, now)    # from path i's socket
+    for i, pkt in core.datagrams_to_send(now): ... # send pkt on path i
+    core.next_message()                            # (channel, data) or None
+    core.get_timer() / core.handle_timer(now)
+
+microtun.driver wraps it with sockets and select.poll; tests wrap it with a
+fake network and a fake clock (a simulated hour takes a second).
+"""
+from microtun import outer
+from microtun import timers
+from microtun.endpoint import Device, DATA, HANDSHAKE, CONTROL_CHANNEL
+from microtun.paths import Path, PathSet, probe_message, CTL_PATH_PROBE, CTL_PATH_REPLY, PROBE_LEN
+from microtun.ticks import ticks_diff, ticks_min
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+ALL_DOWN_MS = const(2000)    # every path down this long: handshake again
+_PROBE_ECHO_LEN = const(8)
+
+
+def _no_log(level, msg):
+    pass
+
+
+class TunnelCore:
+    def __init__(self, cfg, boot_counter, params=None, log=_no_log):
+        self.cfg = cfg
+        self.log = log
+        self.device = Device(cfg.private_key, cfg.gateway_public, psk=cfg.psk, boot_counter=boot_counter,
+                             params=params or timers.Params(), window=cfg.window)
+        self.paths = PathSet([Path(i, pc.name, pc.label, pc.rx_label, outer.HopKey(pc.hop_key))
+                              for i, pc in enumerate(cfg.paths)], cfg.policy, cfg.nat_keepalive_ms)
+        self.stats = {}
+        self.tx_bytes = 0            # outer bytes sent, all paths
+        self.rx_bytes = 0            # outer bytes received and authenticated
+        self._out = []
+        self._inbox = []
+        self._all_down_since = None
+
+    # -- app side --------------------------------------------------------------
+    @property
+    def established(self):
+        return self.device.established
+
+    def connect(self, now):
+        self.device.connect(now)
+        self._flush(now)
+
+    def send(self, channel, data, now, policy=None):
+        if channel == CONTROL_CHANNEL:
+            raise ValueError("channel 0 is reserved for path control; use 1..255")
+        ok = self.device.send(channel, data, now, route=policy)
+        self.paths.note_app_send(now)
+        self._flush(now)
+        return ok
+
+    def next_message(self):
+        return self._inbox.pop(0) if self._inbox else None
+
+    def health(self):
+        return {"established": self.device.established, "paths": self.paths.health(),
+                "tunnel": dict(self.device.stats), "driver": dict(self.stats),
+                "tx_bytes": self.tx_bytes, "rx_bytes": self.rx_bytes}
+
+    # -- network side -------------------------------------------------------------
+    def _count(self, reason):
+        self.stats[reason] = self.stats.get(reason, 0) + 1
+
+    def datagrams_to_send(self, now=None):
+        out = self._out
+        self._out = []
+        return out
+
+    def receive(self, i, pkt, now):
+        """An outer packet that arrived on path i's socket."""
+        if not 0 <= i < len(self.paths.paths):
+            raise ValueError("no path %r" % (i,))
+        p = self.paths.paths[i]
+        parsed = outer.parse(pkt)
+        if parsed is None:
+            self._count("outer_" + (outer.reject_reason(pkt) or "malformed"))
+            return
+        ptype, label = parsed
+        if label != p.rx_label and not (ptype == outer.TYPE_HOP_PROBE_REPLY and label == p.label):
+            self._count("outer_unknown_label")
+            return
+        if not outer.verify(p.key, pkt):
+            self._count("outer_bad_mac")
+            return
+        p.last_rx = now
+        p.rx_packets += 1
+        p.rx_bytes += len(pkt)
+        self.rx_bytes += len(pkt)
+        if ptype == outer.TYPE_DATA:
+            self.device.receive_datagram(pkt[outer.HEADER_LEN:], i, now)
+            self._events(now)
+            self._flush(now)
+        elif ptype == outer.TYPE_HOP_PROBE_REPLY:
+            r = outer.parse_probe_reply(pkt[outer.HEADER_LEN:], _PROBE_ECHO_LEN)
+            if r is not None:
+                addr = outer.format_addr(r[1], r[2], r[3])
+                if addr != p.public_addr:
+                    self.log("info", "path %s: the PoP sees us at %s" % (p.name, addr))
+                p.public_addr = addr
+        else:
+            self._count("outer_unexpected_type")
+
+    def _events(self, now):
+        while True:
+            e = self.device.next_event()
+            if e is None:
+                return
+            if e.kind == DATA:
+                if e.channel == CONTROL_CHANNEL:
+                    self._control(e, now)
+                else:
+                    self._inbox.append((e.channel, e.data))
+            elif e.kind == HANDSHAKE:
+                self.log("info", "session established (handshake %d)" % self.device.session.handshakes)
+
+    def _control(self, e, now):
+        d = e.data
+        i = e.addr
+        if isinstance(i, int) and len(d) == PROBE_LEN and d[0] == CTL_PATH_REPLY and d[1] == i:
+            p = self.paths.paths[i]
+            if self.paths.on_probe_reply(d, now):
+                self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
+
+    # -- timers ----------------------------------------------------------------------
+    def get_timer(self):
+        return ticks_min(self.device.get_timer(), self.paths.get_timer())
+
+    def handle_timer(self, now):
+        d = self.device.get_timer()
+        if d is not None and ticks_diff(d, now) <= 0:
+            self.device.handle_timer(now)
+        before = [p.state for p in self.paths.paths]
+        if self.device.established:
+            for p, seq in self.paths.due_probes(now):
+                self.device.send(CONTROL_CHANNEL, probe_message(CTL_PATH_PROBE, p.index, seq, now, p.srtt),
+                                 now, route=p.index)
+        else:
+            for p in self.paths.paths:
+                p.check_timeouts(now)
+        for p, old in zip(self.paths.paths, before):
+            if p.state != old:
+                self.log("info", "path %s: %s -> %s" % (p.name, old, p.state))
+        for p in self.paths.due_keepalives(now):
+            self._hop_keepalive(p, now)
+        self._check_all_down(now)
+        self._events(now)
+        self._flush(now)
+
+    def _check_all_down(self, now):
+        """Every path dead while we think we have a session: the far end may
+        have restarted. Handshake again (on every path) after ALL_DOWN_MS,
+        then at most every ALL_DOWN_MS while it lasts."""
+        if not self.device.established or any(p.live for p in self.paths.paths):
+            self._all_down_since = None
+            return
+        if self._all_down_since is None:
+            self._all_down_since = now
+        elif ticks_diff(now, self._all_down_since) >= ALL_DOWN_MS:
+            self._all_down_since = now
+            self._count("rehandshake_all_paths_down")
+            self.log("warn", "every path is down; handshaking again")
+            self.device.rekey(now)
+
+    def _hop_keepalive(self, p, now):
+        # A HOP_PROBE to the first PoP: keeps the NAT mapping and the PoP's
+        # learned address fresh, and tells us our public address.
+        self._emit(p, outer.seal(outer.TYPE_HOP_PROBE, p.label, p.key, outer.probe_body(p.seq, now)), now)
+        self._count("hop_probe_tx")
+
+    def _emit(self, p, pkt, now):
+        p.last_tx = now
+        p.tx_packets += 1
+        p.tx_bytes += len(pkt)
+        self.tx_bytes += len(pkt)
+        self._out.append((p.index, pkt))
+
+    def _flush(self, now):
+        for data, route in self.device.datagrams_to_send(now):
+            for p in self.paths.select(route, now):
+                self._emit(p, outer.seal(outer.TYPE_DATA, p.label, p.key, data), now)
