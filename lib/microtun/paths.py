@@ -244,6 +244,12 @@ class PathSet:
 
     # -- timers ----------------------------------------------------------------
     def note_app_send(self, now):
+        """The app sent something: probe at the active pace for ACTIVE_MS."""
+        if not self.active(now):
+            for p in self.paths:
+                due = ticks_add(now, PROBE_ACTIVE_MS[p.state])
+                if p.next_probe is not None and ticks_diff(p.next_probe, due) > 0:
+                    p.next_probe = due
         self._active_until = ticks_add(now, ACTIVE_MS)
 
     def active(self, now):

@@ -127,6 +127,9 @@ class TunnelCore:
                     self._inbox.append((e.channel, e.data))
             elif e.kind == HANDSHAKE:
                 self.log("info", "session established (handshake %d)" % self.device.session.handshakes)
+                for p in self.paths.paths:
+                    if p.next_probe is None:
+                        p.next_probe = now      # validate every path at once
 
     def _control(self, e, now):
         d = e.data

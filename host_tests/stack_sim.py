@@ -1,0 +1,176 @@
+"""The whole device stack (TunnelCore: endpoint + paths + outer framing)
+against the gateway endpoint, over N simulated paths, on a fake clock that
+wraps. Each path's first PoP is simulated: it checks the hop MAC, answers
+hop probes, and applies the path's loss / delay / blackhole. Deterministic
+for a seed; a simulated hour runs in about a second on CPython."""
+from microtun import outer
+from microtun.config import DeviceConfig
+from microtun.endpoint import Gateway, DATA
+from microtun.ticks import ticks_add, ticks_diff, TICKS_PERIOD
+from microtun.tunnel import TunnelCore
+from microtun.x25519 import public_key
+from mtest import Rng
+
+START = TICKS_PERIOD - 2000
+DEV_KEY = bytes(range(1, 33))
+GW_KEY = bytes(range(101, 133))
+
+
+class PathNet:
+    def __init__(self, delay=10, loss=0.0, down_loss=None):
+        self.delay = delay
+        self.loss = loss                  # device -> gateway
+        self.down_loss = loss if down_loss is None else down_loss
+        self.blackhole = False
+
+
+def make_config(n_paths=2, policy="best", hop_keys=None):
+    paths = []
+    for i in range(n_paths):
+        paths.append({"name": "p%d" % i, "pop": "127.0.0.1:%d" % (7000 + i), "label": 100 + i,
+                      "rx_label": 200 + i, "hop_key": bytes([i + 1]) * 32})
+    d = {"name": "dev", "private_key": DEV_KEY.hex(), "gateway_public_key": public_key(GW_KEY).hex(),
+         "psk": ("42" * 32), "paths": [dict(p, hop_key=p["hop_key"].hex()) for p in paths],
+         "policy": policy}
+    return DeviceConfig(d, "sim")
+
+
+class StackSim:
+    def __init__(self, n_paths=2, policy="best", seed=1, nets=None, params=None):
+        self.cfg = make_config(n_paths, policy)
+        self.core = TunnelCore(self.cfg, 1, params=params)
+        self.gw = Gateway(GW_KEY)
+        self.gw.add_peer(public_key(DEV_KEY), psk=b"\x42" * 32, channels=[1, 2])
+        self.peer = self.gw.peers[public_key(DEV_KEY)]
+        self.nets = nets or [PathNet() for _ in range(n_paths)]
+        self.keys = [outer.HopKey(p.hop_key) for p in self.cfg.paths]
+        self.rng = Rng(seed)
+        self.now = START
+        self.q = []          # [time, seq, "gw"/"dev", path, bytes]
+        self.seq = 0
+        self.gw_rx = []      # ids of channel-1 messages delivered to the gateway app (small ints:
+                             # the unix port's heap stays unfragmented)
+        self.gw_other = 0    # deliveries on other channels
+        self.dev_rx = []
+        self.bytes_up = 0    # outer bytes the device sent
+        self.bytes_down = 0  # outer bytes sent to the device
+        self.echo = False    # gateway echoes channel-1 data back (best route)
+
+    def _lost(self, p):
+        return p > 0 and self.rng.below(1000000) < p * 1000000
+
+    def _push(self, t, to, i, data):
+        self.seq += 1
+        self.q.append([t, self.seq, to, i, data])
+
+    def _collect(self):
+        for i, pkt in self.core.datagrams_to_send(self.now):
+            self.bytes_up += len(pkt)
+            net = self.nets[i]
+            if net.blackhole or self._lost(net.loss):
+                continue
+            self._push(ticks_add(self.now, net.delay), "pop", i, pkt)
+        for data, name in self.gw.datagrams_to_send(self.now):
+            i = int(name[1:])
+            pkt = outer.seal(outer.TYPE_DATA, self.cfg.paths[i].rx_label, self.keys[i], data)
+            self.bytes_down += len(pkt)
+            net = self.nets[i]
+            if net.blackhole or self._lost(net.down_loss):
+                continue
+            self._push(ticks_add(self.now, net.delay), "dev", i, pkt)
+        while True:
+            e = self.gw.next_event()
+            if e is None:
+                break
+            if e.kind == DATA:
+                if e.channel == 1:
+                    self.gw_rx.append(int(bytes(e.data).split(b":", 1)[0]))
+                else:
+                    self.gw_other += 1
+                if self.echo:
+                    self.gw.send(self.peer, e.channel, e.data, self.now)
+        while True:
+            m = self.core.next_message()
+            if m is None:
+                break
+            self.dev_rx.append((m[0], bytes(m[1])))
+
+    def _pop(self, i, pkt):
+        """The first PoP of path i (and everything behind it)."""
+        parsed = outer.parse(pkt)
+        if parsed is None or not outer.verify(self.keys[i], pkt):
+            raise AssertionError("the device sent a packet its PoP would drop")
+        ptype, label = parsed
+        if ptype == outer.TYPE_DATA:
+            self.gw.receive_datagram(pkt[outer.HEADER_LEN:], "p%d" % i, self.now)
+        elif ptype == outer.TYPE_HOP_PROBE:
+            payload = outer.probe_reply_payload(pkt[outer.HEADER_LEN:], 4, 40000 + i, bytes((10, 0, 0, 1)))
+            reply = outer.seal(outer.TYPE_HOP_PROBE_REPLY, label, self.keys[i], payload)
+            self.bytes_down += len(reply)
+            net = self.nets[i]
+            if not (net.blackhole or self._lost(net.down_loss)):
+                self._push(ticks_add(self.now, net.delay), "dev", i, reply)
+        # other types (keepalives) end at the PoP
+
+    def _next_time(self):
+        best = None
+        for it in self.q:
+            if best is None or ticks_diff(it[0], best) < 0:
+                best = it[0]
+        for t in (self.core.get_timer(), self.gw.get_timer()):
+            if t is not None and (best is None or ticks_diff(t, best) < 0):
+                best = t
+        return best
+
+    def run(self, ms):
+        end = ticks_add(self.now, ms)
+        steps = 0
+        while True:
+            self._collect()
+            t = self._next_time()
+            if t is None or ticks_diff(t, end) > 0:
+                self.now = end
+                self._collect()
+                return
+            if ticks_diff(t, self.now) > 0:
+                self.now = t
+            steps += 1
+            if steps > 2000000:
+                raise AssertionError("simulation does not settle")
+            due = [it for it in self.q if ticks_diff(it[0], self.now) <= 0]
+            if due:
+                due.sort(key=lambda it: (ticks_diff(it[0], self.now), it[1]))
+                for it in due:
+                    self.q.remove(it)
+                for it in due:
+                    if it[2] == "pop":
+                        self._pop(it[3], it[4])
+                    else:
+                        self.core.receive(it[3], it[4], self.now)
+                continue
+            if ticks_diff(self.core.get_timer() or end, self.now) <= 0:
+                self.core.handle_timer(self.now)
+            t = self.gw.get_timer()
+            if t is not None and ticks_diff(t, self.now) <= 0:
+                self.gw.handle_timer(self.now)
+
+    def connect(self):
+        self.core.connect(self.now)
+        self.run(1500)
+        if not self.core.established:
+            raise AssertionError("no session: %r" % self.core.health())
+
+    def stream(self, count, interval, policy=None, channel=1, size=24, on_step=None):
+        """Send count messages "<id>:xxx" every interval ms; returns ids sent."""
+        ids = []
+        for k in range(count):
+            if on_step is not None:
+                on_step(k)
+            pad = size - len(b"%d:" % k)
+            if self.core.send(channel, b"%d:" % k + b"x" * max(pad, 0), self.now, policy):
+                ids.append(k)
+            self.run(interval)
+        return ids
+
+    def delivered_ids(self):
+        return list(self.gw_rx)
