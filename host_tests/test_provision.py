@@ -706,6 +706,20 @@ def test_broken_topology_leaves_existing_output_alone(tmp_path, capsys):
     assert snapshot(tmp_path / "out") == before
 
 
+def test_a_generated_file_that_does_not_load_stops_the_run(tmp_path, monkeypatch, capsys):
+    real = provision.plan
+
+    def broken(*args):
+        files, state, paths = real(*args)
+        files["pops/a1.json"] = files["pops/a1.json"].replace(b'"in_label": 100', b'"in_label": 0')
+        return files, state, paths
+    monkeypatch.setattr(provision, "plan", broken)
+    assert provision.main(str(EXAMPLE), str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the generated pops/a1.json does not load (pops/a1.json: routes[0].in_label" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_broken_state_file_is_reported(tmp_path, capsys):
     provision.provision(EXAMPLE, tmp_path / "out")
     st = tmp_path / "out" / "state.json"

@@ -654,8 +654,10 @@ def _check_loads(files, source):
         for sub in ("pops", "devices"):
             os.mkdir(os.path.join(scratch, sub), DIR_MODE)
         for rel, data in files.items():
-            write_atomic(os.path.join(scratch, rel), data)
-        for rel, data in files.items():
+            fd = os.open(os.path.join(scratch, rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        for rel in files:
             full = os.path.join(scratch, rel)
             try:
                 if rel.startswith("pops/"):
