@@ -254,9 +254,7 @@ def reject_reason(packet):
     return None
 
 
-def verify(hopkey, packet):
-    """True when packet's hop MAC verifies under hopkey. Never raises on
-    packets of any length; call parse() first for the cheap checks."""
+def _verify_portable(hopkey, packet):
     n = len(packet) - HEADER_LEN
     if n < 0 or n > PAYLOAD_MAX:
         return False
@@ -264,10 +262,7 @@ def verify(hopkey, packet):
     return _mac_ok(_hmac(hopkey, m), packet)
 
 
-def relay(packet, in_key, out_label, out_key):
-    """A relay's whole job for one packet: verify under in_key, then return
-    the same type and payload under out_label and out_key (new bytes), or
-    None when the MAC fails. The payload is never parsed or changed."""
+def _relay_portable(packet, in_key, out_label, out_key):
     n = len(packet) - HEADER_LEN
     if n < 0 or n > PAYLOAD_MAX:
         return None
@@ -278,6 +273,63 @@ def relay(packet, in_key, out_label, out_key):
     _relabel(in_key, b0, out_label)          # same length and excerpt
     hdr = bytes(in_key._msg[0:4])
     return hdr + _hmac(out_key, m)[:MAC_LEN] + packet[HEADER_LEN:]
+
+
+# CPython versions of the two receive-side calls a PoP makes per packet:
+# the same MAC (tests check byte equality with the portable ones) built
+# from slices and hash-state copies, which is ~40 % faster there.
+
+def _copy_tail(packet, n):
+    if n <= EXCERPT_WHOLE:
+        return n.to_bytes(2, "big") + packet[HEADER_LEN:]
+    return n.to_bytes(2, "big") + packet[HEADER_LEN:HEADER_LEN + EXCERPT_HALF] + packet[-EXCERPT_HALF:]
+
+
+def _copy_mac(hk, hdr, tail):
+    h = hk._ih.copy()
+    h.update(hdr)
+    h.update(tail)
+    o = hk._oh.copy()
+    o.update(h.digest())
+    return o.digest()[:MAC_LEN]
+
+
+def _verify_copy(hopkey, packet):
+    n = len(packet) - HEADER_LEN
+    if n < 0 or n > PAYLOAD_MAX:
+        return False
+    return _equal_bytes(_copy_mac(hopkey, packet[0:4], _copy_tail(packet, n)), packet[4:HEADER_LEN])
+
+
+def _relay_copy(packet, in_key, out_label, out_key):
+    n = len(packet) - HEADER_LEN
+    if n < 0 or n > PAYLOAD_MAX:
+        return None
+    tail = _copy_tail(packet, n)
+    if not _equal_bytes(_copy_mac(in_key, packet[0:4], tail), packet[4:HEADER_LEN]):
+        return None
+    hdr = bytes((packet[0], out_label >> 16, (out_label >> 8) & 0xFF, out_label & 0xFF))
+    return hdr + _copy_mac(out_key, hdr, tail) + packet[HEADER_LEN:]
+
+
+_FAST = _COPY and _equal_bytes is not None
+
+
+def verify(hopkey, packet):
+    """True when packet's hop MAC verifies under hopkey. Never raises on
+    packets of any length; call parse() first for the cheap checks."""
+    if _FAST and type(packet) is bytes:
+        return _verify_copy(hopkey, packet)
+    return _verify_portable(hopkey, packet)
+
+
+def relay(packet, in_key, out_label, out_key):
+    """A relay's whole job for one packet: verify under in_key, then return
+    the same type and payload under out_label and out_key (new bytes), or
+    None when the MAC fails. The payload is never parsed or changed."""
+    if _FAST and type(packet) is bytes:
+        return _relay_copy(packet, in_key, out_label, out_key)
+    return _relay_portable(packet, in_key, out_label, out_key)
 
 
 def label_of(packet):
