@@ -1,0 +1,58 @@
+"""`microtun` command line: one subcommand per host role.
+
+    microtun pop --config pop.json [--check]
+
+Adding a subcommand is one small function that declares its arguments and
+a run function, plus one entry in SUBCOMMANDS:
+
+    def _gateway(sub):
+        p = sub.add_parser("gateway", help="run the gateway")
+        p.add_argument("--config", required=True, metavar="FILE")
+        p.set_defaults(run=lambda args: _lazy("gateway").main(args.config))
+
+Each run function returns the exit status: 0 ok, 1 runtime failure, 2 bad
+usage or bad config (one line on stderr, no traceback). Role modules are
+imported only when their subcommand runs.
+"""
+import argparse
+import importlib
+import sys
+
+
+def _lazy(module):
+    return importlib.import_module("microtun_host." + module)
+
+
+def _pop(sub):
+    p = sub.add_parser("pop", help="run a PoP: label-switching relay on the outer plane",
+                       description="Run a PoP. SIGHUP reloads the config; SIGTERM/SIGINT stop it.")
+    p.add_argument("--config", required=True, metavar="FILE", help="PoP config (JSON, see docs/OUTER.md)")
+    p.add_argument("--check", action="store_true", help="only validate the config and exit (0 ok, 2 invalid)")
+    p.set_defaults(run=lambda args: _lazy("pop").main(args.config, check=args.check))
+
+
+SUBCOMMANDS = [_pop]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="microtun", description="microtun host tools")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

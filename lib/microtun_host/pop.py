@@ -1,0 +1,473 @@
+"""The PoP: a label-switching relay on the outer plane (docs/OUTER.md).
+
+    in_label -> (in_key, next hop, out_label, out_key)
+
+A DATA packet whose hop MAC verifies under its label's in_key leaves with
+the same payload under out_label and out_key; a HOP_PROBE is answered by the
+PoP itself with the echo and the address it came from. Everything else is
+dropped and counted under a named reason. A PoP holds hop keys only and
+imports nothing that could decrypt the inner layer (a test checks this).
+
+Layers, as everywhere in microtun:
+    Forwarder      sans-I/O: datagram + source address in -> datagram + destination out
+    PopProtocol    asyncio glue around it (one UDP socket)
+    Pop            process: config, reload on SIGHUP, control channel, stats, shutdown
+"""
+import asyncio
+import ipaddress
+import signal
+import socket
+import sys
+import time
+
+from microtun import outer
+from microtun_host import config, control
+from microtun_host import log as logs
+from microtun_host.config import ConfigError, format_sockaddr
+
+# --- drop reasons (counters; docs/OUTER.md "Drop reasons") -----------------
+DROP_REASONS = (
+    outer.DROP_SHORT,          # shorter than the 12-byte header
+    outer.DROP_TOO_LONG,       # payload over 65535 bytes (not reachable over UDP)
+    outer.DROP_BAD_VERSION,    # version nibble != 1
+    outer.DROP_UNKNOWN_TYPE,   # reserved type
+    outer.DROP_BAD_LABEL,      # label 0
+    "unknown_label",           # no route for this label
+    outer.DROP_BAD_MAC,        # hop MAC does not verify under the label's in_key
+    "bad_probe",               # HOP_PROBE payload over 32 bytes
+    "unexpected_type",         # HOP_PROBE_REPLY: a PoP sends no probes
+    "no_route",                # next hop learn:<label> and nothing learned yet
+    "send_error",              # the socket refused the datagram (buffer full, unreachable)
+    "internal_error",          # a bug: the datagram raised inside the PoP
+)
+
+LEARN_LOG_QUIET_S = 10.0       # log a learned-address change per label at most this often
+SOCKET_BUFFER = 4 << 20        # SO_RCVBUF / SO_SNDBUF asked for (the kernel may cap it)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LABEL_RANGE = (outer.LABEL_MIN, outer.LABEL_MAX)
+ROUTE_FIELDS = ("in_label", "in_key", "next", "out_label", "out_key")
+TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "routes")
+
+
+# --- config ------------------------------------------------------------------
+
+class RouteSpec:
+    """One validated route from the config file."""
+
+    __slots__ = ("in_label", "in_key", "next_addr", "learn_from", "out_label", "out_key", "where")
+
+    def __init__(self, in_label, in_key, next_addr, learn_from, out_label, out_key, where=""):
+        self.in_label = in_label
+        self.in_key = in_key            # 32 bytes
+        self.next_addr = next_addr      # config.Address, or None with learn_from
+        self.learn_from = learn_from    # in_label whose last authenticated source is the next hop, or 0
+        self.out_label = out_label
+        self.out_key = out_key
+        self.where = where
+
+    def next_text(self):
+        return "learn:%d" % self.learn_from if self.learn_from else str(self.next_addr)
+
+    def same(self, other):
+        return (self.in_key, self.next_addr, self.learn_from, self.out_label, self.out_key) == (
+            other.in_key, other.next_addr, other.learn_from, other.out_label, other.out_key)
+
+
+class PopConfig:
+    def __init__(self, path, name, listen, control_addr, log_level, stats_interval, routes):
+        self.path = path
+        self.name = name
+        self.listen = listen
+        self.control = control_addr
+        self.log_level = log_level
+        self.stats_interval = stats_interval
+        self.routes = routes
+
+
+def load_config(path):
+    """PopConfig from a JSON file, or ConfigError (one line: file, field, expectation)."""
+    root = config.load(path)
+    root.only(*TOP_FIELDS)
+    name = root.text("name")
+    listen = root.address("listen")
+    control_addr = root.address("control", default=None, loopback=True)
+    log_level = root.text("log_level", default="info", choices=LOG_LEVELS)
+    stats_interval = root.number("stats_interval", 0, 86400, default=60)
+    lo, hi = LABEL_RANGE
+    routes = []
+    seen = {}
+    for r in root.objects("routes"):
+        r.only(*ROUTE_FIELDS)
+        in_label = r.integer("in_label", lo, hi)
+        if in_label in seen:
+            raise r.error("in_label", "duplicate in_label %d (already %s)" % (in_label, seen[in_label]))
+        seen[in_label] = r.where("in_label")
+        in_key = r.key32("in_key")
+        nxt = r.raw("next", "%s or \"learn:<in_label>\"" % config.ADDRESS_FORMS)
+        learn_from, next_addr = 0, None
+        if isinstance(nxt, str) and nxt.startswith("learn:"):
+            tail = nxt[6:]
+            if not tail.isdigit() or not lo <= int(tail) <= hi:
+                raise r.error("next", "expected \"learn:<in_label>\" with a label in %d..%d, got %s"
+                              % (lo, hi, config._short(nxt)))
+            learn_from = int(tail)
+        else:
+            next_addr = r.address("next")
+            if next_addr.family != listen.family:
+                raise r.error("next", "IPv%d next hop %s but listen %s is IPv%d (one socket per PoP)"
+                              % (next_addr.family, next_addr, listen, listen.family))
+            if next_addr == listen:
+                raise r.error("next", "next hop %s is this PoP's own listen address (a loop)" % next_addr)
+        out_label = r.integer("out_label", lo, hi)
+        out_key = r.key32("out_key")
+        routes.append(RouteSpec(in_label, in_key, next_addr, learn_from, out_label, out_key, r.where()))
+    for i, spec in enumerate(routes):
+        if spec.learn_from and spec.learn_from not in seen:
+            raise ConfigError("%s: %s.next: learn:%d names no route's in_label (learned addresses come "
+                              "from authenticated packets arriving on an in_label of this PoP)"
+                              % (root.file, spec.where, spec.learn_from))
+        if spec.learn_from == spec.in_label:
+            raise ConfigError("%s: %s.next: learn:%d is this route's own in_label (would send packets "
+                              "back where they came from)" % (root.file, spec.where, spec.learn_from))
+    return PopConfig(str(path), name, listen, control_addr, log_level, stats_interval, routes)
+
+
+# --- forwarding table and forwarder (sans-I/O) -------------------------------
+
+class Route:
+    """A route ready for the hot path, with its per-label counters."""
+
+    __slots__ = ("spec", "in_label", "in_key", "dest", "learn_from", "learns",
+                 "out_label", "out_key", "packets", "bytes")
+
+    def __init__(self, spec, learns):
+        self.spec = spec
+        self.in_label = spec.in_label
+        self.in_key = outer.HopKey(spec.in_key)
+        self.dest = spec.next_addr.sockaddr if spec.next_addr else None
+        self.learn_from = spec.learn_from
+        self.learns = learns            # packets on this label set a learned address
+        self.out_label = spec.out_label
+        self.out_key = outer.HopKey(spec.out_key)
+        self.packets = 0                # authenticated packets received on in_label
+        self.bytes = 0
+
+
+def build_table(specs):
+    """{in_label: Route} from RouteSpecs."""
+    learn_labels = {s.learn_from for s in specs if s.learn_from}
+    return {s.in_label: Route(s, s.in_label in learn_labels) for s in specs}
+
+
+def encode_source(addr):
+    """A socket source address as outer's (family, port, address bytes)."""
+    ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (outer.ADDR_V4 if ip.version == 4 else outer.ADDR_V6), addr[1], ip.packed
+
+
+class Forwarder:
+    """The PoP's state machine: receive(datagram, source) -> (datagram,
+    destination) or None. Never raises on input; every datagram is counted
+    exactly once: rx == forwarded + probes + sum(drops)."""
+
+    def __init__(self, routes, log):
+        self.routes = routes            # {in_label: Route}; replaced whole by swap()
+        self.learned = {}               # in_label -> last authenticated source address
+        self.log = log
+        self.rx = 0
+        self.forwarded = 0
+        self.probes = 0
+        self.drops = dict.fromkeys(DROP_REASONS, 0)
+        self._learn_logged = {}         # in_label -> monotonic time of the last log line
+
+    # the hot path: DATA on a known label is handled before any other branch
+    def receive(self, data, addr):
+        self.rx += 1
+        if len(data) >= outer.HEADER_LEN and data[0] == outer.BYTE0_DATA:
+            r = self.routes.get((data[1] << 16) | (data[2] << 8) | data[3])
+            if r is not None:
+                out = outer.relay(data, r.in_key, r.out_label, r.out_key)
+                if out is None:
+                    return self._drop(outer.DROP_BAD_MAC, addr)
+                r.packets += 1
+                r.bytes += len(data)
+                if r.learns and self.learned.get(r.in_label) != addr:
+                    self._learn(r.in_label, addr)
+                dest = r.dest
+                if dest is None:
+                    dest = self.learned.get(r.learn_from)
+                    if dest is None:
+                        return self._drop("no_route", addr)
+                self.forwarded += 1
+                return out, dest
+        return self._other(data, addr)
+
+    def _other(self, data, addr):
+        parsed = outer.parse(data)
+        if parsed is None:
+            return self._drop(outer.reject_reason(data), addr)
+        ptype, label = parsed
+        r = self.routes.get(label)
+        if r is None:
+            return self._drop("unknown_label", addr)
+        if ptype == outer.TYPE_HOP_PROBE:
+            if len(data) - outer.HEADER_LEN > outer.PROBE_MAX:
+                return self._drop("bad_probe", addr)
+            if not outer.verify(r.in_key, data):
+                return self._drop(outer.DROP_BAD_MAC, addr)
+            r.packets += 1
+            r.bytes += len(data)
+            if r.learns and self.learned.get(label) != addr:
+                self._learn(label, addr)
+            family, port, ip = encode_source(addr)
+            payload = outer.probe_reply_payload(data[outer.HEADER_LEN:], family, port, ip)
+            self.probes += 1
+            # the same label and key, back to where the probe came from
+            return outer.seal(outer.TYPE_HOP_PROBE_REPLY, label, r.in_key, payload), addr
+        if ptype == outer.TYPE_HOP_PROBE_REPLY:
+            return self._drop("unexpected_type", addr)
+        return self._drop(outer.DROP_BAD_MAC, addr)   # DATA whose first byte differs: unreachable
+
+    def _drop(self, reason, addr):
+        self.drops[reason] += 1
+        if self.log.isEnabledFor(10):                 # logging.DEBUG; never at info
+            self.log.debug("drop %s from %s", reason, format_sockaddr(addr))
+        return None
+
+    def _learn(self, label, addr):
+        old = self.learned.get(label)
+        self.learned[label] = addr
+        now = time.monotonic()
+        last = self._learn_logged.get(label)
+        if last is None or now - last >= LEARN_LOG_QUIET_S:
+            self._learn_logged[label] = now
+            self.log.info("label %d: next hop learned: %s (was %s)", label, format_sockaddr(addr),
+                          format_sockaddr(old) if old else "unknown")
+        else:
+            self.log.debug("label %d: next hop learned: %s", label, format_sockaddr(addr))
+
+    def send_failed(self, out):
+        """The driver could not send out (returned by receive): recount it."""
+        if out[0] == outer.BYTE0_DATA:
+            self.forwarded -= 1
+        else:
+            self.probes -= 1
+        self.drops["send_error"] += 1
+
+    def internal_error(self):
+        self.drops["internal_error"] += 1
+
+    def swap(self, routes):
+        """Install a new table in one assignment (atomic for the event loop:
+        a packet sees the old table or the new one, never a mix). Counters
+        and learned addresses stay for labels that still exist. Returns
+        (added, removed, changed) label counts."""
+        old = self.routes
+        for label, r in routes.items():
+            o = old.get(label)
+            if o is not None:
+                r.packets, r.bytes = o.packets, o.bytes
+        self.learned = {k: v for k, v in self.learned.items() if k in routes}
+        self.routes = routes
+        added = sum(1 for k in routes if k not in old)
+        removed = sum(1 for k in old if k not in routes)
+        changed = sum(1 for k, r in routes.items() if k in old and not r.spec.same(old[k].spec))
+        return added, removed, changed
+
+    def stats(self):
+        dropped = sum(self.drops.values())
+        return {
+            "rx": self.rx, "forwarded": self.forwarded, "probes": self.probes,
+            "dropped": dropped, "drops": dict(self.drops), "routes": len(self.routes),
+            "labels": {str(k): {"packets": r.packets, "bytes": r.bytes} for k, r in self.routes.items()},
+            "learned": {str(k): format_sockaddr(v) for k, v in self.learned.items()},
+        }
+
+    def summary(self):
+        """One short line for the logs."""
+        drops = ", ".join("%s %d" % (k, v) for k, v in self.drops.items() if v)
+        return "rx %d, forwarded %d, probes %d, dropped %d%s, %d routes, %d learned" % (
+            self.rx, self.forwarded, self.probes, sum(self.drops.values()),
+            " (%s)" % drops if drops else "", len(self.routes), len(self.learned))
+
+
+# --- asyncio driver ------------------------------------------------------------
+
+class PopProtocol(asyncio.DatagramProtocol):
+    """Glue: each datagram through Forwarder.receive, the result straight
+    to the socket. A full send buffer drops the packet (counted), as a
+    router would, instead of queueing without bound."""
+
+    def __init__(self, fwd, sock, log):
+        self.fwd = fwd
+        self.sock = sock
+        self.log = log
+        self._errors_logged = 0
+
+    def datagram_received(self, data, addr):
+        try:
+            res = self.fwd.receive(data, addr)
+        except Exception:
+            self.fwd.internal_error()
+            if self._errors_logged < 10:
+                self._errors_logged += 1
+                self.log.exception("internal error on a %d-byte datagram from %s", len(data), addr)
+            return
+        if res is not None:
+            try:
+                self.sock.sendto(res[0], res[1])
+            except OSError:
+                self.fwd.send_failed(res[0])
+
+    def error_received(self, exc):
+        self.log.debug("socket error: %s", exc)
+
+
+def _open_socket(listen):
+    fam = socket.AF_INET6 if listen.family == 6 else socket.AF_INET
+    sock = socket.socket(fam, socket.SOCK_DGRAM)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+    try:
+        sock.bind(listen.sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class Pop:
+    """One PoP process: config file, Forwarder, sockets, signals, control."""
+
+    def __init__(self, cfg, log):
+        self.cfg = cfg
+        self.log = log
+        self.fwd = Forwarder(build_table(cfg.routes), log)
+        self.started = time.monotonic()
+        self.reloads = 0
+        self.reload_failures = 0
+        self._stop = None
+        self._timer = None
+        self._last_summary = None
+
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
+        cfg = self.cfg
+        try:
+            sock = _open_socket(cfg.listen)
+        except OSError as e:
+            self.log.error("cannot listen on %s: %s", cfg.listen, e.strerror or e)
+            return 1
+        transport, _ = await loop.create_datagram_endpoint(lambda: PopProtocol(self.fwd, sock, self.log), sock=sock)
+        ctl = None
+        if cfg.control is not None:
+            try:
+                ctl = await control.serve(cfg.control, {"stats": self._cmd_stats, "reload": self._cmd_reload},
+                                          self.log)
+            except OSError as e:
+                transport.close()
+                self.log.error("cannot open the control channel on %s: %s", cfg.control, e.strerror or e)
+                return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        self.log.info("listening on %s with %d routes%s (%s)", cfg.listen, len(self.fwd.routes),
+                      ", control on %s" % cfg.control if ctl else "", type(loop).__module__.split(".")[0])
+        self._schedule_stats()
+        try:
+            await self._stop
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            transport.close()
+            if ctl:
+                ctl.close()
+        self.log.info("final stats: %s; up %.0f s, %d reloads (%d failed)", self.fwd.summary(),
+                      time.monotonic() - self.started, self.reloads, self.reload_failures)
+        return 0
+
+    def stop(self, why="stop"):
+        if self._stop is not None and not self._stop.done():
+            self.log.info("%s: shutting down", why)
+            self._stop.set_result(None)
+
+    def _tick(self):
+        line = self.fwd.summary()
+        if line != self._last_summary:
+            self._last_summary = line
+            self.log.info("stats: %s", line)
+        self._timer = None
+        self._schedule_stats()
+
+    def _schedule_stats(self):
+        if self._timer is None and self.cfg.stats_interval:
+            self._timer = asyncio.get_running_loop().call_later(self.cfg.stats_interval, self._tick)
+
+    def reload(self, why="reload"):
+        """Re-read the config file; on any problem keep the running table."""
+        old = self.cfg
+        try:
+            cfg = load_config(old.path)
+        except ConfigError as e:
+            self.reload_failures += 1
+            self.log.error("%s: config not reloaded, keeping %d routes: %s", why, len(self.fwd.routes), e)
+            return {"ok": False, "error": str(e)}
+        for field in ("listen", "control", "name"):
+            if getattr(cfg, field) != getattr(old, field):
+                self.log.warning("%s: %s changed to %s; it takes effect on restart only", why, field,
+                                 getattr(cfg, field))
+                setattr(cfg, field, getattr(old, field))
+        added, removed, changed = self.fwd.swap(build_table(cfg.routes))
+        if cfg.log_level != old.log_level:
+            logs.set_level(self.log, cfg.log_level)
+        self.cfg = cfg
+        self.reloads += 1
+        self._schedule_stats()
+        self.log.info("%s: reloaded %s: %d routes (%d added, %d removed, %d changed)", why, cfg.path,
+                      len(cfg.routes), added, removed, changed)
+        return {"ok": True, "routes": len(cfg.routes), "added": added, "removed": removed, "changed": changed}
+
+    def _cmd_stats(self, req):
+        s = self.fwd.stats()
+        s.update(name=self.cfg.name, uptime_s=round(time.monotonic() - self.started, 3),
+                 reloads=self.reloads, reload_failures=self.reload_failures)
+        return s
+
+    def _cmd_reload(self, req):
+        return self.reload("control reload")
+
+
+def _new_loop():
+    try:
+        import uvloop
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+def main(config_path, check=False):
+    """`microtun pop --config FILE`: 0 after a clean shutdown, 2 for a bad
+    config (one line on stderr), 1 when the sockets cannot be opened."""
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as e:
+        print("microtun pop: %s" % e, file=sys.stderr)
+        return 2
+    if check:
+        print("%s: ok: PoP %s, %d routes" % (config_path, cfg.name, len(cfg.routes)))
+        return 0
+    log = logs.setup(cfg.name, cfg.log_level)
+    loop = _new_loop()
+    try:
+        return loop.run_until_complete(Pop(cfg, log).run())
+    finally:
+        loop.close()
