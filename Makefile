@@ -30,5 +30,8 @@ bench: $(STAMP)
 	@echo "== crypto, MicroPython unix port"; $(MP) tools/bench_crypto.py
 	@echo "== crypto, CPython";               $(PY) tools/bench_crypto.py
 
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
 clean:
 	rm -rf $(VENV) build out .pytest_cache

@@ -1,6 +1,8 @@
 """`microtun` command line: one subcommand per host role.
 
     microtun pop --config pop.json [--check]
+    microtun gateway --config gateway.json [--check]
+    microtun status --config gateway.json | --control HOST:PORT [--json]
 
 Adding a subcommand is one small function that declares its arguments and
 a run function, plus one entry in SUBCOMMANDS:
@@ -31,7 +33,25 @@ def _pop(sub):
     p.set_defaults(run=lambda args: _lazy("pop").main(args.config, check=args.check))
 
 
-SUBCOMMANDS = [_pop]
+def _gateway(sub):
+    p = sub.add_parser("gateway", help="run the gateway: inner tunnel responder for many devices",
+                       description="Run the gateway. SIGHUP reloads config and registry; SIGTERM/SIGINT stop it.")
+    p.add_argument("--config", required=True, metavar="FILE", help="gateway config (JSON, see docs/CONFIG.md)")
+    p.add_argument("--check", action="store_true", help="only validate the config and registry, then exit")
+    p.set_defaults(run=lambda args: _lazy("gateway").main(args.config, check=args.check))
+
+
+def _status(sub):
+    p = sub.add_parser("status", help="show each device's session, paths, RTTs, bytes and drops",
+                       description="Ask a running gateway for its status over its control channel.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", metavar="FILE", help="the gateway's config (its control address is read from it)")
+    g.add_argument("--control", metavar="HOST:PORT", help="the gateway's control address")
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.set_defaults(run=lambda args: _lazy("gateway").status_main(args.config, args.control, args.json))
+
+
+SUBCOMMANDS = [_pop, _gateway, _status]
 
 
 def build_parser():

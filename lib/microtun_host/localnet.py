@@ -1,0 +1,308 @@
+"""A local microtun network on one machine: real processes over loopback.
+Used by `make demo` (tools/demo.py) and the integration tests.
+
+    net = Net(tmp_path, routes={"a": ["a1", "a2"], "b": ["b1", "b2"]},
+              lossy={"a": {"loss": 0.1}})        # a link emulator in front of a1
+    net.start()                                    # PoPs, gateway, echo service, emulators
+    res = net.device("d1", "--count", "200")       # the unix-port device, RESULT dict
+    net.stop()
+
+Topology files go through the real provisioner, PoPs and the gateway run as
+`python -m microtun_host...` subprocesses, the device as `micropython
+tools/device_run.py`. Every process is killed at stop(), also on failure.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+LIB = Path(__file__).resolve().parent.parent
+ROOT = LIB.parent
+PY = sys.executable
+
+
+def free_ports(n):
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def micropython():
+    cand = Path(PY).with_name("micropython")
+    return str(cand) if cand.exists() else "micropython"
+
+
+def mp_env():
+    env = dict(os.environ)
+    env["MICROPYPATH"] = "%s:.frozen" % LIB
+    return env
+
+
+def py_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(LIB) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class Echo:
+    """A UDP echo service in a thread (the gateway's channel-1 service)."""
+
+    def __init__(self, port):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.settimeout(0.2)
+        self.count = 0
+        self.seen = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self._stop:
+            try:
+                d, a = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.count += 1
+            self.seen.append(d)
+            try:
+                self.sock.sendto(d, a)
+            except OSError:
+                pass
+
+    def stop(self):
+        self._stop = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+class Net:
+    def __init__(self, tmp, routes=None, devices=None, lossy=None, policy="best", services=None):
+        self.tmp = Path(tmp)
+        self.routes = routes or {"a": ["a1", "a2"]}
+        self.devices = devices or {"d1": {}}
+        self.lossy = lossy or {}
+        self.policy = policy
+        self.procs = {}
+        self.logs = {}
+        self.echo = None
+        pops = sorted({p for chain in self.routes.values() for p in chain})
+        n = 2 * len(pops) + 4 + 2 * len(self.lossy)
+        ports = iter(free_ports(n))
+        self.pops = {p: {"listen": "127.0.0.1:%d" % next(ports), "control": "127.0.0.1:%d" % next(ports)}
+                     for p in pops}
+        self.gw = {"listen": "127.0.0.1:%d" % next(ports), "control": "127.0.0.1:%d" % next(ports)}
+        self.echo_port = next(ports)
+        next(ports)
+        self.netem = {r: {"listen": "127.0.0.1:%d" % next(ports), "control": "127.0.0.1:%d" % next(ports)}
+                      for r in sorted(self.lossy)}
+        self.out = self.tmp / "out"
+        self.topology = self.tmp / "topology.toml"
+        self.write_topology()
+        self.provision()
+
+    # -- provisioning -----------------------------------------------------------
+    def write_topology(self):
+        t = ['[gateway]', 'name = "gw"', 'listen = "%s"' % self.gw["listen"],
+             'control = "%s"' % self.gw["control"],
+             'services = { "1" = "127.0.0.1:%d" }' % self.echo_port, '']
+        for p, a in sorted(self.pops.items()):
+            t += ['[[pop]]', 'name = "%s"' % p, 'listen = "%s"' % a["listen"], 'control = "%s"' % a["control"], '']
+        for r, chain in sorted(self.routes.items()):
+            t += ['[[route]]', 'name = "%s"' % r, 'pops = [%s]' % ", ".join('"%s"' % p for p in chain)]
+            if r in self.netem:
+                t.append('via = "%s"' % self.netem[r]["listen"])
+            t.append('')
+        for d, opts in sorted(self.devices.items()):
+            t += ['[[device]]', 'name = "%s"' % d, 'channels = [1, 2]',
+                  'policy = "%s"' % opts.get("policy", self.policy)]
+            if "routes" in opts:
+                t.append('routes = [%s]' % ", ".join('"%s"' % r for r in opts["routes"]))
+            t.append('')
+        self.topology.write_text("\n".join(t))
+
+    def provision(self):
+        r = subprocess.run([PY, "-m", "microtun_host.cli", "provision", str(self.topology), "--out", str(self.out)],
+                           capture_output=True, text=True, env=py_env(), cwd=str(ROOT), timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError("provision failed: %s %s" % (r.stdout, r.stderr))
+        for d in self.devices:
+            cfg = json.loads((self.out / "devices" / ("%s.json" % d)).read_text())
+            cfg["state_dir"] = str(self.tmp)
+            p = self.out / "devices" / ("%s.json" % d)
+            p.write_text(json.dumps(cfg))
+        return r.stdout
+
+    def device_config(self, name):
+        return str(self.out / "devices" / ("%s.json" % name))
+
+    # -- processes ----------------------------------------------------------------
+    def _spawn(self, name, argv, env):
+        logf = open(self.tmp / ("%s.log" % name), "w")
+        self.logs[name] = self.tmp / ("%s.log" % name)
+        self.procs[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        logf.close()
+
+    def start_pop(self, name):
+        self._spawn(name, [PY, "-m", "microtun_host.cli", "pop", "--config", str(self.out / "pops" / ("%s.json" % name))],
+                    py_env())
+        self.wait_control(self.pops[name]["control"], name)
+
+    def start_gateway(self):
+        self._spawn("gw", [PY, "-m", "microtun_host.cli", "gateway", "--config", str(self.out / "gateway.json")],
+                    py_env())
+        self.wait_control(self.gw["control"], "gw")
+
+    def start_netem(self, route, **imp):
+        first = self.routes[route][0]
+        argv = [PY, str(ROOT / "tools" / "netem.py"), "--listen", self.netem[route]["listen"],
+                "--upstream", self.pops[first]["listen"], "--control", self.netem[route]["control"],
+                "--seed", str(imp.pop("seed", 1))]
+        for k, v in imp.items():
+            argv += ["--" + k.replace("_", "-"), str(v)]
+        self._spawn("netem-" + route, argv, py_env())
+        self.wait_control(self.netem[route]["control"], "netem-" + route, netem=True)
+
+    def start(self):
+        self.echo = Echo(self.echo_port)
+        for p in sorted(self.pops):
+            self.start_pop(p)
+        self.start_gateway()
+        for r, imp in sorted(self.lossy.items()):
+            self.start_netem(r, **dict(imp))
+
+    def wait_control(self, addr, name, netem=False, timeout=15):
+        from microtun_host import control
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError("%s exited at start: %s" % (name, self.logs[name].read_text()[-3000:]))
+            try:
+                if netem:
+                    return self.netem_cmd(addr, {"stats": True})
+                return control.query(addr, {"cmd": "ping"}, timeout=0.3)
+            except Exception:
+                time.sleep(0.1)
+        raise RuntimeError("%s did not come up: %s" % (name, self.logs[name].read_text()[-3000:]))
+
+    def netem_cmd(self, addr, cmd, timeout=1.0):
+        host, port = addr.rsplit(":", 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(timeout)
+            s.sendto(json.dumps(cmd).encode(), (host, int(port)))
+            return json.loads(s.recvfrom(65535)[0])
+
+    def blackhole(self, route, on=True):
+        return self.netem_cmd(self.netem[route]["control"], {"blackhole": on})
+
+    def kill(self, name, sig=signal.SIGKILL):
+        p = self.procs[name]
+        p.send_signal(sig)
+        p.wait(10)
+
+    def reload(self, name):
+        self.procs[name].send_signal(signal.SIGHUP)
+
+    def pop_stats(self, name):
+        from microtun_host import control
+        return control.query(self.pops[name]["control"], {"cmd": "stats"}, timeout=2)
+
+    def gw_status(self):
+        from microtun_host import control
+        return control.query(self.gw["control"], {"cmd": "status"}, timeout=2)["status"]
+
+    def device(self, name, *args, heap=None, timeout=120, background=False):
+        argv = [micropython()]
+        if heap:
+            argv += ["-X", "heapsize=" + heap]
+        argv += [str(ROOT / "tools" / "device_run.py"), self.device_config(name)] + list(args)
+        if background:
+            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=mp_env(), cwd=str(ROOT))
+        r = subprocess.run(argv, capture_output=True, text=True, env=mp_env(), cwd=str(ROOT), timeout=timeout)
+        return parse_result(r.stdout, r.stderr)
+
+    def stop(self):
+        for name, p in self.procs.items():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for name, p in self.procs.items():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.echo is not None:
+            self.echo.stop()
+
+    def log(self, name):
+        return self.logs[name].read_text()
+
+
+def parse_result(out, err=""):
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise AssertionError("device printed no RESULT:\n%s\n%s" % (out[-3000:], err[-3000:]))
+
+
+class Recorder:
+    """A transparent UDP relay that keeps a copy of every datagram in both
+    directions (to check what a link carries)."""
+
+    def __init__(self, upstream):
+        self.up = upstream
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.out.settimeout(0.1)
+        self.client = None
+        self.seen = []
+        self._stop = False
+        self.threads = [threading.Thread(target=self._fwd, daemon=True),
+                        threading.Thread(target=self._back, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _fwd(self):
+        host, port = self.up.rsplit(":", 1)
+        while not self._stop:
+            try:
+                d, a = self.sock.recvfrom(65535)
+            except (socket.timeout, OSError):
+                continue
+            self.client = a
+            self.seen.append(d)
+            self.out.sendto(d, (host, int(port)))
+
+    def _back(self):
+        while not self._stop:
+            try:
+                d, a = self.out.recvfrom(65535)
+            except (socket.timeout, OSError):
+                continue
+            self.seen.append(d)
+            if self.client:
+                self.sock.sendto(d, self.client)
+
+    def stop(self):
+        self._stop = True
+        for t in self.threads:
+            t.join(2)
+        self.sock.close()
+        self.out.close()
