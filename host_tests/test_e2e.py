@@ -66,7 +66,7 @@ def test_pop_never_sees_plaintext(tmp_path):
         n.start()
         res = n.device("d1", "--count", "20", "--size", "64")   # payloads "<id>:xxxx...x"
         assert res["delivered"] == 20
-        assert len(rec.seen) >= 40
+        assert len(rec.seen) >= 20          # a1 -> a2 carried every message (replies go a2 -> a1 directly)
         payloads = [d for d in n.echo.seen]
         assert payloads and all(b":" in p for p in payloads)        # the service got plaintext
         for d in rec.seen:

@@ -135,7 +135,7 @@ class Net:
         self.topology.write_text("\n".join(t))
 
     def provision(self):
-        r = subprocess.run([PY, "-m", "microtun_host.cli", "provision", str(self.topology), "--out", str(self.out)],
+        r = subprocess.run([PY, "-m", "microtun_host.provision", str(self.topology), "--out", str(self.out)],
                            capture_output=True, text=True, env=py_env(), cwd=str(ROOT), timeout=60)
         if r.returncode != 0:
             raise RuntimeError("provision failed: %s %s" % (r.stdout, r.stderr))
