@@ -164,14 +164,15 @@ def test_probe_pacing_idle_vs_active():
     ps = make(1)
     p = ps.paths[0]
     now = bring_up(ps, T0, (10, 10))
-    # idle and healthy: next probe minutes away
+    # idle and healthy: the next probe is minutes away
     assert ps.due_probes(ticks_add(now, 1000)) == []
-    assert ps.due_probes(ticks_add(now, 290000)) == []
-    ps.note_app_send(now)
-    due = ps.due_probes(ticks_add(now, 1))
-    assert len(due) == 1                 # becoming active pulls the probe in
+    now = ticks_add(now, 60000)
+    assert ps.due_probes(now) == []
+    ps.note_app_send(now)                # becoming active pulls the probe in
+    assert p.next_probe == ticks_add(now, P.PROBE_ACTIVE_MS[P.UP])
     assert ps.due_probes(ticks_add(now, 50)) == []
-    assert len(ps.due_probes(ticks_add(now, 250))) == 1
+    assert len(ps.due_probes(ticks_add(now, 200))) == 1
+    assert len(ps.due_probes(ticks_add(now, 400))) == 1
 
 
 def test_nat_keepalive_due():
