@@ -269,3 +269,22 @@ def test_15_random_datagrams_never_raise():
         assert (p is None) == (outer.reject_reason(d) is not None), i
         assert not outer.verify(HK, d), i
         assert outer.relay(d, HK, 1, HK2) is None, i
+
+
+def test_16_fast_and_portable_paths_agree():
+    # CPython takes _verify_copy/_relay_copy for bytes packets; they must
+    # give exactly what the portable code (the one MicroPython runs) gives.
+    rng = Rng(16)
+    for n in LENGTHS:
+        p = payload(n)
+        pkt = outer.seal(outer.TYPE_DATA, 1 + rng.below(outer.LABEL_MAX), HK, p)
+        bad = flip(pkt, 8 * (outer.HEADER_LEN + n - 1)) if n else flip(pkt, 40)
+        for packet in (pkt, bad, pkt[:5]):
+            want_v = outer._verify_portable(HK, packet)
+            want_r = outer._relay_portable(packet, HK, 0x345678, HK2)
+            assert outer.verify(HK, packet) == want_v, n
+            assert outer.relay(packet, HK, 0x345678, HK2) == want_r, n
+            if outer._FAST:
+                assert outer._verify_copy(HK, packet) == want_v, n
+                assert outer._relay_copy(packet, HK, 0x345678, HK2) == want_r, n
+        assert outer._verify_portable(HK, pkt) and not outer._verify_portable(HK, bad), n

@@ -116,6 +116,8 @@ def load_config(path):
             if next_addr.family != listen.family:
                 raise r.error("next", "IPv%d next hop %s but listen %s is IPv%d (one socket per PoP)"
                               % (next_addr.family, next_addr, listen, listen.family))
+            if next_addr.port == 0:
+                raise r.error("next", "expected a next hop with a port in 1..65535, got %s" % next_addr)
             if next_addr == listen:
                 raise r.error("next", "next hop %s is this PoP's own listen address (a loop)" % next_addr)
         out_label = r.integer("out_label", lo, hi)
