@@ -733,6 +733,18 @@ def test_broken_state_file_is_reported(tmp_path, capsys):
 
 # --- command line ------------------------------------------------------------------------------
 
+def test_microtun_provision_subcommand(tmp_path, capsys):
+    from microtun_host import cli
+    assert cli.main(["provision", str(EXAMPLE), "--out", str(tmp_path / "out")]) == 0
+    assert "devices added: sensor-1, sensor-2" in capsys.readouterr().out
+    load_all(tmp_path / "out")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gateway]\nlisten = 1\n")
+    assert cli.main(["provision", str(bad), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gateway.listen" in err
+
+
 def test_module_command_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "lib"))
     cmd = [sys.executable, "-m", "microtun_host.provision", str(EXAMPLE), "--out", str(tmp_path / "out")]

@@ -3,6 +3,7 @@
     microtun pop --config pop.json [--check]
     microtun gateway --config gateway.json [--check]
     microtun status --config gateway.json | --control HOST:PORT [--json]
+    microtun provision topology.toml --out DIR
 
 Adding a subcommand is one small function that declares its arguments and
 a run function, plus one entry in SUBCOMMANDS:
@@ -51,7 +52,16 @@ def _status(sub):
     p.set_defaults(run=lambda args: _lazy("gateway").status_main(args.config, args.control, args.json))
 
 
-SUBCOMMANDS = [_pop, _gateway, _status]
+def _provision(sub):
+    p = sub.add_parser("provision", help="generate every key and config from a topology file",
+                       description="Write keys, PoP tables, gateway, registry and device configs into DIR. "
+                                   "Re-running reuses the keys and labels in DIR/state.json.")
+    p.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML, see docs/PROVISIONING.md)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (files mode 0600)")
+    p.set_defaults(run=lambda args: _lazy("provision").main(args.topology, args.out))
+
+
+SUBCOMMANDS = [_pop, _gateway, _status, _provision]
 
 
 def build_parser():
