@@ -190,21 +190,24 @@ class Forwarder:
         if len(data) >= outer.HEADER_LEN and data[0] == outer.BYTE0_DATA:
             r = self.routes.get((data[1] << 16) | (data[2] << 8) | data[3])
             if r is not None:
-                out = outer.relay(data, r.in_key, r.out_label, r.out_key)
-                if out is None:
-                    return self._drop(outer.DROP_BAD_MAC, addr)
-                r.packets += 1
-                r.bytes += len(data)
-                if r.learns and self.learned.get(r.in_label) != addr:
-                    self._learn(r.in_label, addr)
-                dest = r.dest
-                if dest is None:
-                    dest = self.learned.get(r.learn_from)
-                    if dest is None:
-                        return self._drop("no_route", addr)
-                self.forwarded += 1
-                return out, dest
+                return self._data(r, data, addr)
         return self._other(data, addr)
+
+    def _data(self, r, data, addr):
+        out = outer.relay(data, r.in_key, r.out_label, r.out_key)
+        if out is None:
+            return self._drop(outer.DROP_BAD_MAC, addr)
+        r.packets += 1
+        r.bytes += len(data)
+        if r.learns and self.learned.get(r.in_label) != addr:
+            self._learn(r.in_label, addr)
+        dest = r.dest
+        if dest is None:
+            dest = self.learned.get(r.learn_from)
+            if dest is None:
+                return self._drop("no_route", addr)
+        self.forwarded += 1
+        return out, dest
 
     def _other(self, data, addr):
         parsed = outer.parse(data)
@@ -230,7 +233,7 @@ class Forwarder:
             return outer.seal(outer.TYPE_HOP_PROBE_REPLY, label, r.in_key, payload), addr
         if ptype == outer.TYPE_HOP_PROBE_REPLY:
             return self._drop("unexpected_type", addr)
-        return self._drop(outer.DROP_BAD_MAC, addr)   # DATA whose first byte differs: unreachable
+        return self._data(r, data, addr)              # DATA: receive() takes these first
 
     def _drop(self, reason, addr):
         self.drops[reason] += 1
