@@ -168,7 +168,7 @@ BAD_HEADERS = (
     (0x21, b"\x00\x00\x01", outer.DROP_BAD_VERSION),   # version 2
     (0xF1, b"\x00\x00\x01", outer.DROP_BAD_VERSION),   # version 15
     (0x10, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),  # type 0 reserved
-    (0x14, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),
+    (0x15, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),  # 5..15 reserved
     (0x17, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),
     (0x1F, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),
     (0x11, b"\x00\x00\x00", outer.DROP_BAD_LABEL),     # label 0
@@ -202,7 +202,7 @@ def test_12_api_misuse_raises_value_error():
         (outer.seal, (outer.TYPE_DATA, 0, HK, b"")),
         (outer.seal, (outer.TYPE_DATA, 1 << 24, HK, b"")),
         (outer.seal, (0, 1, HK, b"")),
-        (outer.seal, (4, 1, HK, b"")),
+        (outer.seal, (5, 1, HK, b"")),
         (outer.seal, (outer.TYPE_DATA, 1, HK, bytes(65536))),
         (outer.seal_into, (bytearray(20), outer.TYPE_DATA, 1, HK, bytes(9))),
         (outer.seal_in_place, (bytearray(20), outer.TYPE_DATA, 1, HK, 9)),

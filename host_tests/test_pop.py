@@ -168,10 +168,11 @@ def recv_packets(sock, n, timeout=3.0):
 def accounted(s):
     """rx == forwarded + probes + every drop, and the per-label packets are
     exactly the authenticated ones."""
-    assert s["rx"] == s["forwarded"] + s["probes"] + sum(s["drops"].values()), s
+    assert s["rx"] == s["forwarded"] + s["probes"] + s["keepalives"] + sum(s["drops"].values()), s
     assert s["dropped"] == sum(s["drops"].values()), s
     auth = sum(v["packets"] for v in s["labels"].values())
-    assert auth == s["forwarded"] + s["probes"] + s["drops"]["no_route"] + s["drops"]["send_error"], s
+    assert auth == (s["forwarded"] + s["probes"] + s["keepalives"] + s["drops"]["no_route"]
+                    + s["drops"]["send_error"]), s
 
 
 # --- integration -----------------------------------------------------------------
@@ -415,6 +416,8 @@ def _predict(datagrams):
             reason = "unexpected_type"
         elif p[0] == outer.TYPE_HOP_PROBE and len(d) - 12 > outer.PROBE_MAX:
             reason = "bad_probe"
+        elif p[0] == outer.TYPE_HOP_KEEPALIVE and len(d) != 12:
+            reason = "bad_probe"
         elif not outer.verify(keys[p[1]], d):
             reason = "bad_mac"
         else:
@@ -422,6 +425,8 @@ def _predict(datagrams):
                 learned = True
             if p[0] == outer.TYPE_HOP_PROBE:
                 probes += 1
+                continue
+            if p[0] == outer.TYPE_HOP_KEEPALIVE:
                 continue
             if p[1] == 201 and not learned:
                 reason = "no_route"
@@ -489,7 +494,7 @@ def test_clean_shutdown_prints_final_stats(tmp_path, sig):
     assert rc == 0, text
     final = [l for l in text.splitlines() if "final stats:" in l]
     assert len(final) == 1, text
-    assert "rx 2, forwarded 1, probes 0, dropped 1 (short 1)" in final[0]
+    assert "rx 2, forwarded 1, probes 0, keepalives 0, dropped 1 (short 1)" in final[0]
     assert "Traceback" not in text
 
 
@@ -534,7 +539,18 @@ def test_forwarder_swap_keeps_counters_and_learned_addresses():
     out, dest = f.receive(outer.seal(1, 100, HK[K_DA], b"again"), dev)
     assert dest == ("127.0.0.1", 9002) and outer.parse(out) == (1, 210)
     assert f.swap(pop.build_table(specs[1:])) == (0, 1, 0)
-    assert f.learned == {}                      # its label is gone
+    # label 100 is draining: packets in flight on it still go through, and
+    # its learned address still serves route 201
+    assert f.learned == {100: dev}
+    out, dest = f.receive(outer.seal(1, 100, HK[K_DA], b"in flight"), dev)
+    assert dest == ("127.0.0.1", 9002)
+    out, dest = f.receive(outer.seal(1, 201, HK[K_AB], b"reply"), ("127.0.0.1", 9001))
+    assert dest == dev
+    # once the drain time is over, label 100 and what it learned are gone
+    f.draining[100] = (f.draining[100][0], 0.0)
+    assert f.receive(outer.seal(1, 100, HK[K_DA], b"late"), dev) is None
+    assert f.drops["unknown_label"] == 1
+    assert f.learned == {}
     assert f.receive(outer.seal(1, 201, HK[K_AB], b"x"), ("127.0.0.1", 9001)) is None
     assert f.drops["no_route"] == 1
 
@@ -631,3 +647,21 @@ def test_ipv6_pop_forwards_and_reports_v6_source(tmp_path):
         assert (echo, fam, sport, ip) == (b"id", 6, dev.getsockname()[1], bytes(15) + b"\x01")
     finally:
         assert p.stop() == 0, p.log()
+
+
+def test_hop_keepalive_refreshes_learned_address_and_is_never_answered():
+    f = _forwarder()
+    dev1, dev2 = ("127.0.0.1", 5555), ("127.0.0.1", 6666)
+    f.receive(outer.seal(1, 100, HK[K_DA], b"hi"), dev1)
+    assert f.learned == {100: dev1}
+    # the device's NAT mapping changed: a 12-byte keepalive teaches the PoP
+    assert f.receive(outer.seal(outer.TYPE_HOP_KEEPALIVE, 100, HK[K_DA], b""), dev2) is None
+    assert f.learned == {100: dev2} and f.keepalives == 1
+    out, dest = f.receive(outer.seal(1, 201, HK[K_AB], b"back"), ("127.0.0.1", 9001))
+    assert dest == dev2
+    # forged or oversized keepalives change nothing
+    assert f.receive(outer.seal(outer.TYPE_HOP_KEEPALIVE, 100, HK[K_AB], b""), dev1) is None
+    assert f.receive(outer.seal(outer.TYPE_HOP_KEEPALIVE, 100, HK[K_DA], b"x"), dev1) is None
+    assert f.learned == {100: dev2}
+    assert f.drops["bad_mac"] == 1 and f.drops["bad_probe"] == 1
+    accounted(f.stats())

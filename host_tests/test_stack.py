@@ -90,3 +90,13 @@ def test_adaptive_on_degrading_path():
     assert rate >= 0.98, rate
     assert extra < 0.20, extra
     assert s.core.paths.best_switches >= 1
+def test_idle_airtime_per_hour():
+    s = StackSim()
+    s.connect()
+    s.run(120000)                     # settle: first probes, public address
+    up, down = s.bytes_up, s.bytes_down
+    s.run(3600000)
+    per_hour = (s.bytes_up - up) + (s.bytes_down - down)
+    print("idle bytes/hour:", per_hour, "up", s.bytes_up - up, "down", s.bytes_down - down)
+    assert s.core.established
+    assert per_hour <= 8192, per_hour

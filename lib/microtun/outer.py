@@ -41,8 +41,11 @@ PAYLOAD_MAX = const(0xFFFF)   # the MAC's length field is 2 bytes
 TYPE_DATA = const(1)
 TYPE_HOP_PROBE = const(2)
 TYPE_HOP_PROBE_REPLY = const(3)
-# types 0 and 4..15 are reserved; receivers drop them as "unknown_type"
-TYPE_NAMES = {TYPE_DATA: "DATA", TYPE_HOP_PROBE: "HOP_PROBE", TYPE_HOP_PROBE_REPLY: "HOP_PROBE_REPLY"}
+TYPE_HOP_KEEPALIVE = const(4)  # header only: refreshes NAT mappings and learned addresses, never answered
+_TYPE_MAX = const(4)
+# types 0 and 5..15 are reserved; receivers drop them as "unknown_type"
+TYPE_NAMES = {TYPE_DATA: "DATA", TYPE_HOP_PROBE: "HOP_PROBE", TYPE_HOP_PROBE_REPLY: "HOP_PROBE_REPLY",
+              TYPE_HOP_KEEPALIVE: "HOP_KEEPALIVE"}
 
 EXCERPT_WHOLE = const(32)     # payloads up to this length are MACed whole
 EXCERPT_HALF = const(16)      # longer ones: first 16 || last 16 bytes
@@ -59,6 +62,7 @@ ADDR_V6_LEN = const(19)       # 1 + 2 + 16
 BYTE0_DATA = const(0x11)
 BYTE0_HOP_PROBE = const(0x12)
 BYTE0_HOP_PROBE_REPLY = const(0x13)
+BYTE0_HOP_KEEPALIVE = const(0x14)
 
 # --- drop reasons: parse() failures, named for counters -------------------
 DROP_SHORT = "short"              # shorter than the 12-byte header
@@ -163,8 +167,8 @@ def _mac_ok(d, packet):
 
 
 def _byte0(ptype):
-    if ptype < TYPE_DATA or ptype > TYPE_HOP_PROBE_REPLY:
-        raise ValueError("outer type must be 1..3 (DATA, HOP_PROBE, HOP_PROBE_REPLY), got %r" % (ptype,))
+    if ptype < TYPE_DATA or ptype > _TYPE_MAX:
+        raise ValueError("outer type must be 1..4 (DATA, HOP_PROBE, HOP_PROBE_REPLY, HOP_KEEPALIVE), got %r" % (ptype,))
     return (VERSION << 4) | ptype
 
 
@@ -229,7 +233,7 @@ def parse(packet):
         return None
     b0 = packet[0]
     ptype = b0 & 0x0F
-    if b0 >> 4 != VERSION or ptype < TYPE_DATA or ptype > TYPE_HOP_PROBE_REPLY:
+    if b0 >> 4 != VERSION or ptype < TYPE_DATA or ptype > _TYPE_MAX:
         return None
     label = (packet[1] << 16) | (packet[2] << 8) | packet[3]
     if label == 0:
@@ -247,7 +251,7 @@ def reject_reason(packet):
     if packet[0] >> 4 != VERSION:
         return DROP_BAD_VERSION
     ptype = packet[0] & 0x0F
-    if ptype < TYPE_DATA or ptype > TYPE_HOP_PROBE_REPLY:
+    if ptype < TYPE_DATA or ptype > _TYPE_MAX:
         return DROP_UNKNOWN_TYPE
     if not (packet[1] | packet[2] | packet[3]):
         return DROP_BAD_LABEL

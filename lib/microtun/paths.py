@@ -104,6 +104,7 @@ class Path:
         self.last_tx = None
         self.last_rx = None
         self.public_addr = None        # as the first PoP sees us
+        self.hop_probe_at = None       # when we last asked for it
         self.switches = 0              # state changes
         self.tx_packets = 0
         self.tx_bytes = 0

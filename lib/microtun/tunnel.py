@@ -25,6 +25,7 @@ except ImportError:
         return x
 
 ALL_DOWN_MS = const(2000)    # every path down this long: handshake again
+PUBLIC_ADDR_REFRESH_MS = const(1800000)  # ask the first PoP for our public address this often
 _PROBE_ECHO_LEN = const(8)
 
 
@@ -180,10 +181,19 @@ class TunnelCore:
             self.device.rekey(now)
 
     def _hop_keepalive(self, p, now):
-        # A HOP_PROBE to the first PoP: keeps the NAT mapping and the PoP's
-        # learned address fresh, and tells us our public address.
-        self._emit(p, outer.seal(outer.TYPE_HOP_PROBE, p.label, p.key, outer.probe_body(p.seq, now)), now)
-        self._count("hop_probe_tx")
+        """Keep the NAT mapping and the first PoP's learned address fresh.
+        Usually a 12-byte HOP_KEEPALIVE (never answered: 144 of them an hour
+        cost 1.7 KB per path); a HOP_PROBE, which the PoP answers with the
+        address it sees, while we do not know that address yet and every
+        PUBLIC_ADDR_REFRESH_MS to notice NAT changes."""
+        if p.public_addr is None or p.hop_probe_at is None or \
+                ticks_diff(now, p.hop_probe_at) >= PUBLIC_ADDR_REFRESH_MS:
+            p.hop_probe_at = now
+            self._emit(p, outer.seal(outer.TYPE_HOP_PROBE, p.label, p.key, outer.probe_body(p.seq, now)), now)
+            self._count("hop_probe_tx")
+        else:
+            self._emit(p, outer.seal(outer.TYPE_HOP_KEEPALIVE, p.label, p.key, b""), now)
+            self._count("hop_keepalive_tx")
 
     def _emit(self, p, pkt, now):
         p.last_tx = now

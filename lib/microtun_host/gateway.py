@@ -309,6 +309,9 @@ class GatewayServer:
             return
         if link.learn:
             link.peer_addr = src
+        if ptype == outer.TYPE_HOP_KEEPALIVE:
+            self._count("outer_keepalive_rx")
+            return
         if ptype == outer.TYPE_HOP_PROBE:
             fam = 6 if ":" in src[0] else 4
             addr = socket.inet_pton(socket.AF_INET6 if fam == 6 else socket.AF_INET, src[0])

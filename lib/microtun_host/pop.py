@@ -41,6 +41,7 @@ DROP_REASONS = (
     "internal_error",          # a bug: the datagram raised inside the PoP
 )
 
+DRAIN_S = 10.0                 # a route removed by a reload still forwards this long
 LEARN_LOG_QUIET_S = 10.0       # log a learned-address change per label at most this often
 SOCKET_BUFFER = 4 << 20        # SO_RCVBUF / SO_SNDBUF asked for (the kernel may cap it)
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -172,7 +173,10 @@ def encode_source(addr):
 class Forwarder:
     """The PoP's state machine: receive(datagram, source) -> (datagram,
     destination) or None. Never raises on input; every datagram is counted
-    exactly once: rx == forwarded + probes + sum(drops)."""
+    exactly once: rx == forwarded + probes + keepalives + sum(drops).
+
+    Routes removed by a reload keep working for DRAIN_S ("draining"), so
+    packets already in flight on a re-spliced chain still get through."""
 
     def __init__(self, routes, log):
         self.routes = routes            # {in_label: Route}; replaced whole by swap()
@@ -181,6 +185,8 @@ class Forwarder:
         self.rx = 0
         self.forwarded = 0
         self.probes = 0
+        self.keepalives = 0
+        self.draining = {}              # in_label -> (Route, monotonic expiry) after a reload
         self.drops = dict.fromkeys(DROP_REASONS, 0)
         self._learn_logged = {}         # in_label -> monotonic time of the last log line
 
@@ -216,7 +222,20 @@ class Forwarder:
         ptype, label = parsed
         r = self.routes.get(label)
         if r is None:
-            return self._drop("unknown_label", addr)
+            r = self._draining(label)
+            if r is None:
+                return self._drop("unknown_label", addr)
+        if ptype == outer.TYPE_HOP_KEEPALIVE:
+            if len(data) != outer.HEADER_LEN:
+                return self._drop("bad_probe", addr)
+            if not outer.verify(r.in_key, data):
+                return self._drop(outer.DROP_BAD_MAC, addr)
+            r.packets += 1
+            r.bytes += len(data)
+            if r.learns and self.learned.get(label) != addr:
+                self._learn(label, addr)
+            self.keepalives += 1
+            return None
         if ptype == outer.TYPE_HOP_PROBE:
             if len(data) - outer.HEADER_LEN > outer.PROBE_MAX:
                 return self._drop("bad_probe", addr)
@@ -234,6 +253,17 @@ class Forwarder:
         if ptype == outer.TYPE_HOP_PROBE_REPLY:
             return self._drop("unexpected_type", addr)
         return self._data(r, data, addr)              # DATA: receive() takes these first
+
+    def _draining(self, label):
+        v = self.draining.get(label)
+        if v is None:
+            return None
+        if time.monotonic() >= v[1]:
+            del self.draining[label]
+            if label not in self.routes:
+                self.learned.pop(label, None)
+            return None
+        return v[0]
 
     def _drop(self, reason, addr):
         self.drops[reason] += 1
@@ -274,7 +304,13 @@ class Forwarder:
             o = old.get(label)
             if o is not None:
                 r.packets, r.bytes = o.packets, o.bytes
-        self.learned = {k: v for k, v in self.learned.items() if k in routes}
+        expiry = time.monotonic() + DRAIN_S
+        for label, r in old.items():
+            if label not in routes:
+                self.draining[label] = (r, expiry)
+        for label in routes:
+            self.draining.pop(label, None)
+        self.learned = {k: v for k, v in self.learned.items() if k in routes or k in self.draining}
         self.routes = routes
         added = sum(1 for k in routes if k not in old)
         removed = sum(1 for k in old if k not in routes)
@@ -285,6 +321,7 @@ class Forwarder:
         dropped = sum(self.drops.values())
         return {
             "rx": self.rx, "forwarded": self.forwarded, "probes": self.probes,
+            "keepalives": self.keepalives, "draining": len(self.draining),
             "dropped": dropped, "drops": dict(self.drops), "routes": len(self.routes),
             "labels": {str(k): {"packets": r.packets, "bytes": r.bytes} for k, r in self.routes.items()},
             "learned": {str(k): format_sockaddr(v) for k, v in self.learned.items()},
@@ -293,8 +330,8 @@ class Forwarder:
     def summary(self):
         """One short line for the logs."""
         drops = ", ".join("%s %d" % (k, v) for k, v in self.drops.items() if v)
-        return "rx %d, forwarded %d, probes %d, dropped %d%s, %d routes, %d learned" % (
-            self.rx, self.forwarded, self.probes, sum(self.drops.values()),
+        return "rx %d, forwarded %d, probes %d, keepalives %d, dropped %d%s, %d routes, %d learned" % (
+            self.rx, self.forwarded, self.probes, self.keepalives, sum(self.drops.values()),
             " (%s)" % drops if drops else "", len(self.routes), len(self.learned))
 
 
