@@ -44,3 +44,11 @@ def test_adaptive_degrading_path(tmp_path):
     assert r["delivered_ratio"] >= 0.97, r            # issue figure 0.98 (bench)
     assert r["extra_bytes_ratio"] < 0.20, r
     assert r["handshakes"] == 1
+
+
+def test_route_respliced_under_load_loses_nothing(tmp_path):
+    r = sc.scenario_resplice(tmp_path)
+    assert r["up_lost"] == 0 and r["replies_lost"] == 0, r
+    assert r["a3_forwarded"] > 50, r              # traffic really moved to the new PoP
+    assert r["handshakes"] == 1
+    assert not r["device_config_changed"]         # the device needs no new config

@@ -37,10 +37,12 @@ def main():
         "loss10_critical.delivered_ratio": ">= 0.985, duplicates_delivered 0",
         "blackhole/pop_kill": "critical_lost 0, best_effort_gap_ms <= 1000, handshakes 1",
         "rebind": "replies resume within one round trip, handshakes 1",
+        "resplice": "up_lost 0 and replies_lost 0 while route a's middle PoP is replaced",
         "adaptive": "delivered_ratio >= 0.98, extra_bytes_ratio < 0.20",
         "idle_bytes_per_hour": "<= 8192 (WireGuard, 25 s keepalive: ~17.5 KB)"}}
     for name, fn in [("loss10_critical", sc.scenario_loss10_critical), ("blackhole", sc.scenario_blackhole),
                      ("pop_kill", sc.scenario_pop_kill), ("rebind", sc.scenario_rebind),
+                     ("resplice", sc.scenario_resplice),
                      ("adaptive", sc.adaptive_pair)]:
         d = Path(tmp) / name
         d.mkdir()

@@ -198,3 +198,33 @@ def adaptive_pair(tmp):
     deg["extra_bytes_ratio"] = round(deg["device_tx_bytes"] / base["device_tx_bytes"] - 1, 4)
     deg["baseline_tx_bytes"] = base["device_tx_bytes"]
     return deg
+
+
+def scenario_resplice(tmp, count=400, interval=20):
+    """Route a (the device's only route) is re-spliced under load: its middle
+    PoP a2 is replaced by a3 by re-provisioning and reloading."""
+    net = Net(tmp, routes={"a": ["a1", "a2"]}, devices={"d1": {}}, spare_pops=("a3",))
+    try:
+        net.start()
+        r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--linger", "2000")
+        r.wait_connected()
+        r.at(3.0)
+        before = open(net.device_config("d1")).read()
+        net.routes = {"a": ["a1", "a3"]}
+        net.write_topology()
+        summary = net.provision()
+        device_config_changed = open(net.device_config("d1")).read() != before
+        net.start_pop("a3")
+        net.reload("gw")
+        net.reload("a1")
+        r.at(5.0)
+        net.reload("a2")            # a2 has no routes left for this path: they drain
+        res = r.result()
+        got = set(service_ids(net))
+        a3 = net.pop_stats("a3")
+        return {"sent": res["sent"], "up_lost": res["sent"] - len(got), "replies_lost": res["lost"],
+                "handshakes": res["handshakes"], "a3_forwarded": a3["forwarded"],
+                "device_config_changed": device_config_changed,
+                "provision_summary": summary.strip().splitlines()[:6]}
+    finally:
+        net.stop()

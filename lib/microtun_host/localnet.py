@@ -90,7 +90,7 @@ class Echo:
 
 
 class Net:
-    def __init__(self, tmp, routes=None, devices=None, lossy=None, policy="best", services=None):
+    def __init__(self, tmp, routes=None, devices=None, lossy=None, policy="best", services=None, spare_pops=()):
         self.tmp = Path(tmp)
         self.routes = routes or {"a": ["a1", "a2"]}
         self.devices = devices or {"d1": {}}
@@ -99,7 +99,7 @@ class Net:
         self.procs = {}
         self.logs = {}
         self.echo = None
-        pops = sorted({p for chain in self.routes.values() for p in chain})
+        pops = sorted({p for chain in self.routes.values() for p in chain} | set(spare_pops))
         n = 2 * len(pops) + 4 + 2 * len(self.lossy)
         ports = iter(free_ports(n))
         self.pops = {p: {"listen": "127.0.0.1:%d" % next(ports), "control": "127.0.0.1:%d" % next(ports)}
@@ -119,7 +119,10 @@ class Net:
         t = ['[gateway]', 'name = "gw"', 'listen = "%s"' % self.gw["listen"],
              'control = "%s"' % self.gw["control"],
              'services = { "1" = "127.0.0.1:%d" }' % self.echo_port, '']
+        used = {p for chain in self.routes.values() for p in chain}
         for p, a in sorted(self.pops.items()):
+            if p not in used:
+                continue          # a spare PoP (ports reserved) joins when a route uses it
             t += ['[[pop]]', 'name = "%s"' % p, 'listen = "%s"' % a["listen"], 'control = "%s"' % a["control"], '']
         for r, chain in sorted(self.routes.items()):
             t += ['[[route]]', 'name = "%s"' % r, 'pops = [%s]' % ", ".join('"%s"' % p for p in chain)]
@@ -178,8 +181,10 @@ class Net:
 
     def start(self):
         self.echo = Echo(self.echo_port)
+        used = {p for chain in self.routes.values() for p in chain}
         for p in sorted(self.pops):
-            self.start_pop(p)
+            if p in used:
+                self.start_pop(p)
         self.start_gateway()
         for r, imp in sorted(self.lossy.items()):
             self.start_netem(r, **dict(imp))
