@@ -20,6 +20,14 @@ def test_handshake():
     assert sim.gw.peers[sim.dev.public_key].current is not None
 
 
+def test_handshake_without_psk():
+    # psk is optional: a device registered without one must connect too
+    sim = connected(psk=None)
+    sim.dev.send(1, b"no psk", sim.now)
+    sim.run(50)
+    assert sim.take_data("gw") == [(1, b"no psk")]
+
+
 def test_data_both_ways():
     sim = connected()
     assert sim.dev.send(1, b"temperature=21.5", sim.now)

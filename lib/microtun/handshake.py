@@ -9,6 +9,7 @@ from microtun.noise import HandshakeState, NoiseError, NOISE_IKPSK2_25519_AESCCM
 from microtun import messages as m
 
 SUITE = NOISE_IKPSK2_25519_AESCCM_SHA256
+_NO_PSK = bytes(32)
 
 
 def create_initiation(static, peer_public, psk, sender_index, freshness, mac1k, cookie, ss=None, suite=SUITE):
@@ -30,8 +31,9 @@ def read_initiation(data, static, ss_lookup, suite=SUITE):
 
 
 def create_response(hs, psk, sender_index, receiver_index, mac1k, cookie):
-    """Responder: returns the RESPONSE message (hs must have read INIT)."""
-    hs.set_psk(psk)
+    """Responder: returns the RESPONSE message (hs must have read INIT).
+    psk None means no pre-shared key (32 zero bytes, as on the initiator)."""
+    hs.set_psk(psk if psk is not None else _NO_PSK)
     body = (m.header(m.TYPE_RESPONSE) + sender_index.to_bytes(4, "big") +
             receiver_index.to_bytes(4, "big") + hs.write_message(b""))
     return m.finish(body, mac1k, cookie)[0]
