@@ -26,9 +26,17 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest host_tests
 
+# Each benchmark prints one JSON object; ratios are to a floor measured in
+# the same run (docs/FIGURES.md).
 bench: $(STAMP)
 	@echo "== crypto, MicroPython unix port"; $(MP) tools/bench_crypto.py
 	@echo "== crypto, CPython";               $(PY) tools/bench_crypto.py
+	@echo "== tunnel, MicroPython unix port"; $(MP) tools/bench_tunnel.py
+	@echo "== tunnel, CPython";               $(PY) tools/bench_tunnel.py
+	@echo "== outer hop MAC, MicroPython";    $(MP) tools/bench_outer.py
+	@echo "== PoP forwarding";                $(PY) tools/bench_pop.py
+	@echo "== gateway";                       $(PY) tools/bench_gateway.py
+	@echo "== paths (real processes, ~3 min)"; $(PY) tools/bench_paths.py
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
