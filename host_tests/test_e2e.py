@@ -162,3 +162,65 @@ def test_fuzz_gateway_and_pop_keep_working(net):
     counters = net.gw_status()["counters"]
     assert counters.get("internal_error", 0) == 0
     assert sum(v for k, v in counters.items() if k.startswith("outer_")) > 1000
+
+
+def test_status_command_shows_devices(net):
+    # 1 s of traffic: several path probes, so the device has reported its RTT
+    assert net.device("d1", "--count", "40", "--interval", "25")["delivered"] == 40
+    r = subprocess.run([PY, "-m", "microtun_host.cli", "status", "--config", str(net.out / "gateway.json")],
+                       capture_output=True, text=True, env=py_env(), cwd=str(ROOT), timeout=30)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("gateway gw")
+    row = [l for l in lines if l.startswith("d1 ")][0]
+    assert " yes " in row and "d1/a" in row and "ms" in row       # established, path, srtt
+    assert [l for l in lines if l.startswith("d2 ")][0].split()[1] == "no"
+    assert lines[-1].startswith("counters:")
+    r = subprocess.run([PY, "-m", "microtun_host.cli", "status", "--control", "127.0.0.1:1"],
+                       capture_output=True, text=True, env=py_env(), cwd=str(ROOT), timeout=30)
+    assert r.returncode == 1 and "is the gateway running?" in r.stderr
+
+
+def test_embedded_gateway_api(tmp_path):
+    """The gateway inside an application: on_data for a channel without a
+    service, send() back to the device."""
+    import asyncio
+    import threading
+    from microtun_host.gateway import GatewayServer, load_gateway_config
+    n = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {}})
+    cfg_path = n.out / "gateway.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["services"] = {}                       # channel 1 goes to the app, not a UDP service
+    cfg_path.write_text(json.dumps(cfg))
+    got = []
+    loop = asyncio.new_event_loop()
+    server = GatewayServer(load_gateway_config(str(cfg_path)))
+
+    def on_data(device, channel, data):
+        got.append((device, channel, data))
+        server.send(device, channel, data)                 # the app answers (echo)
+
+    server.on_data = on_data
+    ready = threading.Event()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start())
+        ready.set()
+        loop.run_forever()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert ready.wait(10)
+        n.echo = None
+        n.start_pop("a1")
+        res = n.device("d1", "--count", "10", "--interval", "20")
+        assert len(got) == 10 and all(d == "d1" and ch == 1 for d, ch, _ in got)
+        assert res["delivered"] == 10                           # the acks came back
+        st = server.status()
+        assert st["devices"][0]["name"] == "d1" and st["devices"][0]["established"]
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        n.stop()
