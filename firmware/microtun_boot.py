@@ -1,0 +1,207 @@
+"""The firmware's start-up checks (docs/FIRMWARE.md): safe mode, the config,
+the watchdog, and the shared Wi-Fi join. Used once per boot by microtun_fw,
+which then drops this module so its bytecode leaves the heap; a board whose
+link drops imports it again for wifi_connect().
+
+    cfg = microtun_boot.start(fw)    # raises SafeMode(why, level) to stop
+"""
+import json
+import os
+from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
+
+from microtun_fw import CONFIG, DEFAULTS
+
+SAFE_FILES = ("SAFE", "safe_mode")
+
+
+class SafeMode(Exception):
+    """Stop here and leave the REPL to the user: SafeMode(why, level); a
+    config problem is logged as an error, a request for safe mode as boot."""
+
+
+def exists(name):
+    try:
+        os.stat(name)
+        return True
+    except OSError:
+        return False
+
+
+def start(fw):
+    """Safe mode checks, boot window, config, watchdog: the validated
+    DeviceConfig, or SafeMode."""
+    board = fw.board
+    fw.log("boot", "boot %d on %s (%s)%s" % (
+        fw.boots, getattr(board, "NAME", "?"), reset_cause(),
+        "" if not fw.crashes else ", after %d fatal error(s) in a row" % fw.crashes))
+    for config_fw in (firmware_object(), {}):
+        try:
+            fw.s = settings(getattr(board, "FIRMWARE", {}), config_fw)
+            break
+        except ValueError:
+            pass                     # reported after the boot window, with the config
+    check_safe_mode(fw)
+    cfg = load_config(fw)
+    start_watchdog(fw, cfg.watchdog_ms)
+    return cfg
+
+
+def check_safe_mode(fw):
+    for name in SAFE_FILES:
+        if exists(name):
+            raise SafeMode("the file %s exists (remove it: mpremote rm :%s)" % (name, name))
+    board = fw.board
+    button = getattr(board, "SAFE_BUTTON", None)
+    if button is not None and board.safe_button():
+        raise SafeMode("%s held at boot" % button)
+    ms = fw.s["boot_window_ms"]
+    if ms <= 0:
+        return
+    print("microtun: starting in %d.%d s; Ctrl-C%s for safe mode" % (
+        ms // 1000, ms % 1000 // 100, "" if button is None else " or press " + button))
+    end = ticks_add(ticks_ms(), ms)
+    on = False
+    try:
+        while ticks_diff(end, ticks_ms()) > 0:
+            if button is not None and board.safe_button():
+                raise SafeMode("%s pressed during the boot window" % button)
+            on = not on
+            fw.led(on)
+            sleep_ms(50)
+    except KeyboardInterrupt:
+        raise SafeMode("Ctrl-C during the boot window")
+    finally:
+        fw.led(False)
+
+
+def load_config(fw):
+    try:
+        from microtun import config as mconfig
+    except ImportError as e:
+        raise SafeMode("the microtun package is missing or incomplete (%s); flash it: microtun flash" % e, "error")
+    try:
+        cfg = mconfig.load(CONFIG)
+    except mconfig.ConfigError as e:
+        raise SafeMode("config: %s" % e, "error")
+    try:
+        fw.s = settings(getattr(fw.board, "FIRMWARE", {}), firmware_object())
+    except ValueError as e:
+        raise SafeMode("config: %s" % e, "error")
+    if getattr(fw.board, "NETWORK", None) == "wifi":
+        err = check_wifi(cfg.network)
+        if err:
+            raise SafeMode("config: " + err, "error")
+    fw.log.max = fw.s["log_bytes"]
+    return cfg
+
+
+def start_watchdog(fw, ms):
+    if not ms:
+        return
+    top = getattr(fw.board, "WDT_MAX_MS", None)
+    if top and ms > top:
+        fw.log("warn", "watchdog_s %d is above this board's %d ms; using %d ms" % (ms // 1000, top, top))
+        ms = top
+    try:
+        from machine import WDT
+    except ImportError:
+        fw.log("warn", "watchdog_s is set but this port has no machine.WDT; running without it")
+        return
+    fw.wdt = WDT(timeout=ms)
+    fw.log("info", "watchdog on: %d ms; it cannot be stopped, so Ctrl-C leaves that long at the REPL" % ms)
+
+
+# -- settings -------------------------------------------------------------------------
+def firmware_object():
+    """The config's "firmware" object. Read on its own, before the boot
+    window; a broken file is reported by load_config() instead."""
+    try:
+        with open(CONFIG) as f:
+            d = json.load(f)
+        fw = d.get("firmware")
+        return fw if isinstance(fw, dict) else {}
+    except Exception:
+        return {}
+
+
+def settings(board_fw, config_fw, source=CONFIG):
+    """DEFAULTS, then the board's FIRMWARE dict, then the config's "firmware"
+    object; an unknown name or a bad value raises ValueError (one line)."""
+    s = dict(DEFAULTS)
+    for where, d in (("board.py FIRMWARE", board_fw), (source + ": firmware", config_fw)):
+        if not isinstance(d, dict):
+            raise ValueError("%s: expected an object of settings" % where)
+        for k in d:
+            v = d[k]
+            if k not in DEFAULTS:
+                raise ValueError("%s.%s: unknown setting; known: %s" % (where, k, ", ".join(sorted(DEFAULTS))))
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError("%s.%s: expected a whole number of ms (>= 0), got %r" % (where, k, v))
+            s[k] = v
+    return s
+
+
+def check_wifi(net, source=CONFIG):
+    """The "network" object of a Wi-Fi board: None if usable, else one line."""
+    ssid = net.get("ssid")
+    if not isinstance(ssid, str) or not ssid or len(ssid) > 32:
+        return ("%s: network.ssid: %s; this board joins Wi-Fi: \"network\": {\"ssid\": \"...\", \"password\": \"...\"}"
+                % (source, "missing" if ssid is None else "expected 1..32 characters, got %r" % (ssid,)))
+    pw = net.get("password", "")
+    if not isinstance(pw, str) or len(pw) > 64 or 0 < len(pw) < 8:
+        return "%s: network.password: expected \"\" (open network) or 8..64 characters" % source
+    return None
+
+
+def reset_cause():
+    try:
+        import machine
+        c = machine.reset_cause()
+    except (ImportError, AttributeError):
+        return "reset cause unknown"
+    for name in ("PWRON_RESET", "HARD_RESET", "WDT_RESET", "DEEPSLEEP_RESET", "SOFT_RESET"):
+        if getattr(machine, name, None) == c:
+            return name.lower().replace("_", " ")
+    return "reset cause %s" % c
+
+
+# -- Wi-Fi, shared by the Wi-Fi boards ---------------------------------------------------
+_FAIL = ("STAT_WRONG_PASSWORD", "STAT_NO_AP_FOUND", "STAT_CONNECT_FAIL")
+
+
+def wifi_connect(net, timeout_ms, feed, setup=None):
+    """Join the Wi-Fi network in `net` ({"ssid", "password", optional
+    "country", "hostname"}) as a station. Returns a short description;
+    raises OSError with the reason (the firmware retries with backoff)."""
+    import network
+    for name in ("country", "hostname"):
+        if net.get(name):
+            try:
+                getattr(network, name)(net[name])
+            except (AttributeError, ValueError, OSError):
+                pass
+    wlan = network.WLAN(network.STA_IF)
+    wlan.active(True)
+    if setup is not None:
+        setup(wlan)
+    if not wlan.isconnected():
+        wlan.connect(net["ssid"], net.get("password", ""))
+        end = ticks_add(ticks_ms(), timeout_ms)
+        fail = [getattr(network, n) for n in _FAIL if hasattr(network, n)]
+        while not wlan.isconnected() and ticks_diff(end, ticks_ms()) > 0:
+            if wlan.status() in fail:
+                break
+            feed()
+            sleep_ms(100)
+        if not wlan.isconnected():
+            st = wlan.status()
+            why = "timed out after %d ms" % timeout_ms
+            for n in _FAIL:
+                if getattr(network, n, None) == st:
+                    why = n[5:].lower().replace("_", " ")
+            try:
+                wlan.disconnect()
+            except OSError:
+                pass
+            raise OSError("Wi-Fi %r: %s (status %s)" % (net["ssid"], why, st))
+    return "Wi-Fi %r, address %s" % (net["ssid"], wlan.ifconfig()[0])

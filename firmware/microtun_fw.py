@@ -1,0 +1,331 @@
+"""microtun firmware: what main.py runs on a board (docs/FIRMWARE.md).
+
+    boot ──► safe mode? ──► config ──► watchdog ──► network ──► tunnel + app, forever
+                │              │                       ▲              │
+                └─► REPL       └─► one line, REPL      └── link lost ─┤
+                                                                     fatal error:
+                                                       log, wait (grows), reset
+
+Safe mode leaves the REPL free and starts nothing: a file named SAFE or
+safe_mode at the root, the board's safe-mode button pressed during the boot
+window, or Ctrl-C during the boot window. A config problem is one line in
+the log and the REPL, never a crash loop. A fatal error is logged with its
+traceback, then the board resets after a delay that doubles with every
+consecutive fatal error (5 s, 10 s, 20 s ... 10 min); the count goes back to
+zero once a session has stayed up for a minute.
+
+Ctrl-C at any time stops everything and leaves you at the REPL (mpremote
+relies on it). The watchdog is opt-in ("watchdog_s" in microtun.json): once
+started, machine.WDT cannot be stopped, so it also resets the board while
+you sit at the REPL; the boot window and the SAFE file come before it.
+
+This module stays in memory while the tunnel runs; the start-up checks live
+in microtun_boot, dropped once they are done. Board specifics (network, LED,
+safe-mode button, limits) come from board.py, the application from app.py.
+Timings: DEFAULTS, then board.FIRMWARE, then the config's "firmware" object
+(e.g. {"boot_window_ms": 0, "crash_delay_ms": 200} for a test rig).
+"""
+import gc
+import io
+import os
+import sys
+from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
+
+T0 = ticks_ms()                  # imported first thing by main.py: "boot" time
+
+CONFIG = "microtun.json"
+LOG = "microtun.log"             # and microtun.log.1: two files of log_bytes each
+STATE = "microtun_fw.txt"        # "<boots> <consecutive fatal errors>"
+FILE_LEVELS = ("boot", "warn", "error", "fatal")   # info goes to the console only: flash wears
+
+DEFAULTS = {
+    "boot_window_ms": 3000,      # Ctrl-C / safe button window before anything starts
+    "crash_delay_ms": 5000,      # wait before the reset after a fatal error ...
+    "crash_delay_max_ms": 600000,  # ... doubling per consecutive fatal error, up to this
+    "stable_ms": 60000,          # session up this long: the fatal error count goes back to 0
+    "net_timeout_ms": 20000,     # one attempt to bring the network up
+    "net_retry_ms": 2000,        # wait after a failed attempt ...
+    "net_retry_max_ms": 60000,   # ... doubling up to this
+    "net_check_ms": 5000,        # how often the link is checked while running
+    "loop_ms": 500,              # longest wait in the main loop (watchdog feeding, app ticks)
+    "log_bytes": 4096,           # size of each of the two log files
+}
+
+
+def read_state():
+    try:
+        with open(STATE) as f:
+            b, c = f.read().split()[:2]
+        return int(b), int(c)
+    except (OSError, ValueError):
+        return 0, 0
+
+
+def write_state(boots, crashes):
+    try:
+        with open(STATE, "w") as f:
+            f.write("%d %d\n" % (boots, crashes))
+    except OSError:
+        pass
+
+
+class Log:
+    """log(level, msg), the signature Tunnel takes: every line to the
+    console; boot, warn, error and fatal lines also to a small rotating file
+    (LOG, LOG + ".1"). Never raises: a full or read-only filesystem must not
+    take the board down."""
+
+    def __init__(self, boot, max_bytes=DEFAULTS["log_bytes"]):
+        self.boot = boot
+        self.max = max_bytes
+        self._last = None
+        self._repeat = 0
+
+    def __call__(self, level, msg):
+        print("microtun %s: %s" % (level, msg))
+        if level not in FILE_LEVELS:
+            return
+        if msg == self._last:
+            self._repeat += 1
+            return
+        if self._repeat:
+            self.write("(previous line repeated %d times)" % self._repeat)
+        self._last = msg
+        self._repeat = 0
+        self.write("%s %s" % (level, msg))
+
+    def write(self, text):
+        t = ticks_diff(ticks_ms(), T0)
+        line = "#%d +%d.%03ds %s\n" % (self.boot, t // 1000, t % 1000, text)
+        try:
+            try:
+                size = os.stat(LOG)[6]
+            except OSError:
+                size = 0
+            if size and size + len(line) > self.max:
+                try:
+                    os.remove(LOG + ".1")
+                except OSError:
+                    pass
+                os.rename(LOG, LOG + ".1")
+            with open(LOG, "a") as f:
+                f.write(line)
+        except OSError:
+            pass
+
+    def exception(self, what, e):
+        buf = io.StringIO()
+        sys.print_exception(e, buf)
+        tb = buf.getvalue()
+        print(tb)
+        self("fatal", "%s: %s" % (what, tb.strip().replace("\n", "\n    ")))
+
+
+class NoBoard:
+    """Stands in when board.py is missing: no network to bring up, no LED."""
+    NAME = "unknown"
+
+    def network_up(self, net, timeout_ms, feed):
+        return "no board.py: assuming the network is up"
+
+    def network_ok(self):
+        return True
+
+    def safe_button(self):
+        return False
+
+    def led(self, on):
+        pass
+
+    def temperature(self):
+        return None
+
+
+def reset():
+    import machine
+    if hasattr(machine, "reset"):
+        machine.reset()
+    raise SystemExit(3)          # the plain unix port: whoever started us restarts us
+
+
+class Firmware:
+    def __init__(self):
+        self.boots, self.crashes = read_state()
+        self.boots += 1
+        write_state(self.boots, self.crashes)
+        self.log = Log(self.boots)
+        self.s = dict(DEFAULTS)
+        self.wdt = None
+        self.tunnel = None
+        self.cfg = None
+        try:
+            import board
+        except ImportError as e:
+            board = NoBoard()
+            self.log("warn", "no board.py (%s); running without board support" % e)
+        self.board = board
+
+    def feed(self):
+        if self.wdt is not None:
+            self.wdt.feed()
+
+    def sleep(self, ms):
+        """Sleep, feeding the watchdog; Ctrl-C interrupts as usual."""
+        end = ticks_add(ticks_ms(), ms)
+        while True:
+            left = ticks_diff(end, ticks_ms())
+            if left <= 0:
+                return
+            self.feed()
+            sleep_ms(left if left < 200 else 200)
+
+    def led(self, on):
+        try:
+            self.board.led(on)
+        except Exception:
+            pass
+
+    def run(self):
+        import microtun_boot
+        try:
+            self.cfg = microtun_boot.start(self)
+        except microtun_boot.SafeMode as e:
+            self.log(e.args[1] if len(e.args) > 1 else "boot", "safe mode: %s" % e.args[0])
+            print("microtun: nothing started; the REPL is yours (machine.reset() to try again)")
+            return
+        del microtun_boot
+        try:
+            self.network_up()
+            self.run_tunnel()
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:       # anything else is fatal: log, wait, reset
+            self.fatal(e)
+
+    def network_up(self):
+        delay = self.s["net_retry_ms"]
+        attempt = 0
+        while True:
+            attempt += 1
+            self.feed()
+            try:
+                what = self.board.network_up(self.cfg.network, self.s["net_timeout_ms"], self.feed)
+                self.log("info", "network up: %s" % what)
+                sys.modules.pop("microtun_boot", None)   # start-up code (and Wi-Fi join): off the heap
+                gc.collect()
+                return
+            except OSError as e:
+                level = "warn" if attempt == 1 or attempt % 20 == 0 else "info"
+                self.log(level, "network attempt %d failed: %s; next in %d s" % (attempt, e, delay // 1000))
+            self.sleep(delay)
+            delay = min(delay * 2, self.s["net_retry_max_ms"])
+
+    def load_app(self):
+        """app.py, compiled while the heap is still empty (before the tunnel)."""
+        try:
+            import app
+        except ImportError as e:
+            if "app" not in str(e):
+                raise
+            self.log("warn", "no app.py: the tunnel runs without an application")
+            return None
+        gc.collect()
+        return app
+
+    def run_tunnel(self):
+        app = self.load_app()
+        from microtun.driver import Tunnel
+        self.tunnel = t = Tunnel(self.cfg, log=self.log)
+        a = None
+        if app is not None:
+            a = app.App(t, self.cfg.app, self.board, self.log)
+            t.on_data = a.on_data
+        gc.collect()
+        t.connect(0)
+        loop_ms = self.s["loop_ms"]
+        was_up = False
+        first = True
+        up_since = 0
+        stable = self.crashes == 0
+        next_net = ticks_add(ticks_ms(), self.s["net_check_ms"])
+        while True:
+            wait = loop_ms
+            if a is not None:
+                w = a.tick(ticks_ms())
+                if w is not None and w < wait:
+                    wait = w if w > 0 else 0
+            t.poll(wait)
+            self.feed()
+            now = ticks_ms()
+            up = t.established
+            if up != was_up:
+                was_up = up
+                self.led(up)
+                if up:
+                    up_since = now
+                    if first:
+                        first = False
+                        gc.collect()
+                        self.log("info", "session up %d ms after boot, %d X25519 operations, heap used %d free %d" % (
+                            ticks_diff(now, T0), t.device.dh_count, gc.mem_alloc(), gc.mem_free()))
+                else:
+                    self.log("warn", "session down; the tunnel keeps trying")
+                if a is not None and hasattr(a, "on_link"):
+                    a.on_link(up)
+            if up and not stable and ticks_diff(now, up_since) >= self.s["stable_ms"]:
+                stable = True
+                self.crashes = 0
+                write_state(self.boots, 0)
+            if ticks_diff(now, next_net) >= 0:
+                next_net = ticks_add(now, self.s["net_check_ms"])
+                if not self.board.network_ok():
+                    self.log("warn", "network link lost; bringing it up again")
+                    self.network_up()
+                    t.rebind()
+
+    def fatal(self, e):
+        if self.tunnel is not None:
+            try:
+                self.tunnel.close()
+            except Exception:
+                pass
+            self.tunnel = None
+        self.unload()
+        self.crashes += 1
+        write_state(self.boots, self.crashes)
+        try:
+            self.log.exception("fatal error", e)
+        except Exception:            # even logging failed (MemoryError): still wait and reset
+            pass
+        n = self.crashes - 1 if self.crashes < 24 else 23
+        delay = min(self.s["crash_delay_ms"] << n, self.s["crash_delay_max_ms"])
+        self.log("fatal", "fatal error %d in a row; reset in %d.%03d s (Ctrl-C for the REPL)" % (
+            self.crashes, delay // 1000, delay % 1000))
+        self.sleep(delay)
+        reset()
+
+    def unload(self):
+        """Forget the tunnel's modules: after a MemoryError the heap is full
+        of them, and logging, waiting and resetting need a little room."""
+        for name in list(sys.modules):
+            if name.startswith("microtun.") or name in ("microtun", "app"):
+                del sys.modules[name]
+        gc.collect()
+
+    def stopped(self):
+        if self.tunnel is not None:
+            try:
+                self.tunnel.close()
+            except Exception:
+                pass
+        print("microtun: stopped by Ctrl-C; the REPL is yours (machine.reset() or Ctrl-D restarts)")
+        if self.wdt is not None:
+            print("microtun: the watchdog is running and will reset the board")
+
+
+def main():
+    fw = Firmware()
+    try:
+        fw.run()
+    except KeyboardInterrupt:
+        fw.stopped()
