@@ -1,0 +1,52 @@
+"""Board: Raspberry Pi Pico 2 W (RP2350 + CYW43439; RPI_PICO2_W firmware).
+Wi-Fi from "network" in microtun.json (set "country", e.g. "GB", for your
+regulatory domain). The BOOTSEL button is the safe-mode button: press it
+within the boot window after power-up (held *at* power-up it starts the USB
+bootloader instead). The LED is on the wireless chip: Pin("LED").
+"""
+from machine import Pin, ADC
+import rp2
+
+NAME = "rpi_pico2_w"
+PLATFORM = "rp2"
+MACHINE_HAS = "Pico 2 W"
+MPY_ARCH = "armv7emsp"
+CRYPTOLIB = True
+
+NETWORK = "wifi"
+SAFE_BUTTON = "BOOTSEL"
+WDT_MAX_MS = 8388            # the RP2040 limit, kept here: safe on both chips
+FIRMWARE = {}
+
+_led = Pin("LED", Pin.OUT, value=0)
+
+
+def _setup(wlan):
+    # The CYW43's default power save adds tens of ms to incoming UDP.
+    try:
+        wlan.config(pm=wlan.PM_NONE)
+    except (AttributeError, ValueError, OSError):
+        wlan.config(pm=0xA11140)         # older firmware: the same, by number
+
+
+def network_up(net, timeout_ms, feed):
+    from microtun_boot import wifi_connect      # shared: firmware/microtun_boot.py
+    return wifi_connect(net, timeout_ms, feed, _setup)
+
+
+def network_ok():
+    import network
+    return network.WLAN(network.STA_IF).isconnected()
+
+
+def safe_button():
+    return rp2.bootsel_button() == 1
+
+
+def led(on):
+    _led.value(1 if on else 0)
+
+
+def temperature():
+    v = ADC(ADC.CORE_TEMP).read_u16() * 3.3 / 65535
+    return round(27 - (v - 0.706) / 0.001721, 1)

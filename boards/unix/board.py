@@ -1,0 +1,40 @@
+"""Board: the MicroPython unix port (a desktop, CI, tools/vboard.py).
+
+The host's network is already up, there is no LED and no button, and the
+temperature is simulated (a slow 20..50 degree sawtooth) so that the sample
+app's alarms can be tried. docs/BOARDS.md says what every name is for.
+"""
+from time import ticks_ms
+
+# -- facts the host reads too (microtun flash: detection, mpy-cross, modules) --
+NAME = "unix"
+PLATFORM = "linux"           # sys.platform
+MACHINE_HAS = ""             # a substring of sys.implementation._machine
+MPY_ARCH = "x64"             # mpy-cross -march; bytecode-only .mpy load on any arch
+CRYPTOLIB = True             # False: ship microtun/aes_pure.mpy too
+
+# -- board settings ------------------------------------------------------------
+NETWORK = None               # nothing to bring up
+SAFE_BUTTON = None           # no button: SAFE file or Ctrl-C in the boot window
+WDT_MAX_MS = None            # no machine.WDT on this port
+FIRMWARE = {"boot_window_ms": 1000}   # a shorter Ctrl-C window than a real board
+
+
+def network_up(net, timeout_ms, feed):
+    return "the host's network"
+
+
+def network_ok():
+    return True
+
+
+def safe_button():
+    return False
+
+
+def led(on):
+    pass
+
+
+def temperature():
+    return 20 + (ticks_ms() // 2000) % 31
