@@ -1,5 +1,5 @@
-"""AES-CCM authenticated encryption (RFC 3610, NIST SP 800-38C) over the
-cryptolib-compatible shim in microtun.aes.
+"""AES-CCM authenticated encryption (RFC 3610, NIST SP 800-38C) on
+MicroPython's cryptolib.
 
 The tunnel uses `AEAD`: AES-256-CCM, 12-byte nonce (so L = 3: messages up to
 2**24 - 1 bytes), 16-byte tag. `CCM` is the general construction (nonces of
@@ -20,12 +20,20 @@ value is that message's last CBC-MAC block X, so the next message starts with
 B0 ^ X, which is what a fresh all-zero IV would have given. That saves
 building a cipher per message (a key expansion on the pure backend).
 
-Work happens in buffers the object owns, grown to the largest message seen,
-so a CCM object is not re-entrant: one per thread.
+Packets without copies: `seal(..., head=h, lead=l)` returns
+h || ciphertext || tag for the plaintext l || plaintext, and
+`open(..., start=s, lead=buf)` decrypts data[s:] and writes the first
+len(buf) plaintext bytes into buf. A transport packet's header and channel
+byte so never cost a concatenation or a slice of the whole packet: the
+big-int XOR that makes the ciphertext makes the packet (docs/MEMORY.md).
 
-On CPython the default is cryptography's AESCCM (same bytes, C speed);
-`backend=` chooses a shim backend instead, which is how the host tests prove
-both paths agree byte for byte.
+Work happens in two buffers shared by every CCM object, grown to the
+largest message seen: seal and open are not re-entrant (one thread).
+
+Only the board's cryptolib is imported here. Where it is missing (CPython, a
+port built without it) or a backend is named, microtun.ccm_backends supplies
+one: on CPython by default cryptography's AESCCM (same bytes, C speed),
+which is how the host tests prove every path agrees byte for byte.
 """
 try:
     from micropython import const
@@ -33,115 +41,108 @@ except ImportError:
     def const(x):
         return x
 
-from microtun import aes as _aes
-from microtun.hmac import ct_equal
+try:
+    from cryptolib import aes as _native
+except ImportError:
+    try:
+        from ucryptolib import aes as _native  # MicroPython before v1.21
+    except ImportError:
+        _native = None  # CPython, or a port without cryptolib: ccm_backends
 
-NONCE_SIZE = const(12)
-TAG_SIZE = const(16)
-BACKENDS = ("aesccm",) + _aes.BACKENDS
+BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 
 _BYTES = (bytes, bytearray, memoryview)
 _ZERO16 = bytes(16)
 _GROW = const(64)  # buffers grow in steps of this many bytes
-_aesccm = False  # cryptography's (AESCCM, InvalidTag), None where missing
+_work = None  # memoryview: CBC-MAC input, then the key stream, then P || T
+_ctr = None  # memoryview: counter blocks A_0, A_1, .. (flags and i filled in)
+_at = None  # _ctr[1:]: where each block's nonce goes
+_ctr_l = 0  # the L those counter blocks were made for
 
 
-def _cpython_aesccm():
-    # Looked up once: a failed import searches the filesystem every time,
-    # and on a board that is flash.
-    global _aesccm
-    if _aesccm is False:
-        try:
-            from cryptography.hazmat.primitives.ciphers.aead import AESCCM
-            from cryptography.exceptions import InvalidTag
-            _aesccm = (AESCCM, InvalidTag)
-        except ImportError:
-            _aesccm = None
-    return _aesccm
+def _room(size, blocks, L):
+    """Grow the shared buffers (never shrunk): work to `size` bytes, the
+    counter blocks to A_0 .. A_blocks for this L; returns work."""
+    global _work, _ctr, _at, _ctr_l
+    if _work is None or len(_work) < size:
+        _work = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
+    size = 16 * blocks + 16
+    if _ctr is None or len(_ctr) < size or _ctr_l != L:
+        ctr = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
+        for o in range(0, len(ctr), 16):
+            # A_i = flags || nonce || i (RFC 3610 §2.3); the nonce comes later.
+            ctr[o] = L - 1
+            ctr[o + 16 - L:o + 16] = (o >> 4).to_bytes(L, "big")
+        _ctr = ctr
+        _at = ctr[1:]
+        _ctr_l = L
+    return _work
 
 
 class CCM:
     """CCM with `nonce_size`-byte nonces (7..13) and `tag_size`-byte tags
-    (4, 6, .., 16). backend: None takes the fastest available (AESCCM on
-    CPython, else the shim's default), or one of BACKENDS."""
+    (4, 6, .., 16). backend: None takes the fastest available (cryptolib on
+    a board, AESCCM on CPython), or one of BACKENDS."""
 
     def __init__(self, key, nonce_size, tag_size, backend=None):
         if not isinstance(key, _BYTES) or len(key) not in (16, 32):
             raise ValueError("AES-CCM key must be 16 or 32 bytes")
         if not 7 <= nonce_size <= 13 or tag_size not in (4, 6, 8, 10, 12, 14, 16):
             raise ValueError("CCM needs a 7..13-byte nonce and a 4, 6, .., 16-byte tag")
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError("AEAD backend must be one of %s" % (BACKENDS,))
         self.nonce_size = nonce_size
         self.tag_size = tag_size
-        L = 15 - nonce_size  # RFC 3610 §2: bytes of length field and counter
-        self._max = (1 << (8 * L)) - 1
-        self._lib = None
-        if backend is None or backend == "aesccm":
-            lib = _cpython_aesccm()
-            if lib is not None:
-                self.backend = "aesccm"
-                self._lib = lib[0](bytes(key), tag_length=tag_size)
-                self._invalid = lib[1]
+        self._lbits = 120 - 8 * nonce_size  # 8 * L: the length field's bits (RFC 3610 §2)
+        self._key = key = bytes(key)
+        self._lib = None  # cryptography's AESCCM object: CPython's fast path
+        if backend is None and _native is not None:
+            self.backend = "cryptolib"  # the path in use (tests and benchmarks read it)
+            self._make = _native
+        else:
+            from microtun.ccm_backends import choose
+            choose(self, backend)
+            if self._lib is not None:
                 return
-            if backend:
-                raise ValueError("AEAD backend 'aesccm' needs the cryptography package")
-            backend = _aes.default_backend()
-        self.backend = backend  # the path in use (tests and benchmarks read it)
         # B0's flags (RFC 3610 §2.2) shifted into place; 64 << 120 marks aad.
-        self._b0 = (8 * ((tag_size - 2) // 2) + L - 1) << 120
-        self._key = bytes(key)
-        self._ecb = _aes.aes(key, _aes.MODE_ECB, None, backend)
+        self._b0 = (8 * ((tag_size - 2) // 2) + 14 - nonce_size) << 120
+        self._ecb = self._make(key, 1)  # MODE_ECB
         self._cbc = None  # made by _cbc_mac, which tracks its chaining value
         self._chain = None
-        self._work = None  # memoryview: CBC-MAC input, then key stream
-        self._ctr = None  # memoryview: counter blocks A_0, A_1, ..
 
-    def _args(self, nonce, data, aad):
+    def _check(self, nonce, data, aad):
         # API misuse is a loud ValueError; bad peer data never raises.
         if not isinstance(nonce, _BYTES) or len(nonce) != self.nonce_size:
             raise ValueError("nonce must be %d bytes" % self.nonce_size)
         if not isinstance(data, _BYTES) or not isinstance(aad, _BYTES):
             raise ValueError("plaintext, data and aad must be bytes, bytearray or memoryview")
 
-    def _room(self, aad, blocks):
-        """Grow the buffers (never shrunk) for a message of `blocks` blocks:
-        work to the CBC-MAC input (B0, aad and its length, message) or the
-        key stream plus a moved S_0, whichever is longer; the counter blocks
-        to A_0 .. A_blocks."""
+    def _grow(self, aad, n, extra):
+        """Buffers for an n-byte message: the CBC-MAC input (B0, aad and its
+        length, message), the key stream and a moved S_0, or `extra` bytes
+        and P || T, whichever is longest."""
+        blocks = (n + 15) >> 4
         la = len(aad)
-        size = 16 * blocks + 16 + ((la + 25) // 16 * 16 if la else 16)
-        if self._work is None or len(self._work) < size:
-            self._work = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
-        size = 16 * blocks + 16
-        if self._ctr is None or len(self._ctr) < size:
-            ctr = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
-            L = 15 - self.nonce_size
-            for o in range(0, len(ctr), 16):
-                # A_i = flags || nonce || i (RFC 3610 §2.3); the nonce comes later.
-                ctr[o] = L - 1
-                ctr[o + 16 - L:o + 16] = (o >> 4).to_bytes(L, "big")
-            self._ctr = ctr
-            self._nonce_at = ctr[1:]
+        a = (la + 25) // 16 * 16 if la else 16
+        return _room(16 * blocks + 16 + (a if a > extra else extra), blocks, 15 - self.nonce_size)
 
-    def _key_stream(self, nonce, blocks):
-        """work[0:16*blocks] = E(A_0) || E(A_1) || .., in ONE ECB call."""
-        end = 16 * blocks
-        at = self._nonce_at
-        n = self.nonce_size
+    def _key_stream(self, nonce, n):
+        """work[0:16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b = blocks of
+        the message, in ONE ECB call."""
+        end = (n + 15) // 16 * 16 + 16
+        at = _at
+        k = self.nonce_size
         for o in range(0, end, 16):
-            at[o:o + n] = nonce
-        self._ecb.encrypt(self._ctr[:end], self._work)
+            at[o:o + k] = nonce
+        self._ecb.encrypt(_ctr[:end], _work)
 
-    def _cbc_mac(self, nonce, aad, msg, n, blocks):
+    def _cbc_mac(self, nonce, aad, lead, msg, n):
         """RFC 3610 §2.2's X (as an int) from ONE CBC call over
-        B0 || encoded aad || msg, each zero-padded to whole blocks."""
-        w = self._work
+        B0 || encoded aad || lead || msg, each zero-padded to whole blocks."""
+        w = _work
         la = len(aad)
         chain = self._chain
         self._chain = None  # unknown until this call completes
         if chain is None:  # first message, or an earlier one was interrupted
-            self._cbc = _aes.aes(self._key, _aes.MODE_CBC, _ZERO16, self.backend)
+            self._cbc = self._make(self._key, 2, _ZERO16)  # MODE_CBC
             chain = 0
         b0 = self._b0 | (int.from_bytes(nonce, "big") << (120 - 8 * self.nonce_size)) | n
         if la:
@@ -161,61 +162,80 @@ class CCM:
             w[16:16 + h] = enc.to_bytes(h, "big")
             w[16 + h:16 + h + la] = aad
         if n:
-            end = o + 16 * blocks
+            end = o + (n + 15) // 16 * 16
             if n & 15:
                 w[end - 16:end] = _ZERO16
-            w[o:o + n] = msg
+            ll = len(lead)
+            w[o:o + ll] = lead
+            w[o + ll:o + n] = msg
             o = end
         self._cbc.encrypt(w[:o], w)
         x = int.from_bytes(w[o - 16:o], "big")
         self._chain = x
         return x
 
-    def seal(self, nonce, plaintext, aad=b""):
-        """ciphertext || tag (len(plaintext) + tag_size bytes)."""
-        self._args(nonce, plaintext, aad)
-        n = len(plaintext)
-        if n > self._max:
-            raise ValueError("plaintext must be at most %d bytes" % self._max)
+    def seal(self, nonce, plaintext, aad=b"", head=b"", lead=b""):
+        """ciphertext || tag (len(plaintext) + tag_size bytes). With head
+        and lead: head || ciphertext || tag, sealing lead || plaintext;
+        head is copied as it is (put it in aad to authenticate it)."""
+        self._check(nonce, plaintext, aad)
+        ll = len(lead)
+        n = ll + len(plaintext)
+        if n >> self._lbits:
+            raise ValueError("plaintext must be at most %d bytes" % ((1 << self._lbits) - 1))
         if self._lib is not None:
-            return self._lib.encrypt(nonce, plaintext, aad)
-        blocks = (n + 15) >> 4
-        self._room(aad, blocks)
-        x = self._cbc_mac(nonce, aad, plaintext, n, blocks)
-        # (P || T) ^ (S_1 .. || S_0) as ONE big-int XOR: ciphertext || tag.
+            ct = self._lib.encrypt(nonce, lead + plaintext if ll else plaintext, aad)
+            return head + ct if head else ct
         m = self.tag_size
-        w = self._work
-        w[0:n] = plaintext
-        w[n:n + 16] = x.to_bytes(16, "big")  # T is X's first m bytes
-        pt = int.from_bytes(w[0:n + m], "big")
-        self._key_stream(nonce, blocks + 1)  # S_0 || S_1 ..
-        w[16 + n:32 + n] = w[0:16]  # S_0 moved after the message's key stream
-        return (pt ^ int.from_bytes(w[16:16 + n + m], "big")).to_bytes(n + m, "big")
+        hl = len(head)
+        w = self._grow(aad, n, hl)
+        x = self._cbc_mac(nonce, aad, lead, plaintext, n)
+        self._key_stream(nonce, n)  # S_0 || S_1 ..
+        w[16 + n:32 + n] = w[0:16]  # S_0 after the message's key stream, for T
+        ks = int.from_bytes(w[16:16 + n + m], "big")
+        w[0:hl] = head
+        w[hl:hl + ll] = lead
+        w[hl + ll:hl + n] = plaintext
+        w[hl + n:hl + n + 16] = x.to_bytes(16, "big")  # T is X's first m bytes
+        # (head || P || T) ^ (S_1 .. || S_0) as ONE big-int XOR: the key
+        # stream is the shorter int, so head is XORed with nothing.
+        return (int.from_bytes(w[0:hl + n + m], "big") ^ ks).to_bytes(hl + n + m, "big")
 
-    def open(self, nonce, data, aad=b""):
-        """The plaintext of ciphertext || tag, or None when the tag does not
-        verify or data is too short. Never raises on bad data."""
-        self._args(nonce, data, aad)
+    def open(self, nonce, data, aad=b"", start=0, lead=None):
+        """The plaintext of ciphertext || tag (from data[start:]), or None
+        when the tag does not verify or data is too short. With a lead
+        buffer, its len(lead) first plaintext bytes go there and the rest is
+        returned (None if there are fewer). Never raises on bad data."""
+        self._check(nonce, data, aad)
         m = self.tag_size
-        n = len(data) - m
-        if n < 0 or n > self._max:
+        ll = 0 if lead is None else len(lead)
+        n = len(data) - start - m
+        if n < ll or n >> self._lbits:
             return None
+        d = memoryview(data)
         if self._lib is not None:
             try:
-                return self._lib.decrypt(nonce, data, aad)
+                p = self._lib.decrypt(nonce, d[start:], aad)
             except self._invalid:
                 return None
-        blocks = (n + 15) >> 4
-        self._room(aad, blocks)
-        self._key_stream(nonce, blocks + 1)
-        v = self._work
-        d = memoryview(data)
-        s0 = int.from_bytes(v[0:16], "big")
-        p = (int.from_bytes(d[:n], "big") ^ int.from_bytes(v[16:16 + n], "big")).to_bytes(n, "big")
-        t = (self._cbc_mac(nonce, aad, p, n, blocks) ^ s0).to_bytes(16, "big")
-        if ct_equal(memoryview(t)[:m], d[n:]):
+            if ll:
+                lead[:] = p[:ll]
+                return p[ll:]
             return p
-        return None
+        w = self._grow(aad, n, 0)
+        self._key_stream(nonce, n)
+        s0 = int.from_bytes(w[0:16], "big")
+        for i in range(ll):
+            lead[i] = d[start + i] ^ w[16 + i]
+        p = (int.from_bytes(d[start + ll:start + n], "big") ^
+             int.from_bytes(w[16 + ll:16 + n], "big")).to_bytes(n - ll, "big")
+        t = (self._cbc_mac(nonce, aad, lead or b"", p, n) ^ s0).to_bytes(16, "big")
+        # Constant time: every tag byte is looked at.
+        r = 0
+        d = d[start + n:]
+        for i in range(m):
+            r |= t[i] ^ d[i]
+        return p if r == 0 else None
 
 
 class AEAD(CCM):
@@ -223,4 +243,4 @@ class AEAD(CCM):
     the tunnel's cipher. backend: see CCM."""
 
     def __init__(self, key, backend=None):
-        CCM.__init__(self, key, NONCE_SIZE, TAG_SIZE, backend)
+        CCM.__init__(self, key, 12, 16, backend)

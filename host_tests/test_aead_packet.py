@@ -1,0 +1,87 @@
+"""AEAD.seal(..., head, lead) and AEAD.open(..., start, lead): packets
+sealed and opened without concatenating or slicing them, on every backend.
+They must give exactly the bytes of the plain calls around them."""
+from mtest import Rng
+from microtun.aead import AEAD, CCM
+from test_aead import backends
+
+PORTABLE = True
+
+HEADER = bytes(range(0x40, 0x50))
+
+# (case, head length, lead length, plaintext length, aad length)
+CASES = [
+    (1, 16, 1, 0, 0),      # a channel byte alone
+    (2, 16, 1, 63, 0),     # a small transport packet
+    (3, 16, 1, 1199, 0),   # MTU-sized
+    (4, 16, 0, 0, 0),      # a keepalive: no lead, no plaintext
+    (5, 0, 0, 40, 0),      # plain seal through the new path
+    (6, 5, 2, 30, 7),      # odd head, two lead bytes, aad
+    (7, 40, 1, 15, 0),     # head longer than a block
+    (8, 16, 1, 14, 20),    # lead + plaintext exactly one block, aad
+    (9, 3, 0, 17, 300),    # long aad
+]
+
+
+def test_seal_with_head_and_lead_is_head_plus_plain_seal():
+    rng = Rng(3)
+    for be in backends():
+        a = AEAD(rng.bytes(32), backend=be)
+        for case, hl, ll, n, la in CASES:
+            nonce, head, lead, pt, aad = rng.bytes(12), rng.bytes(hl), rng.bytes(ll), rng.bytes(n), rng.bytes(la)
+            got = a.seal(nonce, pt, aad, head, lead)
+            assert got == head + a.seal(nonce, lead + pt, aad), (be, case)
+            assert a.open(nonce, got[hl:], aad) == lead + pt, (be, case)
+
+
+def test_open_at_an_offset_with_a_lead_buffer():
+    rng = Rng(4)
+    for be in backends():
+        a = AEAD(rng.bytes(32), backend=be)
+        for case, hl, ll, n, la in CASES:
+            nonce, head, lead, pt, aad = rng.bytes(12), rng.bytes(hl), rng.bytes(ll), rng.bytes(n), rng.bytes(la)
+            packet = a.seal(nonce, pt, aad, head, lead)
+            got = bytearray(ll)
+            assert a.open(nonce, packet, aad, hl, got) == pt, (be, case)
+            assert got == lead, (be, case)
+            assert a.open(nonce, packet, aad, hl) == lead + pt, (be, case)
+            assert a.open(nonce, memoryview(packet), aad, hl, bytearray(ll)) == pt, (be, case)
+
+
+def test_open_at_an_offset_rejects_tampering_anywhere_after_it():
+    rng = Rng(5)
+    nonce = rng.bytes(12)
+    for be in backends():
+        a = AEAD(rng.bytes(32), backend=be)
+        packet = a.seal(nonce, rng.bytes(20), b"", HEADER, b"\x07")
+        assert a.open(nonce, packet, b"", 16, bytearray(1)) is not None
+        for i in range(16, len(packet)):
+            bad = bytearray(packet)
+            bad[i] ^= 0x20
+            assert a.open(nonce, bytes(bad), b"", 16, bytearray(1)) is None, (be, i)
+        # the header before `start` is not the AEAD's business
+        bad = bytearray(packet)
+        bad[3] ^= 1
+        assert a.open(nonce, bytes(bad), b"", 16, bytearray(1)) is not None, be
+
+
+def test_too_short_for_the_lead_is_none():
+    for be in backends():
+        a = AEAD(bytes(32), backend=be)
+        keepalive = a.seal(bytes(12), b"", b"", HEADER)
+        assert a.open(bytes(12), keepalive, b"", 16) == b""
+        assert a.open(bytes(12), keepalive, b"", 16, bytearray(1)) is None, be
+        assert a.open(bytes(12), keepalive, b"", 17) is None, be
+        assert a.open(bytes(12), keepalive[:20], b"", 16) is None, be
+
+
+def test_general_ccm_with_head_and_lead():
+    rng = Rng(6)
+    for be in backends():
+        for nonce_size, tag in ((7, 4), (13, 8), (11, 16)):
+            c = CCM(rng.bytes(16), nonce_size, tag, backend=be)
+            nonce, pt = rng.bytes(nonce_size), rng.bytes(33)
+            packet = c.seal(nonce, pt, b"ad", b"HDR", b"LD")
+            assert packet == b"HDR" + c.seal(nonce, b"LD" + pt, b"ad"), (be, nonce_size)
+            lead = bytearray(2)
+            assert c.open(nonce, packet, b"ad", 3, lead) == pt and lead == b"LD", (be, nonce_size)
