@@ -506,12 +506,13 @@ def build_bundle(out, log=print):
     return total, dev_total
 
 
-def package_json():
+def package_json(names=None):
     """package.json for `mpremote mip install github:OWNER/REPO`: the portable
-    package, relative URLs (mip resolves them against package.json's own)."""
+    package (every lib/microtun/*.py, or `names`), relative URLs (mip
+    resolves them against package.json's own)."""
     from microtun import __version__
-    urls = ",\n".join("    %s" % json.dumps(["microtun/" + p.name, "lib/microtun/" + p.name])
-                      for p in sorted(LIB.glob("*.py")))
+    names = sorted(p.name for p in LIB.glob("*.py")) if names is None else sorted(names)
+    urls = ",\n".join("    %s" % json.dumps(["microtun/" + n, "lib/microtun/" + n]) for n in names)
     return '{\n  "urls": [\n%s\n  ],\n  "deps": [],\n  "version": %s\n}\n' % (urls, json.dumps(__version__))
 
 
