@@ -41,5 +41,18 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
+# Firmware and deployment (docs/FIRMWARE.md).
+#   make mpy      the portable package compiled to build/mpy/, with its size
+#   make flash PORT=/dev/ttyACM0 DEVICE=sensor-1 [DEPLOY=deploy] [BOARD=rpi_pico_w]
+DEPLOY ?= deploy
+.PHONY: mpy flash
+
+mpy: $(STAMP)
+	@$(PY) -m microtun_host.flash mpy
+
+flash: $(STAMP)
+	@test -n "$(PORT)" -a -n "$(DEVICE)" || { echo "usage: make flash PORT=/dev/ttyACM0 DEVICE=NAME [DEPLOY=deploy] [BOARD=board]"; exit 2; }
+	$(PY) -m microtun_host.cli flash --port $(PORT) --device $(DEVICE) --config-dir $(DEPLOY) $(if $(BOARD),--board $(BOARD))
+
 clean:
 	rm -rf $(VENV) build out .pytest_cache
