@@ -61,7 +61,25 @@ def _provision(sub):
     p.set_defaults(run=lambda args: _lazy("provision").main(args.topology, args.out))
 
 
-SUBCOMMANDS = [_pop, _gateway, _status, _provision]
+def _flash(sub):
+    p = sub.add_parser("flash", help="put the firmware and a device's config on a board (mpremote)",
+                       description="Compile the firmware with mpy-cross, copy it and DIR/devices/NAME.json to the "
+                                   "board with mpremote, verify sha256 on the board, reset. See docs/FIRMWARE.md.")
+    p.add_argument("--port", required=True, metavar="PORT",
+                   help="the board's serial port: /dev/ttyACM0, /dev/ttyUSB0, COM3, or a vboard's /dev/pts/N")
+    p.add_argument("--device", required=True, metavar="NAME", help="flash CONFIG_DIR/devices/NAME.json")
+    p.add_argument("--config-dir", default="deploy", metavar="DIR",
+                   help="what `microtun provision --out DIR` wrote (default: deploy)")
+    p.add_argument("--board", metavar="BOARD", help="a board in boards/ (default: ask the board what it is)")
+    p.add_argument("--app", metavar="FILE", help="your application instead of firmware/app.py")
+    p.add_argument("--no-reset", action="store_true", help="leave the board at the REPL afterwards")
+    p.add_argument("--frozen", action="store_true", help="microtun is frozen into the board's firmware: copy no .mpy")
+    p.add_argument("--safe-first", action="store_true", default=None,
+                   help="SAFE file + reset before copying (automatic when the config turns the watchdog on)")
+    p.set_defaults(run=lambda args: _lazy("flash").run(args))
+
+
+SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash]
 
 
 def build_parser():
