@@ -96,9 +96,12 @@ def scenario_loss10_critical(tmp, count=1000, interval=10):
         res = r.result()
         ids = service_ids(net)
         got = set(ids)
+        gw = [d for d in net.gw_status()["devices"] if d["name"] == "d1"][0]
         return {"sent": res["sent"], "delivered": len(got), "delivered_ratio": round(len(got) / res["sent"], 4),
                 "duplicates_delivered": len(ids) - len(got), "handshakes": res["handshakes"],
-                "device_dropped_duplicates": res["health"]["tunnel"].get("duplicate", 0)}
+                "per_path": {"device_sent": {p["name"]: p["tx_packets"] for p in res["health"]["paths"]},
+                             "gateway_received": {p["link"]: p["rx_packets"] for p in gw["paths"]},
+                             "gateway_duplicates_dropped": {p["link"]: p["duplicates"] for p in gw["paths"]}}}
     finally:
         net.stop()
 

@@ -112,6 +112,7 @@ class Path:
         self.rx_bytes = 0
         self.probes_sent = 0
         self.probes_lost = 0
+        self.duplicates = 0            # copies dropped because the other path was faster
 
     @property
     def live(self):
@@ -172,6 +173,7 @@ class Path:
             "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
             "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
             "probes_sent": self.probes_sent, "probes_lost": self.probes_lost,
+            "duplicates": self.duplicates,
             "public_addr": self.public_addr,
         }
 

@@ -103,7 +103,11 @@ class TunnelCore:
         p.rx_bytes += len(pkt)
         self.rx_bytes += len(pkt)
         if ptype == outer.TYPE_DATA:
+            st = self.device.stats
+            dup = st.get("duplicate", 0)
             self.device.receive_datagram(pkt[outer.HEADER_LEN:], i, now)
+            if st.get("duplicate", 0) != dup:
+                p.duplicates += 1           # the copy that came second, on this path
             self._events(now)
             self._flush(now)
         elif ptype == outer.TYPE_HOP_PROBE_REPLY:

@@ -30,7 +30,8 @@ from microtun import outer
 from microtun_host import config as hconfig
 from microtun_host import control
 from microtun_host.config import ConfigError
-from microtun.endpoint import Gateway, DATA, HANDSHAKE, EXPIRED, CONTROL_CHANNEL
+from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, CONTROL_CHANNEL
+from microtun.responder import Gateway
 from microtun.ticks import TICKS_MASK, ticks_diff
 from microtun import timers
 from microtun.replay import GATEWAY_WINDOW
@@ -65,6 +66,7 @@ class Link:
         self.learn = nxt == "learn"
         self.next = None if self.learn else node.address("next")
         self.peer_addr = None if self.next is None else self.next.sockaddr
+        self.counters = {"rx_packets": 0, "rx_bytes": 0, "duplicates": 0, "tx_packets": 0, "tx_bytes": 0}
 
 
 class DeviceEntry:
@@ -324,7 +326,14 @@ class GatewayServer:
             self._count("outer_unexpected_type")
             return
         now = now_ms()
+        c = link.counters
+        c["rx_packets"] += 1
+        c["rx_bytes"] += len(pkt)
+        st = self.core.stats
+        dup = st.get("duplicate", 0)
         self.core.receive_datagram(pkt[outer.HEADER_LEN:], link.name, now)
+        if st.get("duplicate", 0) != dup:
+            c["duplicates"] += 1            # the copy that came second, on this link
         self._events(now)
         self._flush(now)
         self._schedule()
@@ -333,7 +342,10 @@ class GatewayServer:
         if addr is None:
             self._count("no_route")
             return
-        self._transport.sendto(outer.seal(ptype, label, link.key, payload), addr)
+        pkt = outer.seal(ptype, label, link.key, payload)
+        link.counters["tx_packets"] += 1
+        link.counters["tx_bytes"] += len(pkt)
+        self._transport.sendto(pkt, addr)
 
     def _flush(self, now):
         for data, name in self.core.datagrams_to_send(now):
@@ -447,8 +459,9 @@ class GatewayServer:
         for pub, s in self.core.peers.items():
             d = s.info(now)
             d["public_key"] = pub.hex()
-            d["paths"] = [{"link": a, "last_seen_ms_ago": ticks_diff(now, seen),
-                           "srtt_ms": s.path_rtt.get(a)} for a, seen in sorted(s.paths.items(), key=lambda x: str(x[0]))]
+            d["paths"] = [dict({"link": a, "last_seen_ms_ago": ticks_diff(now, seen), "srtt_ms": s.path_rtt.get(a)},
+                               **(self.by_name[a].counters if a in self.by_name else {}))
+                          for a, seen in sorted(s.paths.items(), key=lambda x: str(x[0]))]
             devices.append(d)
         return {"gateway": self.cfg.name, "uptime_s": round(time.monotonic() - self._started, 1),
                 "devices": devices, "counters": self.counters()}
@@ -502,10 +515,12 @@ def _ago(ms):
 def format_status(st):
     """A human table of a status() dict."""
     lines = ["gateway %s, up %ss" % (st["gateway"], st["uptime_s"])]
-    lines.append("%-16s %-5s %-10s %-12s %-12s %s" % ("device", "up", "handshake", "rx", "tx", "paths (link: last seen, srtt)"))
+    lines.append("%-16s %-5s %-10s %-12s %-12s %s" % ("device", "up", "handshake", "rx", "tx",
+                                                      "paths (link: last seen, srtt, packets, duplicates dropped)"))
     for d in st["devices"]:
-        paths = ", ".join("%s: %s, %s" % (p["link"], _ago(p["last_seen_ms_ago"]),
-                                          "-" if p["srtt_ms"] is None else "%dms" % p["srtt_ms"]) for p in d["paths"])
+        paths = ", ".join("%s: %s, %s, rx %d dup %d" % (
+            p["link"], _ago(p["last_seen_ms_ago"]), "-" if p["srtt_ms"] is None else "%dms" % p["srtt_ms"],
+            p.get("rx_packets", 0), p.get("duplicates", 0)) for p in d["paths"])
         lines.append("%-16s %-5s %-10s %-12s %-12s %s" % (
             d["name"], "yes" if d["established"] else "no", _ago(d["last_handshake_ms_ago"]),
             "%d/%dB" % (d["rx_packets"], d["rx_bytes"]), "%d/%dB" % (d["tx_packets"], d["tx_bytes"]), paths or "-"))
