@@ -11,6 +11,7 @@ Figures for docs/FIRMWARE.md (heap, time to first message, X25519 count):
 
     .venv/bin/python host_tests/test_firmware.py figures
 """
+import atexit
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,8 +49,9 @@ def built_files():
     """[(local, remote)] of the compiled firmware for the unix board; once."""
     if "files" not in _BUILD:
         b = flash.boards()["unix"]
-        out = ROOT / "build" / "test_firmware"
-        files = flash.build(b, out, log=lambda *a: None)
+        out = Path(tempfile.mkdtemp(prefix="microtun-test-firmware-"))
+        atexit.register(shutil.rmtree, out, True)
+        files = flash.build(b, out / "unix", log=lambda *a: None)
         files += [(flash.FIRMWARE / n, n) for n in flash.FW_FILES]
         files += [(flash.FIRMWARE / "app.py", "app.py"), (b.dir / "board.py", "board.py")]
         _BUILD["files"] = files
@@ -515,14 +518,68 @@ def _trial(rig, base, heap, seconds):
                 "memory_error": "MemoryError" in text}
 
 
+MODULE_COST = """
+import gc, sys
+gc.collect()
+base = gc.mem_alloc()
+prev = base
+for m in %r:
+    __import__(m)
+    gc.collect()
+    a = gc.mem_alloc()
+    print("COST", m, a - prev)
+    prev = a
+print("COST total", prev - base)
+"""
+
+
+def _leaf_first(mods):
+    """microtun modules ordered so that each comes after what it imports."""
+    out, seen = [], set()
+
+    def visit(m):
+        if m in seen:
+            return
+        seen.add(m)
+        for d in sorted(flash._imports(flash.LIB / (m + ".py"))):
+            if d in mods:
+                visit(d)
+        out.append(m)
+    for m in sorted(mods):
+        visit(m)
+    return out
+
+
+def module_costs(board_dir):
+    """Heap bytes each import takes (unix port, 64-bit): the firmware's own
+    imports in its order, then the modules the tunnel really loads, leaf
+    first, so each figure is that module alone."""
+    env = dict(os.environ, MICROPYPATH=":lib")
+
+    def run(order):
+        r = subprocess.run([MICROPYTHON, "-X", "heapsize=1M", "-c", MODULE_COST % order], cwd=str(board_dir),
+                           env=env, capture_output=True, text=True, timeout=30)
+        return [(l.split()[1], int(l.split()[2])) for l in r.stdout.splitlines() if l.startswith("COST ")]
+    firmware = run(["microtun_fw", "microtun_boot", "board", "app", "microtun.config", "microtun.driver"])
+    r = subprocess.run([MICROPYTHON, "-c", "import sys, microtun.driver, microtun.config\n"
+                        "print(' '.join(k[9:] for k in sys.modules if k.startswith('microtun.')))"],
+                       cwd=str(board_dir), env=env, capture_output=True, text=True, timeout=30)
+    loaded = set(r.stdout.split())
+    return firmware, run(["microtun"] + ["microtun." + m for m in _leaf_first(loaded)])
+
+
 def figures(seconds=8):
-    import tempfile
     base = Path(tempfile.mkdtemp(prefix="microtun-figures-"))
     rig = Rig(base / "rig").start()
     try:
         total, dev_total = flash.build_bundle(base / "mpy", log=lambda *a: None)
         print("portable package .mpy total: %d B (all %d modules); shipped to a cryptolib board: %d B"
               % (total, len(list(flash.LIB.glob("*.py"))), dev_total))
+        d = make_board(base / "costs", rig.device_config)
+        firmware, modules = module_costs(d)
+        print("heap taken by each import, in the firmware's order: %s" % ", ".join("%s %d" % c for c in firmware))
+        print("  the tunnel's modules alone, largest first: %s" % ", ".join(
+            "%s %d" % c for c in sorted(modules, key=lambda c: -c[1])))
         for heap in ("64K", WORKING_HEAP):
             ok, r = _trial(rig, base, heap, seconds)
             print("heap %s: %s %s" % (heap, "works" if ok else "FAILS", json.dumps(r)))

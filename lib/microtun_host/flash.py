@@ -9,7 +9,7 @@ Steps, each shown as it happens:
   board   the board says what it is (sys.platform, _machine, .mpy version and
           arch, free space); --board must agree, or is picked from that
   build   mpy-cross every module the device needs, bytecode only, with the
-          board's -march, into build/flash/BOARD/
+          board's -march, into a temporary directory
   copy    one mpremote session: stale files out, .mpy files to /lib, boot.py,
           main.py, app.py, board.py and the config (as microtun.json) to /
   verify  size and sha256 of every file, computed on the board, against ours
@@ -38,6 +38,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -189,8 +190,8 @@ def build(board, out, frozen=False, log=print):
             dst = out / "lib" / (name[:-3] + ".mpy")
             total += compile_mpy(FIRMWARE / name, dst, name, board.arch, exe)
             files.append((dst, "lib/" + dst.name))
-        log("  build   %d modules + the firmware runtime -> %s (%s B of .mpy, -march=%s)" % (
-            len(mods), _rel(out), "{:,}".format(total), board.arch))
+        log("  build   %d modules + the firmware runtime: %s B of .mpy (bytecode, -march=%s)" % (
+            len(mods), "{:,}".format(total), board.arch))
     else:
         log("  build   nothing: microtun and the firmware runtime are frozen into the firmware")
     return files
@@ -353,58 +354,9 @@ def load_device_config(config_dir, device):
     return path, cfg
 
 
-def flash(port, device, config_dir="deploy", board=None, app=None, reset=True, frozen=False,
-          safe_first=None, log=print):
-    t_start = time.monotonic()
-    known = boards()
-    if board is not None and board not in known:
-        raise FlashError("--board %s: unknown; known boards: %s" % (board, ", ".join(known)), 2)
-    app_path = Path(app) if app else FIRMWARE / "app.py"
-    if not app_path.is_file():
-        raise FlashError("--app %s: no such file" % app_path, 2)
-    cfg_path, cfg = load_device_config(config_dir, device)
-    log("microtun flash: %s -> %s" % (device, port))
-    log("  check   %s: ok (%d paths, policy %s, watchdog %s)" % (
-        _rel(cfg_path), len(cfg.paths), cfg.policy, "%d s" % (cfg.watchdog_ms // 1000) if cfg.watchdog_ms else "off"))
-
-    info = probe(port)
-    arch = ARCHS[(info["mpy"] >> 10) & 0x3F] if ((info["mpy"] >> 10) & 0x3F) < len(ARCHS) else "?"
-    found = match_board(known, info["platform"], info["machine"], arch)
-    if board is None:
-        if found is None:
-            raise FlashError("the board on %s (%s, %r, .mpy arch %s) matches no board in boards/; pass --board"
-                             % (port, info["platform"], info["machine"], arch), 2)
-        b = found
-    else:
-        b = known[board]
-        if b.platform != info["platform"]:
-            raise FlashError("--board %s is a %s board, but the board on %s says it runs %s (%r)"
-                             % (board, b.platform, port, info["platform"], info["machine"]), 2)
-    if info["mpy"] & 0xFF != MPY_VERSION:
-        raise FlashError("the board runs MicroPython with .mpy v%d (%s); ours are v%d: update it to 1.23 or later"
-                         % (info["mpy"] & 0xFF, info["version"], MPY_VERSION), 2)
-    if b.cryptolib and not info["cryptolib"]:
-        raise FlashError("board %s is declared with cryptolib, but this firmware has none; "
-                         "set CRYPTOLIB = False in boards/%s/board.py (ships the pure-Python AES)" % (b.name, b.name), 2)
-    log("  board   %s: %s, %r, .mpy v%d %s, %s KB free, %s B heap free" % (
-        b.name, info["version"].split(";")[0], info["machine"], info["mpy"] & 0xFF, arch,
-        "{:,}".format(info["free"] // 1024), "{:,}".format(info["mem_free"])))
-
-    safe_first = bool(cfg.watchdog_ms) if safe_first is None else safe_first
-    made_safe = False
-    if safe_first:
-        if "SAFE" in info["root"]:
-            log("  safe    the board already has a SAFE file: it stays")
-        else:
-            log("  safe    SAFE file + reset first, so a running watchdog cannot reset the board mid-copy")
-            mpremote(port, ["fs", "touch", ":SAFE", "+", "exec", "--no-follow", RESET], timeout=30)
-            made_safe = True
-            time.sleep(1.0)
-            wait_for_port(port, log)
-
-    files = build(b, ROOT / "build" / "flash" / b.name, frozen=frozen, log=log)
-    files += [(FIRMWARE / n, n) for n in FW_FILES]
-    files += [(app_path, "app.py"), (b.dir / "board.py", "board.py"), (cfg_path, "microtun.json")]
+def copy_and_verify(port, files, frozen, log=print):
+    """One mpremote session: clean stale package files, copy `files`
+    [(local, remote)], then hash them on the board and compare."""
     keep = {r for _, r in files}
     sizes = {r: Path(l).stat().st_size for l, r in files}
     total = len(files)
@@ -454,6 +406,62 @@ def flash(port, device, config_dir="deploy", board=None, app=None, reset=True, f
                          % (len(bad), "; ".join(bad)))
     log("  verify  %d files, %s B, sha256 computed on the board: all match" % (
         total, "{:,}".format(sum(sizes.values()))))
+
+
+def flash(port, device, config_dir="deploy", board=None, app=None, reset=True, frozen=False,
+          safe_first=None, log=print):
+    t_start = time.monotonic()
+    known = boards()
+    if board is not None and board not in known:
+        raise FlashError("--board %s: unknown; known boards: %s" % (board, ", ".join(known)), 2)
+    app_path = Path(app) if app else FIRMWARE / "app.py"
+    if not app_path.is_file():
+        raise FlashError("--app %s: no such file" % app_path, 2)
+    cfg_path, cfg = load_device_config(config_dir, device)
+    log("microtun flash: %s -> %s" % (device, port))
+    log("  check   %s: ok (%d paths, policy %s, watchdog %s)" % (
+        _rel(cfg_path), len(cfg.paths), cfg.policy, "%d s" % (cfg.watchdog_ms // 1000) if cfg.watchdog_ms else "off"))
+
+    info = probe(port)
+    arch = ARCHS[(info["mpy"] >> 10) & 0x3F] if ((info["mpy"] >> 10) & 0x3F) < len(ARCHS) else "?"
+    found = match_board(known, info["platform"], info["machine"], arch)
+    if board is None:
+        if found is None:
+            raise FlashError("the board on %s (%s, %r, .mpy arch %s) matches no board in boards/; pass --board"
+                             % (port, info["platform"], info["machine"], arch), 2)
+        b = found
+    else:
+        b = known[board]
+        if b.platform != info["platform"]:
+            raise FlashError("--board %s is a %s board, but the board on %s says it runs %s (%r)"
+                             % (board, b.platform, port, info["platform"], info["machine"]), 2)
+    if info["mpy"] & 0xFF != MPY_VERSION:
+        raise FlashError("the board runs MicroPython with .mpy v%d (%s); ours are v%d: update it to 1.23 or later"
+                         % (info["mpy"] & 0xFF, info["version"], MPY_VERSION), 2)
+    if b.cryptolib and not info["cryptolib"]:
+        raise FlashError("board %s is declared with cryptolib, but this firmware has none; "
+                         "set CRYPTOLIB = False in boards/%s/board.py (ships the pure-Python AES)" % (b.name, b.name), 2)
+    log("  board   %s: %s, %r, .mpy v%d %s, %s KB free, %s B heap free" % (
+        b.name, info["version"].split(";")[0], info["machine"], info["mpy"] & 0xFF, arch,
+        "{:,}".format(info["free"] // 1024), "{:,}".format(info["mem_free"])))
+
+    safe_first = bool(cfg.watchdog_ms) if safe_first is None else safe_first
+    made_safe = False
+    if safe_first:
+        if "SAFE" in info["root"]:
+            log("  safe    the board already has a SAFE file: it stays")
+        else:
+            log("  safe    SAFE file + reset first, so a running watchdog cannot reset the board mid-copy")
+            mpremote(port, ["fs", "touch", ":SAFE", "+", "exec", "--no-follow", RESET], timeout=30)
+            made_safe = True
+            time.sleep(1.0)
+            wait_for_port(port, log)
+
+    with tempfile.TemporaryDirectory(prefix="microtun-flash-") as tmp:
+        files = build(b, Path(tmp) / b.name, frozen=frozen, log=log)
+        files += [(FIRMWARE / n, n) for n in FW_FILES]
+        files += [(app_path, "app.py"), (b.dir / "board.py", "board.py"), (cfg_path, "microtun.json")]
+        copy_and_verify(port, files, frozen, log)
 
     if made_safe:
         mpremote(port, ["exec", "import os\nos.remove('SAFE')"], timeout=30)
