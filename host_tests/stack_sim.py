@@ -5,7 +5,8 @@ hop probes, and applies the path's loss / delay / blackhole. Deterministic
 for a seed; a simulated hour runs in about a second on CPython."""
 from microtun import outer
 from microtun.config import DeviceConfig
-from microtun.endpoint import Gateway, DATA
+from microtun.endpoint import DATA
+from microtun.responder import Gateway
 from microtun.ticks import ticks_add, ticks_diff, TICKS_PERIOD
 from microtun.tunnel import TunnelCore
 from microtun.x25519 import public_key

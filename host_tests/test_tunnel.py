@@ -1,6 +1,7 @@
 """The inner tunnel end to end on a fake network and a fake clock that wraps
 during every test (issue 3). Both interpreters."""
-from microtun.endpoint import Device, Gateway, DATA, HANDSHAKE
+from microtun.endpoint import Device, DATA, HANDSHAKE
+from microtun.responder import Gateway
 from microtun import messages as m
 from tunnel_sim import Sim, pair, connected, fast_params, TO_GW, TO_DEV, DEV_KEY, GW_KEY, PSK
 from mtest import raises, Rng

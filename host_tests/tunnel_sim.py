@@ -4,7 +4,8 @@ Device and one Gateway that can lose, duplicate, delay and reorder datagrams.
 A `tap(direction, data)` hook sees every datagram sent and may return None
 (drop), the same bytes, or other bytes (tamper)."""
 from microtun.ticks import ticks_add, ticks_diff, TICKS_PERIOD
-from microtun.endpoint import Device, Gateway, DATA, HANDSHAKE
+from microtun.endpoint import Device, DATA, HANDSHAKE
+from microtun.responder import Gateway
 from microtun import timers
 from mtest import Rng
 

@@ -21,7 +21,8 @@ import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
-from microtun.endpoint import Gateway, Device  # noqa: E402
+from microtun.endpoint import Device  # noqa: E402
+from microtun.responder import Gateway  # noqa: E402
 from microtun.keypair import Keypair  # noqa: E402
 from microtun.x25519 import public_key  # noqa: E402
 

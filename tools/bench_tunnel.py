@@ -20,7 +20,8 @@ except ImportError:
     sys.path.insert(0, "tools")
     import benchutil as bu
 
-from microtun.endpoint import Device, Gateway
+from microtun.endpoint import Device
+from microtun.responder import Gateway
 from microtun.aead import AEAD
 from microtun.x25519 import x25519
 from microtun.ticks import ticks_add

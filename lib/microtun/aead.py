@@ -185,7 +185,7 @@ class CCM:
             raise ValueError("plaintext must be at most %d bytes" % ((1 << self._lbits) - 1))
         if self._lib is not None:
             ct = self._lib.encrypt(nonce, lead + plaintext if ll else plaintext, aad)
-            return head + ct if head else ct
+            return b"".join((head, ct)) if head else ct
         m = self.tag_size
         hl = len(head)
         w = self._grow(aad, n, hl)

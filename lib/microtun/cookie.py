@@ -58,19 +58,20 @@ class CookieChecker:
 
 
 class CookieJar:
-    """Initiator side: remembers the last cookie and the mac1 it answers."""
+    """Initiator side: remembers the last cookie. A device makes one when
+    the first COOKIE message arrives (this module is loaded only then)."""
 
     def __init__(self, responder_public):
         self._aead = AEAD(m.cookie_key(responder_public))
         self.cookie = None
         self._got = 0
-        self.last_mac1 = None
 
-    def consume(self, data, now):
-        """Process a COOKIE message; True if it held a valid cookie."""
-        if self.last_mac1 is None:
+    def consume(self, data, mac1, now):
+        """Process a COOKIE message answering the INIT whose mac1 is given;
+        True if it held a valid cookie."""
+        if mac1 is None:
             return False
-        cookie = self._aead.open(data[8:20], data[20:52], self.last_mac1)
+        cookie = self._aead.open(data[8:20], data[20:52], mac1)
         if cookie is None:
             return False
         self.cookie = cookie

@@ -82,13 +82,13 @@ class Session:
         self.next = None
         return dropped
 
-    def sealed(self, plaintext, now):
-        """Encrypt under the current keypair and note the send; None if there
-        is no usable keypair."""
+    def sealed(self, plaintext, now, lead=b""):
+        """Encrypt lead || plaintext under the current keypair and note the
+        send; None if there is no usable keypair."""
         kp = self.current
         if kp is None:
             return None
-        pkt = kp.seal(plaintext)
+        pkt = kp.seal(plaintext, lead)
         if pkt is None:
             return None
         self.last_sent = now

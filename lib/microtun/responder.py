@@ -1,0 +1,278 @@
+"""The responder: `Gateway`, the tunnel endpoint for many devices, indexed
+by receiver index, and its half of the handshake (reading INIT, writing
+RESPONSE). Same sans-I/O interface as microtun.endpoint.Device:
+
+    gw.receive_datagram(data, addr, now)     feed one datagram
+    gw.datagrams_to_send(now)                -> [(bytes, addr), ...]
+    gw.next_event()                          -> Event or None
+    gw.get_timer() / gw.handle_timer(now)
+    gw.add_peer(public, psk, name, channels) / gw.remove_peer(public)
+    gw.send(peer, channel, payload, now, route=None)
+
+Host-only in practice (microtun_host.gateway runs it on CPython), but it
+stays portable: the tests run it on the unix port too. A device never
+imports this module (docs/MEMORY.md).
+"""
+from microtun import messages as m
+from microtun import timers
+from microtun.cookie import CookieChecker
+from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, HANDSHAKE, EXPIRED
+from microtun.handshake import SUITE
+from microtun.keypair import Keypair
+from microtun.noise import HandshakeState, NoiseError
+from microtun.replay import GATEWAY_WINDOW
+from microtun.session import Session
+from microtun.ticks import ticks_add, ticks_diff
+
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+PATH_PROBE = const(1)        # channel 0: [1, path, seq(4), ticks(4), srtt(2)] -> answered with [2, ...]
+PATH_REPLY = const(2)
+PATH_PROBE_LEN = const(12)   # after the channel byte (microtun.paths.PROBE_LEN)
+PATH_FRESH_MS = const(900000)
+MAX_PATHS_PER_PEER = const(8)  # a device path seen this recently gets "critical" copies
+SWEEP_MS = const(1000)       # how often sessions are checked for expiry
+_NO_PSK = bytes(32)
+_REPLY = bytes((PATH_REPLY,))
+
+
+def read_initiation(data, static, ss_lookup, suite=SUITE):
+    """Decrypt an INIT whose mac1 was already checked. Returns
+    (HandshakeState, sender_index, freshness); raises NoiseError."""
+    hs = HandshakeState(suite, False, static, prologue=m.PROLOGUE, ss_lookup=ss_lookup)
+    fresh = hs.read_message(data[m.INIT_NOISE:m.INIT_MAC1])
+    if len(fresh) != m.FRESHNESS_LEN:
+        raise NoiseError("initiation payload is not a freshness value")
+    return hs, m.u32(data, 4), fresh
+
+
+def create_response(hs, psk, sender_index, receiver_index, mac1k, cookie):
+    """Responder: returns the RESPONSE message (hs must have read INIT).
+    psk None means no pre-shared key (32 zero bytes, as on the initiator)."""
+    hs.set_psk(psk if psk is not None else _NO_PSK)
+    body = (m.header(m.TYPE_RESPONSE) + sender_index.to_bytes(4, "big") +
+            receiver_index.to_bytes(4, "big") + hs.write_message(b""))
+    return m.finish(body, mac1k, cookie)[0]
+
+
+class Gateway(_Endpoint):
+    """The responder for many devices. `add_peer` registers a device's static
+    public key with its optional psk, name and allowed channels."""
+
+    def __init__(self, private_key, params=None, window=GATEWAY_WINDOW):
+        _Endpoint.__init__(self, private_key, params, window)
+        self.peers = {}                      # public key -> Session
+        self._mac1k = m.mac1_key(self.public_key)
+        self._cookies = CookieChecker(self.public_key)
+        self._load_window_start = None
+        self._load_count = 0
+        self.under_load = False              # the driver may force it
+        self._ka = {}                        # sessions owing a passive keepalive
+        self._sweep_at = None
+
+    # -- registry ----------------------------------------------------------
+    def add_peer(self, public, psk=None, name=None, channels=None):
+        """Register (or update) a device. channels: iterable of allowed
+        channel numbers, or None for all."""
+        public = _key32("public", public)
+        if psk is not None:
+            _key32("psk", psk)
+        chans = None if channels is None else frozenset(channels)
+        if chans is not None:
+            for c in chans:
+                if not isinstance(c, int) or not 0 <= c <= 255:
+                    raise ValueError("channels must be ints from 0 to 255")
+        s = self.peers.get(public)
+        if s is None:
+            s = self.peers[public] = Session(public, psk, name, chans)
+            s.paths = {}
+            s.path_rtt = {}
+        else:
+            if psk != s.psk:
+                self._drop_keys(s)           # a new psk invalidates the session
+            s.psk, s.name, s.channels = psk, name, chans
+        return s
+
+    def remove_peer(self, public):
+        """Revoke a device: its sessions end at once."""
+        s = self.peers.pop(bytes(public), None)
+        if s is not None:
+            self._drop_keys(s)
+        return s is not None
+
+    def _drop_keys(self, s):
+        self._forget(s.keypairs())
+        s.current = s.previous = s.next = None
+        s.keepalive_due = None
+
+    def send(self, peer_public, channel, payload, now, route=None):
+        """Send app data to a device over its session. route: None (the path
+        the device was last heard on), "critical" (a copy on every path the
+        device used within PATH_FRESH_MS; the device keeps the first), or an
+        address. Returns False (and counts `no_session`) if the device has
+        no usable session."""
+        _check_send(channel, payload)
+        s = peer_public if isinstance(peer_public, Session) else self.peers.get(bytes(peer_public))
+        if s is None:
+            raise ValueError("unknown peer")
+        pkt = None
+        if s.current is not None and not timers.is_expired(s.current, now, self.params):
+            pkt = self._sealed(s, channel, payload, now)
+        if pkt is None:
+            self._count("no_session")
+            return False
+        self._count("data_tx")
+        if route is None:
+            self._out.append((pkt, s.addr))
+        else:
+            for addr in self._routes(s, route, now):
+                self._out.append((pkt, addr))
+        return True
+
+    def _routes(self, s, route, now):
+        if route != "critical":
+            return (route,)
+        fresh = [a for a, seen in s.paths.items() if ticks_diff(now, seen) < PATH_FRESH_MS]
+        if s.addr is not None and s.addr not in fresh:
+            fresh.append(s.addr)
+        return fresh or (s.addr,)
+
+    # -- input ---------------------------------------------------------------
+    def receive_datagram(self, data, addr, now):
+        t = m.message_type(data)
+        if t == m.TYPE_TRANSPORT:
+            self._transport_in(data, addr, now)
+        elif t == m.TYPE_INIT:
+            self._init_in(data, addr, now)
+        elif t in (m.TYPE_RESPONSE, m.TYPE_COOKIE):
+            self._count("unexpected_message")
+        else:
+            self._count("malformed")
+
+    def _seen(self, s, addr, now):
+        paths = s.paths
+        if addr not in paths and len(paths) >= MAX_PATHS_PER_PEER:
+            oldest = None
+            for a in paths:
+                if oldest is None or ticks_diff(paths[a], paths[oldest]) < 0:
+                    oldest = a
+            del paths[oldest]
+            s.path_rtt.pop(oldest, None)
+        paths[addr] = now
+
+    def _data(self, s, ch, payload, addr, now):
+        if ch == CONTROL_CHANNEL:
+            if self._control(s, payload, addr, now):
+                self._on_authenticated(s)
+                return
+        elif s.channels is not None and ch not in s.channels:
+            self._count("channel_denied")
+            return
+        _Endpoint._data(self, s, ch, payload, addr, now)
+        self._on_authenticated(s)
+
+    def _control(self, s, payload, addr, now):
+        """Channel-0 messages the gateway answers itself; True if consumed."""
+        if len(payload) == PATH_PROBE_LEN and payload[0] == PATH_PROBE:
+            self._count("path_probe_rx")
+            r = (payload[10] << 8) | payload[11]
+            s.path_rtt[addr] = None if r == 0xFFFF else r   # the device's own measurement
+            pkt = self._sealed(s, CONTROL_CHANNEL, _REPLY + payload[1:], now)
+            if pkt is not None:
+                self._out.append((pkt, addr))   # answered on the path it came by
+            return True
+        return False
+
+    def _is_under_load(self, now):
+        if self._load_window_start is None or ticks_diff(now, self._load_window_start) >= 1000:
+            self._load_window_start = now
+            self._load_count = 0
+        self._load_count += 1
+        return self.under_load or self._load_count > self.params.under_load_per_s
+
+    def _ss_lookup(self, rs):
+        s = self.peers.get(bytes(rs))
+        if s is None:
+            raise NoiseError("unknown_peer")
+        return s.ss
+
+    def _init_in(self, data, addr, now):
+        # Cheap checks first: mac1 (no DH), then mac2 when under load.
+        if not m.check_mac(self._mac1k, data, m.INIT_MAC1):
+            self._count("bad_mac1")
+            return
+        if self._is_under_load(now) and not self._cookies.check_mac2(data, m.INIT_MAC2, addr, now):
+            self._count("cookie_sent")
+            self._out.append((self._cookies.reply(m.u32(data, 4), data[m.INIT_MAC1:m.INIT_MAC2], addr, now), addr))
+            return
+        try:
+            hs, sender, fresh = read_initiation(data, self._static, self._ss_lookup)
+        except NoiseError as e:
+            self._count("unknown_peer" if str(e) == "unknown_peer" else "handshake_failed")
+            return
+        s = self.peers.get(hs.rs)
+        if s is None:       # revoked between lookup and here: impossible, but never trust it
+            self._count("unknown_peer")
+            return
+        if s.ss is None:
+            s.ss = hs.ss
+        if s.last_freshness is not None and fresh <= s.last_freshness:
+            self._count("stale_handshake")
+            return
+        p = self.params
+        if s.last_init_at is not None and ticks_diff(now, s.last_init_at) < p.init_min_interval_ms:
+            self._count("handshake_flood")
+            return
+        idx = self._new_index(s, None)
+        resp = create_response(hs, s.psk, idx, sender, m.mac1_key(s.public_key), None)
+        recv_cs, send_cs = hs.split()
+        kp = Keypair(send_cs.k, recv_cs.k, idx, sender, False, now, self._window)
+        self._by_index[idx] = (s, kp)
+        s.last_freshness = fresh
+        s.last_init_at = now
+        self._forget(s.install(kp, now, as_next=True))
+        s.addr = addr
+        self._count("handshake_ok")
+        self._events.append(Event(HANDSHAKE, s))
+        self._out.append((resp, addr))
+
+    # -- timers ----------------------------------------------------------------
+    # A gateway holds many sessions, so it never scans them all per datagram:
+    # sessions owing a passive keepalive sit in a small dict, and expiry is a
+    # sweep once per SWEEP_MS.
+    def _on_authenticated(self, s):
+        if s.keepalive_due is not None:
+            self._ka[s] = True
+
+    def get_timer(self):
+        best = self._sweep_at
+        for s in self._ka:
+            d = s.keepalive_due
+            if d is not None and (best is None or ticks_diff(d, best) < 0):
+                best = d
+        return best
+
+    def handle_timer(self, now):
+        p = self.params
+        for s in list(self._ka):
+            if s.keepalive_due is None:
+                del self._ka[s]
+            elif timers.should_send_keepalive(s, now, p):
+                self._keepalive(s, now, s.addr)
+                del self._ka[s]
+        if self._sweep_at is None or ticks_diff(now, self._sweep_at) >= 0:
+            self._sweep_at = ticks_add(now, SWEEP_MS)
+            for s in list(self.peers.values()):
+                if s.paths:
+                    for a in [a for a, seen in s.paths.items() if ticks_diff(now, seen) >= PATH_FRESH_MS]:
+                        del s.paths[a]
+                        s.path_rtt.pop(a, None)
+                had = s.current is not None or s.next is not None
+                if had:
+                    self._session_timers(s, now, s.addr)
+                    if s.current is None and s.next is None:
+                        self._events.append(Event(EXPIRED, s))
