@@ -104,7 +104,7 @@ def start_watchdog(fw, ms):
         ms = top
     try:
         from machine import WDT
-    except ImportError:
+    except (ImportError, AttributeError):
         fw.log("warn", "watchdog_s is set but this port has no machine.WDT; running without it")
         return
     fw.wdt = WDT(timeout=ms)
