@@ -225,6 +225,14 @@ def test_ctrl_c_while_running_drops_to_the_repl(tmp_path, running):
     assert "Traceback" not in fw.text
 
 
+def test_watchdog_is_opt_in_and_missing_on_the_unix_port(tmp_path, running):
+    d = make_board(tmp_path / "board", device_config(watchdog_s=5))
+    fw = running(d)
+    fw.wait_for(r"microtun warn: watchdog_s is set but this port has no machine\.WDT; running without it", 10)
+    fw.wait_for(r"network up", 5)
+    assert "watchdog_s is set" in (d / "microtun.log").read_text()
+
+
 # -- fatal errors -------------------------------------------------------------------------------------
 CRASHING_APP = """
 class App:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 sys.path.insert(0, str(HERE))
 
 from microtun_host import flash                  # noqa: E402
-from test_firmware import Rig, WORKING_HEAP      # noqa: E402
+from test_firmware import Rig, WORKING_HEAP, make_board      # noqa: E402
 
 PY = sys.executable
 BOARD_API = ("network_up", "network_ok", "safe_button", "led", "temperature")
@@ -159,6 +159,26 @@ def test_flash_refuses_what_it_cannot_do(tmp_path, rig, vboards):
     r = microtun_flash("--port", vb.port, "--device", "dev1", "--config-dir", deploy, "--board", "rpi_pico_w")
     assert r.returncode == 2 and "--board rpi_pico_w is a rp2 board, but the board on" in r.stderr, r.stderr
     assert not (tmp_path / "board" / "microtun.json").exists()
+
+
+def test_watchdog_config_is_flashed_through_safe_mode(tmp_path, vboards):
+    """A running watchdog would reset the board mid-copy: flash goes through
+    SAFE + reset first when the config it flashes turns the watchdog on."""
+    deploy = tmp_path / "deploy"
+    (deploy / "devices").mkdir(parents=True)
+    cfg = {"name": "wd", "private_key": "11" * 32, "gateway_public_key": "22" * 32,
+           "paths": [{"name": "a", "pop": "127.0.0.1:9", "label": 7, "rx_label": 8, "hop_key": "33" * 32}],
+           "watchdog_s": 5, "firmware": {"boot_window_ms": 0}}
+    (deploy / "devices" / "wd.json").write_text(json.dumps(cfg))
+    make_board(tmp_path / "board", cfg)                     # firmware already there, watchdog on
+    vb = vboards(tmp_path / "board")
+    r = microtun_flash("--port", vb.port, "--device", "wd", "--config-dir", str(deploy))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "watchdog 5 s" in r.stdout
+    assert "safe    SAFE file + reset first" in r.stdout and "safe    SAFE file removed" in r.stdout
+    assert not (tmp_path / "board" / "SAFE").exists()
+    m = vb.wait_console(r"safe mode: the file SAFE exists", 5)      # the copy ran in safe mode
+    vb.wait_console(r"watchdog_s is set but this port has no machine\.WDT", 10, start=m.end())  # then for real
 
 
 def test_vboard_behaves_like_a_board(tmp_path, vboards):
