@@ -1,0 +1,486 @@
+"""Memory benchmark (issues 2, 3, 5/6): prints one JSON object.
+
+    python tools/bench_memory.py            # everything, ~1 minute
+    python tools/bench_memory.py --quick    # no bisection
+
+Runs on CPython and measures the MicroPython unix port (64-bit: objects are
+about twice their size on a 32-bit board). The portable package is
+precompiled with mpy-cross into a temporary directory first, exactly as
+`microtun flash` builds it for a board (bytecode only, `-s microtun/X.py`):
+compiling .py files on the device needs far more heap than running them.
+
+- import: heap each device module costs when imported in dependency order
+  (module by module, after gc.collect(); new qstrs and their string bytes
+  too: the qstr pools grow in steps, so a module that happens to trigger a
+  new pool looks expensive), and the total of the device import set (what
+  microtun.driver and microtun.config import);
+- endpoint: a microtun.endpoint.Device with an established session and a
+  1024-packet window, driven over a pipe by a CPython gateway
+  (host_tests/heap_device.py): heap in use, bytes allocated per packet sent
+  and received (64 and 1200 bytes of app data);
+- core: the same for the whole device stack, microtun.tunnel.TunnelCore
+  with two paths (outer framing, path probes) behind a simulated first PoP;
+- min_heapsize: the smallest `-X heapsize` (bytes, found by bisection to
+  256 bytes, each candidate a fresh process) in which each scenario
+  completes: "crypto" (import aead and x25519, seal, open, one X25519),
+  "endpoint" and "core".
+
+tests use the same functions: host_tests/test_crypto_heap.py and
+host_tests/test_device_heap.py.
+"""
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LIB = ROOT / "lib"
+PKG = LIB / "microtun"
+DEVICE_SCRIPT = ROOT / "host_tests" / "heap_device.py"
+sys.path.insert(0, str(LIB))
+
+from microtun import outer  # noqa: E402
+from microtun.responder import Gateway  # noqa: E402
+from microtun.x25519 import public_key  # noqa: E402
+
+ENTRY = ("config", "driver")   # what the firmware imports from the package
+SETS = {"device": ENTRY, "endpoint": ("endpoint",), "crypto": ("aead", "x25519")}
+DEV_KEY = bytes(range(1, 33))
+GW_KEY = bytes(range(101, 133))
+PSK = b"\x42" * 32
+GRAIN = 256                    # bisection resolution, bytes
+TIMEOUT = 120
+
+# Budgets (bytes of -X heapsize on the 64-bit unix port).
+TARGETS = {"crypto": 16 * 1024, "endpoint": 32 * 1024, "core": 48 * 1024}
+REQUIRED = {"core": 64 * 1024}
+
+CRYPTO_SCRIPT = """
+import gc
+def used():
+    gc.collect()
+    return gc.mem_alloc()
+steps = [("start", used())]
+from microtun.aead import AEAD
+steps.append(("import_aead", used()))
+from microtun.x25519 import x25519, public_key
+steps.append(("import_x25519", used()))
+a = AEAD(bytes(range(32)))
+msg = b"sensor reading 42, all fine" * 4
+sealed = a.seal(bytes(12), msg, b"header")
+steps.append(("AEAD+seal", used()))
+assert a.open(bytes(12), sealed, b"header") == msg
+assert a.open(bytes(12), sealed, b"tampered") is None
+steps.append(("open", used()))
+shared = x25519(bytes(range(32)), public_key(bytes(range(1, 33))))
+assert len(shared) == 32
+steps.append(("x25519", used()))
+print("HEAP", " ".join("%s=%d" % s for s in steps))
+print("COMPLETED")
+"""
+
+IMPORT_HEAD = """
+import gc
+import micropython
+def used():
+    gc.collect()
+    return gc.mem_alloc()
+print("START %d" % used())
+micropython.qstr_info()
+"""
+# One literal import statement per module, as the firmware imports them. (No
+# long command-line arguments: the unix port interns each one as a qstr, and
+# one over 255 characters kills it with "FATAL: uncaught NLR".)
+IMPORT_STEP = """
+b = used()
+import %s
+print("M %s %%d" %% (used() - b))
+micropython.qstr_info()
+"""
+
+
+# -- tools ------------------------------------------------------------------------
+def _exe(name, env):
+    exe = os.environ.get(env)
+    if exe:
+        return exe
+    cand = Path(sys.executable).with_name(name)
+    if cand.exists():
+        return str(cand)
+    cand = ROOT / ".venv" / "bin" / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit("%s not found: run `make setup`" % name)
+    return found
+
+
+def micropython_exe():
+    return _exe("micropython", "MICROPYTHON")
+
+
+def mpy_cross_exe():
+    return _exe("mpy-cross", "MPY_CROSS")
+
+
+def _mpy(src, dst, name):
+    subprocess.run([mpy_cross_exe(), "-s", name, "-o", str(dst), str(src)], check=True, capture_output=True)
+
+
+def build(out):
+    """Compile the package, the device script and the crypto script into
+    out/lib; returns out. The unix port runs in out with MICROPYPATH=lib, so
+    a module's __file__ (a qstr) is "lib/microtun/x.mpy" whatever out is,
+    about as long as on a board."""
+    out = Path(out)
+    lib = out / "lib"
+    (lib / "microtun").mkdir(parents=True, exist_ok=True)
+    for src in sorted(PKG.glob("*.py")):
+        _mpy(src, lib / "microtun" / (src.stem + ".mpy"), "microtun/" + src.name)
+    _mpy(DEVICE_SCRIPT, lib / "heap_device.mpy", "heap_device.py")
+    scripts = [("crypto_heap", CRYPTO_SCRIPT)]
+    for name, entry in SETS.items():
+        names = _import_names(device_modules(entry))
+        scripts.append(("import_" + name, IMPORT_HEAD + "".join(IMPORT_STEP % (m, m) for m in names)))
+    for name, text in scripts:
+        (lib / (name + ".py")).write_text(text)
+        _mpy(lib / (name + ".py"), lib / (name + ".mpy"), name + ".py")
+        (lib / (name + ".py")).unlink()
+    return out
+
+
+def _top_level(nodes):
+    """The statements that run when a module is imported: everything but
+    function bodies."""
+    for node in nodes:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            yield from _top_level(getattr(node, field, ()))
+
+
+def _imports(name):
+    """The microtun modules importing `name` loads (imports inside functions
+    run later, if ever: a device loads microtun.cookie only when a cookie
+    arrives; `microtun flash` still ships such modules)."""
+    mods = set()
+    for node in _top_level(ast.parse((PKG / (name + ".py")).read_text()).body):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "microtun":
+                mods.update(a.name for a in node.names)
+            elif node.module.startswith("microtun."):
+                mods.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            mods.update(a.name.split(".")[1] for a in node.names if a.name.startswith("microtun."))
+    return sorted(m for m in mods if (PKG / (m + ".py")).is_file() and m != name)
+
+
+def device_modules(entry=ENTRY):
+    """The modules importing the entry modules loads, in dependency order
+    (dependencies first)."""
+    order = []
+    seen = set()
+
+    def visit(m):
+        if m in seen:
+            return
+        seen.add(m)
+        for d in _imports(m):
+            visit(d)
+        order.append(m)
+
+    for m in entry:
+        visit(m)
+    return order
+
+
+def run_mp(out, args, heapsize=None, stdin=None, timeout=TIMEOUT):
+    cmd = [micropython_exe()]
+    if heapsize:
+        cmd += ["-X", "heapsize=%d" % heapsize]
+    return subprocess.run(cmd + args, input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env={"MICROPYPATH": "lib"}, cwd=str(out))
+
+
+def heap_k(n):
+    return None if n is None else round(n / 1024, 2)
+
+
+# -- scenarios --------------------------------------------------------------------
+def _import_names(modules):
+    return ["microtun"] + ["microtun." + m for m in modules if m != "__init__"]
+
+
+def import_costs(out, which="device"):
+    """[(module, heap bytes, new qstrs, new qstr string bytes, .mpy bytes)]
+    for the modules of SETS[which] imported one after the other (the package
+    first); the qstr pool figures before and after."""
+    p = run_mp(out, ["-m", "import_" + which])
+    if p.returncode:
+        raise RuntimeError(p.stderr or p.stdout)
+    rows = []
+    pools = []
+    for line in p.stdout.splitlines():
+        q = re.match(r"qstr pool: n_pool=(\d+), n_qstr=(\d+), n_str_data_bytes=(\d+), n_total_bytes=(\d+)", line)
+        if q:
+            pools.append(tuple(int(x) for x in q.groups()))
+        elif line.startswith("M "):
+            _, m, n = line.split()
+            rows.append([m[len("microtun."):] or "__init__", int(n)])
+    res = []
+    for i, (m, n) in enumerate(rows):
+        before, after = pools[i], pools[i + 1]
+        res.append((m, n, after[1] - before[1], after[2] - before[2],
+                    (out / "lib" / "microtun" / (m + ".mpy")).stat().st_size))
+    return res, pools[0], pools[-1]
+
+
+def run_crypto(out, heapsize):
+    """(completed, {step: heap in use}) for the crypto script; RuntimeError
+    if it failed for another reason than a MemoryError."""
+    p = run_mp(out, ["-m", "crypto_heap"], heapsize)
+    steps = {}
+    m = re.search(r"^HEAP (.*)$", p.stdout, re.M)
+    if m:
+        steps = {k: int(v) for k, v in (kv.split("=") for kv in m.group(1).split())}
+    ok = "COMPLETED" in p.stdout
+    if not ok and "MemoryError" not in p.stdout + p.stderr:
+        raise RuntimeError("crypto script failed: " + (p.stdout + p.stderr)[-400:])
+    return ok, steps
+
+
+class DeviceProcess:
+    """A heap_device.py process and the CPython side of its pipe."""
+
+    def __init__(self, out, mode, args, heapsize=None):
+        cmd = [micropython_exe()]
+        if heapsize:
+            cmd += ["-X", "heapsize=%d" % heapsize]
+        self.mode = mode
+        self.proc = subprocess.Popen(cmd + ["-m", "heap_device", mode] + list(args),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={"MICROPYPATH": "lib"}, cwd=str(out))
+        self.received = 0           # app messages the device delivered
+
+    def _lines(self):
+        got = []
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise EOFError(self.proc.stderr.read()[-400:])
+            if line.startswith("K"):
+                return got
+            if line.startswith("D "):
+                _, i, h = line.split()
+                got.append((int(i), bytes.fromhex(h)))
+            elif line.startswith("E "):
+                self.received += 1
+
+    def start(self):
+        return self._lines()
+
+    def command(self, line, extra=()):
+        self.proc.stdin.write(line + "\n")
+        for x in extra:
+            self.proc.stdin.write(x + "\n")
+        self.proc.stdin.flush()
+        return self._lines()
+
+    def finish(self):
+        self.proc.stdin.write("Q\n")
+        self.proc.stdin.flush()
+        out, err = self.proc.communicate(timeout=TIMEOUT)
+        for line in out.splitlines():
+            if line.startswith("R "):
+                return json.loads(line[2:])
+        raise EOFError(err[-400:])
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def core_config(n_paths=2):
+    paths = [{"name": "p%d" % i, "pop": "127.0.0.1:%d" % (7000 + i), "label": 100 + i,
+              "rx_label": 200 + i, "hop_key": (bytes([i + 1]) * 32).hex()} for i in range(n_paths)]
+    return {"name": "dev", "private_key": DEV_KEY.hex(), "gateway_public_key": public_key(GW_KEY).hex(),
+            "psk": PSK.hex(), "paths": paths, "policy": "best"}
+
+
+class Far:
+    """The far side: the gateway, and for "core" the first PoP of each path."""
+
+    def __init__(self, cfg=None):
+        self.gw = Gateway(GW_KEY)
+        self.peer = self.gw.add_peer(public_key(DEV_KEY), psk=PSK)
+        self.now = 1000
+        self.cfg = cfg
+        self.keys = [outer.HopKey(bytes.fromhex(p["hop_key"])) for p in cfg["paths"]] if cfg else []
+        self.delivered = 0
+
+    def take(self, datagrams):
+        """Datagrams from the device in; returns the D lines for the device."""
+        lines = []
+        for i, data in datagrams:
+            if i < 0:
+                self.gw.receive_datagram(data, "dev", self.now)
+                continue
+            parsed = outer.parse(data)
+            if parsed is None or not outer.verify(self.keys[i], data):
+                raise AssertionError("the device sent a packet its PoP would drop")
+            ptype, label = parsed
+            if ptype == outer.TYPE_DATA:
+                self.gw.receive_datagram(data[outer.HEADER_LEN:], i, self.now)
+            elif ptype == outer.TYPE_HOP_PROBE:
+                reply = outer.probe_reply_payload(data[outer.HEADER_LEN:], 4, 40000 + i, bytes((10, 0, 0, 1)))
+                lines.append("D %d %s" % (i, outer.seal(outer.TYPE_HOP_PROBE_REPLY, label, self.keys[i], reply).hex()))
+        for data, addr in self.gw.datagrams_to_send(self.now):
+            if self.keys:
+                data = outer.seal(outer.TYPE_DATA, self.cfg["paths"][addr]["rx_label"], self.keys[addr], data)
+                lines.append("D %d %s" % (addr, data.hex()))
+            else:
+                lines.append("D -1 %s" % data.hex())
+        while True:
+            e = self.gw.next_event()
+            if e is None:
+                break
+            self.delivered += e.kind == "data" and e.channel == 1
+        return lines
+
+
+def exchange(dev, far, datagrams):
+    """Carry datagrams both ways until neither side has anything to send."""
+    while datagrams:
+        lines = far.take(datagrams)
+        datagrams = []
+        for line in lines:
+            datagrams += dev.command(line)
+
+
+def scenario(out, mode, heapsize=None, packets=20, size=64, count=True):
+    """Run one device scenario; the device's report (established, heap in use,
+    and with count=True bytes allocated per packet, counted with the GC off,
+    which needs more heap), or None if the device ran out of memory.
+    RuntimeError if it failed in any other way."""
+    if mode == "core":
+        cfg = core_config()
+        far = Far(cfg)
+        (Path(out) / "core.json").write_text(json.dumps(cfg))
+        args = ["core.json"]
+    else:
+        far = Far()
+        args = [DEV_KEY.hex(), public_key(GW_KEY).hex(), PSK.hex()]
+    dev = DeviceProcess(out, mode, args, heapsize)
+    try:
+        exchange(dev, far, dev.start())            # handshake
+        if mode == "core":
+            for _ in range(6):                       # path probes: both paths come up
+                far.now += 300
+                exchange(dev, far, dev.command("T 300"))
+        sent = dev.command("%s %d %d" % ("S" if count else "s", packets, size))
+        exchange(dev, far, sent)
+        for _ in range(packets):
+            far.gw.send(far.peer, 1, bytes(size), far.now)
+        lines = far.take([])
+        before = dev.received
+        exchange(dev, far, dev.command("%s %d" % ("B" if count else "b", len(lines)), lines))
+        report = dev.finish()
+    except (EOFError, BrokenPipeError, OSError) as e:
+        dev.kill()
+        err = str(e) + dev.proc.stderr.read()
+        if "MemoryError" in err:
+            return None
+        raise RuntimeError("%s device failed: %s" % (mode, err[-600:]))
+    finally:
+        dev.kill()
+    report["delivered_to_gateway"] = far.delivered
+    report["delivered_to_device"] = dev.received - before
+    ok = report["established"] and far.delivered == packets and report["delivered_to_device"] == packets
+    if not ok:
+        raise RuntimeError("%s device: %r, gateway %r" % (mode, report, far.gw.stats))
+    return report
+
+
+def min_heapsize(ok, lo=4096, hi=256 * 1024, repeat=3):
+    """The smallest heap size (multiple of GRAIN) in which ok(size) holds
+    `repeat` times in a row, found by bisection (assuming every larger size
+    works too); None if not even hi works. Repeated because the outcome near
+    the limit varies from run to run: random keys and indexes, and the
+    conservative scan of a C stack whose addresses change with ASLR."""
+    def always(h):
+        for _ in range(repeat):
+            if not ok(h):
+                return False
+        return True
+
+    if not always(hi):
+        return None
+    while hi - lo > GRAIN:
+        mid = (lo + hi) // 2 // GRAIN * GRAIN
+        if always(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def measure(out, bisect=True):
+    rows, start, end = import_costs(out)
+    res = {
+        "interpreter": "micropython unix port, 64-bit",
+        "mpy_bytes": sum(r[4] for r in rows),
+        "import": {
+            "per_module": {m: {"heap": n, "qstrs": q, "qstr_chars": c, "mpy": s} for m, n, q, c, s in rows},
+            "device_total": sum(r[1] for r in rows),
+            "modules": len(rows),
+            "qstrs": end[1] - start[1],
+            "qstr_pool_bytes": end[3] - start[3],
+        },
+    }
+    for which in ("endpoint", "crypto"):
+        rows, start, end = import_costs(out, which)
+        res["import"][which + "_total"] = sum(r[1] for r in rows)
+        res["import"][which + "_modules"] = [r[0] for r in rows]
+        res["import"][which + "_qstrs"] = end[1] - start[1]
+    crypto_ok, steps = run_crypto(out, None)
+    res["crypto_steps"] = steps if crypto_ok else None
+    for mode in ("endpoint", "core"):
+        r64 = scenario(out, mode)
+        r1200 = scenario(out, mode, size=1200)
+        res[mode] = {
+            "steady_heap": r64 and r64["steady_heap"],
+            "alloc_per_send_64": r64 and r64["per_send"],
+            "alloc_per_receive_64": r64 and r64["per_receive"],
+            "alloc_per_send_1200": r1200 and r1200["per_send"],
+            "alloc_per_receive_1200": r1200 and r1200["per_receive"],
+        }
+    if bisect:
+        mins = {
+            "crypto": min_heapsize(lambda h: run_crypto(out, h)[0]),
+            "endpoint": min_heapsize(lambda h: scenario(out, "endpoint", h, count=False) is not None),
+            "core": min_heapsize(lambda h: scenario(out, "core", h, count=False) is not None),
+        }
+        res["min_heapsize"] = mins
+        res["min_heapsize_k"] = {k: heap_k(v) for k, v in mins.items()}
+        res["targets_k"] = {k: heap_k(v) for k, v in TARGETS.items()}
+        res["meets_target"] = {k: v is not None and v <= TARGETS[k] for k, v in mins.items()}
+    return res
+
+
+def main(argv):
+    with tempfile.TemporaryDirectory(prefix="microtun-mpy-") as d:
+        out = build(d)
+        res = measure(out, bisect="--quick" not in argv)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
