@@ -225,8 +225,11 @@ class Forwarder:
             r = self._draining(label)
             if r is None:
                 return self._drop("unknown_label", addr)
-        if ptype == outer.TYPE_HOP_KEEPALIVE:
-            if len(data) != outer.HEADER_LEN:
+        if ptype == outer.TYPE_HOP_KEEPALIVE or ptype == outer.TYPE_HOP_PROBE:
+            # answered (probe) or not (keepalive) by this node; both are
+            # length-checked, authenticated and teach the sender's address
+            plen = len(data) - outer.HEADER_LEN
+            if plen > (0 if ptype == outer.TYPE_HOP_KEEPALIVE else outer.PROBE_MAX):
                 return self._drop("bad_probe", addr)
             if not outer.verify(r.in_key, data):
                 return self._drop(outer.DROP_BAD_MAC, addr)
@@ -234,17 +237,9 @@ class Forwarder:
             r.bytes += len(data)
             if r.learns and self.learned.get(label) != addr:
                 self._learn(label, addr)
-            self.keepalives += 1
-            return None
-        if ptype == outer.TYPE_HOP_PROBE:
-            if len(data) - outer.HEADER_LEN > outer.PROBE_MAX:
-                return self._drop("bad_probe", addr)
-            if not outer.verify(r.in_key, data):
-                return self._drop(outer.DROP_BAD_MAC, addr)
-            r.packets += 1
-            r.bytes += len(data)
-            if r.learns and self.learned.get(label) != addr:
-                self._learn(label, addr)
+            if ptype == outer.TYPE_HOP_KEEPALIVE:
+                self.keepalives += 1
+                return None
             family, port, ip = encode_source(addr)
             payload = outer.probe_reply_payload(data[outer.HEADER_LEN:], family, port, ip)
             self.probes += 1
