@@ -25,7 +25,6 @@ from microtun import timers
 from microtun.freshness import Freshness
 from microtun.handshake import create_initiation, read_response
 from microtun.keypair import Keypair
-from microtun.noise import NoiseError
 from microtun.rand import random_u32
 from microtun.replay import DEVICE_WINDOW
 from microtun.session import Session
@@ -277,15 +276,12 @@ class Device(_Endpoint):
             return
         hs = s.hs
         before = hs.dh_count
-        try:
-            remote = read_response(hs, data)
-            send_cs, recv_cs = hs.split()
-        except NoiseError:
-            self.dh_count += hs.dh_count - before
+        keys = read_response(hs, data)
+        self.dh_count += hs.dh_count - before
+        if keys is None:
             self._count("handshake_failed")
             return
-        self.dh_count += hs.dh_count - before
-        kp = Keypair(send_cs.k, recv_cs.k, s.hs_index, remote, True, now, self._window)
+        kp = Keypair(keys[1], keys[2], s.hs_index, keys[0], True, now, self._window)
         self._by_index[s.hs_index] = (s, kp)
         s.hs = None
         s.hs_attempts = 0

@@ -1,29 +1,103 @@
-"""The initiator's half of the handshake: building INIT and reading
-RESPONSE, the Noise IKpsk2 handshake (microtun.noise) framed with indexes
-and mac1/mac2 (microtun.messages). The responder's half (reading INIT,
-building RESPONSE) is in microtun.responder, which a device never loads.
+"""The initiator's half of the handshake, as a device runs it: building INIT
+and reading RESPONSE. The responder's half (reading INIT, building
+RESPONSE) is in microtun.responder, which a device never loads.
 
-Noise_IKpsk2_25519_AESCCM_SHA256, prologue "microtun v1":
+Noise_IKpsk2_25519_AESCCM_SHA256 (Noise rev 34 §7.5, §9), prologue
+"microtun v1", framed with indexes and mac1/mac2 (microtun.messages):
+
     INIT      -> e, es, s, ss        payload: 12-byte freshness value
     RESPONSE  <- e, ee, se, psk      payload: empty
+
+This is that one pattern written out straight, for the initiator only: the
+general Noise state machine (microtun.noise: CipherState, SymmetricState,
+HandshakeState for any suite) costs a board several times the heap. The
+responder uses microtun.noise, so every handshake the tests run checks this
+code against it; host_tests/test_handshake.py compares the bytes directly.
+
+The symmetric state of §5.2 is just (h, ck): MixHash(d) is h = HASH(h || d),
+MixKey(ikm) is ck, k = HKDF(ck, ikm). Every key of this pattern encrypts
+exactly once, so each ENCRYPT uses nonce 0 (§5.1: n starts at 0 after
+every InitializeKey).
 """
-from microtun.noise import HandshakeState, NoiseError, NOISE_IKPSK2_25519_AESCCM_SHA256
+from hashlib import sha256
+
 from microtun import messages as m
+from microtun.aead import AEAD
+from microtun.hmac import noise_hkdf
+from microtun.rand import random_bytes
+from microtun.x25519 import x25519, public_key
 
-SUITE = NOISE_IKPSK2_25519_AESCCM_SHA256
+# The protocol name is exactly HASHLEN (32) bytes, so h starts as the name
+# itself (§5.2 InitializeSymmetric), and so does ck.
+_NAME = b"Noise_IKpsk2_25519_AESCCM_SHA256"
+_NONCE0 = bytes(12)   # the AEAD nonce for n = 0 (§12.4 layout: 4 zero bytes, 64-bit n)
+_NO_PSK = bytes(32)
 
 
-def create_initiation(static, peer_public, psk, sender_index, freshness, mac1k, cookie, ss=None, suite=SUITE):
-    """Returns (HandshakeState, message, mac1)."""
-    hs = HandshakeState(suite, True, static, rs=peer_public, psk=psk, prologue=m.PROLOGUE, ss=ss)
-    body = m.header(m.TYPE_INIT) + sender_index.to_bytes(4, "big") + hs.write_message(freshness)
+def _mix_hash(h, data):
+    x = sha256(h)
+    x.update(data)
+    return x.digest()
+
+
+class Initiation:
+    """What the initiator keeps from INIT until RESPONSE: its static and
+    ephemeral private keys, h, ck and the psk. dh_count: X25519 operations
+    done for this handshake so far (the ephemeral key's included)."""
+
+    def __init__(self, s, e, h, ck, psk, dh_count):
+        self.s = s
+        self.e = e
+        self.h = h
+        self.ck = ck
+        self.psk = psk
+        self.dh_count = dh_count
+
+
+def create_initiation(static, peer_public, psk, sender_index, freshness, mac1k, cookie, ss=None, e=None):
+    """INIT for the responder whose static public key is peer_public.
+    static: our (private, public) pair; psk: 32 bytes or None (32 zero
+    bytes); ss: the cached DH(s, rs), computed when None; e: our ephemeral
+    private key, random when None (tests). Returns (Initiation, message,
+    mac1)."""
+    dh = 2
+    if e is None:
+        e = random_bytes(32)
+    epub = public_key(e)
+    h = _mix_hash(_mix_hash(_NAME, m.PROLOGUE), peer_public)    # prologue, pre-message s
+    h = _mix_hash(h, epub)                                       # e
+    ck, k = noise_hkdf(_NAME, epub, 2)                           # e, psk mode (§9.2)
+    ck, k = noise_hkdf(ck, x25519(e, peer_public), 2)            # es
+    enc_s = AEAD(k).seal(_NONCE0, static[1], h)                  # s
+    h = _mix_hash(h, enc_s)
+    if ss is None:
+        ss = x25519(static[0], peer_public)
+        dh += 1
+    ck, k = noise_hkdf(ck, ss, 2)                                # ss
+    enc_p = AEAD(k).seal(_NONCE0, freshness, h)                  # payload
+    h = _mix_hash(h, enc_p)
+    body = m.header(m.TYPE_INIT) + sender_index.to_bytes(4, "big") + epub + enc_s + enc_p
     msg, mac1 = m.finish(body, mac1k, cookie)
-    return hs, msg, mac1
+    return Initiation(static[0], e, h, ck, _NO_PSK if psk is None else psk, dh), msg, mac1
 
 
 def read_response(hs, data):
-    """Initiator: raises NoiseError if the RESPONSE does not authenticate."""
-    payload = hs.read_message(data[m.RESP_NOISE:m.RESP_MAC1])
-    if payload:
-        raise NoiseError("unexpected response payload")
-    return m.u32(data, 4)
+    """(remote index, send key, receive key) from a RESPONSE whose mac1
+    was checked, or None if it does not authenticate (a bad tag, a
+    low-order ephemeral key, a payload that is not empty). Never raises."""
+    re = bytes(data[m.RESP_NOISE:m.RESP_NOISE + 32])
+    h = _mix_hash(hs.h, re)                                      # e
+    ck = noise_hkdf(hs.ck, re, 2)[0]                             # e, psk mode
+    try:
+        hs.dh_count += 1
+        ck = noise_hkdf(ck, x25519(hs.e, re), 2)[0]              # ee
+        hs.dh_count += 1
+        ck = noise_hkdf(ck, x25519(hs.s, re), 2)[0]              # se
+    except ValueError:                                           # all-zero DH: a low-order point
+        return None
+    ck, t, k = noise_hkdf(ck, hs.psk, 3)                         # psk
+    h = _mix_hash(h, t)
+    if AEAD(k).open(_NONCE0, data[m.RESP_NOISE + 32:m.RESP_MAC1], h) != b"":
+        return None                                              # empty payload, or not authentic
+    send, recv = noise_hkdf(ck, b"", 2)                          # Split()
+    return m.u32(data, 4), send, recv

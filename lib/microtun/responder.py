@@ -17,9 +17,8 @@ from microtun import messages as m
 from microtun import timers
 from microtun.cookie import CookieChecker
 from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, HANDSHAKE, EXPIRED
-from microtun.handshake import SUITE
 from microtun.keypair import Keypair
-from microtun.noise import HandshakeState, NoiseError
+from microtun.noise import HandshakeState, NoiseError, NOISE_IKPSK2_25519_AESCCM_SHA256 as SUITE
 from microtun.replay import GATEWAY_WINDOW
 from microtun.session import Session
 from microtun.ticks import ticks_add, ticks_diff
