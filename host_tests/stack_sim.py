@@ -11,6 +11,7 @@ from microtun.ticks import ticks_add, ticks_diff, TICKS_PERIOD
 from microtun.tunnel import TunnelCore
 from microtun.x25519 import public_key
 from mtest import Rng
+from simloop import EventLoop
 
 START = TICKS_PERIOD - 2000
 DEV_KEY = bytes(range(1, 33))
@@ -36,7 +37,7 @@ def make_config(n_paths=2, policy="best", hop_keys=None):
     return DeviceConfig(d, "sim")
 
 
-class StackSim:
+class StackSim(EventLoop):
     def __init__(self, n_paths=2, policy="best", seed=1, nets=None, params=None):
         self.cfg = make_config(n_paths, policy)
         self.core = TunnelCore(self.cfg, 1, params=params)
@@ -46,9 +47,7 @@ class StackSim:
         self.nets = nets or [PathNet() for _ in range(n_paths)]
         self.keys = [outer.HopKey(p.hop_key) for p in self.cfg.paths]
         self.rng = Rng(seed)
-        self.now = START
-        self.q = []          # [time, seq, "gw"/"dev", path, bytes]
-        self.seq = 0
+        EventLoop.__init__(self, START)
         self.gw_rx = []      # ids of channel-1 messages delivered to the gateway app (small ints:
                              # the unix port's heap stays unfragmented)
         self.gw_other = 0    # deliveries on other channels
@@ -60,17 +59,13 @@ class StackSim:
     def _lost(self, p):
         return p > 0 and self.rng.below(1000000) < p * 1000000
 
-    def _push(self, t, to, i, data):
-        self.seq += 1
-        self.q.append([t, self.seq, to, i, data])
-
     def _collect(self):
         for i, pkt in self.core.datagrams_to_send(self.now):
             self.bytes_up += len(pkt)
             net = self.nets[i]
             if net.blackhole or self._lost(net.loss):
                 continue
-            self._push(ticks_add(self.now, net.delay), "pop", i, pkt)
+            self.push(net.delay, ("pop", i, pkt))
         for data, name in self.gw.datagrams_to_send(self.now):
             i = int(name[1:])
             pkt = outer.seal(outer.TYPE_DATA, self.cfg.paths[i].rx_label, self.keys[i], data)
@@ -78,7 +73,7 @@ class StackSim:
             net = self.nets[i]
             if net.blackhole or self._lost(net.down_loss):
                 continue
-            self._push(ticks_add(self.now, net.delay), "dev", i, pkt)
+            self.push(net.delay, ("dev", i, pkt))
         while True:
             e = self.gw.next_event()
             if e is None:
@@ -110,50 +105,18 @@ class StackSim:
             self.bytes_down += len(reply)
             net = self.nets[i]
             if not (net.blackhole or self._lost(net.down_loss)):
-                self._push(ticks_add(self.now, net.delay), "dev", i, reply)
+                self.push(net.delay, ("dev", i, reply))
         # other types (keepalives) end at the PoP
 
-    def _next_time(self):
-        best = None
-        for it in self.q:
-            if best is None or ticks_diff(it[0], best) < 0:
-                best = it[0]
-        for t in (self.core.get_timer(), self.gw.get_timer()):
-            if t is not None and (best is None or ticks_diff(t, best) < 0):
-                best = t
-        return best
+    def _deliver(self, item):
+        to, i, data = item
+        if to == "pop":
+            self._pop(i, data)
+        else:
+            self.core.receive(i, data, self.now)
 
-    def run(self, ms):
-        end = ticks_add(self.now, ms)
-        steps = 0
-        while True:
-            self._collect()
-            t = self._next_time()
-            if t is None or ticks_diff(t, end) > 0:
-                self.now = end
-                self._collect()
-                return
-            if ticks_diff(t, self.now) > 0:
-                self.now = t
-            steps += 1
-            if steps > 2000000:
-                raise AssertionError("simulation does not settle")
-            due = [it for it in self.q if ticks_diff(it[0], self.now) <= 0]
-            if due:
-                due.sort(key=lambda it: (ticks_diff(it[0], self.now), it[1]))
-                for it in due:
-                    self.q.remove(it)
-                for it in due:
-                    if it[2] == "pop":
-                        self._pop(it[3], it[4])
-                    else:
-                        self.core.receive(it[3], it[4], self.now)
-                continue
-            if ticks_diff(self.core.get_timer() or end, self.now) <= 0:
-                self.core.handle_timer(self.now)
-            t = self.gw.get_timer()
-            if t is not None and ticks_diff(t, self.now) <= 0:
-                self.gw.handle_timer(self.now)
+    def _timed(self):
+        return (self.core, self.gw)
 
     def connect(self):
         self.core.connect(self.now)

@@ -8,6 +8,7 @@ from microtun.endpoint import Device, DATA, HANDSHAKE
 from microtun.responder import Gateway
 from microtun import timers
 from mtest import Rng
+from simloop import EventLoop
 
 START = TICKS_PERIOD - 3000      # the clock wraps 3 s into every test
 
@@ -15,19 +16,17 @@ TO_GW = "to_gw"
 TO_DEV = "to_dev"
 
 
-class Sim:
+class Sim(EventLoop):
     def __init__(self, device, gateway, seed=1, loss=0.0, dup=0.0, delay=10, jitter=0, now=START):
         self.dev = device
         self.gw = gateway
-        self.now = now
+        EventLoop.__init__(self, now)
         self.rng = Rng(seed)
         self.loss = loss
         self.dup = dup
         self.delay = delay
         self.jitter = jitter
         self.tap = None
-        self.q = []                # [deliver_at, seq, direction, data]
-        self.seq = 0
         self.dev_events = []
         self.gw_events = []
         self.sent = {TO_GW: 0, TO_DEV: 0}
@@ -36,8 +35,7 @@ class Sim:
         return p > 0 and self.rng.below(1000000) < p * 1000000
 
     def inject(self, direction, data, delay=0):
-        self.seq += 1
-        self.q.append([ticks_add(self.now, delay), self.seq, direction, data])
+        self.push(delay, (direction, data))
 
     def _send(self, direction, data):
         self.sent[direction] += 1
@@ -68,48 +66,15 @@ class Sim:
                 break
             self.gw_events.append(e)
 
-    def _next_time(self):
-        best = None
-        for item in self.q:
-            if best is None or ticks_diff(item[0], best) < 0:
-                best = item[0]
-        for ep in (self.dev, self.gw):
-            t = ep.get_timer()
-            if t is not None and (best is None or ticks_diff(t, best) < 0):
-                best = t
-        return best
+    def _deliver(self, item):
+        direction, data = item
+        if direction == TO_GW:
+            self.gw.receive_datagram(data, "pop", self.now)
+        else:
+            self.dev.receive_datagram(data, None, self.now)
 
-    def run(self, ms):
-        """Advance the simulation by ms, processing everything due."""
-        end = ticks_add(self.now, ms)
-        steps = 0
-        while True:
-            self._collect()
-            t = self._next_time()
-            if t is None or ticks_diff(t, end) > 0:
-                self.now = end
-                self._collect()
-                return
-            if ticks_diff(t, self.now) > 0:
-                self.now = t
-            steps += 1
-            if steps > 200000:
-                raise AssertionError("simulation does not settle (busy timer?)")
-            due = [it for it in self.q if ticks_diff(it[0], self.now) <= 0]
-            if due:
-                due.sort(key=lambda it: (ticks_diff(it[0], self.now), it[1]))
-                for it in due:
-                    self.q.remove(it)
-                for it in due:
-                    if it[2] == TO_GW:
-                        self.gw.receive_datagram(it[3], "pop", self.now)
-                    else:
-                        self.dev.receive_datagram(it[3], None, self.now)
-                continue
-            for ep in (self.dev, self.gw):
-                t = ep.get_timer()
-                if t is not None and ticks_diff(t, self.now) <= 0:
-                    ep.handle_timer(self.now)
+    def _timed(self):
+        return (self.dev, self.gw)
 
     def data(self, events):
         return [(e.channel, bytes(e.data)) for e in events if e.kind == DATA]
