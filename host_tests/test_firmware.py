@@ -442,6 +442,7 @@ class Rig:
                 return self
             except control.ControlError:
                 if time.monotonic() > end or any(p.poll() is not None for p in self.procs):
+                    self.stop()          # the fixture never reaches its teardown: no PoP left behind
                     raise AssertionError("the gateway did not come up:\n" + (self.dir / "gateway.log").read_text())
 
     def status(self):
