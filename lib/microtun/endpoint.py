@@ -20,6 +20,8 @@ Peer input never raises: every bad datagram is dropped and counted under a
 named reason in `ep.stats` (docs/PROTOCOL.md lists them). API misuse raises
 ValueError.
 """
+from collections import namedtuple
+
 from microtun import messages as m
 from microtun import timers
 from microtun.freshness import Freshness
@@ -28,7 +30,7 @@ from microtun.keypair import Keypair
 from microtun.rand import random_u32
 from microtun.replay import DEVICE_WINDOW
 from microtun.session import Session
-from microtun.ticks import ticks_add
+from microtun.ticks import ticks_add, ticks_diff
 from microtun.x25519 import public_key, x25519
 
 try:
@@ -47,18 +49,10 @@ DATA = "data"             # app data: peer, channel, data
 EXPIRED = "expired"       # a peer's keys were wiped after a long silence: peer
 
 
-class Event:
-    __slots__ = ("kind", "peer", "channel", "data", "addr")
-
-    def __init__(self, kind, peer, channel=None, data=None, addr=None):
-        self.kind = kind
-        self.peer = peer
-        self.channel = channel
-        self.data = data
-        self.addr = addr          # where the datagram came from (opaque)
-
-    def __repr__(self):
-        return "Event(%s, ch=%s, %s)" % (self.kind, self.channel, self.data)
+# What next_event() returns: kind (above), peer (the Session), and for DATA
+# the channel, the data and the addr it came from (else None). A namedtuple:
+# made in C with no per-object dict, which matters once per packet.
+Event = namedtuple("Event", ("kind", "peer", "channel", "data", "addr"))
 
 
 def _key32(name, v):
@@ -86,7 +80,7 @@ class _Endpoint:
         self._out = []
         self._events = []
         self._by_index = {}       # local index -> (Session, Keypair or None for a pending hs)
-        self._ch = bytearray(1)   # the channel byte of the packet being sent or opened
+        self._ch = bytearray(1)   # the channel byte of the packet being opened
         self.stats = {}
 
     # -- shared plumbing ---------------------------------------------------
@@ -100,8 +94,8 @@ class _Endpoint:
                 self._by_index[i] = (session, kp)
                 return i
 
-    def _forget(self, kps):
-        for kp in kps:
+    def _forget(self, keypairs):
+        for kp in keypairs:
             self._by_index.pop(kp.local_index, None)
 
     def datagrams_to_send(self, now=None):
@@ -115,12 +109,14 @@ class _Endpoint:
         return None
 
     def _transport_in(self, data, addr, now):
-        entry = self._by_index.get(m.u32(data, 4))
+        """A TRANSPORT message: its session if it authenticated, else None
+        (dropped and counted)."""
+        entry = self._by_index.get((data[4] << 24) | (data[5] << 16) | (data[6] << 8) | data[7])   # no slice
         if entry is None or entry[1] is None:
             self._count("unknown_index")
             return
         s, kp = entry
-        if timers.is_expired(kp, now, self.params):
+        if ticks_diff(now, kp.created) >= self.params.reject_after_ms:   # timers.is_expired
             self._count("expired_key")
             return
         # An empty plaintext is a keepalive; anything else starts with the
@@ -135,25 +131,16 @@ class _Endpoint:
             if dropped is not None:
                 self._forget((dropped,))
         s.addr = addr
-        self._seen(s, addr, now)
         s.received(len(data), not keepalive, now, self.params)
         if keepalive:
             self._count("keepalive_rx")
         else:
             self._data(s, self._ch[0], pt, addr, now)
+        return s
 
-    def _seen(self, s, addr, now):
-        """Any authenticated packet from s arrived at addr."""
-
-    def _data(self, s, ch, payload, addr, now):
+    def _data(self, s, channel, payload, addr, now):
         self._count("data_rx")
-        self._events.append(Event(DATA, s, ch, payload, addr))
-
-    def _sealed(self, s, channel, payload, now):
-        """A transport packet with channel || payload, or None."""
-        lead = self._ch
-        lead[0] = channel
-        return s.sealed(payload, now, lead)
+        self._events.append(Event(DATA, s, channel, payload, addr))
 
     def _keepalive(self, s, now, addr):
         s.keepalive_due = None
@@ -179,7 +166,7 @@ class Device(_Endpoint):
         gw = _key32("gateway_public", gateway_public)
         if psk is not None:
             _key32("psk", psk)
-        self.session = Session(gw, psk=psk, name="gateway", initiator=True)
+        self.session = Session(gw, psk, None, True)
         self._fresh = Freshness(boot_counter)
         self._mac1k = m.mac1_key(gw)
         self._mac1k_resp = m.mac1_key(self.public_key)
@@ -213,14 +200,14 @@ class Device(_Endpoint):
         until the session is up; False if the hold queue is full (counted
         as `queue_full`)."""
         _check_send(channel, payload)
-        self._fresh.observe(now)
         self._wanted = True
         s = self.session
         p = self.params
-        if s.current is not None and not timers.is_expired(s.current, now, p):
+        kp = s.current
+        if kp is not None and ticks_diff(now, kp.created) < p.reject_after_ms:   # not timers.is_expired
             if timers.should_rekey_on_send(s, now, p):
                 self._initiate(now)
-            pkt = self._sealed(s, channel, payload, now)
+            pkt = s.sealed(payload, now, channel)
             if pkt is not None:
                 self._out.append((pkt, route))
                 self._count("data_tx")
@@ -253,14 +240,24 @@ class Device(_Endpoint):
         self._out.append((msg, None))
 
     def receive_datagram(self, data, addr, now):
-        self._fresh.observe(now)
         t = m.message_type(data)
         if t == m.TYPE_TRANSPORT:
             self._transport_in(data, addr, now)
-        elif t == m.TYPE_RESPONSE:
+            return
+        self._fresh.observe(now)
+        if t == m.TYPE_RESPONSE:
             self._response_in(data, addr, now)
         elif t == m.TYPE_COOKIE:
-            self._cookie_in(data, now)
+            # The gateway is under load and wants mac2 on our retry. Rare:
+            # the cookie code is loaded, and its AEAD made, only now.
+            s = self.session
+            if s.hs is None or m.u32(data, 4) != s.hs_index:
+                self._count("unknown_index")
+                return
+            if self._cookies is None:
+                from microtun.cookie import CookieJar
+                self._cookies = CookieJar(s.public_key)
+            self._count("cookie_rx" if self._cookies.consume(data, self._mac1, now) else "bad_cookie")
         elif t == m.TYPE_INIT:
             self._count("unexpected_init")
         else:
@@ -289,35 +286,20 @@ class Device(_Endpoint):
         s.addr = addr
         s.received(len(data), False, now, self.params)
         self._count("handshake_ok")
-        self._events.append(Event(HANDSHAKE, s))
-        self._flush(now)
-
-    def _flush(self, now):
-        s = self.session
+        self._events.append(Event(HANDSHAKE, s, None, None, None))
+        # What the app sent meanwhile goes now; with nothing, a keepalive
+        # confirms the new keys to the responder.
         q = self._queue
         self._queue = []
-        sent = 0
+        sent = False
         for ch, payload, route in q:
-            pkt = self._sealed(s, ch, payload, now)
+            pkt = s.sealed(payload, now, ch)
             if pkt is not None:
                 self._out.append((pkt, route))
                 self._count("data_tx")
-                sent += 1
+                sent = True
         if not sent:
-            self._keepalive(s, now, None)   # confirms the new keys to the responder
-
-    def _cookie_in(self, data, now):
-        s = self.session
-        if s.hs is None or m.u32(data, 4) != s.hs_index:
-            self._count("unknown_index")
-            return
-        if self._cookies is None:
-            from microtun.cookie import CookieJar
-            self._cookies = CookieJar(s.public_key)
-        if self._cookies.consume(data, self._mac1, now):
-            self._count("cookie_rx")
-        else:
-            self._count("bad_cookie")
+            self._keepalive(s, now, None)
 
     def get_timer(self):
         return self.session.deadline(self.params)

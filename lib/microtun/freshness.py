@@ -18,7 +18,6 @@ except ImportError:
     def const(x):
         return x
 
-_BOOT_KEY = "boot"
 _MAX_BOOT = const(0xFFFFFFFF)
 
 
@@ -29,7 +28,7 @@ def next_boot_counter(storage):
     the stored value is corrupt (the driver decides whether to reset it) and
     lets the storage's own errors through: without a persisted counter,
     reconnects after a reboot may be refused for a while."""
-    raw = storage.read(_BOOT_KEY)
+    raw = storage.read("boot")
     if raw is None:
         n = 0
     elif len(raw) == 4:
@@ -39,7 +38,7 @@ def next_boot_counter(storage):
     if n >= _MAX_BOOT:
         raise ValueError("boot counter exhausted; re-provision this device's keys")
     n += 1
-    storage.write(_BOOT_KEY, n.to_bytes(4, "big"))
+    storage.write("boot", n.to_bytes(4, "big"))
     return n
 
 

@@ -2,25 +2,24 @@
 written for MicroPython's hashlib: no copy(), one digest() per object."""
 import hashlib
 
-_BLOCK = 64
+
+def _pad(key, v):
+    # The key XOR v, zero-padded to SHA-256's 64-byte block (RFC 2104 §2).
+    return bytes(k ^ v for k in key) + bytes(v for _ in range(64 - len(key)))
 
 
-def _xor_pad(key, pad):
-    return bytes(k ^ pad for k in key) + bytes(pad for _ in range(_BLOCK - len(key)))
-
-
-def hmac_sha256(key, msg, msg2=None):
-    """HMAC-SHA256(key, msg [+ msg2]). msg2 lets callers MAC two buffers
+def hmac_sha256(key, data, more=None):
+    """HMAC-SHA256(key, data [+ more]). `more` lets callers MAC two buffers
     without concatenating them."""
-    if len(key) > _BLOCK:
+    if len(key) > 64:
         key = hashlib.sha256(key).digest()
-    inner = hashlib.sha256(_xor_pad(key, 0x36))
-    inner.update(msg)
-    if msg2 is not None:
-        inner.update(msg2)
-    outer = hashlib.sha256(_xor_pad(key, 0x5C))
-    outer.update(inner.digest())
-    return outer.digest()
+    h = hashlib.sha256(_pad(key, 0x36))
+    h.update(data)
+    if more is not None:
+        h.update(more)
+    o = hashlib.sha256(_pad(key, 0x5C))
+    o.update(h.digest())
+    return o.digest()
 
 
 def hkdf_extract(salt, ikm):
@@ -28,33 +27,34 @@ def hkdf_extract(salt, ikm):
     return hmac_sha256(salt if salt else bytes(32), ikm)
 
 
-def hkdf_expand(prk, info, length):
-    """RFC 5869 §2.3."""
-    if length > 255 * 32:
-        raise ValueError("hkdf length must be at most 8160 bytes, got %d" % length)
+def hkdf_expand(prk, info, n):
+    """RFC 5869 §2.3: n bytes of output keying material."""
+    if n > 255 * 32:
+        raise ValueError("hkdf length must be at most 8160 bytes, got %d" % n)
     out = b""
     t = b""
     i = 1
-    while len(out) < length:
+    while len(out) < n:
         t = hmac_sha256(prk, t + info + bytes((i,)))
         out += t
         i += 1
-    return out[:length]
+    return out[:n]
 
 
-def hkdf(salt, ikm, info, length):
+def hkdf(salt, ikm, info, n):
     """RFC 5869 extract-then-expand."""
-    return hkdf_expand(hkdf_extract(salt, ikm), info, length)
+    return hkdf_expand(hkdf_extract(salt, ikm), info, n)
 
 
-def noise_hkdf(chaining_key, ikm, n):
-    """Noise rev 34 §4.3 HKDF: returns n (2 or 3) 32-byte outputs."""
-    temp = hmac_sha256(chaining_key, ikm)
-    o1 = hmac_sha256(temp, b"\x01")
-    o2 = hmac_sha256(temp, o1 + b"\x02")
+def noise_hkdf(key, ikm, n):
+    """Noise rev 34 §4.3 HKDF(chaining_key, input_key_material): n (2 or 3)
+    32-byte outputs."""
+    t = hmac_sha256(key, ikm)
+    o1 = hmac_sha256(t, b"\x01")
+    o2 = hmac_sha256(t, o1, b"\x02")
     if n == 2:
         return o1, o2
-    return o1, o2, hmac_sha256(temp, o2 + b"\x03")
+    return o1, o2, hmac_sha256(t, o2, b"\x03")
 
 
 def ct_equal(a, b):

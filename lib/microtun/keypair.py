@@ -5,25 +5,23 @@ The 64-bit counter is the AEAD nonce (4 zero bytes || counter, big-endian,
 exactly the counter bytes of the header) and the dedup/anti-replay sequence
 number: the window is checked before decrypting and marked after.
 """
+from struct import pack_into
+
 from microtun.aead import AEAD
 from microtun.replay import ReplayWindow, REJECT_AFTER_MESSAGES
 
-# open() results besides the plaintext
-DUPLICATE = "duplicate"
-REPLAY = "replay"
-DECRYPT_FAILED = "decrypt_failed"
-
 # Scratch for the packet being sealed or opened, shared by every keypair
-# (one thread): the header type|0|0|0|receiver|counter and the nonce
-# 0000|counter. The AEAD copies them, so nothing per packet is allocated
-# for either.
+# (one thread): the header type|0|0|0|receiver|counter, the nonce
+# 0000|counter and the channel byte. The AEAD copies them, so nothing per
+# packet is allocated for any of them.
 _HEAD = bytearray(b"\x04\x00\x00\x00" + bytes(12))
 _NONCE = bytearray(12)
+_LEAD = bytearray(1)
 
 
 class Keypair:
     __slots__ = ("send_aead", "recv_aead", "local_index", "remote_index", "_remote_b",
-                 "send_counter", "window", "created", "initiator", "received_any")
+                 "send_counter", "window", "created", "initiator")
 
     def __init__(self, send_key, recv_key, local_index, remote_index, initiator, created, window_size):
         self.send_aead = AEAD(send_key)
@@ -35,37 +33,39 @@ class Keypair:
         self.window = ReplayWindow(window_size)
         self.created = created
         self.initiator = initiator
-        self.received_any = False
 
-    def seal(self, plaintext, lead=b""):
-        """A TRANSPORT message carrying lead || plaintext (lead: the channel
-        byte, sealed without concatenating it to the payload), or None when
-        the counter space is used up (the caller must rekey)."""
+    def seal(self, plaintext, channel=-1):
+        """A TRANSPORT message carrying channel || plaintext (the channel
+        byte sealed without concatenating it to the payload; none when
+        channel is -1: a keepalive), or None when the counter space is used
+        up (the caller must rekey)."""
         n = self.send_counter
         if n >= REJECT_AFTER_MESSAGES:
             return None
         self.send_counter = n + 1
-        ctr = n.to_bytes(8, "big")
         _HEAD[4:8] = self._remote_b
-        _HEAD[8:16] = ctr
-        _NONCE[4:12] = ctr
-        return self.send_aead.seal(_NONCE, plaintext, b"", _HEAD, lead)
+        pack_into(">Q", _HEAD, 8, n)     # no bytes object per packet
+        pack_into(">Q", _NONCE, 4, n)
+        if channel < 0:
+            return self.send_aead.seal(_NONCE, plaintext, b"", _HEAD)
+        _LEAD[0] = channel
+        return self.send_aead.seal(_NONCE, plaintext, b"", _HEAD, _LEAD)
 
     def open(self, data, lead=None):
         """Decrypt a TRANSPORT message addressed to this keypair. Returns the
-        plaintext (bytes, empty for a keepalive) or one of the reason strings
-        DUPLICATE, REPLAY, DECRYPT_FAILED. With a lead buffer (the channel
-        byte), the plaintext's first bytes go there and the rest is returned."""
+        plaintext (bytes, empty for a keepalive) or the reason it was dropped,
+        a str: "duplicate", "replay" (older than the window) or
+        "decrypt_failed". With a lead buffer (the channel byte), the
+        plaintext's first bytes go there and the rest is returned."""
         ctr = data[8:16]
         n = int.from_bytes(ctr, "big")
         w = self.window
         if not w.will_accept(n):
-            return DUPLICATE if 0 <= w.last - n < w.window else REPLAY
+            return "duplicate" if 0 <= w.last - n < w.window else "replay"
         _NONCE[4:12] = ctr
         pt = self.recv_aead.open(_NONCE, data, b"", 16, lead)  # after the 16-byte header
         if pt is None:
-            return DECRYPT_FAILED
+            return "decrypt_failed"
         if not w.mark(n):
-            return DUPLICATE
-        self.received_any = True
+            return "duplicate"
         return pt

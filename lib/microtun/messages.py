@@ -23,18 +23,18 @@ except ImportError:
     def const(x):
         return x
 
-# Wire constants.
+# Wire constants. Those no other module needs are private (const: free on
+# a board).
 TYPE_INIT = const(1)
 TYPE_RESPONSE = const(2)
 TYPE_COOKIE = const(3)
 TYPE_TRANSPORT = const(4)
 
 INIT_LEN = const(148)
-RESPONSE_LEN = const(92)
-COOKIE_LEN = const(52)
+_RESPONSE_LEN = const(92)
+_COOKIE_LEN = const(52)
 TRANSPORT_HEADER_LEN = const(16)
-TAG_LEN = const(16)
-TRANSPORT_MIN_LEN = const(32)
+TRANSPORT_MIN_LEN = const(32)      # header and tag: an empty plaintext is a keepalive
 MAC_LEN = const(16)
 FRESHNESS_LEN = const(12)
 COOKIE_NONCE_LEN = const(12)
@@ -45,32 +45,31 @@ INIT_MAC1 = const(116)
 INIT_MAC2 = const(132)
 RESP_NOISE = const(12)
 RESP_MAC1 = const(60)
-RESP_MAC2 = const(76)
 
-# Domain separation (the Noise prologue and the MAC key labels).
+# Domain separation: the Noise prologue (the MAC key labels are below).
 PROLOGUE = b"microtun v1"
-_LABEL_MAC1 = b"mac1----"
-_LABEL_COOKIE = b"cookie--"
 
 
-def mac1_key(responder_public):
-    return hashlib.sha256(_LABEL_MAC1 + responder_public).digest()
+def mac1_key(key):
+    """mac1's key: HASH("mac1----" || the responder's static public key)."""
+    return hashlib.sha256(b"mac1----" + key).digest()
 
 
-def cookie_key(responder_public):
-    return hashlib.sha256(_LABEL_COOKIE + responder_public).digest()
+def cookie_key(key):
+    """The key a COOKIE message is sealed under, from the responder's key."""
+    return hashlib.sha256(b"cookie--" + key).digest()
 
 
 def mac(key, data):
     return hmac_sha256(key, data)[:MAC_LEN]
 
 
-def header(msg_type):
-    return bytes((msg_type, 0, 0, 0))
+def header(t):
+    return bytes((t, 0, 0, 0))
 
 
-def u32(b, off):
-    return int.from_bytes(b[off:off + 4], "big")
+def u32(data, off):
+    return int.from_bytes(data[off:off + 4], "big")
 
 
 def message_type(data):
@@ -85,9 +84,9 @@ def message_type(data):
     if t == TYPE_INIT:
         return t if n == INIT_LEN else 0
     if t == TYPE_RESPONSE:
-        return t if n == RESPONSE_LEN else 0
+        return t if n == _RESPONSE_LEN else 0
     if t == TYPE_COOKIE:
-        return t if n == COOKIE_LEN else 0
+        return t if n == _COOKIE_LEN else 0
     return 0
 
 
@@ -96,11 +95,11 @@ def check_mac(key, data, end):
     return ct_equal(mac(key, data[:end]), data[end:end + MAC_LEN])
 
 
-def finish(body, mac1k, cookie):
-    """Append mac1 (and mac2 if we hold a cookie, else zeros) to a handshake
-    message body. Returns (message, mac1)."""
-    m1 = mac(mac1k, body)
-    msg = body + m1
+def finish(data, key, cookie):
+    """Append mac1 (under key) and mac2 (under the cookie if we hold one,
+    else zeros) to a handshake message body. Returns (message, mac1)."""
+    m1 = mac(key, data)
+    data += m1
     if cookie is None:
-        return msg + bytes(MAC_LEN), m1
-    return msg + mac(cookie, msg), m1
+        return data + bytes(MAC_LEN), m1
+    return data + mac(cookie, data), m1

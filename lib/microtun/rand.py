@@ -15,8 +15,7 @@ import os
 import sys
 import hashlib
 
-_CONDITIONED_PLATFORMS = ("rp2",)
-_conditioned = sys.platform in _CONDITIONED_PLATFORMS
+_conditioned = sys.platform == "rp2"   # the boards whose os.urandom is conditioned here
 _counter = 0
 
 

@@ -30,7 +30,7 @@ GATEWAY_WINDOW = const(8128)
 
 
 class ReplayWindow:
-    __slots__ = ("_ring", "_mask", "_blocks", "window", "last")
+    __slots__ = ("_ring", "_mask", "window", "last")
 
     def __init__(self, size=DEVICE_WINDOW):
         if not isinstance(size, int) or size < 32 or size > 1 << 20:
@@ -41,7 +41,6 @@ class ReplayWindow:
         blocks = 2
         while blocks < need:
             blocks <<= 1
-        self._blocks = blocks
         self._mask = blocks - 1
         self._ring = array("I", bytes(4 * blocks))
         self.window = (blocks - 1) * _WORD_BITS
@@ -70,8 +69,8 @@ class ReplayWindow:
         if n > last:
             cur = last >> _WORD_SHIFT if last >= 0 else -1
             diff = block - cur
-            if diff > self._blocks:
-                diff = self._blocks
+            if diff > mask:
+                diff = mask + 1
             for i in range(1, diff + 1):
                 ring[(cur + i) & mask] = 0
             self.last = n
@@ -85,6 +84,6 @@ class ReplayWindow:
         return True
 
     def reset(self):
-        for i in range(self._blocks):
+        for i in range(self._mask + 1):
             self._ring[i] = 0
         self.last = -1

@@ -16,7 +16,7 @@ imports this module (docs/MEMORY.md).
 from microtun import messages as m
 from microtun import timers
 from microtun.cookie import CookieChecker
-from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, HANDSHAKE, EXPIRED
+from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, DATA, HANDSHAKE, EXPIRED
 from microtun.keypair import Keypair
 from microtun.noise import HandshakeState, NoiseError, NOISE_IKPSK2_25519_AESCCM_SHA256 as SUITE
 from microtun.replay import GATEWAY_WINDOW
@@ -37,6 +37,33 @@ MAX_PATHS_PER_PEER = const(8)  # a device path seen this recently gets "critical
 SWEEP_MS = const(1000)       # how often sessions are checked for expiry
 _NO_PSK = bytes(32)
 _REPLY = bytes((PATH_REPLY,))
+
+
+class Peer(Session):
+    """A device as the gateway sees it: its session, the channels it may
+    use, the paths it was heard on, the last handshake's freshness."""
+    last_freshness = None         # the highest freshness value accepted (replay guard)
+    last_init_at = None           # when its last initiation was accepted (flood guard)
+
+    def __init__(self, public_key, psk, name, channels):
+        Session.__init__(self, public_key, psk, name)
+        self.channels = channels  # None = every channel allowed
+        self.paths = {}           # addr -> last authenticated arrival (ticks)
+        self.path_rtt = {}        # addr -> srtt the device reported (ms)
+
+    def info(self, now):
+        """A plain dict for status displays."""
+        kp = self.current
+        return {
+            "name": self.name,
+            "established": kp is not None,
+            "handshakes": self.handshakes,
+            "last_handshake_ms_ago": None if self.established_at is None else ticks_diff(now, self.established_at),
+            "last_received_ms_ago": None if self.last_received is None else ticks_diff(now, self.last_received),
+            "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
+            "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
+            "index": None if kp is None else kp.local_index,
+        }
 
 
 def read_initiation(data, static, ss_lookup, suite=SUITE):
@@ -87,9 +114,7 @@ class Gateway(_Endpoint):
                     raise ValueError("channels must be ints from 0 to 255")
         s = self.peers.get(public)
         if s is None:
-            s = self.peers[public] = Session(public, psk, name, chans)
-            s.paths = {}
-            s.path_rtt = {}
+            s = self.peers[public] = Peer(public, psk, name, chans)
         else:
             if psk != s.psk:
                 self._drop_keys(s)           # a new psk invalidates the session
@@ -120,7 +145,7 @@ class Gateway(_Endpoint):
             raise ValueError("unknown peer")
         pkt = None
         if s.current is not None and not timers.is_expired(s.current, now, self.params):
-            pkt = self._sealed(s, channel, payload, now)
+            pkt = s.sealed(payload, now, channel)
         if pkt is None:
             self._count("no_session")
             return False
@@ -152,7 +177,11 @@ class Gateway(_Endpoint):
         else:
             self._count("malformed")
 
-    def _seen(self, s, addr, now):
+    def _transport_in(self, data, addr, now):
+        s = _Endpoint._transport_in(self, data, addr, now)
+        if s is None:
+            return None
+        # The paths a device is heard on, for "critical" copies.
         paths = s.paths
         if addr not in paths and len(paths) >= MAX_PATHS_PER_PEER:
             oldest = None
@@ -162,17 +191,20 @@ class Gateway(_Endpoint):
             del paths[oldest]
             s.path_rtt.pop(oldest, None)
         paths[addr] = now
+        return s
 
-    def _data(self, s, ch, payload, addr, now):
-        if ch == CONTROL_CHANNEL:
+    def _data(self, s, channel, payload, addr, now):
+        if channel == CONTROL_CHANNEL:
             if self._control(s, payload, addr, now):
                 self._on_authenticated(s)
                 return
-        elif s.channels is not None and ch not in s.channels:
+        elif s.channels is not None and channel not in s.channels:
             self._count("channel_denied")
             return
-        _Endpoint._data(self, s, ch, payload, addr, now)
-        self._on_authenticated(s)
+        self._count("data_rx")
+        self._events.append(Event(DATA, s, channel, payload, addr))
+        if s.keepalive_due is not None:     # _on_authenticated
+            self._ka[s] = True
 
     def _control(self, s, payload, addr, now):
         """Channel-0 messages the gateway answers itself; True if consumed."""
@@ -180,7 +212,7 @@ class Gateway(_Endpoint):
             self._count("path_probe_rx")
             r = (payload[10] << 8) | payload[11]
             s.path_rtt[addr] = None if r == 0xFFFF else r   # the device's own measurement
-            pkt = self._sealed(s, CONTROL_CHANNEL, _REPLY + payload[1:], now)
+            pkt = s.sealed(_REPLY + payload[1:], now, CONTROL_CHANNEL)
             if pkt is not None:
                 self._out.append((pkt, addr))   # answered on the path it came by
             return True
@@ -236,7 +268,7 @@ class Gateway(_Endpoint):
         self._forget(s.install(kp, now, as_next=True))
         s.addr = addr
         self._count("handshake_ok")
-        self._events.append(Event(HANDSHAKE, s))
+        self._events.append(Event(HANDSHAKE, s, None, None, None))
         self._out.append((resp, addr))
 
     # -- timers ----------------------------------------------------------------
@@ -274,4 +306,4 @@ class Gateway(_Endpoint):
                 if had:
                     self._session_timers(s, now, s.addr)
                     if s.current is None and s.next is None:
-                        self._events.append(Event(EXPIRED, s))
+                        self._events.append(Event(EXPIRED, s, None, None, None))

@@ -13,43 +13,40 @@ Keypair rotation (as WireGuard, whitepaper §6.3):
 from microtun.ticks import ticks_add, ticks_diff
 from microtun import timers
 
-_ABSENT = object()
-
 
 class Session:
-    def __init__(self, public_key, psk=None, name=None, channels=None, initiator=False):
+    """The state both ends keep per peer. Fields that start empty are class
+    attributes until first set, so an idle session is a small object (the
+    gateway keeps thousands; the gateway's own fields are in
+    microtun.responder.Peer)."""
+    ss = None                     # cached DH(s, rs)
+    current = None                # keypairs
+    previous = None
+    next = None
+    # outstanding initiation (initiator side)
+    hs = None
+    hs_index = 0
+    hs_retry_at = 0
+    hs_attempts = 0
+    # timer marks (ticks) or None
+    last_sent = None
+    last_received = None
+    keepalive_due = None
+    data_sent_unanswered = None
+    established_at = None
+    addr = None                   # where the peer was last authenticated (opaque)
+    # counters
+    handshakes = 0
+    tx_packets = 0
+    tx_bytes = 0
+    rx_packets = 0
+    rx_bytes = 0
+
+    def __init__(self, public_key, psk=None, name=None, initiator=False):
         self.public_key = public_key
         self.initiator = initiator    # only the initiator starts handshakes
         self.psk = psk
         self.name = name
-        self.channels = channels      # None = every channel allowed
-        self.ss = None                # cached DH(s, rs)
-        self.current = None
-        self.previous = None
-        self.next = None
-        # outstanding initiation (initiator side)
-        self.hs = None
-        self.hs_index = 0
-        self.hs_retry_at = 0
-        self.hs_attempts = 0
-        # responder-side handshake guards
-        self.last_freshness = None
-        self.last_init_at = None
-        # timer marks (ticks) or None
-        self.last_sent = None
-        self.last_received = None
-        self.keepalive_due = None
-        self.data_sent_unanswered = None
-        self.established_at = None
-        self.addr = None              # where the peer was last authenticated (opaque)
-        self.paths = None             # gateway: addr -> last authenticated arrival (ticks)
-        self.path_rtt = None          # gateway: addr -> srtt the device reported (ms)
-        # counters
-        self.handshakes = 0
-        self.tx_packets = 0
-        self.tx_bytes = 0
-        self.rx_packets = 0
-        self.rx_bytes = 0
 
     def keypairs(self):
         return [kp for kp in (self.current, self.previous, self.next) if kp is not None]
@@ -82,29 +79,31 @@ class Session:
         self.next = None
         return dropped
 
-    def sealed(self, plaintext, now, lead=b""):
-        """Encrypt lead || plaintext under the current keypair and note the
-        send; None if there is no usable keypair."""
+    def sealed(self, plaintext, now, channel=-1):
+        """Encrypt channel || plaintext (no channel: a keepalive) under the
+        current keypair and note the send; None if there is no usable
+        keypair."""
         kp = self.current
         if kp is None:
             return None
-        pkt = kp.seal(plaintext, lead)
+        pkt = kp.seal(plaintext, channel)
         if pkt is None:
             return None
         self.last_sent = now
         self.keepalive_due = None
-        if plaintext and self.data_sent_unanswered is None:
+        if channel >= 0 and self.data_sent_unanswered is None:
             self.data_sent_unanswered = now
         self.tx_packets += 1
         self.tx_bytes += len(pkt)
         return pkt
 
-    def received(self, nbytes, is_data, now, p):
+    def received(self, n, data, now, p):
+        """An n-byte packet authenticated; data: it was not a keepalive."""
         self.last_received = now
         self.data_sent_unanswered = None
         self.rx_packets += 1
-        self.rx_bytes += nbytes
-        if is_data and self.keepalive_due is None:
+        self.rx_bytes += n
+        if data and self.keepalive_due is None:
             self.keepalive_due = ticks_add(now, p.keepalive_ms)
 
     def expire(self, now, p):
@@ -137,17 +136,3 @@ class Session:
             if c is not None and (best is None or ticks_diff(c, best) < 0):
                 best = c
         return best
-
-    def info(self, now):
-        """A plain dict for status displays."""
-        kp = self.current
-        return {
-            "name": self.name,
-            "established": kp is not None,
-            "handshakes": self.handshakes,
-            "last_handshake_ms_ago": None if self.established_at is None else ticks_diff(now, self.established_at),
-            "last_received_ms_ago": None if self.last_received is None else ticks_diff(now, self.last_received),
-            "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
-            "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
-            "index": None if kp is None else kp.local_index,
-        }

@@ -5,6 +5,9 @@ WireGuard's values (whitepaper §6.1, wireguard-go device/constants.go) are
 given next to ours. Ours differ where an idle battery-powered device pays for
 every packet: a sensor that reports once a minute should not run a handshake
 (~270 bytes on the air and four X25519 on the MCU) every two minutes.
+
+The constants are private (`const`: free on a board) except the two the
+gateway's config reads; every one is also a Params default below.
 """
 from microtun.ticks import ticks_diff
 
@@ -15,53 +18,51 @@ except ImportError:
         return x
 
 # --- specification-level constants (WireGuard value in the comment) --------
-REKEY_AFTER_MESSAGES = 2**60             # same as WireGuard
+_REKEY_AFTER_MESSAGES = const(1 << 60)   # same as WireGuard
 REKEY_AFTER_TIME_MS = const(1800000)     # WG 120 s; ours 30 min: forward-secrecy window vs airtime
 REJECT_AFTER_TIME_MS = const(2100000)    # WG 180 s (= rekey + 60 s); ours rekey + 5 min
-REKEY_TIMEOUT_MS = const(5000)           # WG 5 s: first handshake retry
-REKEY_TIMEOUT_JITTER_MS = const(333)     # WG 0..333 ms
-MAX_RETRY_INTERVAL_MS = const(60000)     # WG retries every 5 s for 90 s, then gives up; we back
+_REKEY_TIMEOUT_MS = const(5000)          # WG 5 s: first handshake retry
+_REKEY_TIMEOUT_JITTER_MS = const(333)    # WG 0..333 ms
+_MAX_RETRY_INTERVAL_MS = const(60000)    # WG retries every 5 s for 90 s, then gives up; we back
                                          # off 5, 10, 20, 40, 60, 60 s ... and never give up
-KEEPALIVE_TIMEOUT_MS = const(10000)      # WG 10 s passive keepalive
-WIPE_AFTER_MS = const(6300000)           # WG 540 s (3 x reject); ours 3 x reject
-INIT_MIN_INTERVAL_MS = const(20)         # WG: at most 50 initiations/s accepted per peer
-UNDER_LOAD_PER_S = const(50)             # responder: initiations/s before mac2 (cookie) is required
+_KEEPALIVE_TIMEOUT_MS = const(10000)     # WG 10 s passive keepalive
+_WIPE_AFTER_MS = const(6300000)          # WG 540 s (3 x reject); ours 3 x reject
+_INIT_MIN_INTERVAL_MS = const(20)        # WG: at most 50 initiations/s accepted per peer
+_UNDER_LOAD_PER_S = const(50)            # responder: initiations/s before mac2 (cookie) is required
 
 
 class Params:
     """Per-endpoint timer settings: the constants above, overridable (tests
-    use short ones; a gateway may choose a shorter rekey)."""
+    use short ones; a gateway may choose a shorter rekey). The defaults are
+    class attributes, so a Params costs a board nothing until one is set."""
+    rekey_after_ms = REKEY_AFTER_TIME_MS
+    reject_after_ms = REJECT_AFTER_TIME_MS
+    rekey_after_messages = _REKEY_AFTER_MESSAGES
+    rekey_timeout_ms = _REKEY_TIMEOUT_MS
+    jitter_ms = _REKEY_TIMEOUT_JITTER_MS
+    max_retry_ms = _MAX_RETRY_INTERVAL_MS
+    keepalive_ms = _KEEPALIVE_TIMEOUT_MS
+    persistent_keepalive_ms = 0      # 0 = off; the path layer keeps NATs open
+    wipe_after_ms = _WIPE_AFTER_MS
+    init_min_interval_ms = _INIT_MIN_INTERVAL_MS
+    under_load_per_s = _UNDER_LOAD_PER_S
+    keep_session = True              # initiator: rekey even when idle
+    queue_len = 16                   # app messages held while no session
 
     def __init__(self, **kw):
-        self.rekey_after_ms = REKEY_AFTER_TIME_MS
-        self.reject_after_ms = REJECT_AFTER_TIME_MS
-        self.rekey_after_messages = REKEY_AFTER_MESSAGES
-        self.rekey_timeout_ms = REKEY_TIMEOUT_MS
-        self.jitter_ms = REKEY_TIMEOUT_JITTER_MS
-        self.max_retry_ms = MAX_RETRY_INTERVAL_MS
-        self.keepalive_ms = KEEPALIVE_TIMEOUT_MS
-        self.persistent_keepalive_ms = 0      # 0 = off; the path layer keeps NATs open
-        self.wipe_after_ms = WIPE_AFTER_MS
-        self.init_min_interval_ms = INIT_MIN_INTERVAL_MS
-        self.under_load_per_s = UNDER_LOAD_PER_S
-        self.keep_session = True              # initiator: rekey even when idle
-        self.queue_len = 16                   # app messages held while no session
         for k in kw:
             if not hasattr(self, k):
                 raise ValueError("unknown timer parameter %r" % k)
             setattr(self, k, kw[k])
 
 
-def retry_interval(p, attempts, jitter):
-    """Delay before handshake attempt number `attempts` + 1 (attempts >= 1)."""
-    d = p.rekey_timeout_ms << min(attempts - 1, 5)
+def retry_interval(p, n, r):
+    """Delay before handshake attempt number n + 1 (n >= 1); r: a random
+    u32 for the jitter."""
+    d = p.rekey_timeout_ms << min(n - 1, 5)
     if d > p.max_retry_ms:
         d = p.max_retry_ms
-    return d + jitter % (p.jitter_ms + 1)
-
-
-def elapsed(now, then):
-    return ticks_diff(now, then)
+    return d + r % (p.jitter_ms + 1)
 
 
 def should_retry_handshake(s, now):

@@ -17,11 +17,6 @@ _U_MASK = const(2**255 - 1)
 BASE_POINT = b"\x09" + bytes(31)
 
 
-def _check(name, v):
-    if not isinstance(v, (bytes, bytearray)) or len(v) != 32:
-        raise ValueError("x25519 %s must be 32 bytes" % name)
-
-
 def _sqn(x, n, p):
     for _ in range(n):
         x = x * x % p
@@ -47,7 +42,7 @@ def _inverse(z):
     return _sqn(z_250, 5, p) * z11 % p
 
 
-def _ladder(kb, u):
+def _ladder(k, u):
     # RFC 7748 §5: Montgomery ladder over bits 254..0 of the clamped scalar.
     # da and cb are left unreduced: their sum and difference are reduced once.
     p = _P
@@ -55,7 +50,7 @@ def _ladder(kb, u):
     x2, z2, x3, z3 = 1, 0, u, 1
     swap = 0
     for t in range(254, -1, -1):
-        kt = (kb[t >> 3] >> (t & 7)) & 1  # small-int ops, no MPZ shift
+        kt = (k[t >> 3] >> (t & 7)) & 1  # small-int ops, no MPZ shift
         if swap ^ kt:
             x2, x3 = x3, x2
             z2, z3 = z3, z2
@@ -82,8 +77,9 @@ def x25519(scalar, u):
     """Scalar multiplication: 32-byte scalar, 32-byte u-coordinate -> 32 bytes.
     Raises ValueError for an all-zero result (a low-order point), which must
     never be used as a shared secret (RFC 7748 §6.1)."""
-    _check("scalar", scalar)
-    _check("u", u)
+    for name, v in (("scalar", scalar), ("u", u)):
+        if not isinstance(v, (bytes, bytearray)) or len(v) != 32:
+            raise ValueError("x25519 %s must be 32 bytes" % name)
     k = bytearray(scalar)
     k[0] &= 248
     k[31] = (k[31] & 127) | 64
@@ -94,6 +90,6 @@ def x25519(scalar, u):
     return out
 
 
-def public_key(private):
+def public_key(key):
     """The public key (u-coordinate) of a 32-byte private key."""
-    return x25519(private, BASE_POINT)
+    return x25519(key, BASE_POINT)
