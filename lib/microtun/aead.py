@@ -15,10 +15,10 @@ slow in Python, so CCM it is, with exactly two AES calls per message
   CTR      ONE ECB call over the counter blocks A_0 .. A_n (§2.3); then
            (P || T) ^ (S_1 .. || S_0) as two big ints gives ciphertext || tag.
 
-The CBC object lives as long as the CCM object: after a message its chaining
-value is that message's last CBC-MAC block X, so the next message starts with
-B0 ^ X, which is what a fresh all-zero IV would have given. That saves
-building a cipher per message (a key expansion on the pure backend).
+The ECB object lives as long as the CCM object; the CBC object is made per
+message (cryptolib objects are one-direction and chain across calls): a key
+expansion in C per message instead of 320 bytes of heap per AEAD for as
+long as it lives (a device keeps up to six).
 
 Packets without copies: `seal(..., head=h, lead=l)` returns
 h || ciphertext || tag for the plaintext l || plaintext, and
@@ -55,34 +55,16 @@ _BYTES = (bytes, bytearray, memoryview)
 _ZERO16 = bytes(16)
 _GROW = const(64)  # buffers grow in steps of this many bytes
 _work = None  # memoryview: CBC-MAC input, then the key stream, then P || T
-_ctr = None  # memoryview: counter blocks A_0, A_1, .. (flags and i filled in)
-_at = None  # _ctr[1:]: where each block's nonce goes
-_ctr_l = 0  # the L those counter blocks were made for
-
-
-def _room(size, blocks, L):
-    """Grow the shared buffers (never shrunk): work to `size` bytes, the
-    counter blocks to A_0 .. A_blocks for this L; returns work."""
-    global _work, _ctr, _at, _ctr_l
-    if _work is None or len(_work) < size:
-        _work = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
-    size = 16 * blocks + 16
-    if _ctr is None or len(_ctr) < size or _ctr_l != L:
-        ctr = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
-        for o in range(0, len(ctr), 16):
-            # A_i = flags || nonce || i (RFC 3610 §2.3); the nonce comes later.
-            ctr[o] = L - 1
-            ctr[o + 16 - L:o + 16] = (o >> 4).to_bytes(L, "big")
-        _ctr = ctr
-        _at = ctr[1:]
-        _ctr_l = L
-    return _work
+_ctr = None   # memoryview: counter blocks A_0, A_1, .. for one L (flags, i filled in)
 
 
 class CCM:
     """CCM with `nonce_size`-byte nonces (7..13) and `tag_size`-byte tags
     (4, 6, .., 16). backend: None takes the fastest available (cryptolib on
     a board, AESCCM on CPython), or one of BACKENDS."""
+    backend = "cryptolib"  # the path in use (tests and benchmarks read it)
+    _make = _native        # a cryptolib-style aes(key, mode[, iv]) constructor
+    _lib = None            # a ccm_backends.AESCCM: CPython's fast path
 
     def __init__(self, key, nonce_size, tag_size, backend=None):
         if not isinstance(key, _BYTES) or len(key) not in (16, 32):
@@ -91,22 +73,15 @@ class CCM:
             raise ValueError("CCM needs a 7..13-byte nonce and a 4, 6, .., 16-byte tag")
         self.nonce_size = nonce_size
         self.tag_size = tag_size
-        self._lbits = 120 - 8 * nonce_size  # 8 * L: the length field's bits (RFC 3610 §2)
-        self._key = key = bytes(key)
-        self._lib = None  # cryptography's AESCCM object: CPython's fast path
-        if backend is None and _native is not None:
-            self.backend = "cryptolib"  # the path in use (tests and benchmarks read it)
-            self._make = _native
-        else:
+        key = bytes(key)
+        if backend is not None or _native is None:
             from microtun.ccm_backends import choose
-            choose(self, backend)
-            if self._lib is not None:
+            if choose(self, backend, key):
                 return
+        self._key = key
         # B0's flags (RFC 3610 §2.2) shifted into place; 64 << 120 marks aad.
         self._b0 = (8 * ((tag_size - 2) // 2) + 14 - nonce_size) << 120
         self._ecb = self._make(key, 1)  # MODE_ECB
-        self._cbc = None  # made by _cbc_mac, which tracks its chaining value
-        self._chain = None
 
     def _check(self, nonce, data, aad):
         # API misuse is a loud ValueError; bad peer data never raises.
@@ -115,39 +90,43 @@ class CCM:
         if not isinstance(data, _BYTES) or not isinstance(aad, _BYTES):
             raise ValueError("plaintext, data and aad must be bytes, bytearray or memoryview")
 
-    def _grow(self, aad, n, extra):
-        """Buffers for an n-byte message: the CBC-MAC input (B0, aad and its
-        length, message), the key stream and a moved S_0, or `extra` bytes
-        and P || T, whichever is longest."""
-        blocks = (n + 15) >> 4
+    def _stream(self, nonce, aad, n, off):
+        """Grow the shared buffers (never shrunk) for an n-byte message: work
+        to hold the CBC-MAC input (B0, aad and its length, message), the key
+        stream and a moved S_0, or P || T at offset `off` (after a head),
+        whichever is longest. Then work[0:16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the
+        message's blocks, in ONE ECB call. Returns work."""
+        global _work, _ctr
+        end = (n + 15) // 16 * 16 + 16
         la = len(aad)
         a = (la + 25) // 16 * 16 if la else 16
-        return _room(16 * blocks + 16 + (a if a > extra else extra), blocks, 15 - self.nonce_size)
-
-    def _key_stream(self, nonce, n):
-        """work[0:16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b = blocks of
-        the message, in ONE ECB call."""
-        end = (n + 15) // 16 * 16 + 16
-        at = _at
+        size = end + (a if a > off else off)
+        if _work is None or len(_work) < size:
+            _work = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
+        L = 15 - self.nonce_size
+        ctr = _ctr
+        if ctr is None or len(ctr) < end or ctr[0] != L - 1:
+            ctr = memoryview(bytearray((end + _GROW - 1) // _GROW * _GROW))
+            for o in range(0, len(ctr), 16):
+                # A_i = flags || nonce || i (RFC 3610 §2.3); the nonce comes below.
+                ctr[o] = L - 1
+                ctr[o + 16 - L:o + 16] = (o >> 4).to_bytes(L, "big")
+            _ctr = ctr
         k = self.nonce_size
-        for o in range(0, end, 16):
-            at[o:o + k] = nonce
-        self._ecb.encrypt(_ctr[:end], _work)
+        for o in range(1, end, 16):
+            ctr[o:o + k] = nonce
+        self._ecb.encrypt(ctr[:end], _work)
+        return _work
 
-    def _cbc_mac(self, nonce, aad, lead, msg, n):
+    def _cbc_mac(self, nonce, aad, lead, data, n):
         """RFC 3610 §2.2's X (as an int) from ONE CBC call over
-        B0 || encoded aad || lead || msg, each zero-padded to whole blocks."""
+        B0 || encoded aad || lead || data, each zero-padded to whole blocks."""
         w = _work
         la = len(aad)
-        chain = self._chain
-        self._chain = None  # unknown until this call completes
-        if chain is None:  # first message, or an earlier one was interrupted
-            self._cbc = self._make(self._key, 2, _ZERO16)  # MODE_CBC
-            chain = 0
         b0 = self._b0 | (int.from_bytes(nonce, "big") << (120 - 8 * self.nonce_size)) | n
         if la:
             b0 |= 64 << 120
-        w[0:16] = (b0 ^ chain).to_bytes(16, "big")
+        w[0:16] = b0.to_bytes(16, "big")
         o = 16
         if la:
             # The aad's length in 2, 6 or 10 bytes (RFC 3610 §2.2).
@@ -167,12 +146,10 @@ class CCM:
                 w[end - 16:end] = _ZERO16
             ll = len(lead)
             w[o:o + ll] = lead
-            w[o + ll:o + n] = msg
+            w[o + ll:o + n] = data
             o = end
-        self._cbc.encrypt(w[:o], w)
-        x = int.from_bytes(w[o - 16:o], "big")
-        self._chain = x
-        return x
+        self._make(self._key, 2, _ZERO16).encrypt(w[:o], w)  # MODE_CBC, IV 0
+        return int.from_bytes(w[o - 16:o], "big")
 
     def seal(self, nonce, plaintext, aad=b"", head=b"", lead=b""):
         """ciphertext || tag (len(plaintext) + tag_size bytes). With head
@@ -181,18 +158,17 @@ class CCM:
         self._check(nonce, plaintext, aad)
         ll = len(lead)
         n = ll + len(plaintext)
-        if n >> self._lbits:
-            raise ValueError("plaintext must be at most %d bytes" % ((1 << self._lbits) - 1))
+        if n >> (120 - 8 * self.nonce_size):  # the length field has L bytes (RFC 3610 §2)
+            raise ValueError("plaintext must be at most %d bytes" % ((1 << (120 - 8 * self.nonce_size)) - 1))
         if self._lib is not None:
             ct = self._lib.encrypt(nonce, lead + plaintext if ll else plaintext, aad)
             return b"".join((head, ct)) if head else ct
         m = self.tag_size
         hl = len(head)
-        w = self._grow(aad, n, hl)
-        x = self._cbc_mac(nonce, aad, lead, plaintext, n)
-        self._key_stream(nonce, n)  # S_0 || S_1 ..
+        w = self._stream(nonce, aad, n, hl)  # S_0 || S_1 ..
         w[16 + n:32 + n] = w[0:16]  # S_0 after the message's key stream, for T
         ks = int.from_bytes(w[16:16 + n + m], "big")
+        x = self._cbc_mac(nonce, aad, lead, plaintext, n)
         w[0:hl] = head
         w[hl:hl + ll] = lead
         w[hl + ll:hl + n] = plaintext
@@ -210,20 +186,16 @@ class CCM:
         m = self.tag_size
         ll = 0 if lead is None else len(lead)
         n = len(data) - start - m
-        if n < ll or n >> self._lbits:
+        if n < ll or n >> (120 - 8 * self.nonce_size):
             return None
         d = memoryview(data)
         if self._lib is not None:
-            try:
-                p = self._lib.decrypt(nonce, d[start:], aad)
-            except self._invalid:
-                return None
-            if ll:
+            p = self._lib.decrypt(nonce, d[start:], aad)
+            if p is not None and ll:
                 lead[:] = p[:ll]
                 return p[ll:]
             return p
-        w = self._grow(aad, n, 0)
-        self._key_stream(nonce, n)
+        w = self._stream(nonce, aad, n, 0)
         s0 = int.from_bytes(w[0:16], "big")
         for i in range(ll):
             lead[i] = d[start + i] ^ w[16 + i]

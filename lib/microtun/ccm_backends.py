@@ -4,6 +4,7 @@ asked for by name, so a board never loads this module or microtun.aes:
 
   "aesccm"        cryptography's AESCCM: CPython's default, same bytes at
                   C speed (the host tests check every path against it).
+                  Its bad-tag exception becomes None, as the AEAD returns.
   "cryptolib", "cryptography", "pure"
                   the blocks from microtun.aes's backend of that name, under
                   microtun.aead's own CCM.
@@ -26,22 +27,40 @@ def _cpython_aesccm():
     return _aesccm
 
 
-def choose(ccm, backend):
-    """Set up the microtun.aead.CCM object `ccm` for `backend` (None: the
-    fastest here): its .backend, and ._lib and ._invalid (AESCCM) or ._make
-    (a bare cryptolib-style aes constructor)."""
+class _AESCCM:
+    """cryptography's AESCCM behind the calls microtun.aead makes: decrypt
+    returns None for a bad tag instead of raising. Small: a gateway keeps two
+    per session."""
+    __slots__ = ("_ccm",)
+
+    def __init__(self, key, tag_size):
+        self._ccm = _aesccm[0](key, tag_length=tag_size)
+
+    def encrypt(self, nonce, data, aad):
+        return self._ccm.encrypt(bytes(nonce), data, aad)
+
+    def decrypt(self, nonce, data, aad):
+        try:
+            return self._ccm.decrypt(bytes(nonce), data, aad)
+        except _aesccm[1]:  # InvalidTag
+            return None
+
+
+def choose(ccm, backend, key):
+    """Set up the microtun.aead.CCM object `ccm` with `key` for `backend`
+    (None: the fastest here): its .backend, and ._lib (AESCCM; returns True)
+    or ._make (a bare cryptolib-style aes constructor; returns False)."""
     from microtun.aead import BACKENDS
     if backend is not None and backend not in BACKENDS:
         raise ValueError("AEAD backend must be one of %s" % (BACKENDS,))
     if backend is None or backend == "aesccm":
-        lib = _cpython_aesccm()
-        if lib is not None:
+        if _cpython_aesccm() is not None:
             ccm.backend = "aesccm"
-            ccm._lib = lib[0](ccm._key, tag_length=ccm.tag_size)
-            ccm._invalid = lib[1]
-            return
+            ccm._lib = _AESCCM(key, ccm.tag_size)
+            return True
         if backend:
             raise ValueError("AEAD backend 'aesccm' needs the cryptography package")
         backend = _aes.default_backend()
     ccm.backend = backend
     ccm._make = _aes.get_backend(backend)
+    return False
