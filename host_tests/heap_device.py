@@ -3,129 +3,127 @@ host_tests/test_device_heap.py): a device alone in a small MicroPython heap,
 driven over stdin/stdout by CPython, which plays the gateway (and the PoPs).
 Precompiled with mpy-cross and run as `micropython -m heap_device MODE ...`.
 
-MODE "endpoint": a microtun.endpoint.Device; args: private key, gateway
+    micropython -m heap_device MODE GC ARGS...
+
+MODE "endpoint": a microtun.endpoint.Device; ARGS: private key, gateway
 public key, psk (hex). MODE "core": everything microtun.driver imports, and
-a microtun.tunnel.TunnelCore built from the config file argv[2].
+a microtun.tunnel.TunnelCore built from the config file ARGS[0].
+GC: 0, or N to set gc.threshold(N) (collect after every N bytes allocated)
+while the modules load and the device is made, as a firmware should
+(docs/MEMORY.md); a negative N keeps that threshold for the whole run.
 
 One line per command, from the host:
   D <path> <hex>   a datagram for the device (path: ignored by "endpoint")
   B <n>            the next n lines are D lines: take them in one batch and
-                   count the bytes allocated per datagram (GC off); one
-                   "E" line per app message after the batch
+                   count the bytes allocated per datagram (GC off: needs
+                   more heap, so only for counting)
   S <n> <len>      send n app packets of len bytes on channel 1, counting
                    the bytes allocated per packet (GC off)
-  b <n>, s <n> <len>  the same with the GC on and nothing counted (so the
-                   counting does not need a bigger heap)
+  s <n> <len>      the same with the GC on and nothing counted
   T <ms>           advance the clock and run the timers
   Q                report and quit
 The device answers with "D <path> <hex>" per datagram it sends (path -1:
-"any path", from the bare endpoint), "E <channel> <len>" per app message,
-"K" after each command, and finally "R <json>".
+"any path", from the bare endpoint), "E" per app message,
+"K" after each command, and finally its qstr pool figures and
+"R established steady_heap over_start heap_total per_send per_receive"
+(-1 for a count not taken).
+
+Everything lives in main(): its variables are locals, which cost no qstr
+(a module-level name would cost one, and heap, in the budget measured).
 """
 import sys
 import gc
-import json
-
-gc.collect()
-base = gc.mem_alloc()
-MODE = sys.argv[1]
-if MODE == "core":
-    import microtun.driver  # noqa: F401  (the whole device import set)
-    from microtun.config import load
-    from microtun.tunnel import TunnelCore
-    dev = TunnelCore(load(sys.argv[2]), 1)
-else:
-    from microtun.endpoint import Device
-    dev = Device(bytes.fromhex(sys.argv[2]), bytes.fromhex(sys.argv[3]), psk=bytes.fromhex(sys.argv[4]),
-                 boot_counter=1)
-from microtun.ticks import ticks_add
-
-now = 1000
-alloc = {}
+import micropython
 
 
-def out():
+def main():
+    gc.collect()
+    base = gc.mem_alloc()
+    core = sys.argv[1] == "core"
+    threshold = int(sys.argv[2])
+    if threshold:
+        gc.threshold(abs(threshold))
+    if core:
+        import microtun.driver  # noqa: F401  (the whole device import set)
+        from microtun.config import load
+        from microtun.tunnel import TunnelCore
+        dev = TunnelCore(load(sys.argv[3]), 1)
+    else:
+        from microtun.endpoint import Device
+        dev = Device(bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4]), bytes.fromhex(sys.argv[5]), 1)
+    from microtun.ticks import ticks_add
+    if threshold > 0:
+        gc.threshold(-1)
     w = sys.stdout.write
-    for a, b in dev.datagrams_to_send(now):
-        if MODE == "core":
-            w("D %d %s\n" % (a, b.hex()))
-        else:
-            w("D -1 %s\n" % a.hex())
-    while True:
-        if MODE == "core":
-            e = dev.next_message()
+    now = 1000
+    per_send = per_receive = -1
+    dev.connect(now)
+    op = ""
+    while op != "Q":
+        # out: the datagrams and app messages the last command produced
+        for a, b in dev.datagrams_to_send(now):
+            if core:
+                w("D %d %s\n" % (a, b.hex()))
+            else:
+                w("D -1 %s\n" % a.hex())
+        while True:
+            e = dev.next_message() if core else dev.next_event()
             if e is None:
                 break
-            w("E %d %d\n" % (e[0], len(e[1])))
-        else:
-            e = dev.next_event()
-            if e is None:
-                break
-            if e.kind == "data":
-                w("E %d %d\n" % (e.channel, len(e.data)))
-
-
-def take(line):
-    _, i, h = line.split()
-    return int(i), bytes.fromhex(h)
-
-
-def receive(i, data):
-    if MODE == "core":
-        dev.receive(i, data, now)
-    else:
-        dev.receive_datagram(data, None, now)
-
-
-dev.connect(now)
-out()
-sys.stdout.write("K\n")
-while True:
-    line = sys.stdin.readline()
-    op = line[:1]
-    if op == "D":
-        receive(*take(line))
-    elif op in "Bb":
-        batch = [take(sys.stdin.readline()) for _ in range(int(line[2:]))]
-        gc.collect()
+            if core or e.kind == "data":
+                w("E\n")
+        w("K\n")
+        line = sys.stdin.readline()
+        op = line[:1]
+        batch = [line] if op == "D" else []
         if op == "B":
-            gc.disable()
-        a0 = gc.mem_alloc()
-        got = 0
-        for i, data in batch:
-            receive(i, data)
-            e = dev.next_message() if MODE == "core" else dev.next_event()
-            got += e is not None
-        if op == "B":
-            alloc["per_receive"] = (gc.mem_alloc() - a0) // len(batch)
-            gc.enable()
-        batch = None
-        for _ in range(got):
-            sys.stdout.write("E 1 0\n")
-    elif op in "Ss":
-        n, ln = line[2:].split()
-        n = int(n)
-        payload = bytes(int(ln))
-        gc.collect()
-        if op == "S":
-            gc.disable()
-        a0 = gc.mem_alloc()
-        for _ in range(n):
-            dev.send(1, payload, now)
-        if op == "S":
-            alloc["per_send"] = (gc.mem_alloc() - a0) // n
-            gc.enable()
-        payload = None
-    elif op == "T":
-        now = ticks_add(now, int(line[2:]))
-        dev.handle_timer(now)
-    else:
-        break
-    out()
-    sys.stdout.write("K\n")
-gc.collect()
-alloc["established"] = dev.established
-alloc["steady_heap"] = gc.mem_alloc()
-alloc["over_start"] = gc.mem_alloc() - base
-alloc["heap_total"] = gc.mem_alloc() + gc.mem_free()
-sys.stdout.write("R %s\n" % json.dumps(alloc))
+            batch = [sys.stdin.readline() for _ in range(int(line[2:]))]
+        if batch:
+            for k in range(len(batch)):
+                _, i, h = batch[k].split()
+                batch[k] = (int(i), bytes.fromhex(h))
+            if op != "D":
+                gc.collect()
+            if op == "B":
+                gc.disable()
+            a0 = gc.mem_alloc()
+            got = 0
+            for i, data in batch:
+                if core:
+                    dev.receive(i, data, now)
+                    e = dev.next_message()
+                else:
+                    dev.receive_datagram(data, None, now)
+                    e = dev.next_event()
+                    if e is not None and e.kind != "data":
+                        e = None
+                got += e is not None
+            if op == "B":
+                per_receive = (gc.mem_alloc() - a0) // len(batch)
+                gc.enable()
+            batch = None
+            w("E\n" * got)
+        elif op in "Ss":
+            n, payload = line[2:].split()
+            n = int(n)
+            payload = bytes(int(payload))
+            gc.collect()
+            if op == "S":
+                gc.disable()
+            a0 = gc.mem_alloc()
+            for _ in range(n):
+                dev.send(1, payload, now)
+            if op == "S":
+                per_send = (gc.mem_alloc() - a0) // n
+                gc.enable()
+            payload = None
+        elif op == "T":
+            now = ticks_add(now, int(line[2:]))
+            dev.handle_timer(now)
+    gc.collect()
+    micropython.qstr_info()
+    w("R %d %d %d %d %d %d\n" % (dev.established, gc.mem_alloc(), gc.mem_alloc() - base,
+                                  gc.mem_alloc() + gc.mem_free(), per_send, per_receive))
+
+
+main()
