@@ -2,6 +2,8 @@
 
     python tools/bench_memory.py            # everything, ~1 minute
     python tools/bench_memory.py --quick    # no bisection
+    python tools/bench_memory.py --lib DIR  # the device side from DIR/microtun
+                                            # (e.g. an older checkout's lib)
 
 Runs on CPython and measures the MicroPython unix port (64-bit: objects are
 about twice their size on a 32-bit board). The portable package is
@@ -519,6 +521,9 @@ def minimum_heaps(out, gc=0):
 
 
 def main(argv):
+    global PKG
+    if "--lib" in argv:     # measure another tree's package (the device side only)
+        PKG = Path(argv[argv.index("--lib") + 1]) / "microtun"
     with tempfile.TemporaryDirectory(prefix="microtun-mpy-") as d:
         out = build(d)
         res = measure(out, bisect="--quick" not in argv)
