@@ -1,7 +1,7 @@
 """The device side of the memory scenarios (tools/bench_memory.py,
 host_tests/test_device_heap.py): a device alone in a small MicroPython heap,
 driven over stdin/stdout by CPython, which plays the gateway (and the PoPs).
-Precompiled with mpy-cross and run as `micropython -m heap_device MODE ...`.
+Precompiled with mpy-cross and run as
 
     micropython -m heap_device MODE GC ARGS...
 

@@ -6,6 +6,9 @@ the sender's address under a secret that changes every COOKIE_SECRET_MS, and
 travels encrypted under a key derived from the responder's public key with
 mac1 as associated data, so only the initiator that sent that message can
 use it. The initiator then puts mac2 = MAC(cookie, message) in its retries.
+
+A device imports this module only when a COOKIE message arrives (rare: the
+gateway is under load), so it costs a board no heap until then.
 """
 from microtun.aead import AEAD
 from microtun.hmac import hmac_sha256
