@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import vboard                                   # noqa: E402
 from microtun_host import flash, control         # noqa: E402
+from microtun_host.localnet import free_ports    # noqa: E402
 from microtun.x25519 import public_key           # noqa: E402
 
 PY = sys.executable
@@ -319,18 +320,6 @@ def test_wifi_settings_are_checked_before_anything_starts(tmp_path):
 
 
 # -- the rig: two PoPs, a gateway, services ----------------------------------------------------------
-def free_udp_ports(n):
-    socks = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class Service(threading.Thread):
     """A gateway-side UDP service: records (time, data, addr); echo=True
     sends each datagram back; replies[data] = answer sends that instead."""
@@ -382,7 +371,7 @@ class Rig:
         self.dir = Path(where)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device = device
-        p1, p2, gw, gwc, echo, cmd = free_udp_ports(6)
+        p1, p2, gw, gwc, echo, cmd = free_ports(6)
         r = os.urandom
         dev_priv, gw_priv, psk = r(32), r(32), r(32)
         k_d1, k_d2, k_12, k_1g, k_2g = (r(32).hex() for _ in range(5))

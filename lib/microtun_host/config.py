@@ -116,8 +116,9 @@ def format_sockaddr(sa):
     return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
 
 
-def load(path):
-    """The top-level JSON object of the file at path, as a Node."""
+def read_text(path, kind):
+    """The UTF-8 text of a config file; ConfigError names the file when it
+    cannot be read or is not UTF-8 (kind: "JSON", "TOML", for the message)."""
     name = str(path)
     try:
         with open(path, "rb") as f:
@@ -125,9 +126,17 @@ def load(path):
     except OSError as e:
         raise ConfigError("%s: cannot read: %s" % (name, e.strerror or e)) from None
     try:
-        value = json.loads(raw.decode("utf-8"))
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError("%s: not valid JSON: not UTF-8 text (byte %d)" % (name, e.start)) from None
+        raise ConfigError("%s: not valid %s: not UTF-8 text (byte %d)" % (name, kind, e.start)) from None
+
+
+def load(path):
+    """The top-level JSON object of the file at path, as a Node."""
+    name = str(path)
+    text = read_text(path, "JSON")
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError("%s: not valid JSON: %s (line %d, column %d)" % (name, e.msg, e.lineno, e.colno)) from None
     if not isinstance(value, dict):

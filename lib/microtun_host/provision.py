@@ -116,15 +116,9 @@ def _read_toml(path):
     name = str(path)
     if tomllib is None:
         raise ConfigError("%s: reading TOML needs Python 3.11 or newer (tomllib)" % name)
+    text = hconfig.read_text(path, "TOML")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError("%s: cannot read: %s" % (name, e.strerror or e)) from None
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError("%s: not valid TOML: not UTF-8 text (byte %d)" % (name, e.start)) from None
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("%s: not valid TOML: %s" % (name, e)) from None
     return hconfig.Node(name, "", doc)
