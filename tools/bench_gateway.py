@@ -77,7 +77,6 @@ def handshakes_per_second(n=200):
 def session_memory(n=10000, real=50):
     tracemalloc.start()
     gw = Gateway(GW_KEY)
-    snap0 = tracemalloc.take_snapshot()
     base = tracemalloc.get_traced_memory()[0]
     pubs = []
     for i in range(n):

@@ -15,7 +15,6 @@ telemetry was never interrupted for more than 1 s.
 """
 import argparse
 import json
-import os
 import signal
 import sys
 import tempfile

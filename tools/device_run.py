@@ -131,7 +131,6 @@ def main():
         t.poll(min(100, ticks_diff(end, ticks_ms())))
     lost = [i for i in sorted(sent_at) if i not in replies]
     run = best = 0
-    prev = None
     for i in range(o["count"]):
         if i in sent_at and i not in replies:
             run += 1

@@ -9,7 +9,6 @@ it received, each message "<id>:xxxx".
 import queue
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path

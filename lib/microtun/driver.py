@@ -15,7 +15,6 @@ rebound on its own. Everything is non-blocking; `poll()` waits at most
 until the next protocol deadline.
 """
 import os
-import sys
 import select
 import socket
 
@@ -34,14 +33,6 @@ except ImportError:
 
     def now_ms():
         return int(_time.monotonic() * 1000) & TICKS_MASK
-
-try:
-    from time import sleep_ms as _sleep_ms
-except ImportError:
-    import time as _time
-
-    def _sleep_ms(ms):
-        _time.sleep(ms / 1000)
 
 _EAGAIN = (11, 35)           # EAGAIN on Linux / lwIP, macOS
 _RECV_MAX = 2048

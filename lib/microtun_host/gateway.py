@@ -29,8 +29,10 @@ import time
 from microtun import outer
 from microtun_host import config as hconfig
 from microtun_host import control
+from microtun_host import log as logs
+from microtun_host.pop import encode_source
 from microtun_host.config import ConfigError
-from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, CONTROL_CHANNEL
+from microtun.endpoint import DATA, HANDSHAKE, EXPIRED
 from microtun.responder import Gateway
 from microtun.ticks import TICKS_MASK, ticks_diff
 from microtun import timers
@@ -315,12 +317,11 @@ class GatewayServer:
             self._count("outer_keepalive_rx")
             return
         if ptype == outer.TYPE_HOP_PROBE:
-            fam = 6 if ":" in src[0] else 4
-            addr = socket.inet_pton(socket.AF_INET6 if fam == 6 else socket.AF_INET, src[0])
             payload = pkt[outer.HEADER_LEN:]
             if len(payload) <= outer.PROBE_MAX:
+                family, port, addr = encode_source(src)     # as the PoP answers probes
                 self._send_outer(outer.TYPE_HOP_PROBE_REPLY, link.in_label, link,
-                                 outer.probe_reply_payload(payload, fam, src[1], addr), src)
+                                 outer.probe_reply_payload(payload, family, port, addr), src)
             return
         if ptype != outer.TYPE_DATA:
             self._count("outer_unexpected_type")
@@ -496,8 +497,7 @@ def main(config_path, check=False):
     if check:
         print("%s: ok (%d links, %d devices)" % (config_path, len(cfg.links), len(cfg.devices)))
         return 0
-    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
-                        format="%(asctime)s gateway %(levelname)s %(message)s", stream=sys.stderr)
+    logs.setup("gateway", cfg.log_level)    # the logger this module writes to
     asyncio.run(serve(cfg))
     return 0
 
