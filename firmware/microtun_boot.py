@@ -29,7 +29,7 @@ def exists(name):
 
 def start(fw):
     """Safe mode checks, boot window, config, watchdog: the validated
-    DeviceConfig, or SafeMode."""
+    config (microtun.config.Settings), or SafeMode."""
     board = fw.board
     fw.log("boot", "boot %d on %s (%s)%s" % (
         fw.boots, getattr(board, "NAME", "?"), reset_cause(),
@@ -83,6 +83,8 @@ def load_config(fw):
         cfg = mconfig.load(CONFIG)
     except mconfig.ConfigError as e:
         raise SafeMode("config: %s" % e, "error")
+    finally:
+        mconfig.forget()             # validation code: off the heap once we return
     try:
         fw.s = settings(getattr(fw.board, "FIRMWARE", {}), firmware_object())
     except ValueError as e:

@@ -6,8 +6,9 @@ Precompiled with mpy-cross and run as
     micropython -m heap_device MODE GC ARGS...
 
 MODE "endpoint": a microtun.endpoint.Device; ARGS: private key, gateway
-public key, psk (hex). MODE "core": everything microtun.driver imports, and
-a microtun.tunnel.TunnelCore built from the config file ARGS[0].
+public key, psk (hex). MODE "core": the config file ARGS[0] loaded and its
+module forgotten (microtun.config.forget(), as the firmware does), then
+everything microtun.driver imports, and a microtun.tunnel.TunnelCore.
 GC: 0, or N to set gc.threshold(N) (collect after every N bytes allocated)
 while the modules load and the device is made, as a firmware should
 (docs/MEMORY.md); a negative N keeps that threshold for the whole run.
@@ -44,10 +45,16 @@ def main():
     if threshold:
         gc.threshold(abs(threshold))
     if core:
+        # as the firmware starts: the config first, its code dropped, then the stack
+        from microtun import config
+        cfg = config.load(sys.argv[3])
+        config.forget()
+        config = None
+        gc.collect()
         import microtun.driver  # noqa: F401  (the whole device import set)
-        from microtun.config import load
         from microtun.tunnel import TunnelCore
-        dev = TunnelCore(load(sys.argv[3]), 1)
+        dev = TunnelCore(cfg, 1)
+        cfg = None
     else:
         from microtun.endpoint import Device
         dev = Device(bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4]), bytes.fromhex(sys.argv[5]), 1)

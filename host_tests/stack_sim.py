@@ -4,7 +4,7 @@ wraps. Each path's first PoP is simulated: it checks the hop MAC, answers
 hop probes, and applies the path's loss / delay / blackhole. Deterministic
 for a seed; a simulated hour runs in about a second on CPython."""
 from microtun import outer
-from microtun.config import DeviceConfig
+from microtun.config import from_dict
 from microtun.endpoint import DATA
 from microtun.responder import Gateway
 from microtun.ticks import ticks_add, ticks_diff, TICKS_PERIOD
@@ -34,7 +34,7 @@ def make_config(n_paths=2, policy="best", hop_keys=None):
     d = {"name": "dev", "private_key": DEV_KEY.hex(), "gateway_public_key": public_key(GW_KEY).hex(),
          "psk": ("42" * 32), "paths": [dict(p, hop_key=p["hop_key"].hex()) for p in paths],
          "policy": policy}
-    return DeviceConfig(d, "sim")
+    return from_dict(d, "sim")
 
 
 class StackSim(EventLoop):

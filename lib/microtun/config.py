@@ -3,6 +3,11 @@
 A config problem is one clear line naming the file, the field and what is
 expected, raised as ConfigError; the firmware logs it and stays in safe
 mode instead of crashing in a loop.
+
+A device reads its config once per boot. The result is a `Settings` object
+with plain attributes and no methods, so holding it keeps none of this
+module's code alive: the firmware calls `forget()` after loading and the
+validation code leaves the heap (docs/MEMORY.md).
 """
 import json
 
@@ -64,60 +69,66 @@ def parse_hostport(text, where):
     return host, port
 
 
-class PathConfig:
-    def __init__(self, d, where):
-        self.name = str_field(d, where, "name")
-        self.pop = parse_hostport(d.get("pop"), where + "pop")
-        self.label = int_field(d, where, "label", 1, 0xFFFFFF)
-        self.rx_label = int_field(d, where, "rx_label", 1, 0xFFFFFF)
-        self.hop_key = key_field(d, where, "hop_key")
+class Settings:
+    """Validated settings, as attributes. A device config: name,
+    private_key, gateway_public, psk (or None), paths (a list of Settings
+    with name, pop (host, port), label, rx_label, hop_key), policy,
+    nat_keepalive_ms, window, state_dir, network (board-specific dict, e.g.
+    Wi-Fi), app (free dict for the application), watchdog_ms (0 = off),
+    source (where it was read from)."""
 
 
-class DeviceConfig:
-    """Validated device settings. Fields: name, private_key, gateway_public,
-    psk (or None), paths (list of PathConfig), policy, nat_keepalive_ms,
-    window, state_dir, network (board-specific dict, e.g. Wi-Fi), app (free
-    dict for the application), watchdog_ms (0 = off)."""
+def _path(d, where):
+    s = Settings()
+    s.name = str_field(d, where, "name")
+    s.pop = parse_hostport(d.get("pop"), where + "pop")
+    s.label = int_field(d, where, "label", 1, 0xFFFFFF)
+    s.rx_label = int_field(d, where, "rx_label", 1, 0xFFFFFF)
+    s.hop_key = key_field(d, where, "hop_key")
+    return s
 
-    def __init__(self, d, source="config"):
-        if not isinstance(d, dict):
-            raise ConfigError("%s: expected a JSON object at the top level" % source)
-        w = source + ": "
-        self.source = source
-        self.name = str_field(d, w, "name")
-        self.private_key = key_field(d, w, "private_key")
-        self.gateway_public = key_field(d, w, "gateway_public_key")
-        self.psk = key_field(d, w, "psk", optional=True)
-        paths = d.get("paths")
-        if not isinstance(paths, list) or not paths:
-            raise ConfigError("%spaths: expected a non-empty list of paths" % w)
-        if len(paths) > 8:
-            raise ConfigError("%spaths: at most 8 paths, got %d" % (w, len(paths)))
-        self.paths = []
-        for i, p in enumerate(paths):
-            pw = "%spaths[%d]." % (w, i)
-            if not isinstance(p, dict):
-                raise ConfigError("%spaths[%d]: expected an object" % (w, i))
-            self.paths.append(PathConfig(p, pw))
-        rx = [p.rx_label for p in self.paths]
-        for i, lbl in enumerate(rx):
-            if lbl in rx[:i]:
-                raise ConfigError("%spaths[%d].rx_label: %d is used by another path; each path needs its own" % (w, i, lbl))
-        self.policy = d.get("policy", "best")
-        if self.policy not in POLICIES:
-            raise ConfigError("%spolicy: expected one of %s, got %r" % (w, ", ".join(POLICIES), self.policy))
-        self.nat_keepalive_ms = int_field(d, w, "nat_keepalive_s", 5, 3600, 25) * 1000
-        self.window = int_field(d, w, "window", 64, 65536, 1024)
-        self.state_dir = d.get("state_dir", ".")
-        if not isinstance(self.state_dir, str):
-            raise ConfigError("%sstate_dir: expected a directory path string" % w)
-        self.network = d.get("network") or {}
-        if not isinstance(self.network, dict):
-            raise ConfigError("%snetwork: expected an object (board network settings)" % w)
-        self.app = d.get("app") or {}
-        if not isinstance(self.app, dict):
-            raise ConfigError("%sapp: expected an object (application settings)" % w)
-        self.watchdog_ms = int_field(d, w, "watchdog_s", 0, 3600, 0) * 1000
+
+def from_dict(d, source="config"):
+    """Validate a decoded device config; a Settings, or ConfigError."""
+    if not isinstance(d, dict):
+        raise ConfigError("%s: expected a JSON object at the top level" % source)
+    w = source + ": "
+    s = Settings()
+    s.source = source
+    s.name = str_field(d, w, "name")
+    s.private_key = key_field(d, w, "private_key")
+    s.gateway_public = key_field(d, w, "gateway_public_key")
+    s.psk = key_field(d, w, "psk", optional=True)
+    paths = d.get("paths")
+    if not isinstance(paths, list) or not paths:
+        raise ConfigError("%spaths: expected a non-empty list of paths" % w)
+    if len(paths) > 8:
+        raise ConfigError("%spaths: at most 8 paths, got %d" % (w, len(paths)))
+    s.paths = []
+    for i, p in enumerate(paths):
+        if not isinstance(p, dict):
+            raise ConfigError("%spaths[%d]: expected an object" % (w, i))
+        s.paths.append(_path(p, "%spaths[%d]." % (w, i)))
+    rx = [p.rx_label for p in s.paths]
+    for i, lbl in enumerate(rx):
+        if lbl in rx[:i]:
+            raise ConfigError("%spaths[%d].rx_label: %d is used by another path; each path needs its own" % (w, i, lbl))
+    s.policy = d.get("policy", "best")
+    if s.policy not in POLICIES:
+        raise ConfigError("%spolicy: expected one of %s, got %r" % (w, ", ".join(POLICIES), s.policy))
+    s.nat_keepalive_ms = int_field(d, w, "nat_keepalive_s", 5, 3600, 25) * 1000
+    s.window = int_field(d, w, "window", 64, 65536, 1024)
+    s.state_dir = d.get("state_dir", ".")
+    if not isinstance(s.state_dir, str):
+        raise ConfigError("%sstate_dir: expected a directory path string" % w)
+    s.network = d.get("network") or {}
+    if not isinstance(s.network, dict):
+        raise ConfigError("%snetwork: expected an object (board network settings)" % w)
+    s.app = d.get("app") or {}
+    if not isinstance(s.app, dict):
+        raise ConfigError("%sapp: expected an object (application settings)" % w)
+    s.watchdog_ms = int_field(d, w, "watchdog_s", 0, 3600, 0) * 1000
+    return s
 
 
 def load(path):
@@ -135,4 +146,16 @@ def loads(text, source="config"):
         d = json.loads(text)
     except ValueError as e:
         raise ConfigError("%s: not valid JSON (%s)" % (source, e))
-    return DeviceConfig(d, source)
+    return from_dict(d, source)
+
+
+def forget():
+    """Take this module out of sys.modules and the package, so that its code
+    leaves the heap once the caller drops its own references (ConfigError,
+    load): a device validates its config once per boot. Importing it again
+    loads it again."""
+    import sys
+    import microtun
+    sys.modules.pop(__name__, None)
+    if getattr(microtun, "config", None) is not None:
+        del microtun.config

@@ -18,7 +18,6 @@ import os
 import select
 import socket
 
-from microtun import config as _config
 from microtun.freshness import next_boot_counter
 from microtun.ticks import ticks_add, ticks_diff, TICKS_MASK
 from microtun.tunnel import TunnelCore
@@ -94,7 +93,10 @@ class Tunnel:
 
     @classmethod
     def from_file(cls, path, **kw):
-        return cls(_config.load(path), **kw)
+        """Load and validate a config file (microtun.config.ConfigError on a
+        problem) and make a Tunnel from it."""
+        from microtun.config import load
+        return cls(load(path), **kw)
 
     # -- sockets ---------------------------------------------------------------
     def _count(self, reason):

@@ -1,27 +1,20 @@
-"""The outer plane: per-hop authenticated, label-switched framing.
+"""The outer plane in full: per-hop authenticated, label-switched framing.
 
-Every datagram between two neighbouring nodes (device -> PoP, PoP -> PoP,
-PoP -> gateway and back) is one outer packet: a 12-byte header, then the
-payload (for DATA, the inner packet, opaque here). See docs/OUTER.md.
-
-    byte 0      version (high 4 bits, = 1) | type (low 4 bits)
-    bytes 1..3  label, 24-bit big-endian, local to the receiving node; 0 invalid
-    bytes 4..11 hop MAC = HMAC-SHA256(hop_key, header[0:4] || len(payload)
-                          as 2 bytes BE || excerpt)[:8]
-                excerpt = payload            if len(payload) <= 32
-                          payload[:16] || payload[-16:]   otherwise
-
-The excerpt covers the inner header (type, receiver index, counter) and the
-inner AEAD tag; the inner AEAD authenticates the rest end to end. The MAC
-costs 4 SHA-256 compressions whatever the packet size.
-
-Sans-I/O and allocation-light: the device calls seal/verify per packet.
-Input from the network never raises here: parse/verify return None/False.
-Misuse of the API (a wrong key length, a label out of range, an oversized
-payload) raises ValueError.
+Everything of microtun.hop (the header, the hop MAC, seal / parse / verify,
+probe replies: what a device needs; the format is described there and in
+docs/OUTER.md), plus what relays and the gateway do: relay() one packet
+from one hop key to the next, answer a probe with the observed address,
+name the types and drop reasons, and on CPython verify and relay through
+hash-state copies. PoPs, the gateway and tests import this module; a device
+imports microtun.hop only, so none of this sits in its heap.
 """
 import sys
-from hashlib import sha256
+
+from microtun.hop import *  # noqa: F401,F403  (the device-side plane, re-exported)
+from microtun.hop import (_COPY, _hmac, _hmac_copy, _hmac_portable, _mac_ok, _message,
+                          HEADER_LEN, MAC_LEN, PAYLOAD_MAX, PROBE_MAX, seal_in_place,
+                          TYPE_DATA, TYPE_HOP_PROBE, TYPE_HOP_PROBE_REPLY, TYPE_HOP_KEEPALIVE,
+                          verify as _verify_portable)
 
 try:
     from micropython import const
@@ -29,28 +22,11 @@ except ImportError:
     def const(x):
         return x
 
-# --- wire constants (docs/OUTER.md, "Header") -----------------------------
-VERSION = const(1)
-HEADER_LEN = const(12)
-MAC_LEN = const(8)
-KEY_LEN = const(32)
-LABEL_MIN = const(1)
-LABEL_MAX = const(0xFFFFFF)
-PAYLOAD_MAX = const(0xFFFF)   # the MAC's length field is 2 bytes
-
-TYPE_DATA = const(1)
-TYPE_HOP_PROBE = const(2)
-TYPE_HOP_PROBE_REPLY = const(3)
-TYPE_HOP_KEEPALIVE = const(4)  # header only: refreshes NAT mappings and learned addresses, never answered
-_TYPE_MAX = const(4)
-# types 0 and 5..15 are reserved; receivers drop them as "unknown_type"
 TYPE_NAMES = {TYPE_DATA: "DATA", TYPE_HOP_PROBE: "HOP_PROBE", TYPE_HOP_PROBE_REPLY: "HOP_PROBE_REPLY",
               TYPE_HOP_KEEPALIVE: "HOP_KEEPALIVE"}
 
 EXCERPT_WHOLE = const(32)     # payloads up to this length are MACed whole
 EXCERPT_HALF = const(16)      # longer ones: first 16 || last 16 bytes
-
-PROBE_MAX = const(32)         # HOP_PROBE payload: opaque, at most 32 bytes
 
 # observed-address encoding in HOP_PROBE_REPLY: family, port (BE), address
 ADDR_V4 = const(4)
@@ -64,7 +40,7 @@ BYTE0_HOP_PROBE = const(0x12)
 BYTE0_HOP_PROBE_REPLY = const(0x13)
 BYTE0_HOP_KEEPALIVE = const(0x14)
 
-# --- drop reasons: parse() failures, named for counters -------------------
+# --- drop reasons: parse() failures, as reject_reason() names them --------
 DROP_SHORT = "short"              # shorter than the 12-byte header
 DROP_TOO_LONG = "too_long"        # payload longer than PAYLOAD_MAX
 DROP_BAD_VERSION = "bad_version"  # version nibble != 1
@@ -72,14 +48,6 @@ DROP_UNKNOWN_TYPE = "unknown_type"  # reserved type
 DROP_BAD_LABEL = "bad_label"      # label 0
 DROP_BAD_MAC = "bad_mac"          # hop MAC does not verify
 
-# --- HMAC backend ----------------------------------------------------------
-# HMAC-SHA256 (RFC 2104) with the key's ipad/opad blocks precomputed once per
-# hop key. Where hashlib objects have copy() (CPython), the two blocks are
-# hashed once and each MAC copies the states: 2 compressions per MAC instead
-# of 4, and faster than the stdlib's one-shot hmac.digest (OpenSSL 3 sets up
-# a MAC context per call; measured in docs/OUTER.md). MicroPython's hashlib
-# has no copy(), so there each MAC hashes the 64-byte blocks again.
-_COPY = hasattr(sha256(), "copy")
 _equal_bytes = None
 if sys.implementation.name != "micropython":
     try:
@@ -88,183 +56,24 @@ if sys.implementation.name != "micropython":
     except ImportError:
         _equal_bytes = None
 
-_MSG_MAX = const(38)          # 4 header + 2 length + 32 excerpt bytes
-
-
-class HopKey:
-    """A 32-byte hop key, with its HMAC state precomputed and a scratch
-    buffer for the MAC input (not shared between HopKey objects, so a MAC
-    allocates only the hash objects and digests)."""
-
-    def __init__(self, key):
-        if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_LEN:
-            raise ValueError("a hop key must be %d bytes" % KEY_LEN)
-        self.key = bytes(key)
-        self._ipad = bytes(k ^ 0x36 for k in key) + bytes(0x36 for _ in range(32))
-        self._opad = bytes(k ^ 0x5C for k in key) + bytes(0x5C for _ in range(32))
-        if _COPY:
-            self._ih = sha256(self._ipad)
-            self._oh = sha256(self._opad)
-        self._msg = bytearray(_MSG_MAX)
-        self._mv = memoryview(self._msg)
-
-
-def _hmac_portable(hk, msg):
-    h = sha256(hk._ipad)
-    h.update(msg)
-    o = sha256(hk._opad)
-    o.update(h.digest())
-    return o.digest()
-
-
-def _hmac_copy(hk, msg):
-    h = hk._ih.copy()
-    h.update(msg)
-    o = hk._oh.copy()
-    o.update(h.digest())
-    return o.digest()
-
-
-_hmac = _hmac_copy if _COPY else _hmac_portable
-
-
-def _message(hk, b0, label, src, off, n):
-    """Fill hk's scratch with the MAC input for a packet whose first byte is
-    b0, label is label and payload is src[off:off+n]; return it (a view)."""
-    m = hk._msg
-    m[0] = b0
-    m[1] = label >> 16
-    m[2] = (label >> 8) & 0xFF
-    m[3] = label & 0xFF
-    m[4] = n >> 8
-    m[5] = n & 0xFF
-    if n <= EXCERPT_WHOLE:
-        m[6:6 + n] = src[off:off + n]
-        return hk._mv[:6 + n]
-    m[6:22] = src[off:off + EXCERPT_HALF]
-    m[22:38] = src[off + n - EXCERPT_HALF:off + n]
-    return m
-
-
-def _relabel(hk, b0, label):
-    """Change only the header part of hk's scratch (the payload excerpt and
-    length stay): a relay verifies and re-seals over one excerpt copy."""
-    m = hk._msg
-    m[0] = b0
-    m[1] = label >> 16
-    m[2] = (label >> 8) & 0xFF
-    m[3] = label & 0xFF
-
-
-def _mac_ok(d, packet):
-    """Constant time: d[0:8] == packet[4:12]."""
-    if _equal_bytes is not None:
-        return _equal_bytes(d[:MAC_LEN], packet[4:HEADER_LEN])
-    r = 0
-    for i in range(MAC_LEN):
-        r |= d[i] ^ packet[4 + i]
-    return r == 0
-
-
-def _byte0(ptype):
-    if ptype < TYPE_DATA or ptype > _TYPE_MAX:
-        raise ValueError("outer type must be 1..4 (DATA, HOP_PROBE, HOP_PROBE_REPLY, HOP_KEEPALIVE), got %r" % (ptype,))
-    return (VERSION << 4) | ptype
-
-
-def _check_label(label):
-    if label < LABEL_MIN or label > LABEL_MAX:
-        raise ValueError("label must be in 1..%d, got %r" % (LABEL_MAX, label))
-
-
-def _check_buf(buf, end):
-    if end - HEADER_LEN > PAYLOAD_MAX:
-        raise ValueError("outer payload must be at most %d bytes, got %d" % (PAYLOAD_MAX, end - HEADER_LEN))
-    if len(buf) < end:
-        raise ValueError("buffer of %d bytes is too small for a %d-byte packet" % (len(buf), end))
-
-
-# --- sending ---------------------------------------------------------------
-
-def seal_in_place(buf, ptype, label, hopkey, plen):
-    """Write the 12-byte header into buf[0:12] for the payload that is
-    already at buf[12:12+plen]; return the packet length (12 + plen).
-
-    The device's zero-copy path: the inner layer writes its packet at offset
-    HEADER_LEN once, and sending it on two paths is two seal_in_place calls
-    (each rewrites only the header) and two sends."""
-    b0 = _byte0(ptype)
-    _check_label(label)
-    end = HEADER_LEN + plen
-    _check_buf(buf, end)
-    m = _message(hopkey, b0, label, buf, HEADER_LEN, plen)
-    buf[0] = b0
-    buf[1] = label >> 16
-    buf[2] = (label >> 8) & 0xFF
-    buf[3] = label & 0xFF
-    buf[4:HEADER_LEN] = _hmac(hopkey, m)[:MAC_LEN]
-    return end
-
 
 def seal_into(buf, ptype, label, hopkey, payload):
     """Copy payload to buf[12:] and seal it there; return the packet length."""
     n = len(payload)
-    _check_buf(buf, HEADER_LEN + n)
+    if n > PAYLOAD_MAX:
+        raise ValueError("outer payload must be at most %d bytes, got %d" % (PAYLOAD_MAX, n))
+    if len(buf) < HEADER_LEN + n:
+        raise ValueError("buffer of %d bytes is too small for a %d-byte packet" % (len(buf), HEADER_LEN + n))
     buf[HEADER_LEN:HEADER_LEN + n] = payload
     return seal_in_place(buf, ptype, label, hopkey, n)
 
 
-def seal(ptype, label, hopkey, payload):
-    """A new outer packet (bytes): header with type, label and the MAC under
-    hopkey, then payload."""
-    buf = bytearray(HEADER_LEN + len(payload))
-    seal_into(buf, ptype, label, hopkey, payload)
-    return bytes(buf)
+def label_of(packet):
+    """The label field of a packet at least 4 bytes long (no checks)."""
+    return (packet[1] << 16) | (packet[2] << 8) | packet[3]
 
 
-# --- receiving -------------------------------------------------------------
-
-def parse(packet):
-    """The cheap checks, before any MAC: (type, label), or None when the
-    packet is too short/long, of another version, of a reserved type, or
-    has label 0. reject_reason() names the failure for counters."""
-    n = len(packet)
-    if n < HEADER_LEN or n - HEADER_LEN > PAYLOAD_MAX:
-        return None
-    b0 = packet[0]
-    ptype = b0 & 0x0F
-    if b0 >> 4 != VERSION or ptype < TYPE_DATA or ptype > _TYPE_MAX:
-        return None
-    label = (packet[1] << 16) | (packet[2] << 8) | packet[3]
-    if label == 0:
-        return None
-    return ptype, label
-
-
-def reject_reason(packet):
-    """Why parse(packet) returns None (a DROP_* name), or None if it doesn't."""
-    n = len(packet)
-    if n < HEADER_LEN:
-        return DROP_SHORT
-    if n - HEADER_LEN > PAYLOAD_MAX:
-        return DROP_TOO_LONG
-    if packet[0] >> 4 != VERSION:
-        return DROP_BAD_VERSION
-    ptype = packet[0] & 0x0F
-    if ptype < TYPE_DATA or ptype > _TYPE_MAX:
-        return DROP_UNKNOWN_TYPE
-    if not (packet[1] | packet[2] | packet[3]):
-        return DROP_BAD_LABEL
-    return None
-
-
-def _verify_portable(hopkey, packet):
-    n = len(packet) - HEADER_LEN
-    if n < 0 or n > PAYLOAD_MAX:
-        return False
-    m = _message(hopkey, packet[0], (packet[1] << 16) | (packet[2] << 8) | packet[3], packet, HEADER_LEN, n)
-    return _mac_ok(_hmac(hopkey, m), packet)
-
+# --- relaying --------------------------------------------------------------
 
 def _relay_portable(packet, in_key, out_label, out_key):
     n = len(packet) - HEADER_LEN
@@ -274,8 +83,12 @@ def _relay_portable(packet, in_key, out_label, out_key):
     m = _message(in_key, b0, (packet[1] << 16) | (packet[2] << 8) | packet[3], packet, HEADER_LEN, n)
     if not _mac_ok(_hmac(in_key, m), packet):
         return None
-    _relabel(in_key, b0, out_label)          # same length and excerpt
-    hdr = bytes(in_key._msg[0:4])
+    # same length and excerpt: only the header part of the MAC input changes
+    s = in_key._msg
+    s[1] = out_label >> 16
+    s[2] = (out_label >> 8) & 0xFF
+    s[3] = out_label & 0xFF
+    hdr = bytes(s[0:4])
     return hdr + _hmac(out_key, m)[:MAC_LEN] + packet[HEADER_LEN:]
 
 
@@ -320,8 +133,9 @@ _FAST = _COPY and _equal_bytes is not None
 
 
 def verify(hopkey, packet):
-    """True when packet's hop MAC verifies under hopkey. Never raises on
-    packets of any length; call parse() first for the cheap checks."""
+    """True when packet's hop MAC verifies under hopkey (microtun.hop.verify,
+    through hash-state copies on CPython). Never raises on packets of any
+    length; call parse() first for the cheap checks."""
     if _FAST and type(packet) is bytes:
         return _verify_copy(hopkey, packet)
     return _verify_portable(hopkey, packet)
@@ -336,20 +150,7 @@ def relay(packet, in_key, out_label, out_key):
     return _relay_portable(packet, in_key, out_label, out_key)
 
 
-def label_of(packet):
-    """The label field of a packet at least 4 bytes long (no checks)."""
-    return (packet[1] << 16) | (packet[2] << 8) | packet[3]
-
-
 # --- probes ----------------------------------------------------------------
-# A HOP_PROBE payload is opaque to the node that answers it. The convention
-# used by microtun's own senders is probe_body(): 4-byte id || 4-byte ticks.
-
-def probe_body(probe_id, ticks):
-    """The 8-byte probe payload microtun senders use: id and send time (ms
-    ticks), both 32-bit big-endian."""
-    return (probe_id & 0xFFFFFFFF).to_bytes(4, "big") + (ticks & 0xFFFFFFFF).to_bytes(4, "big")
-
 
 def probe_fields(echo):
     """(probe_id, ticks) from an echoed probe_body(), or None if malformed."""
@@ -366,19 +167,6 @@ def probe_reply_payload(probe, family, port, addr):
     return bytes(probe) + encode_addr(family, port, addr)
 
 
-def parse_probe_reply(payload, echo_len):
-    """(echo, family, port, addr) from a HOP_PROBE_REPLY payload whose probe
-    was echo_len bytes long (the prober knows what it sent), or None."""
-    if echo_len < 0 or echo_len > PROBE_MAX or len(payload) <= echo_len:
-        return None
-    a = decode_addr(payload[echo_len:])
-    if a is None:
-        return None
-    return (bytes(payload[0:echo_len]),) + a
-
-
-# --- observed-address encoding ---------------------------------------------
-
 def encode_addr(family, port, addr):
     """family (4 or 6) || port (2 bytes BE) || 4 or 16 address bytes."""
     if family == ADDR_V4:
@@ -392,23 +180,3 @@ def encode_addr(family, port, addr):
     if port < 0 or port > 0xFFFF:
         raise ValueError("port must be in 0..65535, got %r" % (port,))
     return bytes((family, port >> 8, port & 0xFF)) + bytes(addr)
-
-
-def decode_addr(buf):
-    """(family, port, addr bytes) from exactly one encoded address, or None."""
-    n = len(buf)
-    if n == ADDR_V4_LEN and buf[0] == ADDR_V4:
-        pass
-    elif n == ADDR_V6_LEN and buf[0] == ADDR_V6:
-        pass
-    else:
-        return None
-    return buf[0], (buf[1] << 8) | buf[2], bytes(buf[3:n])
-
-
-def format_addr(family, port, addr):
-    """'1.2.3.4:5' or '[2001:db8:0:0:0:0:0:1]:5' (IPv6 groups unabbreviated)."""
-    if family == ADDR_V4:
-        return "%d.%d.%d.%d:%d" % (addr[0], addr[1], addr[2], addr[3], port)
-    groups = ["%x" % ((addr[i] << 8) | addr[i + 1]) for i in range(0, 16, 2)]
-    return "[%s]:%d" % (":".join(groups), port)

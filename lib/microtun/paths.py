@@ -92,7 +92,7 @@ class Path:
         self.name = name
         self.label = label
         self.rx_label = rx_label
-        self.key = key                 # outer.HopKey
+        self.key = key                 # hop.HopKey
         self.state = NEW
         self.srtt = None               # RFC 6298 estimators, ms
         self.rttvar = None

@@ -12,7 +12,7 @@ the paths (PathSet) and the outer framing, driven by datagrams and `now`.
 microtun.driver wraps it with sockets and select.poll; tests wrap it with a
 fake network and a fake clock (a simulated hour takes a second).
 """
-from microtun import outer
+from microtun import hop
 from microtun import timers
 from microtun.endpoint import Device, DATA, HANDSHAKE, CONTROL_CHANNEL
 from microtun.paths import Path, PathSet, probe_message, CTL_PATH_PROBE, CTL_PATH_REPLY, PROBE_LEN
@@ -39,7 +39,7 @@ class TunnelCore:
         self.log = log
         self.device = Device(cfg.private_key, cfg.gateway_public, psk=cfg.psk, boot_counter=boot_counter,
                              params=params or timers.Params(), window=cfg.window)
-        self.paths = PathSet([Path(i, pc.name, pc.label, pc.rx_label, outer.HopKey(pc.hop_key))
+        self.paths = PathSet([Path(i, pc.name, pc.label, pc.rx_label, hop.HopKey(pc.hop_key))
                               for i, pc in enumerate(cfg.paths)], cfg.policy, cfg.nat_keepalive_ms)
         self.stats = {}
         self.tx_bytes = 0            # outer bytes sent, all paths
@@ -87,33 +87,33 @@ class TunnelCore:
         if not 0 <= i < len(self.paths.paths):
             raise ValueError("no path %r" % (i,))
         p = self.paths.paths[i]
-        parsed = outer.parse(pkt)
+        parsed = hop.parse(pkt)
         if parsed is None:
-            self._count("outer_" + (outer.reject_reason(pkt) or "malformed"))
+            self._count("outer_" + (hop.reject_reason(pkt) or "malformed"))
             return
         ptype, label = parsed
-        if label != p.rx_label and not (ptype == outer.TYPE_HOP_PROBE_REPLY and label == p.label):
+        if label != p.rx_label and not (ptype == hop.TYPE_HOP_PROBE_REPLY and label == p.label):
             self._count("outer_unknown_label")
             return
-        if not outer.verify(p.key, pkt):
+        if not hop.verify(p.key, pkt):
             self._count("outer_bad_mac")
             return
         p.last_rx = now
         p.rx_packets += 1
         p.rx_bytes += len(pkt)
         self.rx_bytes += len(pkt)
-        if ptype == outer.TYPE_DATA:
+        if ptype == hop.TYPE_DATA:
             st = self.device.stats
             dup = st.get("duplicate", 0)
-            self.device.receive_datagram(pkt[outer.HEADER_LEN:], i, now)
+            self.device.receive_datagram(pkt[hop.HEADER_LEN:], i, now)
             if st.get("duplicate", 0) != dup:
                 p.duplicates += 1           # the copy that came second, on this path
             self._events(now)
             self._flush(now)
-        elif ptype == outer.TYPE_HOP_PROBE_REPLY:
-            r = outer.parse_probe_reply(pkt[outer.HEADER_LEN:], _PROBE_ECHO_LEN)
+        elif ptype == hop.TYPE_HOP_PROBE_REPLY:
+            r = hop.parse_probe_reply(pkt[hop.HEADER_LEN:], _PROBE_ECHO_LEN)
             if r is not None:
-                addr = outer.format_addr(r[1], r[2], r[3])
+                addr = hop.format_addr(r[1], r[2], r[3])
                 if addr != p.public_addr:
                     self.log("info", "path %s: the PoP sees us at %s" % (p.name, addr))
                 p.public_addr = addr
@@ -193,10 +193,10 @@ class TunnelCore:
         if p.public_addr is None or p.hop_probe_at is None or \
                 ticks_diff(now, p.hop_probe_at) >= PUBLIC_ADDR_REFRESH_MS:
             p.hop_probe_at = now
-            self._emit(p, outer.seal(outer.TYPE_HOP_PROBE, p.label, p.key, outer.probe_body(p.seq, now)), now)
+            self._emit(p, hop.seal(hop.TYPE_HOP_PROBE, p.label, p.key, hop.probe_body(p.seq, now)), now)
             self._count("hop_probe_tx")
         else:
-            self._emit(p, outer.seal(outer.TYPE_HOP_KEEPALIVE, p.label, p.key, b""), now)
+            self._emit(p, hop.seal(hop.TYPE_HOP_KEEPALIVE, p.label, p.key, b""), now)
             self._count("hop_keepalive_tx")
 
     def _emit(self, p, pkt, now):
@@ -209,4 +209,4 @@ class TunnelCore:
     def _flush(self, now):
         for data, route in self.device.datagrams_to_send(now):
             for p in self.paths.select(route, now):
-                self._emit(p, outer.seal(outer.TYPE_DATA, p.label, p.key, data), now)
+                self._emit(p, hop.seal(hop.TYPE_DATA, p.label, p.key, data), now)

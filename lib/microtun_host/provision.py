@@ -45,7 +45,7 @@ from microtun_host.config import ConfigError
 # --- limits -------------------------------------------------------------------
 LABEL_FIRST = 100                # first label handed out in every namespace
 LABEL_MAX = outer.LABEL_MAX      # 2^24 - 1 (outer header: 24-bit label)
-MAX_DEVICE_PATHS = 8             # microtun.config.DeviceConfig takes at most 8 paths
+MAX_DEVICE_PATHS = 8             # microtun.config.from_dict takes at most 8 paths
 STATE_VERSION = 1
 FILE_MODE = 0o600                # every file we write holds a key or a psk
 DIR_MODE = 0o700
