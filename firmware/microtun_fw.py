@@ -33,6 +33,16 @@ from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
 
 T0 = ticks_ms()                  # imported first thing by main.py: "boot" time
 
+# Collect every 2 KB allocated while the code loads: what each module keeps
+# then fills the holes the loading of the one before left, instead of piling
+# up behind its garbage (docs/MEMORY.md, "Start-up"). Back to collecting only
+# when the heap is full once the tunnel is built.
+STARTUP_GC = 2048
+try:
+    gc.threshold(STARTUP_GC)
+except AttributeError:           # a port built without gc.threshold
+    pass
+
 CONFIG = "microtun.json"
 LOG = "microtun.log"             # and microtun.log.1: two files of log_bytes each
 STATE = "microtun_fw.txt"        # "<boots> <consecutive fatal errors>"
@@ -240,6 +250,10 @@ class Firmware:
         if app is not None:
             a = app.App(t, self.cfg.app, self.board, self.log)
             t.on_data = a.on_data
+        try:
+            gc.threshold(-1)         # loading is over (STARTUP_GC)
+        except AttributeError:
+            pass
         gc.collect()
         t.connect(0)
         loop_ms = self.s["loop_ms"]

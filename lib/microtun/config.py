@@ -50,6 +50,15 @@ def str_field(cfg, where, name, default=None):
     return v
 
 
+def _object(cfg, where, name, what):
+    v = cfg.get(name)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError("%s%s: expected an object (%s), got %r" % (where, name, what, v))
+    return v
+
+
 def parse_hostport(text, where):
     """'host:port' or '[v6]:port' -> (host, port)."""
     if not isinstance(text, str):
@@ -121,12 +130,8 @@ def from_dict(d, source="config"):
     s.state_dir = d.get("state_dir", ".")
     if not isinstance(s.state_dir, str):
         raise ConfigError("%sstate_dir: expected a directory path string" % w)
-    s.network = d.get("network") or {}
-    if not isinstance(s.network, dict):
-        raise ConfigError("%snetwork: expected an object (board network settings)" % w)
-    s.app = d.get("app") or {}
-    if not isinstance(s.app, dict):
-        raise ConfigError("%sapp: expected an object (application settings)" % w)
+    s.network = _object(d, w, "network", "board network settings")
+    s.app = _object(d, w, "app", "application settings")
     s.watchdog_ms = int_field(d, w, "watchdog_s", 0, 3600, 0) * 1000
     return s
 
