@@ -8,7 +8,7 @@ them); the gateway answers each probe on the path it arrived on.
 
 States, and what moves a path between them (printable: `print_table()`):
 """
-from microtun.ticks import ticks_add, ticks_diff
+from microtun.ticks import ticks_add, ticks_diff, ticks_min
 
 try:
     from micropython import const
@@ -22,7 +22,7 @@ SUSPECT = "suspect"
 DOWN = "down"
 
 # (state, event) -> new state.  Events: "reply" (a probe answered), "miss" (a
-# probe not answered within RTO), "misses" (DOWN_AFTER misses in a row).
+# probe not answered within RTO), "misses" (_DOWN_AFTER misses in a row).
 TRANSITIONS = {
     (NEW, "reply"): UP,
     (NEW, "misses"): DOWN,
@@ -34,37 +34,39 @@ TRANSITIONS = {
 # How often each state probes (ms), when the app is active / idle.
 PROBE_ACTIVE_MS = {NEW: 250, UP: 200, SUSPECT: 100, DOWN: 1000}
 PROBE_IDLE_MS = {NEW: 1000, UP: 300000, SUSPECT: 500, DOWN: 30000}
-DOWN_AFTER = const(3)            # misses in a row
-ACTIVE_MS = const(3000)          # "active" for this long after the app sent
-RTO_MIN_MS = const(100)
-RTO_MAX_MS = const(3000)
-RTO_INIT_MS = const(1000)
-NAT_KEEPALIVE_MS = const(25000)  # some NATs drop UDP mappings after 30 s
+_DOWN_AFTER = const(3)            # misses in a row
+_ACTIVE_MS = const(3000)          # "active" for this long after the app sent
+_RTO_MIN_MS = const(100)
+_RTO_MAX_MS = const(3000)
+_RTO_INIT_MS = const(1000)
+_NAT_KEEPALIVE_MS = const(25000)  # some NATs drop UDP mappings after 30 s
 
 # Policies (docs/PATHS.md, "Choosing a policy")
 BEST = "best"
 CRITICAL = "critical"
 ADAPTIVE = "adaptive"
 POLICIES = (BEST, CRITICAL, ADAPTIVE)
-ADAPTIVE_LOSS_ON = 0.05          # duplicate while the best path loses > 5 % ...
-ADAPTIVE_LOSS_OFF = 0.02         # ... and stop once it is back under 2 %
-ADAPTIVE_RTT_MS = const(1000)    # or while its srtt exceeds this
-LOSS_PENALTY_MS = const(1000)    # path score = srtt + loss x this (5 % loss "costs" 50 ms)
-SWITCH_MARGIN_MS = const(10)     # a path must score this much better to take over
+_ADAPTIVE_LOSS_ON = const(0.05)   # duplicate while the best path loses > 5 % ...
+_ADAPTIVE_LOSS_OFF = const(0.02)  # ... and stop once it is back under 2 %
+_ADAPTIVE_RTT_MS = const(1000)    # or while its srtt exceeds this
+_LOSS_PENALTY_MS = const(1000)    # path score = srtt + loss x this (5 % loss "costs" 50 ms)
+_SWITCH_MARGIN_MS = const(10)     # a path must score this much better to take over
 
 # Control messages on channel 0 (inside the tunnel)
 CTL_PATH_PROBE = const(1)
 CTL_PATH_REPLY = const(2)
-PROBE_LEN = const(12)            # type, path, seq (4), ticks (4), srtt ms (2)
+PROBE_LEN = const(12)             # type, path, seq (4), ticks (4), srtt ms (2)
 
 
 def print_table():
     lines = ["state    event   -> state"]
     for (s, e), t in sorted(TRANSITIONS.items()):
         lines.append("%-8s %-7s -> %s" % (s, e, t))
+    pace = []
+    for s in (NEW, UP, SUSPECT, DOWN):
+        pace.append("%s %d active / %d idle" % (s, PROBE_ACTIVE_MS[s], PROBE_IDLE_MS[s]))
     lines.append("")
-    lines.append("probe every (ms): " + ", ".join(
-        "%s %d active / %d idle" % (s, PROBE_ACTIVE_MS[s], PROBE_IDLE_MS[s]) for s in (NEW, UP, SUSPECT, DOWN)))
+    lines.append("probe every (ms): " + ", ".join(pace))
     return "\n".join(lines)
 
 
@@ -94,6 +96,7 @@ class Path:
         self.rx_label = rx_label
         self.key = key                 # hop.HopKey
         self.state = NEW
+        self.live = False              # state is UP or SUSPECT (set by _move)
         self.srtt = None               # RFC 6298 estimators, ms
         self.rttvar = None
         self.loss = 0.0                # EWMA of probe outcomes
@@ -114,40 +117,20 @@ class Path:
         self.probes_lost = 0
         self.duplicates = 0            # copies dropped because the other path was faster
 
-    @property
-    def live(self):
-        return self.state in (UP, SUSPECT)
-
     def rto(self):
         if self.srtt is None:
-            return RTO_INIT_MS
+            return _RTO_INIT_MS
         r = int(self.srtt + max(4 * self.rttvar, 20))
-        return RTO_MIN_MS if r < RTO_MIN_MS else RTO_MAX_MS if r > RTO_MAX_MS else r
+        return _RTO_MIN_MS if r < _RTO_MIN_MS else _RTO_MAX_MS if r > _RTO_MAX_MS else r
 
     def _move(self, event):
         new = TRANSITIONS.get((self.state, event))
         if new is not None and new != self.state:
             self.state = new
+            self.live = new in (UP, SUSPECT)
             self.switches += 1
             return True
         return False
-
-    def on_reply(self, seq, sent, now):
-        """A PATH_REPLY came back on this path. Returns True on a state change."""
-        if self.outstanding.pop(seq, None) is None:
-            return False                # late (already counted lost) or duplicate
-        rtt = ticks_diff(now, sent)
-        if rtt < 0:
-            return False
-        if self.srtt is None:
-            self.srtt = rtt
-            self.rttvar = rtt / 2
-        else:                           # RFC 6298 §2.3, alpha 1/8, beta 1/4
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.loss *= 0.9375             # EWMA weight 1/16
-        self.misses = 0
-        return self._move("reply")
 
     def check_timeouts(self, now):
         """Count probes not answered within RTO as lost. True on a state change."""
@@ -157,10 +140,10 @@ class Path:
             if ticks_diff(now, self.outstanding[seq]) >= rto:
                 del self.outstanding[seq]
                 self.probes_lost += 1
-                self.loss = self.loss * 0.9375 + 0.0625
+                self.loss = (self.loss * 15 + 1) / 16     # EWMA weight 1/16, a loss counts 1
                 self.misses += 1
                 changed |= self._move("miss")
-                if self.misses >= DOWN_AFTER:
+                if self.misses >= _DOWN_AFTER:
                     changed |= self._move("misses")
         return changed
 
@@ -183,7 +166,7 @@ class PathSet:
     which paths a datagram goes on (`select`), which probes are due
     (`due_probes`) and which paths need a NAT keepalive (`due_keepalives`)."""
 
-    def __init__(self, paths, default_policy=BEST, nat_keepalive_ms=NAT_KEEPALIVE_MS):
+    def __init__(self, paths, default_policy=BEST, nat_keepalive_ms=_NAT_KEEPALIVE_MS):
         if not paths:
             raise ValueError("a device needs at least one path")
         if default_policy not in POLICIES:
@@ -195,23 +178,30 @@ class PathSet:
         self._dup = False              # adaptive: currently duplicating
         self._best = None
         self.best_switches = 0         # how often traffic moved to another path
-        self.by_rx_label = {p.rx_label: p for p in paths}
 
     # -- choosing paths ------------------------------------------------------
     def best(self):
         """The live path with the lowest score (srtt + loss penalty), kept
-        until another one is better by SWITCH_MARGIN_MS. If it is SUSPECT,
+        until another one is better by _SWITCH_MARGIN_MS. If it is SUSPECT,
         select() sends on every live path until it is decided."""
-        cand = None
-        for p in self.paths:
-            if p.live and (cand is None or _better(p, cand)):
-                cand = p
         cur = self._best
+        cand = cand_score = cur_score = None
+        for p in self.paths:
+            if p.live:
+                # srtt + loss penalty; a path with no RTT sample yet scores 1000 s
+                score = (p.srtt if p.srtt is not None else 1000000) + p.loss * _LOSS_PENALTY_MS
+                if p is cur:
+                    cur_score = score
+                # the lowest score; on a tie, an UP path before a SUSPECT one
+                if cand is None or score < cand_score or \
+                        score == cand_score and p.state == UP and cand.state != UP:
+                    cand = p
+                    cand_score = score
         if cur is None or not cur.live:
             if cand is not cur and cur is not None:
                 self.best_switches += 1
             self._best = cand
-        elif cand is not cur and _score(cand) + SWITCH_MARGIN_MS < _score(cur):
+        elif cand is not cur and cand_score + _SWITCH_MARGIN_MS < cur_score:
             self._best = cand
             self.best_switches += 1
         return self._best
@@ -232,28 +222,26 @@ class PathSet:
         best = self.best()
         if best.state == SUSPECT:      # in doubt: use every live path
             return live
-        if policy == ADAPTIVE and self._adaptive_dup(best):
-            return live
+        if policy == ADAPTIVE:          # duplicate while the best path is poor, with hysteresis
+            srtt = best.srtt or 0
+            if self._dup:
+                if best.loss < _ADAPTIVE_LOSS_OFF and srtt < _ADAPTIVE_RTT_MS:
+                    self._dup = False
+            elif best.loss > _ADAPTIVE_LOSS_ON or srtt > _ADAPTIVE_RTT_MS:
+                self._dup = True
+            if self._dup:
+                return live
         return [best]
-
-    def _adaptive_dup(self, best):
-        srtt = best.srtt or 0
-        if self._dup:
-            if best.loss < ADAPTIVE_LOSS_OFF and srtt < ADAPTIVE_RTT_MS:
-                self._dup = False
-        elif best.loss > ADAPTIVE_LOSS_ON or srtt > ADAPTIVE_RTT_MS:
-            self._dup = True
-        return self._dup
 
     # -- timers ----------------------------------------------------------------
     def note_app_send(self, now):
-        """The app sent something: probe at the active pace for ACTIVE_MS."""
+        """The app sent something: probe at the active pace for _ACTIVE_MS."""
         if not self.active(now):
             for p in self.paths:
                 due = ticks_add(now, PROBE_ACTIVE_MS[p.state])
                 if p.next_probe is not None and ticks_diff(p.next_probe, due) > 0:
                     p.next_probe = due
-        self._active_until = ticks_add(now, ACTIVE_MS)
+        self._active_until = ticks_add(now, _ACTIVE_MS)
 
     def active(self, now):
         return self._active_until is not None and ticks_diff(self._active_until, now) > 0
@@ -284,46 +272,44 @@ class PathSet:
         return out
 
     def get_timer(self):
-        best = None
+        t = None
         for p in self.paths:
-            cands = [p.next_probe]
+            t = ticks_min(t, p.next_probe)
             if p.outstanding:
                 rto = p.rto()
-                for t in p.outstanding.values():
-                    cands.append(ticks_add(t, rto))
+                for sent in p.outstanding.values():
+                    t = ticks_min(t, ticks_add(sent, rto))
             if p.last_tx is not None:
-                cands.append(ticks_add(p.last_tx, self.nat_keepalive_ms))
-            for c in cands:
-                if c is not None and (best is None or ticks_diff(c, best) < 0):
-                    best = c
-        return best
+                t = ticks_min(t, ticks_add(p.last_tx, self.nat_keepalive_ms))
+        return t
 
     def on_probe_reply(self, data, now):
-        """Handle a channel-0 PATH_REPLY from the gateway."""
+        """Handle a channel-0 PATH_REPLY from the gateway: an RTT sample for
+        the path it names. Returns True on a state change."""
         f = parse_probe(data)
         if f is None or f[0] != CTL_PATH_REPLY or f[1] >= len(self.paths):
             return False
         p = self.paths[f[1]]
-        sent = p.outstanding.get(f[2])
+        sent = p.outstanding.pop(f[2], None)
         if sent is None:
+            return False                # late (already counted lost), duplicate or never sent
+        rtt = ticks_diff(now, sent)
+        if rtt < 0:
             return False
-        changed = p.on_reply(f[2], sent, now)
-        if changed:       # probe at the new state's pace from now on
-            table = PROBE_ACTIVE_MS if self.active(now) else PROBE_IDLE_MS
-            p.next_probe = ticks_add(now, table[p.state])
-        return changed
+        if p.srtt is None:
+            p.srtt = rtt
+            p.rttvar = rtt / 2
+        else:                           # RFC 6298 §2.3, alpha 1/8, beta 1/4
+            p.rttvar = (3 * p.rttvar + abs(p.srtt - rtt)) / 4
+            p.srtt = (7 * p.srtt + rtt) / 8
+        p.loss = p.loss * 15 / 16       # EWMA weight 1/16, a reply counts 0
+        p.misses = 0
+        if not p._move("reply"):
+            return False
+        # probe at the new state's pace from now on
+        table = PROBE_ACTIVE_MS if self.active(now) else PROBE_IDLE_MS
+        p.next_probe = ticks_add(now, table[p.state])
+        return True
 
     def health(self):
-        return [p.info() for p in self.paths]
-
-
-def _score(p):
-    return (p.srtt if p.srtt is not None else 1e6) + p.loss * LOSS_PENALTY_MS
-
-
-def _better(a, b):
-    sa = _score(a)
-    sb = _score(b)
-    if sa != sb:
-        return sa < sb
-    return a.state == UP and b.state != UP
+        return list(map(Path.info, self.paths))
