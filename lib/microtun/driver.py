@@ -23,18 +23,24 @@ from microtun.ticks import ticks_add, ticks_diff, TICKS_MASK
 from microtun.tunnel import TunnelCore
 
 try:
-    from time import ticks_ms as _ticks_ms
-
-    def now_ms():
-        return _ticks_ms() & TICKS_MASK
+    from micropython import const
 except ImportError:
-    import time as _time
+    def const(x):
+        return x
+
+try:
+    from time import ticks_ms
 
     def now_ms():
-        return int(_time.monotonic() * 1000) & TICKS_MASK
+        return ticks_ms() & TICKS_MASK
+except ImportError:             # CPython
+    import time
 
-_EAGAIN = (11, 35)           # EAGAIN on Linux / lwIP, macOS
-_RECV_MAX = 2048
+    def now_ms():
+        return int(time.monotonic() * 1000) & TICKS_MASK
+
+_EAGAIN = const((11, 35))    # EAGAIN on Linux / lwIP, macOS
+_RECV_MAX = const(2048)
 
 
 def _log_print(level, msg):
@@ -47,21 +53,19 @@ class FileStorage:
     def __init__(self, directory):
         self.dir = directory
 
-    def _path(self, name):
-        return "%s/microtun_%s.bin" % (self.dir, name)
-
     def read(self, name):
         try:
-            with open(self._path(name), "rb") as f:
+            with open("%s/microtun_%s.bin" % (self.dir, name), "rb") as f:
                 return f.read()
         except OSError:
             return None
 
     def write(self, name, data):
-        tmp = self._path(name) + ".tmp"
-        with open(tmp, "wb") as f:
+        path = "%s/microtun_%s.bin" % (self.dir, name)
+        # a new file, then a rename: a power cut leaves the old value or the new one
+        with open(path + ".tmp", "wb") as f:
             f.write(data)
-        os.rename(tmp, self._path(name))
+        os.rename(path + ".tmp", path)
 
 
 class Tunnel:
@@ -102,19 +106,13 @@ class Tunnel:
     def _count(self, reason):
         self.stats[reason] = self.stats.get(reason, 0) + 1
 
-    def _resolve(self, i):
+    def _open(self, i):
         host, port = self.cfg.paths[i].pop
         try:
             ai = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
         except OSError as e:
             self._count("resolve_failed")
             self.log("warn", "path %s: cannot resolve %s:%d (%s); will retry" % (self.cfg.paths[i].name, host, port, e))
-            return None
-        return ai
-
-    def _open(self, i):
-        ai = self._resolve(i)
-        if ai is None:
             return False
         s = socket.socket(ai[0], socket.SOCK_DGRAM)
         s.setblocking(False)
@@ -221,36 +219,29 @@ class Tunnel:
             i = self._by_sock.get(id(obj))
             if i is None:
                 i = self._by_sock.get(obj)
-            if i is not None:
-                self._drain(i)
+            if i is None:
+                continue
+            s = self._socks[i]
+            while s is not None:        # everything queued on path i's socket
+                try:
+                    data, src = s.recvfrom(_RECV_MAX)
+                except OSError as e:
+                    if e.args and e.args[0] not in _EAGAIN:
+                        self._count("recv_error")
+                    break
+                self.core.receive(i, data, now_ms())
         now = now_ms()
         d = self.core.get_timer()
         if d is not None and ticks_diff(d, now) <= 0:
             self.core.handle_timer(now)
         self._send_out()
-        self._deliver()
+        if self.on_data is not None:
+            m = self.core.next_message()
+            while m is not None:
+                self.on_data(m[0], m[1])
+                m = self.core.next_message()
 
     def run(self, duration_ms):
         end = ticks_add(now_ms(), duration_ms)
         while ticks_diff(end, now_ms()) > 0:
             self.poll(ticks_diff(end, now_ms()))
-
-    def _drain(self, i):
-        s = self._socks[i]
-        while s is not None:
-            try:
-                data, src = s.recvfrom(_RECV_MAX)
-            except OSError as e:
-                if e.args and e.args[0] not in _EAGAIN:
-                    self._count("recv_error")
-                return
-            self.core.receive(i, data, now_ms())
-
-    def _deliver(self):
-        if self.on_data is None:
-            return
-        while True:
-            m = self.core.next_message()
-            if m is None:
-                return
-            self.on_data(m[0], m[1])

@@ -13,7 +13,6 @@ microtun.driver wraps it with sockets and select.poll; tests wrap it with a
 fake network and a fake clock (a simulated hour takes a second).
 """
 from microtun import hop
-from microtun import timers
 from microtun.endpoint import Device, DATA, HANDSHAKE, CONTROL_CHANNEL
 from microtun.paths import Path, PathSet, probe_message, CTL_PATH_PROBE, CTL_PATH_REPLY, PROBE_LEN
 from microtun.ticks import ticks_diff, ticks_min
@@ -24,21 +23,17 @@ except ImportError:
     def const(x):
         return x
 
-ALL_DOWN_MS = const(2000)    # every path down this long: handshake again
-PUBLIC_ADDR_REFRESH_MS = const(1800000)  # ask the first PoP for our public address this often
+_ALL_DOWN_MS = const(2000)   # every path down this long: handshake again
+_PUBLIC_ADDR_REFRESH_MS = const(1800000)  # ask the first PoP for our public address this often
 _PROBE_ECHO_LEN = const(8)
 
 
-def _no_log(level, msg):
-    pass
-
-
 class TunnelCore:
-    def __init__(self, cfg, boot_counter, params=None, log=_no_log):
+    def __init__(self, cfg, boot_counter, params=None, log=lambda level, msg: None):
         self.cfg = cfg
         self.log = log
         self.device = Device(cfg.private_key, cfg.gateway_public, psk=cfg.psk, boot_counter=boot_counter,
-                             params=params or timers.Params(), window=cfg.window)
+                             params=params, window=cfg.window)
         self.paths = PathSet([Path(i, pc.name, pc.label, pc.rx_label, hop.HopKey(pc.hop_key))
                               for i, pc in enumerate(cfg.paths)], cfg.policy, cfg.nat_keepalive_ms)
         self.stats = {}
@@ -126,23 +121,21 @@ class TunnelCore:
             if e is None:
                 return
             if e.kind == DATA:
-                if e.channel == CONTROL_CHANNEL:
-                    self._control(e, now)
-                else:
+                if e.channel != CONTROL_CHANNEL:
                     self._inbox.append((e.channel, e.data))
+                    continue
+                # channel 0 is path control: the gateway's reply to a path probe
+                d = e.data
+                i = e.addr
+                if isinstance(i, int) and len(d) == PROBE_LEN and d[0] == CTL_PATH_REPLY and d[1] == i:
+                    p = self.paths.paths[i]
+                    if self.paths.on_probe_reply(d, now):
+                        self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
             elif e.kind == HANDSHAKE:
                 self.log("info", "session established (handshake %d)" % self.device.session.handshakes)
                 for p in self.paths.paths:
                     if p.next_probe is None:
                         p.next_probe = now      # validate every path at once
-
-    def _control(self, e, now):
-        d = e.data
-        i = e.addr
-        if isinstance(i, int) and len(d) == PROBE_LEN and d[0] == CTL_PATH_REPLY and d[1] == i:
-            p = self.paths.paths[i]
-            if self.paths.on_probe_reply(d, now):
-                self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
 
     # -- timers ----------------------------------------------------------------------
     def get_timer(self):
@@ -164,40 +157,34 @@ class TunnelCore:
             if p.state != old:
                 self.log("info", "path %s: %s -> %s" % (p.name, old, p.state))
         for p in self.paths.due_keepalives(now):
-            self._hop_keepalive(p, now)
-        self._check_all_down(now)
-        self._events(now)
-        self._flush(now)
-
-    def _check_all_down(self, now):
-        """Every path dead while we think we have a session: the far end may
-        have restarted. Handshake again (on every path) after ALL_DOWN_MS,
-        then at most every ALL_DOWN_MS while it lasts."""
+            # Keep the NAT mapping and the first PoP's learned address fresh.
+            # Usually a 12-byte HOP_KEEPALIVE (never answered: 144 of them an
+            # hour cost 1.7 KB per path); a HOP_PROBE, which the PoP answers
+            # with the address it sees, while we do not know that address yet
+            # and every _PUBLIC_ADDR_REFRESH_MS to notice NAT changes.
+            if p.public_addr is None or p.hop_probe_at is None or \
+                    ticks_diff(now, p.hop_probe_at) >= _PUBLIC_ADDR_REFRESH_MS:
+                p.hop_probe_at = now
+                pkt = hop.seal(hop.TYPE_HOP_PROBE, p.label, p.key, hop.probe_body(p.seq, now))
+                self._count("hop_probe_tx")
+            else:
+                pkt = hop.seal(hop.TYPE_HOP_KEEPALIVE, p.label, p.key, b"")
+                self._count("hop_keepalive_tx")
+            self._emit(p, pkt, now)
+        # Every path dead while we think we have a session: the far end may
+        # have restarted. Handshake again (on every path) after _ALL_DOWN_MS,
+        # then at most every _ALL_DOWN_MS while it lasts.
         if not self.device.established or any(p.live for p in self.paths.paths):
             self._all_down_since = None
-            return
-        if self._all_down_since is None:
+        elif self._all_down_since is None:
             self._all_down_since = now
-        elif ticks_diff(now, self._all_down_since) >= ALL_DOWN_MS:
+        elif ticks_diff(now, self._all_down_since) >= _ALL_DOWN_MS:
             self._all_down_since = now
             self._count("rehandshake_all_paths_down")
             self.log("warn", "every path is down; handshaking again")
             self.device.rekey(now)
-
-    def _hop_keepalive(self, p, now):
-        """Keep the NAT mapping and the first PoP's learned address fresh.
-        Usually a 12-byte HOP_KEEPALIVE (never answered: 144 of them an hour
-        cost 1.7 KB per path); a HOP_PROBE, which the PoP answers with the
-        address it sees, while we do not know that address yet and every
-        PUBLIC_ADDR_REFRESH_MS to notice NAT changes."""
-        if p.public_addr is None or p.hop_probe_at is None or \
-                ticks_diff(now, p.hop_probe_at) >= PUBLIC_ADDR_REFRESH_MS:
-            p.hop_probe_at = now
-            self._emit(p, hop.seal(hop.TYPE_HOP_PROBE, p.label, p.key, hop.probe_body(p.seq, now)), now)
-            self._count("hop_probe_tx")
-        else:
-            self._emit(p, hop.seal(hop.TYPE_HOP_KEEPALIVE, p.label, p.key, b""), now)
-            self._count("hop_keepalive_tx")
+        self._events(now)
+        self._flush(now)
 
     def _emit(self, p, pkt, now):
         p.last_tx = now
