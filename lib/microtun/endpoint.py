@@ -87,13 +87,6 @@ class _Endpoint:
     def _count(self, reason):
         self.stats[reason] = self.stats.get(reason, 0) + 1
 
-    def _new_index(self, session, kp):
-        while True:
-            i = random_u32()
-            if i and i not in self._by_index:
-                self._by_index[i] = (session, kp)
-                return i
-
     def _forget(self, keypairs):
         for kp in keypairs:
             self._by_index.pop(kp.local_index, None)
@@ -126,10 +119,8 @@ class _Endpoint:
         if isinstance(pt, str):
             self._count(pt)
             return
-        if kp is s.next:
-            dropped = s.confirm(kp)
-            if dropped is not None:
-                self._forget((dropped,))
+        if kp is s.next:          # only a gateway's Peer has a `next` (microtun.responder)
+            self._forget(s.confirm(kp))
         s.addr = addr
         s.received(len(data), not keepalive, now, self.params)
         if keepalive:
@@ -149,14 +140,6 @@ class _Endpoint:
             self._count("keepalive_tx")
             self._out.append((pkt, addr))
 
-    def _session_timers(self, s, now, addr):
-        p = self.params
-        self._forget(s.expire(now, p))
-        if timers.should_send_keepalive(s, now, p):
-            self._keepalive(s, now, addr)
-        elif timers.should_send_persistent_keepalive(s, now, p):
-            self._keepalive(s, now, addr)
-
 
 class Device(_Endpoint):
     """The initiator. One gateway, identified by its static public key."""
@@ -166,10 +149,8 @@ class Device(_Endpoint):
         gw = _key32("gateway_public", gateway_public)
         if psk is not None:
             _key32("psk", psk)
-        self.session = Session(gw, psk, None, True)
+        self.session = Session(gw, psk)
         self._fresh = Freshness(boot_counter)
-        self._mac1k = m.mac1_key(gw)
-        self._mac1k_resp = m.mac1_key(self.public_key)
         self._cookies = None      # a cookie.CookieJar once the gateway sent a cookie (rare: made then)
         self._mac1 = None         # the mac1 of our last INIT, which a cookie answers
         self._queue = []
@@ -227,10 +208,13 @@ class Device(_Endpoint):
         if s.ss is None:
             s.ss = x25519(self._static[0], s.public_key)
             self.dh_count += 1
-        idx = self._new_index(s, None)
+        idx = 0                   # a fresh local index: random, non-zero, unused
+        while not idx or idx in self._by_index:
+            idx = random_u32()
+        self._by_index[idx] = (s, None)
         cookie = None if self._cookies is None else self._cookies.current(now)
         hs, msg, self._mac1 = create_initiation(self._static, s.public_key, s.psk, idx, self._fresh.next(now),
-                                                self._mac1k, cookie, ss=s.ss)
+                                                m.mac1_key(s.public_key), cookie, ss=s.ss)
         self.dh_count += hs.dh_count
         s.hs = hs
         s.hs_index = idx
@@ -264,7 +248,9 @@ class Device(_Endpoint):
             self._count("malformed")
 
     def _response_in(self, data, addr, now):
-        if not m.check_mac(self._mac1k_resp, data, m.RESP_MAC1):
+        # mac1 keys are made when needed (a hash each): a device handshakes
+        # rarely, and keeping them costs a board heap for its whole life.
+        if not m.check_mac(m.mac1_key(self.public_key), data, m.RESP_MAC1):
             self._count("bad_mac1")
             return
         s = self.session
@@ -282,7 +268,7 @@ class Device(_Endpoint):
         self._by_index[s.hs_index] = (s, kp)
         s.hs = None
         s.hs_attempts = 0
-        self._forget(s.install(kp, now, as_next=False))
+        self._forget(s.install(kp, now))
         s.addr = addr
         s.received(len(data), False, now, self.params)
         self._count("handshake_ok")
@@ -302,7 +288,27 @@ class Device(_Endpoint):
             self._keepalive(s, now, None)
 
     def get_timer(self):
-        return self.session.deadline(self.params)
+        """The earliest time the session needs attention, or None."""
+        s = self.session
+        p = self.params
+        cands = [s.keepalive_due]
+        if s.hs is not None:
+            cands.append(s.hs_retry_at)
+        if s.data_sent_unanswered is not None:
+            cands.append(ticks_add(s.data_sent_unanswered, p.keepalive_ms + p.rekey_timeout_ms))
+        for kp in (s.current, s.previous, s.next):
+            if kp is not None:
+                cands.append(ticks_add(kp.created, p.reject_after_ms))
+        kp = s.current
+        if kp is not None and p.keep_session and s.hs is None:
+            cands.append(ticks_add(kp.created, p.rekey_after_ms))
+        if p.persistent_keepalive_ms and kp is not None and s.last_sent is not None:
+            cands.append(ticks_add(s.last_sent, p.persistent_keepalive_ms))
+        best = None
+        for c in cands:
+            if c is not None and (best is None or ticks_diff(c, best) < 0):
+                best = c
+        return best
 
     def handle_timer(self, now):
         self._fresh.observe(now)
@@ -311,7 +317,9 @@ class Device(_Endpoint):
         if s.hs is not None and timers.should_retry_handshake(s, now):
             self._count("handshake_retry")
             self._initiate(now)
-        self._session_timers(s, now, None)
+        self._forget(s.expire(now, p))
+        if timers.should_send_keepalive(s, now, p) or timers.should_send_persistent_keepalive(s, now, p):
+            self._keepalive(s, now, None)
         if s.hs is None and self._wanted:
             if (s.current is None or timers.should_rekey_idle(s, now, p) or
                     timers.should_rekey_on_receive(s, now, p) or

@@ -20,7 +20,7 @@ _LEAD = bytearray(1)
 
 
 class Keypair:
-    __slots__ = ("send_aead", "recv_aead", "local_index", "remote_index", "_remote_b",
+    __slots__ = ("send_aead", "recv_aead", "local_index", "remote_index",
                  "send_counter", "window", "created", "initiator")
 
     def __init__(self, send_key, recv_key, local_index, remote_index, initiator, created, window_size):
@@ -28,7 +28,6 @@ class Keypair:
         self.recv_aead = AEAD(recv_key)
         self.local_index = local_index
         self.remote_index = remote_index
-        self._remote_b = remote_index.to_bytes(4, "big")
         self.send_counter = 0
         self.window = ReplayWindow(window_size)
         self.created = created
@@ -43,9 +42,8 @@ class Keypair:
         if n >= REJECT_AFTER_MESSAGES:
             return None
         self.send_counter = n + 1
-        _HEAD[4:8] = self._remote_b
-        pack_into(">Q", _HEAD, 8, n)     # no bytes object per packet
-        pack_into(">Q", _NONCE, 4, n)
+        pack_into(">IQ", _HEAD, 4, self.remote_index, n)     # no bytes object per packet
+        pack_into(">IQ", _NONCE, 0, 0, n)
         if channel < 0:
             return self.send_aead.seal(_NONCE, plaintext, b"", _HEAD)
         _LEAD[0] = channel

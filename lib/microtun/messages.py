@@ -33,7 +33,7 @@ TYPE_TRANSPORT = const(4)
 INIT_LEN = const(148)
 _RESPONSE_LEN = const(92)
 _COOKIE_LEN = const(52)
-TRANSPORT_HEADER_LEN = const(16)
+_TRANSPORT_HEADER_LEN = const(16)
 TRANSPORT_MIN_LEN = const(32)      # header and tag: an empty plaintext is a keepalive
 MAC_LEN = const(16)
 FRESHNESS_LEN = const(12)
@@ -58,10 +58,6 @@ def mac1_key(key):
 def cookie_key(key):
     """The key a COOKIE message is sealed under, from the responder's key."""
     return hashlib.sha256(b"cookie--" + key).digest()
-
-
-def mac(key, data):
-    return hmac_sha256(key, data)[:MAC_LEN]
 
 
 def header(t):
@@ -92,14 +88,14 @@ def message_type(data):
 
 def check_mac(key, data, end):
     """True if the 16 bytes at data[end:end+16] are the MAC of data[:end]."""
-    return ct_equal(mac(key, data[:end]), data[end:end + MAC_LEN])
+    return ct_equal(hmac_sha256(key, data[:end])[:MAC_LEN], data[end:end + MAC_LEN])
 
 
 def finish(data, key, cookie):
     """Append mac1 (under key) and mac2 (under the cookie if we hold one,
     else zeros) to a handshake message body. Returns (message, mac1)."""
-    m1 = mac(key, data)
+    m1 = hmac_sha256(key, data)[:MAC_LEN]
     data += m1
     if cookie is None:
         return data + bytes(MAC_LEN), m1
-    return data + mac(cookie, data), m1
+    return data + hmac_sha256(cookie, data)[:MAC_LEN], m1

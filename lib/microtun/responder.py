@@ -19,6 +19,7 @@ from microtun.cookie import CookieChecker
 from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, DATA, HANDSHAKE, EXPIRED
 from microtun.keypair import Keypair
 from microtun.noise import HandshakeState, NoiseError, NOISE_IKPSK2_25519_AESCCM_SHA256 as SUITE
+from microtun.rand import random_u32
 from microtun.replay import GATEWAY_WINDOW
 from microtun.session import Session
 from microtun.ticks import ticks_add, ticks_diff
@@ -46,10 +47,37 @@ class Peer(Session):
     last_init_at = None           # when its last initiation was accepted (flood guard)
 
     def __init__(self, public_key, psk, name, channels):
-        Session.__init__(self, public_key, psk, name)
+        Session.__init__(self, public_key, psk)
+        self.name = name
         self.channels = channels  # None = every channel allowed
         self.paths = {}           # addr -> last authenticated arrival (ticks)
         self.path_rtt = {}        # addr -> srtt the device reported (ms)
+
+    def keypairs(self):
+        return [kp for kp in (self.current, self.previous, self.next) if kp is not None]
+
+    def install(self, kp, now, as_next):
+        """Install a fresh keypair: as `next` (the responder's way, see
+        microtun.session), or at once as `current` (Session.install).
+        Returns the keypairs that were dropped."""
+        if not as_next:
+            return Session.install(self, kp, now)
+        dropped = []
+        if self.next is not None:
+            dropped.append(self.next)
+        self.next = kp
+        self.handshakes += 1
+        self.established_at = now
+        return dropped
+
+    def confirm(self, kp):
+        """A packet authenticated under `next`; promote it. Returns the
+        keypairs that were dropped."""
+        dropped = self.previous
+        self.previous = self.current
+        self.current = kp
+        self.next = None
+        return () if dropped is None else (dropped,)
 
     def info(self, now):
         """A plain dict for status displays."""
@@ -99,6 +127,13 @@ class Gateway(_Endpoint):
         self.under_load = False              # the driver may force it
         self._ka = {}                        # sessions owing a passive keepalive
         self._sweep_at = None
+
+    def _new_index(self, session, kp):
+        while True:
+            i = random_u32()
+            if i and i not in self._by_index:
+                self._by_index[i] = (session, kp)
+                return i
 
     # -- registry ----------------------------------------------------------
     def add_peer(self, public, psk=None, name=None, channels=None):
@@ -304,6 +339,8 @@ class Gateway(_Endpoint):
                         s.path_rtt.pop(a, None)
                 had = s.current is not None or s.next is not None
                 if had:
-                    self._session_timers(s, now, s.addr)
+                    self._forget(s.expire(now, p))
+                    if timers.should_send_keepalive(s, now, p) or timers.should_send_persistent_keepalive(s, now, p):
+                        self._keepalive(s, now, s.addr)
                     if s.current is None and s.next is None:
                         self._events.append(Event(EXPIRED, s, None, None, None))

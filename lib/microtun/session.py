@@ -8,9 +8,10 @@ Keypair rotation (as WireGuard, whitepaper §6.3):
 - the responder puts the new keypair in `next` and promotes it only when the
   first TRANSPORT message under it authenticates (the initiator always sends
   one at once, a keepalive if it has no data), so it never encrypts under a
-  key the initiator may not have.
+  key the initiator may not have. That half is the responder's
+  (microtun.responder.Peer.install / confirm): a device never loads it.
 """
-from microtun.ticks import ticks_add, ticks_diff
+from microtun.ticks import ticks_add
 from microtun import timers
 
 
@@ -42,41 +43,23 @@ class Session:
     rx_packets = 0
     rx_bytes = 0
 
-    def __init__(self, public_key, psk=None, name=None, initiator=False):
+    def __init__(self, public_key, psk=None):
         self.public_key = public_key
-        self.initiator = initiator    # only the initiator starts handshakes
         self.psk = psk
-        self.name = name
 
-    def keypairs(self):
-        return [kp for kp in (self.current, self.previous, self.next) if kp is not None]
-
-    def install(self, kp, now, as_next):
-        """Install a fresh keypair; returns the keypairs that were dropped."""
+    def install(self, keypair, now):
+        """Install a fresh keypair as `current` at once (the initiator, on
+        reading the RESPONSE); returns the keypairs that were dropped."""
         dropped = []
-        if as_next:
-            if self.next is not None:
-                dropped.append(self.next)
-            self.next = kp
-        else:
-            if self.previous is not None:
-                dropped.append(self.previous)
-            if self.next is not None:
-                dropped.append(self.next)
-                self.next = None
-            self.previous = self.current
-            self.current = kp
+        if self.previous is not None:
+            dropped.append(self.previous)
+        if self.next is not None:
+            dropped.append(self.next)
+            self.next = None
+        self.previous = self.current
+        self.current = keypair
         self.handshakes += 1
         self.established_at = now
-        return dropped
-
-    def confirm(self, kp):
-        """Responder: a packet authenticated under `next`; promote it.
-        Returns the keypair that was dropped, or None."""
-        dropped = self.previous
-        self.previous = self.current
-        self.current = kp
-        self.next = None
         return dropped
 
     def sealed(self, plaintext, now, channel=-1):
@@ -97,42 +80,23 @@ class Session:
         self.tx_bytes += len(pkt)
         return pkt
 
-    def received(self, n, data, now, p):
+    def received(self, n, data, now, params):
         """An n-byte packet authenticated; data: it was not a keepalive."""
         self.last_received = now
         self.data_sent_unanswered = None
         self.rx_packets += 1
         self.rx_bytes += n
         if data and self.keepalive_due is None:
-            self.keepalive_due = ticks_add(now, p.keepalive_ms)
+            self.keepalive_due = ticks_add(now, params.keepalive_ms)
 
-    def expire(self, now, p):
+    def expire(self, now, params):
         """Forget keypairs past reject-after-time; returns those dropped."""
         dropped = []
         for name in ("previous", "current", "next"):
             kp = getattr(self, name)
-            if kp is not None and timers.is_expired(kp, now, p):
+            if kp is not None and timers.is_expired(kp, now, params):
                 setattr(self, name, None)
                 dropped.append(kp)
         if self.current is None:
             self.keepalive_due = None
         return dropped
-
-    def deadline(self, p):
-        """The earliest time this session needs attention, or None."""
-        best = None
-        cands = [self.keepalive_due]
-        if self.hs is not None:
-            cands.append(self.hs_retry_at)
-        if self.initiator and self.data_sent_unanswered is not None:
-            cands.append(ticks_add(self.data_sent_unanswered, p.keepalive_ms + p.rekey_timeout_ms))
-        for kp in self.keypairs():
-            cands.append(ticks_add(kp.created, p.reject_after_ms))
-            if kp is self.current and self.initiator and p.keep_session and self.hs is None:
-                cands.append(ticks_add(kp.created, p.rekey_after_ms))
-        if p.persistent_keepalive_ms and self.current is not None and self.last_sent is not None:
-            cands.append(ticks_add(self.last_sent, p.persistent_keepalive_ms))
-        for c in cands:
-            if c is not None and (best is None or ticks_diff(c, best) < 0):
-                best = c
-        return best

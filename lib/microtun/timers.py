@@ -26,7 +26,6 @@ _REKEY_TIMEOUT_JITTER_MS = const(333)    # WG 0..333 ms
 _MAX_RETRY_INTERVAL_MS = const(60000)    # WG retries every 5 s for 90 s, then gives up; we back
                                          # off 5, 10, 20, 40, 60, 60 s ... and never give up
 _KEEPALIVE_TIMEOUT_MS = const(10000)     # WG 10 s passive keepalive
-_WIPE_AFTER_MS = const(6300000)          # WG 540 s (3 x reject); ours 3 x reject
 _INIT_MIN_INTERVAL_MS = const(20)        # WG: at most 50 initiations/s accepted per peer
 _UNDER_LOAD_PER_S = const(50)            # responder: initiations/s before mac2 (cookie) is required
 
@@ -43,7 +42,6 @@ class Params:
     max_retry_ms = _MAX_RETRY_INTERVAL_MS
     keepalive_ms = _KEEPALIVE_TIMEOUT_MS
     persistent_keepalive_ms = 0      # 0 = off; the path layer keeps NATs open
-    wipe_after_ms = _WIPE_AFTER_MS
     init_min_interval_ms = _INIT_MIN_INTERVAL_MS
     under_load_per_s = _UNDER_LOAD_PER_S
     keep_session = True              # initiator: rekey even when idle
@@ -56,13 +54,13 @@ class Params:
             setattr(self, k, kw[k])
 
 
-def retry_interval(p, n, r):
+def retry_interval(params, n, r):
     """Delay before handshake attempt number n + 1 (n >= 1); r: a random
     u32 for the jitter."""
-    d = p.rekey_timeout_ms << min(n - 1, 5)
-    if d > p.max_retry_ms:
-        d = p.max_retry_ms
-    return d + r % (p.jitter_ms + 1)
+    d = params.rekey_timeout_ms << min(n - 1, 5)
+    if d > params.max_retry_ms:
+        d = params.max_retry_ms
+    return d + r % (params.jitter_ms + 1)
 
 
 def should_retry_handshake(s, now):
@@ -70,44 +68,44 @@ def should_retry_handshake(s, now):
     return s.hs is not None and ticks_diff(now, s.hs_retry_at) >= 0
 
 
-def should_rekey_on_send(s, now, p):
+def should_rekey_on_send(s, now, params):
     """Initiator, about to send: the current keypair is old or worn."""
     kp = s.current
     return (kp is not None and kp.initiator and s.hs is None and
-            (ticks_diff(now, kp.created) >= p.rekey_after_ms or kp.send_counter >= p.rekey_after_messages))
+            (ticks_diff(now, kp.created) >= params.rekey_after_ms or kp.send_counter >= params.rekey_after_messages))
 
 
-def should_rekey_on_receive(s, now, p):
+def should_rekey_on_receive(s, now, params):
     """Initiator: the keypair is about to be rejected (WG: reject - keepalive - rekey timeout)."""
     kp = s.current
     return (kp is not None and kp.initiator and s.hs is None and
-            ticks_diff(now, kp.created) >= p.reject_after_ms - p.keepalive_ms - p.rekey_timeout_ms)
+            ticks_diff(now, kp.created) >= params.reject_after_ms - params.keepalive_ms - params.rekey_timeout_ms)
 
 
-def should_rekey_idle(s, now, p):
+def should_rekey_idle(s, now, params):
     """Initiator that keeps its session up while idle, so the far end can reach it."""
     kp = s.current
-    return (p.keep_session and kp is not None and kp.initiator and s.hs is None and
-            ticks_diff(now, kp.created) >= p.rekey_after_ms)
+    return (params.keep_session and kp is not None and kp.initiator and s.hs is None and
+            ticks_diff(now, kp.created) >= params.rekey_after_ms)
 
 
-def should_send_keepalive(s, now, p):
+def should_send_keepalive(s, now, params):
     """Passive keepalive: we received data and have sent nothing back for a while."""
     return (s.current is not None and s.keepalive_due is not None and
             ticks_diff(now, s.keepalive_due) >= 0)
 
 
-def should_send_persistent_keepalive(s, now, p):
-    return (p.persistent_keepalive_ms > 0 and s.current is not None and
-            ticks_diff(now, s.last_sent) >= p.persistent_keepalive_ms)
+def should_send_persistent_keepalive(s, now, params):
+    return (params.persistent_keepalive_ms > 0 and s.current is not None and
+            ticks_diff(now, s.last_sent) >= params.persistent_keepalive_ms)
 
 
-def should_handshake_unresponsive(s, now, p):
+def should_handshake_unresponsive(s, now, params):
     """Initiator sent data and heard nothing back for keepalive + rekey timeout:
     the far end may have lost our session (e.g. it restarted)."""
     return (s.hs is None and s.data_sent_unanswered is not None and
-            ticks_diff(now, s.data_sent_unanswered) >= p.keepalive_ms + p.rekey_timeout_ms)
+            ticks_diff(now, s.data_sent_unanswered) >= params.keepalive_ms + params.rekey_timeout_ms)
 
 
-def is_expired(kp, now, p):
-    return ticks_diff(now, kp.created) >= p.reject_after_ms
+def is_expired(keypair, now, params):
+    return ticks_diff(now, keypair.created) >= params.reject_after_ms
