@@ -224,6 +224,9 @@ class Tunnel:
             s = self._socks[i]
             while s is not None:        # everything queued on path i's socket
                 try:
+                    # recvfrom, not readinto into a kept buffer: MicroPython's
+                    # stream readinto reads until the buffer is full, which on
+                    # a UDP socket glues queued datagrams together.
                     data, src = s.recvfrom(_RECV_MAX)
                 except OSError as e:
                     if e.args and e.args[0] not in _EAGAIN:
