@@ -559,12 +559,34 @@ def build_romfs(out):
     return (Path(out) / "rom.img").stat().st_size
 
 
+ROMFS_IMPORT = """import gc, vfs, sys
+f = open('rom.img', 'rb')
+img = f.read()
+f.close()
+vfs.mount(vfs.VfsRom(img), '/rom')
+sys.path.insert(0, '/rom')
+del f
+gc.collect()
+a = gc.mem_alloc()
+import microtun.config, microtun.driver
+gc.collect()
+print('CODE', gc.mem_alloc() - a)
+"""
+
+
 def measure_romfs(out):
     size = build_romfs(out)
     global DEVICE_MODULE
     DEVICE_MODULE = "romrun"
     try:
         res = {"image_bytes": size}
+        # the device's whole import set from the image: what loading costs
+        # besides the bytecode and strings (code structures, dicts, qstr
+        # entries), to set against import.device_total from .mpy files
+        (Path(out) / "lib" / "romimport.py").write_text(ROMFS_IMPORT)
+        p = run_mp(out, ["-m", "romimport"])
+        m = re.search(r"CODE (\d+)", p.stdout)
+        res["device_import_besides_image"] = int(m.group(1)) if m else None
         for mode in ("endpoint", "core"):
             r = scenario(out, mode, count=False)
             m = min_heapsize(lambda h: scenario(out, mode, h, count=False, gc=STARTUP_GC) is not None)
