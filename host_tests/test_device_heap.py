@@ -86,3 +86,17 @@ def test_bytes_allocated_per_packet(mpy):
     r = bm.scenario(mpy, "endpoint")
     print("device heap figures:", r)
     assert r["per_send"] <= SEND_BYTES and r["per_receive"] <= RECEIVE_BYTES, r
+
+
+def test_romfs_image_keeps_the_code_bytes_out_of_the_heap(tmp_path):
+    # bench_memory --romfs (docs/MEMORY.md, "Out of reach"): from a ROMFS
+    # image the device's modules are used in place, so loading them costs
+    # the code structures only, far less than from .mpy files; the derived
+    # core figure (minimum heap minus the image) is what the heap would hold
+    # with the image in flash.
+    out = bm.build(tmp_path)
+    from_mpy = sum(r[1] for r in bm.import_costs(out)[0])
+    r = bm.measure_romfs(out)
+    print("romfs figures:", r, "import from .mpy:", from_mpy)
+    assert r["device_import_besides_image"] < from_mpy - r["image_bytes"] // 2, (r, from_mpy)
+    assert r["core"]["min_heapsize_startup_gc_without_image_k"] * K < CORE_TODAY_GC - 16 * K, r

@@ -533,15 +533,15 @@ def minimum_heaps(out, gc=0):
 # way, and "without_image" subtracts the image's size: what the same run
 # needs besides the code bytes, i.e. what the heap would hold if the image
 # were in flash. A derived figure, not a run.
-ROMFS_RUN = """import vfs, sys
+ROMFS_MOUNT = """import gc, vfs, sys
 f = open('rom.img', 'rb')
 img = f.read()
 f.close()
 vfs.mount(vfs.VfsRom(img), '/rom')
 sys.path.insert(0, '/rom')
 del f
-import heap_device
 """
+ROMFS_RUN = ROMFS_MOUNT + "import heap_device\n"
 
 
 def build_romfs(out):
@@ -559,14 +559,7 @@ def build_romfs(out):
     return (Path(out) / "rom.img").stat().st_size
 
 
-ROMFS_IMPORT = """import gc, vfs, sys
-f = open('rom.img', 'rb')
-img = f.read()
-f.close()
-vfs.mount(vfs.VfsRom(img), '/rom')
-sys.path.insert(0, '/rom')
-del f
-gc.collect()
+ROMFS_IMPORT = ROMFS_MOUNT + """gc.collect()
 a = gc.mem_alloc()
 import microtun.config, microtun.driver
 gc.collect()
