@@ -53,15 +53,18 @@ class FileStorage:
     def __init__(self, directory):
         self.dir = directory
 
+    def _path(self, name):
+        return "%s/microtun_%s.bin" % (self.dir, name)
+
     def read(self, name):
         try:
-            with open("%s/microtun_%s.bin" % (self.dir, name), "rb") as f:
+            with open(self._path(name), "rb") as f:
                 return f.read()
         except OSError:
             return None
 
     def write(self, name, data):
-        path = "%s/microtun_%s.bin" % (self.dir, name)
+        path = self._path(name)
         # a new file, then a rename: a power cut leaves the old value or the new one
         with open(path + ".tmp", "wb") as f:
             f.write(data)

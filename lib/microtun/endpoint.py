@@ -30,7 +30,7 @@ from microtun.keypair import Keypair
 from microtun.rand import random_u32
 from microtun.replay import DEVICE_WINDOW
 from microtun.session import Session
-from microtun.ticks import ticks_add, ticks_diff
+from microtun.ticks import ticks_add, ticks_diff, ticks_min
 from microtun.x25519 import public_key, x25519
 
 try:
@@ -87,6 +87,14 @@ class _Endpoint:
     def _count(self, reason):
         self.stats[reason] = self.stats.get(reason, 0) + 1
 
+    def _new_index(self, session, kp):
+        """A fresh local index (random, non-zero, unused), registered."""
+        while True:
+            i = random_u32()
+            if i and i not in self._by_index:
+                self._by_index[i] = (session, kp)
+                return i
+
     def _forget(self, keypairs):
         for kp in keypairs:
             self._by_index.pop(kp.local_index, None)
@@ -139,6 +147,13 @@ class _Endpoint:
         if pkt is not None:
             self._count("keepalive_tx")
             self._out.append((pkt, addr))
+
+    def _session_timers(self, s, now, addr):
+        """Forget expired keypairs; send a keepalive if one is owed."""
+        p = self.params
+        self._forget(s.expire(now, p))
+        if timers.should_send_keepalive(s, now, p) or timers.should_send_persistent_keepalive(s, now, p):
+            self._keepalive(s, now, addr)
 
 
 class Device(_Endpoint):
@@ -208,10 +223,7 @@ class Device(_Endpoint):
         if s.ss is None:
             s.ss = x25519(self._static[0], s.public_key)
             self.dh_count += 1
-        idx = 0                   # a fresh local index: random, non-zero, unused
-        while not idx or idx in self._by_index:
-            idx = random_u32()
-        self._by_index[idx] = (s, None)
+        idx = self._new_index(s, None)
         cookie = None if self._cookies is None else self._cookies.current(now)
         hs, msg, self._mac1 = create_initiation(self._static, s.public_key, s.psk, idx, self._fresh.next(now),
                                                 m.mac1_key(s.public_key), cookie, ss=s.ss)
@@ -306,8 +318,7 @@ class Device(_Endpoint):
             cands.append(ticks_add(s.last_sent, p.persistent_keepalive_ms))
         best = None
         for c in cands:
-            if c is not None and (best is None or ticks_diff(c, best) < 0):
-                best = c
+            best = ticks_min(best, c)
         return best
 
     def handle_timer(self, now):
@@ -317,9 +328,7 @@ class Device(_Endpoint):
         if s.hs is not None and timers.should_retry_handshake(s, now):
             self._count("handshake_retry")
             self._initiate(now)
-        self._forget(s.expire(now, p))
-        if timers.should_send_keepalive(s, now, p) or timers.should_send_persistent_keepalive(s, now, p):
-            self._keepalive(s, now, None)
+        self._session_timers(s, now, None)
         if s.hs is None and self._wanted:
             if (s.current is None or timers.should_rekey_idle(s, now, p) or
                     timers.should_rekey_on_receive(s, now, p) or

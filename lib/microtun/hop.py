@@ -128,6 +128,13 @@ def _message(hk, b0, label, src, off, n):
 
 # --- sending ---------------------------------------------------------------
 
+def _check_buf(buf, end):
+    if end - HEADER_LEN > PAYLOAD_MAX:
+        raise ValueError("outer payload must be at most %d bytes, got %d" % (PAYLOAD_MAX, end - HEADER_LEN))
+    if len(buf) < end:
+        raise ValueError("buffer of %d bytes is too small for a %d-byte packet" % (len(buf), end))
+
+
 def seal_in_place(buf, ptype, label, hopkey, plen):
     """Write the 12-byte header into buf[0:12] for the payload that is
     already at buf[12:12+plen]; return the packet length (12 + plen).
@@ -140,10 +147,7 @@ def seal_in_place(buf, ptype, label, hopkey, plen):
     if label < LABEL_MIN or label > LABEL_MAX:
         raise ValueError("label must be in 1..%d, got %r" % (LABEL_MAX, label))
     end = HEADER_LEN + plen
-    if plen > PAYLOAD_MAX:
-        raise ValueError("outer payload must be at most %d bytes, got %d" % (PAYLOAD_MAX, plen))
-    if len(buf) < end:
-        raise ValueError("buffer of %d bytes is too small for a %d-byte packet" % (len(buf), end))
+    _check_buf(buf, end)
     b0 = (VERSION << 4) | ptype
     m = _message(hopkey, b0, label, buf, HEADER_LEN, plen)
     buf[0] = b0

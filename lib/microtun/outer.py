@@ -11,7 +11,7 @@ imports microtun.hop only, so none of this sits in its heap.
 import sys
 
 from microtun.hop import *  # noqa: F401,F403  (the device-side plane, re-exported)
-from microtun.hop import (_COPY, _hmac, _hmac_copy, _hmac_portable, _mac_ok, _message,
+from microtun.hop import (_COPY, _check_buf, _hmac, _hmac_copy, _hmac_portable, _mac_ok, _message,
                           HEADER_LEN, MAC_LEN, PAYLOAD_MAX, PROBE_MAX, seal_in_place,
                           TYPE_DATA, TYPE_HOP_PROBE, TYPE_HOP_PROBE_REPLY, TYPE_HOP_KEEPALIVE,
                           verify as _verify_portable)
@@ -60,10 +60,7 @@ if sys.implementation.name != "micropython":
 def seal_into(buf, ptype, label, hopkey, payload):
     """Copy payload to buf[12:] and seal it there; return the packet length."""
     n = len(payload)
-    if n > PAYLOAD_MAX:
-        raise ValueError("outer payload must be at most %d bytes, got %d" % (PAYLOAD_MAX, n))
-    if len(buf) < HEADER_LEN + n:
-        raise ValueError("buffer of %d bytes is too small for a %d-byte packet" % (len(buf), HEADER_LEN + n))
+    _check_buf(buf, HEADER_LEN + n)     # before the copy, which would fail less clearly
     buf[HEADER_LEN:HEADER_LEN + n] = payload
     return seal_in_place(buf, ptype, label, hopkey, n)
 

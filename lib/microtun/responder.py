@@ -19,7 +19,6 @@ from microtun.cookie import CookieChecker
 from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, DATA, HANDSHAKE, EXPIRED
 from microtun.keypair import Keypair
 from microtun.noise import HandshakeState, NoiseError, NOISE_IKPSK2_25519_AESCCM_SHA256 as SUITE
-from microtun.rand import random_u32
 from microtun.replay import GATEWAY_WINDOW
 from microtun.session import Session
 from microtun.ticks import ticks_add, ticks_diff
@@ -127,13 +126,6 @@ class Gateway(_Endpoint):
         self.under_load = False              # the driver may force it
         self._ka = {}                        # sessions owing a passive keepalive
         self._sweep_at = None
-
-    def _new_index(self, session, kp):
-        while True:
-            i = random_u32()
-            if i and i not in self._by_index:
-                self._by_index[i] = (session, kp)
-                return i
 
     # -- registry ----------------------------------------------------------
     def add_peer(self, public, psk=None, name=None, channels=None):
@@ -339,8 +331,6 @@ class Gateway(_Endpoint):
                         s.path_rtt.pop(a, None)
                 had = s.current is not None or s.next is not None
                 if had:
-                    self._forget(s.expire(now, p))
-                    if timers.should_send_keepalive(s, now, p) or timers.should_send_persistent_keepalive(s, now, p):
-                        self._keepalive(s, now, s.addr)
+                    self._session_timers(s, now, s.addr)
                     if s.current is None and s.next is None:
                         self._events.append(Event(EXPIRED, s, None, None, None))
