@@ -2,6 +2,8 @@
 #   make test    the whole suite: CPython + the MicroPython unix port
 #   make bench   benchmarks (JSON) on both interpreters
 #   make demo    a local device -> PoPs -> gateway run over loopback
+#   make unix32-frozen / unix32 / qemu   MicroPython built from source with
+#                microtun frozen in (tools/mpbuild.py; MICROPY_SRC=checkout or tarball)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -53,6 +55,15 @@ mpy: $(STAMP)
 flash: $(STAMP)
 	@test -n "$(PORT)" -a -n "$(DEVICE)" || { echo "usage: make flash PORT=/dev/ttyACM0 DEVICE=NAME [DEPLOY=deploy] [BOARD=board]"; exit 2; }
 	$(PY) -m microtun_host.cli flash --port $(PORT) --device $(DEVICE) --config-dir $(DEPLOY) $(if $(BOARD),--board $(BOARD))
+
+# MicroPython built from source (docs/FIRMWARE.md, "Build MicroPython with
+# microtun frozen in"). MICROPY_SRC: a v1.28 checkout or the release tarball;
+# default ../shared/micropython/micropython-1.28.0.tar.xz. Cached under build/.
+.PHONY: unix32-frozen unix32 qemu
+MPBUILD = $(PY) tools/mpbuild.py $(if $(MICROPY_SRC),--src "$(MICROPY_SRC)")
+
+unix32-frozen unix32 qemu: $(STAMP)
+	@$(MPBUILD) $@
 
 clean:
 	rm -rf $(VENV) build out .pytest_cache
