@@ -41,6 +41,7 @@ from microtun import outer
 from microtun.paths import POLICIES
 from microtun_host import config as hconfig
 from microtun_host.config import ConfigError
+from microtun_host.control import is_socket_path
 
 # --- limits -------------------------------------------------------------------
 LABEL_FIRST = 100                # first label handed out in every namespace
@@ -172,7 +173,14 @@ def _node(n, kind, extra_fields):
         raise n.error("reach" if n.has("reach") else "listen",
                       "%s is a wildcard address the previous hop cannot send to; set \"reach\" to the "
                       "address it should use" % reach)
-    control = n.address("control", None, loopback=True)
+    # The control channel: an owner-only unix socket next to the node's
+    # config unless the topology says otherwise (docs/CONFIG.md).
+    if n.has("control") and is_socket_path(n.value["control"]):
+        control = n.value["control"]
+    elif n.has("control"):
+        control = n.address("control", None, loopback=True)
+    else:
+        control = name + ".sock"
     extra = {}
     for k in extra_fields:
         if not n.has(k):
