@@ -596,6 +596,8 @@ def plan(topo, state):
         dcfg = {"name": dev.name, "private_key": _hex(priv), "gateway_public_key": _hex(gateway_pub)}
         if psk is not None:
             dcfg["psk"] = _hex(psk)
+        if dev.channels is not None:
+            dcfg["channels"] = dev.channels       # the device refuses other channels itself
         dcfg["paths"] = [{"name": p.route.name,
                           "pop": p.route.via or str(topo.pops[p.route.pops[0]].reach),
                           "label": p.fwd[0], "rx_label": p.d, "hop_key": _hex(p.device_key)}
