@@ -33,8 +33,11 @@ import tempfile
 
 try:
     import tomllib
-except ImportError:                        # Python < 3.11
-    tomllib = None
+except ImportError:                        # Python 3.10: the same parser, as the tomli package
+    try:
+        import tomli as tomllib            # pyproject.toml installs it there
+    except ImportError:
+        tomllib = None
 
 from microtun import config as dconfig
 from microtun import outer
@@ -116,7 +119,8 @@ class Topology:
 def _read_toml(path):
     name = str(path)
     if tomllib is None:
-        raise ConfigError("%s: reading TOML needs Python 3.11 or newer (tomllib)" % name)
+        raise ConfigError("%s: reading TOML needs Python 3.11 or newer, or the tomli package on 3.10 "
+                          "(pip install tomli)" % name)
     text = hconfig.read_text(path, "TOML")
     try:
         doc = tomllib.loads(text)
