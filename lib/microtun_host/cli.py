@@ -14,11 +14,14 @@ a run function, plus one entry in SUBCOMMANDS:
         p.set_defaults(run=lambda args: _lazy("gateway").main(args.config))
 
 Each run function returns the exit status: 0 ok, 1 runtime failure, 2 bad
-usage or bad config (one line on stderr, no traceback). Role modules are
-imported only when their subcommand runs.
+usage or bad config (one line on stderr, no traceback). An exception that
+escapes one anyway (a port taken, a missing file...) is printed as one line
+too; MICROTUN_TRACEBACK=1 shows the traceback. Role modules are imported
+only when their subcommand runs.
 """
 import argparse
 import importlib
+import os
 import sys
 
 
@@ -84,7 +87,7 @@ SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash]
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="microtun", description="microtun host tools")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     for add in SUBCOMMANDS:
         add(sub)
     return parser
@@ -100,6 +103,16 @@ def main(argv=None):
         return args.run(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        # Every expected mistake is reported by the subcommand itself; this is
+        # the net under it: one line, the traceback only on request.
+        if os.environ.get("MICROTUN_TRACEBACK"):
+            raise
+        what = str(e).strip().splitlines()
+        print("microtun %s: %s%s (MICROTUN_TRACEBACK=1 shows where)" % (
+            args.command, type(e).__name__ + ": " if not isinstance(e, OSError) else "",
+            what[0] if what else type(e).__name__), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

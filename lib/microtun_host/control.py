@@ -225,9 +225,11 @@ def _check_dir(path):
         return
     st = os.stat(d)
     if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
+        mine = st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX
         raise ControlError("control socket %s: its directory %s is writable by other users (mode %03o, owner "
-                           "uid %d); use a directory only you can write to (chmod 700 %s), e.g. next to the "
-                           "config file" % (path, d, stat.S_IMODE(st.st_mode), st.st_uid, d))
+                           "uid %d); put the socket in a directory only you can write to, e.g. next to the "
+                           "config file%s" % (path, d, stat.S_IMODE(st.st_mode) & 0o777, st.st_uid,
+                                               " (or chmod 700 %s)" % d if mine else ""))
 
 
 def _claim(path):
