@@ -12,8 +12,12 @@ import os
 import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:              # Python 3.10 (pyproject installs tomli there)
+    import tomli as tomllib
 
 import pytest
 

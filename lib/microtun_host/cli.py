@@ -4,6 +4,7 @@
     microtun gateway --config gateway.json [--check]
     microtun status --config gateway.json | --control HOST:PORT [--json]
     microtun provision topology.toml --out DIR
+    microtun echo 127.0.0.1:5000
 
 Adding a subcommand is one small function that declares its arguments and
 a run function, plus one entry in SUBCOMMANDS:
@@ -82,7 +83,16 @@ def _flash(sub):
     p.set_defaults(run=lambda args: _lazy("flash").run(args))
 
 
-SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash]
+def _echo(sub):
+    p = sub.add_parser("echo", help="a UDP echo service for a gateway channel (to try the tunnel)",
+                       description="Send every UDP datagram back to its sender: the service a gateway "
+                                   "channel's \"services\" entry points at in the README's walk-through.")
+    p.add_argument("address", metavar="HOST:PORT", help="where to listen, e.g. 127.0.0.1:5000")
+    p.add_argument("--show", type=int, default=20, metavar="N", help="print the first N datagrams (default 20)")
+    p.set_defaults(run=lambda args: _lazy("echo").main(args.address, args.show))
+
+
+SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo]
 
 
 def build_parser():
