@@ -5,6 +5,7 @@
     microtun status --config gateway.json | --control HOST:PORT [--json]
     microtun provision topology.toml --out DIR
     microtun echo 127.0.0.1:5000
+    microtun logs --port /dev/ttyACM0 [--follow]
 
 Adding a subcommand is one small function that declares its arguments and
 a run function, plus one entry in SUBCOMMANDS:
@@ -92,7 +93,18 @@ def _echo(sub):
     p.set_defaults(run=lambda args: _lazy("echo").main(args.address, args.show))
 
 
-SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo]
+def _logs(sub):
+    p = sub.add_parser("logs", help="print a board's log without stopping its tunnel",
+                       description="Ask the firmware running on the board for its log files over the serial "
+                                   "console (no Ctrl-C, no raw REPL: the tunnel keeps running). See "
+                                   "docs/FIRMWARE.md, \"The log\".")
+    p.add_argument("--port", required=True, metavar="PORT", help="the board's serial port (or a vboard's /dev/pts/N)")
+    p.add_argument("--follow", "-f", action="store_true", help="then keep printing the console until Ctrl-C")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="wait this long for an answer (default 5)")
+    p.set_defaults(run=lambda args: _lazy("boardlog").main(args.port, args.follow, args.timeout))
+
+
+SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs]
 
 
 def build_parser():
