@@ -567,7 +567,8 @@ def module_costs(board_dir):
 
 
 def figures(seconds=8):
-    base = Path(tempfile.mkdtemp(prefix="microtun-figures-"))
+    from microtun_host import scratch
+    base = Path(scratch.mkdtemp("microtun-figures-"))     # keys: removed on any exit
     rig = Rig(base / "rig").start()
     try:
         total, dev_total = flash.build_bundle(base / "mpy", log=lambda *a: None)

@@ -48,14 +48,13 @@ try:
 except provision.ConfigError as e:
     print("error:", e)
 '''
-STUB_TOMLI = ("import types, importlib\nsys.modules['tomllib'] = None\n"
-              "t = types.ModuleType('tomli')\nexec(open(%r).read(), t.__dict__)\nsys.modules['tomli'] = t\n")
-
-
 def test_provision_reads_toml_with_tomli_where_there_is_no_tomllib(tmp_path):
-    # the stub is the stdlib tomllib's own source under the name tomli (same API)
-    import tomllib
-    src = os.path.join(os.path.dirname(tomllib.__file__))
+    # the stub: the parser this interpreter has (tomllib, or tomli on 3.10) loaded afresh as tomli
+    try:
+        import tomllib as parser
+    except ImportError:
+        import tomli as parser
+    src = os.path.dirname(parser.__file__)
     stub = ("import sys, importlib.util\nsys.modules['tomllib'] = None\n"
             "spec = importlib.util.spec_from_file_location('tomli', %r, submodule_search_locations=[%r])\n"
             "m = importlib.util.module_from_spec(spec); sys.modules['tomli'] = m; spec.loader.exec_module(m)\n"

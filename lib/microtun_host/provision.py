@@ -845,6 +845,8 @@ def provision(topology_path, out_dir):
 def main(topology, out_dir):
     """`microtun provision TOPOLOGY --out DIR`: 0 ok, 2 bad topology (one
     line on stderr, nothing written), 1 when the files cannot be written."""
+    from microtun_host import scratch
+    scratch.catch_signals()          # the load check's scratch copy of the keys goes on SIGTERM too
     try:
         summary = provision(topology, out_dir)
     except ConfigError as e:
