@@ -60,6 +60,8 @@ class TunnelCore:
         `channel_denied`, logged) for a channel the config does not list."""
         if channel == CONTROL_CHANNEL:
             raise ValueError("channel 0 is reserved for path control; use 1..255")
+        if not isinstance(channel, int) or not 0 < channel < 256:
+            raise ValueError("channel must be an int from 1 to 255, got %r" % (channel,))
         if policy is not None and policy not in POLICIES:
             raise ValueError("policy must be None (the config's default) or one of %s, got %r" % (
                 ", ".join(POLICIES), policy))

@@ -78,12 +78,6 @@ def from_config(node, key="control", default=None):
     return node.address(key, default, loopback=True)
 
 
-def describe(where):
-    """How a control setting reads in a log line."""
-    return ("%s (owner only)" % where) if isinstance(where, str) and is_socket_path(where) else \
-        "UDP %s (any local user)" % (where,)
-
-
 def _host_port(addr):
     if isinstance(addr, str):
         from microtun_host.config import parse_address
@@ -250,7 +244,10 @@ def _claim(path):
         raise ControlError("control socket %s: another process is serving it (a second PoP or gateway "
                            "with the same config?)" % path)
     except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)               # stale
+        try:
+            os.unlink(path)           # stale
+        except FileNotFoundError:
+            pass
     except socket.timeout:
         raise ControlError("control socket %s: another process holds it" % path) from None
     finally:
@@ -293,8 +290,13 @@ async def _serve_unix(path, cmds, log):
             peer = peer_uid(sock) if sock is not None else None
             if peer is not None and peer not in (uid, 0):
                 cmds.refuse(peer, path)
+                try:                  # take the request (unread) first: closing on it would be a reset
+                    await asyncio.wait_for(reader.readline(), 1.0)
+                except (asyncio.TimeoutError, ValueError):
+                    pass
                 writer.write(_encode({"ok": False, "error": "uid %d may not use this control socket (only "
                                                             "uid %d and root)" % (peer, uid)}) + b"\n")
+                await writer.drain()
                 return
             while True:
                 try:
