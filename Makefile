@@ -17,6 +17,7 @@ export MICROPYPATH := $(CURDIR)/lib:.frozen
 all: test
 
 $(STAMP): requirements-dev.txt pyproject.toml
+	@if test -x $(PY); then $(PY) tools/check_python.py; else $(PYTHON) tools/check_python.py; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .

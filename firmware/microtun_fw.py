@@ -242,6 +242,21 @@ class Firmware:
         gc.collect()
         return app
 
+    def dump_log(self):
+        """The log files to the console, between two marker lines: what
+        `microtun logs --port` asks for with an "l" typed at the console.
+        mpremote's fs cat would stop the tunnel (raw REPL, soft reset)."""
+        print("microtun log begin")
+        for name in (LOG + ".1", LOG):
+            try:
+                with open(name) as f:
+                    for line in f:
+                        print(line, end="")
+            except OSError:
+                pass
+            self.feed()
+        print("microtun log end")
+
     def run_tunnel(self):
         app = self.load_app()
         from microtun.driver import Tunnel
@@ -262,6 +277,12 @@ class Firmware:
         up_since = 0
         stable = self.crashes == 0
         next_net = ticks_add(ticks_ms(), self.s["net_check_ms"])
+        try:                         # keys typed at the console ("l": the log), read without the REPL
+            import select
+            con = select.poll()
+            con.register(sys.stdin, select.POLLIN)
+        except Exception:            # a port without a pollable console
+            con = None
         while True:
             wait = loop_ms
             if a is not None:
@@ -270,6 +291,12 @@ class Firmware:
                     wait = w if w > 0 else 0
             t.poll(wait)
             self.feed()
+            if con is not None and con.poll(0):
+                c = sys.stdin.read(1)
+                if not c:            # no console (stdin closed)
+                    con = None
+                elif c == "l":
+                    self.dump_log()
             now = ticks_ms()
             up = t.established
             if up != was_up:

@@ -109,3 +109,44 @@ def test_forgotten_code_leaves_the_heap():
     finally:
         sys.modules["microtun.config"] = saved
         microtun.config = saved
+
+
+# -- send checks (issue 11, item 10): an unknown policy, a channel the config does not list ----
+def _core(**over):
+    from stack_sim import make_config
+    from microtun.tunnel import TunnelCore
+    cfg = make_config()
+    for k in over:
+        setattr(cfg, k, over[k])
+    logged = []
+    return TunnelCore(cfg, 1, log=lambda level, msg: logged.append((level, msg))), logged
+
+
+def test_channels_field():
+    assert config.from_dict(good()).channels is None                 # absent: every channel
+    assert config.from_dict(good(channels=[1, 7])).channels == (1, 7)
+    for bad in ([0], [256], ["1"], [True], 3):
+        e = raises(config.ConfigError, config.from_dict, good(channels=bad), "d.json")
+        assert str(e).startswith("d.json: channels: expected a list of channel numbers 1..255"), str(e)
+
+
+def test_misspelt_policy_is_a_value_error_naming_the_policies():
+    core, _ = _core()
+    e = raises(ValueError, core.send, 1, b"x", 0, "critcal")
+    assert "best, critical, adaptive" in str(e) and "'critcal'" in str(e), str(e)
+    assert core.device.stats.get("data_tx", 0) == 0 and not core.device._queue
+    for ok in (None, "best", "critical", "adaptive"):
+        assert core.send(1, b"x", 0, ok) is True
+
+
+def test_channel_not_in_the_config_is_refused_counted_and_logged():
+    core, logged = _core(channels=(1, 2))
+    assert core.send(1, b"ok", 0) is True
+    for _ in range(3):
+        assert core.send(3, b"no", 0) is False
+    assert core.stats["channel_denied"] == 3
+    assert len(core.device._queue) == 1, "a refused message was queued for the gateway"
+    warn = [m for lvl, m in logged if lvl == "warn"]
+    assert warn == ["channel 3 is not in this device's config (channels 1, 2): not sent (1 refused)"], warn
+    core2, _ = _core()                                              # no "channels": nothing refused here
+    assert core2.send(3, b"x", 0) is True

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -99,6 +100,15 @@ def test_channel_access_control(tmp_path):
     n = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {}})
     n.start()
     try:
+        # the device's config lists its channels (1, 2): it refuses 9 itself
+        res = n.device("d1", "--count", "5", "--channel", "9", "--linger", "500")
+        assert res["delivered"] == 0 and res["health"]["driver"].get("channel_denied") == 5
+        assert n.gw_status()["counters"].get("channel_denied") is None
+        # a device config without the list (an older one): the gateway drops and counts
+        cfg = Path(n.device_config("d1"))
+        d = json.loads(cfg.read_text())
+        del d["channels"]
+        cfg.write_text(json.dumps(d))
         res = n.device("d1", "--count", "5", "--channel", "9", "--linger", "500")
         assert res["delivered"] == 0
         assert n.gw_status()["counters"].get("channel_denied") == 5

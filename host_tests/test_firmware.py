@@ -371,7 +371,7 @@ class Rig:
         self.dir = Path(where)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device = device
-        p1, p2, gw, gwc, echo, cmd = free_ports(6)
+        p1, p2, gw, echo, cmd = free_ports(5)
         r = os.urandom
         dev_priv, gw_priv, psk = r(32), r(32), r(32)
         k_d1, k_d2, k_12, k_1g, k_2g = (r(32).hex() for _ in range(5))
@@ -388,7 +388,7 @@ class Rig:
                 {"in_label": 211, "in_key": k_d2, "next": a(p1), "out_label": 111, "out_key": k_12},
                 {"in_label": 212, "in_key": k_12, "next": "learn:211", "out_label": 402, "out_key": k_d2}]},
         }
-        self.control = a(gwc)
+        self.control = str(self.dir / "gw.sock")     # owner-only control socket (docs/CONFIG.md)
         self.gateway = {
             "name": "gw", "listen": a(gw), "control": self.control, "private_key": gw_priv.hex(),
             "registry": str(self.dir / "registry.json"),
@@ -567,7 +567,8 @@ def module_costs(board_dir):
 
 
 def figures(seconds=8):
-    base = Path(tempfile.mkdtemp(prefix="microtun-figures-"))
+    from microtun_host import scratch
+    base = Path(scratch.mkdtemp("microtun-figures-"))     # keys: removed on any exit
     rig = Rig(base / "rig").start()
     try:
         total, dev_total = flash.build_bundle(base / "mpy", log=lambda *a: None)

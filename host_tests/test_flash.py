@@ -144,6 +144,41 @@ def test_flash_the_virtual_board_then_it_connects_through_two_pops(tmp_path, rig
         time.sleep(0.1)
 
 
+def test_logs_read_the_board_log_while_the_tunnel_keeps_delivering(tmp_path, rig, vboards):
+    """`microtun logs --port` (issue 11, item 12): the log comes back and the
+    tunnel never stops; `mpremote fs cat`, for contrast, stops it."""
+    vb = vboards(make_board(tmp_path / "board", rig.device_config))
+    st = rig.wait_established(20)
+    rig.echo.wait(lambda d: b'"n": 2' in d, 10)                              # telemetry every second
+
+    def delivered_more(n0, k, timeout):
+        end = time.monotonic() + timeout
+        while len(rig.echo.got) < n0 + k:
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.05)
+        return True
+
+    for _ in range(2):
+        n0 = len(rig.echo.got)
+        r = subprocess.run([PY, "-m", "microtun_host.cli", "logs", "--port", vb.port], capture_output=True,
+                           text=True, timeout=30, cwd=str(ROOT))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert re.search(r"^#1 \+\d+\.\d+s boot boot 1 on unix \(pwron reset\)", r.stdout, re.M), r.stdout
+        assert "microtun log" not in r.stdout                                  # markers stripped
+        assert delivered_more(n0, 3, 6), "telemetry stopped after `microtun logs`"
+    assert len(re.findall(r"\[vboard [\d:]+\] boot \d+", vb.console)) == 1 and "soft reboot" not in vb.console
+    assert rig.wait_established(1)["handshakes"] == st["handshakes"], "the session was rebuilt"
+
+    # what FIRMWARE.md used to say: the raw REPL stops main.py, and the tunnel with it
+    assert re.search(r"boot boot 1 on unix", vb.mpremote("fs", "cat", ":microtun.log"))
+    n0 = len(rig.echo.got)
+    assert not delivered_more(n0 + 1, 2, 4), "the tunnel survived mpremote (then the docs can say so)"
+    r = subprocess.run([PY, "-m", "microtun_host.cli", "logs", "--port", vb.port, "--timeout", "1"],
+                       capture_output=True, text=True, timeout=30, cwd=str(ROOT))
+    assert r.returncode == 1 and "no answer from the firmware" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_flash_refuses_what_it_cannot_do(tmp_path, rig, vboards):
     deploy = str(rig.dir / "deploy")
     r = microtun_flash("--port", "/dev/null", "--device", "nobody", "--config-dir", deploy)

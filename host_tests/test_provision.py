@@ -12,8 +12,12 @@ import os
 import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:              # Python 3.10 (pyproject installs tomli there)
+    import tomli as tomllib
 
 import pytest
 
@@ -205,14 +209,14 @@ def test_example_provisions_and_every_file_loads(tmp_path):
     assert cfg["devices"]["sensor-1"].network == {"ssid": "my-wifi", "password": "change-me"}
     assert cfg["devices"]["sensor-2"].policy == "critical"
     gw = cfg["gateway"]
-    assert gw.name == "gw" and str(gw.listen) == "127.0.0.1:7300" and str(gw.control) == "127.0.0.1:7390"
+    assert gw.name == "gw" and str(gw.listen) == "127.0.0.1:7300" and gw.control == str(tmp_path / "out" / "gw.sock")
     assert gw.services == {1: ("127.0.0.1", 5000), 2: ("127.0.0.1", 5001)}
     assert len(gw.links) == 4
     assert {e.name: e.channels for e in gw.devices} == {"sensor-1": [1, 2], "sensor-2": [1]}
     assert gateway.load_registry(str(tmp_path / "out" / "registry.json"))[0].name == "sensor-1"
     for name, c in cfg["pops"].items():
         assert len(c.routes) == 4           # two devices x (forward + reverse)
-        assert c.control is not None
+        assert c.control == str(tmp_path / "out" / "pops" / (name + ".sock"))    # the default
     assert s.devices_added == ["sensor-1", "sensor-2"] and s.paths == 4
     assert ("gateway", "start") in s.actions
     assert s.devices_to_flash == ["sensor-1", "sensor-2"]
@@ -223,7 +227,8 @@ def test_device_config_is_compact_with_no_extras(tmp_path):
     raw = (tmp_path / "out" / "devices" / "sensor-2.json").read_text()
     assert "\n" not in raw.rstrip("\n") and ": " not in raw and ", " not in raw
     d = json.loads(raw)
-    assert list(d) == ["name", "private_key", "gateway_public_key", "psk", "paths", "policy"]
+    assert list(d) == ["name", "private_key", "gateway_public_key", "psk", "channels", "paths", "policy"]
+    assert d["channels"] == [1]                  # the device refuses other channels itself
     assert list(d["paths"][0]) == ["name", "pop", "label", "rx_label", "hop_key"]
     assert len(raw) < 700
 
@@ -572,12 +577,13 @@ def test_gateway_listen_change_asks_for_a_restart(tmp_path):
     assert "pop a1" not in actions
 
 
-def test_registry_only_change_asks_for_a_gateway_reload(tmp_path):
+def test_channel_change_reaches_the_registry_and_the_device(tmp_path):
     def channels(topo):
         topo["device"][1]["channels"] = [1, 2]
     _, s, *_ = _old_and_new(tmp_path, channels)
     assert s.actions == [("gateway", "reload (SIGHUP; registry changed)")]
-    assert s.files_written == ["registry.json"]
+    assert s.files_written == ["devices/sensor-2.json", "registry.json"]    # the device refuses others itself
+    assert s.devices_to_flash == ["sensor-2"]
 
 
 # --- labels ---------------------------------------------------------------------------------

@@ -15,7 +15,6 @@
 import json
 import os
 import sys
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -25,6 +24,7 @@ from microtun.endpoint import Device  # noqa: E402
 from microtun.responder import Gateway  # noqa: E402
 from microtun.keypair import Keypair  # noqa: E402
 from microtun.x25519 import public_key  # noqa: E402
+from microtun_host import scratch  # noqa: E402
 
 GW_KEY = bytes(range(101, 133))
 
@@ -102,7 +102,7 @@ def session_memory(n=10000, real=50):
 
 def round_trip(count=500, interval=10):
     from microtun_host.localnet import Net
-    tmp = tempfile.mkdtemp(prefix="microtun-bench-gw-")
+    tmp = scratch.mkdtemp("microtun-bench-gw-")   # keys: removed on exit
     net = Net(tmp, routes={"a": ["a1", "a2"]})
     try:
         net.start()

@@ -10,7 +10,6 @@ asserts bounds that hold on a noisy machine).
 """
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -18,6 +17,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "lib"))
 sys.path.insert(0, str(HERE.parent / "host_tests"))
 import path_scenarios as sc  # noqa: E402
+from microtun_host import scratch  # noqa: E402
 
 
 def idle_bytes_per_hour():
@@ -32,7 +32,7 @@ def idle_bytes_per_hour():
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="microtun-bench-paths-")
+    tmp = scratch.mkdtemp("microtun-bench-paths-")   # keys: removed on exit
     res = {"targets": {
         "loss10_critical.delivered_ratio": ">= 0.985, duplicates_delivered 0",
         "blackhole/pop_kill": "critical_lost 0, best_effort_gap_ms <= 1000, handshakes 1",

@@ -28,13 +28,13 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
 from microtun import outer  # noqa: E402
 from microtun_host import control  # noqa: E402
+from microtun_host import scratch  # noqa: E402
 
 BURST = 1000               # packets per burst (fits the relay's 4 MB receive buffer)
 SIZES = (100, 1200)            # outer payload bytes: a small inner packet, a full one
@@ -188,7 +188,7 @@ def main():
 
     ports = {"pop": free_port(), "relay": free_port(), "relay_raw": free_port()}
     ctl_port = free_port()
-    tmp = tempfile.mkdtemp(prefix="bench_pop")
+    tmp = scratch.mkdtemp("bench_pop")   # keys: removed on exit
     cfg = {
         "name": "bench", "listen": "127.0.0.1:%d" % ports["pop"], "control": "127.0.0.1:%d" % ctl_port,
         "log_level": "warning", "stats_interval": 0,

@@ -17,11 +17,11 @@ import argparse
 import json
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
+from microtun_host import scratch  # noqa: E402
 from microtun_host.localnet import Net, parse_result  # noqa: E402
 
 COUNT = 400
@@ -36,12 +36,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="microtun-demo-")
-    print("microtun demo: provisioning a local network in %s" % tmp)
-    net = Net(tmp, routes={"a": ["a1", "a2"], "b": ["b1", "b2"]}, devices={"sensor-1": {}},
-              lossy={"b": {"loss": 0.05, "delay_ms": 20, "seed": 7}}, policy="adaptive")
+    # Keys live in tmp: it goes on every exit (failure, Ctrl-C, SIGTERM; scratch.py).
+    tmp = scratch.mkdtemp("microtun-demo-")
+    print("microtun demo: provisioning a local network in %s" % tmp, flush=True)
+    net = None
     ok = False
     try:
+        net = Net(tmp, routes={"a": ["a1", "a2"], "b": ["b1", "b2"]}, devices={"sensor-1": {}},
+                  lossy={"b": {"loss": 0.05, "delay_ms": 20, "seed": 7}}, policy="adaptive")
         net.start()
         print("  PoPs a1 a2 b1 b2, gateway, echo service on channel 1, link emulator on route b: running")
         print("  device sensor-1 (MicroPython unix port): %d messages every %d ms, every %dth critical"
@@ -65,13 +67,16 @@ def main():
         status = net.gw_status()
         pops = {p: net.pop_stats(p) for p in sorted(net.pops)}
         ok = report(net, res, status, pops)
+    except Exception as e:             # a failed start: one line (the logs are in tmp with --keep)
+        print("microtun demo: %s" % (str(e).strip().splitlines() or [type(e).__name__])[0], file=sys.stderr)
     finally:
-        net.stop()
+        if net is not None:
+            net.stop()
         if args.keep:
-            print("kept: %s" % tmp)
+            scratch.keep(tmp)
+            print("kept (holds private keys; remove it when done): %s" % tmp)
         else:
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
+            scratch.remove(tmp)
     return 0 if ok else 1
 
 

@@ -15,9 +15,11 @@ Runs on the MicroPython unix port (and CPython):
     --channel C        app channel to send on (default 1)
 
 Each message is "<id>:<padding>" on channel 1; the gateway's channel-1
-service echoes it back. Prints progress lines "P {...}" and one final line
-"RESULT {json}" with counts, lost ids, the longest run of lost messages,
-path health and heap figures.
+service must echo it back (`microtun echo 127.0.0.1:5000` is one). Prints
+progress lines "P {...}", one line "RESULT {json}" with counts, lost ids,
+the longest run of lost messages, path health and heap figures, then a
+summary line. Exit status: 0 if anything came back, 1 if nothing did (or
+no session), 2 for a bad config or option.
 """
 import sys
 import gc
@@ -100,6 +102,8 @@ def main():
     if not up:
         print("RESULT " + json.dumps({"error": "no session within %d ms" % o["connect-ms"],
                                       "health": t.health()}))
+        print("device_run: no session within %d ms: are the PoPs and the gateway running, and is this the "
+              "config `microtun provision` wrote for them?" % o["connect-ms"])
         return 1
     print("P " + json.dumps({"connected_ms": t_connected}))
     sent_at = {}
@@ -153,6 +157,17 @@ def main():
     }
     t.close()
     print("RESULT " + json.dumps(res))
+    if o["idle"] and not o["count"]:
+        return 0
+    print("device_run: %d sent, %d came back, %d lost" % (len(sent_at), len(replies), len(lost)))
+    if sent_at and not replies:
+        denied = res["health"]["driver"].get("channel_denied")
+        print("device_run: nothing came back. %s" % (
+            "Channel %d is not in this device's config (\"channels\")." % o["channel"] if denied else
+            "Check that a service listens on the gateway's address for channel %d (\"services\" in "
+            "gateway.json) and sends every datagram back (`microtun echo HOST:PORT`); `microtun status` "
+            "shows the device's counters." % o["channel"]))
+        return 1
     return 0
 
 

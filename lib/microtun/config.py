@@ -82,7 +82,7 @@ class Settings:
     """Validated settings, as attributes. A device config: name,
     private_key, gateway_public, psk (or None), paths (a list of Settings
     with name, pop (host, port), label, rx_label, hop_key), policy,
-    nat_keepalive_ms, window, state_dir, network (board-specific dict, e.g.
+    channels (a tuple, or None: all), nat_keepalive_ms, window, state_dir, network (board-specific dict, e.g.
     Wi-Fi), app (free dict for the application), watchdog_ms (0 = off),
     source (where it was read from)."""
 
@@ -95,6 +95,17 @@ def _path(d, where):
     s.rx_label = int_field(d, where, "rx_label", 1, 0xFFFFFF)
     s.hop_key = key_field(d, where, "hop_key")
     return s
+
+
+def _channels(v, w):
+    """The app channels the gateway lets this device use: a tuple, or None
+    (the config does not say: every channel)."""
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 255
+                                          for c in v):
+        raise ConfigError("%schannels: expected a list of channel numbers 1..255, got %r" % (w, v))
+    return tuple(v)
 
 
 def from_dict(d, source="config"):
@@ -125,6 +136,7 @@ def from_dict(d, source="config"):
     s.policy = d.get("policy", "best")
     if s.policy not in POLICIES:
         raise ConfigError("%spolicy: expected one of %s, got %r" % (w, ", ".join(POLICIES), s.policy))
+    s.channels = _channels(d.get("channels"), w)
     s.nat_keepalive_ms = int_field(d, w, "nat_keepalive_s", 5, 3600, 25) * 1000
     s.window = int_field(d, w, "window", 64, 65536, 1024)
     s.state_dir = d.get("state_dir", ".")

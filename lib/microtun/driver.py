@@ -182,7 +182,9 @@ class Tunnel:
 
     def send(self, channel, data, policy=None):
         """Send data on an app channel (1..255). policy: None (config default),
-        "best", "critical" or "adaptive". False if it could not be queued."""
+        "best", "critical" or "adaptive" (anything else: ValueError). False if
+        it could not be queued, or the config's "channels" does not list
+        the channel (counted as `channel_denied` and logged)."""
         ok = self.core.send(channel, data, now_ms(), policy)
         self._send_out()
         return ok

@@ -306,7 +306,7 @@ class Device(_Endpoint):
         cands = [s.keepalive_due]
         if s.hs is not None:
             cands.append(s.hs_retry_at)
-        if s.data_sent_unanswered is not None:
+        elif s.data_sent_unanswered is not None:    # timers.should_handshake_unresponsive
             cands.append(ticks_add(s.data_sent_unanswered, p.keepalive_ms + p.rekey_timeout_ms))
         for kp in (s.current, s.previous, s.next):
             if kp is not None:

@@ -14,7 +14,7 @@ fake network and a fake clock (a simulated hour takes a second).
 """
 from microtun import hop
 from microtun.endpoint import Device, DATA, HANDSHAKE, CONTROL_CHANNEL
-from microtun.paths import Path, PathSet, probe_message, CTL_PATH_PROBE, CTL_PATH_REPLY, PROBE_LEN
+from microtun.paths import Path, PathSet, probe_message, CTL_PATH_PROBE, CTL_PATH_REPLY, PROBE_LEN, POLICIES
 from microtun.ticks import ticks_diff, ticks_min
 
 try:
@@ -23,7 +23,8 @@ except ImportError:
     def const(x):
         return x
 
-_ALL_DOWN_MS = const(2000)   # every path down this long: handshake again
+_ALL_DOWN_MS = const(2000)   # every path down this long: handshake again (doubling while it lasts)
+_ALL_DOWN_MAX_SHIFT = const(5)
 _PUBLIC_ADDR_REFRESH_MS = const(1800000)  # ask the first PoP for our public address this often
 _PROBE_ECHO_LEN = const(8)
 
@@ -42,6 +43,7 @@ class TunnelCore:
         self._out = []
         self._inbox = []
         self._all_down_since = None
+        self._all_down_n = 0         # all-down handshakes in this outage
 
     # -- app side --------------------------------------------------------------
     @property
@@ -53,8 +55,25 @@ class TunnelCore:
         self._flush(now)
 
     def send(self, channel, data, now, policy=None):
+        """Send data on an app channel. ValueError for a policy that is not
+        None/best/critical/adaptive or channel 0; False (counted as
+        `channel_denied`, logged) for a channel the config does not list."""
         if channel == CONTROL_CHANNEL:
             raise ValueError("channel 0 is reserved for path control; use 1..255")
+        if not isinstance(channel, int) or not 0 < channel < 256:
+            raise ValueError("channel must be an int from 1 to 255, got %r" % (channel,))
+        if policy is not None and policy not in POLICIES:
+            raise ValueError("policy must be None (the config's default) or one of %s, got %r" % (
+                ", ".join(POLICIES), policy))
+        allowed = self.cfg.channels
+        if allowed is not None and channel not in allowed:
+            # The gateway would drop it (counted there): refuse it here, where the app can see it.
+            self._count("channel_denied")
+            n = self.stats["channel_denied"]
+            if n in (1, 10, 100, 1000) or n % 10000 == 0:
+                self.log("warn", "channel %r is not in this device's config (channels %s): not sent (%d refused)" % (
+                    channel, ", ".join("%d" % c for c in allowed), n))
+            return False
         ok = self.device.send(channel, data, now, route=policy)
         self.paths.note_app_send(now)
         self._flush(now)
@@ -133,6 +152,7 @@ class TunnelCore:
                         self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
             elif e.kind == HANDSHAKE:
                 self.log("info", "session established (handshake %d)" % self.device.session.handshakes)
+                self._all_down_since = None     # the paths get probed now: give them time
                 for p in self.paths.paths:
                     if p.next_probe is None:
                         p.next_probe = now      # validate every path at once
@@ -172,16 +192,23 @@ class TunnelCore:
                 self._count("hop_keepalive_tx")
             self._emit(p, pkt, now)
         # Every path dead while we think we have a session: the far end may
-        # have restarted. Handshake again (on every path) after _ALL_DOWN_MS,
-        # then at most every _ALL_DOWN_MS while it lasts.
+        # have restarted. One handshake after _ALL_DOWN_MS; its own retries
+        # then back off (5 s doubling to 60 s, timers.retry_interval). Only a
+        # completed handshake whose paths stay dark starts another, after
+        # twice the wait of the one before (at most max_retry_ms).
         if not self.device.established or any(p.live for p in self.paths.paths):
             self._all_down_since = None
+            self._all_down_n = 0
         elif self._all_down_since is None:
             self._all_down_since = now
-        elif ticks_diff(now, self._all_down_since) >= _ALL_DOWN_MS:
+        elif self.device.session.hs is None and ticks_diff(now, self._all_down_since) >= min(
+                _ALL_DOWN_MS << self._all_down_n, self.device.params.max_retry_ms):
             self._all_down_since = now
+            if self._all_down_n < _ALL_DOWN_MAX_SHIFT:
+                self._all_down_n += 1
             self._count("rehandshake_all_paths_down")
-            self.log("warn", "every path is down; handshaking again")
+            self.log("warn", "every path is down; handshaking again (retries back off to %d s)" % (
+                self.device.params.max_retry_ms // 1000))
             self.device.rekey(now)
         self._events(now)
         self._flush(now)

@@ -4,6 +4,8 @@
     microtun gateway --config gateway.json [--check]
     microtun status --config gateway.json | --control HOST:PORT [--json]
     microtun provision topology.toml --out DIR
+    microtun echo 127.0.0.1:5000
+    microtun logs --port /dev/ttyACM0 [--follow]
 
 Adding a subcommand is one small function that declares its arguments and
 a run function, plus one entry in SUBCOMMANDS:
@@ -14,11 +16,14 @@ a run function, plus one entry in SUBCOMMANDS:
         p.set_defaults(run=lambda args: _lazy("gateway").main(args.config))
 
 Each run function returns the exit status: 0 ok, 1 runtime failure, 2 bad
-usage or bad config (one line on stderr, no traceback). Role modules are
-imported only when their subcommand runs.
+usage or bad config (one line on stderr, no traceback). An exception that
+escapes one anyway (a port taken, a missing file...) is printed as one line
+too; MICROTUN_TRACEBACK=1 shows the traceback. Role modules are imported
+only when their subcommand runs.
 """
 import argparse
 import importlib
+import os
 import sys
 
 
@@ -79,12 +84,32 @@ def _flash(sub):
     p.set_defaults(run=lambda args: _lazy("flash").run(args))
 
 
-SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash]
+def _echo(sub):
+    p = sub.add_parser("echo", help="a UDP echo service for a gateway channel (to try the tunnel)",
+                       description="Send every UDP datagram back to its sender: the service a gateway "
+                                   "channel's \"services\" entry points at in the README's walk-through.")
+    p.add_argument("address", metavar="HOST:PORT", help="where to listen, e.g. 127.0.0.1:5000")
+    p.add_argument("--show", type=int, default=20, metavar="N", help="print the first N datagrams (default 20)")
+    p.set_defaults(run=lambda args: _lazy("echo").main(args.address, args.show))
+
+
+def _logs(sub):
+    p = sub.add_parser("logs", help="print a board's log without stopping its tunnel",
+                       description="Ask the firmware running on the board for its log files over the serial "
+                                   "console (no Ctrl-C, no raw REPL: the tunnel keeps running). See "
+                                   "docs/FIRMWARE.md, \"The log\".")
+    p.add_argument("--port", required=True, metavar="PORT", help="the board's serial port (or a vboard's /dev/pts/N)")
+    p.add_argument("--follow", "-f", action="store_true", help="then keep printing the console until Ctrl-C")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="wait this long for an answer (default 5)")
+    p.set_defaults(run=lambda args: _lazy("boardlog").main(args.port, args.follow, args.timeout))
+
+
+SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs]
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="microtun", description="microtun host tools")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     for add in SUBCOMMANDS:
         add(sub)
     return parser
@@ -100,6 +125,16 @@ def main(argv=None):
         return args.run(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        # Every expected mistake is reported by the subcommand itself; this is
+        # the net under it: one line, the traceback only on request.
+        if os.environ.get("MICROTUN_TRACEBACK"):
+            raise
+        what = str(e).strip().splitlines()
+        print("microtun %s: %s%s (MICROTUN_TRACEBACK=1 shows where)" % (
+            args.command, type(e).__name__ + ": " if not isinstance(e, OSError) else "",
+            what[0] if what else type(e).__name__), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

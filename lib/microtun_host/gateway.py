@@ -90,7 +90,7 @@ class GatewayConfig:
         self.source = root.file
         self.name = root.text("name", "gateway")
         self.listen = root.address("listen")
-        self.control = root.address("control", None, loopback=True)
+        self.control = control.from_config(root)
         self.private_key = root.key32("private_key")
         self.links = [Link(n) for n in root.objects("links", min_len=1)]
         seen = {}
@@ -539,7 +539,7 @@ def status_main(config_path=None, control_addr=None, as_json=False):
             print("microtun status: %s" % e, file=sys.stderr)
             return 2
         if cfg.control is None:
-            print("microtun status: %s: control: not set; add \"control\": \"127.0.0.1:PORT\" and restart the gateway"
+            print("microtun status: %s: control: not set; add \"control\": \"gw.sock\" and restart the gateway"
                   % config_path, file=sys.stderr)
             return 2
         control_addr = str(cfg.control)

@@ -100,16 +100,16 @@ class Net:
         self.logs = {}
         self.echo = None
         pops = sorted({p for chain in self.routes.values() for p in chain} | set(spare_pops))
-        n = 2 * len(pops) + 4 + 2 * len(self.lossy)
+        n = len(pops) + 2 + 2 * len(self.lossy)
         ports = iter(free_ports(n))
-        self.pops = {p: {"listen": "127.0.0.1:%d" % next(ports), "control": "127.0.0.1:%d" % next(ports)}
+        self.out = self.tmp / "out"
+        # control channels: provision's default, an owner-only socket next to each config
+        self.pops = {p: {"listen": "127.0.0.1:%d" % next(ports), "control": str(self.out / "pops" / (p + ".sock"))}
                      for p in pops}
-        self.gw = {"listen": "127.0.0.1:%d" % next(ports), "control": "127.0.0.1:%d" % next(ports)}
+        self.gw = {"listen": "127.0.0.1:%d" % next(ports), "control": str(self.out / "gw.sock")}
         self.echo_port = next(ports)
-        next(ports)
         self.netem = {r: {"listen": "127.0.0.1:%d" % next(ports), "control": "127.0.0.1:%d" % next(ports)}
                       for r in sorted(self.lossy)}
-        self.out = self.tmp / "out"
         self.topology = self.tmp / "topology.toml"
         self.write_topology()
         self.provision()
@@ -117,13 +117,12 @@ class Net:
     # -- provisioning -----------------------------------------------------------
     def write_topology(self):
         t = ['[gateway]', 'name = "gw"', 'listen = "%s"' % self.gw["listen"],
-             'control = "%s"' % self.gw["control"],
              'services = { "1" = "127.0.0.1:%d" }' % self.echo_port, '']
         used = {p for chain in self.routes.values() for p in chain}
         for p, a in sorted(self.pops.items()):
             if p not in used:
                 continue          # a spare PoP (ports reserved) joins when a route uses it
-            t += ['[[pop]]', 'name = "%s"' % p, 'listen = "%s"' % a["listen"], 'control = "%s"' % a["control"], '']
+            t += ['[[pop]]', 'name = "%s"' % p, 'listen = "%s"' % a["listen"], '']
         for r, chain in sorted(self.routes.items()):
             t += ['[[route]]', 'name = "%s"' % r, 'pops = [%s]' % ", ".join('"%s"' % p for p in chain)]
             if r in self.netem:

@@ -91,7 +91,7 @@ def load_config(path):
     root.only(*TOP_FIELDS)
     name = root.text("name")
     listen = root.address("listen")
-    control_addr = root.address("control", default=None, loopback=True)
+    control_addr = control.from_config(root)
     log_level = root.text("log_level", default="info", choices=LOG_LEVELS)
     stats_interval = root.number("stats_interval", 0, 86400, default=60)
     lo, hi = LABEL_RANGE

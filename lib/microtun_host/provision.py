@@ -33,14 +33,18 @@ import tempfile
 
 try:
     import tomllib
-except ImportError:                        # Python < 3.11
-    tomllib = None
+except ImportError:                        # Python 3.10: the same parser, as the tomli package
+    try:
+        import tomli as tomllib            # pyproject.toml installs it there
+    except ImportError:
+        tomllib = None
 
 from microtun import config as dconfig
 from microtun import outer
 from microtun.paths import POLICIES
 from microtun_host import config as hconfig
 from microtun_host.config import ConfigError
+from microtun_host.control import is_socket_path
 
 # --- limits -------------------------------------------------------------------
 LABEL_FIRST = 100                # first label handed out in every namespace
@@ -115,7 +119,8 @@ class Topology:
 def _read_toml(path):
     name = str(path)
     if tomllib is None:
-        raise ConfigError("%s: reading TOML needs Python 3.11 or newer (tomllib)" % name)
+        raise ConfigError("%s: reading TOML needs Python 3.11 or newer, or the tomli package on 3.10 "
+                          "(pip install tomli)" % name)
     text = hconfig.read_text(path, "TOML")
     try:
         doc = tomllib.loads(text)
@@ -172,7 +177,14 @@ def _node(n, kind, extra_fields):
         raise n.error("reach" if n.has("reach") else "listen",
                       "%s is a wildcard address the previous hop cannot send to; set \"reach\" to the "
                       "address it should use" % reach)
-    control = n.address("control", None, loopback=True)
+    # The control channel: an owner-only unix socket next to the node's
+    # config unless the topology says otherwise (docs/CONFIG.md).
+    if n.has("control") and is_socket_path(n.value["control"]):
+        control = n.value["control"]
+    elif n.has("control"):
+        control = n.address("control", None, loopback=True)
+    else:
+        control = name + ".sock"
     extra = {}
     for k in extra_fields:
         if not n.has(k):
@@ -588,6 +600,8 @@ def plan(topo, state):
         dcfg = {"name": dev.name, "private_key": _hex(priv), "gateway_public_key": _hex(gateway_pub)}
         if psk is not None:
             dcfg["psk"] = _hex(psk)
+        if dev.channels is not None:
+            dcfg["channels"] = dev.channels       # the device refuses other channels itself
         dcfg["paths"] = [{"name": p.route.name,
                           "pop": p.route.via or str(topo.pops[p.route.pops[0]].reach),
                           "label": p.fwd[0], "rx_label": p.d, "hop_key": _hex(p.device_key)}
@@ -831,6 +845,8 @@ def provision(topology_path, out_dir):
 def main(topology, out_dir):
     """`microtun provision TOPOLOGY --out DIR`: 0 ok, 2 bad topology (one
     line on stderr, nothing written), 1 when the files cannot be written."""
+    from microtun_host import scratch
+    scratch.catch_signals()          # the load check's scratch copy of the keys goes on SIGTERM too
     try:
         summary = provision(topology, out_dir)
     except ConfigError as e:
