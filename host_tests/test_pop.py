@@ -245,6 +245,46 @@ def test_chain_forwards_both_ways_payload_untouched_and_learns_device(pops):
     assert "next hop learned" in a.log()
 
 
+def test_replayed_packets_from_another_address_never_cut_the_return_direction(pops):
+    # issue 11, defect 4: captured packets of every kind replayed at the first
+    # PoP from another address, every 10 ms, while the gateway streams down
+    gw, dev, evil = udp(), udp(), udp()
+    a, b = chain(pops, gw)
+    captured = [outer.seal(outer.TYPE_DATA, 100, HK[K_DA], os.urandom(60)),
+                outer.seal(outer.TYPE_DATA, 100, HK[K_DA], bytes((1, 0, 0, 0)) + os.urandom(144)),  # an INIT
+                outer.seal(outer.TYPE_HOP_KEEPALIVE, 100, HK[K_DA], b""),
+                outer.seal(outer.TYPE_HOP_PROBE, 100, HK[K_DA], outer.probe_body(1, 2))]
+    for c in captured:
+        dev.sendto(c, a.addr)
+    a.wait_stats(lambda s: s["rx"] == len(captured))
+    dev.settimeout(0.0)
+    while True:                         # the probe's reply
+        try:
+            dev.recv(2048)
+        except BlockingIOError:
+            break
+    n = 150
+    for i in range(n):
+        evil.sendto(captured[i % len(captured)], a.addr)
+        gw.sendto(outer.seal(outer.TYPE_DATA, 301, HK[K_BG], i.to_bytes(4, "big")), b.addr)
+        time.sleep(0.01)
+    dev.settimeout(2.0)
+    got = sorted(int.from_bytes(p[12:16], "big") for p, _ in recv_packets(dev, n))
+    assert got == list(range(n)), "lost %d of %d return-direction packets" % (n - len(got), n)
+    s = a.stats()
+    assert s["learned"] == {"100": "127.0.0.1:%d" % dev.getsockname()[1]} and s["moves"] == 1
+    # what reached the replaying address: challenges and probe replies, each
+    # no larger than its trigger, at most one per replayed packet
+    evil.settimeout(0.2)
+    back = [p for p, _ in recv_packets(evil, n, timeout=0.5)]
+    assert len(back) <= s["challenges"] + s["probes"] - 1
+    assert all(len(p) == 12 for p in back if p[0] == outer.BYTE0_PATH_CHALLENGE)
+    assert s["challenges"] <= 1.5 / pop.CHALLENGE_TIMEOUT_S + 2       # one outstanding per label at a time
+    assert s["labels"]["100"]["drops"]["init_replay"] == len(range(1, n, len(captured)))
+    accounted(s)
+    assert "init_replay" in a.log() and "path challenge" in a.log()
+
+
 def test_probe_reply_echoes_and_reports_observed_address(pops):
     gw, dev = udp(), udp()
     a = pops("pop-a", [route(100, K_DA, "127.0.0.1:%d" % gw.getsockname()[1], 300, K_BG)])
