@@ -289,11 +289,19 @@ def test_08_an_init_flood_on_one_label_does_not_starve_another():
 
 def test_09_inits_are_budgeted_per_source_and_the_source_table_is_bounded():
     specs = [pop.RouteSpec(1000 + i, K_DA, Address(4, "127.0.0.1", 9001), 0, 5000 + i, K_AB) for i in range(40)]
+    specs += [pop.RouteSpec(3000 + i, K_AB, None, 1000 + i, 6000 + i, K_DA) for i in range(40)]
     f = pop.Forwarder(pop.build_table(specs), logging.getLogger("quiet"), clock=lambda: 7.0)
     got = [send(f, outer.seal(1, 1000 + i, HK[K_DA], bytes((1, 0, 0, 0)) + os.urandom(144)), EVIL)
            for i in range(40)]                  # one source, many labels (an attacker holding many keys)
-    assert sum(1 for o in got if o) == pop.SOURCE_BURST
+    assert sum(1 for o in got if o and o[0][1] == NEXT) == pop.SOURCE_BURST
     assert f.drops["init_source_rate"] == 40 - pop.SOURCE_BURST
+    # behind the first PoP a source is a neighbour PoP carrying many devices'
+    # INITs, on labels with a fixed next hop: no per-source budget there
+    inner = [pop.RouteSpec(2000 + i, K_AB, Address(4, "127.0.0.1", 9001), 0, 7000 + i, K_AB) for i in range(40)]
+    g = pop.Forwarder(pop.build_table(inner), logging.getLogger("quiet"), clock=lambda: 7.0)
+    got = [send(g, outer.seal(1, 2000 + i, HK[K_AB], bytes((1, 0, 0, 0)) + os.urandom(144)), EVIL)
+           for i in range(40)]
+    assert all(o and o[0][1] == NEXT for o in got) and g.drops["init_source_rate"] == 0
     # spoofed sources: the table stops at SOURCE_MAX, the rest share one budget
     t = [100.0]
     g = forwarder()

@@ -64,7 +64,7 @@ CHALLENGE_RATE = 100.0         # PATH_CHALLENGEs per second, all labels together
 CHALLENGE_BURST = 100.0        # ... and their burst
 INIT_RATE = 1.0                # forwarded INITs per second per label ...
 INIT_BURST = 5.0               # ... and their burst (a device sends one per handshake attempt)
-SOURCE_RATE = 5.0              # forwarded INITs per second per source address ...
+SOURCE_RATE = 5.0              # forwarded INITs per second per source address (device-facing labels) ...
 SOURCE_BURST = 10.0
 SOURCE_MAX = 4096              # source addresses tracked; beyond, new ones share one bucket
 SOURCE_IDLE_S = 10.0           # a source idle this long is forgotten when the table is full
@@ -300,8 +300,7 @@ class Forwarder:
         seen = self._init_seen
         if seen[i:i + 8] == mac:
             return self._drop("init_replay", addr, r)
-        out = outer.relay(data, r.in_key, r.out_label, r.out_key)
-        if out is None:
+        if not outer.verify(r.in_key, data):   # one HMAC; the re-seal only for the few forwarded
             return self._drop(outer.DROP_BAD_MAC, addr, r)
         r.packets += 1
         r.bytes += len(data)
@@ -310,13 +309,16 @@ class Forwarder:
         now = self.clock()
         if not _take(r.init_bucket, now, INIT_RATE, INIT_BURST):
             return self._drop("init_rate", addr, r)
-        b = self._sources.get(addr)
-        if b is None:
-            b = self._source_bucket(addr, now)
-        if not _take(b, now, SOURCE_RATE, SOURCE_BURST):
-            return self._drop("init_source_rate", addr, r)
+        if r.learns:
+            # only on labels that face devices (a learned next hop): behind
+            # this PoP a source is a neighbour relaying many devices' INITs
+            b = self._sources.get(addr)
+            if b is None:
+                b = self._source_bucket(addr, now)
+            if not _take(b, now, SOURCE_RATE, SOURCE_BURST):
+                return self._drop("init_source_rate", addr, r)
         seen[i:i + 8] = mac             # only forwarded INITs: a flood can't evict them faster than INIT_RATE
-        return self._forward(r, out, addr)
+        return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
 
     def _source_bucket(self, addr, now):
         src = self._sources
