@@ -260,7 +260,10 @@ class Forwarder:
         self._init_seen = bytearray(8 * INIT_FILTER_SLOTS)
         self._sources = {}              # source address -> INIT token bucket (at most SOURCE_MAX)
         self._source_overflow = [SOURCE_BURST, None]
-        self._logged = {}               # (label, event) -> [tokens, last, suppressed] for rate-limited lines
+        self._log_gate = {}             # log key -> monotonic time before which its lines go to debug only
+        self._log_state = {}            # log key -> [tokens, last line time, event count at the last line]
+        self._events = {}               # (label, event) -> count, for "move" and "challenge" lines
+        self._debug = log.isEnabledFor(10)
 
     # the hot path: DATA on a known label is handled before any other branch
     def receive(self, data, addr):
@@ -421,46 +424,51 @@ class Forwarder:
     # -- counting and rate-limited logs ---------------------------------------------
     def _drop(self, reason, addr, r=None):
         self.drops[reason] += 1
-        label = 0
-        if r is not None:
+        if r is None:
+            key = reason
+            n = self.drops[reason]
+        else:
             d = r.drops
             if d is None:
                 d = r.drops = {}
-            d[reason] = d.get(reason, 0) + 1
-            label = r.in_label
-        more = self._quota(label, reason)
-        if more is not None:
-            self.log.info("%sdropped %s from %s%s", "label %d: " % label if label else "", reason,
-                          format_sockaddr(addr), _more(more))
-        elif self.log.isEnabledFor(10):                # logging.DEBUG; never one line per packet at info
+            n = d[reason] = d.get(reason, 0) + 1
+            key = (r.in_label, reason)
+        # one clock read and one dict lookup per drop; the rest once per line
+        now = self.clock()
+        if now >= self._log_gate.get(key, 0.0):
+            held = self._gate(key, now, n)
+            self.log.info("%sdropped %s from %s%s", "label %d: " % r.in_label if r is not None else "", reason,
+                          format_sockaddr(addr), _more(held))
+        elif self._debug:                   # never one line per packet at info
             self.log.debug("drop %s from %s", reason, format_sockaddr(addr))
         return None
 
     def _note(self, label, event, fmt, *args):
-        more = self._quota(label, event)
-        if more is not None:
-            self.log.info(fmt + _more(more), *args)
-        elif self.log.isEnabledFor(10):
+        key = (label, event)
+        n = self._events[key] = self._events.get(key, 0) + 1
+        now = self.clock()
+        if now >= self._log_gate.get(key, 0.0):
+            self.log.info(fmt + _more(self._gate(key, now, n)), *args)
+        elif self._debug:
             self.log.debug(fmt, *args)
 
-    def _quota(self, label, event):
-        """Rate limit for info lines per (label, event): LOG_BURST at once,
-        then one per LOG_EVERY_S. Returns how many were held back since the
-        last line if this one may go out at info, else None. Keys are
-        bounded: labels of the table (or 0) times the events."""
-        now = self.clock()
-        st = self._logged.get((label, event))
+    def _gate(self, key, now, n):
+        """A line for key (a drop reason, or (label, event)) goes out now:
+        spend one of LOG_BURST tokens (one back per LOG_EVERY_S), set when
+        the next may, and return how many of the n events so far were not
+        logged since the last line. Keys are bounded: drop reasons and
+        events times the labels of the table."""
+        st = self._log_state.get(key)
         if st is None:
-            st = self._logged[(label, event)] = [LOG_BURST, now, 0]
-        else:
-            st[0] = min(LOG_BURST, st[0] + (now - st[1]) / LOG_EVERY_S)
-            st[1] = now
-        if st[0] >= 1.0:
-            st[0] -= 1.0
-            more, st[2] = st[2], 0
-            return more
-        st[2] += 1
-        return None
+            st = self._log_state[key] = [LOG_BURST, now, 0]
+        tokens = min(LOG_BURST, st[0] + (now - st[1]) / LOG_EVERY_S) - 1.0
+        held = n - st[2] - 1
+        st[0], st[1], st[2] = tokens, now, n
+        self._log_gate[key] = now if tokens >= 1.0 else now + (1.0 - tokens) * LOG_EVERY_S
+        return held
+
+    def log_level_changed(self):
+        self._debug = self.log.isEnabledFor(10)         # logging.DEBUG
 
     def _draining(self, label):
         v = self.draining.get(label)
@@ -511,7 +519,9 @@ class Forwarder:
         keep = lambda k: k in routes or k in self.draining     # noqa: E731
         self.learned = {k: v for k, v in self.learned.items() if keep(k)}
         self._challenge = {k: v for k, v in self._challenge.items() if keep(k)}
-        self._logged = {k: v for k, v in self._logged.items() if not k[0] or keep(k[0])}
+        for table in (self._log_gate, self._log_state, self._events):
+            for k in [k for k in table if type(k) is tuple and not keep(k[0])]:
+                del table[k]
         self.routes = routes
         added = sum(1 for k in routes if k not in old)
         removed = sum(1 for k in old if k not in routes)
@@ -701,6 +711,7 @@ class Pop:
         added, removed, changed = self.fwd.swap(build_table(cfg.routes))
         if cfg.log_level != old.log_level:
             logs.set_level(self.log, cfg.log_level)
+            self.fwd.log_level_changed()
         self.cfg = cfg
         self.reloads += 1
         self._schedule_stats()
