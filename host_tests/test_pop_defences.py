@@ -398,3 +398,51 @@ def test_13_the_device_answers_a_challenge_with_a_response_the_pop_accepts():
     for bad in (bytes((0x15, 0, 0, 77)) + bytes(8), chal + b"x"):
         core.receive(0, bad, 6)
     assert core.datagrams_to_send(6) == [] and core.stats["outer_bad_challenge"] == 2
+
+
+# --- bounded memory ---------------------------------------------------------------------------
+
+def test_14_memory_stays_flat_under_mixed_fuzz_from_spoofed_sources():
+    import tracemalloc
+    f = connected()
+    f.log.setLevel(logging.INFO)                # the test's handler keeps every line it gets
+    f.log_level_changed()
+    send(f, data(110, K_DX), DEV)
+    rnd = random.Random(14)
+    captures = [data(), init(), keepalive(), probe(), data(110, K_DX), init(110, K_DX)]
+
+    def one(i):
+        f.now[0] += 0.0001
+        k = rnd.randrange(6)
+        if k == 0:
+            pkt = os.urandom(rnd.randrange(0, 200))
+        elif k == 1:                            # mutated capture
+            pkt = bytearray(rnd.choice(captures))
+            pkt[rnd.randrange(len(pkt))] ^= 1 << rnd.randrange(8)
+        elif k == 2:                            # valid hop MAC, changed between the excerpt halves
+            pkt = bytearray(rnd.choice(captures[:2] + captures[4:]))
+            pkt[28 + rnd.randrange(len(pkt) - 44)] ^= 0x55     # payload bytes 16 .. len - 16
+        elif k == 3:
+            pkt = rnd.choice(captures)
+        elif k == 4:                            # fresh, authentic, from the keys the attacker holds
+            pkt = rnd.choice((init, keepalive, probe, data))(110, K_DX)
+        else:
+            pkt = bytes((0x16, 0, 0, 100)) + os.urandom(8)
+        src = ("10.%d.%d.%d" % ((i >> 16) & 255, (i >> 8) & 255, i & 255), 1 + i % 65000)
+        res = f.receive(bytes(pkt), src)
+        f.extra.clear()
+        return res
+
+    for i in range(20000):                      # warm-up: tables reach their working size
+        one(i)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for i in range(20000, 60000):
+        one(i)
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert grown < 64 * 1024, grown
+    s = accounted(f)
+    assert s["drops"]["internal_error"] == 0 and s["sources_tracked"] <= pop.SOURCE_MAX
+    assert f.learned == {100: DEV, 110: DEV}
+    assert len(f.lines.records) < 200          # info lines are rate-limited: 8 simulated seconds

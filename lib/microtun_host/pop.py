@@ -584,11 +584,11 @@ class PopReader:
             try:
                 res = fwd.receive(data, addr)
             except Exception:
+                res = None
                 fwd.internal_error()
                 if self._errors_logged < 10:
                     self._errors_logged += 1
                     self.log.exception("internal error on a %d-byte datagram from %s", len(data), addr)
-                continue
             if res is not None:
                 try:
                     sock.sendto(res[0], res[1])
