@@ -285,6 +285,47 @@ def test_replayed_packets_from_another_address_never_cut_the_return_direction(po
     assert "init_replay" in a.log() and "path challenge" in a.log()
 
 
+def test_init_floods_replayed_and_fresh_reach_nobody(pops):
+    # issue 11, defect 2, at the first PoP: replayed INITs from many sources,
+    # and fresh ones on a label whose hop key the attacker holds, next to a
+    # device handshaking on its own label
+    K_X = bytes(range(128, 160))
+    nxt, dev, evil = udp(), udp(), udp()
+    n_addr = "127.0.0.1:%d" % nxt.getsockname()[1]
+    a = pops("pop-a", [route(100, K_DA, n_addr, 200, K_AB), route(201, K_AB, "learn:100", 101, K_DA),
+                       route(110, K_X, n_addr, 210, K_AB), route(211, K_AB, "learn:110", 111, K_X)])
+    hx = outer.HopKey(K_X)
+
+    def init(label, key):
+        return outer.seal(outer.TYPE_DATA, label, key, bytes((1, 0, 0, 0)) + os.urandom(144))
+
+    captured = init(100, HK[K_DA])
+    dev.sendto(captured, a.addr)
+    assert recv_packets(nxt, 1)[0][0][12:] == captured[12:]
+    evil.sendto(init(110, hx), a.addr)              # the attacker's own label learns its address
+    n, t0 = 4000, time.monotonic()
+    for i in range(0, n, 200):
+        for j in range(200):
+            evil.sendto(captured if j % 2 else init(110, hx), a.addr)
+        a.wait_stats(lambda s: s["rx"] >= 2 + i + 200, timeout=10)
+        if i % 1000 == 0:
+            dev.sendto(init(100, HK[K_DA]), a.addr)
+    s = a.wait_stats(lambda s: s["rx"] == 2 + n + 4)
+    elapsed = time.monotonic() - t0
+    assert s["labels"]["100"]["drops"] == {"init_replay": n // 2}
+    fwd_x = s["labels"]["110"]["packets"] - s["labels"]["110"]["drops"]["init_rate"]
+    assert fwd_x <= pop.INIT_BURST + elapsed * pop.INIT_RATE + 1, (fwd_x, elapsed)
+    got = recv_packets(nxt, 4 + fwd_x, timeout=2.0)
+    labels = [outer.parse(p)[1] for p, _ in got]
+    assert len(got) == 4 + fwd_x
+    assert labels.count(200) == 4                   # every one of the device's INITs got through
+    assert labels.count(210) == fwd_x
+    evil.settimeout(0.3)
+    with pytest.raises(socket.timeout):             # nothing came back to the flood's source
+        evil.recvfrom(2048)
+    accounted(s)
+
+
 def test_probe_reply_echoes_and_reports_observed_address(pops):
     gw, dev = udp(), udp()
     a = pops("pop-a", [route(100, K_DA, "127.0.0.1:%d" % gw.getsockname()[1], 300, K_BG)])
