@@ -216,14 +216,41 @@ def test_04_one_outstanding_challenge_per_label_and_a_global_budget():
     f.now[0] += pop.CHALLENGE_TIMEOUT_S
     assert len(send(f, data(), EVIL)) == 2                     # expired: the next source may be tried
     # many labels at once are bounded by CHALLENGE_RATE in all
-    specs = [pop.RouteSpec(1000 + i, K_DA, Address(4, "127.0.0.1", 9001), 0, 5000 + i, K_AB)
-             for i in range(300)]
-    specs += [pop.RouteSpec(3000 + i, K_AB, None, 1000 + i, 6000 + i, K_DA) for i in range(300)]
+    n = int(pop.CHALLENGE_BURST) + 200
+    specs = [pop.RouteSpec(10000 + i, K_DA, Address(4, "127.0.0.1", 9001), 0, 50000 + i, K_AB)
+             for i in range(n)]
+    specs += [pop.RouteSpec(30000 + i, K_AB, None, 10000 + i, 60000 + i, K_DA) for i in range(n)]
     g = pop.Forwarder(pop.build_table(specs), logging.getLogger("quiet"), clock=lambda: 50.0)
-    for i in range(300):
-        send(g, outer.seal(1, 1000 + i, HK[K_DA], b"x" * 40), DEV)
-    chal = sum(len(send(g, outer.seal(1, 1000 + i, HK[K_DA], b"y" * 40), EVIL)) - 1 for i in range(300))
+    for i in range(n):
+        send(g, outer.seal(1, 10000 + i, HK[K_DA], b"x" * 40), DEV)
+    chal = sum(len(send(g, outer.seal(1, 10000 + i, HK[K_DA], b"y" * 40), EVIL)) - 1 for i in range(n))
     assert chal == pop.CHALLENGE_BURST and g.challenges == chal
+
+
+def test_04b_a_replaying_address_cannot_hold_the_slot_against_a_real_move():
+    f = connected()
+    captured = data()
+    [_, (chal, _)] = send(f, captured, EVIL)             # the replayer gets the first challenge
+    f.now[0] += pop.CHALLENGE_TIMEOUT_S
+    [_, (chal, dest)] = send(f, captured, EVIL)          # unanswered: it may have the free slot again ...
+    assert dest == EVIL
+    out = send(f, data(), DEV2)                          # ... but yields it to a source that did not fail
+    [_, (chal2, dest)] = out
+    assert dest == DEV2
+    send(f, outer.path_response(100, HK[K_DA], chal2), DEV2)
+    assert f.learned == {100: DEV2}
+    # a fresh source never displaces an outstanding challenge to another fresh one
+    g = connected()
+    send(g, data(), ("192.0.2.1", 1))
+    assert len(send(g, data(), ("192.0.2.2", 2))) == 1
+    # a device whose response was lost is asked again when the slot is free
+    h = connected()
+    send(h, data(), DEV2)
+    h.now[0] += pop.CHALLENGE_TIMEOUT_S
+    [_, (chal3, dest)] = send(h, data(), DEV2)
+    assert dest == DEV2
+    send(h, outer.path_response(100, HK[K_DA], chal3), DEV2)
+    assert h.learned == {100: DEV2}
 
 
 def test_05_a_challenge_is_no_larger_than_a_keepalive_and_probes_provoke_none():

@@ -60,8 +60,10 @@ RECV_MAX = 65535
 
 # --- defences (docs/OUTER.md §3 and §5): implementation limits ---------------
 CHALLENGE_TIMEOUT_S = 1.0      # a PATH_CHALLENGE waits this long for its response (one per label)
-CHALLENGE_RATE = 100.0         # PATH_CHALLENGEs per second, all labels together ...
-CHALLENGE_BURST = 100.0        # ... and their burst
+CHALLENGE_RATE = 1000.0        # PATH_CHALLENGEs per second, all labels together ...
+CHALLENGE_BURST = 1000.0       # ... and their burst
+UNANSWERED_S = 10.0            # a source that left a challenge unanswered yields its slot this long ...
+UNANSWERED_MAX = 16            # ... remembering at most this many per label
 INIT_RATE = 1.0                # forwarded INITs per second per label ...
 INIT_BURST = 5.0               # ... and their burst (a device sends one per handshake attempt)
 SOURCE_RATE = 5.0              # forwarded INITs per second per source address (device-facing labels) ...
@@ -257,6 +259,7 @@ class Forwarder:
         self.drops = dict.fromkeys(DROP_REASONS, 0)
         self._challenge = {}            # learn label -> (target address, expected response, expiry)
         self._challenge_bucket = [CHALLENGE_BURST, None]
+        self._unanswered = {}           # learn label -> {source that left a challenge unanswered: until when}
         self._init_seen = bytearray(8 * INIT_FILTER_SLOTS)
         self._sources = {}              # source address -> INIT token bucket (at most SOURCE_MAX)
         self._source_overflow = [SOURCE_BURST, None]
@@ -387,8 +390,18 @@ class Forwarder:
             return
         now = self.clock()
         c = self._challenge.get(label)
-        if c is not None and now < c[2]:
-            return                                      # one outstanding per label
+        if c is not None and now >= c[2]:
+            self._unanswered_add(label, c[0], now)      # expired unanswered
+            del self._challenge[label]
+            c = None
+        if c is not None:
+            # One outstanding per label. Only a challenge to a source that
+            # already left one unanswered gives way, and only to a source
+            # that did not: one replaying address cannot hold the slot
+            # against a device that really moved.
+            f = self._unanswered.get(label)
+            if not f or now >= f.get(c[0], 0.0) or now < f.get(addr, 0.0):
+                return
         if not _take(self._challenge_bucket, now, CHALLENGE_RATE, CHALLENGE_BURST):
             return
         chal = bytes((outer.BYTE0_PATH_CHALLENGE, label >> 16, (label >> 8) & 0xFF, label & 0xFF)) + \
@@ -398,6 +411,15 @@ class Forwarder:
         self.extra.append((chal, addr))
         self._note(label, "challenge", "label %d: authenticated packet from %s, next hop stays %s until that "
                    "address answers a path challenge", label, format_sockaddr(addr), format_sockaddr(old))
+
+    def _unanswered_add(self, label, addr, now):
+        f = self._unanswered.get(label)
+        if f is None:
+            f = self._unanswered[label] = {}
+        elif len(f) >= UNANSWERED_MAX and addr not in f:
+            for a in [a for a, t in f.items() if now >= t] or [next(iter(f))]:
+                del f[a]
+        f[addr] = now + UNANSWERED_S
 
     def _response(self, r, data, addr):
         if len(data) != outer.HEADER_LEN:
@@ -479,6 +501,7 @@ class Forwarder:
             if label not in self.routes:
                 self.learned.pop(label, None)
                 self._challenge.pop(label, None)
+                self._unanswered.pop(label, None)
             return None
         return v[0]
 
@@ -519,6 +542,7 @@ class Forwarder:
         keep = lambda k: k in routes or k in self.draining     # noqa: E731
         self.learned = {k: v for k, v in self.learned.items() if keep(k)}
         self._challenge = {k: v for k, v in self._challenge.items() if keep(k)}
+        self._unanswered = {k: v for k, v in self._unanswered.items() if keep(k)}
         for table in (self._log_gate, self._log_state, self._events):
             for k in [k for k in table if type(k) is tuple and not keep(k[0])]:
                 del table[k]
