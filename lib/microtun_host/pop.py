@@ -287,7 +287,13 @@ class Forwarder:
         r.bytes += len(data)
         if r.learns and self.learned.get(r.in_label) != addr:
             self._new_source(r, addr, True)
-        return self._forward(r, out, addr)
+        dest = r.dest                       # _forward(), inline on the hot path
+        if dest is None:
+            dest = self.learned.get(r.learn_from)
+            if dest is None:
+                return self._drop("no_route", addr, r)
+        self.forwarded += 1
+        return out, dest
 
     def _forward(self, r, out, addr):
         dest = r.dest
