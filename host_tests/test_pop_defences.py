@@ -340,6 +340,34 @@ def test_09_inits_are_budgeted_per_source_and_the_source_table_is_bounded():
     assert len(g._sources) <= pop.SOURCE_MAX
 
 
+def test_09b_handshake_replies_to_a_device_are_budgeted_and_never_replayed():
+    # issue 11, defect 1, at the last relay before the device: however many
+    # COOKIEs or RESPONSEs the gateway sends (or an attacker replays) down a
+    # device's label, its link carries REPLY_BURST, then REPLY_RATE per second
+    f = connected()
+
+    def down(t, n):
+        return outer.seal(outer.TYPE_DATA, 201, HK[K_AB], bytes((t, 0, 0, 0)) + os.urandom(n - 4))
+
+    cookies = [down(3, outer.INNER_COOKIE_LEN) for _ in range(50)]
+    got = [send(f, c, NEXT) for c in cookies]
+    assert sum(1 for o in got if o and o[0][1] == DEV) == pop.REPLY_BURST
+    assert f.routes[201].drops == {"reply_rate": 50 - pop.REPLY_BURST}
+    f.now[0] += 1 / pop.REPLY_RATE
+    resp = down(2, outer.INNER_RESPONSE_LEN)
+    assert send(f, resp, NEXT)[0][1] == DEV
+    assert send(f, resp, NEXT) == [] and f.drops["reply_replay"] == 1
+    # transport packets of the same lengths are not handshake replies
+    for n in (outer.INNER_COOKIE_LEN, outer.INNER_RESPONSE_LEN):
+        for _ in range(20):
+            assert send(f, down(4, n), NEXT)[0][1] == DEV
+    # and uplink packets of these shapes are not either (their next hop is fixed)
+    for _ in range(20):
+        up = outer.seal(1, 100, HK[K_DA], bytes((3, 0, 0, 0)) + os.urandom(outer.INNER_COOKIE_LEN - 4))
+        assert send(f, up, DEV)[0][1] == NEXT
+    accounted(f)
+
+
 # --- no reply larger or more numerous than its trigger ------------------------------------
 
 def test_10_no_reply_larger_or_more_numerous_than_its_trigger():

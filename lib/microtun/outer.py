@@ -44,12 +44,16 @@ BYTE0_HOP_KEEPALIVE = const(0x14)
 BYTE0_PATH_CHALLENGE = const(0x15)
 BYTE0_PATH_RESPONSE = const(0x16)
 
-# What a relay may know of the inner plane (docs/PROTOCOL.md): a handshake
-# initiation is the one DATA payload of exactly INNER_INIT_LEN bytes whose
-# first byte is INNER_TYPE_INIT. Recognising it needs no key; the first PoP
-# rate-limits and de-duplicates these (docs/OUTER.md §5).
+# What a relay may know of the inner plane (docs/PROTOCOL.md, messages.py):
+# a handshake message is a DATA payload of one fixed length whose first byte
+# is its type. Recognising one needs no key; the first PoP de-duplicates and
+# rate-limits INITs from a device and RESPONSEs/COOKIEs to it (docs/OUTER.md §5).
 INNER_TYPE_INIT = const(1)
+INNER_TYPE_RESPONSE = const(2)
+INNER_TYPE_COOKIE = const(3)
 INNER_INIT_LEN = const(148)
+INNER_RESPONSE_LEN = const(92)
+INNER_COOKIE_LEN = const(52)
 
 # --- drop reasons: parse() failures, as reject_reason() names them --------
 DROP_SHORT = "short"              # shorter than the 12-byte header

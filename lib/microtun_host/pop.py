@@ -45,13 +45,15 @@ DROP_REASONS = (
     "init_rate",               # authentic INIT over its label's budget
     "init_source_rate",        # authentic INIT over its source address's budget
     "probe_rate",              # authentic HOP_PROBE over its label's budget (probe replies are bounded)
+    "reply_replay",            # a handshake RESPONSE or COOKIE towards a device, already forwarded once
+    "reply_rate",              # authentic RESPONSE or COOKIE towards a device over its label's budget
     "bad_response",            # PATH_RESPONSE that is not exactly 12 bytes
     "unsolicited_response",    # PATH_RESPONSE with no outstanding challenge for this label and source
     "send_error",              # the socket refused the datagram (buffer full, unreachable)
     "internal_error",          # a bug: the datagram raised inside the PoP
 )
 # drops that happen after the hop MAC verified (the per-label "packets" count them)
-AUTHENTIC_DROPS = ("no_route", "init_rate", "init_source_rate", "probe_rate", "send_error")
+AUTHENTIC_DROPS = ("no_route", "init_rate", "init_source_rate", "probe_rate", "reply_rate", "send_error")
 
 DRAIN_S = 10.0                 # a route removed by a reload still forwards this long
 SOCKET_BUFFER = 4 << 20        # SO_RCVBUF / SO_SNDBUF asked for (the kernel may cap it)
@@ -70,6 +72,8 @@ SOURCE_RATE = 5.0              # forwarded INITs per second per source address (
 SOURCE_BURST = 10.0
 SOURCE_MAX = 4096              # source addresses tracked; beyond, new ones share one bucket
 SOURCE_IDLE_S = 10.0           # a source idle this long is forgotten when the table is full
+REPLY_RATE = 1.0               # handshake RESPONSEs and COOKIEs per second to one device (downlink label) ...
+REPLY_BURST = 5.0
 PROBE_RATE = 1.0               # answered HOP_PROBEs per second per label ...
 PROBE_BURST = 4.0
 INIT_FILTER_SLOTS = 1 << 16    # replay filter: direct-mapped hop MACs of forwarded INITs (512 KB)
@@ -172,7 +176,8 @@ class Route:
     """A route ready for the hot path, with its per-label counters and budgets."""
 
     __slots__ = ("spec", "in_label", "in_key", "dest", "learn_from", "learns",
-                 "out_label", "out_key", "packets", "bytes", "drops", "init_bucket", "probe_bucket")
+                 "out_label", "out_key", "packets", "bytes", "drops", "init_bucket", "probe_bucket",
+                 "reply_bucket")
 
     def __init__(self, spec, learns):
         self.spec = spec
@@ -187,6 +192,7 @@ class Route:
         self.bytes = 0
         self.drops = None               # {reason: n} for this label, made at its first drop
         self.init_bucket = [INIT_BURST, None]     # token bucket: [tokens, last refill]
+        self.reply_bucket = [REPLY_BURST, None]   # RESPONSE/COOKIE to a device (next hop learned)
         self.probe_bucket = [PROBE_BURST, None]
 
 
@@ -209,6 +215,9 @@ def _take(bucket, now, rate, burst):
 
 
 _INIT_OUTER_LEN = outer.HEADER_LEN + outer.INNER_INIT_LEN
+# outer lengths of DATA packets that may carry a handshake message (INIT, RESPONSE, COOKIE)
+_HANDSHAKE_LENS = frozenset(outer.HEADER_LEN + n for n in
+                            (outer.INNER_INIT_LEN, outer.INNER_RESPONSE_LEN, outer.INNER_COOKIE_LEN))
 
 
 def build_table(specs):
@@ -260,7 +269,7 @@ class Forwarder:
         self._challenge = {}            # learn label -> (target address, expected response, expiry)
         self._challenge_bucket = [CHALLENGE_BURST, None]
         self._unanswered = {}           # learn label -> {source that left a challenge unanswered: until when}
-        self._init_seen = bytearray(8 * INIT_FILTER_SLOTS)
+        self._seen = bytearray(8 * INIT_FILTER_SLOTS)    # hop MACs of forwarded handshake messages
         self._sources = {}              # source address -> INIT token bucket (at most SOURCE_MAX)
         self._source_overflow = [SOURCE_BURST, None]
         self._log_gate = {}             # log key -> monotonic time before which its lines go to debug only
@@ -278,8 +287,12 @@ class Forwarder:
         return self._other(data, addr)
 
     def _data(self, r, data, addr):
-        if len(data) == _INIT_OUTER_LEN and data[outer.HEADER_LEN] == outer.INNER_TYPE_INIT:
-            return self._init(r, data, addr)
+        if len(data) in _HANDSHAKE_LENS:
+            t = data[outer.HEADER_LEN]
+            if t == outer.INNER_TYPE_INIT and len(data) == _INIT_OUTER_LEN:
+                return self._init(r, data, addr)
+            if r.dest is None and (t == outer.INNER_TYPE_RESPONSE or t == outer.INNER_TYPE_COOKIE):
+                return self._reply(r, data, addr)
         out = outer.relay(data, r.in_key, r.out_label, r.out_key)
         if out is None:
             return self._drop(outer.DROP_BAD_MAC, addr, r)
@@ -309,7 +322,7 @@ class Forwarder:
         # has the hop MAC of one already forwarded: drop it before any HMAC.
         mac = data[4:outer.HEADER_LEN]
         i = 8 * ((data[4] << 8) | data[5])
-        seen = self._init_seen
+        seen = self._seen
         if seen[i:i + 8] == mac:
             return self._drop("init_replay", addr, r)
         if not outer.verify(r.in_key, data):   # one HMAC; the re-seal only for the few forwarded
@@ -330,6 +343,25 @@ class Forwarder:
             if not _take(b, now, SOURCE_RATE, SOURCE_BURST):
                 return self._drop("init_source_rate", addr, r)
         seen[i:i + 8] = mac             # only forwarded INITs: a flood can't evict them faster than INIT_RATE
+        return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
+
+    def _reply(self, r, data, addr):
+        # A handshake RESPONSE or COOKIE on its way to a device (the next hop
+        # is learned): whatever the gateway sends back, the device's link
+        # carries at most REPLY_BURST, then REPLY_RATE per second, and never
+        # a replay (issue 11, defect 1).
+        mac = data[4:outer.HEADER_LEN]
+        i = 8 * ((data[4] << 8) | data[5])
+        seen = self._seen
+        if seen[i:i + 8] == mac:
+            return self._drop("reply_replay", addr, r)
+        if not outer.verify(r.in_key, data):
+            return self._drop(outer.DROP_BAD_MAC, addr, r)
+        r.packets += 1
+        r.bytes += len(data)
+        if not _take(r.reply_bucket, self.clock(), REPLY_RATE, REPLY_BURST):
+            return self._drop("reply_rate", addr, r)
+        seen[i:i + 8] = mac
         return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
 
     def _source_bucket(self, addr, now):
@@ -538,7 +570,7 @@ class Forwarder:
             o = old.get(label)
             if o is not None:
                 r.packets, r.bytes, r.drops = o.packets, o.bytes, o.drops
-                r.init_bucket, r.probe_bucket = o.init_bucket, o.probe_bucket
+                r.init_bucket, r.probe_bucket, r.reply_bucket = o.init_bucket, o.probe_bucket, o.reply_bucket
         expiry = self.clock() + DRAIN_S
         for label, r in old.items():
             if label not in routes:
