@@ -42,18 +42,18 @@ DROP_REASONS = (
     "unexpected_type",         # HOP_PROBE_REPLY or PATH_CHALLENGE: a PoP sends those, never receives them
     "no_route",                # next hop learn:<label> and nothing learned yet
     "init_replay",             # an inner INIT whose hop MAC this PoP already forwarded (replay or mutated replay)
-    "init_rate",               # authentic INIT over its label's budget
+    "init_rate",               # INIT over its label's budget (dropped before its MAC is checked)
     "init_source_rate",        # authentic INIT over its source address's budget
     "probe_rate",              # authentic HOP_PROBE over its label's budget (probe replies are bounded)
     "reply_replay",            # a handshake RESPONSE or COOKIE towards a device, already forwarded once
-    "reply_rate",              # authentic RESPONSE or COOKIE towards a device over its label's budget
+    "reply_rate",              # RESPONSE or COOKIE towards a device over its label's budget (before the MAC)
     "bad_response",            # PATH_RESPONSE that is not exactly 12 bytes
     "unsolicited_response",    # PATH_RESPONSE with no outstanding challenge for this label and source
     "send_error",              # the socket refused the datagram (buffer full, unreachable)
     "internal_error",          # a bug: the datagram raised inside the PoP
 )
 # drops that happen after the hop MAC verified (the per-label "packets" count them)
-AUTHENTIC_DROPS = ("no_route", "init_rate", "init_source_rate", "probe_rate", "reply_rate", "send_error")
+AUTHENTIC_DROPS = ("no_route", "init_source_rate", "probe_rate", "send_error")
 
 DRAIN_S = 10.0                 # a route removed by a reload still forwards this long
 SOCKET_BUFFER = 4 << 20        # SO_RCVBUF / SO_SNDBUF asked for (the kernel may cap it)
@@ -200,6 +200,15 @@ def _more(n):
     return " (and %d more like it not logged)" % n if n else ""
 
 
+def _empty(bucket, now, rate):
+    """True if token bucket = [tokens, last] has no whole token at now
+    (nothing changed)."""
+    tokens, last = bucket
+    if last is not None:
+        tokens += (now - last) * rate
+    return tokens < 1.0
+
+
 def _take(bucket, now, rate, burst):
     """Token bucket: True (and one token spent) if bucket = [tokens, last]
     has a token at now."""
@@ -325,15 +334,19 @@ class Forwarder:
         seen = self._seen
         if seen[i:i + 8] == mac:
             return self._drop("init_replay", addr, r)
+        # An empty budget is looked at before any HMAC (a flood over budget
+        # costs no MAC), and spent only after the MAC verified (a forgery
+        # never spends it).
+        now = self.clock()
+        if _empty(r.init_bucket, now, INIT_RATE):
+            return self._drop("init_rate", addr, r)
         if not outer.verify(r.in_key, data):   # one HMAC; the re-seal only for the few forwarded
             return self._drop(outer.DROP_BAD_MAC, addr, r)
         r.packets += 1
         r.bytes += len(data)
         if r.learns and self.learned.get(r.in_label) != addr:
             self._new_source(r, addr, True)
-        now = self.clock()
-        if not _take(r.init_bucket, now, INIT_RATE, INIT_BURST):
-            return self._drop("init_rate", addr, r)
+        _take(r.init_bucket, now, INIT_RATE, INIT_BURST)
         if r.learns:
             # only on labels that face devices (a learned next hop): behind
             # this PoP a source is a neighbour relaying many devices' INITs
@@ -355,12 +368,14 @@ class Forwarder:
         seen = self._seen
         if seen[i:i + 8] == mac:
             return self._drop("reply_replay", addr, r)
+        now = self.clock()
+        if _empty(r.reply_bucket, now, REPLY_RATE):      # as for INITs: looked at first, spent after the MAC
+            return self._drop("reply_rate", addr, r)
         if not outer.verify(r.in_key, data):
             return self._drop(outer.DROP_BAD_MAC, addr, r)
         r.packets += 1
         r.bytes += len(data)
-        if not _take(r.reply_bucket, self.clock(), REPLY_RATE, REPLY_BURST):
-            return self._drop("reply_rate", addr, r)
+        _take(r.reply_bucket, now, REPLY_RATE, REPLY_BURST)
         seen[i:i + 8] = mac
         return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
 
