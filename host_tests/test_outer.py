@@ -14,7 +14,8 @@ HK2 = outer.HopKey(bytes(range(100, 132)))
 # Payload lengths around the excerpt boundaries (32 whole, 33+ split).
 LENGTHS = (0, 1, 15, 16, 17, 31, 32, 33, 34, 47, 48, 49, 64, 148, 1200)
 LABELS = (1, 2, 0x123456, 0xFFFFFE, 0xFFFFFF)
-TYPES = (outer.TYPE_DATA, outer.TYPE_HOP_PROBE, outer.TYPE_HOP_PROBE_REPLY)
+TYPES = (outer.TYPE_DATA, outer.TYPE_HOP_PROBE, outer.TYPE_HOP_PROBE_REPLY, outer.TYPE_HOP_KEEPALIVE,
+         outer.TYPE_PATH_CHALLENGE, outer.TYPE_PATH_RESPONSE)
 
 
 def payload(n, seed=7):
@@ -168,8 +169,8 @@ BAD_HEADERS = (
     (0x21, b"\x00\x00\x01", outer.DROP_BAD_VERSION),   # version 2
     (0xF1, b"\x00\x00\x01", outer.DROP_BAD_VERSION),   # version 15
     (0x10, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),  # type 0 reserved
-    (0x15, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),  # 5..15 reserved
-    (0x17, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),
+    (0x17, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),  # 7..15 reserved
+    (0x18, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),
     (0x1F, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),
     (0x11, b"\x00\x00\x00", outer.DROP_BAD_LABEL),     # label 0
     (0x12, b"\x00\x00\x00", outer.DROP_BAD_LABEL),
@@ -202,7 +203,7 @@ def test_12_api_misuse_raises_value_error():
         (outer.seal, (outer.TYPE_DATA, 0, HK, b"")),
         (outer.seal, (outer.TYPE_DATA, 1 << 24, HK, b"")),
         (outer.seal, (0, 1, HK, b"")),
-        (outer.seal, (5, 1, HK, b"")),
+        (outer.seal, (7, 1, HK, b"")),
         (outer.seal, (outer.TYPE_DATA, 1, HK, bytes(65536))),
         (outer.seal_into, (bytearray(20), outer.TYPE_DATA, 1, HK, bytes(9))),
         (outer.seal_in_place, (bytearray(20), outer.TYPE_DATA, 1, HK, 9)),
@@ -211,6 +212,8 @@ def test_12_api_misuse_raises_value_error():
         (outer.encode_addr, (6, 1, bytes(4))),
         (outer.encode_addr, (4, 65536, bytes(4))),
         (outer.probe_reply_payload, (bytes(33), 4, 1, bytes(4))),
+        (outer.probe_reply_payload, (bytes(6), 4, 1, bytes(4))),       # reply would outgrow the probe
+        (outer.probe_reply_payload, (bytes(18), 6, 1, bytes(16))),
     )
     for i, (fn, args) in enumerate(cases):
         raises(ValueError, fn, *args)
@@ -242,18 +245,42 @@ def test_13_address_encoding():
 
 def test_14_probe_payloads():
     body = outer.probe_body(0x01020304, 0x3FFFFFFF)
-    assert body == unhex("01020304 3fffffff")
+    assert body == unhex("01020304 3fffffff") + bytes(19)        # padded for an IPv6 reply
+    assert outer.PROBE_MIN <= len(body) <= outer.PROBE_MAX
     assert outer.probe_fields(body) == (0x01020304, 0x3FFFFFFF)
     assert outer.probe_fields(body[:7]) is None
     for fam, port, addr, enc, _ in ADDRS:
-        for probe in (b"", body, bytes(range(32))):
+        a = unhex(enc)
+        for probe in (bytes(range(19)), body, bytes(range(32))):
             pl = outer.probe_reply_payload(probe, fam, port, addr)
-            assert pl == probe + unhex(enc)
-            assert outer.parse_probe_reply(pl, len(probe)) == (probe, fam, port, addr)
-            assert outer.parse_probe_reply(pl, len(probe) + 1) is None
-            assert outer.parse_probe_reply(pl[:-1], len(probe)) is None
-    assert outer.parse_probe_reply(b"", 0) is None
-    assert outer.parse_probe_reply(bytes(40), 33) is None
+            # the address first, then what fits of the probe: never longer than the probe
+            assert pl == a + probe[:len(probe) - len(a)]
+            assert len(pl) == len(probe)
+            assert outer.parse_probe_reply(pl) == (probe[:len(probe) - len(a)], fam, port, addr)
+            assert outer.parse_probe_reply(pl[:len(a) - 1]) is None
+        assert outer.probe_fields(outer.parse_probe_reply(outer.probe_reply_payload(body, fam, port, addr))[0]) \
+            == (0x01020304, 0x3FFFFFFF)
+    assert outer.parse_probe_reply(b"") is None
+    assert outer.parse_probe_reply(unhex("05 0001 00000000")) is None
+
+
+def test_14b_path_challenge_and_response():
+    # a challenge is 12 bytes: header with an 8-byte nonce in the MAC field;
+    # the response is the header of seal(PATH_RESPONSE, label, key, nonce)
+    chal = bytes((0x15, 0x01, 0x02, 0x03)) + unhex("0001020304050607")
+    assert outer.parse(chal) == (outer.TYPE_PATH_CHALLENGE, 0x010203)
+    resp = outer.path_response(0x010203, HK, chal)
+    assert len(resp) == 12 and outer.parse(resp) == (outer.TYPE_PATH_RESPONSE, 0x010203)
+    assert resp == outer.seal(outer.TYPE_PATH_RESPONSE, 0x010203, HK, chal[4:])[:12]
+    assert outer.verify(HK, resp + chal[4:])                    # the MAC covers the nonce
+    assert resp != outer.path_response(0x010203, HK, chal[:11] + b"\x08")
+    assert resp != outer.path_response(0x010203, HK2, chal)
+    assert resp != outer.path_response(0x010204, HK, chal)
+    assert resp.hex() == PATH_RESPONSE_KAT
+
+
+# key 00..1f, label 0x010203, nonce 00..07 (computed with CPython's hmac.digest)
+PATH_RESPONSE_KAT = "16010203412c83f91edbb518"
 
 
 def test_15_random_datagrams_never_raise():

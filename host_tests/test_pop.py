@@ -166,13 +166,29 @@ def recv_packets(sock, n, timeout=3.0):
 
 
 def accounted(s):
-    """rx == forwarded + probes + every drop, and the per-label packets are
-    exactly the authenticated ones."""
-    assert s["rx"] == s["forwarded"] + s["probes"] + s["keepalives"] + sum(s["drops"].values()), s
+    """rx == forwarded + probes + keepalives + path responses + every drop,
+    the per-label packets are exactly the authenticated ones, and the
+    per-label drops add up to at most the global ones."""
+    assert s["rx"] == (s["forwarded"] + s["probes"] + s["keepalives"] + s["path_responses"]
+                       + sum(s["drops"].values())), s
     assert s["dropped"] == sum(s["drops"].values()), s
     auth = sum(v["packets"] for v in s["labels"].values())
-    assert auth == (s["forwarded"] + s["probes"] + s["keepalives"] + s["drops"]["no_route"]
-                    + s["drops"]["send_error"]), s
+    assert auth == (s["forwarded"] + s["probes"] + s["keepalives"] + s["path_responses"]
+                    + sum(s["drops"][k] for k in pop.AUTHENTIC_DROPS)), s
+    for reason in s["drops"]:
+        assert sum(v.get("drops", {}).get(reason, 0) for v in s["labels"].values()) <= s["drops"][reason], s
+
+
+def answer_challenge(sock, label, key, timeout=2.0):
+    """Receive a PATH_CHALLENGE on sock and answer it from there, as a device does."""
+    sock.settimeout(timeout)
+    while True:
+        pkt, src = sock.recvfrom(65536)
+        if outer.parse(pkt) == (outer.TYPE_PATH_CHALLENGE, label):
+            break
+    assert len(pkt) == outer.HEADER_LEN
+    sock.sendto(outer.path_response(label, key, pkt), src)
+    return pkt
 
 
 # --- integration -----------------------------------------------------------------
@@ -210,10 +226,15 @@ def test_chain_forwards_both_ways_payload_untouched_and_learns_device(pops):
     accounted(sa)
     accounted(b.stats())
 
-    # roaming: the device appears at a new address; replies follow it
+    # roaming (a NAT rebinding): the device appears at a new address. Its
+    # packets are forwarded at once, replies keep going to the validated
+    # address until the new one answers the PoP's path challenge, then follow it.
     dev2 = udp()
     dev2.sendto(outer.seal(outer.TYPE_DATA, 100, HK[K_DA], b"moved"), a.addr)
     assert recv_packets(gw, 1)[0][0][12:] == b"moved"
+    chal = answer_challenge(dev2, 100, HK[K_DA])
+    assert chal[0] == outer.BYTE0_PATH_CHALLENGE
+    a.wait_stats(lambda s: s["path_responses"] == 1)
     gw.sendto(outer.seal(outer.TYPE_DATA, 301, HK[K_BG], b"follow"), b.addr)
     assert recv_packets(dev2, 1)[0][0][12:] == b"follow"
     # an unauthenticated packet from elsewhere never moves the learned address
@@ -224,25 +245,112 @@ def test_chain_forwards_both_ways_payload_untouched_and_learns_device(pops):
     assert "next hop learned" in a.log()
 
 
+def test_replayed_packets_from_another_address_never_cut_the_return_direction(pops):
+    # issue 11, defect 4: captured packets of every kind replayed at the first
+    # PoP from another address, every 10 ms, while the gateway streams down
+    gw, dev, evil = udp(), udp(), udp()
+    a, b = chain(pops, gw)
+    captured = [outer.seal(outer.TYPE_DATA, 100, HK[K_DA], os.urandom(60)),
+                outer.seal(outer.TYPE_DATA, 100, HK[K_DA], bytes((1, 0, 0, 0)) + os.urandom(144)),  # an INIT
+                outer.seal(outer.TYPE_HOP_KEEPALIVE, 100, HK[K_DA], b""),
+                outer.seal(outer.TYPE_HOP_PROBE, 100, HK[K_DA], outer.probe_body(1, 2))]
+    for c in captured:
+        dev.sendto(c, a.addr)
+    a.wait_stats(lambda s: s["rx"] == len(captured))
+    dev.settimeout(0.0)
+    while True:                         # the probe's reply
+        try:
+            dev.recv(2048)
+        except BlockingIOError:
+            break
+    n = 150
+    for i in range(n):
+        evil.sendto(captured[i % len(captured)], a.addr)
+        gw.sendto(outer.seal(outer.TYPE_DATA, 301, HK[K_BG], i.to_bytes(4, "big")), b.addr)
+        time.sleep(0.01)
+    dev.settimeout(2.0)
+    got = sorted(int.from_bytes(p[12:16], "big") for p, _ in recv_packets(dev, n))
+    assert got == list(range(n)), "lost %d of %d return-direction packets" % (n - len(got), n)
+    s = a.stats()
+    assert s["learned"] == {"100": "127.0.0.1:%d" % dev.getsockname()[1]} and s["moves"] == 1
+    # what reached the replaying address: challenges and probe replies, each
+    # no larger than its trigger, at most one per replayed packet
+    evil.settimeout(0.2)
+    back = [p for p, _ in recv_packets(evil, n, timeout=0.5)]
+    assert len(back) <= s["challenges"] + s["probes"] - 1
+    assert all(len(p) == 12 for p in back if p[0] == outer.BYTE0_PATH_CHALLENGE)
+    assert s["challenges"] <= 1.5 / pop.CHALLENGE_TIMEOUT_S + 2       # one outstanding per label at a time
+    assert s["labels"]["100"]["drops"]["init_replay"] == len(range(1, n, len(captured)))
+    accounted(s)
+    assert "init_replay" in a.log() and "path challenge" in a.log()
+
+
+def test_init_floods_replayed_and_fresh_reach_nobody(pops):
+    # issue 11, defect 2, at the first PoP: replayed INITs from many sources,
+    # and fresh ones on a label whose hop key the attacker holds, next to a
+    # device handshaking on its own label
+    K_X = bytes(range(128, 160))
+    nxt, dev, evil = udp(), udp(), udp()
+    n_addr = "127.0.0.1:%d" % nxt.getsockname()[1]
+    a = pops("pop-a", [route(100, K_DA, n_addr, 200, K_AB), route(201, K_AB, "learn:100", 101, K_DA),
+                       route(110, K_X, n_addr, 210, K_AB), route(211, K_AB, "learn:110", 111, K_X)])
+    hx = outer.HopKey(K_X)
+
+    def init(label, key):
+        return outer.seal(outer.TYPE_DATA, label, key, bytes((1, 0, 0, 0)) + os.urandom(144))
+
+    captured = init(100, HK[K_DA])
+    dev.sendto(captured, a.addr)
+    assert recv_packets(nxt, 1)[0][0][12:] == captured[12:]
+    evil.sendto(init(110, hx), a.addr)              # the attacker's own label learns its address
+    n, t0 = 4000, time.monotonic()
+    for i in range(0, n, 200):
+        for j in range(200):
+            evil.sendto(captured if j % 2 else init(110, hx), a.addr)
+        a.wait_stats(lambda s: s["rx"] >= 2 + i + 200, timeout=10)
+        if i % 1000 == 0:
+            dev.sendto(init(100, HK[K_DA]), a.addr)
+    s = a.wait_stats(lambda s: s["rx"] == 2 + n + 4)
+    elapsed = time.monotonic() - t0
+    assert s["labels"]["100"]["drops"] == {"init_replay": n // 2}
+    fwd_x = s["labels"]["110"]["packets"]         # over-budget INITs are dropped before their MAC
+    assert fwd_x + s["labels"]["110"]["drops"]["init_rate"] == 1 + n // 2
+    assert fwd_x <= pop.INIT_BURST + elapsed * pop.INIT_RATE + 1, (fwd_x, elapsed)
+    got = recv_packets(nxt, 4 + fwd_x, timeout=2.0)
+    labels = [outer.parse(p)[1] for p, _ in got]
+    assert len(got) == 4 + fwd_x
+    assert labels.count(200) == 4                   # every one of the device's INITs got through
+    assert labels.count(210) == fwd_x
+    evil.settimeout(0.3)
+    with pytest.raises(socket.timeout):             # nothing came back to the flood's source
+        evil.recvfrom(2048)
+    accounted(s)
+
+
 def test_probe_reply_echoes_and_reports_observed_address(pops):
     gw, dev = udp(), udp()
     a = pops("pop-a", [route(100, K_DA, "127.0.0.1:%d" % gw.getsockname()[1], 300, K_BG)])
-    for body in (b"", outer.probe_body(7, 0x3FFFFFFF), bytes(range(32))):
-        dev.sendto(outer.seal(outer.TYPE_HOP_PROBE, 100, HK[K_DA], body), a.addr)
+    for body in (bytes(range(19)), outer.probe_body(7, 0x3FFFFFFF), bytes(range(32))):
+        probe = outer.seal(outer.TYPE_HOP_PROBE, 100, HK[K_DA], body)
+        dev.sendto(probe, a.addr)
         pkt, src = dev.recvfrom(2048)
         assert src == a.addr
         assert outer.parse(pkt) == (outer.TYPE_HOP_PROBE_REPLY, 100)
         assert outer.verify(HK[K_DA], pkt)                      # same label, same key
-        echo, fam, port, ip = outer.parse_probe_reply(pkt[12:], len(body))
-        assert echo == body
+        assert len(pkt) <= len(probe)                           # never larger than the probe
+        echo, fam, port, ip = outer.parse_probe_reply(pkt[12:])
+        assert echo == body[:len(body) - 7]
         assert (fam, port, ip) == (4, dev.getsockname()[1], bytes((127, 0, 0, 1)))
-    # bad MAC and oversized probes get no answer
-    dev.sendto(outer.seal(outer.TYPE_HOP_PROBE, 100, HK[K_AB], b"x"), a.addr)
+    # bad MAC, too short or oversized probes and reply types get no answer
+    dev.sendto(outer.seal(outer.TYPE_HOP_PROBE, 100, HK[K_AB], bytes(20)), a.addr)
     dev.sendto(outer.seal(outer.TYPE_HOP_PROBE, 100, HK[K_DA], bytes(33)), a.addr)
+    dev.sendto(outer.seal(outer.TYPE_HOP_PROBE, 100, HK[K_DA], bytes(18)), a.addr)
     dev.sendto(outer.seal(outer.TYPE_HOP_PROBE_REPLY, 100, HK[K_DA], bytes(7)), a.addr)
-    s = a.wait_stats(lambda s: s["rx"] == 6)
+    dev.sendto(outer.seal(outer.TYPE_PATH_CHALLENGE, 100, HK[K_DA], b"")[:4] + bytes(8), a.addr)
+    s = a.wait_stats(lambda s: s["rx"] == 8)
     assert s["probes"] == 3
-    assert (s["drops"]["bad_mac"], s["drops"]["bad_probe"], s["drops"]["unexpected_type"]) == (1, 1, 1)
+    assert (s["drops"]["bad_mac"], s["drops"]["bad_probe"], s["drops"]["unexpected_type"]) == (1, 2, 2)
+    assert s["labels"]["100"]["drops"] == {"bad_mac": 1, "bad_probe": 2, "unexpected_type": 2}
     dev.settimeout(0.2)
     with pytest.raises(socket.timeout):
         dev.recvfrom(2048)
@@ -369,6 +477,8 @@ def _fuzz_datagrams(seed, count):
         label, key = rnd.choice(((100, HK[K_DA]), (201, HK[K_AB])))
         t = rnd.choice((1, 1, 1, 2))
         n = rnd.randrange(0, 33) if t == 2 else rnd.choice((0, 5, 32, 33, 100, rnd.randrange(0, 1400)))
+        if n in (outer.INNER_INIT_LEN, outer.INNER_RESPONSE_LEN, outer.INNER_COOKIE_LEN):
+            n += 1                      # handshake messages have their own (time-dependent) budgets: tested apart
         return outer.seal(t, label, key, rnd.randbytes(n))
 
     # first, before any packet on label 100: reverse traffic has no route yet
@@ -412,9 +522,11 @@ def _predict(datagrams):
             reason = outer.reject_reason(d)
         elif p[1] not in keys:
             reason = "unknown_label"
-        elif p[0] == outer.TYPE_HOP_PROBE_REPLY:
+        elif p[0] in (outer.TYPE_HOP_PROBE_REPLY, outer.TYPE_PATH_CHALLENGE):
             reason = "unexpected_type"
-        elif p[0] == outer.TYPE_HOP_PROBE and len(d) - 12 > outer.PROBE_MAX:
+        elif p[0] == outer.TYPE_PATH_RESPONSE:
+            reason = "bad_response" if len(d) != 12 else "unsolicited_response"
+        elif p[0] == outer.TYPE_HOP_PROBE and not outer.PROBE_MIN <= len(d) - 12 <= outer.PROBE_MAX:
             reason = "bad_probe"
         elif p[0] == outer.TYPE_HOP_KEEPALIVE and len(d) != 12:
             reason = "bad_probe"
@@ -462,12 +574,15 @@ def test_fuzz_never_breaks_the_pop_and_counters_add_up(pops):
             s.settimeout(2.0)
     s = a.stats()
     assert s["rx"] == len(datagrams)
-    assert {k: v for k, v in s["drops"].items() if v} == want_drops
-    assert (s["forwarded"], s["probes"]) == (want_fwd, want_probes)
+    # answered probes are bounded per label (PROBE_RATE): the rest are probe_rate drops
+    got_drops = {k: v for k, v in s["drops"].items() if v}
+    assert got_drops.pop("probe_rate", 0) + s["probes"] == want_probes
+    assert got_drops == want_drops
+    assert s["forwarded"] == want_fwd and s["probes"] >= pop.PROBE_BURST
     assert s["drops"]["internal_error"] == 0
     accounted(s)
     # everything the PoP sent arrived, and is a well-formed outer packet under its key
-    assert len(forwarded_out) == want_fwd + want_probes
+    assert len(forwarded_out) == want_fwd + s["probes"]
     out_keys = {200: HK[K_AB], 101: HK[K_DA], 100: HK[K_DA], 201: HK[K_AB]}
     for pkt in forwarded_out:
         t, label = outer.parse(pkt)
@@ -641,27 +756,39 @@ def test_ipv6_pop_forwards_and_reports_v6_source(tmp_path):
         dev.sendto(outer.seal(outer.TYPE_DATA, 100, HK[K_DA], b"six"), ("::1", port))
         pkt, _ = gw.recvfrom(2048)
         assert pkt[12:] == b"six" and outer.verify(HK[K_BG], pkt)
-        dev.sendto(outer.seal(outer.TYPE_HOP_PROBE, 100, HK[K_DA], b"id"), ("::1", port))
+        probe = outer.probe_body(3, 4)
+        dev.sendto(outer.seal(outer.TYPE_HOP_PROBE, 100, HK[K_DA], probe), ("::1", port))
         pkt, _ = dev.recvfrom(2048)
-        echo, fam, sport, ip = outer.parse_probe_reply(pkt[12:], 2)
-        assert (echo, fam, sport, ip) == (b"id", 6, dev.getsockname()[1], bytes(15) + b"\x01")
+        assert len(pkt) == 12 + len(probe)      # a 19-byte address and the 8 meaningful probe bytes
+        echo, fam, sport, ip = outer.parse_probe_reply(pkt[12:])
+        assert (echo, fam, sport, ip) == (probe[:8], 6, dev.getsockname()[1], bytes(15) + b"\x01")
+        assert outer.probe_fields(echo) == (3, 4)
     finally:
         assert p.stop() == 0, p.log()
 
 
-def test_hop_keepalive_refreshes_learned_address_and_is_never_answered():
+def test_hop_keepalive_is_never_answered_and_a_new_address_is_validated_first():
     f = _forwarder()
     dev1, dev2 = ("127.0.0.1", 5555), ("127.0.0.1", 6666)
     f.receive(outer.seal(1, 100, HK[K_DA], b"hi"), dev1)
     assert f.learned == {100: dev1}
-    # the device's NAT mapping changed: a 12-byte keepalive teaches the PoP
+    assert f.receive(outer.seal(outer.TYPE_HOP_KEEPALIVE, 100, HK[K_DA], b""), dev1) is None
+    assert f.extra == [] and f.keepalives == 1
+    # the device's NAT mapping changed: its 12-byte keepalive provokes one
+    # 12-byte challenge to the new address, and the address moves once the
+    # device answers from there
     assert f.receive(outer.seal(outer.TYPE_HOP_KEEPALIVE, 100, HK[K_DA], b""), dev2) is None
-    assert f.learned == {100: dev2} and f.keepalives == 1
+    assert f.learned == {100: dev1} and f.keepalives == 2
+    [(chal, dest)] = f.extra
+    f.extra.clear()
+    assert dest == dev2 and len(chal) == 12 and outer.parse(chal) == (outer.TYPE_PATH_CHALLENGE, 100)
+    assert f.receive(outer.path_response(100, HK[K_DA], chal), dev2) is None
+    assert f.learned == {100: dev2} and f.path_responses == 1
     out, dest = f.receive(outer.seal(1, 201, HK[K_AB], b"back"), ("127.0.0.1", 9001))
     assert dest == dev2
     # forged or oversized keepalives change nothing
     assert f.receive(outer.seal(outer.TYPE_HOP_KEEPALIVE, 100, HK[K_AB], b""), dev1) is None
     assert f.receive(outer.seal(outer.TYPE_HOP_KEEPALIVE, 100, HK[K_DA], b"x"), dev1) is None
-    assert f.learned == {100: dev2}
+    assert f.learned == {100: dev2} and f.extra == []
     assert f.drops["bad_mac"] == 1 and f.drops["bad_probe"] == 1
     accounted(f.stats())

@@ -45,13 +45,22 @@ TYPE_DATA = const(1)
 TYPE_HOP_PROBE = const(2)
 TYPE_HOP_PROBE_REPLY = const(3)
 TYPE_HOP_KEEPALIVE = const(4)  # header only: refreshes NAT mappings and learned addresses, never answered
-_TYPE_MAX = const(4)
-# types 0 and 5..15 are reserved; receivers drop them as "unknown_type"
+# Path validation (docs/OUTER.md §3): before a PoP moves a learned return
+# address it sends the new source a PATH_CHALLENGE, 12 bytes whose MAC field
+# is an 8-byte random nonce (no MAC: it must be no larger than the 12-byte
+# keepalive that may provoke it); the device answers with a PATH_RESPONSE,
+# the 12-byte header of seal(PATH_RESPONSE, label, key, nonce) without its
+# payload: the MAC binds the nonce, which both ends know.
+TYPE_PATH_CHALLENGE = const(5)
+TYPE_PATH_RESPONSE = const(6)
+_TYPE_MAX = const(6)
+# types 0 and 7..15 are reserved; receivers drop them as "unknown_type"
 
 _EXCERPT_WHOLE = const(32)    # payloads up to this length are MACed whole
 _EXCERPT_HALF = const(16)     # longer ones: first 16 || last 16 bytes
 
-PROBE_MAX = const(32)         # HOP_PROBE payload: opaque, at most 32 bytes
+PROBE_MAX = const(32)         # HOP_PROBE payload: opaque, at most 32 bytes ...
+PROBE_MIN = const(19)         # ... and at least the longest address a reply carries
 
 # observed-address encoding in HOP_PROBE_REPLY: family, port (BE), address
 _V4 = const(4)
@@ -143,7 +152,8 @@ def seal_in_place(buf, ptype, label, hopkey, plen):
     HEADER_LEN once, and sending it on two paths is two seal_in_place calls
     (each rewrites only the header) and two sends."""
     if ptype < TYPE_DATA or ptype > _TYPE_MAX:
-        raise ValueError("outer type must be 1..4 (DATA, HOP_PROBE, HOP_PROBE_REPLY, HOP_KEEPALIVE), got %r" % (ptype,))
+        raise ValueError("outer type must be 1..6 (DATA, HOP_PROBE, HOP_PROBE_REPLY, HOP_KEEPALIVE, "
+                         "PATH_CHALLENGE, PATH_RESPONSE), got %r" % (ptype,))
     if label < LABEL_MIN or label > LABEL_MAX:
         raise ValueError("label must be in 1..%d, got %r" % (LABEL_MAX, label))
     end = HEADER_LEN + plen
@@ -224,24 +234,42 @@ def verify(hopkey, packet):
 
 
 # --- probes ----------------------------------------------------------------
-# A HOP_PROBE payload is opaque to the node that answers it. The convention
-# used by microtun's own senders is probe_body(): 4-byte id || 4-byte ticks.
+# A HOP_PROBE payload is opaque to the node that answers it. The reply
+# carries the observed address first, then as much of the probe as fits in
+# the probe's own length: a reply is never longer than its probe. A probe
+# must therefore be at least PROBE_MIN bytes; microtun's senders use
+# probe_body(): 4-byte id || 4-byte ticks, zero-padded to 27 bytes, so the
+# 8 meaningful bytes come back even behind an IPv6 address.
+
+_PROBE_BODY_LEN = const(27)   # 8 + the 19 bytes of an IPv6 address
+
 
 def probe_body(probe_id, ticks):
-    """The 8-byte probe payload microtun senders use: id and send time (ms
-    ticks), both 32-bit big-endian."""
-    return (probe_id & 0xFFFFFFFF).to_bytes(4, "big") + (ticks & 0xFFFFFFFF).to_bytes(4, "big")
+    """The 27-byte probe payload microtun senders use: id and send time (ms
+    ticks), both 32-bit big-endian, then zero padding."""
+    return (probe_id & 0xFFFFFFFF).to_bytes(4, "big") + (ticks & 0xFFFFFFFF).to_bytes(4, "big") + \
+        bytes(_PROBE_BODY_LEN - 8)
 
 
-def parse_probe_reply(payload, echo_len):
-    """(echo, family, port, addr) from a HOP_PROBE_REPLY payload whose probe
-    was echo_len bytes long (the prober knows what it sent), or None."""
-    if echo_len < 0 or echo_len > PROBE_MAX or len(payload) <= echo_len:
+def parse_probe_reply(payload):
+    """(echo, family, port, addr) from a HOP_PROBE_REPLY payload (the
+    address, then what fitted of the probe), or None."""
+    n = len(payload)
+    if n == 0:
         return None
-    a = decode_addr(payload[echo_len:])
+    alen = _V4_LEN if payload[0] == _V4 else _V6_LEN
+    if n < alen:
+        return None
+    a = decode_addr(payload[0:alen])
     if a is None:
         return None
-    return (bytes(payload[0:echo_len]),) + a
+    return (bytes(payload[alen:n]),) + a
+
+
+def path_response(label, hopkey, challenge):
+    """The 12-byte PATH_RESPONSE to a PATH_CHALLENGE (whose bytes 4..11 are
+    the nonce) on label: seal(PATH_RESPONSE, label, hopkey, nonce)[:12]."""
+    return seal(TYPE_PATH_RESPONSE, label, hopkey, challenge[4:HEADER_LEN])[0:HEADER_LEN]
 
 
 def decode_addr(buf):

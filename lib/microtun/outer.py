@@ -14,6 +14,7 @@ from microtun.hop import *  # noqa: F401,F403  (the device-side plane, re-export
 from microtun.hop import (_COPY, _check_buf, _hmac, _hmac_copy, _hmac_portable, _mac_ok, _message,
                           HEADER_LEN, MAC_LEN, PAYLOAD_MAX, PROBE_MAX, seal_in_place,
                           TYPE_DATA, TYPE_HOP_PROBE, TYPE_HOP_PROBE_REPLY, TYPE_HOP_KEEPALIVE,
+                          TYPE_PATH_CHALLENGE, TYPE_PATH_RESPONSE, PROBE_MIN,
                           verify as _verify_portable)
 
 try:
@@ -23,7 +24,8 @@ except ImportError:
         return x
 
 TYPE_NAMES = {TYPE_DATA: "DATA", TYPE_HOP_PROBE: "HOP_PROBE", TYPE_HOP_PROBE_REPLY: "HOP_PROBE_REPLY",
-              TYPE_HOP_KEEPALIVE: "HOP_KEEPALIVE"}
+              TYPE_HOP_KEEPALIVE: "HOP_KEEPALIVE", TYPE_PATH_CHALLENGE: "PATH_CHALLENGE",
+              TYPE_PATH_RESPONSE: "PATH_RESPONSE"}
 
 EXCERPT_WHOLE = const(32)     # payloads up to this length are MACed whole
 EXCERPT_HALF = const(16)      # longer ones: first 16 || last 16 bytes
@@ -39,6 +41,19 @@ BYTE0_DATA = const(0x11)
 BYTE0_HOP_PROBE = const(0x12)
 BYTE0_HOP_PROBE_REPLY = const(0x13)
 BYTE0_HOP_KEEPALIVE = const(0x14)
+BYTE0_PATH_CHALLENGE = const(0x15)
+BYTE0_PATH_RESPONSE = const(0x16)
+
+# What a relay may know of the inner plane (docs/PROTOCOL.md, messages.py):
+# a handshake message is a DATA payload of one fixed length whose first byte
+# is its type. Recognising one needs no key; the first PoP de-duplicates and
+# rate-limits INITs from a device and RESPONSEs/COOKIEs to it (docs/OUTER.md §5).
+INNER_TYPE_INIT = const(1)
+INNER_TYPE_RESPONSE = const(2)
+INNER_TYPE_COOKIE = const(3)
+INNER_INIT_LEN = const(148)
+INNER_RESPONSE_LEN = const(92)
+INNER_COOKIE_LEN = const(52)
 
 # --- drop reasons: parse() failures, as reject_reason() names them --------
 DROP_SHORT = "short"              # shorter than the 12-byte header
@@ -150,20 +165,26 @@ def relay(packet, in_key, out_label, out_key):
 # --- probes ----------------------------------------------------------------
 
 def probe_fields(echo):
-    """(probe_id, ticks) from an echoed probe_body(), or None if malformed."""
-    if len(echo) != 8:
+    """(probe_id, ticks) from an echoed probe_body() (its first 8 bytes come
+    back whatever the address family), or None if malformed."""
+    if len(echo) < 8:
         return None
     return int.from_bytes(echo[0:4], "big"), int.from_bytes(echo[4:8], "big")
 
 
 def probe_reply_payload(probe, family, port, addr):
-    """HOP_PROBE_REPLY payload: the probe's payload echoed, then the address
-    the prober was seen from (encode_addr)."""
+    """HOP_PROBE_REPLY payload: the address the prober was seen from
+    (encode_addr), then the first len(probe) - len(address) bytes of the
+    probe: never longer than the probe. A probe shorter than the address
+    (PROBE_MIN covers both families) or longer than PROBE_MAX is a
+    ValueError: receivers drop those as bad_probe before answering."""
     if len(probe) > PROBE_MAX:
         raise ValueError("a probe payload is at most %d bytes, got %d" % (PROBE_MAX, len(probe)))
-    return bytes(probe) + encode_addr(family, port, addr)
-
-
+    a = encode_addr(family, port, addr)
+    if len(probe) < len(a):
+        raise ValueError("a %d-byte probe is too short for a reply carrying a %d-byte address (the reply "
+                         "would be longer than the probe)" % (len(probe), len(a)))
+    return a + bytes(probe[0:len(probe) - len(a)])
 def encode_addr(family, port, addr):
     """family (4 or 6) || port (2 bytes BE) || 4 or 16 address bytes."""
     if family == ADDR_V4:

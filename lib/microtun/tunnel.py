@@ -26,7 +26,6 @@ except ImportError:
 _ALL_DOWN_MS = const(2000)   # every path down this long: handshake again (doubling while it lasts)
 _ALL_DOWN_MAX_SHIFT = const(5)
 _PUBLIC_ADDR_REFRESH_MS = const(1800000)  # ask the first PoP for our public address this often
-_PROBE_ECHO_LEN = const(8)
 
 
 class TunnelCore:
@@ -106,6 +105,16 @@ class TunnelCore:
             self._count("outer_" + (hop.reject_reason(pkt) or "malformed"))
             return
         ptype, label = parsed
+        if ptype == hop.TYPE_PATH_CHALLENGE:
+            # The first PoP saw us at a new address and will move its return
+            # address only when we echo its nonce from there (docs/OUTER.md
+            # §3). 12 bytes in, 12 bytes out, to our PoP only.
+            if label == p.label and len(pkt) == hop.HEADER_LEN:
+                self._count("path_challenge_rx")
+                self._emit(p, hop.path_response(p.label, p.key, pkt), now)
+            else:
+                self._count("outer_bad_challenge")
+            return
         if label != p.rx_label and not (ptype == hop.TYPE_HOP_PROBE_REPLY and label == p.label):
             self._count("outer_unknown_label")
             return
@@ -125,7 +134,7 @@ class TunnelCore:
             self._events(now)
             self._flush(now)
         elif ptype == hop.TYPE_HOP_PROBE_REPLY:
-            r = hop.parse_probe_reply(pkt[hop.HEADER_LEN:], _PROBE_ECHO_LEN)
+            r = hop.parse_probe_reply(pkt[hop.HEADER_LEN:])
             if r is not None:
                 addr = hop.format_addr(r[1], r[2], r[3])
                 if addr != p.public_addr:

@@ -4,21 +4,25 @@
 
 A DATA packet whose hop MAC verifies under its label's in_key leaves with
 the same payload under out_label and out_key; a HOP_PROBE is answered by the
-PoP itself with the echo and the address it came from. Everything else is
+PoP itself with the address it came from. A learned return address moves
+only after a path challenge; inner INITs are de-duplicated and rate-limited. Everything else is
 dropped and counted under a named reason. A PoP holds hop keys only and
 imports nothing that could decrypt the inner layer (a test checks this).
 
 Layers, as everywhere in microtun:
     Forwarder      sans-I/O: datagram + source address in -> datagram + destination out
-    PopProtocol    asyncio glue around it (one UDP socket)
+    PopReader      asyncio glue around it (one UDP socket, read in bursts)
     Pop            process: config, reload on SIGHUP, control channel, stats, shutdown
 """
 import asyncio
 import ipaddress
+import os
 import signal
 import socket
 import sys
 import time
+
+from hmac import compare_digest
 
 from microtun import outer
 from microtun_host import config, control
@@ -34,16 +38,47 @@ DROP_REASONS = (
     outer.DROP_BAD_LABEL,      # label 0
     "unknown_label",           # no route for this label
     outer.DROP_BAD_MAC,        # hop MAC does not verify under the label's in_key
-    "bad_probe",               # HOP_PROBE payload over 32 bytes
-    "unexpected_type",         # HOP_PROBE_REPLY: a PoP sends no probes
+    "bad_probe",               # HOP_PROBE payload not 19..32 bytes, HOP_KEEPALIVE with a payload
+    "unexpected_type",         # HOP_PROBE_REPLY or PATH_CHALLENGE: a PoP sends those, never receives them
     "no_route",                # next hop learn:<label> and nothing learned yet
+    "init_replay",             # an inner INIT whose hop MAC this PoP already forwarded (replay or mutated replay)
+    "init_rate",               # INIT over its label's budget (dropped before its MAC is checked)
+    "init_source_rate",        # authentic INIT over its source address's budget
+    "probe_rate",              # authentic HOP_PROBE over its label's budget (probe replies are bounded)
+    "reply_replay",            # a handshake RESPONSE or COOKIE towards a device, already forwarded once
+    "reply_rate",              # RESPONSE or COOKIE towards a device over its label's budget (before the MAC)
+    "bad_response",            # PATH_RESPONSE that is not exactly 12 bytes
+    "unsolicited_response",    # PATH_RESPONSE with no outstanding challenge for this label and source
     "send_error",              # the socket refused the datagram (buffer full, unreachable)
     "internal_error",          # a bug: the datagram raised inside the PoP
 )
+# drops that happen after the hop MAC verified (the per-label "packets" count them)
+AUTHENTIC_DROPS = ("no_route", "init_source_rate", "probe_rate", "send_error")
 
 DRAIN_S = 10.0                 # a route removed by a reload still forwards this long
-LEARN_LOG_QUIET_S = 10.0       # log a learned-address change per label at most this often
 SOCKET_BUFFER = 4 << 20        # SO_RCVBUF / SO_SNDBUF asked for (the kernel may cap it)
+READ_BURST = 256               # datagrams read per socket readiness event
+RECV_MAX = 65535
+
+# --- defences (docs/OUTER.md §3 and §5): implementation limits ---------------
+CHALLENGE_TIMEOUT_S = 1.0      # a PATH_CHALLENGE waits this long for its response (one per label)
+CHALLENGE_RATE = 1000.0        # PATH_CHALLENGEs per second, all labels together ...
+CHALLENGE_BURST = 1000.0       # ... and their burst
+UNANSWERED_S = 10.0            # a source that left a challenge unanswered yields its slot this long ...
+UNANSWERED_MAX = 16            # ... remembering at most this many per label
+INIT_RATE = 1.0                # forwarded INITs per second per label ...
+INIT_BURST = 5.0               # ... and their burst (a device sends one per handshake attempt)
+SOURCE_RATE = 5.0              # forwarded INITs per second per source address (device-facing labels) ...
+SOURCE_BURST = 10.0
+SOURCE_MAX = 4096              # source addresses tracked; beyond, new ones share one bucket
+SOURCE_IDLE_S = 10.0           # a source idle this long is forgotten when the table is full
+REPLY_RATE = 1.0               # handshake RESPONSEs and COOKIEs per second to one device (downlink label) ...
+REPLY_BURST = 5.0
+PROBE_RATE = 1.0               # answered HOP_PROBEs per second per label ...
+PROBE_BURST = 4.0
+INIT_FILTER_SLOTS = 1 << 16    # replay filter: direct-mapped hop MACs of forwarded INITs (512 KB)
+LOG_EVERY_S = 10.0             # a log line per (label, event) at most this often ...
+LOG_BURST = 3.0                # ... after a burst of this many (so a move and its move back both show)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LABEL_RANGE = (outer.LABEL_MIN, outer.LABEL_MAX)
 ROUTE_FIELDS = ("in_label", "in_key", "next", "out_label", "out_key")
@@ -138,10 +173,11 @@ def load_config(path):
 # --- forwarding table and forwarder (sans-I/O) -------------------------------
 
 class Route:
-    """A route ready for the hot path, with its per-label counters."""
+    """A route ready for the hot path, with its per-label counters and budgets."""
 
     __slots__ = ("spec", "in_label", "in_key", "dest", "learn_from", "learns",
-                 "out_label", "out_key", "packets", "bytes")
+                 "out_label", "out_key", "packets", "bytes", "drops", "init_bucket", "probe_bucket",
+                 "reply_bucket")
 
     def __init__(self, spec, learns):
         self.spec = spec
@@ -154,6 +190,43 @@ class Route:
         self.out_key = outer.HopKey(spec.out_key)
         self.packets = 0                # authenticated packets received on in_label
         self.bytes = 0
+        self.drops = None               # {reason: n} for this label, made at its first drop
+        self.init_bucket = [INIT_BURST, None]     # token bucket: [tokens, last refill]
+        self.reply_bucket = [REPLY_BURST, None]   # RESPONSE/COOKIE to a device (next hop learned)
+        self.probe_bucket = [PROBE_BURST, None]
+
+
+def _more(n):
+    return " (and %d more like it not logged)" % n if n else ""
+
+
+def _empty(bucket, now, rate):
+    """True if token bucket = [tokens, last] has no whole token at now
+    (nothing changed)."""
+    tokens, last = bucket
+    if last is not None:
+        tokens += (now - last) * rate
+    return tokens < 1.0
+
+
+def _take(bucket, now, rate, burst):
+    """Token bucket: True (and one token spent) if bucket = [tokens, last]
+    has a token at now."""
+    tokens, last = bucket
+    if last is not None:
+        tokens = min(burst, tokens + (now - last) * rate)
+    bucket[1] = now
+    if tokens >= 1.0:
+        bucket[0] = tokens - 1.0
+        return True
+    bucket[0] = tokens
+    return False
+
+
+_INIT_OUTER_LEN = outer.HEADER_LEN + outer.INNER_INIT_LEN
+# outer lengths of DATA packets that may carry a handshake message (INIT, RESPONSE, COOKIE)
+_HANDSHAKE_LENS = frozenset(outer.HEADER_LEN + n for n in
+                            (outer.INNER_INIT_LEN, outer.INNER_RESPONSE_LEN, outer.INNER_COOKIE_LEN))
 
 
 def build_table(specs):
@@ -172,23 +245,46 @@ def encode_source(addr):
 
 class Forwarder:
     """The PoP's state machine: receive(datagram, source) -> (datagram,
-    destination) or None. Never raises on input; every datagram is counted
-    exactly once: rx == forwarded + probes + keepalives + sum(drops).
+    destination) or None, plus any PATH_CHALLENGE left in self.extra for the
+    driver to send. Never raises on input; every datagram is counted exactly
+    once: rx == forwarded + probes + keepalives + path_responses + sum(drops).
 
     Routes removed by a reload keep working for DRAIN_S ("draining"), so
-    packets already in flight on a re-spliced chain still get through."""
+    packets already in flight on a re-spliced chain still get through.
 
-    def __init__(self, routes, log):
+    Learned addresses (docs/OUTER.md §3): the first authenticated packet on
+    a learn label sets it; after that an authenticated packet from another
+    source only provokes a 12-byte PATH_CHALLENGE to that source (one
+    outstanding per label, CHALLENGE_RATE in all), and the address moves when
+    the matching PATH_RESPONSE comes back from there. A replayed packet
+    therefore never moves it. Inner INITs (§5) are de-duplicated by hop MAC
+    and rate-limited per label and per source before they are forwarded."""
+
+    def __init__(self, routes, log, clock=time.monotonic):
         self.routes = routes            # {in_label: Route}; replaced whole by swap()
-        self.learned = {}               # in_label -> last authenticated source address
+        self.learned = {}               # in_label -> validated (or first) source address
         self.log = log
+        self.clock = clock
         self.rx = 0
         self.forwarded = 0
         self.probes = 0
         self.keepalives = 0
+        self.path_responses = 0         # accepted PATH_RESPONSEs (each moved an address)
+        self.challenges = 0             # PATH_CHALLENGEs sent
+        self.moves = 0                  # learned-address changes
+        self.extra = []                 # (datagram, destination) to send besides receive()'s result
         self.draining = {}              # in_label -> (Route, monotonic expiry) after a reload
         self.drops = dict.fromkeys(DROP_REASONS, 0)
-        self._learn_logged = {}         # in_label -> monotonic time of the last log line
+        self._challenge = {}            # learn label -> (target address, expected response, expiry)
+        self._challenge_bucket = [CHALLENGE_BURST, None]
+        self._unanswered = {}           # learn label -> {source that left a challenge unanswered: until when}
+        self._seen = bytearray(8 * INIT_FILTER_SLOTS)    # hop MACs of forwarded handshake messages
+        self._sources = {}              # source address -> INIT token bucket (at most SOURCE_MAX)
+        self._source_overflow = [SOURCE_BURST, None]
+        self._log_gate = {}             # log key -> monotonic time before which its lines go to debug only
+        self._log_state = {}            # log key -> [tokens, last line time, event count at the last line]
+        self._events = {}               # (label, event) -> count, for "move" and "challenge" lines
+        self._debug = log.isEnabledFor(10)
 
     # the hot path: DATA on a known label is handled before any other branch
     def receive(self, data, addr):
@@ -200,20 +296,98 @@ class Forwarder:
         return self._other(data, addr)
 
     def _data(self, r, data, addr):
+        if len(data) in _HANDSHAKE_LENS:
+            t = data[outer.HEADER_LEN]
+            if t == outer.INNER_TYPE_INIT and len(data) == _INIT_OUTER_LEN:
+                return self._init(r, data, addr)
+            if r.dest is None and (t == outer.INNER_TYPE_RESPONSE or t == outer.INNER_TYPE_COOKIE):
+                return self._reply(r, data, addr)
         out = outer.relay(data, r.in_key, r.out_label, r.out_key)
         if out is None:
-            return self._drop(outer.DROP_BAD_MAC, addr)
+            return self._drop(outer.DROP_BAD_MAC, addr, r)
         r.packets += 1
         r.bytes += len(data)
         if r.learns and self.learned.get(r.in_label) != addr:
-            self._learn(r.in_label, addr)
+            self._new_source(r, addr, True)
+        dest = r.dest                       # _forward(), inline on the hot path
+        if dest is None:
+            dest = self.learned.get(r.learn_from)
+            if dest is None:
+                return self._drop("no_route", addr, r)
+        self.forwarded += 1
+        return out, dest
+
+    def _forward(self, r, out, addr):
         dest = r.dest
         if dest is None:
             dest = self.learned.get(r.learn_from)
             if dest is None:
-                return self._drop("no_route", addr)
+                return self._drop("no_route", addr, r)
         self.forwarded += 1
         return out, dest
+
+    def _init(self, r, data, addr):
+        # A replayed INIT, or one changed only between the excerpt halves,
+        # has the hop MAC of one already forwarded: drop it before any HMAC.
+        mac = data[4:outer.HEADER_LEN]
+        i = 8 * ((data[4] << 8) | data[5])
+        seen = self._seen
+        if seen[i:i + 8] == mac:
+            return self._drop("init_replay", addr, r)
+        # An empty budget is looked at before any HMAC (a flood over budget
+        # costs no MAC), and spent only after the MAC verified (a forgery
+        # never spends it).
+        now = self.clock()
+        if _empty(r.init_bucket, now, INIT_RATE):
+            return self._drop("init_rate", addr, r)
+        if not outer.verify(r.in_key, data):   # one HMAC; the re-seal only for the few forwarded
+            return self._drop(outer.DROP_BAD_MAC, addr, r)
+        r.packets += 1
+        r.bytes += len(data)
+        if r.learns and self.learned.get(r.in_label) != addr:
+            self._new_source(r, addr, True)
+        _take(r.init_bucket, now, INIT_RATE, INIT_BURST)
+        if r.learns:
+            # only on labels that face devices (a learned next hop): behind
+            # this PoP a source is a neighbour relaying many devices' INITs
+            b = self._sources.get(addr)
+            if b is None:
+                b = self._source_bucket(addr, now)
+            if not _take(b, now, SOURCE_RATE, SOURCE_BURST):
+                return self._drop("init_source_rate", addr, r)
+        seen[i:i + 8] = mac             # only forwarded INITs: a flood can't evict them faster than INIT_RATE
+        return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
+
+    def _reply(self, r, data, addr):
+        # A handshake RESPONSE or COOKIE on its way to a device (the next hop
+        # is learned): whatever the gateway sends back, the device's link
+        # carries at most REPLY_BURST, then REPLY_RATE per second, and never
+        # a replay (issue 11, defect 1).
+        mac = data[4:outer.HEADER_LEN]
+        i = 8 * ((data[4] << 8) | data[5])
+        seen = self._seen
+        if seen[i:i + 8] == mac:
+            return self._drop("reply_replay", addr, r)
+        now = self.clock()
+        if _empty(r.reply_bucket, now, REPLY_RATE):      # as for INITs: looked at first, spent after the MAC
+            return self._drop("reply_rate", addr, r)
+        if not outer.verify(r.in_key, data):
+            return self._drop(outer.DROP_BAD_MAC, addr, r)
+        r.packets += 1
+        r.bytes += len(data)
+        _take(r.reply_bucket, now, REPLY_RATE, REPLY_BURST)
+        seen[i:i + 8] = mac
+        return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
+
+    def _source_bucket(self, addr, now):
+        src = self._sources
+        if len(src) >= SOURCE_MAX:
+            for a in [a for a, b in src.items() if now - b[1] >= SOURCE_IDLE_S]:
+                del src[a]
+            if len(src) >= SOURCE_MAX:
+                return self._source_overflow
+        b = src[addr] = [SOURCE_BURST, now]
+        return b
 
     def _other(self, data, addr):
         parsed = outer.parse(data)
@@ -229,54 +403,160 @@ class Forwarder:
             # answered (probe) or not (keepalive) by this node; both are
             # length-checked, authenticated and teach the sender's address
             plen = len(data) - outer.HEADER_LEN
-            if plen > (0 if ptype == outer.TYPE_HOP_KEEPALIVE else outer.PROBE_MAX):
-                return self._drop("bad_probe", addr)
+            if (plen != 0) if ptype == outer.TYPE_HOP_KEEPALIVE else not outer.PROBE_MIN <= plen <= outer.PROBE_MAX:
+                return self._drop("bad_probe", addr, r)
             if not outer.verify(r.in_key, data):
-                return self._drop(outer.DROP_BAD_MAC, addr)
+                return self._drop(outer.DROP_BAD_MAC, addr, r)
             r.packets += 1
             r.bytes += len(data)
-            if r.learns and self.learned.get(label) != addr:
-                self._learn(label, addr)
             if ptype == outer.TYPE_HOP_KEEPALIVE:
+                if r.learns and self.learned.get(label) != addr:
+                    self._new_source(r, addr, True)
                 self.keepalives += 1
                 return None
+            # a probe gets its reply and no challenge besides: one answer per packet
+            if r.learns and self.learned.get(label) != addr:
+                self._new_source(r, addr, False)
+            if not _take(r.probe_bucket, self.clock(), PROBE_RATE, PROBE_BURST):
+                return self._drop("probe_rate", addr, r)
             family, port, ip = encode_source(addr)
             payload = outer.probe_reply_payload(data[outer.HEADER_LEN:], family, port, ip)
             self.probes += 1
-            # the same label and key, back to where the probe came from
+            # the same label and key, back to where the probe came from; never longer than the probe
             return outer.seal(outer.TYPE_HOP_PROBE_REPLY, label, r.in_key, payload), addr
-        if ptype == outer.TYPE_HOP_PROBE_REPLY:
-            return self._drop("unexpected_type", addr)
+        if ptype == outer.TYPE_PATH_RESPONSE:
+            return self._response(r, data, addr)
+        if ptype != outer.TYPE_DATA:
+            return self._drop("unexpected_type", addr, r)
         return self._data(r, data, addr)              # DATA: receive() takes these first
+
+    # -- learned addresses: validate before moving ---------------------------------
+    def _new_source(self, r, addr, may_challenge):
+        """An authenticated packet on learn label r from addr, which is not
+        the learned address: learn it if nothing is, else challenge it."""
+        label = r.in_label
+        old = self.learned.get(label)
+        if old is None:
+            self._move(label, addr, None, "first authenticated packet")
+            return
+        if not may_challenge:
+            return
+        now = self.clock()
+        c = self._challenge.get(label)
+        if c is not None and now >= c[2]:
+            self._unanswered_add(label, c[0], now)      # expired unanswered
+            del self._challenge[label]
+            c = None
+        if c is not None:
+            # One outstanding per label. Only a challenge to a source that
+            # already left one unanswered gives way, and only to a source
+            # that did not: one replaying address cannot hold the slot
+            # against a device that really moved.
+            f = self._unanswered.get(label)
+            if not f or now >= f.get(c[0], 0.0) or now < f.get(addr, 0.0):
+                return
+        if not _take(self._challenge_bucket, now, CHALLENGE_RATE, CHALLENGE_BURST):
+            return
+        chal = bytes((outer.BYTE0_PATH_CHALLENGE, label >> 16, (label >> 8) & 0xFF, label & 0xFF)) + \
+            os.urandom(outer.MAC_LEN)           # the nonce, where other types carry their MAC
+        self._challenge[label] = (addr, outer.path_response(label, r.in_key, chal), now + CHALLENGE_TIMEOUT_S)
+        self.challenges += 1
+        self.extra.append((chal, addr))
+        self._note(label, "challenge", "label %d: authenticated packet from %s, next hop stays %s until that "
+                   "address answers a path challenge", label, format_sockaddr(addr), format_sockaddr(old))
+
+    def _unanswered_add(self, label, addr, now):
+        f = self._unanswered.get(label)
+        if f is None:
+            f = self._unanswered[label] = {}
+        elif len(f) >= UNANSWERED_MAX and addr not in f:
+            for a in [a for a, t in f.items() if now >= t] or [next(iter(f))]:
+                del f[a]
+        f[addr] = now + UNANSWERED_S
+
+    def _response(self, r, data, addr):
+        if len(data) != outer.HEADER_LEN:
+            return self._drop("bad_response", addr, r)
+        label = r.in_label
+        c = self._challenge.get(label)
+        if c is None or c[0] != addr or self.clock() >= c[2]:
+            return self._drop("unsolicited_response", addr, r)
+        if not compare_digest(c[1], data):
+            return self._drop(outer.DROP_BAD_MAC, addr, r)
+        del self._challenge[label]
+        r.packets += 1
+        r.bytes += len(data)
+        self.path_responses += 1
+        self._move(label, addr, self.learned.get(label), "path validated")
+        return None
+
+    def _move(self, label, addr, old, why):
+        self.learned[label] = addr
+        self.moves += 1
+        self._note(label, "move", "label %d: next hop learned: %s (was %s; %s)", label, format_sockaddr(addr),
+                   format_sockaddr(old) if old else "unknown", why)
+
+    # -- counting and rate-limited logs ---------------------------------------------
+    def _drop(self, reason, addr, r=None):
+        self.drops[reason] += 1
+        if r is None:
+            key = reason
+            n = self.drops[reason]
+        else:
+            d = r.drops
+            if d is None:
+                d = r.drops = {}
+            n = d[reason] = d.get(reason, 0) + 1
+            key = (r.in_label, reason)
+        # one clock read and one dict lookup per drop; the rest once per line
+        now = self.clock()
+        if now >= self._log_gate.get(key, 0.0):
+            held = self._gate(key, now, n)
+            self.log.info("%sdropped %s from %s%s", "label %d: " % r.in_label if r is not None else "", reason,
+                          format_sockaddr(addr), _more(held))
+        elif self._debug:                   # never one line per packet at info
+            self.log.debug("drop %s from %s", reason, format_sockaddr(addr))
+        return None
+
+    def _note(self, label, event, fmt, *args):
+        key = (label, event)
+        n = self._events[key] = self._events.get(key, 0) + 1
+        now = self.clock()
+        if now >= self._log_gate.get(key, 0.0):
+            self.log.info(fmt + _more(self._gate(key, now, n)), *args)
+        elif self._debug:
+            self.log.debug(fmt, *args)
+
+    def _gate(self, key, now, n):
+        """A line for key (a drop reason, or (label, event)) goes out now:
+        spend one of LOG_BURST tokens (one back per LOG_EVERY_S), set when
+        the next may, and return how many of the n events so far were not
+        logged since the last line. Keys are bounded: drop reasons and
+        events times the labels of the table."""
+        st = self._log_state.get(key)
+        if st is None:
+            st = self._log_state[key] = [LOG_BURST, now, 0]
+        tokens = min(LOG_BURST, st[0] + (now - st[1]) / LOG_EVERY_S) - 1.0
+        held = n - st[2] - 1
+        st[0], st[1], st[2] = tokens, now, n
+        self._log_gate[key] = now if tokens >= 1.0 else now + (1.0 - tokens) * LOG_EVERY_S
+        return held
+
+    def log_level_changed(self):
+        self._debug = self.log.isEnabledFor(10)         # logging.DEBUG
 
     def _draining(self, label):
         v = self.draining.get(label)
         if v is None:
             return None
-        if time.monotonic() >= v[1]:
+        if self.clock() >= v[1]:
             del self.draining[label]
             if label not in self.routes:
                 self.learned.pop(label, None)
+                self._challenge.pop(label, None)
+                self._unanswered.pop(label, None)
             return None
         return v[0]
-
-    def _drop(self, reason, addr):
-        self.drops[reason] += 1
-        if self.log.isEnabledFor(10):                 # logging.DEBUG; never at info
-            self.log.debug("drop %s from %s", reason, format_sockaddr(addr))
-        return None
-
-    def _learn(self, label, addr):
-        old = self.learned.get(label)
-        self.learned[label] = addr
-        now = time.monotonic()
-        last = self._learn_logged.get(label)
-        if last is None or now - last >= LEARN_LOG_QUIET_S:
-            self._learn_logged[label] = now
-            self.log.info("label %d: next hop learned: %s (was %s)", label, format_sockaddr(addr),
-                          format_sockaddr(old) if old else "unknown")
-        else:
-            self.log.debug("label %d: next hop learned: %s", label, format_sockaddr(addr))
 
     def send_failed(self, out):
         """The driver could not send out (returned by receive): recount it."""
@@ -289,6 +569,12 @@ class Forwarder:
     def internal_error(self):
         self.drops["internal_error"] += 1
 
+    def clear_challenge(self, dest):
+        """A PATH_CHALLENGE to dest could not be sent: free its label's slot."""
+        for label, c in list(self._challenge.items()):
+            if c[0] == dest:
+                del self._challenge[label]
+
     def swap(self, routes):
         """Install a new table in one assignment (atomic for the event loop:
         a packet sees the old table or the new one, never a mix). Counters
@@ -298,14 +584,21 @@ class Forwarder:
         for label, r in routes.items():
             o = old.get(label)
             if o is not None:
-                r.packets, r.bytes = o.packets, o.bytes
-        expiry = time.monotonic() + DRAIN_S
+                r.packets, r.bytes, r.drops = o.packets, o.bytes, o.drops
+                r.init_bucket, r.probe_bucket, r.reply_bucket = o.init_bucket, o.probe_bucket, o.reply_bucket
+        expiry = self.clock() + DRAIN_S
         for label, r in old.items():
             if label not in routes:
                 self.draining[label] = (r, expiry)
         for label in routes:
             self.draining.pop(label, None)
-        self.learned = {k: v for k, v in self.learned.items() if k in routes or k in self.draining}
+        keep = lambda k: k in routes or k in self.draining     # noqa: E731
+        self.learned = {k: v for k, v in self.learned.items() if keep(k)}
+        self._challenge = {k: v for k, v in self._challenge.items() if keep(k)}
+        self._unanswered = {k: v for k, v in self._unanswered.items() if keep(k)}
+        for table in (self._log_gate, self._log_state, self._events):
+            for k in [k for k in table if type(k) is tuple and not keep(k[0])]:
+                del table[k]
         self.routes = routes
         added = sum(1 for k in routes if k not in old)
         removed = sum(1 for k in old if k not in routes)
@@ -314,11 +607,17 @@ class Forwarder:
 
     def stats(self):
         dropped = sum(self.drops.values())
+        labels = {}
+        for k, r in self.routes.items():
+            e = labels[str(k)] = {"packets": r.packets, "bytes": r.bytes}
+            if r.drops:
+                e["drops"] = dict(r.drops)
         return {
             "rx": self.rx, "forwarded": self.forwarded, "probes": self.probes,
-            "keepalives": self.keepalives, "draining": len(self.draining),
+            "keepalives": self.keepalives, "path_responses": self.path_responses,
+            "challenges": self.challenges, "moves": self.moves, "draining": len(self.draining),
             "dropped": dropped, "drops": dict(self.drops), "routes": len(self.routes),
-            "labels": {str(k): {"packets": r.packets, "bytes": r.bytes} for k, r in self.routes.items()},
+            "labels": labels, "sources_tracked": len(self._sources),
             "learned": {str(k): format_sockaddr(v) for k, v in self.learned.items()},
         }
 
@@ -327,15 +626,19 @@ class Forwarder:
         drops = ", ".join("%s %d" % (k, v) for k, v in self.drops.items() if v)
         return "rx %d, forwarded %d, probes %d, keepalives %d, dropped %d%s, %d routes, %d learned" % (
             self.rx, self.forwarded, self.probes, self.keepalives, sum(self.drops.values()),
-            " (%s)" % drops if drops else "", len(self.routes), len(self.learned))
+            " (%s)" % drops if drops else "", len(self.routes), len(self.learned)) + (
+            ", %d challenges, %d path responses, %d moves" % (self.challenges, self.path_responses, self.moves)
+            if self.challenges or self.moves > len(self.learned) else "")
 
 
 # --- asyncio driver ------------------------------------------------------------
 
-class PopProtocol(asyncio.DatagramProtocol):
-    """Glue: each datagram through Forwarder.receive, the result straight
-    to the socket. A full send buffer drops the packet (counted), as a
-    router would, instead of queueing without bound."""
+class PopReader:
+    """Glue: on each readiness event, read up to READ_BURST datagrams from
+    the socket (a flood then costs one event-loop iteration per burst, not
+    per datagram), each through Forwarder.receive, the results straight to
+    the socket. A full send buffer drops the packet (counted), as a router
+    would, instead of queueing without bound."""
 
     def __init__(self, fwd, sock, log):
         self.fwd = fwd
@@ -343,23 +646,39 @@ class PopProtocol(asyncio.DatagramProtocol):
         self.log = log
         self._errors_logged = 0
 
-    def datagram_received(self, data, addr):
-        try:
-            res = self.fwd.receive(data, addr)
-        except Exception:
-            self.fwd.internal_error()
-            if self._errors_logged < 10:
-                self._errors_logged += 1
-                self.log.exception("internal error on a %d-byte datagram from %s", len(data), addr)
-            return
-        if res is not None:
+    def readable(self):
+        sock = self.sock
+        fwd = self.fwd
+        recv = sock.recvfrom
+        for _ in range(READ_BURST):
             try:
-                self.sock.sendto(res[0], res[1])
-            except OSError:
-                self.fwd.send_failed(res[0])
-
-    def error_received(self, exc):
-        self.log.debug("socket error: %s", exc)
+                data, addr = recv(RECV_MAX)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:            # e.g. a queued ICMP error; the next read goes on
+                self.log.debug("socket error: %s", e)
+                continue
+            try:
+                res = fwd.receive(data, addr)
+            except Exception:
+                res = None
+                fwd.internal_error()
+                if self._errors_logged < 10:
+                    self._errors_logged += 1
+                    self.log.exception("internal error on a %d-byte datagram from %s", len(data), addr)
+            if res is not None:
+                try:
+                    sock.sendto(res[0], res[1])
+                except OSError:
+                    fwd.send_failed(res[0])
+            if fwd.extra:
+                for pkt, dest in fwd.extra:
+                    try:
+                        sock.sendto(pkt, dest)
+                    except OSError:
+                        fwd.challenges -= 1     # not sent; the next packet from there retries
+                        fwd.clear_challenge(dest)
+                fwd.extra.clear()
 
 
 def _open_socket(listen):
@@ -402,14 +721,16 @@ class Pop:
         except OSError as e:
             self.log.error("cannot listen on %s: %s", cfg.listen, e.strerror or e)
             return 1
-        transport, _ = await loop.create_datagram_endpoint(lambda: PopProtocol(self.fwd, sock, self.log), sock=sock)
+        reader = PopReader(self.fwd, sock, self.log)
+        loop.add_reader(sock.fileno(), reader.readable)
         ctl = None
         if cfg.control is not None:
             try:
                 ctl = await control.serve(cfg.control, {"stats": self._cmd_stats, "reload": self._cmd_reload},
                                           self.log)
             except OSError as e:
-                transport.close()
+                loop.remove_reader(sock.fileno())
+                sock.close()
                 self.log.error("cannot open the control channel on %s: %s", cfg.control, e.strerror or e)
                 return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -425,7 +746,8 @@ class Pop:
                 self._timer.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            transport.close()
+            loop.remove_reader(sock.fileno())
+            sock.close()
             if ctl:
                 ctl.close()
         self.log.info("final stats: %s; up %.0f s, %d reloads (%d failed)", self.fwd.summary(),
@@ -466,6 +788,7 @@ class Pop:
         added, removed, changed = self.fwd.swap(build_table(cfg.routes))
         if cfg.log_level != old.log_level:
             logs.set_level(self.log, cfg.log_level)
+            self.fwd.log_level_changed()
         self.cfg = cfg
         self.reloads += 1
         self._schedule_stats()
