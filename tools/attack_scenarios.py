@@ -148,6 +148,7 @@ def flood(tmp, kind, seconds=20.0, sources=2, workers=1, interval=20, fresh_afte
         pool = flood_pool(net, kind, tap, rnd) if kind != "none" else []
         gw0, pop0, tap0 = _gw_counters(net), _pop_counters(net, "a1"), tap.counts()
         kdrop0 = udp_drops(_port(net.pops["a1"]["listen"])) or 0
+        gdrop0 = udp_drops(_port(net.gw["listen"])) or 0
         if pool:
             pool_file = Path(tmp) / "pool.bin"
             attack.write_pool(pool_file, pool)
@@ -178,6 +179,7 @@ def flood(tmp, kind, seconds=20.0, sources=2, workers=1, interval=20, fresh_afte
         time.sleep(0.5)
         gw1, pop1, tap1 = _gw_counters(net), _pop_counters(net, "a1"), tap.counts()
         kdrop1 = udp_drops(_port(net.pops["a1"]["listen"])) or 0
+        gdrop1 = udp_drops(_port(net.gw["listen"])) or 0
         sent = sum(r["sent"] for r in results)
         secs = max([r["seconds"] for r in results] or [0])
         attacker_replies = sum(r["replies"] for r in results)
@@ -210,6 +212,7 @@ def flood(tmp, kind, seconds=20.0, sources=2, workers=1, interval=20, fresh_afte
             "gateway_replies_per_flood_packet": round(gw_replies / sent, 5) if sent else 0.0,
             "gateway_counters_delta": gwd,
             "pop_a1_delta": _delta(pop1, pop0), "pop_a1_kernel_drops": kdrop1 - kdrop0,
+            "gateway_kernel_drops": gdrop1 - gdrop0,
             "measured_s": round(flood_s, 1),
         }
     finally:
