@@ -1,7 +1,7 @@
 """Issue 11 attack benchmark: prints ONE JSON object with every figure, its
 target and whether it was met.
 
-    .venv/bin/python tools/bench_attack.py            # full run, about 9 minutes
+    .venv/bin/python tools/bench_attack.py            # full run, 5-7 minutes (283-393 s measured)
     .venv/bin/python tools/bench_attack.py --quick    # about 2 minutes, for development
     .venv/bin/python tools/bench_attack.py --only flood --kinds replay --flood-seconds 10
 
