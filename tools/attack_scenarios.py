@@ -212,6 +212,7 @@ def flood(tmp, kind, seconds=20.0, sources=2, workers=1, interval=20, fresh_afte
             "gateway_replies_per_flood_packet": round(gw_replies / sent, 5) if sent else 0.0,
             "gateway_counters_delta": gwd,
             "pop_a1_delta": _delta(pop1, pop0), "pop_a1_kernel_drops": kdrop1 - kdrop0,
+            "pop_a1_read_pps": round((pop1.get("rx", 0) - pop0.get("rx", 0)) / flood_s) if flood_s else None,
             "gateway_kernel_drops": gdrop1 - gdrop0,
             "measured_s": round(flood_s, 1),
         }

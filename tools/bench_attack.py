@@ -191,6 +191,11 @@ def main(argv=None):
         out["duration_s"] = round(time.monotonic() - t0, 1)
         out["met"] = sum(1 for f in figs.values() if f["met"] is True)
         out["not_met"] = sorted(k for k, f in figs.items() if f["met"] is False)
+        slow = sorted(k for k, f in figs.items() if k.endswith(".rate_sent_pps") and f["met"] is False)
+        if slow:
+            out["note"] = ("flood rate below %d/s for %s: the generators share this machine's %d CPUs with the "
+                           "PoPs, the gateway and the devices; the figures are for the rate reached"
+                           % (TARGET_RATE, ", ".join(k.split(".")[1] for k in slow), os.cpu_count() or 1))
         out["figures"] = figs
         out["scenarios"] = res
         print(json.dumps(out))
