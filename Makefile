@@ -41,6 +41,11 @@ bench: $(STAMP)
 	@echo "== gateway";                       $(PY) tools/bench_gateway.py
 	@echo "== paths (real processes, ~3 min)"; $(PY) tools/bench_paths.py
 
+# Issue 11's attack figures (real processes, ~5-7 min; QUICK=1: ~2 min).
+.PHONY: bench-attack
+bench-attack: $(STAMP)
+	$(PY) tools/bench_attack.py $(if $(QUICK),--quick)
+
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
