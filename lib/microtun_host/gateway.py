@@ -32,8 +32,8 @@ from microtun_host import control
 from microtun_host import log as logs
 from microtun_host.pop import encode_source
 from microtun_host.config import ConfigError
-from microtun.endpoint import DATA, HANDSHAKE, EXPIRED
-from microtun.responder import Gateway
+from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, STALE
+from microtun.responder import Gateway, FAILED, DENIED
 from microtun.ticks import TICKS_MASK, ticks_diff
 from microtun import timers
 from microtun.replay import GATEWAY_WINDOW
@@ -41,6 +41,7 @@ from microtun.replay import GATEWAY_WINDOW
 log = logging.getLogger("microtun.gateway")
 
 DRAIN_S = 10.0      # a link removed by a reload still accepts packets this long
+LOG_EVERY_S = 10.0  # per device and kind of trouble, at most one info line this often
 
 
 def now_ms():
@@ -147,8 +148,9 @@ def load_gateway_config(path):
 # --- the server ----------------------------------------------------------------
 
 class _Proto(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram):
+    def __init__(self, on_datagram, on_error=None):
         self.on_datagram = on_datagram
+        self.on_error = on_error
         self.transport = None
 
     def connection_made(self, transport):
@@ -158,7 +160,10 @@ class _Proto(asyncio.DatagramProtocol):
         self.on_datagram(data, addr)
 
     def error_received(self, exc):
-        pass
+        # the listening socket: an ICMP error for something we sent (nothing
+        # to do); a service socket: the local service is not listening
+        if self.on_error is not None:
+            self.on_error(exc)
 
 
 class GatewayServer:
@@ -177,6 +182,7 @@ class GatewayServer:
         self._services = {}               # (public key, channel) -> transport
         self._timer = None
         self._started = time.monotonic()
+        self._logged = {}                 # (device, kind) -> [last line (monotonic s), lines held back]
         self._apply_registry(cfg.devices)
 
     # -- links and registry ------------------------------------------------------
@@ -217,6 +223,8 @@ class GatewayServer:
                 name = self.core.peers[pub].name
                 self.core.remove_peer(pub)
                 self._close_services(pub)
+                for k in [k for k in self._logged if k[0] == name]:
+                    del self._logged[k]
                 log.info("device %s revoked: its sessions are closed", name)
         for e in devices:
             new = e.public_key not in self.core.peers
@@ -275,7 +283,7 @@ class GatewayServer:
     def control_address(self):
         return None if self._control is None else self._control.get_extra_info("sockname")
 
-    async def stop(self):
+    async def stop(self, quiet=False):
         if self._timer is not None:
             self._timer.cancel()
         for t in list(self._services.values()):
@@ -285,7 +293,8 @@ class GatewayServer:
             self._control.close()
         if self._transport is not None:
             self._transport.close()
-        log.info("gateway stopped: %s", json.dumps(self.counters()))
+        if not quiet:
+            log.info("gateway stopped: %s", json.dumps(self.counters()))
 
     # -- outer plane ---------------------------------------------------------
     def _count(self, reason):
@@ -370,8 +379,40 @@ class GatewayServer:
                          name, e.peer.handshakes, e.peer.addr)
             elif e.kind == EXPIRED:
                 log.info("device %s: session expired", name)
+            elif e.kind == FAILED:
+                self._rlog(name, FAILED, "device %s: handshake answered but never confirmed: the device could not "
+                           "open the RESPONSE (a wrong psk? compare its config with the registry) or it was lost")
+            elif e.kind == STALE:
+                st = e.peer.stale
+                theirs, ours = int.from_bytes(st[1][:4], "big"), int.from_bytes(st[2][:4], "big")
+                answered = e.peer.stale_answered_at == st[0]
+                self._rlog(name, STALE, "device %s: stale handshake (counter %d \u2264 %d): its boot counter went "
+                           "backwards (re-flashed, storage wiped) or an old INIT was replayed; %s" % (
+                               "%s", theirs, ours, "told it to continue from %d" % (ours + 1) if answered else
+                               "not answered (one answer per device per 5 s)"))
+            elif e.kind == DENIED:
+                self._rlog(name, DENIED, "device %%s: data on channel %d refused: the registry does not allow it "
+                           "(channels %s)" % (e.channel, sorted(e.peer.channels)))
             if self.on_event is not None:
                 self.on_event(e.kind, name)
+
+    def _rlog(self, name, kind, fmt):
+        """One info line per device and kind per LOG_EVERY_S; the lines held
+        back meanwhile are counted in the next one."""
+        t = time.monotonic()
+        e = self._logged.get((name, kind))
+        if e is not None and t - e[0] < LOG_EVERY_S:
+            e[1] += 1
+            return
+        more = 0 if e is None else e[1]
+        self._logged[(name, kind)] = [t, 0]
+        log.info(fmt % name + (" (%d more like this since the last line)" % more if more else ""))
+
+    def _dev_count(self, peer, reason):
+        """A server-side drop that concerns one device: counted in the
+        gateway's counters and the device's."""
+        self._count(reason)
+        peer.counts[reason] = peer.counts.get(reason, 0) + 1
 
     def _deliver(self, peer, channel, data):
         svc = self.cfg.services.get(channel)
@@ -379,7 +420,9 @@ class GatewayServer:
             if self.on_data is not None:
                 self.on_data(peer.name, channel, bytes(data))
             else:
-                self._count("no_service")
+                self._dev_count(peer, "no_service")
+                self._rlog(peer.name, "no_service", "device %%s: data on channel %d dropped: no service is "
+                           "configured for it (gateway.json \"services\")" % channel)
             return
         key = (peer.public_key, channel)
         t = self._services.get(key)
@@ -398,11 +441,18 @@ class GatewayServer:
             except ValueError:      # the device was revoked meanwhile
                 self._count("service_reply_dropped")
 
+        def on_error(exc):
+            # ICMP port unreachable for what we forwarded: nobody listens there
+            self._dev_count(peer, "service_unreachable")
+            self._rlog(peer.name, "service_unreachable", "device %%s: channel %d service %s:%d is not listening "
+                       "(%s); its data is lost until the service starts" % (
+                           channel, svc[0], svc[1], getattr(exc, "strerror", None) or exc))
+
         async def opener():
             try:
-                t, _ = await loop.create_datagram_endpoint(lambda: _Proto(on_reply), remote_addr=svc)
+                t, _ = await loop.create_datagram_endpoint(lambda: _Proto(on_reply, on_error), remote_addr=svc)
             except OSError as e:
-                self._count("service_error")
+                self._dev_count(peer, "service_error")
                 log.warning("channel %d service %s:%d unavailable: %s", channel, svc[0], svc[1], e)
                 return
             old = self._services.get((pub, channel))
@@ -473,8 +523,17 @@ class GatewayServer:
 
 
 async def serve(cfg, ready=None):
+    """Run a gateway until SIGTERM/SIGINT; returns the exit code (1 when
+    its sockets cannot be opened, with one line on stderr)."""
     server = GatewayServer(cfg)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:
+        await server.stop(quiet=True)
+        what = "listen on %s" % cfg.listen if server._transport is None else "open the control channel on %s" % cfg.control
+        print("microtun gateway: cannot %s: %s (is another gateway or PoP using it?)" % (what, e.strerror or e),
+              file=sys.stderr)
+        return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -485,6 +544,7 @@ async def serve(cfg, ready=None):
     await stop.wait()
     await server.stop()
     print(json.dumps({"gateway": cfg.name, "counters": server.counters()}), flush=True)
+    return 0
 
 
 def main(config_path, check=False):
@@ -498,8 +558,7 @@ def main(config_path, check=False):
         print("%s: ok (%d links, %d devices)" % (config_path, len(cfg.links), len(cfg.devices)))
         return 0
     logs.setup("gateway", cfg.log_level)    # the logger this module writes to
-    asyncio.run(serve(cfg))
-    return 0
+    return asyncio.run(serve(cfg))
 
 
 
@@ -517,6 +576,7 @@ def format_status(st):
     lines = ["gateway %s, up %ss" % (st["gateway"], st["uptime_s"])]
     lines.append("%-16s %-5s %-10s %-12s %-12s %s" % ("device", "up", "handshake", "rx", "tx",
                                                       "paths (link: last seen, srtt, packets, duplicates dropped)"))
+    normal = ("data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepalive_tx", "path_probe_rx", "response_tx")
     for d in st["devices"]:
         paths = ", ".join("%s: %s, %s, rx %d dup %d" % (
             p["link"], _ago(p["last_seen_ms_ago"]), "-" if p["srtt_ms"] is None else "%dms" % p["srtt_ms"],
@@ -524,8 +584,14 @@ def format_status(st):
         lines.append("%-16s %-5s %-10s %-12s %-12s %s" % (
             d["name"], "yes" if d["established"] else "no", _ago(d["last_handshake_ms_ago"]),
             "%d/%dB" % (d["rx_packets"], d["rx_bytes"]), "%d/%dB" % (d["tx_packets"], d["tx_bytes"]), paths or "-"))
-    drops = {k: v for k, v in sorted(st["counters"].items())
-             if k not in ("data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepalive_tx", "path_probe_rx")}
+        dc = {k: v for k, v in sorted(d.get("counters", {}).items()) if k not in normal}
+        if dc:
+            lines.append("%16s drops/events: %s" % ("", ", ".join("%s=%d" % kv for kv in dc.items())))
+        if d.get("stale"):
+            x = d["stale"]
+            lines.append("%16s stale handshake %s: counter %d \u2264 %d (boot counter went backwards?)" % (
+                "", _ago(x["last_ms_ago"]), x["counter"], x["gateway_counter"]))
+    drops = {k: v for k, v in sorted(st["counters"].items()) if k not in normal}
     lines.append("counters: " + (", ".join("%s=%d" % kv for kv in drops.items()) or "no drops"))
     return "\n".join(lines)
 
@@ -548,8 +614,12 @@ def status_main(config_path=None, control_addr=None, as_json=False):
     except control.ControlError as e:
         print("microtun status: %s (is the gateway running?)" % e, file=sys.stderr)
         return 1
-    if not reply.get("ok"):
-        print("microtun status: %s" % reply.get("error"), file=sys.stderr)
+    except (ValueError, OSError) as e:      # a host name, a bad port, no such address family...
+        print("microtun status: --control %s: %s" % (control_addr, getattr(e, "strerror", None) or e), file=sys.stderr)
+        return 2
+    if not reply.get("ok") or not isinstance(reply.get("status"), dict):
+        print("microtun status: %s" % (reply.get("error") or "the reply holds no status: is %s a gateway?" % control_addr),
+              file=sys.stderr)
         return 1
     print(json.dumps(reply["status"], indent=1) if as_json else format_status(reply["status"]))
     return 0
