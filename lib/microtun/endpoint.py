@@ -25,7 +25,7 @@ from collections import namedtuple
 from microtun import messages as m
 from microtun import timers
 from microtun.freshness import Freshness
-from microtun.handshake import create_initiation, read_response, read_stale
+from microtun.handshake import create_initiation, read_response
 from microtun.keypair import Keypair
 from microtun.rand import random_u32
 from microtun.replay import DEVICE_WINDOW
@@ -259,12 +259,14 @@ class Device(_Endpoint):
         elif t == m.TYPE_STALE:
             # The gateway already accepted a higher freshness from us (our
             # boot counter went backwards): jump past it and retry at once.
+            # Rare: its code is loaded only now.
             s = self.session
             if s.hs is None or m.u32(data, 4) != s.hs_index:
                 self._count("unknown_index")
                 return
-            v = read_stale(s.hs, data)
-            if v is None or self._fresh.jump(v) is None:
+            from microtun.stale import open_stale, jump
+            v = open_stale(s.hs.ck, s.hs.h, data)
+            if v is None or jump(self._fresh, v) is None:
                 self._count("bad_stale")
                 return
             self._count("stale_rx")

@@ -10,7 +10,7 @@ The responder keeps the highest value per peer and refuses anything not
 above it (a replayed initiation). Big-endian, so comparing the bytes compares
 the numbers. A device whose counter went backwards (re-flashed, storage
 wiped) learns the value to pass from the gateway's authenticated STALE
-answer (docs/PROTOCOL.md §5), `Freshness.jump`s past it and persists it
+answer (docs/PROTOCOL.md §5), jumps past it (microtun.stale.jump) and persists it
 with `save_boot_counter`.
 """
 from microtun.ticks import ticks_diff
@@ -68,19 +68,6 @@ class Freshness:
             if d > 0:
                 self._uptime += d
         self._last_now = now
-
-    def jump(self, value):
-        """The gateway holds `value` (12 bytes) as our last freshness: go
-        on from the boot counter after its own, uptime 0. Returns the new
-        boot counter, or None if value's counter is below ours (then ours
-        is ahead already) or cannot be passed."""
-        b = int.from_bytes(value[:4], "big")
-        if b < self.boot or b >= _MAX_BOOT:
-            return None
-        self.boot = b + 1
-        self._uptime = 0
-        self._last_value = -1
-        return self.boot
 
     def next(self, now):
         self.observe(now)

@@ -8,7 +8,7 @@ Noise_IKpsk2_25519_AESCCM_SHA256 (Noise rev 34 §7.5, §9), prologue
     INIT      -> e, es, s, ss        payload: 12-byte freshness value
     RESPONSE  <- e, ee, se, psk      payload: empty
     STALE     <- (instead of RESPONSE) the gateway's last freshness value for
-                 us, sealed under a key from that INIT's ck and h
+                 us, sealed under a key from that INIT's ck and h (microtun.stale)
 
 This is that one pattern written out straight, for the initiator only: the
 general Noise state machine (microtun.noise: CipherState, SymmetricState,
@@ -104,10 +104,3 @@ def read_response(hs, data):
     send, recv = noise_hkdf(ck, b"", 2)                          # Split()
     return m.u32(data, 4), send, recv
 
-
-def read_stale(hs, data):
-    """The freshness value a STALE message (type and receiver index already
-    checked against hs) names, or None if it was not made by the gateway
-    for the INIT that hs sent. Never raises."""
-    v = AEAD(m.stale_key(hs.ck, hs.h)).open(data[8:20], data[20:m.STALE_LEN], data[:8])
-    return v if v is not None and len(v) == m.FRESHNESS_LEN else None

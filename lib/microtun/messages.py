@@ -63,14 +63,6 @@ def cookie_key(key):
     return hashlib.sha256(b"cookie--" + key).digest()
 
 
-def stale_key(ck, h):
-    """The key a STALE message is sealed under: from the chaining key and
-    handshake hash of the INIT it answers, after `ss` and the payload. Only
-    the gateway (its static private key, for `es`) and that INIT's sender
-    (its ephemeral private key) can compute it."""
-    return hmac_sha256(ck, b"stale---", h)
-
-
 def header(t):
     return bytes((t, 0, 0, 0))
 

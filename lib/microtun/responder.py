@@ -30,13 +30,13 @@ RESPONSE) is counted `handshake_failed` and reported as a FAILED event.
 from microtun import messages as m
 from microtun import timers
 from microtun.cookie import CookieChecker
-from microtun.aead import AEAD
 from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, DATA, HANDSHAKE, EXPIRED, STALE
 from microtun.keypair import Keypair
 from microtun.rand import random_bytes
 from microtun.noise import HandshakeState, NoiseError, NOISE_IKPSK2_25519_AESCCM_SHA256 as SUITE
 from microtun.replay import GATEWAY_WINDOW
 from microtun.session import Session
+from microtun.stale import seal_stale
 from microtun.ticks import ticks_add, ticks_diff
 
 try:
@@ -146,11 +146,9 @@ def read_initiation(data, static, ss_lookup, suite=SUITE):
 def create_stale(hs, receiver_index, value):
     """STALE answering the INIT hs read (receiver_index: its sender index):
     `value`, the last freshness accepted from that device, sealed under
-    messages.stale_key(ck, h) with a random nonce; 48 bytes."""
-    head = m.header(m.TYPE_STALE) + receiver_index.to_bytes(4, "big")
-    nonce = random_bytes(12)
+    microtun.stale.stale_key(ck, h) with a random nonce; 48 bytes."""
     sym = hs._sym
-    return head + nonce + AEAD(m.stale_key(sym.ck, sym.h)).seal(nonce, value, head)
+    return seal_stale(sym.ck, sym.h, receiver_index, value, random_bytes(12))
 
 
 def create_response(hs, psk, sender_index, receiver_index, mac1k, cookie):
