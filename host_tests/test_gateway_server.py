@@ -94,3 +94,111 @@ def test_status_bad_control_is_one_line(addr):
     assert "Traceback" not in r.stderr + r.stdout
     err = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("microtun status:"), r.stderr
+
+
+class _FakeTransport:
+    def __init__(self):
+        self.sent = 0
+
+    def sendto(self, data, addr=None):
+        self.sent += 1
+
+    def close(self):
+        pass
+
+
+N, W, DEBUG = 12000, 4000, False
+
+
+def test_mixed_fuzz_keeps_gateway_memory_flat(tmp_path):
+    """Defect 5: the gateway's memory under mixed fuzzing (random, mutated
+    captures, valid-hop-MAC mutations, replays, hop types, new INITs with a
+    valid mac1 on ever new links), in process under tracemalloc, driven the
+    way the event loop drives it (the loop runs between datagrams)."""
+    import asyncio
+    import random
+    import tracemalloc
+    from microtun import outer, messages as m
+    from microtun.endpoint import Device
+    from microtun.config import load as load_device
+    from microtun_host.gateway import GatewayServer, load_gateway_config, now_ms
+
+    n = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {}})
+
+    async def run():
+        srv = GatewayServer(load_gateway_config(str(n.out / "gateway.json")))
+        srv._transport = _FakeTransport()
+        link = srv.links[0]
+        dc = load_device(n.device_config("d1"))
+        dev = Device(dc.private_key, dc.gateway_public, psk=dc.psk, boot_counter=1)
+        caps = []
+
+        def to_gw():
+            for d, _ in dev.datagrams_to_send():
+                pkt = outer.seal(outer.TYPE_DATA, link.in_label, link.key, d)
+                caps.append(pkt)
+                srv._on_outer(pkt, ("127.0.0.1", 4000))
+        # the fuzzer's captures: a real handshake (its RESPONSE read back from the core) and data
+        dev.connect(now_ms())
+        sent = []
+        srv._send_outer = lambda ptype, label, lk, payload, addr: sent.append(payload)
+        to_gw()
+        dev.receive_datagram(sent[0], 0, now_ms())
+        to_gw()
+        for i in range(20):
+            dev.send(1, b"%d:x" % i, now_ms())
+            to_gw()
+        assert dev.established
+        del srv._send_outer                        # the real one again, into the fake transport
+        rng = random.Random(3)
+        mk = m.mac1_key(srv.core.public_key)
+
+        def fuzz(i):
+            k = i % 6
+            if k == 0:
+                return rng.randbytes(rng.randrange(1, 200))
+            if k == 1:
+                c = bytearray(rng.choice(caps))
+                c[rng.randrange(len(c))] ^= 1 + rng.getrandbits(7)
+                return bytes(c)
+            if k == 2:
+                c = bytearray(rng.choice(caps)[outer.HEADER_LEN:])
+                c[rng.randrange(len(c))] ^= 1 + rng.getrandbits(7)
+                return outer.seal(outer.TYPE_DATA, link.in_label, link.key, bytes(c))
+            if k == 3:
+                return rng.choice(caps)
+            if k == 4:
+                return outer.seal(rng.choice((outer.TYPE_HOP_PROBE, outer.TYPE_HOP_KEEPALIVE)), link.in_label,
+                                  link.key, rng.randbytes(rng.randrange(0, 30)))
+            init = m.finish(m.header(m.TYPE_INIT) + rng.randbytes(m.INIT_MAC1 - 4), mk, None)[0]
+            return outer.seal(outer.TYPE_DATA, link.in_label, link.key, init)
+
+        def src():
+            return ("127.0.0.%d" % rng.randrange(1, 250), rng.randrange(1, 65535))
+        for i in range(W):                      # warm-up
+            srv._on_outer(fuzz(i), src())
+            if i % 4 == 0:
+                await asyncio.sleep(0)
+        tracemalloc.start(8 if DEBUG else 1)
+        base = tracemalloc.get_traced_memory()[0]
+        import time as _t
+        t0 = _t.monotonic()
+        s0 = tracemalloc.take_snapshot()
+        for i in range(N):
+            srv._on_outer(fuzz(i), src())
+            if i % 4 == 0:
+                await asyncio.sleep(0)
+        grown = tracemalloc.get_traced_memory()[0] - base
+        if DEBUG:
+            print("took", _t.monotonic() - t0)
+            for st in tracemalloc.take_snapshot().compare_to(s0, "traceback")[:5]:
+                print(st)
+                for l in st.traceback.format()[-10:]:
+                    print("   ", l)
+        tracemalloc.stop()
+        await srv.stop(quiet=True)
+        return grown, srv.counters()
+    grown, counters = asyncio.run(run())
+    assert counters.get("internal_error", 0) == 0
+    assert counters["bad_init"] > 0 and counters["outer_bad_mac"] > 0 and counters["decrypt_failed"] > 0
+    assert grown < 32 * 1024, (grown, counters)

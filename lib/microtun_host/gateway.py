@@ -42,6 +42,7 @@ log = logging.getLogger("microtun.gateway")
 
 DRAIN_S = 10.0      # a link removed by a reload still accepts packets this long
 LOG_EVERY_S = 10.0  # per device and kind of trouble, at most one info line this often
+PROBE_REPLIES_PER_S = 10    # HOP_PROBE answers per link per second
 
 
 def now_ms():
@@ -70,6 +71,8 @@ class Link:
         self.next = None if self.learn else node.address("next")
         self.peer_addr = None if self.next is None else self.next.sockaddr
         self.counters = {"rx_packets": 0, "rx_bytes": 0, "duplicates": 0, "tx_packets": 0, "tx_bytes": 0}
+        self.probe_window = None          # the second probe_replies counts in
+        self.probe_replies = 0
 
 
 class DeviceEntry:
@@ -181,6 +184,7 @@ class GatewayServer:
         self._control = None
         self._services = {}               # (public key, channel) -> transport
         self._timer = None
+        self._timer_at = None
         self._started = time.monotonic()
         self._logged = {}                 # (device, kind) -> [last line (monotonic s), lines held back]
         self._apply_registry(cfg.devices)
@@ -327,6 +331,16 @@ class GatewayServer:
             return
         if ptype == outer.TYPE_HOP_PROBE:
             payload = pkt[outer.HEADER_LEN:]
+            # answered with the address it came from: a replayed probe from a
+            # forged source would aim the answers elsewhere, so at most
+            # PROBE_REPLIES_PER_S per link
+            t = int(time.monotonic())
+            if link.probe_window != t:
+                link.probe_window, link.probe_replies = t, 0
+            if link.probe_replies >= PROBE_REPLIES_PER_S:
+                self._count("outer_probe_limited")
+                return
+            link.probe_replies += 1
             if len(payload) <= outer.PROBE_MAX:
                 family, port, addr = encode_source(src)     # as the PoP answers probes
                 self._send_outer(outer.TYPE_HOP_PROBE_REPLY, link.in_label, link,
@@ -482,9 +496,16 @@ class GatewayServer:
 
     # -- timers ------------------------------------------------------------------
     def _schedule(self):
-        if self._timer is not None:
-            self._timer.cancel()
+        # Called after every datagram: keep the armed timer when the core's
+        # deadline did not change (the usual case), rather than cancel and
+        # re-arm one per packet (a cancelled TimerHandle stays in asyncio's
+        # heap until the loop cleans it up).
         d = self.core.get_timer()
+        if self._timer is not None:
+            if d == self._timer_at:
+                return
+            self._timer.cancel()
+        self._timer_at = d
         if d is None:
             self._timer = None
             return
@@ -492,6 +513,7 @@ class GatewayServer:
         self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     def _on_timer(self):
+        self._timer = None
         now = now_ms()
         self.core.handle_timer(now)
         self._events(now)
