@@ -27,6 +27,8 @@ when the first TRANSPORT under its keys authenticates; an answered
 handshake that is never confirmed (a wrong psk: the device cannot open the
 RESPONSE) is counted `handshake_failed` and reported as a FAILED event.
 """
+import hashlib
+
 from microtun import messages as m
 from microtun import timers
 from microtun.cookie import CookieChecker
@@ -64,6 +66,11 @@ _RECENT_MS = const(5000)     # ... and a generation's age (two generations kept)
 FAILED = "handshake_failed"  # event: a handshake was answered and never confirmed: peer
 DENIED = "denied"            # event: app data on a channel the device may not use: peer, channel
 _NO_PSK = bytes(32)
+
+try:
+    from hmac import compare_digest as _equal     # CPython's stdlib (absolute import), in C
+except ImportError:
+    from microtun.hmac import ct_equal as _equal
 _REPLY = bytes((PATH_REPLY,))
 
 
@@ -133,6 +140,24 @@ def _boot(fresh):
     return int.from_bytes(fresh[:4], "big")
 
 
+def _mac_checker(key):
+    """check(data, end): messages.check_mac under a fixed key, for the
+    check every INIT of a flood pays (mac1). Where hashlib objects copy
+    (CPython), the key's HMAC pads are hashed once."""
+    ih = hashlib.sha256(bytes(k ^ 0x36 for k in key) + b"\x36" * (64 - len(key)))
+    oh = hashlib.sha256(bytes(k ^ 0x5C for k in key) + b"\x5c" * (64 - len(key)))
+    if not hasattr(ih, "copy"):
+        return lambda data, end: m.check_mac(key, data, end)
+
+    def check(data, end):
+        h = ih.copy()
+        h.update(data[:end])
+        o = oh.copy()
+        o.update(h.digest())
+        return _equal(o.digest()[:m.MAC_LEN], data[end:end + m.MAC_LEN])
+    return check
+
+
 def read_initiation(data, static, ss_lookup, suite=SUITE):
     """Decrypt an INIT whose mac1 was already checked. Returns
     (HandshakeState, sender_index, freshness); raises NoiseError."""
@@ -167,7 +192,7 @@ class Gateway(_Endpoint):
     def __init__(self, private_key, params=None, window=GATEWAY_WINDOW):
         _Endpoint.__init__(self, private_key, params, window)
         self.peers = {}                      # public key -> Session
-        self._mac1k = m.mac1_key(self.public_key)
+        self._mac1 = _mac_checker(m.mac1_key(self.public_key))
         self._cookies = CookieChecker(self.public_key)
         self.under_load = False              # the driver may force it (every link)
         self.link_dh_per_s = LINK_DH_PER_S   # flood limits (see the constants)
@@ -371,7 +396,7 @@ class Gateway(_Endpoint):
         if self._seen(mac1, now):
             self._count("init_replay")
             return
-        if not m.check_mac(self._mac1k, data, m.INIT_MAC1):
+        if not self._mac1(data, m.INIT_MAC1):
             self._count("bad_mac1")
             return
         b = self._budget(addr, now)

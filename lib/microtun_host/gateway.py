@@ -43,6 +43,7 @@ log = logging.getLogger("microtun.gateway")
 DRAIN_S = 10.0      # a link removed by a reload still accepts packets this long
 LOG_EVERY_S = 10.0  # per device and kind of trouble, at most one info line this often
 PROBE_REPLIES_PER_S = 10    # HOP_PROBE answers per link per second
+RCVBUF = 4 << 20            # the listening socket's receive buffer asked for (the kernel may cap it)
 
 
 def now_ms():
@@ -169,6 +170,49 @@ class _Proto(asyncio.DatagramProtocol):
             self.on_error(exc)
 
 
+class _Listener:
+    """The listening socket, read in batches: one wake-up of the event loop
+    takes every queued datagram (up to BATCH), where asyncio's datagram
+    transport takes one per loop iteration; under a flood that difference
+    is the legitimate packets the kernel does not have to drop. To the rest
+    of the server it looks like that transport (sendto, get_extra_info,
+    close). A send the socket refuses is counted (`send_error`), not queued."""
+    BATCH = 256
+
+    def __init__(self, sock, on_datagram, loop, count):
+        sock.setblocking(False)
+        self.sock = sock
+        self.on_datagram = on_datagram
+        self.loop = loop
+        self.count = count
+        loop.add_reader(sock.fileno(), self._ready)
+
+    def _ready(self):
+        recv = self.sock.recvfrom
+        for _ in range(self.BATCH):
+            try:
+                data, addr = recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:         # an ICMP error for something we sent, reported here
+                continue
+            self.on_datagram(data, addr)
+
+    def sendto(self, data, addr):
+        try:
+            self.sock.sendto(data, addr)
+        except OSError:
+            self.count("send_error")
+
+    def get_extra_info(self, name):
+        return {"sockname": self.sock.getsockname(), "socket": self.sock}.get(name)
+
+    def close(self):
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
 class GatewayServer:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -265,9 +309,17 @@ class GatewayServer:
     # -- lifecycle -----------------------------------------------------------
     async def start(self):
         loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Proto(self._on_outer), local_addr=self.cfg.listen.sockaddr,
-            family=socket.AF_INET6 if self.cfg.listen.family == 6 else socket.AF_INET)
+        sock = socket.socket(socket.AF_INET6 if self.cfg.listen.family == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind(self.cfg.listen.sockaddr)
+        except OSError:
+            sock.close()
+            raise
+        try:    # room for bursts (a flood shares this socket with every device's packets)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        except OSError:
+            pass
+        self._transport = _Listener(sock, self._on_outer, loop, self._count)
         if self.cfg.control is not None:
             self._control = await control.serve(self.cfg.control, {
                 "status": lambda req: {"status": self.status()},
