@@ -407,11 +407,14 @@ class GatewayServer:
         c["rx_bytes"] += len(pkt)
         st = self.core.stats
         dup = st.get("duplicate", 0)
-        self.core.receive_datagram(pkt[outer.HEADER_LEN:], link.name, now)
+        core = self.core
+        core.receive_datagram(pkt[outer.HEADER_LEN:], link.name, now)
         if st.get("duplicate", 0) != dup:
             c["duplicates"] += 1            # the copy that came second, on this link
-        self._events(now)
-        self._flush(now)
+        if core._events:                    # most dropped datagrams leave nothing to do
+            self._events(now)
+        if core._out:
+            self._flush(now)
         self._schedule()
 
     def _send_outer(self, ptype, label, link, payload, addr):
