@@ -245,3 +245,34 @@ def test_tables_stay_bounded_under_floods():
     sim.dev.connect(sim.now)
     sim.run(200)
     assert sim.dev.established
+
+
+class _Storage:
+    def __init__(self):
+        self.d = {}
+
+    def read(self, name):
+        return self.d.get(name)
+
+    def write(self, name, data):
+        self.d[name] = bytes(data)
+
+
+def test_device_stack_persists_the_jump_and_says_why():
+    from stack_sim import StackSim
+    from microtun.tunnel import TunnelCore
+    s = StackSim()
+    s.connect()
+    s.run(3000)
+    # the same board after a re-flash: boot counter 1 again, over both paths
+    logs = []
+    core = TunnelCore(s.cfg, 1, log=lambda level, msg: logs.append((level, msg)))
+    core.storage = _Storage()
+    s.core = core
+    core.connect(s.now)
+    s.run(1500)
+    assert core.established
+    assert core.storage.d["boot"] == (2).to_bytes(4, "big")
+    assert [l for l in logs if "boot counter 1" in l[1] and "continuing from 2" in l[1]], logs
+    assert s.gw.stats["stale_handshake"] == 1 and s.gw.stats["init_replay"] >= 1   # the second path's copy
+    assert s.peer.counts["handshake_ok"] == 2
