@@ -7,7 +7,7 @@ from microtun.responder import Gateway, FAILED, DENIED, LINK_DH_PER_S, LINK_COOK
 from microtun import responder
 from microtun import messages as m
 from microtun.handshake import create_initiation
-from tunnel_sim import Sim, pair, connected, TO_GW, TO_DEV, DEV_KEY, GW_KEY, PSK
+from tunnel_sim import Sim, pair, connected, TO_DEV, DEV_KEY, GW_KEY, PSK
 from mtest import Rng, MICROPYTHON
 
 PORTABLE = True
@@ -198,10 +198,8 @@ def test_stale_answer_only_opens_for_its_own_handshake():
     # a genuine answer naming a value behind ours moves nothing
     sim.run(6000)
     dev2 = Device(DEV_KEY, gw.public_key, psk=PSK, boot_counter=20)
-    dev2._fresh.boot = 20
     dev2.connect(sim.now)
     hs = dev2.session.hs
-    from microtun.noise import HandshakeState  # noqa: F401  (the responder's side, as the gateway)
     pkt = dev2.datagrams_to_send()[0][0]
     hs_r, sender, fresh = responder.read_initiation(pkt, gw._static, gw._ss_lookup)
     low = create_stale(hs_r, sender, (5).to_bytes(4, "big") + bytes(8))

@@ -20,7 +20,6 @@ legitimate packets included.
 import argparse
 import json
 import multiprocessing
-import os
 import random
 import socket
 import sys
