@@ -7,7 +7,7 @@ from microtun.responder import Gateway, FAILED, DENIED, LINK_DH_PER_S, LINK_COOK
 from microtun import responder
 from microtun import messages as m
 from microtun.handshake import create_initiation
-from tunnel_sim import Sim, pair, connected, TO_DEV, DEV_KEY, GW_KEY, PSK
+from tunnel_sim import Sim, pair, connected, TO_GW, TO_DEV, DEV_KEY, GW_KEY, PSK
 from mtest import Rng, MICROPYTHON
 
 PORTABLE = True
