@@ -106,7 +106,7 @@ def report(net, res, status, pops):
     dev = [d for d in status["devices"] if d["name"] == "sensor-1"][0]
     counters = status["counters"]
     drops = {k: v for k, v in counters.items() if k not in (
-        "data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepalive_tx", "path_probe_rx")}
+        "data_rx", "data_tx", "handshake_ok", "response_tx", "keepalive_rx", "keepalive_tx", "path_probe_rx")}
     pop_drops = {p: {k: v for k, v in s.get("drops", {}).items() if v} for p, s in pops.items()}
     health = res["health"]
     print()

@@ -24,6 +24,8 @@ except ImportError:
 
 COOKIE_SECRET_MS = const(120000)   # responder secret lifetime (WireGuard: 120 s)
 COOKIE_VALID_MS = const(110000)    # initiator stops using a cookie a bit earlier
+_CACHED = const(512)               # responder: cookies kept per secret (one per link)
+_NO_MAC = bytes(16)
 
 
 def addr_bytes(addr):
@@ -40,17 +42,28 @@ class CookieChecker:
         self._aead = AEAD(m.cookie_key(public_key))
         self._secret = None
         self._born = 0
+        self._cache = {}          # addr -> its cookie under the current secret
 
     def _current_secret(self, now):
         if self._secret is None or ticks_diff(now, self._born) >= COOKIE_SECRET_MS:
             self._secret = random_bytes(32)
             self._born = now
+            self._cache = {}
         return self._secret
 
     def cookie_for(self, addr, now):
-        return hmac_sha256(self._current_secret(now), addr_bytes(addr))[:m.MAC_LEN]
+        secret = self._current_secret(now)
+        c = self._cache.get(addr)
+        if c is None:
+            if len(self._cache) >= _CACHED:
+                self._cache = {}
+            c = self._cache[addr] = hmac_sha256(secret, addr_bytes(addr))[:m.MAC_LEN]
+        return c
 
     def check_mac2(self, data, mac2_off, addr, now):
+        # No cookie (16 zero bytes, what an initiator without one sends): no HMAC.
+        if data[mac2_off:mac2_off + m.MAC_LEN] == _NO_MAC:
+            return False
         return m.check_mac(self.cookie_for(addr, now), data, mac2_off)
 
     def reply(self, receiver_index, mac1, addr, now):

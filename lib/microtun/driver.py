@@ -87,6 +87,7 @@ class Tunnel:
             boot = 1
         self.boot_counter = boot
         self.core = TunnelCore(cfg, boot, params=params, log=log)
+        self.core.storage = self.storage     # a boot counter jump (gateway's STALE answer) is saved here
         self.device = self.core.device
         self.paths = self.core.paths
         self.stats = self.core.stats
@@ -204,7 +205,7 @@ class Tunnel:
     def health(self):
         """Link health for the app: session state, per-path state, counters."""
         h = self.core.health()
-        h["boot"] = self.boot_counter
+        h["boot"] = self.device._fresh.boot   # may have jumped since boot (a STALE answer)
         return h
 
     def close(self):

@@ -47,6 +47,7 @@ _MAX_PAYLOAD = const(65000)
 HANDSHAKE = "handshake"   # a session was (re)established: peer
 DATA = "data"             # app data: peer, channel, data
 EXPIRED = "expired"       # a peer's keys were wiped after a long silence: peer
+STALE = "stale"           # device: the gateway named a freshness value to pass (data); gateway: see responder
 
 
 # What next_event() returns: kind (above), peer (the Session), and for DATA
@@ -84,7 +85,8 @@ class _Endpoint:
         self.stats = {}
 
     # -- shared plumbing ---------------------------------------------------
-    def _count(self, reason):
+    def _count(self, reason, s=None):
+        # s: the session it concerns, where known (the gateway counts per device too)
         self.stats[reason] = self.stats.get(reason, 0) + 1
 
     def _new_index(self, session, kp):
@@ -118,17 +120,17 @@ class _Endpoint:
             return
         s, kp = entry
         if ticks_diff(now, kp.created) >= self.params.reject_after_ms:   # timers.is_expired
-            self._count("expired_key")
+            self._count("expired_key", s)
             return
         # An empty plaintext is a keepalive; anything else starts with the
         # channel byte, which open() puts into self._ch (no copy of the rest).
         keepalive = len(data) == m.TRANSPORT_MIN_LEN
         pt = kp.open(data, None if keepalive else self._ch)
         if isinstance(pt, str):
-            self._count(pt)
+            self._count(pt, s)
             return
         if kp is s.next:          # only a gateway's Peer has a `next` (microtun.responder)
-            self._forget(s.confirm(kp))
+            self._confirmed(s, kp, now)
         s.addr = addr
         s.received(len(data), not keepalive, now, self.params)
         if keepalive:
@@ -254,6 +256,23 @@ class Device(_Endpoint):
                 from microtun.cookie import CookieJar
                 self._cookies = CookieJar(s.public_key)
             self._count("cookie_rx" if self._cookies.consume(data, self._mac1, now) else "bad_cookie")
+        elif t == m.TYPE_STALE:
+            # The gateway already accepted a higher freshness from us (our
+            # boot counter went backwards): jump past it and retry at once.
+            # Rare: its code is loaded only now.
+            s = self.session
+            if s.hs is None or m.u32(data, 4) != s.hs_index:
+                self._count("unknown_index")
+                return
+            from microtun.stale import open_stale, jump
+            v = open_stale(s.hs.ck, s.hs.h, data)
+            if v is None or jump(self._fresh, v) is None:
+                self._count("bad_stale")
+                return
+            self._count("stale_rx")
+            self._events.append(Event(STALE, s, None, v, addr))
+            s.hs_attempts = 0
+            self._initiate(now)
         elif t == m.TYPE_INIT:
             self._count("unexpected_init")
         else:

@@ -8,7 +8,10 @@ initiation instead carries 12 bytes that only ever grow:
 
 The responder keeps the highest value per peer and refuses anything not
 above it (a replayed initiation). Big-endian, so comparing the bytes compares
-the numbers.
+the numbers. A device whose counter went backwards (re-flashed, storage
+wiped) learns the value to pass from the gateway's authenticated STALE
+answer (docs/PROTOCOL.md §5), jumps past it (microtun.stale.jump) and persists it
+with `save_boot_counter`.
 """
 from microtun.ticks import ticks_diff
 
@@ -38,8 +41,12 @@ def next_boot_counter(storage):
     if n >= _MAX_BOOT:
         raise ValueError("boot counter exhausted; re-provision this device's keys")
     n += 1
-    storage.write("boot", n.to_bytes(4, "big"))
+    save_boot_counter(storage, n)
     return n
+
+
+def save_boot_counter(storage, n):
+    storage.write("boot", n.to_bytes(4, "big"))
 
 
 class Freshness:

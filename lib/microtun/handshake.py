@@ -7,6 +7,8 @@ Noise_IKpsk2_25519_AESCCM_SHA256 (Noise rev 34 §7.5, §9), prologue
 
     INIT      -> e, es, s, ss        payload: 12-byte freshness value
     RESPONSE  <- e, ee, se, psk      payload: empty
+    STALE     <- (instead of RESPONSE) the gateway's last freshness value for
+                 us, sealed under a key from that INIT's ck and h (microtun.stale)
 
 This is that one pattern written out straight, for the initiator only: the
 general Noise state machine (microtun.noise: CipherState, SymmetricState,
@@ -101,3 +103,4 @@ def read_response(hs, data):
         return None                                              # empty payload, or not authentic
     send, recv = noise_hkdf(ck, b"", 2)                          # Split()
     return m.u32(data, 4), send, recv
+

@@ -7,6 +7,7 @@ zero bytes. Sizes:
     RESPONSE    92 bytes   type|0|sender|receiver|e(32)|enc_empty(16)|mac1|mac2
     COOKIE      52 bytes   type|0|receiver|nonce(12)|enc_cookie(32)
     TRANSPORT  32+ bytes   type|0|receiver|counter(8)|ciphertext|tag(16)
+    STALE       48 bytes   type|0|receiver|nonce(12)|enc_freshness(28)
 
 mac1 and mac2 follow WireGuard (whitepaper §5.4.4) with HMAC-SHA256 truncated
 to 16 bytes in place of keyed BLAKE2s: mac1 is keyed by the responder's static
@@ -29,10 +30,12 @@ TYPE_INIT = const(1)
 TYPE_RESPONSE = const(2)
 TYPE_COOKIE = const(3)
 TYPE_TRANSPORT = const(4)
+TYPE_STALE = const(5)              # "your freshness is behind": answers an INIT (docs/PROTOCOL.md §2.5)
 
 INIT_LEN = const(148)
 _RESPONSE_LEN = const(92)
 _COOKIE_LEN = const(52)
+STALE_LEN = const(48)
 _TRANSPORT_HEADER_LEN = const(16)
 TRANSPORT_MIN_LEN = const(32)      # header and tag: an empty plaintext is a keepalive
 MAC_LEN = const(16)
@@ -83,6 +86,8 @@ def message_type(data):
         return t if n == _RESPONSE_LEN else 0
     if t == TYPE_COOKIE:
         return t if n == _COOKIE_LEN else 0
+    if t == TYPE_STALE:
+        return t if n == STALE_LEN else 0
     return 0
 
 

@@ -12,15 +12,33 @@ RESPONSE). Same sans-I/O interface as microtun.endpoint.Device:
 Host-only in practice (microtun_host.gateway runs it on CPython), but it
 stays portable: the tests run it on the unix port too. A device never
 imports this module (docs/MEMORY.md).
+
+An INIT goes through, cheapest first (docs/PROTOCOL.md §10): the replay
+filter (an exact copy of a recent INIT is dropped, no MAC, no reply), mac1,
+the per-link budget (a flood on one link costs the others nothing), the
+cookie (under load on that link; COOKIE replies are limited per link), and
+only then DH. What it answers is never larger than the INIT and at most one
+message per INIT: a RESPONSE (92 bytes) to a fresh authentic one, a STALE
+(48 bytes, at most one per device per retry interval) to an authentic one
+whose freshness is behind, a COOKIE (52 bytes, limited per link).
+
+A session counts as established (`handshake_ok`, a HANDSHAKE event) only
+when the first TRANSPORT under its keys authenticates; an answered
+handshake that is never confirmed (a wrong psk: the device cannot open the
+RESPONSE) is counted `handshake_failed` and reported as a FAILED event.
 """
+import hashlib
+
 from microtun import messages as m
 from microtun import timers
 from microtun.cookie import CookieChecker
-from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, DATA, HANDSHAKE, EXPIRED
+from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, DATA, HANDSHAKE, EXPIRED, STALE
 from microtun.keypair import Keypair
+from microtun.rand import random_bytes
 from microtun.noise import HandshakeState, NoiseError, NOISE_IKPSK2_25519_AESCCM_SHA256 as SUITE
 from microtun.replay import GATEWAY_WINDOW
 from microtun.session import Session
+from microtun.stale import seal_stale
 from microtun.ticks import ticks_add, ticks_diff
 
 try:
@@ -35,7 +53,24 @@ PATH_PROBE_LEN = const(12)   # after the channel byte (microtun.paths.PROBE_LEN)
 PATH_FRESH_MS = const(900000)
 MAX_PATHS_PER_PEER = const(8)  # a device path seen this recently gets "critical" copies
 SWEEP_MS = const(1000)       # how often sessions are checked for expiry
+# Flood limits (implementation, not specification). A "link" is the addr the
+# driver passes with a datagram: the gateway server passes the name of the
+# last-hop link it came in on, one per device path.
+LINK_DH_PER_S = const(50)    # INITs per link per second that may cost a DH
+GATEWAY_DH_PER_S = const(200)  # ... and over all links together
+LINK_COOKIES_PER_S = const(5)  # COOKIE replies per link per second
+MAX_LINKS = const(512)      # links tracked for the budgets; beyond, they share one
+_RECENT_INITS = const(2048)  # replay filter: INITs remembered per generation
+_RECENT_MS = const(5000)     # ... and a generation's age (two generations kept)
+
+FAILED = "handshake_failed"  # event: a handshake was answered and never confirmed: peer
+DENIED = "denied"            # event: app data on a channel the device may not use: peer, channel
 _NO_PSK = bytes(32)
+
+try:
+    from hmac import compare_digest as _equal     # CPython's stdlib (absolute import), in C
+except ImportError:
+    from microtun.hmac import ct_equal as _equal
 _REPLY = bytes((PATH_REPLY,))
 
 
@@ -44,6 +79,8 @@ class Peer(Session):
     use, the paths it was heard on, the last handshake's freshness."""
     last_freshness = None         # the highest freshness value accepted (replay guard)
     last_init_at = None           # when its last initiation was accepted (flood guard)
+    stale = None                  # (ticks, its value, ours) of the last stale INIT
+    stale_answered_at = None      # when a STALE answer was last sent (rate limit)
 
     def __init__(self, public_key, psk, name, channels):
         Session.__init__(self, public_key, psk)
@@ -51,6 +88,7 @@ class Peer(Session):
         self.channels = channels  # None = every channel allowed
         self.paths = {}           # addr -> last authenticated arrival (ticks)
         self.path_rtt = {}        # addr -> srtt the device reported (ms)
+        self.counts = {}          # reason -> count, this device's share of Gateway.stats
 
     def keypairs(self):
         return [kp for kp in (self.current, self.previous, self.next) if kp is not None]
@@ -65,17 +103,17 @@ class Peer(Session):
         if self.next is not None:
             dropped.append(self.next)
         self.next = kp
-        self.handshakes += 1
-        self.established_at = now
         return dropped
 
-    def confirm(self, kp):
-        """A packet authenticated under `next`; promote it. Returns the
-        keypairs that were dropped."""
+    def confirm(self, kp, now):
+        """A packet authenticated under `next`: the handshake is complete;
+        promote it. Returns the keypairs that were dropped."""
         dropped = self.previous
         self.previous = self.current
         self.current = kp
         self.next = None
+        self.handshakes += 1
+        self.established_at = now
         return () if dropped is None else (dropped,)
 
     def info(self, now):
@@ -90,7 +128,34 @@ class Peer(Session):
             "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
             "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
             "index": None if kp is None else kp.local_index,
+            "handshake_pending": self.next is not None,
+            "counters": dict(self.counts),
+            "stale": None if self.stale is None else {
+                "last_ms_ago": ticks_diff(now, self.stale[0]),
+                "counter": _boot(self.stale[1]), "gateway_counter": _boot(self.stale[2])},
         }
+
+
+def _boot(fresh):
+    return int.from_bytes(fresh[:4], "big")
+
+
+def _mac_checker(key):
+    """check(data, end): messages.check_mac under a fixed key, for the
+    check every INIT of a flood pays (mac1). Where hashlib objects copy
+    (CPython), the key's HMAC pads are hashed once."""
+    ih = hashlib.sha256(bytes(k ^ 0x36 for k in key) + b"\x36" * (64 - len(key)))
+    oh = hashlib.sha256(bytes(k ^ 0x5C for k in key) + b"\x5c" * (64 - len(key)))
+    if not hasattr(ih, "copy"):
+        return lambda data, end: m.check_mac(key, data, end)
+
+    def check(data, end):
+        h = ih.copy()
+        h.update(data[:end])
+        o = oh.copy()
+        o.update(h.digest())
+        return _equal(o.digest()[:m.MAC_LEN], data[end:end + m.MAC_LEN])
+    return check
 
 
 def read_initiation(data, static, ss_lookup, suite=SUITE):
@@ -101,6 +166,14 @@ def read_initiation(data, static, ss_lookup, suite=SUITE):
     if len(fresh) != m.FRESHNESS_LEN:
         raise NoiseError("initiation payload is not a freshness value")
     return hs, m.u32(data, 4), fresh
+
+
+def create_stale(hs, receiver_index, value):
+    """STALE answering the INIT hs read (receiver_index: its sender index):
+    `value`, the last freshness accepted from that device, sealed under
+    microtun.stale.stale_key(ck, h) with a random nonce; 48 bytes."""
+    sym = hs._sym
+    return seal_stale(sym.ck, sym.h, receiver_index, value, random_bytes(12))
 
 
 def create_response(hs, psk, sender_index, receiver_index, mac1k, cookie):
@@ -119,11 +192,17 @@ class Gateway(_Endpoint):
     def __init__(self, private_key, params=None, window=GATEWAY_WINDOW):
         _Endpoint.__init__(self, private_key, params, window)
         self.peers = {}                      # public key -> Session
-        self._mac1k = m.mac1_key(self.public_key)
+        self._mac1 = _mac_checker(m.mac1_key(self.public_key))
         self._cookies = CookieChecker(self.public_key)
-        self._load_window_start = None
-        self._load_count = 0
-        self.under_load = False              # the driver may force it
+        self.under_load = False              # the driver may force it (every link)
+        self.link_dh_per_s = LINK_DH_PER_S   # flood limits (see the constants)
+        self.dh_per_s = GATEWAY_DH_PER_S
+        self.link_cookies_per_s = LINK_COOKIES_PER_S
+        self._budgets = {}                   # link -> [window start, INITs, COOKIEs, DHs] in this second
+        self._total = [None, 0]              # [window start, DHs] over all links
+        self._recent = set()                 # mac1 of INITs that went to DH (replay filter)
+        self._recent_old = set()
+        self._recent_at = None
         self._ka = {}                        # sessions owing a passive keepalive
         self._sweep_at = None
 
@@ -174,7 +253,7 @@ class Gateway(_Endpoint):
         if s.current is not None and not timers.is_expired(s.current, now, self.params):
             pkt = s.sealed(payload, now, channel)
         if pkt is None:
-            self._count("no_session")
+            self._count("no_session", s)
             return False
         self._count("data_tx")
         if route is None:
@@ -226,7 +305,8 @@ class Gateway(_Endpoint):
                 self._on_authenticated(s)
                 return
         elif s.channels is not None and channel not in s.channels:
-            self._count("channel_denied")
+            self._count("channel_denied", s)
+            self._events.append(Event(DENIED, s, channel, None, addr))
             return
         self._count("data_rx")
         self._events.append(Event(DATA, s, channel, payload, addr))
@@ -245,12 +325,63 @@ class Gateway(_Endpoint):
             return True
         return False
 
-    def _is_under_load(self, now):
-        if self._load_window_start is None or ticks_diff(now, self._load_window_start) >= 1000:
-            self._load_window_start = now
-            self._load_count = 0
-        self._load_count += 1
-        return self.under_load or self._load_count > self.params.under_load_per_s
+    def _count(self, reason, s=None):
+        st = self.stats
+        st[reason] = st.get(reason, 0) + 1
+        if s is not None:
+            c = s.counts
+            c[reason] = c.get(reason, 0) + 1
+
+    def _confirmed(self, s, kp, now):
+        # The first TRANSPORT under `next` authenticated: the device has the
+        # keys, so the handshake is complete (docs/PROTOCOL.md §4).
+        self._forget(s.confirm(kp, now))
+        self._count("handshake_ok", s)
+        self._events.append(Event(HANDSHAKE, s, None, None, None))
+
+    def _unconfirmed(self, s):
+        # A RESPONSE was sent and its keys never used: the device could not
+        # open it (a wrong psk) or it was lost.
+        self._forget((s.next,))
+        s.next = None
+        self._count("handshake_failed", s)
+        self._events.append(Event(FAILED, s, None, None, None))
+
+    def _budget(self, addr, now):
+        """This second's counters for a link: [start, INITs, COOKIEs, DHs]."""
+        t = self._budgets
+        b = t.get(addr)
+        if b is None:
+            if len(t) >= MAX_LINKS:
+                for a in [a for a, v in t.items() if ticks_diff(now, v[0]) >= 1000]:
+                    del t[a]
+                if len(t) >= MAX_LINKS:
+                    addr = None              # beyond the bound, new links share one budget
+                    b = t.get(None)
+            if b is None:
+                b = t[addr] = [now, 0, 0, 0]
+        if ticks_diff(now, b[0]) >= 1000:
+            b[0] = now
+            b[1] = b[2] = b[3] = 0
+        return b
+
+    def _seen(self, mac1, now):
+        """True if an INIT with this mac1 went to DH in the current or the
+        previous generation (_RECENT_MS each): an exact replay, or the copy
+        of a two-path send that came second."""
+        at = self._recent_at
+        if at is not None and ticks_diff(now, at) >= _RECENT_MS:
+            self._recent_old = self._recent if ticks_diff(now, at) < 2 * _RECENT_MS else set()
+            self._recent = set()
+            self._recent_at = now
+        return mac1 in self._recent or mac1 in self._recent_old
+
+    def _remember(self, mac1, now):
+        if self._recent_at is None or len(self._recent) >= _RECENT_INITS:
+            self._recent_old = self._recent
+            self._recent = set()
+            self._recent_at = now
+        self._recent.add(mac1)
 
     def _ss_lookup(self, rs):
         s = self.peers.get(bytes(rs))
@@ -259,18 +390,40 @@ class Gateway(_Endpoint):
         return s.ss
 
     def _init_in(self, data, addr, now):
-        # Cheap checks first: mac1 (no DH), then mac2 when under load.
-        if not m.check_mac(self._mac1k, data, m.INIT_MAC1):
+        # Cheap checks first: the replay filter (a set lookup), mac1 (one
+        # HMAC), the link's budget, mac2 when that link is under load; DH last.
+        mac1 = bytes(data[m.INIT_MAC1:m.INIT_MAC2])
+        if self._seen(mac1, now):
+            self._count("init_replay")
+            return
+        if not self._mac1(data, m.INIT_MAC1):
             self._count("bad_mac1")
             return
-        if self._is_under_load(now) and not self._cookies.check_mac2(data, m.INIT_MAC2, addr, now):
+        b = self._budget(addr, now)
+        b[1] += 1
+        if (self.under_load or b[1] > self.params.under_load_per_s) and \
+                not self._cookies.check_mac2(data, m.INIT_MAC2, addr, now):
+            if b[2] >= self.link_cookies_per_s:
+                self._count("cookie_limited")
+                return
+            b[2] += 1
             self._count("cookie_sent")
-            self._out.append((self._cookies.reply(m.u32(data, 4), data[m.INIT_MAC1:m.INIT_MAC2], addr, now), addr))
+            self._out.append((self._cookies.reply(m.u32(data, 4), mac1, addr, now), addr))
             return
+        tot = self._total
+        if tot[0] is None or ticks_diff(now, tot[0]) >= 1000:
+            tot[0] = now
+            tot[1] = 0
+        if b[3] >= self.link_dh_per_s or tot[1] >= self.dh_per_s:
+            self._count("init_budget")
+            return
+        b[3] += 1
+        tot[1] += 1
+        self._remember(mac1, now)
         try:
             hs, sender, fresh = read_initiation(data, self._static, self._ss_lookup)
         except NoiseError as e:
-            self._count("unknown_peer" if str(e) == "unknown_peer" else "handshake_failed")
+            self._count("unknown_peer" if str(e) == "unknown_peer" else "bad_init")
             return
         s = self.peers.get(hs.rs)
         if s is None:       # revoked between lookup and here: impossible, but never trust it
@@ -278,13 +431,24 @@ class Gateway(_Endpoint):
             return
         if s.ss is None:
             s.ss = hs.ss
-        if s.last_freshness is not None and fresh <= s.last_freshness:
-            self._count("stale_handshake")
-            return
         p = self.params
-        if s.last_init_at is not None and ticks_diff(now, s.last_init_at) < p.init_min_interval_ms:
-            self._count("handshake_flood")
+        if s.last_freshness is not None and fresh <= s.last_freshness:
+            # Authentic but behind: a replay, or a device whose boot counter
+            # went backwards. Tell it (at most once per retry interval) the
+            # value to pass, sealed so only that INIT's sender can read it.
+            self._count("stale_handshake", s)
+            s.stale = (now, fresh, s.last_freshness)
+            if s.stale_answered_at is None or ticks_diff(now, s.stale_answered_at) >= p.rekey_timeout_ms:
+                s.stale_answered_at = now
+                self._count("stale_answer_tx", s)
+                self._out.append((create_stale(hs, sender, s.last_freshness), addr))
+            self._events.append(Event(STALE, s, None, fresh, addr))
             return
+        if s.last_init_at is not None and ticks_diff(now, s.last_init_at) < p.init_min_interval_ms:
+            self._count("handshake_flood", s)
+            return
+        if s.next is not None:
+            self._unconfirmed(s)             # the device moved on without using it
         idx = self._new_index(s, None)
         resp = create_response(hs, s.psk, idx, sender, m.mac1_key(s.public_key), None)
         recv_cs, send_cs = hs.split()
@@ -294,9 +458,10 @@ class Gateway(_Endpoint):
         s.last_init_at = now
         self._forget(s.install(kp, now, as_next=True))
         s.addr = addr
-        self._count("handshake_ok")
-        self._events.append(Event(HANDSHAKE, s, None, None, None))
+        self._count("response_tx", s)
         self._out.append((resp, addr))
+        if self._sweep_at is None:
+            self._sweep_at = ticks_add(now, SWEEP_MS)   # the sweep fails it if never confirmed
 
     # -- timers ----------------------------------------------------------------
     # A gateway holds many sessions, so it never scans them all per datagram:
@@ -329,6 +494,8 @@ class Gateway(_Endpoint):
                     for a in [a for a, seen in s.paths.items() if ticks_diff(now, seen) >= PATH_FRESH_MS]:
                         del s.paths[a]
                         s.path_rtt.pop(a, None)
+                if s.next is not None and ticks_diff(now, s.next.created) >= 2 * p.rekey_timeout_ms:
+                    self._unconfirmed(s)
                 had = s.current is not None or s.next is not None
                 if had:
                     self._session_timers(s, now, s.addr)

@@ -13,7 +13,7 @@ microtun.driver wraps it with sockets and select.poll; tests wrap it with a
 fake network and a fake clock (a simulated hour takes a second).
 """
 from microtun import hop
-from microtun.endpoint import Device, DATA, HANDSHAKE, CONTROL_CHANNEL
+from microtun.endpoint import Device, DATA, HANDSHAKE, STALE, CONTROL_CHANNEL
 from microtun.paths import Path, PathSet, probe_message, CTL_PATH_PROBE, CTL_PATH_REPLY, PROBE_LEN, POLICIES
 from microtun.ticks import ticks_diff, ticks_min
 
@@ -29,6 +29,8 @@ _PUBLIC_ADDR_REFRESH_MS = const(1800000)  # ask the first PoP for our public add
 
 
 class TunnelCore:
+    storage = None               # the driver's storage: a boot counter jump is persisted there
+
     def __init__(self, cfg, boot_counter, params=None, log=lambda level, msg: None):
         self.cfg = cfg
         self.log = log
@@ -159,6 +161,18 @@ class TunnelCore:
                     p = self.paths.paths[i]
                     if self.paths.on_probe_reply(d, now):
                         self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
+            elif e.kind == STALE:
+                # Our boot counter went backwards (re-flashed, storage wiped):
+                # persist the one the gateway's answer names, before the retry goes out.
+                n = self.device._fresh.boot
+                self.log("warn", "the gateway has seen boot counter %d, ours was lower; continuing from %d, "
+                         "handshaking again" % (n - 1, n))
+                if self.storage is not None:
+                    from microtun.freshness import save_boot_counter
+                    try:
+                        save_boot_counter(self.storage, n)
+                    except OSError as err:
+                        self.log("warn", "cannot persist boot counter %d (%s)" % (n, err))
             elif e.kind == HANDSHAKE:
                 self.log("info", "session established (handshake %d)" % self.device.session.handshakes)
                 self._all_down_since = None     # the paths get probed now: give them time

@@ -32,8 +32,8 @@ from microtun_host import control
 from microtun_host import log as logs
 from microtun_host.pop import encode_source
 from microtun_host.config import ConfigError
-from microtun.endpoint import DATA, HANDSHAKE, EXPIRED
-from microtun.responder import Gateway
+from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, STALE
+from microtun.responder import Gateway, FAILED, DENIED
 from microtun.ticks import TICKS_MASK, ticks_diff
 from microtun import timers
 from microtun.replay import GATEWAY_WINDOW
@@ -41,7 +41,9 @@ from microtun.replay import GATEWAY_WINDOW
 log = logging.getLogger("microtun.gateway")
 
 DRAIN_S = 10.0      # a link removed by a reload still accepts packets this long
-RECV_MAX = 1 << 16  # receive buffer per datagram: any UDP datagram fits (asyncio's default is 256 KiB)
+LOG_EVERY_S = 10.0  # per device and kind of trouble, at most one info line this often
+PROBE_REPLIES_PER_S = 10    # HOP_PROBE answers per link per second
+RCVBUF = 4 << 20            # the listening socket's receive buffer asked for (the kernel may cap it)
 
 
 def now_ms():
@@ -70,6 +72,8 @@ class Link:
         self.next = None if self.learn else node.address("next")
         self.peer_addr = None if self.next is None else self.next.sockaddr
         self.counters = {"rx_packets": 0, "rx_bytes": 0, "duplicates": 0, "tx_packets": 0, "tx_bytes": 0}
+        self.probe_window = None          # the second probe_replies counts in
+        self.probe_replies = 0
 
 
 class DeviceEntry:
@@ -148,8 +152,9 @@ def load_gateway_config(path):
 # --- the server ----------------------------------------------------------------
 
 class _Proto(asyncio.DatagramProtocol):
-    def __init__(self, on_datagram):
+    def __init__(self, on_datagram, on_error=None):
         self.on_datagram = on_datagram
+        self.on_error = on_error
         self.transport = None
 
     def connection_made(self, transport):
@@ -159,7 +164,53 @@ class _Proto(asyncio.DatagramProtocol):
         self.on_datagram(data, addr)
 
     def error_received(self, exc):
-        pass
+        # the listening socket: an ICMP error for something we sent (nothing
+        # to do); a service socket: the local service is not listening
+        if self.on_error is not None:
+            self.on_error(exc)
+
+
+class _Listener:
+    """The listening socket, read in batches: one wake-up of the event loop
+    takes every queued datagram (up to BATCH), where asyncio's datagram
+    transport takes one per loop iteration; under a flood that difference
+    is the legitimate packets the kernel does not have to drop. To the rest
+    of the server it looks like that transport (sendto, get_extra_info,
+    close). A send the socket refuses is counted (`send_error`), not queued."""
+    BATCH = 256
+
+    def __init__(self, sock, on_datagram, loop, count):
+        sock.setblocking(False)
+        self.sock = sock
+        self.on_datagram = on_datagram
+        self.loop = loop
+        self.count = count
+        loop.add_reader(sock.fileno(), self._ready)
+
+    def _ready(self):
+        recv = self.sock.recvfrom
+        for _ in range(self.BATCH):
+            try:
+                data, addr = recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:         # an ICMP error for something we sent, reported here
+                continue
+            self.on_datagram(data, addr)
+
+    def sendto(self, data, addr):
+        try:
+            self.sock.sendto(data, addr)
+        except OSError:
+            self.count("send_error")
+
+    def get_extra_info(self, name):
+        return {"sockname": self.sock.getsockname(), "socket": self.sock}.get(name)
+
+    def close(self):
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 class GatewayServer:
@@ -177,7 +228,9 @@ class GatewayServer:
         self._control = None
         self._services = {}               # (public key, channel) -> transport
         self._timer = None
+        self._timer_at = None
         self._started = time.monotonic()
+        self._logged = {}                 # (device, kind) -> [last line (monotonic s), lines held back]
         self._apply_registry(cfg.devices)
 
     # -- links and registry ------------------------------------------------------
@@ -218,6 +271,8 @@ class GatewayServer:
                 name = self.core.peers[pub].name
                 self.core.remove_peer(pub)
                 self._close_services(pub)
+                for k in [k for k in self._logged if k[0] == name]:
+                    del self._logged[k]
                 log.info("device %s revoked: its sessions are closed", name)
         for e in devices:
             new = e.public_key not in self.core.peers
@@ -254,16 +309,17 @@ class GatewayServer:
     # -- lifecycle -----------------------------------------------------------
     async def start(self):
         loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Proto(self._on_outer), local_addr=self.cfg.listen.sockaddr,
-            family=socket.AF_INET6 if self.cfg.listen.family == 6 else socket.AF_INET)
-        # asyncio's selector transport reads each datagram into a new
-        # 256 KiB buffer and shrinks it; between those, the objects a packet
-        # leaves behind carve glibc's heap, which then grows by free space
-        # (issue 11, defect 5: RSS +100-300 KB under mixed fuzz, trimmed
-        # only now and then). 64 KiB buffers leave RSS flat.
-        if hasattr(self._transport, "max_size"):
-            self._transport.max_size = RECV_MAX
+        sock = socket.socket(socket.AF_INET6 if self.cfg.listen.family == 6 else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind(self.cfg.listen.sockaddr)
+        except OSError:
+            sock.close()
+            raise
+        try:    # room for bursts (a flood shares this socket with every device's packets)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        except OSError:
+            pass
+        self._transport = _Listener(sock, self._on_outer, loop, self._count)
         if self.cfg.control is not None:
             self._control = await control.serve(self.cfg.control, {
                 "status": lambda req: {"status": self.status()},
@@ -283,7 +339,7 @@ class GatewayServer:
     def control_address(self):
         return None if self._control is None else self._control.get_extra_info("sockname")
 
-    async def stop(self):
+    async def stop(self, quiet=False):
         if self._timer is not None:
             self._timer.cancel()
         for t in list(self._services.values()):
@@ -293,7 +349,8 @@ class GatewayServer:
             self._control.close()
         if self._transport is not None:
             self._transport.close()
-        log.info("gateway stopped: %s", json.dumps(self.counters()))
+        if not quiet:
+            log.info("gateway stopped: %s", json.dumps(self.counters()))
 
     # -- outer plane ---------------------------------------------------------
     def _count(self, reason):
@@ -319,17 +376,35 @@ class GatewayServer:
         if not outer.verify(link.key, pkt):
             self._count("outer_bad_mac")
             return
-        if link.learn:
+        # A "learn" link's reply address: set by the first authenticated
+        # packet, and moved afterwards only by an inner transport packet that
+        # authenticates and is fresh (the replay window): a captured packet
+        # replayed from elsewhere passes the hop MAC but must not steer the
+        # replies (issue 11, defect 4; roaming as WireGuard does it).
+        if link.learn and link.peer_addr is None:
             link.peer_addr = src
+        roam = link.learn and src != link.peer_addr
         if ptype == outer.TYPE_HOP_KEEPALIVE:
             self._count("outer_keepalive_rx")
             return
         if ptype == outer.TYPE_HOP_PROBE:
             payload = pkt[outer.HEADER_LEN:]
-            if len(payload) <= outer.PROBE_MAX:
-                family, port, addr = encode_source(src)     # as the PoP answers probes
-                self._send_outer(outer.TYPE_HOP_PROBE_REPLY, link.in_label, link,
-                                 outer.probe_reply_payload(payload, family, port, addr), src)
+            # answered with the address it came from: a replayed probe from a
+            # forged source would aim the answers elsewhere, so at most
+            # PROBE_REPLIES_PER_S per link
+            t = int(time.monotonic())
+            if link.probe_window != t:
+                link.probe_window, link.probe_replies = t, 0
+            if link.probe_replies >= PROBE_REPLIES_PER_S:
+                self._count("outer_probe_limited")
+                return
+            link.probe_replies += 1
+            if not outer.PROBE_MIN <= len(payload) <= outer.PROBE_MAX:
+                self._count("outer_bad_probe")      # a reply may never be longer than its probe
+                return
+            family, port, addr = encode_source(src)     # as the PoP answers probes
+            self._send_outer(outer.TYPE_HOP_PROBE_REPLY, link.in_label, link,
+                             outer.probe_reply_payload(payload, family, port, addr), src)
             return
         if ptype != outer.TYPE_DATA:
             self._count("outer_unexpected_type")
@@ -340,11 +415,20 @@ class GatewayServer:
         c["rx_bytes"] += len(pkt)
         st = self.core.stats
         dup = st.get("duplicate", 0)
-        self.core.receive_datagram(pkt[outer.HEADER_LEN:], link.name, now)
+        if roam:
+            fresh = st.get("data_rx", 0) + st.get("keepalive_rx", 0)
+        core = self.core
+        core.receive_datagram(pkt[outer.HEADER_LEN:], link.name, now)
+        if roam and st.get("data_rx", 0) + st.get("keepalive_rx", 0) != fresh:
+            log.info("link %s: replies now go to %s (was %s; authentic fresh packet)",
+                     link.name, hconfig.format_sockaddr(src), hconfig.format_sockaddr(link.peer_addr))
+            link.peer_addr = src
         if st.get("duplicate", 0) != dup:
             c["duplicates"] += 1            # the copy that came second, on this link
-        self._events(now)
-        self._flush(now)
+        if core._events:                    # most dropped datagrams leave nothing to do
+            self._events(now)
+        if core._out:
+            self._flush(now)
         self._schedule()
 
     def _send_outer(self, ptype, label, link, payload, addr):
@@ -378,8 +462,40 @@ class GatewayServer:
                          name, e.peer.handshakes, e.peer.addr)
             elif e.kind == EXPIRED:
                 log.info("device %s: session expired", name)
+            elif e.kind == FAILED:
+                self._rlog(name, FAILED, "device %s: handshake answered but never confirmed: the device could not "
+                           "open the RESPONSE (a wrong psk? compare its config with the registry) or it was lost")
+            elif e.kind == STALE:
+                st = e.peer.stale
+                theirs, ours = int.from_bytes(st[1][:4], "big"), int.from_bytes(st[2][:4], "big")
+                answered = e.peer.stale_answered_at == st[0]
+                self._rlog(name, STALE, "device %s: stale handshake (counter %d \u2264 %d): its boot counter went "
+                           "backwards (re-flashed, storage wiped) or an old INIT was replayed; %s" % (
+                               "%s", theirs, ours, "told it to continue from %d" % (ours + 1) if answered else
+                               "not answered (one answer per device per 5 s)"))
+            elif e.kind == DENIED:
+                self._rlog(name, DENIED, "device %%s: data on channel %d refused: the registry does not allow it "
+                           "(channels %s)" % (e.channel, sorted(e.peer.channels)))
             if self.on_event is not None:
                 self.on_event(e.kind, name)
+
+    def _rlog(self, name, kind, fmt):
+        """One info line per device and kind per LOG_EVERY_S; the lines held
+        back meanwhile are counted in the next one."""
+        t = time.monotonic()
+        e = self._logged.get((name, kind))
+        if e is not None and t - e[0] < LOG_EVERY_S:
+            e[1] += 1
+            return
+        more = 0 if e is None else e[1]
+        self._logged[(name, kind)] = [t, 0]
+        log.info(fmt % name + (" (%d more like this since the last line)" % more if more else ""))
+
+    def _dev_count(self, peer, reason):
+        """A server-side drop that concerns one device: counted in the
+        gateway's counters and the device's."""
+        self._count(reason)
+        peer.counts[reason] = peer.counts.get(reason, 0) + 1
 
     def _deliver(self, peer, channel, data):
         svc = self.cfg.services.get(channel)
@@ -387,7 +503,9 @@ class GatewayServer:
             if self.on_data is not None:
                 self.on_data(peer.name, channel, bytes(data))
             else:
-                self._count("no_service")
+                self._dev_count(peer, "no_service")
+                self._rlog(peer.name, "no_service", "device %%s: data on channel %d dropped: no service is "
+                           "configured for it (gateway.json \"services\")" % channel)
             return
         key = (peer.public_key, channel)
         t = self._services.get(key)
@@ -406,11 +524,18 @@ class GatewayServer:
             except ValueError:      # the device was revoked meanwhile
                 self._count("service_reply_dropped")
 
+        def on_error(exc):
+            # ICMP port unreachable for what we forwarded: nobody listens there
+            self._dev_count(peer, "service_unreachable")
+            self._rlog(peer.name, "service_unreachable", "device %%s: channel %d service %s:%d is not listening "
+                       "(%s); its data is lost until the service starts" % (
+                           channel, svc[0], svc[1], getattr(exc, "strerror", None) or exc))
+
         async def opener():
             try:
-                t, _ = await loop.create_datagram_endpoint(lambda: _Proto(on_reply), remote_addr=svc)
+                t, _ = await loop.create_datagram_endpoint(lambda: _Proto(on_reply, on_error), remote_addr=svc)
             except OSError as e:
-                self._count("service_error")
+                self._dev_count(peer, "service_error")
                 log.warning("channel %d service %s:%d unavailable: %s", channel, svc[0], svc[1], e)
                 return
             old = self._services.get((pub, channel))
@@ -440,9 +565,16 @@ class GatewayServer:
 
     # -- timers ------------------------------------------------------------------
     def _schedule(self):
-        if self._timer is not None:
-            self._timer.cancel()
+        # Called after every datagram: keep the armed timer when the core's
+        # deadline did not change (the usual case), rather than cancel and
+        # re-arm one per packet (a cancelled TimerHandle stays in asyncio's
+        # heap until the loop cleans it up).
         d = self.core.get_timer()
+        if self._timer is not None:
+            if d == self._timer_at:
+                return
+            self._timer.cancel()
+        self._timer_at = d
         if d is None:
             self._timer = None
             return
@@ -450,6 +582,7 @@ class GatewayServer:
         self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
 
     def _on_timer(self):
+        self._timer = None
         now = now_ms()
         self.core.handle_timer(now)
         self._events(now)
@@ -481,8 +614,17 @@ class GatewayServer:
 
 
 async def serve(cfg, ready=None):
+    """Run a gateway until SIGTERM/SIGINT; returns the exit code (1 when
+    its sockets cannot be opened, with one line on stderr)."""
     server = GatewayServer(cfg)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:
+        await server.stop(quiet=True)
+        what = "listen on %s" % cfg.listen if server._transport is None else "open the control channel on %s" % cfg.control
+        print("microtun gateway: cannot %s: %s (is another gateway or PoP using it?)" % (what, e.strerror or e),
+              file=sys.stderr)
+        return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -493,6 +635,7 @@ async def serve(cfg, ready=None):
     await stop.wait()
     await server.stop()
     print(json.dumps({"gateway": cfg.name, "counters": server.counters()}), flush=True)
+    return 0
 
 
 def main(config_path, check=False):
@@ -506,8 +649,7 @@ def main(config_path, check=False):
         print("%s: ok (%d links, %d devices)" % (config_path, len(cfg.links), len(cfg.devices)))
         return 0
     logs.setup("gateway", cfg.log_level)    # the logger this module writes to
-    asyncio.run(serve(cfg))
-    return 0
+    return asyncio.run(serve(cfg))
 
 
 
@@ -525,6 +667,7 @@ def format_status(st):
     lines = ["gateway %s, up %ss" % (st["gateway"], st["uptime_s"])]
     lines.append("%-16s %-5s %-10s %-12s %-12s %s" % ("device", "up", "handshake", "rx", "tx",
                                                       "paths (link: last seen, srtt, packets, duplicates dropped)"))
+    normal = ("data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepalive_tx", "path_probe_rx", "response_tx")
     for d in st["devices"]:
         paths = ", ".join("%s: %s, %s, rx %d dup %d" % (
             p["link"], _ago(p["last_seen_ms_ago"]), "-" if p["srtt_ms"] is None else "%dms" % p["srtt_ms"],
@@ -532,8 +675,14 @@ def format_status(st):
         lines.append("%-16s %-5s %-10s %-12s %-12s %s" % (
             d["name"], "yes" if d["established"] else "no", _ago(d["last_handshake_ms_ago"]),
             "%d/%dB" % (d["rx_packets"], d["rx_bytes"]), "%d/%dB" % (d["tx_packets"], d["tx_bytes"]), paths or "-"))
-    drops = {k: v for k, v in sorted(st["counters"].items())
-             if k not in ("data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepalive_tx", "path_probe_rx")}
+        dc = {k: v for k, v in sorted(d.get("counters", {}).items()) if k not in normal}
+        if dc:
+            lines.append("%16s drops/events: %s" % ("", ", ".join("%s=%d" % kv for kv in dc.items())))
+        if d.get("stale"):
+            x = d["stale"]
+            lines.append("%16s stale handshake %s: counter %d \u2264 %d (boot counter went backwards?)" % (
+                "", _ago(x["last_ms_ago"]), x["counter"], x["gateway_counter"]))
+    drops = {k: v for k, v in sorted(st["counters"].items()) if k not in normal}
     lines.append("counters: " + (", ".join("%s=%d" % kv for kv in drops.items()) or "no drops"))
     return "\n".join(lines)
 
@@ -556,8 +705,12 @@ def status_main(config_path=None, control_addr=None, as_json=False):
     except control.ControlError as e:
         print("microtun status: %s (is the gateway running?)" % e, file=sys.stderr)
         return 1
-    if not reply.get("ok"):
-        print("microtun status: %s" % reply.get("error"), file=sys.stderr)
+    except (ValueError, OSError) as e:      # a host name, a bad port, no such address family...
+        print("microtun status: --control %s: %s" % (control_addr, getattr(e, "strerror", None) or e), file=sys.stderr)
+        return 2
+    if not reply.get("ok") or not isinstance(reply.get("status"), dict):
+        print("microtun status: %s" % (reply.get("error") or "the reply holds no status: is %s a gateway?" % control_addr),
+              file=sys.stderr)
         return 1
     print(json.dumps(reply["status"], indent=1) if as_json else format_status(reply["status"]))
     return 0
