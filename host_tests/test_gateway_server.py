@@ -202,3 +202,48 @@ def test_mixed_fuzz_keeps_gateway_memory_flat(tmp_path):
     assert counters.get("internal_error", 0) == 0
     assert counters["bad_init"] > 0 and counters["outer_bad_mac"] > 0 and counters["decrypt_failed"] > 0
     assert grown < 32 * 1024, (grown, counters)
+
+
+def test_learned_link_moves_only_on_fresh_authentic_packets(tmp_path):
+    """A link with `next: "learn"` (a device talking to the gateway without
+    PoPs, or a NATed last PoP): a captured packet replayed from another
+    address passes the hop MAC but must not steer the replies (defect 4);
+    the device's own next packet from a new address (NAT rebinding) does."""
+    import asyncio
+    from microtun import outer
+    from microtun.endpoint import Device
+    from microtun.config import load as load_device
+    from microtun_host.gateway import GatewayServer, load_gateway_config, now_ms
+
+    n = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {}})
+    A, B, C = ("127.0.0.1", 4000), ("127.0.0.66", 666), ("127.0.0.1", 4001)
+
+    async def run():
+        srv = GatewayServer(load_gateway_config(str(n.out / "gateway.json")))
+        srv._transport = _FakeTransport()
+        link = srv.links[0]
+        link.learn, link.peer_addr = True, None
+        dc = load_device(n.device_config("d1"))
+        dev = Device(dc.private_key, dc.gateway_public, psk=dc.psk, boot_counter=1)
+        sent, caps = [], []
+        srv._send_outer = lambda ptype, label, lk, payload, addr: sent.append(payload)
+
+        def to_gw(src):
+            for d, _ in dev.datagrams_to_send():
+                pkt = outer.seal(outer.TYPE_DATA, link.in_label, link.key, d)
+                caps.append(pkt)
+                srv._on_outer(pkt, src)
+        dev.connect(now_ms())
+        to_gw(A)
+        dev.receive_datagram(sent[0], 0, now_ms())
+        dev.send(1, b"first", now_ms())
+        to_gw(A)
+        assert dev.established and link.peer_addr == A
+        for pkt in caps:                       # every captured packet, replayed from B
+            srv._on_outer(pkt, B)
+        assert link.peer_addr == A
+        dev.send(1, b"after the NAT rebound", now_ms())
+        to_gw(C)
+        assert link.peer_addr == C
+        await srv.stop(quiet=True)
+    asyncio.run(run())
