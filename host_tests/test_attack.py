@@ -2,10 +2,9 @@
 (tools/attack_scenarios.py; tools/bench_attack.py prints the figures):
 what users rely on while someone attacks the network.
 
-Marked xfail(strict=True) while the fix lives on another branch: the test
-fails today for the reason given; once the fix is merged it passes, strict
-turns that into a failure, and the mark must go. Harness problems raise
-RuntimeError, which no mark excuses.
+Each test failed on the code before issue 11's fixes (defects 4, 1, 6 and
+5, in this order). Harness problems raise RuntimeError, so a run that
+measured nothing never passes.
 """
 import shutil
 import sys
@@ -31,19 +30,12 @@ def _check(cond, what, r):
         raise RuntimeError("the harness measured nothing: %s: %r" % (what, r))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="defect 4: a replayed outer packet moves the first PoP's learned return address "
-                          "to the attacker; fixed by b11-outer (path validation before a move)")
 def test_replayed_packets_do_not_cut_the_return_direction(netdir):
     r = sc.replay(netdir, stream_s=3.0, replay_s=2.0, modes=("every",))["every"]
     _check(r["streamed"] >= 250 and r["replays"] >= 15, "stream or replays", r)
     assert r["return_lost"] == 0, r
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="defect 1: every replayed INIT sent at the gateway is answered by a COOKIE down "
-                          "the label path to the genuine device; fixed by b11-gateway (INIT replay filter, "
-                          "per-link cookie budget)")
 def test_replayed_inits_at_the_gateway_do_not_flood_the_device_with_cookies(netdir):
     seconds = 2.0
     r = sc.flood(netdir, "replay_gw", seconds=seconds, workers=1)
@@ -52,9 +44,6 @@ def test_replayed_inits_at_the_gateway_do_not_flood_the_device_with_cookies(netd
     assert r["unsolicited_to_device"] <= 10 * seconds + 10, r
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="defect 6: a device whose boot counter went back is refused as stale_handshake "
-                          "until the gateway restarts; fixed by b11-gateway (an authenticated STALE answer)")
 def test_a_device_whose_boot_counter_was_reset_gets_back(netdir):
     r = sc.reset_counter(netdir, limit_ms=8000)
     _check(r["gateway_counters_delta"].get("stale_handshake", 0) >= 1, "the gateway saw no stale handshake", r)
