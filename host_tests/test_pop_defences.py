@@ -501,3 +501,45 @@ def test_14_memory_stays_flat_under_mixed_fuzz_from_spoofed_sources():
     assert s["drops"]["internal_error"] == 0 and s["sources_tracked"] <= pop.SOURCE_MAX
     assert f.learned == {100: DEV, 110: DEV}
     assert len(f.lines.records) < 200          # info lines are rate-limited: 8 simulated seconds
+
+
+
+def _reply(kind=2, n=outer.INNER_RESPONSE_LEN):
+    """The gateway's handshake answer on its way down to the device."""
+    return outer.seal(outer.TYPE_DATA, 201, HK[K_AB], bytes((kind, 0, 0, 0)) + os.urandom(n - 4))
+
+
+def test_15_a_fresh_init_from_a_new_address_gets_the_answer_once_and_no_larger():
+    """A device that rebooted (a new source port) sends its INIT from an
+    address the PoP has not validated: the gateway's answer must reach it at
+    once, not after a handshake retry. It goes there once, besides the
+    learned address, and is smaller than the INIT (RFC 9000 §8's rule for an
+    unvalidated address); the address itself moves only after a challenge."""
+    for kind, n in ((2, outer.INNER_RESPONSE_LEN), (3, outer.INNER_COOKIE_LEN), (5, outer.INNER_STALE_LEN)):
+        f = connected()
+        ini = init()
+        out = send(f, ini, DEV2)
+        assert [d for _, d in out] == [NEXT]            # forwarded; nothing back to DEV2 yet
+        out = send(f, _reply(kind, n), NEXT)
+        assert sorted(d for _, d in out) == sorted([DEV, DEV2]) and out[0][0] == out[1][0], out
+        assert len(out[0][0]) < len(ini)
+        assert [d for _, d in send(f, _reply(kind, n), NEXT)] == [DEV]   # once per INIT
+        assert f.learned[100] == DEV and f.stats()["candidate_copies"] == 1
+        # the device's next packet from there is challenged, and its answer moves the address
+        out = send(f, data(), DEV2)
+        chal = [p for p, d in out if d == DEV2]
+        assert len(chal) == 1
+        send(f, _respond_ok(chal[0]), DEV2)
+        assert f.learned[100] == DEV2
+        accounted(f)
+    # a replayed INIT, from anywhere, gets nothing: the replay filter drops it first
+    f = connected()
+    ini = init()
+    send(f, ini, DEV)
+    send(f, ini, EVIL)
+    assert [d for _, d in send(f, _reply(), NEXT)] == [DEV]
+    # and the copy waits at most CHALLENGE_TIMEOUT_S
+    f = connected()
+    send(f, init(), DEV2)
+    f.now[0] += pop.CHALLENGE_TIMEOUT_S + 0.1
+    assert [d for _, d in send(f, _reply(), NEXT)] == [DEV]

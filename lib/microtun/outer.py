@@ -51,9 +51,11 @@ BYTE0_PATH_RESPONSE = const(0x16)
 INNER_TYPE_INIT = const(1)
 INNER_TYPE_RESPONSE = const(2)
 INNER_TYPE_COOKIE = const(3)
+INNER_TYPE_STALE = const(5)
 INNER_INIT_LEN = const(148)
 INNER_RESPONSE_LEN = const(92)
 INNER_COOKIE_LEN = const(52)
+INNER_STALE_LEN = const(48)
 
 # --- drop reasons: parse() failures, as reject_reason() names them --------
 DROP_SHORT = "short"              # shorter than the 12-byte header
