@@ -284,7 +284,10 @@ _boards = set()
 def pytest_collection_modifyitems(session, config, items):
     def rank(item):
         interp = getattr(item, "interp", None)
-        return BACKGROUND.index(interp) + 1 if interp in BACKGROUND else 0
+        if interp in BACKGROUND:
+            return BACKGROUND.index(interp) + 2
+        mod = getattr(item, "module", None)           # test modules that build (RUN_LAST = True)
+        return 1 if getattr(mod, "RUN_LAST", False) else 0
     items.sort(key=rank)        # stable: the order inside each group stays
 
 

@@ -147,7 +147,8 @@ def unpack(tar, verbose):
         os.replace(tmp, dest)
     except (tarfile.TarError, OSError, EOFError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise Missing("cannot unpack %s (%s): set MICROPY_SRC to a MicroPython v1.28 source or its release tarball" % (tar, e))
+        why = " ".join(str(e).split())[:200]
+        raise Missing("cannot unpack %s (%s): set MICROPY_SRC to a MicroPython v1.28 source or its release tarball" % (tar, why))
     return top_of(dest)
 
 
@@ -318,6 +319,12 @@ def build(target, src_arg=None, verbose=False):
         libdir.mkdir(parents=True, exist_ok=True)
         (libdir / "README.md").touch()
 
+        # makemanifest.py regenerates frozen_content.c only when a frozen file
+        # is newer than it, not when the manifest changed: the targets that
+        # share this directory freeze different sets, so always regenerate.
+        for f in ("frozen_content.c", "frozen_content.o"):
+            if (objdir / f).exists():
+                (objdir / f).unlink()
         extra = []
         if port == "qemu":
             extra = ["BOARD_DIR=" + str(ROOT / "boards" / "qemu")]
