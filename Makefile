@@ -1,5 +1,6 @@
 # microtun — every target sets up what it needs by itself.
-#   make test    the whole suite: CPython + the MicroPython unix port
+#   make test    the whole suite: CPython, the MicroPython unix port, and (built
+#                from MICROPY_SRC, cached) a 32-bit frozen build and qemu Cortex-M3
 #   make bench   benchmarks (JSON) on both interpreters
 #   make demo    a local device -> PoPs -> gateway run over loopback
 #   make unix32-frozen / unix32 / qemu   MicroPython built from source with

@@ -95,13 +95,18 @@ _builds = {}
 _build_lock = threading.Lock()
 
 
+try:
+    import ctypes
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (ImportError, OSError, AttributeError):        # not Linux
+    _prctl = None
+
+
 def _die_with_parent():
-    """Children of the suite (interpreters, qemu) get SIGKILL if it dies."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    """Children of the suite (interpreters, qemu) get SIGKILL if it dies.
+    Runs between fork and exec: no imports, no locks."""
+    if _prctl is not None:
+        _prctl(1, int(signal.SIGKILL))      # PR_SET_PDEATHSIG
 
 
 def built(target):
