@@ -331,7 +331,10 @@ def _interp_of(nodeid):
 def pytest_runtest_logreport(report):
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         c = _counts.setdefault(_interp_of(report.nodeid), {})
-        c[report.outcome] = c.get(report.outcome, 0) + 1
+        outcome = report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if outcome == "skipped" else "xpassed"
+        c[outcome] = c.get(outcome, 0) + 1
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -342,5 +345,6 @@ def pytest_terminal_summary(terminalreporter):
         c = _counts.get(interp)
         if c:
             terminalreporter.write_line("%-11s %s  (%s)" % (
-                interp, ", ".join("%d %s" % (c[k], k) for k in ("passed", "failed", "skipped") if c.get(k)),
+                interp, ", ".join("%d %s" % (c[k], k) for k in ("passed", "failed", "skipped", "xfailed", "xpassed")
+                          if c.get(k)),
                 LABELS[interp]))
