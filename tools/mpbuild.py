@@ -319,12 +319,15 @@ def build(target, src_arg=None, verbose=False):
         libdir.mkdir(parents=True, exist_ok=True)
         (libdir / "README.md").touch()
 
-        # makemanifest.py regenerates frozen_content.c only when a frozen file
-        # is newer than it, not when the manifest changed: the targets that
-        # share this directory freeze different sets, so always regenerate.
+        # makemanifest.py regenerates frozen_content.c (and each frozen .mpy)
+        # only when a file is newer than it, not when the manifest changed or a
+        # file came back with an older mtime: the targets sharing this
+        # directory freeze different sets, so the frozen part is always redone
+        # (a few seconds).
         for f in ("frozen_content.c", "frozen_content.o"):
             if (objdir / f).exists():
                 (objdir / f).unlink()
+        shutil.rmtree(objdir / "frozen_mpy", ignore_errors=True)
         extra = []
         if port == "qemu":
             extra = ["BOARD_DIR=" + str(ROOT / "boards" / "qemu")]
