@@ -61,7 +61,10 @@ flash: $(STAMP)
 # microtun frozen in"). MICROPY_SRC: a v1.28 checkout or the release tarball;
 # default ../shared/micropython/micropython-1.28.0.tar.xz. Cached under build/.
 .PHONY: unix32-frozen unix32 qemu
-MPBUILD = $(PY) tools/mpbuild.py $(if $(MICROPY_SRC),--src "$(MICROPY_SRC)")
+ifdef MICROPY_SRC
+export MICROPY_SRC            # `make test MICROPY_SRC=...` reaches the suite's builds too
+endif
+MPBUILD = $(PY) tools/mpbuild.py
 
 unix32-frozen unix32 qemu: $(STAMP)
 	@$(MPBUILD) $@
