@@ -8,7 +8,8 @@ speaks to a USB board).
 prints what the code printed (its exception, if any, on stderr; exit 1).
 The default kernel is build/qemu-an385/firmware.elf. `--icount SHIFT` runs
 qemu with `-icount shift=SHIFT` (one instruction = 2**SHIFT ns of virtual
-time), so time.ticks_us() on the board counts instructions, not host time.
+time); the board's time.ticks_us() reads SysTick on that virtual clock, so
+at shift 0 a ticks_diff in microseconds times 1000 is the instruction count.
 
 As a module:
 
@@ -162,7 +163,7 @@ def main(argv=None):
     ap.add_argument("file", nargs="?", help="a Python file to run on the board")
     ap.add_argument("-c", dest="code", help="code to run instead of a file")
     ap.add_argument("--kernel", default=DEFAULT_KERNEL, help="firmware ELF (default: %(default)s)")
-    ap.add_argument("--icount", type=int, help="qemu -icount shift=N: ticks_us counts instructions")
+    ap.add_argument("--icount", type=int, help="qemu -icount shift=N: 2**N ns of virtual time per instruction")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for the code (default %(default)s)")
     a = ap.parse_args(argv)
     if (a.file is None) == (a.code is None):
