@@ -1,5 +1,6 @@
 # microtun — every target sets up what it needs by itself.
-#   make test    the whole suite: CPython + the MicroPython unix port
+#   make test    the whole suite: CPython, the MicroPython unix port, and (built
+#                from MICROPY_SRC, cached) a 32-bit frozen build and qemu Cortex-M3
 #   make bench   benchmarks (JSON) on both interpreters
 #   make demo    a local device -> PoPs -> gateway run over loopback
 #   make unix32-frozen / unix32 / qemu   MicroPython built from source with
@@ -66,7 +67,10 @@ flash: $(STAMP)
 # microtun frozen in"). MICROPY_SRC: a v1.28 checkout or the release tarball;
 # default ../shared/micropython/micropython-1.28.0.tar.xz. Cached under build/.
 .PHONY: unix32-frozen unix32 qemu
-MPBUILD = $(PY) tools/mpbuild.py $(if $(MICROPY_SRC),--src "$(MICROPY_SRC)")
+ifdef MICROPY_SRC
+export MICROPY_SRC            # `make test MICROPY_SRC=...` reaches the suite's builds too
+endif
+MPBUILD = $(PY) tools/mpbuild.py
 
 unix32-frozen unix32 qemu: $(STAMP)
 	@$(MPBUILD) $@

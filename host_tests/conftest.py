@@ -1,9 +1,22 @@
-"""Runs every portable test twice: as a normal pytest item on CPython, and as
-`name[micropython]` under the MicroPython unix port via host_tests/mprun.py.
+"""Runs every portable test on several interpreters: as a normal pytest item
+on CPython, and through host_tests/mprun.py as
+
+  name[micropython]  the MicroPython unix port from PyPI (64-bit, .venv)
+  name[unix32]       the 32-bit unix port built from MicroPython's source with
+                     microtun frozen in (tools/mpbuild.py unix32-frozen): the
+                     frozen modules are the ones imported; only what the device
+                     image leaves out (responder, noise, outer) comes from lib/
+  name[qemu]         the qemu MPS2_AN385 board (Cortex-M3), for test modules
+                     that also have the line `QEMU = True`: its test image
+                     (tools/mpbuild.py qemu-test) has them frozen in, and each
+                     module runs in a fresh qemu driven over the raw REPL
 
 A test module is portable when it contains the line `PORTABLE = True`.
 Its tests must then be plain functions (no fixtures, no pytest import); use
-host_tests/mtest.py for helpers.
+host_tests/mtest.py for helpers. Where an interpreter cannot be built (no
+MicroPython source, no toolchain), its items are skipped with the one line
+tools/mpbuild.py gives (what to install or set); a failed build fails them.
+The end of the run shows the counts per interpreter.
 """
 import ast
 import json
@@ -14,6 +27,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import re
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -22,6 +39,44 @@ sys.path.insert(0, str(LIB))
 sys.path.insert(0, str(HERE))
 
 MP_TIMEOUT = 600  # seconds for one module on the unix port
+BUILD_TIMEOUT = 1200  # seconds for tools/mpbuild.py (a cold build is ~2 min on 2 cores)
+QEMU_TIMEOUT = 600  # seconds for one module on the qemu board
+# The 32-bit port's default heap is 1 MB; test_tunnel's replay test keeps
+# every packet it sent and ran out there now and then. The tests check
+# behaviour, the heap budgets are tools/ benchmarks: the 64-bit wheel's 2 MB.
+UNIX32_HEAP = "2M"
+INTERPS = ("micropython", "unix32", "qemu")
+LABELS = {
+    "cpython": "CPython",
+    "micropython": "MicroPython unix port, 64-bit wheel",
+    "unix32": "MicroPython 32-bit unix port, microtun frozen (build/unix32-frozen)",
+    "qemu": "MicroPython qemu MPS2_AN385 Cortex-M3, microtun frozen (build/qemu-an385-test)",
+}
+# Tests left out on the qemu board, with the reason shown in the skip.
+QEMU_SKIP = {
+    ("test_x25519.py", "test_rfc7748_iterated_1000"):
+        "1000 chained X25519 scalar multiplications take ~55 s under qemu; the RFC 7748 vectors "
+        "and test_rfc7748_iterated_once run there",
+}
+# The qemu MPS2 board has no random number generator and the port's os module
+# no urandom. The test runs (never the device image) give `import os` a
+# stand-in whose urandom is SHA-256 of a counter: deterministic, NOT random,
+# enough for tests that need fresh-looking keys and indices.
+QEMU_PRELUDE = """
+import sys, os as _os, hashlib as _h
+class _TestOnlyOs:
+    _n = 0
+    def urandom(self, n):
+        out = b""
+        while len(out) < n:
+            _TestOnlyOs._n += 1
+            out += _h.sha256(b"qemu-test-only" + _TestOnlyOs._n.to_bytes(4, "little")).digest()
+        return out[:n]
+    def __getattr__(self, name):
+        return getattr(_os, name)
+if not hasattr(_os, "urandom"):
+    sys.modules["os"] = _TestOnlyOs()
+"""
 
 
 def micropython_binary():
@@ -40,6 +95,54 @@ def micropython_env():
     return env
 
 
+_builds = {}
+_build_lock = threading.Lock()
+
+
+try:
+    import ctypes
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (ImportError, OSError, AttributeError):        # not Linux
+    _prctl = None
+
+
+def _die_with_parent():
+    """Children of the suite (interpreters, qemu) get SIGKILL if it dies.
+    Runs between fork and exec: no imports, no locks."""
+    if _prctl is not None:
+        _prctl(1, int(signal.SIGKILL))      # PR_SET_PDEATHSIG
+
+
+def built(target):
+    with _build_lock:
+        return _built(target)
+
+
+def _built(target):
+    """(path, None) or (None, reason) from tools/mpbuild.py TARGET, once per run.
+    reason starts with 'skip: ' when the source or a toolchain is missing."""
+    if target not in _builds:
+        try:
+            proc = subprocess.run([sys.executable, str(ROOT / "tools" / "mpbuild.py"), target],
+                                  capture_output=True, text=True, timeout=BUILD_TIMEOUT, cwd=str(ROOT))
+        except subprocess.TimeoutExpired:
+            _builds[target] = (None, "tools/mpbuild.py %s took over %d s" % (target, BUILD_TIMEOUT))
+        else:
+            lines = proc.stdout.strip().splitlines()
+            if proc.returncode == 0 and lines:
+                _builds[target] = (lines[-1], None)
+            elif proc.returncode == 2:
+                _builds[target] = (None, "skip: " + proc.stderr.strip().splitlines()[-1])
+            else:
+                _builds[target] = (None, "tools/mpbuild.py %s failed (exit %s):\n%s"
+                                   % (target, proc.returncode, proc.stderr[-4000:]))
+    return _builds[target]
+
+
+def _is_qemu(path):
+    return re.search(r"^QEMU = True\b", path.read_text(), re.M) is not None
+
+
 def _is_portable(path):
     try:
         text = path.read_text()
@@ -55,26 +158,86 @@ def _test_names(path):
 
 class MicroPythonFile(pytest.File):
     def collect(self):
-        self._results = None
-        for name in _test_names(self.path):
-            yield MicroPythonItem.from_parent(self, name=name + "[micropython]", testname=name)
+        self._results = {}
+        qemu = _is_qemu(self.path)
+        for interp in INTERPS:
+            if interp == "qemu" and not qemu:
+                continue
+            for name in _test_names(self.path):
+                yield MicroPythonItem.from_parent(self, name="%s[%s]" % (name, interp), testname=name, interp=interp)
 
-    def results(self):
-        if self._results is None:
-            exe = micropython_binary()
-            if not exe:
-                raise RuntimeError("micropython not found: run the suite through `make test`, which installs it")
-            proc = subprocess.run(
-                [exe, str(HERE / "mprun.py"), str(self.path)],
-                capture_output=True, text=True, timeout=MP_TIMEOUT, env=micropython_env(), cwd=str(ROOT),
-            )
-            res = {}
-            for line in proc.stdout.splitlines():
-                if line.startswith("@@MPTEST "):
-                    r = json.loads(line[9:])
-                    res[r["name"]] = r
-            self._results = (res, proc)
-        return self._results
+    def results(self, interp):
+        fut = _futures.get((self.nodeid, interp))
+        if fut is not None:
+            return fut.result()
+        if interp not in self._results:
+            self._results[interp] = self.run_on(interp)
+        return self._results[interp]
+
+    def run_on(self, interp):
+        if _stopping.is_set():
+            return None, "the run was stopped"
+        try:
+            return getattr(self, "_run_" + interp)()
+        except Exception as e:          # a result for the items, never an exception in the worker
+            return None, "%s run failed: %r" % (interp, e)
+
+    @staticmethod
+    def _parse(out):
+        res = {}
+        for line in out.splitlines():
+            if line.startswith("@@MPTEST "):
+                r = json.loads(line[9:])
+                res[r["name"]] = r
+        return res
+
+    def _run_micropython(self):
+        exe = micropython_binary()
+        if not exe:
+            return None, "micropython not found: run the suite through `make test`, which installs it"
+        proc = subprocess.run(
+            [exe, str(HERE / "mprun.py"), str(self.path)],
+            capture_output=True, text=True, timeout=MP_TIMEOUT, env=micropython_env(), cwd=str(ROOT),
+        )
+        return self._parse(proc.stdout), "exit %s\nstdout tail:\n%s\nstderr:\n%s" % (
+            proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
+
+    def _run_unix32(self):
+        exe, why = built("unix32-frozen")
+        if exe is None:
+            return None, why
+        env = dict(os.environ)
+        env["MICROPYPATH"] = ".frozen:%s" % HERE      # not lib/: the frozen microtun must be the one imported
+        proc = subprocess.run(
+            [exe, "-X", "heapsize=" + UNIX32_HEAP, str(HERE / "mprun.py"), "--frozen", str(LIB), str(self.path)],
+            capture_output=True, text=True, timeout=MP_TIMEOUT, env=env, cwd=str(ROOT),
+            preexec_fn=_die_with_parent,
+        )
+        return self._parse(proc.stdout), "exit %s\nstdout tail:\n%s\nstderr:\n%s" % (
+            proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
+
+    def _run_qemu(self):
+        elf, why = built("qemu-test")
+        if elf is None:
+            return None, why
+        sys.path.insert(0, str(ROOT / "tools"))
+        try:
+            from qemuboard import QemuBoard, BoardError
+        finally:
+            sys.path.pop(0)
+        names = [n for n in _test_names(self.path) if (self.path.name, n) not in QEMU_SKIP]
+        code = QEMU_PRELUDE + "import mprun\nmprun.main(%r)\n" % ([self.path.stem] + names)
+        out = err = ""
+        board = QemuBoard(elf, preexec_fn=_die_with_parent)
+        _boards.add(board)
+        try:
+            with board:                            # qemu is killed when the block ends
+                out, err = board.exec(code, timeout=QEMU_TIMEOUT)
+        except BoardError as e:
+            err = "%s\n%s" % (e, err)
+        finally:
+            _boards.discard(board)
+        return self._parse(out), "stdout tail:\n%s\nerror:\n%s" % (out[-2000:], err[-4000:])
 
 
 class MicroPythonFailure(Exception):
@@ -82,30 +245,110 @@ class MicroPythonFailure(Exception):
 
 
 class MicroPythonItem(pytest.Item):
-    def __init__(self, *, testname, **kw):
+    def __init__(self, *, testname, interp, **kw):
         super().__init__(**kw)
         self.testname = testname
+        self.interp = interp
 
     def runtest(self):
-        res, proc = self.parent.results()
+        if self.interp == "qemu" and (self.path.name, self.testname) in QEMU_SKIP:
+            pytest.skip("qemu: " + QEMU_SKIP[(self.path.name, self.testname)])
+        res, detail = self.parent.results(self.interp)
+        if res is None:
+            if detail.startswith("skip: "):
+                pytest.skip("%s: %s" % (self.interp, detail[6:]))
+            raise MicroPythonFailure(detail)
         r = res.get(self.testname)
         if r is None:
-            raise MicroPythonFailure(
-                "no result from the unix port (exit %s)\nstdout tail:\n%s\nstderr:\n%s"
-                % (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
-            )
+            raise MicroPythonFailure("no result (%s)" % detail)
         if not r["ok"]:
             raise MicroPythonFailure(r["err"])
 
     def repr_failure(self, excinfo):
         if isinstance(excinfo.value, MicroPythonFailure):
-            return "MicroPython unix port:\n" + str(excinfo.value)
+            return LABELS[self.interp] + ":\n" + str(excinfo.value)
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.path, None, "%s[micropython]" % self.testname
+        return self.path, None, "%s[%s]" % (self.testname, self.interp)
 
 
 def pytest_collect_file(parent, file_path):
     if file_path.suffix == ".py" and file_path.name.startswith("test_") and _is_portable(file_path):
         return MicroPythonFile.from_parent(parent, path=file_path)
+
+
+# -- the built interpreters run in the background -----------------------------------------
+# Their items go to the end of the run; one worker thread builds them
+# (tools/mpbuild.py, cached) and runs their modules while CPython and the
+# 64-bit wheel go through theirs, so the ~2 min of qemu overlaps the rest.
+BACKGROUND = ("unix32", "qemu")
+_futures = {}
+_pool = None
+_stopping = threading.Event()
+_boards = set()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        interp = getattr(item, "interp", None)
+        if interp in BACKGROUND:
+            return BACKGROUND.index(interp) + 2
+        mod = getattr(item, "module", None)           # test modules that build (RUN_LAST = True)
+        return 1 if getattr(mod, "RUN_LAST", False) else 0
+    items.sort(key=rank)        # stable: the order inside each group stays
+
+
+def pytest_collection_finish(session):
+    global _pool
+    todo = []
+    for item in session.items:
+        if getattr(item, "interp", None) in BACKGROUND:
+            key = (item.parent.nodeid, item.interp)
+            if key not in [k for k, _ in todo]:
+                todo.append((key, item.parent))
+    if not todo:
+        return
+    _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mp-interps")
+    for key, f in todo:
+        _futures[key] = _pool.submit(f.run_on, key[1])
+
+
+def pytest_sessionfinish(session):
+    _stopping.set()
+    if _pool is not None:
+        _pool.shutdown(wait=False, cancel_futures=True)
+    for board in list(_boards):
+        board.close()
+
+
+# -- counts per interpreter, at the end of the run ----------------------------------------
+_counts = {}
+
+
+def _interp_of(nodeid):
+    m = re.search(r"\[(%s)\]$" % "|".join(INTERPS), nodeid)
+    return m.group(1) if m else "cpython"
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        c = _counts.setdefault(_interp_of(report.nodeid), {})
+        outcome = report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if outcome == "skipped" else "xpassed"
+        c[outcome] = c.get(outcome, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _counts:
+        return
+    terminalreporter.section("tests per interpreter")
+    for interp in ("cpython",) + INTERPS:
+        c = _counts.get(interp)
+        if c:
+            terminalreporter.write_line("%-11s %s  (%s)" % (
+                interp, ", ".join("%d %s" % (c[k], k) for k in ("passed", "failed", "skipped", "xfailed", "xpassed")
+                          if c.get(k)),
+                LABELS[interp]))

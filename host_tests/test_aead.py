@@ -8,6 +8,7 @@ from microtun import aes
 from microtun.aead import AEAD, BACKENDS, CCM
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
 
 K3610_1 = "c0c1c2c3c4c5c6c7c8c9cacbcccdcecf"
 K3610_2 = "d7828d13b2b0bdc325a76236df93cc6b"

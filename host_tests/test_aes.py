@@ -6,6 +6,7 @@ from mtest import MICROPYTHON, raises, unhex
 from microtun import aes
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
 
 # SP 800-38A appendix F: the same four plaintext blocks throughout.
 P4 = """6bc1bee22e409f96e93d7e117393172a ae2d8a571e03ac9c9eb76fac45af8e51

@@ -10,6 +10,7 @@ from microtun.responder import create_response, read_initiation
 from microtun.x25519 import public_key, x25519
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
 
 _rng = Rng(7748)
 

@@ -3,6 +3,7 @@ from microtun.hmac import hmac_sha256, hkdf, hkdf_extract, hkdf_expand, noise_hk
 from mtest import unhex, raises
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
 
 # RFC 4231 §4.2-4.8: (case, key, data, HMAC-SHA-256, truncate to bytes)
 RFC4231 = [

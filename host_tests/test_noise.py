@@ -9,6 +9,7 @@ from microtun.noise import HandshakeState, NoiseError, CipherState, SymmetricSta
 from microtun.x25519 import x25519, public_key
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
 
 SUITE = noise.NOISE_IKPSK2_25519_AESCCM_SHA256
 _rng = Rng(34)

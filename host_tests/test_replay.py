@@ -3,6 +3,7 @@ from microtun.replay import ReplayWindow, REJECT_AFTER_MESSAGES, DEVICE_WINDOW, 
 from mtest import raises
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
 
 # (case, window size, counters marked in order, expected mark() results)
 W = 1024

@@ -4,6 +4,7 @@ from stack_sim import StackSim, PathNet
 from microtun import paths as P
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
 
 
 def test_both_paths_come_up():

@@ -7,6 +7,7 @@ from tunnel_sim import Sim, pair, connected, fast_params, TO_GW, TO_DEV, DEV_KEY
 from mtest import raises, Rng
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
 
 
 def test_handshake():

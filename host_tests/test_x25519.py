@@ -3,6 +3,7 @@ from microtun.x25519 import x25519, public_key, BASE_POINT
 from mtest import unhex, raises, MICROPYTHON
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
 
 # RFC 7748 §5.2: (scalar, u, result)
 SCALAR_MULT = [

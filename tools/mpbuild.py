@@ -22,8 +22,9 @@ unpacked once under build/src/.
 Cached: a target is rebuilt only when its inputs change (the source, the
 frozen files: lib/microtun, firmware/, boards/, the test modules for
 qemu-test, and this script). The stamp is removed before a build and written
-after it, and the artefact is put in place by an atomic rename, so a build
-that fails or is interrupted leaves nothing a later run trusts.
+after it, the old artefact is removed before a build and the new one put in
+place by an atomic rename, so a build that fails or is interrupted leaves
+nothing a later run trusts.
 
 Bad input (no source, a wrong path, another MicroPython version, a missing
 toolchain) prints one line naming what is missing and how to get it on
@@ -53,14 +54,17 @@ UNIX_FLAGS = ["CFLAGS_EXTRA=-m32", "LDFLAGS_EXTRA=-m32", "MICROPY_PY_BTREE=0", "
 QEMU_FLAGS = ["BOARD=MPS2_AN385", "MICROPY_PY_BTREE=0"]
 
 FROZEN = ("lib/microtun", "firmware", "boards/microtun_manifest.py", "lib/microtun_host/flash.py")
+TEST_HEAP = 2 * 1024 * 1024
 TARGETS = {
-    # name: (port, manifest (repo-relative), artefact (under build/), frozen inputs)
+    # name: (port, manifest (repo-relative), artefact (under build/), frozen inputs, extra make flags)
     "unix32-frozen": ("unix", "boards/unix/manifest.py", "unix32-frozen/micropython",
-                      FROZEN + ("boards/unix",)),
-    "unix32": ("unix", "boards/unix/base_manifest.py", "unix32/micropython", ("boards/unix/base_manifest.py",)),
-    "qemu": ("qemu", "boards/qemu/manifest.py", "qemu-an385/firmware.elf", FROZEN + ("boards/qemu",)),
+                      FROZEN + ("boards/unix",), ()),
+    "unix32": ("unix", "boards/unix/base_manifest.py", "unix32/micropython", ("boards/unix/base_manifest.py",), ()),
+    "qemu": ("qemu", "boards/qemu/manifest.py", "qemu-an385/firmware.elf", FROZEN + ("boards/qemu",), ()),
+    # The test image gets a 2 MB heap (the board's 4 MB RAM allows it; the
+    # device image keeps the port's 140 KB): some vectors allocate 64 KB.
     "qemu-test": ("qemu", "host_tests/qemu_manifest.py", "qemu-an385-test/firmware.elf",
-                  FROZEN + ("boards/qemu", "host_tests")),
+                  FROZEN + ("boards/qemu", "host_tests"), ("MICROPY_HEAP_SIZE=%d" % TEST_HEAP,)),
 }
 
 APT = {"unix": "gcc-multilib", "qemu": "gcc-arm-none-eabi libnewlib-arm-none-eabi"}
@@ -143,7 +147,8 @@ def unpack(tar, verbose):
         os.replace(tmp, dest)
     except (tarfile.TarError, OSError, EOFError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise Missing("cannot unpack %s (%s): set MICROPY_SRC to a MicroPython v1.28 source or its release tarball" % (tar, e))
+        why = " ".join(str(e).split())[:200]
+        raise Missing("cannot unpack %s (%s): set MICROPY_SRC to a MicroPython v1.28 source or its release tarball" % (tar, why))
     return top_of(dest)
 
 
@@ -267,7 +272,7 @@ class BuildFailed(Exception):
 def build(target, src_arg=None, verbose=False):
     if target not in TARGETS:
         raise Missing("unknown target %r: one of %s" % (target, ", ".join(TARGETS)))
-    port, manifest, artefact, inputs = TARGETS[target]
+    port, manifest, artefact, inputs, target_flags = TARGETS[target]
     kind, given = find_source(src_arg)
     BUILD.mkdir(parents=True, exist_ok=True)
     with open(BUILD / ".mpbuild.lock", "w") as lockf:
@@ -277,23 +282,26 @@ def build(target, src_arg=None, verbose=False):
         check_toolchain(port)
         src_id = file_digest(given) if kind == "tar" else tree_digest(top, port)
         script_id = file_digest(Path(__file__))
-        flags = UNIX_FLAGS if port == "unix" else QEMU_FLAGS
+        flags = (UNIX_FLAGS if port == "unix" else QEMU_FLAGS) + list(target_flags)
         # The object directory is keyed by source and flags: objects of another
         # source never meet this one (tarball mtimes could make them look newer).
-        obj_key = hashlib.sha256(("%s\n%s\n%s\n%s" % (top, src_id, script_id, flags)).encode()).hexdigest()[:16]
+        port_cfg = inputs_digest(["boards/qemu/mpconfigboard.mk", "boards/qemu/mbedtls_config_port.h"]) if port == "qemu" else ""
+        obj_key = hashlib.sha256(("%s\n%s\n%s\n%s" % (top, src_id, flags, port_cfg)).encode()).hexdigest()[:16]
         frozen_id = inputs_digest(inputs)
-        key = "%s %s" % (obj_key, frozen_id)
+        key = "%s %s %s" % (obj_key, frozen_id, script_id[:16])
 
         out = BUILD / artefact
         stamp = out.parent / ".stamp"
         if out.is_file() and stamp.is_file() and stamp.read_text().strip() == key:
             return out
-        if stamp.exists():
-            stamp.unlink()
+        for stale in (stamp, out):         # nothing of an older build stays to be trusted
+            if stale.exists():
+                stale.unlink()
         out.parent.mkdir(parents=True, exist_ok=True)
 
         objroot = BUILD / "obj"
-        objdir = objroot / port          # shared by a port's targets: only the frozen part differs
+        # Shared by a port's targets with the same flags: only the frozen part differs.
+        objdir = objroot / (port + "".join("-" + f.split("=")[0].lower() for f in target_flags))
         keyfile = objdir / ".key"
         if objdir.exists() and not (keyfile.is_file() and keyfile.read_text().strip() == obj_key):
             shutil.rmtree(objdir)
@@ -311,6 +319,15 @@ def build(target, src_arg=None, verbose=False):
         libdir.mkdir(parents=True, exist_ok=True)
         (libdir / "README.md").touch()
 
+        # makemanifest.py regenerates frozen_content.c (and each frozen .mpy)
+        # only when a file is newer than it, not when the manifest changed or a
+        # file came back with an older mtime: the targets sharing this
+        # directory freeze different sets, so the frozen part is always redone
+        # (a few seconds).
+        for f in ("frozen_content.c", "frozen_content.o"):
+            if (objdir / f).exists():
+                (objdir / f).unlink()
+        shutil.rmtree(objdir / "frozen_mpy", ignore_errors=True)
         extra = []
         if port == "qemu":
             extra = ["BOARD_DIR=" + str(ROOT / "boards" / "qemu")]
