@@ -15,10 +15,11 @@ slow in Python, so CCM it is, with exactly two AES calls per message
   CTR      ONE ECB call over the counter blocks A_0 .. A_n (§2.3); then
            (P || T) ^ (S_1 .. || S_0) as two big ints gives ciphertext || tag.
 
-The ECB object lives as long as the CCM object; the CBC object is made per
-message (cryptolib objects are one-direction and chain across calls): a key
-expansion in C per message instead of 320 bytes of heap per AEAD for as
-long as it lives (a device keeps up to six).
+Both cryptolib objects are made per message (a CBC one chains across
+calls): two key expansions in C per message instead of about 300 bytes of
+heap per AEAD for as long as it lives (a device keeps up to six: on the
+32-bit frozen build the endpoint's minimum heap is 1K smaller for it,
+docs/MEMORY.md).
 
 Packets without copies: `seal(..., head=h, lead=l)` returns
 h || ciphertext || tag for the plaintext l || plaintext, and
@@ -81,7 +82,6 @@ class CCM:
         self._key = key
         # B0's flags (RFC 3610 §2.2) shifted into place; 64 << 120 marks aad.
         self._b0 = (8 * ((tag_size - 2) // 2) + 14 - nonce_size) << 120
-        self._ecb = self._make(key, 1)  # MODE_ECB
 
     def _check(self, nonce, data, aad):
         # API misuse is a loud ValueError; bad peer data never raises.
@@ -115,7 +115,7 @@ class CCM:
         k = self.nonce_size
         for o in range(1, end, 16):
             ctr[o:o + k] = nonce
-        self._ecb.encrypt(ctr[:end], _work)
+        self._make(self._key, 1).encrypt(ctr[:end], _work)  # MODE_ECB
         return _work
 
     def _cbc_mac(self, nonce, aad, lead, data, n):
