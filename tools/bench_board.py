@@ -118,26 +118,39 @@ def describe(exe, kind):
 
 
 # -- the firmware on loopback ---------------------------------------------------------------
-def firmware_minimum(exe, kind, seconds=FW_SECONDS):
-    """{"min_heap_k", "trials"}: the smallest heap (K) in which the whole
-    firmware runs (host_tests/test_firmware.py: _trial's test of working)."""
-    sys.path.insert(0, str(ROOT / "host_tests"))
-    import test_firmware as tf
-    tf.MICROPYTHON = exe
-    base = Path(tempfile.mkdtemp(prefix="microtun-board-fw-"))
-    rig = tf.Rig(base / "rig").start()
-    trials = []
+class FirmwareRig:
+    """Two PoPs and a gateway on loopback (host_tests/test_firmware.py's
+    Rig), and the firmware of one interpreter run against them; close()
+    stops everything."""
 
-    def trial(k):
-        d = base / "board"
+    def __init__(self, exe, kind):
+        sys.path.insert(0, str(ROOT / "host_tests"))
+        import test_firmware as tf
+        self.tf = tf
+        self.exe, self.kind = exe, kind
+        self.base = Path(tempfile.mkdtemp(prefix="microtun-board-fw-"))
+        self.rig = tf.Rig(self.base / "rig").start()
+        self.trials = []
+
+    def trial(self, k, seconds=FW_SECONDS):
+        """Run the firmware in a k-K heap for `seconds`: True if the session
+        came up and the telemetry flowed (at least seconds - 2 messages
+        echoed) with no MemoryError. Every trial is a reboot of the same
+        board: the boot counter carries over, as the gateway requires."""
+        tf, rig = self.tf, self.rig
+        d = self.base / "board"
         tf.make_board(d, dict(rig.device_config, app={"telemetry_s": 1, "health_s": 1},
                               firmware={"boot_window_ms": 0}))
-        if kind == "frozen":    # frozen in: nothing of it on the board's filesystem
+        if self.kind == "frozen":    # frozen in: nothing of it on the board's filesystem
             shutil.rmtree(d / "lib" / "microtun", ignore_errors=True)
             for m in ("microtun_fw.mpy", "microtun_boot.mpy"):
                 (d / "lib" / m).unlink(missing_ok=True)
         n0 = len(rig.echo.got)
-        fw = tf.Firmware(d, heap="%dK" % k)
+        saved, tf.MICROPYTHON = tf.MICROPYTHON, self.exe
+        try:
+            fw = tf.Firmware(d, heap="%dK" % k)
+        finally:
+            tf.MICROPYTHON = saved
         try:
             time.sleep(seconds)
         finally:
@@ -147,33 +160,42 @@ def firmware_minimum(exe, kind, seconds=FW_SECONDS):
         up = re.search(r"session up (\d+) ms after boot, (\d+) X25519 operations, heap used (\d+)", text)
         used = [int(x) for x in re.findall(r"health: .*heap used (\d+)", text)]
         ok = up is not None and len(got) >= seconds - 2 and "MemoryError" not in text
-        trials.append({"heap_k": k, "works": ok, "delivered": len(got),
-                       "used_at_session_up": int(up.group(3)) if up else None,
-                       "steady_used_max": max(used) if used else None,
-                       "memory_error": "MemoryError" in text})
-        if "MemoryError" in text:    # where it ran out: the frame nearest the failure
+        self.trials.append({"heap_k": k, "works": ok, "delivered": len(got),
+                            "used_at_session_up": int(up.group(3)) if up else None,
+                            "steady_used_max": max(used) if used else None,
+                            "memory_error": "MemoryError" in text})
+        if "MemoryError" in text:    # where it ran out: the frames nearest the failure
             frames = re.findall(r'File "([^"]+)", line (\d+)', text)
-            trials[-1]["where"] = ["%s:%s" % f for f in frames[-3:]]
+            self.trials[-1]["where"] = ["%s:%s" % f for f in frames[-3:]]
         return ok
 
+    def close(self):
+        self.rig.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def firmware_minimum(exe, kind):
+    """{"min_heap_k", "trials"}: the smallest heap (K) in which the whole
+    firmware runs (FirmwareRig.trial), by bisection; the result is run again,
+    and if it fails then, the next size up must work twice."""
+    fr = FirmwareRig(exe, kind)
     try:
         lo, hi = 8, FW_HI[kind]
-        if not trial(hi):
-            return {"min_heap_k": None, "trials": trials}
+        if not fr.trial(hi):
+            return {"min_heap_k": None, "trials": fr.trials}
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if trial(mid):
+            if fr.trial(mid):
                 hi = mid
             else:
                 lo = mid
-        confirmed = trial(hi)
+        confirmed = fr.trial(hi)
         while not confirmed and hi < FW_HI[kind]:      # noise: the next size up, checked twice
             hi += 1
-            confirmed = trial(hi) and trial(hi)
-        return {"min_heap_k": hi if confirmed else None, "trials": trials}
+            confirmed = fr.trial(hi) and fr.trial(hi)
+        return {"min_heap_k": hi if confirmed else None, "trials": fr.trials}
     finally:
-        rig.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        fr.close()
 
 
 # -- one interpreter --------------------------------------------------------------------------
