@@ -97,10 +97,11 @@ def test_romfs_image_keeps_the_code_bytes_out_of_the_heap(tmp_path):
 
 # -- the 32-bit builds (issue 10) ------------------------------------------------------------
 # measured minimum with the start-up GC (tools/bench_board.py, several runs):
-# frozen: endpoint 14.0-14.75K, core 20.75-21.75K, firmware 38K (works at
-# 33-37K in some runs); .mpy: endpoint 34.25K, core 53.25K, firmware 82K.
-TODAY_32 = {"frozen": {"endpoint": 16.5 * K, "core": 23.5 * K, "firmware": 44},
-            "mpy": {"endpoint": 36.5 * K, "core": 55.5 * K, "firmware": 88}}
+# frozen: endpoint 14.0-14.75K, core 20.5-21.75K, firmware 27K;
+# .mpy: endpoint 34.0-34.25K, core 53.0-53.25K, firmware 70K (69-74K
+# works and fails from run to run).
+TODAY_32 = {"frozen": {"endpoint": 16.5 * K, "core": 23.5 * K, "firmware": 32},
+            "mpy": {"endpoint": 36.5 * K, "core": 55.5 * K, "firmware": 78}}
 PACKET_TODAY_32 = 7000       # bytes allocated per 1200-byte packet, endpoint (measured 6.25K / 6.1K)
 UNMET = "issue 10 target not reached on the 32-bit %s build (docs/MEMORY.md)"
 
@@ -155,13 +156,25 @@ def test_bytes_allocated_per_1200_byte_packet_target(build32):
     assert max(r["per_send"], r["per_receive"]) <= bb.PACKET_TARGET, r
 
 
-@pytest.mark.parametrize("kind", ["frozen", "mpy"])
-def test_firmware_runs_in_todays_heap_on_32bit(kind):
-    # the whole firmware against two real PoPs and a gateway (one 6-s run)
+def firmware_runs(kind, k):
+    """The whole firmware against two real PoPs and a gateway, one 6-s run
+    in a k-K heap (tools/bench_board.py's FirmwareRig)."""
     fr = bb.FirmwareRig(board_heap.interpreter(kind), kind)
     try:
-        ok = fr.trial(TODAY_32[kind]["firmware"])
+        ok = fr.trial(k)
         print(fr.trials)
-        assert ok, fr.trials
+        return ok
     finally:
         fr.close()
+
+
+@pytest.mark.parametrize("kind", ["frozen", "mpy"])
+def test_firmware_runs_in_todays_heap_on_32bit(kind):
+    # frozen: that is the target itself (32K; measured 27K)
+    assert firmware_runs(kind, TODAY_32[kind]["firmware"])
+
+
+@pytest.mark.xfail(strict=True, reason=UNMET % ".mpy")
+def test_firmware_runs_in_64k_with_mpy_files():
+    # 6K under today's 70K, below every run seen to work (69K at best)
+    assert firmware_runs("mpy", bb.TARGETS["mpy"]["firmware"] // K)
