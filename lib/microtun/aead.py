@@ -66,22 +66,25 @@ class CCM:
     backend = "cryptolib"  # the path in use (tests and benchmarks read it)
     _make = _native        # a cryptolib-style aes(key, mode[, iv]) constructor
     _lib = None            # a ccm_backends.AESCCM: CPython's fast path
+    nonce_size = tag_size = _b0 = None   # per object, unless the class fixes them (AEAD)
 
     def __init__(self, key, nonce_size, tag_size, backend=None):
         if not isinstance(key, _BYTES) or len(key) not in (16, 32):
             raise ValueError("AES-CCM key must be 16 or 32 bytes")
         if not 7 <= nonce_size <= 13 or tag_size not in (4, 6, 8, 10, 12, 14, 16):
             raise ValueError("CCM needs a 7..13-byte nonce and a 4, 6, .., 16-byte tag")
-        self.nonce_size = nonce_size
-        self.tag_size = tag_size
+        if nonce_size != self.nonce_size or tag_size != self.tag_size:
+            self.nonce_size = nonce_size    # (AEAD's are class attributes: ~100 bytes
+            self.tag_size = tag_size        # less per object on a board)
         key = bytes(key)
         if backend is not None or _native is None:
             from microtun.ccm_backends import choose
             if choose(self, backend, key):
                 return
         self._key = key
-        # B0's flags (RFC 3610 §2.2) shifted into place; 64 << 120 marks aad.
-        self._b0 = (8 * ((tag_size - 2) // 2) + 14 - nonce_size) << 120
+        if self._b0 is None:
+            # B0's flags (RFC 3610 §2.2) shifted into place; 64 << 120 marks aad.
+            self._b0 = (8 * ((tag_size - 2) // 2) + 14 - nonce_size) << 120
 
     def _check(self, nonce, data, aad):
         # API misuse is a loud ValueError; bad peer data never raises.
@@ -213,6 +216,10 @@ class CCM:
 class AEAD(CCM):
     """AES-256-CCM (AES-128 with a 16-byte key), 12-byte nonce, 16-byte tag:
     the tunnel's cipher. backend: see CCM."""
+
+    nonce_size = 12
+    tag_size = 16
+    _b0 = (8 * ((16 - 2) // 2) + 14 - 12) << 120   # as CCM.__init__ computes it
 
     def __init__(self, key, backend=None):
         CCM.__init__(self, key, 12, 16, backend)
