@@ -120,8 +120,10 @@ class CCM:
         # The nonce into every block: pack_into, not ctr[o:o + k] = nonce,
         # which makes a slice object per block (3x the instructions on a
         # Cortex-M3, a third of a 1200-byte seal; tools/bench_qemu.py).
-        f = "%ds" % self.nonce_size
-        nonce = bytes(nonce)
+        k = self.nonce_size
+        f = "12s" if k == 12 else "%ds" % k
+        if _native is None and not isinstance(nonce, bytes):
+            nonce = bytes(nonce)    # CPython's "s" takes bytes only; MicroPython's any buffer
         for o in range(1, end, 16):
             pack_into(f, ctr, o, nonce)
         self._make(self._key, 1).encrypt(ctr[:end], _work)  # MODE_ECB
