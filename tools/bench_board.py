@@ -39,8 +39,8 @@ On the frozen build microtun and the firmware runtime are frozen in (as
 boards/*/manifest.py do for a board): the .mpy files of the package are
 not on the path at all, so nothing can load from the filesystem by
 mistake; the scenario script itself (heap_device.py) is a .mpy file, so
-its bytecode (about 1K on 32 bits) is in every scenario figure, frozen or
-not. On the .mpy build the package is compiled with --mpy-cross exactly as
+its load (1.6K on 32 bits, with its qstrs) is in every scenario figure,
+unless the build freezes it too ("scenario_script" in the JSON says which). On the .mpy build the package is compiled with --mpy-cross exactly as
 `microtun flash` compiles it for a board.
 """
 import json
@@ -114,7 +114,12 @@ def describe(exe, kind):
         raise SystemExit("%s has no microtun frozen in: not a frozen build" % exe)
     if kind == "mpy" and frozen:
         raise SystemExit("%s has microtun frozen in: the .mpy figures need a build without it" % exe)
-    return {"path": exe, "bits": bits, "version": version, "microtun_frozen": frozen}
+    # the scenario script frozen in too (a build whose manifest adds
+    # host_tests/heap_device.py): .frozen comes first on the path, so it runs
+    r = subprocess.run([exe, "-c", "help('modules')"], capture_output=True, text=True, timeout=30,
+                       env={"MICROPYPATH": ".frozen"}, cwd="/")
+    script = "frozen" if re.search(r"\bheap_device\b", r.stdout) else ".mpy"
+    return {"path": exe, "bits": bits, "version": version, "microtun_frozen": frozen, "scenario_script": script}
 
 
 # -- the firmware on loopback ---------------------------------------------------------------
