@@ -7,7 +7,10 @@
 Options: --frozen PATH, --mpy PATH (the 32-bit unix port with microtun
 frozen in, and without), --wheel PATH (the 64-bit wheel, for reference),
 --mpy-cross PATH (to compile the .mpy files; must emit the .mpy version of
-the interpreters measured), --only frozen,mpy,wheel. Without them the
+the interpreters measured: the venv's mpy-cross, 1.29, emits .mpy v6.3,
+which 1.28 loads, and is the default; the source tree's own is
+`make -C mpy-cross` in it), --only frozen,mpy,wheel, --quick (no
+bisections), --no-firmware. Without them the
 interpreters are found as MICROPYTHON_32F / MICROPYTHON_32 / MICROPYTHON
 (environment), then build/unix32-frozen/micropython and build/unix32/micropython
 (`make unix32-frozen unix32`, tools/mpbuild.py), then the venv's wheel.
