@@ -47,6 +47,16 @@ bench: $(STAMP)
 bench-attack: $(STAMP)
 	$(PY) tools/bench_attack.py $(if $(QUICK),--quick)
 
+# Issue 10 (docs/MEMORY.md, docs/FIGURES.md): the heap budgets on the 32-bit
+# builds (and the 64-bit wheel for reference), and speed on the emulated
+# Cortex-M3; each prints one JSON object.
+.PHONY: bench-board bench-qemu
+bench-board: $(STAMP)
+	$(PY) tools/bench_board.py
+
+bench-qemu: $(STAMP)
+	$(PY) tools/bench_qemu.py
+
 demo: $(STAMP)
 	$(PY) tools/demo.py
 

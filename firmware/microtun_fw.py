@@ -265,11 +265,16 @@ class Firmware:
         if app is not None:
             a = app.App(t, self.cfg.app, self.board, self.log)
             t.on_data = a.on_data
+        gc.collect()
         try:
-            gc.threshold(-1)         # loading is over (STARTUP_GC)
+            # Loading is over (STARTUP_GC). Running, collect once a quarter of
+            # what is free has been allocated: what lives on (path figures,
+            # queued datagrams) is then made near the rest, not strewn over
+            # a heap filled with garbage, and a datagram's receive buffer
+            # (2 KB in one piece) still finds room (docs/MEMORY.md).
+            gc.threshold(gc.mem_free() // 4)
         except AttributeError:
             pass
-        gc.collect()
         t.connect(0)
         loop_ms = self.s["loop_ms"]
         was_up = False

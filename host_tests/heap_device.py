@@ -10,8 +10,9 @@ public key, psk (hex). MODE "core": the config file ARGS[0] loaded and its
 module forgotten (microtun.config.forget(), as the firmware does), then
 everything microtun.driver imports, and a microtun.tunnel.TunnelCore.
 GC: 0, or N to set gc.threshold(N) (collect after every N bytes allocated)
-while the modules load and the device is made, as a firmware should
-(docs/MEMORY.md); a negative N keeps that threshold for the whole run.
+while the modules load and the device is made, then gc.threshold(a quarter
+of the free heap) while it runs, as the firmware does (docs/MEMORY.md); a
+negative N keeps the threshold N for the whole run.
 
 One line per command, from the host:
   D <path> <hex>   a datagram for the device (path: ignored by "endpoint")
@@ -59,8 +60,9 @@ def main():
         from microtun.endpoint import Device
         dev = Device(bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4]), bytes.fromhex(sys.argv[5]), 1)
     from microtun.ticks import ticks_add
-    if threshold > 0:
-        gc.threshold(-1)
+    if threshold > 0:       # then as the firmware runs (firmware/microtun_fw.py)
+        gc.collect()
+        gc.threshold(gc.mem_free() // 4)
     w = sys.stdout.write
     now = 1000
     per_send = per_receive = -1

@@ -1,4 +1,4 @@
-"""Host-only: the device in a small MicroPython heap (issue 3; issue 5/6).
+"""Host-only: the device in a small MicroPython heap (issues 3, 5/6, 10).
 
 A device runs in a unix-port process with `-X heapsize=...`, driven over a
 pipe by a CPython gateway (host_tests/heap_device.py, tools/bench_memory.py):
@@ -13,13 +13,19 @@ package is precompiled with mpy-cross, as `microtun flash` deploys it.
 Two ways to start: as is, and with gc.threshold(2K) while the modules load
 (bench_memory.STARTUP_GC), as a firmware should (docs/MEMORY.md).
 
-Neither target is reached on the 64-bit unix port. The TODAY figures are the
-measured minimum (`python tools/bench_memory.py`, three runs per size) plus
-about 2K, because the outcome near the limit varies from run to run (random
-keys and indexes, the conservative scan of the C stack): a regression fails
-here. The targets stay strict expected failures, checked in the better way
-to start, so reaching one fails loudly too. docs/MEMORY.md says where the
-heap goes and what the same code needs on a 32-bit board.
+The budgets are held on the 32-bit builds (issue 10, tools/bench_board.py,
+docs/MEMORY.md): with microtun frozen in and with .mpy files, each as the
+firmware starts. Where a target is not reached yet it is a strict expected
+failure, checked at least 2K under today's minimum so noise cannot flip it
+and reaching it fails loudly; today's figures are pinned with a margin of
+about 2K (the outcome near the limit varies from run to run: random keys
+and indexes, the conservative scan of the C stack), and so is the whole
+firmware against two real PoPs. A 32-bit build that cannot be found or
+made skips those tests with the reason (host_tests/board_heap.py).
+
+On the 64-bit wheel the figures stay reported for reference
+(`python tools/bench_memory.py`), pinned the same way, and are not targets:
+objects there are about twice their board size.
 """
 import sys
 
@@ -29,6 +35,8 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_memory as bm  # noqa: E402
+import bench_board as bb  # noqa: E402
+import board_heap  # noqa: E402
 
 K = 1024
 GC = bm.STARTUP_GC
@@ -38,8 +46,10 @@ ENDPOINT_TODAY_GC = 51 * K
 CORE_TODAY = 83 * K
 CORE_TODAY_GC = 77 * K
 TOO_SMALL = 16 * K
-SEND_BYTES = 1800            # allocated per 64-byte packet sent (measured ~1.6K)
-RECEIVE_BYTES = 1800         # ... and received (measured ~1.6K)
+# allocated per 64-byte packet sent / received (measured 1.9K each; ~1.6K
+# before the AEAD made its ECB object per message too: docs/MEMORY.md)
+SEND_BYTES = 2200
+RECEIVE_BYTES = 2200
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +66,9 @@ def test_endpoint_session_fits_todays_heap(mpy):
     assert fits(mpy, "endpoint", ENDPOINT_TODAY_GC, GC)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3 target not reached on the 64-bit port (docs/MEMORY.md)")
-def test_endpoint_session_fits_32k(mpy):
-    assert fits(mpy, "endpoint", 32 * K, GC)
-
-
 def test_core_two_paths_fits_todays_heap(mpy):
     assert fits(mpy, "core", CORE_TODAY)
     assert fits(mpy, "core", CORE_TODAY_GC, GC)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 5/6 requirement not reached on the 64-bit port (docs/MEMORY.md)")
-def test_core_two_paths_fits_64k(mpy):
-    assert fits(mpy, "core", 64 * K, GC)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 5/6 target not reached on the 64-bit port (docs/MEMORY.md)")
-def test_core_two_paths_fits_48k(mpy):
-    assert fits(mpy, "core", 48 * K, GC)
 
 
 def test_heap_limit_is_real(mpy):
@@ -100,3 +95,88 @@ def test_romfs_image_keeps_the_code_bytes_out_of_the_heap(tmp_path):
     print("romfs figures:", r, "import from .mpy:", from_mpy)
     assert r["device_import_besides_image"] < from_mpy - r["image_bytes"] // 2, (r, from_mpy)
     assert r["core"]["min_heapsize_startup_gc_without_image_k"] * K < CORE_TODAY_GC - 16 * K, r
+
+
+# -- the 32-bit builds (issue 10) ------------------------------------------------------------
+# measured minimum with the start-up GC (tools/bench_board.py, several runs):
+# frozen: endpoint 14.0-14.75K, core 20.5-21.75K, firmware 27K;
+# .mpy: endpoint 34.0-34.25K, core 53.0-53.25K, firmware 70K (69-74K
+# works and fails from run to run).
+TODAY_32 = {"frozen": {"endpoint": 16.5 * K, "core": 23.5 * K, "firmware": 32},
+            "mpy": {"endpoint": 36.5 * K, "core": 55.5 * K, "firmware": 78}}
+PACKET_TODAY_32 = 7000       # bytes allocated per 1200-byte packet, endpoint (measured 6.25K / 6.1K)
+UNMET = "issue 10 target not reached on the 32-bit %s build (docs/MEMORY.md)"
+
+
+@pytest.fixture(scope="module")
+def build32(tmp_path_factory):
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            made[kind] = board_heap.build(kind, tmp_path_factory.mktemp("b32" + kind))
+        return made[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind", ["frozen", "mpy"])
+@pytest.mark.parametrize("mode", ["endpoint", "core"])
+def test_device_fits_todays_heap_on_32bit(build32, kind, mode):
+    out = build32(kind)
+    with board_heap.use(kind):
+        assert fits(out, mode, int(TODAY_32[kind][mode]), GC)
+        assert not fits(out, mode, int(TODAY_32[kind][mode]) // 2, GC)    # -X heapsize bites there too
+
+
+@pytest.mark.parametrize("kind,mode", [
+    pytest.param("frozen", "endpoint", marks=pytest.mark.xfail(strict=True, reason=UNMET % "frozen")),
+    pytest.param("frozen", "core", marks=pytest.mark.xfail(strict=True, reason=UNMET % "frozen")),
+    pytest.param("mpy", "endpoint", marks=pytest.mark.xfail(strict=True, reason=UNMET % ".mpy")),
+    pytest.param("mpy", "core", marks=pytest.mark.xfail(strict=True, reason=UNMET % ".mpy")),
+])
+def test_device_fits_the_32bit_target(build32, kind, mode):
+    out = build32(kind)
+    with board_heap.use(kind):
+        assert fits(out, mode, bb.TARGETS[kind][mode], GC)
+
+
+@pytest.mark.parametrize("kind", ["frozen", "mpy"])
+def test_bytes_allocated_per_1200_byte_packet_on_32bit(build32, kind):
+    out = build32(kind)
+    with board_heap.use(kind):
+        r = bm.scenario(out, "endpoint", size=1200)
+    print("%s: per 1200-byte packet sent %d, received %d" % (kind, r["per_send"], r["per_receive"]))
+    assert r["per_send"] <= PACKET_TODAY_32 and r["per_receive"] <= PACKET_TODAY_32, r
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10 target (2 KB per 1200-byte packet) not reached: "
+                   "the CCM's big-int XOR allocates ~4x the packet (docs/MEMORY.md)")
+def test_bytes_allocated_per_1200_byte_packet_target(build32):
+    out = build32("frozen")
+    with board_heap.use("frozen"):
+        r = bm.scenario(out, "endpoint", size=1200)
+    assert max(r["per_send"], r["per_receive"]) <= bb.PACKET_TARGET, r
+
+
+def firmware_runs(kind, k):
+    """The whole firmware against two real PoPs and a gateway, one 6-s run
+    in a k-K heap (tools/bench_board.py's FirmwareRig)."""
+    fr = bb.FirmwareRig(board_heap.interpreter(kind), kind)
+    try:
+        ok = fr.trial(k)
+        print(fr.trials)
+        return ok
+    finally:
+        fr.close()
+
+
+@pytest.mark.parametrize("kind", ["frozen", "mpy"])
+def test_firmware_runs_in_todays_heap_on_32bit(kind):
+    # frozen: that is the target itself (32K; measured 27K)
+    assert firmware_runs(kind, TODAY_32[kind]["firmware"])
+
+
+@pytest.mark.xfail(strict=True, reason=UNMET % ".mpy")
+def test_firmware_runs_in_64k_with_mpy_files():
+    # 6K under today's 70K, below every run seen to work (69K at best)
+    assert firmware_runs("mpy", bb.TARGETS["mpy"]["firmware"] // K)

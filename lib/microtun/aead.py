@@ -15,10 +15,11 @@ slow in Python, so CCM it is, with exactly two AES calls per message
   CTR      ONE ECB call over the counter blocks A_0 .. A_n (§2.3); then
            (P || T) ^ (S_1 .. || S_0) as two big ints gives ciphertext || tag.
 
-The ECB object lives as long as the CCM object; the CBC object is made per
-message (cryptolib objects are one-direction and chain across calls): a key
-expansion in C per message instead of 320 bytes of heap per AEAD for as
-long as it lives (a device keeps up to six).
+Both cryptolib objects are made per message (a CBC one chains across
+calls): two key expansions in C per message instead of about 300 bytes of
+heap per AEAD for as long as it lives (a device keeps up to six: on the
+32-bit frozen build the endpoint's minimum heap is 1K smaller for it,
+docs/MEMORY.md).
 
 Packets without copies: `seal(..., head=h, lead=l)` returns
 h || ciphertext || tag for the plaintext l || plaintext, and
@@ -49,6 +50,8 @@ except ImportError:
     except ImportError:
         _native = None  # CPython, or a port without cryptolib: ccm_backends
 
+from struct import pack_into
+
 BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 
 _BYTES = (bytes, bytearray, memoryview)
@@ -65,23 +68,25 @@ class CCM:
     backend = "cryptolib"  # the path in use (tests and benchmarks read it)
     _make = _native        # a cryptolib-style aes(key, mode[, iv]) constructor
     _lib = None            # a ccm_backends.AESCCM: CPython's fast path
+    nonce_size = tag_size = _b0 = None   # per object, unless the class fixes them (AEAD)
 
     def __init__(self, key, nonce_size, tag_size, backend=None):
         if not isinstance(key, _BYTES) or len(key) not in (16, 32):
             raise ValueError("AES-CCM key must be 16 or 32 bytes")
         if not 7 <= nonce_size <= 13 or tag_size not in (4, 6, 8, 10, 12, 14, 16):
             raise ValueError("CCM needs a 7..13-byte nonce and a 4, 6, .., 16-byte tag")
-        self.nonce_size = nonce_size
-        self.tag_size = tag_size
+        if nonce_size != self.nonce_size or tag_size != self.tag_size:
+            self.nonce_size = nonce_size    # (AEAD's are class attributes: ~100 bytes
+            self.tag_size = tag_size        # less per object on a board)
         key = bytes(key)
         if backend is not None or _native is None:
             from microtun.ccm_backends import choose
             if choose(self, backend, key):
                 return
         self._key = key
-        # B0's flags (RFC 3610 §2.2) shifted into place; 64 << 120 marks aad.
-        self._b0 = (8 * ((tag_size - 2) // 2) + 14 - nonce_size) << 120
-        self._ecb = self._make(key, 1)  # MODE_ECB
+        if self._b0 is None:
+            # B0's flags (RFC 3610 §2.2) shifted into place; 64 << 120 marks aad.
+            self._b0 = (8 * ((tag_size - 2) // 2) + 14 - nonce_size) << 120
 
     def _check(self, nonce, data, aad):
         # API misuse is a loud ValueError; bad peer data never raises.
@@ -112,10 +117,16 @@ class CCM:
                 ctr[o] = L - 1
                 ctr[o + 16 - L:o + 16] = (o >> 4).to_bytes(L, "big")
             _ctr = ctr
+        # The nonce into every block: pack_into, not ctr[o:o + k] = nonce,
+        # which makes a slice object per block (3x the instructions on a
+        # Cortex-M3, a third of a 1200-byte seal; tools/bench_qemu.py).
         k = self.nonce_size
+        f = "12s" if k == 12 else "%ds" % k
+        if _native is None and not isinstance(nonce, bytes):
+            nonce = bytes(nonce)    # CPython's "s" takes bytes only; MicroPython's any buffer
         for o in range(1, end, 16):
-            ctr[o:o + k] = nonce
-        self._ecb.encrypt(ctr[:end], _work)
+            pack_into(f, ctr, o, nonce)
+        self._make(self._key, 1).encrypt(ctr[:end], _work)  # MODE_ECB
         return _work
 
     def _cbc_mac(self, nonce, aad, lead, data, n):
@@ -213,6 +224,10 @@ class CCM:
 class AEAD(CCM):
     """AES-256-CCM (AES-128 with a 16-byte key), 12-byte nonce, 16-byte tag:
     the tunnel's cipher. backend: see CCM."""
+
+    nonce_size = 12
+    tag_size = 16
+    _b0 = (8 * ((16 - 2) // 2) + 14 - 12) << 120   # as CCM.__init__ computes it
 
     def __init__(self, key, backend=None):
         CCM.__init__(self, key, 12, 16, backend)

@@ -12,7 +12,7 @@ except ImportError:
         return x
 
 _P = const(2**255 - 19)
-_A24 = const(121665)
+_A24P1 = const(121666)    # RFC 7748's a24 = 121665, plus one
 _U_MASK = const(2**255 - 1)
 BASE_POINT = b"\x09" + bytes(31)
 
@@ -22,19 +22,22 @@ def _inverse(x):
     # and 11 multiplications (each run of squarings one pow(x, 2**n, p), a
     # loop in C). On MicroPython's MPZ this is ~2.5x faster than the
     # 3-argument pow() over the whole exponent.
+    # Names are reused as soon as a power is spent (x_n = x**(2**n - 1)).
     p = _P
     x2 = x * x % p
-    x9 = pow(x2, 4, p) * x % p
-    x11 = x9 * x2 % p
-    x_5 = x11 * x11 % p * x9 % p
-    x_10 = pow(x_5, 1 << 5, p) * x_5 % p
-    x_20 = pow(x_10, 1 << 10, p) * x_10 % p
-    x_40 = pow(x_20, 1 << 20, p) * x_20 % p
-    x_50 = pow(x_40, 1 << 10, p) * x_10 % p
-    x_100 = pow(x_50, 1 << 50, p) * x_50 % p
-    x_200 = pow(x_100, 1 << 100, p) * x_100 % p
-    x_250 = pow(x_200, 1 << 50, p) * x_50 % p
-    return pow(x_250, 1 << 5, p) * x11 % p
+    b = pow(x2, 4, p) * x % p          # x**9
+    x11 = b * x2 % p                   # x**11
+    x2 = None
+    b = x11 * x11 % p * b % p          # x_5
+    x10 = b = pow(b, 1 << 5, p) * b % p  # x_10
+    b = pow(b, 1 << 10, p) * b % p     # x_20
+    b = pow(b, 1 << 20, p) * b % p     # x_40
+    x50 = b = pow(b, 1 << 10, p) * x10 % p  # x_50
+    x10 = None
+    b = pow(b, 1 << 50, p) * b % p     # x_100
+    b = pow(b, 1 << 100, p) * b % p    # x_200
+    b = pow(b, 1 << 50, p) * x50 % p   # x_250
+    return pow(b, 1 << 5, p) * x11 % p
 
 
 def x25519(scalar, u):
@@ -59,19 +62,21 @@ def x25519(scalar, u):
             x2, x3 = x3, x2
             z2, z3 = z3, z2
         swap = kt
+        # Five names reused for RFC 7748's A, B, AA, BB, E, DA, CB: each
+        # big int dies as soon as it is spent (less heap at the peak).
         a = x2 + z2
         b = x2 - z2
-        aa = a * a % p
-        bb = b * b % p
-        da = (x3 - z3) * a
-        cb = (x3 + z3) * b
-        e = aa - bb
-        t1 = (da + cb) % p
-        t2 = (da - cb) % p
-        x3 = t1 * t1 % p
-        z3 = x1 * t2 * t2 % p
-        x2 = aa * bb % p
-        z2 = e * (aa + _A24 * e) % p
+        x3, z3 = (x3 - z3) * a, (x3 + z3) * b  # DA, CB
+        x2 = a * a % p                          # AA
+        z2 = b * b % p                          # BB
+        a = x3 + z3
+        z3 = (x3 - z3) % p
+        x3 = a % p
+        x3 = x3 * x3 % p
+        z3 = x1 * z3 * z3 % p
+        a = x2 - z2                             # E = AA - BB
+        x2 = x2 * z2 % p
+        z2 = a * (z2 + _A24P1 * a) % p          # E * (AA + a24 E) = E * (BB + (a24 + 1) E)
     if swap:
         x2, z2 = x3, z3
     r = x2 * _inverse(z2) % p
