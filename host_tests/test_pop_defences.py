@@ -385,8 +385,8 @@ def test_10_no_reply_larger_or_more_numerous_than_its_trigger():
             pkt = bytearray(rnd.choice(captured))
             pkt[rnd.randrange(len(pkt))] ^= 1 << rnd.randrange(8)
             pkt = bytes(pkt)
-        elif k == 2:
-            pkt = rnd.choice((init, keepalive, probe, data))()
+        elif k == 2:        # fresh and authentic: made with the key the attacker holds (label 110's)
+            pkt = rnd.choice((init, keepalive, probe, data))(110, K_DX)
         elif k == 3:
             pkt = bytes((0x10 | rnd.randrange(16),)) + rnd.choice((b"\0\0\x64", b"\0\0\x6e")) + os.urandom(
                 rnd.randrange(8, 40))
@@ -402,7 +402,8 @@ def test_10_no_reply_larger_or_more_numerous_than_its_trigger():
             assert len(p) <= len(pkt), (i, pkt, p)
     s = accounted(f)
     assert s["drops"]["internal_error"] == 0
-    assert f.learned == {100: DEV, 110: DEV}
+    # the device's address never moved; the insider's own label may have (its fresh INITs)
+    assert f.learned[100] == DEV
 
 
 def test_11_probes_are_answered_within_a_budget():
@@ -465,6 +466,8 @@ def test_14_memory_stays_flat_under_mixed_fuzz_from_spoofed_sources():
     send(f, data(110, K_DX), DEV)
     rnd = random.Random(14)
     captures = [data(), init(), keepalive(), probe(), data(110, K_DX), init(110, K_DX)]
+    for c in captures:                          # what the devices sent, and an eavesdropper captured
+        send(f, c, DEV)
 
     def one(i):
         f.now[0] += 0.0001
@@ -499,8 +502,9 @@ def test_14_memory_stays_flat_under_mixed_fuzz_from_spoofed_sources():
     assert grown < 64 * 1024, grown
     s = accounted(f)
     assert s["drops"]["internal_error"] == 0 and s["sources_tracked"] <= pop.SOURCE_MAX
-    assert f.learned == {100: DEV, 110: DEV}
+    assert f.learned[100] == DEV                # label 110's key is the attacker's: its address may move
     assert len(f.lines.records) < 200          # info lines are rate-limited: 8 simulated seconds
+
 
 
 
@@ -509,37 +513,24 @@ def _reply(kind=2, n=outer.INNER_RESPONSE_LEN):
     return outer.seal(outer.TYPE_DATA, 201, HK[K_AB], bytes((kind, 0, 0, 0)) + os.urandom(n - 4))
 
 
-def test_15_a_fresh_init_from_a_new_address_gets_the_answer_once_and_no_larger():
-    """A device that rebooted (a new source port) sends its INIT from an
-    address the PoP has not validated: the gateway's answer must reach it at
-    once, not after a handshake retry. It goes there once, besides the
-    learned address, and is smaller than the INIT (RFC 9000 §8's rule for an
-    unvalidated address); the address itself moves only after a challenge."""
+def test_15_a_fresh_init_from_a_new_address_moves_it_at_once_a_replayed_one_never():
+    """A device that rebooted (a new source port) starts with an INIT: it
+    must get the gateway's answer and its first replies at once, not after
+    a handshake retry. A fresh INIT (never seen by the replay filter, with a
+    valid hop MAC) is fresh and authentic for this hop, so the address moves
+    at once; a replayed one is dropped before it can move anything."""
     for kind, n in ((2, outer.INNER_RESPONSE_LEN), (3, outer.INNER_COOKIE_LEN), (5, outer.INNER_STALE_LEN)):
         f = connected()
-        ini = init()
-        out = send(f, ini, DEV2)
-        assert [d for _, d in out] == [NEXT]            # forwarded; nothing back to DEV2 yet
-        out = send(f, _reply(kind, n), NEXT)
-        assert sorted(d for _, d in out) == sorted([DEV, DEV2]) and out[0][0] == out[1][0], out
-        assert len(out[0][0]) < len(ini)
-        assert [d for _, d in send(f, _reply(kind, n), NEXT)] == [DEV]   # once per INIT
-        assert f.learned[100] == DEV and f.stats()["candidate_copies"] == 1
-        # the device's next packet from there is challenged, and its answer moves the address
-        out = send(f, data(), DEV2)
-        chal = [p for p, d in out if d == DEV2]
-        assert len(chal) == 1
-        send(f, _respond_ok(chal[0]), DEV2)
+        out = send(f, init(), DEV2)
+        assert [d for _, d in out] == [NEXT]                # forwarded, no challenge: nothing back
         assert f.learned[100] == DEV2
+        assert f.lines.info("next hop learned: 198.51.100.7:40001 (was 198.51.100.7:40000; fresh handshake")
+        assert [d for _, d in send(f, _reply(kind, n), NEXT)] == [DEV2]
+        assert downlink(f) == DEV2
         accounted(f)
-    # a replayed INIT, from anywhere, gets nothing: the replay filter drops it first
     f = connected()
     ini = init()
     send(f, ini, DEV)
-    send(f, ini, EVIL)
-    assert [d for _, d in send(f, _reply(), NEXT)] == [DEV]
-    # and the copy waits at most CHALLENGE_TIMEOUT_S
-    f = connected()
-    send(f, init(), DEV2)
-    f.now[0] += pop.CHALLENGE_TIMEOUT_S + 0.1
-    assert [d for _, d in send(f, _reply(), NEXT)] == [DEV]
+    for src in (EVIL, DEV2):
+        assert send(f, ini, src) == [] and f.learned[100] == DEV     # init_replay
+    assert f.stats()["drops"]["init_replay"] == 2

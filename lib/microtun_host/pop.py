@@ -273,14 +273,12 @@ class Forwarder:
         self.keepalives = 0
         self.path_responses = 0         # accepted PATH_RESPONSEs (each moved an address)
         self.challenges = 0             # PATH_CHALLENGEs sent
-        self.candidate_copies = 0       # handshake replies also sent to a new address that sent a fresh INIT
         self.moves = 0                  # learned-address changes
         self.extra = []                 # (datagram, destination) to send besides receive()'s result
         self.draining = {}              # in_label -> (Route, monotonic expiry) after a reload
         self.drops = dict.fromkeys(DROP_REASONS, 0)
         self._challenge = {}            # learn label -> (target address, expected response, expiry)
         self._challenge_bucket = [CHALLENGE_BURST, None]
-        self._candidate = {}            # learn label -> (address of a fresh INIT not yet validated, expiry)
         self._unanswered = {}           # learn label -> {source that left a challenge unanswered: until when}
         self._seen = bytearray(8 * INIT_FILTER_SLOTS)    # hop MACs of forwarded handshake messages
         self._sources = {}              # source address -> INIT token bucket (at most SOURCE_MAX)
@@ -360,12 +358,14 @@ class Forwarder:
             if not _take(b, now, SOURCE_RATE, SOURCE_BURST):
                 return self._drop("init_source_rate", addr, r)
         if r.learns and self.learned.get(r.in_label) != addr:
-            # A fresh INIT (not in the replay filter) from a new address: a
-            # device that rebooted or whose NAT rebound. The return address
-            # stays; the gateway's answer to this handshake goes there too
-            # (once, and smaller than this INIT: see _reply), and the
-            # device's next packet from there gets a path challenge.
-            self._candidate[r.in_label] = (addr, now + CHALLENGE_TIMEOUT_S)
+            # Authentic and fresh for this hop (the replay filter has never
+            # seen it): a device that rebooted, or whose NAT rebound while it
+            # was idle. Only the holder of the hop key can make one, so the
+            # address moves now, as QUIC moves on a packet with a new packet
+            # number (RFC 9000 §9.3); other packets from a new address only
+            # get a path challenge (docs/OUTER.md §3).
+            self._challenge.pop(r.in_label, None)
+            self._move(r.in_label, addr, self.learned[r.in_label], "fresh handshake from there")
         seen[i:i + 8] = mac             # only forwarded INITs: a flood can't evict them faster than INIT_RATE
         return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
 
@@ -388,15 +388,7 @@ class Forwarder:
         r.bytes += len(data)
         _take(r.reply_bucket, now, REPLY_RATE, REPLY_BURST)
         seen[i:i + 8] = mac
-        out = outer.relay(data, r.in_key, r.out_label, r.out_key)
-        c = self._candidate.pop(r.learn_from, None) if self._candidate else None
-        if c is not None and now < c[1] and c[0] != self.learned.get(r.learn_from):
-            # one copy to where the fresh INIT came from (§3): one packet, no
-            # larger than that INIT, per INIT (RFC 9000 §8's rule for an
-            # address not yet validated)
-            self.candidate_copies += 1
-            self.extra.append((out, c[0]))
-        return self._forward(r, out, addr)
+        return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
 
     def _source_bucket(self, addr, now):
         src = self._sources
@@ -614,7 +606,6 @@ class Forwarder:
         keep = lambda k: k in routes or k in self.draining     # noqa: E731
         self.learned = {k: v for k, v in self.learned.items() if keep(k)}
         self._challenge = {k: v for k, v in self._challenge.items() if keep(k)}
-        self._candidate = {k: v for k, v in self._candidate.items() if keep(k)}
         self._unanswered = {k: v for k, v in self._unanswered.items() if keep(k)}
         for table in (self._log_gate, self._log_state, self._events):
             for k in [k for k in table if type(k) is tuple and not keep(k[0])]:
@@ -635,7 +626,7 @@ class Forwarder:
         return {
             "rx": self.rx, "forwarded": self.forwarded, "probes": self.probes,
             "keepalives": self.keepalives, "path_responses": self.path_responses,
-            "challenges": self.challenges, "candidate_copies": self.candidate_copies, "moves": self.moves, "draining": len(self.draining),
+            "challenges": self.challenges, "moves": self.moves, "draining": len(self.draining),
             "dropped": dropped, "drops": dict(self.drops), "routes": len(self.routes),
             "labels": labels, "sources_tracked": len(self._sources),
             "learned": {str(k): format_sockaddr(v) for k, v in self.learned.items()},
@@ -696,11 +687,8 @@ class PopReader:
                     try:
                         sock.sendto(pkt, dest)
                     except OSError:
-                        if len(pkt) == outer.HEADER_LEN:
-                            fwd.challenges -= 1     # not sent; the next packet from there retries
-                            fwd.clear_challenge(dest)
-                        else:
-                            fwd.candidate_copies -= 1   # a copy: the packet itself went to the learned address
+                        fwd.challenges -= 1     # not sent; the next packet from there retries
+                        fwd.clear_challenge(dest)
                 fwd.extra.clear()
 
 
