@@ -328,24 +328,39 @@ class Forwarder:
         self.forwarded += 1
         return out, dest
 
-    def _init(self, r, data, addr):
-        # A replayed INIT, or one changed only between the excerpt halves,
-        # has the hop MAC of one already forwarded: drop it before any HMAC.
-        mac = data[4:outer.HEADER_LEN]
+    def _handshake_checks(self, r, data, addr, bucket, rate, kind, now):
+        """The checks an inner handshake message passes on its way, cheapest
+        first; True if it may go on, else it was counted as a drop
+        (`<kind>_replay`, `<kind>_rate`, `bad_mac`)."""
+        # A replay, or one changed only between the excerpt halves, has the
+        # hop MAC of one already forwarded: dropped before any HMAC.
         i = 8 * ((data[4] << 8) | data[5])
-        seen = self._seen
-        if seen[i:i + 8] == mac:
-            return self._drop("init_replay", addr, r)
+        if self._seen[i:i + 8] == data[4:outer.HEADER_LEN]:
+            self._drop(kind + "_replay", addr, r)
+            return False
         # An empty budget is looked at before any HMAC (a flood over budget
         # costs no MAC), and spent only after the MAC verified (a forgery
         # never spends it).
-        now = self.clock()
-        if _empty(r.init_bucket, now, INIT_RATE):
-            return self._drop("init_rate", addr, r)
+        if _empty(bucket, now, rate):
+            self._drop(kind + "_rate", addr, r)
+            return False
         if not outer.verify(r.in_key, data):   # one HMAC; the re-seal only for the few forwarded
-            return self._drop(outer.DROP_BAD_MAC, addr, r)
+            self._drop(outer.DROP_BAD_MAC, addr, r)
+            return False
         r.packets += 1
         r.bytes += len(data)
+        return True
+
+    def _remember(self, data):
+        """Only forwarded handshake messages go into the replay filter: a
+        flood can't evict them faster than the budgets let it through."""
+        i = 8 * ((data[4] << 8) | data[5])
+        self._seen[i:i + 8] = data[4:outer.HEADER_LEN]
+
+    def _init(self, r, data, addr):
+        now = self.clock()
+        if not self._handshake_checks(r, data, addr, r.init_bucket, INIT_RATE, "init", now):
+            return None
         if r.learns and self.learned.get(r.in_label) is None:
             self._move(r.in_label, addr, None, "first authenticated packet")
         _take(r.init_bucket, now, INIT_RATE, INIT_BURST)
@@ -366,28 +381,19 @@ class Forwarder:
             # get a path challenge (docs/OUTER.md §3).
             self._challenge.pop(r.in_label, None)
             self._move(r.in_label, addr, self.learned[r.in_label], "fresh handshake from there")
-        seen[i:i + 8] = mac             # only forwarded INITs: a flood can't evict them faster than INIT_RATE
+        self._remember(data)
         return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
 
     def _reply(self, r, data, addr):
-        # A handshake RESPONSE or COOKIE on its way to a device (the next hop
+        # A handshake RESPONSE, COOKIE or STALE on its way to a device (the next hop
         # is learned): whatever the gateway sends back, the device's link
         # carries at most REPLY_BURST, then REPLY_RATE per second, and never
         # a replay (issue 11, defect 1).
-        mac = data[4:outer.HEADER_LEN]
-        i = 8 * ((data[4] << 8) | data[5])
-        seen = self._seen
-        if seen[i:i + 8] == mac:
-            return self._drop("reply_replay", addr, r)
         now = self.clock()
-        if _empty(r.reply_bucket, now, REPLY_RATE):      # as for INITs: looked at first, spent after the MAC
-            return self._drop("reply_rate", addr, r)
-        if not outer.verify(r.in_key, data):
-            return self._drop(outer.DROP_BAD_MAC, addr, r)
-        r.packets += 1
-        r.bytes += len(data)
+        if not self._handshake_checks(r, data, addr, r.reply_bucket, REPLY_RATE, "reply", now):
+            return None
         _take(r.reply_bucket, now, REPLY_RATE, REPLY_BURST)
-        seen[i:i + 8] = mac
+        self._remember(data)
         return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
 
     def _source_bucket(self, addr, now):
