@@ -85,3 +85,65 @@ def test_general_ccm_with_head_and_lead():
             assert packet == b"HDR" + c.seal(nonce, b"LD" + pt, b"ad"), (be, nonce_size)
             lead = bytearray(2)
             assert c.open(nonce, packet, b"ad", 3, lead) == pt and lead == b"LD", (be, nonce_size)
+
+
+# -- the XOR: native (microtun.xorbuf, viper) or big ints, the same bytes --------------------
+def test_native_xor_is_used_on_micropython():
+    # Every MicroPython interpreter the suite runs (the 64-bit wheel, the
+    # 32-bit frozen build, the qemu Cortex-M3 board) has the native emitter
+    # and the viper module: a silent fall back to the big-int XOR (4x the
+    # packet in heap per seal or open) fails here. CPython has no viper.
+    from microtun import aead
+    from mtest import MICROPYTHON
+    assert aead.XOR == ("viper" if MICROPYTHON else "big-int"), aead.XOR
+    assert (aead._xor is not None) == MICROPYTHON
+
+
+def _py_xor(dst, doff, src, soff, n):
+    for i in range(n):
+        dst[doff + i] ^= src[soff + i]
+
+
+def test_xorbuf_against_a_byte_loop():
+    # Every alignment of both ends (the word loop only runs when both are
+    # 4-byte aligned) and lengths around a word, into a memoryview too.
+    from microtun import aead
+    if aead._xor is None:
+        return
+    rng = Rng(8)
+    src = rng.bytes(64)
+    for n in (0, 1, 3, 4, 5, 8, 31, 33):
+        for doff in range(5):
+            for soff in range(5):
+                want = bytearray(rng.bytes(48))
+                got = bytearray(want)
+                _py_xor(want, doff, src, soff, n)
+                aead._xor(memoryview(got) if n & 1 else got, doff, src, soff, n)
+                assert got == want, (n, doff, soff)
+
+
+def test_every_xor_gives_the_same_packets():
+    # The seal/open code of the native path with the native XOR, with a
+    # Python byte loop in its place (so CPython runs that code too), and
+    # the big-int path: byte-identical packets, and each opens the others'.
+    from microtun import aead
+    rng = Rng(9)
+    saved = aead._xor
+    be = "cryptolib" if "cryptolib" in backends() else "pure"
+    try:
+        for case, hl, ll, n, la in CASES + [(10, 16, 1, 1200, 0), (11, 17, 3, 97, 5), (12, 1, 0, 4, 0)]:
+            nonce, head, lead, pt, aad = rng.bytes(12), rng.bytes(hl), rng.bytes(ll), rng.bytes(n), rng.bytes(la)
+            key = rng.bytes(32)
+            out = []
+            for x in (saved, _py_xor, None):
+                aead._xor = x
+                a = AEAD(key, backend=be)
+                packet = a.seal(nonce, pt, aad, head, lead)
+                out.append(packet)
+                got = bytearray(ll)
+                assert a.open(nonce, packet, aad, hl, got) == pt and got == lead, (case, x)
+                assert a.open(nonce, packet[:-1] + bytes([packet[-1] ^ 1]), aad, hl, got) is None, (case, x)
+            assert out[0] == out[1] == out[2], case
+            assert out[0] == head + AEAD(key).seal(nonce, lead + pt, aad), case
+    finally:
+        aead._xor = saved

@@ -13,7 +13,10 @@ slow in Python, so CCM it is, with exactly two AES calls per message
   CBC-MAC  ONE CBC call over B0 || encoded aad || message, each zero-padded
            to whole blocks; the tag T comes from the last block (§2.2).
   CTR      ONE ECB call over the counter blocks A_0 .. A_n (§2.3); then
-           (P || T) ^ (S_1 .. || S_0) as two big ints gives ciphertext || tag.
+           (P || T) ^ (S_1 .. || S_0) gives ciphertext || tag: XORed into
+           the key stream in place by microtun.xorbuf (viper: native code)
+           where the port has it, else as two big ints (about 4x the
+           message in heap per call; the same bytes).
 
 Both cryptolib objects are made per message (a CBC one chains across
 calls): two key expansions in C per message instead of about 300 bytes of
@@ -26,7 +29,8 @@ h || ciphertext || tag for the plaintext l || plaintext, and
 `open(..., start=s, lead=buf)` decrypts data[s:] and writes the first
 len(buf) plaintext bytes into buf. A transport packet's header and channel
 byte so never cost a concatenation or a slice of the whole packet: the
-big-int XOR that makes the ciphertext makes the packet (docs/MEMORY.md).
+XOR that makes the ciphertext makes the packet in the work buffer, and the
+bytes returned are the one allocation of its size (docs/MEMORY.md).
 
 Work happens in two buffers shared by every CCM object, grown to the
 largest message seen: seal and open are not re-entrant (one thread).
@@ -51,6 +55,14 @@ except ImportError:
         _native = None  # CPython, or a port without cryptolib: ccm_backends
 
 from struct import pack_into
+
+try:
+    from microtun.xorbuf import xor as _xor  # native: the key stream XORed in place
+except (ImportError, SyntaxError, ValueError):
+    # CPython; a port without native emitters (SyntaxError compiling the
+    # viper source); a .mpy of another -march (ValueError) or none shipped.
+    _xor = None
+XOR = "big-int" if _xor is None else "viper"  # the XOR in use (tests assert it)
 
 BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 
@@ -95,11 +107,11 @@ class CCM:
         if not isinstance(data, _BYTES) or not isinstance(aad, _BYTES):
             raise ValueError("plaintext, data and aad must be bytes, bytearray or memoryview")
 
-    def _stream(self, nonce, aad, n, off):
+    def _stream(self, nonce, aad, n, off, ecb=True):
         """Grow the shared buffers (never shrunk) for an n-byte message: work
         to hold the CBC-MAC input (B0, aad and its length, message), the key
         stream and a moved S_0, or P || T at offset `off` (after a head),
-        whichever is longest. Then work[0:16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the
+        whichever is longest (ecb False: only that). Then work[0:16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the
         message's blocks, in ONE ECB call. Returns work."""
         global _work, _ctr
         end = (n + 15) // 16 * 16 + 16
@@ -108,6 +120,8 @@ class CCM:
         size = end + (a if a > off else off)
         if _work is None or len(_work) < size:
             _work = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
+        if not ecb:
+            return _work
         L = 15 - self.nonce_size
         ctr = _ctr
         if ctr is None or len(ctr) < end or ctr[0] != L - 1:
@@ -176,6 +190,21 @@ class CCM:
             return b"".join((head, ct)) if head else ct
         m = self.tag_size
         hl = len(head)
+        if _xor is not None:
+            # X first (the CBC-MAC input fills the work buffer), then the key
+            # stream S_0 || S_1 .. into it, and the message and X XORed into
+            # that in place: the packet's only allocation is the bytes returned.
+            self._stream(nonce, aad, n, 0, False)
+            x = self._cbc_mac(nonce, aad, lead, plaintext, n).to_bytes(16, "big")
+            w = self._stream(nonce, aad, n, 0)
+            w[16 + n:32 + n] = x
+            _xor(w, 16 + n, w, 0, m)           # T = X ^ S_0, after the message
+            _xor(w, 16, lead, 0, ll)
+            _xor(w, 16 + ll, plaintext, 0, n - ll)
+            if hl > 16:    # (not the tunnel's: its head is 16 bytes)
+                return bytes(head) + bytes(w[16:16 + n + m])
+            w[16 - hl:16] = head               # over S_0, used
+            return bytes(w[16 - hl:16 + n + m])
         w = self._stream(nonce, aad, n, hl)  # S_0 || S_1 ..
         w[16 + n:32 + n] = w[0:16]  # S_0 after the message's key stream, for T
         ks = int.from_bytes(w[16:16 + n + m], "big")
@@ -210,8 +239,12 @@ class CCM:
         s0 = int.from_bytes(w[0:16], "big")
         for i in range(ll):
             lead[i] = d[start + i] ^ w[16 + i]
-        p = (int.from_bytes(d[start + ll:start + n], "big") ^
-             int.from_bytes(w[16 + ll:16 + n], "big")).to_bytes(n - ll, "big")
+        if _xor is not None:
+            _xor(w, 16 + ll, d, start + ll, n - ll)   # the key stream becomes P
+            p = bytes(w[16 + ll:16 + n])
+        else:
+            p = (int.from_bytes(d[start + ll:start + n], "big") ^
+                 int.from_bytes(w[16 + ll:16 + n], "big")).to_bytes(n - ll, "big")
         t = (self._cbc_mac(nonce, aad, lead or b"", p, n) ^ s0).to_bytes(16, "big")
         # Constant time: every tag byte is looked at.
         r = 0
