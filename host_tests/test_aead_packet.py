@@ -6,6 +6,7 @@ from microtun.aead import AEAD, CCM
 from test_aead import backends
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board: the viper XOR in ARMv7-M code
 
 HEADER = bytes(range(0x40, 0x50))
 
@@ -96,7 +97,7 @@ def test_native_xor_is_used_on_micropython():
     from microtun import aead
     from mtest import MICROPYTHON
     assert aead.XOR == ("viper" if MICROPYTHON else "big-int"), aead.XOR
-    assert (aead._xor is not None) == MICROPYTHON
+    assert (aead._xor is not None) == MICROPYTHON == (aead._stamp is not None)
 
 
 def _py_xor(dst, doff, src, soff, n):
@@ -104,8 +105,8 @@ def _py_xor(dst, doff, src, soff, n):
         dst[doff + i] ^= src[soff + i]
 
 
-def test_xorbuf_against_a_byte_loop():
-    # Every alignment of both ends (the word loop only runs when both are
+def test_xorbuf_against_python():
+    # xor: every alignment of both ends (the word loop only runs when both are
     # 4-byte aligned) and lengths around a word, into a memoryview too.
     from microtun import aead
     if aead._xor is None:
@@ -120,6 +121,14 @@ def test_xorbuf_against_a_byte_loop():
                 _py_xor(want, doff, src, soff, n)
                 aead._xor(memoryview(got) if n & 1 else got, doff, src, soff, n)
                 assert got == want, (n, doff, soff)
+    for k, end in ((12, 16), (12, 1232), (7, 48), (13, 17)):
+        nonce = rng.bytes(k)
+        want = bytearray(rng.bytes(end + 16))
+        got = bytearray(want)
+        for o in range(1, end, 16):
+            want[o:o + k] = nonce
+        aead._stamp(got, memoryview(nonce), k, end)
+        assert got == want, (k, end)
 
 
 def test_every_xor_gives_the_same_packets():
@@ -128,15 +137,16 @@ def test_every_xor_gives_the_same_packets():
     # the big-int path: byte-identical packets, and each opens the others'.
     from microtun import aead
     rng = Rng(9)
-    saved = aead._xor
+    saved = aead._xor, aead._stamp
     be = "cryptolib" if "cryptolib" in backends() else "pure"
     try:
         for case, hl, ll, n, la in CASES + [(10, 16, 1, 1200, 0), (11, 17, 3, 97, 5), (12, 1, 0, 4, 0)]:
             nonce, head, lead, pt, aad = rng.bytes(12), rng.bytes(hl), rng.bytes(ll), rng.bytes(n), rng.bytes(la)
             key = rng.bytes(32)
             out = []
-            for x in (saved, _py_xor, None):
+            for x in (saved[0], _py_xor, None):
                 aead._xor = x
+                aead._stamp = saved[1] if x is saved[0] else None
                 a = AEAD(key, backend=be)
                 packet = a.seal(nonce, pt, aad, head, lead)
                 out.append(packet)
@@ -146,4 +156,4 @@ def test_every_xor_gives_the_same_packets():
             assert out[0] == out[1] == out[2], case
             assert out[0] == head + AEAD(key).seal(nonce, lead + pt, aad), case
     finally:
-        aead._xor = saved
+        aead._xor, aead._stamp = saved

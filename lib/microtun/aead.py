@@ -57,11 +57,11 @@ except ImportError:
 from struct import pack_into
 
 try:
-    from microtun.xorbuf import xor as _xor  # native: the key stream XORed in place
+    from microtun.xorbuf import xor as _xor, stamp as _stamp  # native code
 except (ImportError, SyntaxError, ValueError):
     # CPython; a port without native emitters (SyntaxError compiling the
     # viper source); a .mpy of another -march (ValueError) or none shipped.
-    _xor = None
+    _xor = _stamp = None
 XOR = "big-int" if _xor is None else "viper"  # the XOR in use (tests assert it)
 
 BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
@@ -97,8 +97,8 @@ class CCM:
                 return
         self._key = key
         if self._b0 is None:
-            # B0's flags (RFC 3610 §2.2) shifted into place; 64 << 120 marks aad.
-            self._b0 = (8 * ((tag_size - 2) // 2) + 14 - nonce_size) << 120
+            # B0's flags byte (RFC 3610 §2.2); 64 is added when there is aad.
+            self._b0 = 8 * ((tag_size - 2) // 2) + 14 - nonce_size
 
     def _check(self, nonce, data, aad):
         # API misuse is a loud ValueError; bad peer data never raises.
@@ -135,23 +135,26 @@ class CCM:
         # which makes a slice object per block (3x the instructions on a
         # Cortex-M3, a third of a 1200-byte seal; tools/bench_qemu.py).
         k = self.nonce_size
-        f = "12s" if k == 12 else "%ds" % k
-        if _native is None and not isinstance(nonce, bytes):
-            nonce = bytes(nonce)    # CPython's "s" takes bytes only; MicroPython's any buffer
-        for o in range(1, end, 16):
-            pack_into(f, ctr, o, nonce)
+        if _stamp is not None:
+            _stamp(ctr, nonce, k, end)  # native: all blocks in one call
+        else:
+            f = "12s" if k == 12 else "%ds" % k
+            if _native is None and not isinstance(nonce, bytes):
+                nonce = bytes(nonce)    # CPython's "s" takes bytes only; MicroPython's any buffer
+            for o in range(1, end, 16):
+                pack_into(f, ctr, o, nonce)
         self._make(self._key, 1).encrypt(ctr[:end], _work)  # MODE_ECB
         return _work
 
     def _cbc_mac(self, nonce, aad, lead, data, n):
-        """RFC 3610 §2.2's X (as an int) from ONE CBC call over
+        """RFC 3610 §2.2's X (16 bytes) from ONE CBC call over
         B0 || encoded aad || lead || data, each zero-padded to whole blocks."""
         w = _work
         la = len(aad)
-        b0 = self._b0 | (int.from_bytes(nonce, "big") << (120 - 8 * self.nonce_size)) | n
-        if la:
-            b0 |= 64 << 120
-        w[0:16] = b0.to_bytes(16, "big")
+        # B0 = flags || nonce || n (n in the last L bytes; the nonce over the
+        # top bytes of the word, zero as n < 2**(8L)): no big ints.
+        pack_into(">IIII", w, 0, (self._b0 | 64 if la else self._b0) << 24, 0, 0, n)
+        w[1:1 + self.nonce_size] = nonce
         o = 16
         if la:
             # The aad's length in 2, 6 or 10 bytes (RFC 3610 §2.2).
@@ -174,7 +177,7 @@ class CCM:
             w[o + ll:o + n] = data
             o = end
         self._make(self._key, 2, _ZERO16).encrypt(w[:o], w)  # MODE_CBC, IV 0
-        return int.from_bytes(w[o - 16:o], "big")
+        return bytes(w[o - 16:o])
 
     def seal(self, nonce, plaintext, aad=b"", head=b"", lead=b""):
         """ciphertext || tag (len(plaintext) + tag_size bytes). With head
@@ -195,7 +198,7 @@ class CCM:
             # stream S_0 || S_1 .. into it, and the message and X XORed into
             # that in place: the packet's only allocation is the bytes returned.
             self._stream(nonce, aad, n, 0, False)
-            x = self._cbc_mac(nonce, aad, lead, plaintext, n).to_bytes(16, "big")
+            x = self._cbc_mac(nonce, aad, lead, plaintext, n)
             w = self._stream(nonce, aad, n, 0)
             w[16 + n:32 + n] = x
             _xor(w, 16 + n, w, 0, m)           # T = X ^ S_0, after the message
@@ -212,7 +215,7 @@ class CCM:
         w[0:hl] = head
         w[hl:hl + ll] = lead
         w[hl + ll:hl + n] = plaintext
-        w[hl + n:hl + n + 16] = x.to_bytes(16, "big")  # T is X's first m bytes
+        w[hl + n:hl + n + 16] = x  # T is X's first m bytes
         # (head || P || T) ^ (S_1 .. || S_0) as ONE big-int XOR: the key
         # stream is the shorter int, so head is XORed with nothing.
         return (int.from_bytes(w[0:hl + n + m], "big") ^ ks).to_bytes(hl + n + m, "big")
@@ -236,7 +239,7 @@ class CCM:
                 return p[ll:]
             return p
         w = self._stream(nonce, aad, n, 0)
-        s0 = int.from_bytes(w[0:16], "big")
+        s0 = bytes(w[0:16])
         for i in range(ll):
             lead[i] = d[start + i] ^ w[16 + i]
         if _xor is not None:
@@ -245,12 +248,12 @@ class CCM:
         else:
             p = (int.from_bytes(d[start + ll:start + n], "big") ^
                  int.from_bytes(w[16 + ll:16 + n], "big")).to_bytes(n - ll, "big")
-        t = (self._cbc_mac(nonce, aad, lead or b"", p, n) ^ s0).to_bytes(16, "big")
+        x = self._cbc_mac(nonce, aad, lead or b"", p, n)  # T = X ^ S_0
         # Constant time: every tag byte is looked at.
         r = 0
         d = d[start + n:]
         for i in range(m):
-            r |= t[i] ^ d[i]
+            r |= x[i] ^ s0[i] ^ d[i]
         return p if r == 0 else None
 
 
@@ -260,7 +263,7 @@ class AEAD(CCM):
 
     nonce_size = 12
     tag_size = 16
-    _b0 = (8 * ((16 - 2) // 2) + 14 - 12) << 120   # as CCM.__init__ computes it
+    _b0 = 8 * ((16 - 2) // 2) + 14 - 12   # as CCM.__init__ computes it
 
     def __init__(self, key, backend=None):
         CCM.__init__(self, key, 12, 16, backend)

@@ -32,3 +32,18 @@ def xor(dst, doff: int, src, soff: int, n: int):
     while i < n:
         d[doff + i] = d[doff + i] ^ s[soff + i]
         i += 1
+
+
+@micropython.viper
+def stamp(dst, src, k: int, end: int):
+    # dst[o:o + k] = src[0:k] for o = 1, 17, 33, .. < end: the nonce into
+    # every CCM counter block (pack_into per block is ~1.3K instructions).
+    d = ptr8(dst)
+    s = ptr8(src)
+    o = 1
+    while o < end:
+        i = 0
+        while i < k:
+            d[o + i] = s[i]
+            i += 1
+        o += 16
