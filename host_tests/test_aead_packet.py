@@ -97,7 +97,12 @@ def test_native_xor_is_used_on_micropython():
     from microtun import aead
     from mtest import MICROPYTHON
     assert aead.XOR == ("viper" if MICROPYTHON else "big-int"), aead.XOR
-    assert (aead._xor is not None) == MICROPYTHON == (aead._stamp is not None)
+    try:
+        from microtun import xorbuf
+    except ImportError:
+        assert not MICROPYTHON
+    else:
+        assert aead._xor is xorbuf.xor and aead._stamp is xorbuf.stamp
 
 
 def _py_xor(dst, doff, src, soff, n):
@@ -105,37 +110,43 @@ def _py_xor(dst, doff, src, soff, n):
         dst[doff + i] ^= src[soff + i]
 
 
-def test_xorbuf_against_python():
-    # xor: every alignment of both ends (the word loop only runs when both are
-    # 4-byte aligned) and lengths around a word, into a memoryview too.
-    from microtun import aead
-    if aead._xor is None:
-        return
+def _py_stamp(ctr, nonce, k, end):
+    for o in range(1, end, 16):
+        for i in range(k):
+            ctr[o + i] = nonce[i]
+
+
+def test_xor_and_stamp_against_python():
+    # xor: every alignment of both ends (the native word loop only runs when
+    # both are 4-byte aligned) and lengths around a word, into a memoryview
+    # too; stamp: nonce sizes and message lengths.
+    from microtun import aead, xorbig
     rng = Rng(8)
     src = rng.bytes(64)
-    for n in (0, 1, 3, 4, 5, 8, 31, 33):
-        for doff in range(5):
-            for soff in range(5):
-                want = bytearray(rng.bytes(48))
-                got = bytearray(want)
-                _py_xor(want, doff, src, soff, n)
-                aead._xor(memoryview(got) if n & 1 else got, doff, src, soff, n)
-                assert got == want, (n, doff, soff)
-    for k, end in ((12, 16), (12, 1232), (7, 48), (13, 17)):
-        nonce = rng.bytes(k)
-        want = bytearray(rng.bytes(end + 16))
-        got = bytearray(want)
-        for o in range(1, end, 16):
-            want[o:o + k] = nonce
-        aead._stamp(got, memoryview(nonce), k, end)
-        assert got == want, (k, end)
+    for xor, stamp in ((aead._xor, aead._stamp), (xorbig.xor, xorbig.stamp)):
+        for n in (0, 1, 3, 4, 5, 8, 31, 33):
+            for doff in range(5):
+                for soff in range(5):
+                    want = bytearray(rng.bytes(48))
+                    got = bytearray(want)
+                    _py_xor(want, doff, src, soff, n)
+                    xor(memoryview(got) if n & 1 else got, doff, src, soff, n)
+                    assert got == want, (n, doff, soff)
+        for k, end in ((12, 16), (12, 1232), (7, 48), (13, 17)):
+            nonce = rng.bytes(k)
+            want = bytearray(rng.bytes(end + 16))
+            got = bytearray(want)
+            _py_stamp(want, nonce, k, end)
+            stamp(memoryview(got), memoryview(nonce) if k & 1 else nonce, k, end)
+            assert got == want, (k, end)
 
 
-def test_every_xor_gives_the_same_packets():
-    # The seal/open code of the native path with the native XOR, with a
-    # Python byte loop in its place (so CPython runs that code too), and
-    # the big-int path: byte-identical packets, and each opens the others'.
-    from microtun import aead
+def test_xor_in_use_and_python_loops_give_the_same_packets():
+    # seal/open with the XOR and stamp in use (native on MicroPython, big
+    # ints on CPython), with plain Python loops and with the big-int
+    # fallback in their place: the same packets, each opened, and the same
+    # as the plain seal.
+    from microtun import aead, xorbig
     rng = Rng(9)
     saved = aead._xor, aead._stamp
     be = "cryptolib" if "cryptolib" in backends() else "pure"
@@ -144,16 +155,16 @@ def test_every_xor_gives_the_same_packets():
             nonce, head, lead, pt, aad = rng.bytes(12), rng.bytes(hl), rng.bytes(ll), rng.bytes(n), rng.bytes(la)
             key = rng.bytes(32)
             out = []
-            for x in (saved[0], _py_xor, None):
-                aead._xor = x
-                aead._stamp = saved[1] if x is saved[0] else None
+            for fns in (saved, (_py_xor, _py_stamp), (xorbig.xor, xorbig.stamp)):
+                aead._xor, aead._stamp = fns
                 a = AEAD(key, backend=be)
                 packet = a.seal(nonce, pt, aad, head, lead)
                 out.append(packet)
                 got = bytearray(ll)
-                assert a.open(nonce, packet, aad, hl, got) == pt and got == lead, (case, x)
-                assert a.open(nonce, packet[:-1] + bytes([packet[-1] ^ 1]), aad, hl, got) is None, (case, x)
+                assert a.open(nonce, packet, aad, hl, got) == pt and got == lead, (case, fns)
+                assert a.open(nonce, packet[:-1] + bytes([packet[-1] ^ 1]), aad, hl, got) is None, (case, fns)
             assert out[0] == out[1] == out[2], case
+            aead._xor, aead._stamp = saved
             assert out[0] == head + AEAD(key).seal(nonce, lead + pt, aad), case
     finally:
         aead._xor, aead._stamp = saved

@@ -58,11 +58,14 @@ from struct import pack_into
 
 try:
     from microtun.xorbuf import xor as _xor, stamp as _stamp  # native code
+    XOR = "viper"
 except (ImportError, SyntaxError, ValueError):
     # CPython; a port without native emitters (SyntaxError compiling the
-    # viper source); a .mpy of another -march (ValueError) or none shipped.
-    _xor = _stamp = None
-XOR = "big-int" if _xor is None else "viper"  # the XOR in use (tests assert it)
+    # viper source); a .mpy of another -march (ValueError) or none shipped:
+    # the same two operations in Python (its own module: no heap for that
+    # code where the native one is used), the same bytes.
+    from microtun.xorbig import xor as _xor, stamp as _stamp
+    XOR = "big-int"
 
 BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 
@@ -107,17 +110,16 @@ class CCM:
         if not isinstance(data, _BYTES) or not isinstance(aad, _BYTES):
             raise ValueError("plaintext, data and aad must be bytes, bytearray or memoryview")
 
-    def _stream(self, nonce, aad, n, off, ecb=True):
+    def _stream(self, nonce, aad, n, ecb=True):
         """Grow the shared buffers (never shrunk) for an n-byte message: work
-        to hold the CBC-MAC input (B0, aad and its length, message), the key
-        stream and a moved S_0, or P || T at offset `off` (after a head),
-        whichever is longest (ecb False: only that). Then work[0:16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the
-        message's blocks, in ONE ECB call. Returns work."""
+        to hold the CBC-MAC input (B0, aad and its length, message), or the
+        key stream with X after it (ecb False: only that). Then
+        work[0:16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the message's
+        blocks, in ONE ECB call. Returns work."""
         global _work, _ctr
         end = (n + 15) // 16 * 16 + 16
         la = len(aad)
-        a = (la + 25) // 16 * 16 if la else 16
-        size = end + (a if a > off else off)
+        size = end + ((la + 25) // 16 * 16 if la else 16)
         if _work is None or len(_work) < size:
             _work = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
         if not ecb:
@@ -131,18 +133,7 @@ class CCM:
                 ctr[o] = L - 1
                 ctr[o + 16 - L:o + 16] = (o >> 4).to_bytes(L, "big")
             _ctr = ctr
-        # The nonce into every block: pack_into, not ctr[o:o + k] = nonce,
-        # which makes a slice object per block (3x the instructions on a
-        # Cortex-M3, a third of a 1200-byte seal; tools/bench_qemu.py).
-        k = self.nonce_size
-        if _stamp is not None:
-            _stamp(ctr, nonce, k, end)  # native: all blocks in one call
-        else:
-            f = "12s" if k == 12 else "%ds" % k
-            if _native is None and not isinstance(nonce, bytes):
-                nonce = bytes(nonce)    # CPython's "s" takes bytes only; MicroPython's any buffer
-            for o in range(1, end, 16):
-                pack_into(f, ctr, o, nonce)
+        _stamp(ctr, nonce, self.nonce_size, end)
         self._make(self._key, 1).encrypt(ctr[:end], _work)  # MODE_ECB
         return _work
 
@@ -153,7 +144,7 @@ class CCM:
         la = len(aad)
         # B0 = flags || nonce || n (n in the last L bytes; the nonce over the
         # top bytes of the word, zero as n < 2**(8L)): no big ints.
-        pack_into(">IIII", w, 0, (self._b0 | 64 if la else self._b0) << 24, 0, 0, n)
+        pack_into(">BBHIII", w, 0, self._b0 | 64 if la else self._b0, 0, 0, 0, 0, n)
         w[1:1 + self.nonce_size] = nonce
         o = 16
         if la:
@@ -193,32 +184,20 @@ class CCM:
             return b"".join((head, ct)) if head else ct
         m = self.tag_size
         hl = len(head)
-        if _xor is not None:
-            # X first (the CBC-MAC input fills the work buffer), then the key
-            # stream S_0 || S_1 .. into it, and the message and X XORed into
-            # that in place: the packet's only allocation is the bytes returned.
-            self._stream(nonce, aad, n, 0, False)
-            x = self._cbc_mac(nonce, aad, lead, plaintext, n)
-            w = self._stream(nonce, aad, n, 0)
-            w[16 + n:32 + n] = x
-            _xor(w, 16 + n, w, 0, m)           # T = X ^ S_0, after the message
-            _xor(w, 16, lead, 0, ll)
-            _xor(w, 16 + ll, plaintext, 0, n - ll)
-            if hl > 16:    # (not the tunnel's: its head is 16 bytes)
-                return bytes(head) + bytes(w[16:16 + n + m])
-            w[16 - hl:16] = head               # over S_0, used
-            return bytes(w[16 - hl:16 + n + m])
-        w = self._stream(nonce, aad, n, hl)  # S_0 || S_1 ..
-        w[16 + n:32 + n] = w[0:16]  # S_0 after the message's key stream, for T
-        ks = int.from_bytes(w[16:16 + n + m], "big")
+        # X first (the CBC-MAC input fills the work buffer), then the key
+        # stream S_0 || S_1 .. into it, and X and the message XORed into that
+        # in place: the packet's one allocation of its size is the bytes returned.
+        self._stream(nonce, aad, n, False)
         x = self._cbc_mac(nonce, aad, lead, plaintext, n)
-        w[0:hl] = head
-        w[hl:hl + ll] = lead
-        w[hl + ll:hl + n] = plaintext
-        w[hl + n:hl + n + 16] = x  # T is X's first m bytes
-        # (head || P || T) ^ (S_1 .. || S_0) as ONE big-int XOR: the key
-        # stream is the shorter int, so head is XORed with nothing.
-        return (int.from_bytes(w[0:hl + n + m], "big") ^ ks).to_bytes(hl + n + m, "big")
+        w = self._stream(nonce, aad, n)
+        w[16 + n:32 + n] = x
+        _xor(w, 16 + n, w, 0, m)           # T = X ^ S_0, after the message
+        _xor(w, 16, lead, 0, ll)
+        _xor(w, 16 + ll, plaintext, 0, n - ll)
+        if hl > 16:    # (not the tunnel's: its head is 16 bytes)
+            return bytes(head) + bytes(w[16:16 + n + m])
+        w[16 - hl:16] = head               # over S_0, used
+        return bytes(w[16 - hl:16 + n + m])
 
     def open(self, nonce, data, aad=b"", start=0, lead=None):
         """The plaintext of ciphertext || tag (from data[start:]), or None
@@ -238,16 +217,12 @@ class CCM:
                 lead[:] = p[:ll]
                 return p[ll:]
             return p
-        w = self._stream(nonce, aad, n, 0)
+        w = self._stream(nonce, aad, n)
         s0 = bytes(w[0:16])
         for i in range(ll):
             lead[i] = d[start + i] ^ w[16 + i]
-        if _xor is not None:
-            _xor(w, 16 + ll, d, start + ll, n - ll)   # the key stream becomes P
-            p = bytes(w[16 + ll:16 + n])
-        else:
-            p = (int.from_bytes(d[start + ll:start + n], "big") ^
-                 int.from_bytes(w[16 + ll:16 + n], "big")).to_bytes(n - ll, "big")
+        _xor(w, 16 + ll, d, start + ll, n - ll)   # the key stream becomes P
+        p = bytes(w[16 + ll:16 + n])
         x = self._cbc_mac(nonce, aad, lead or b"", p, n)  # T = X ^ S_0
         # Constant time: every tag byte is looked at.
         r = 0
