@@ -505,7 +505,10 @@ def build_bundle(out, log=print):
     fw = {}
     for name in FW_MODULES:
         fw[name] = compile_mpy(FIRMWARE / name, out / (name[:-3] + ".mpy"), name, None, exe)
-    dev = device_modules(cryptolib=True)
+    dev = [m for m in device_modules(cryptolib=True) if m in sizes]
+    for name in NATIVE_MODULES:
+        log("   (not in the bundle)  microtun/%s.py: viper code, compiled for each board's -march by "
+            "`microtun flash`; without it aead.py uses its big-int XOR" % name)
     for name in sorted(sizes, key=lambda n: -sizes[n]):
         log("%7s  microtun/%s.mpy%s" % ("{:,}".format(sizes[name]), name,
                                            "" if name in dev else "   (not shipped to cryptolib boards)"))
