@@ -13,10 +13,10 @@ slow in Python, so CCM it is, with exactly two AES calls per message
   CBC-MAC  ONE CBC call over B0 || encoded aad || message, each zero-padded
            to whole blocks; the tag T comes from the last block (§2.2).
   CTR      ONE ECB call over the counter blocks A_0 .. A_n (§2.3); then
-           (P || T) ^ (S_1 .. || S_0) gives ciphertext || tag: XORed into
+           (P || T) ^ (S_1 .. || S_0) gives ciphertext || tag, XORed into
            the key stream in place by microtun.xorbuf (viper: native code)
-           where the port has it, else as two big ints (about 4x the
-           message in heap per call; the same bytes).
+           where the port has it, else by microtun.xorbig as big ints
+           (about 4x the message in heap per call; the same bytes).
 
 Both cryptolib objects are made per message (a CBC one chains across
 calls): two key expansions in C per message instead of about 300 bytes of
@@ -72,7 +72,7 @@ BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 _BYTES = (bytes, bytearray, memoryview)
 _ZERO16 = bytes(16)
 _GROW = const(64)  # buffers grow in steps of this many bytes
-_work = None  # memoryview: CBC-MAC input, then the key stream, then P || T
+_work = None  # memoryview: CBC-MAC input, then the key stream, XORed into head || C || T
 _ctr = None   # memoryview: counter blocks A_0, A_1, .. for one L (flags, i filled in)
 
 
