@@ -8,6 +8,12 @@
 # files on the filesystem are loaded into RAM (docs/FIRMWARE.md, "Figures").
 # main.py, boot.py, app.py, board.py and microtun.json stay on the
 # filesystem so they can be edited and re-flashed without a firmware build.
+#
+# microtun/xorbuf.py is viper (native) code: the freeze step compiles it
+# with the port's MPY_CROSS_FLAGS -march (esp32 xtensawin, rp2 armv6m, the
+# qemu MPS2_AN385 armv7m; the unix port sets none, so tools/mpbuild.py
+# passes -march=x86). A port whose freeze has no -march fails with
+# "invalid arch" on it: pass MPY_CROSS_FLAGS=-march=<arch> to make.
 import os
 import sys
 

@@ -6,6 +6,7 @@ from microtun.aead import AEAD, CCM
 from test_aead import backends
 
 PORTABLE = True
+QEMU = True      # also runs on the qemu Cortex-M board: the viper XOR in ARMv7-M code
 
 HEADER = bytes(range(0x40, 0x50))
 
@@ -85,3 +86,85 @@ def test_general_ccm_with_head_and_lead():
             assert packet == b"HDR" + c.seal(nonce, b"LD" + pt, b"ad"), (be, nonce_size)
             lead = bytearray(2)
             assert c.open(nonce, packet, b"ad", 3, lead) == pt and lead == b"LD", (be, nonce_size)
+
+
+# -- the XOR: native (microtun.xorbuf, viper) or big ints, the same bytes --------------------
+def test_native_xor_is_used_on_micropython():
+    # Every MicroPython interpreter the suite runs (the 64-bit wheel, the
+    # 32-bit frozen build, the qemu Cortex-M3 board) has the native emitter
+    # and the viper module: a silent fall back to the big-int XOR (4x the
+    # packet in heap per seal or open) fails here. CPython has no viper.
+    from microtun import aead
+    from mtest import MICROPYTHON
+    assert aead.XOR == ("viper" if MICROPYTHON else "big-int"), aead.XOR
+    try:
+        from microtun import xorbuf
+    except ImportError:
+        assert not MICROPYTHON
+    else:
+        assert aead._xor is xorbuf.xor and aead._stamp is xorbuf.stamp
+
+
+def _py_xor(dst, doff, src, soff, n):
+    for i in range(n):
+        dst[doff + i] ^= src[soff + i]
+
+
+def _py_stamp(ctr, nonce, k, end):
+    for o in range(1, end, 16):
+        for i in range(k):
+            ctr[o + i] = nonce[i]
+
+
+def test_xor_and_stamp_against_python():
+    # xor: every alignment of both ends (the native word loop only runs when
+    # both are 4-byte aligned) and lengths around a word, into a memoryview
+    # too; stamp: nonce sizes and message lengths.
+    from microtun import aead, xorbig
+    rng = Rng(8)
+    src = rng.bytes(64)
+    for xor, stamp in ((aead._xor, aead._stamp), (xorbig.xor, xorbig.stamp)):
+        for n in (0, 1, 3, 4, 5, 8, 31, 33):
+            for doff in range(5):
+                for soff in range(5):
+                    want = bytearray(rng.bytes(48))
+                    got = bytearray(want)
+                    _py_xor(want, doff, src, soff, n)
+                    xor(memoryview(got) if n & 1 else got, doff, src, soff, n)
+                    assert got == want, (n, doff, soff)
+        for k, end in ((12, 16), (12, 1232), (7, 48), (13, 17)):
+            nonce = rng.bytes(k)
+            want = bytearray(rng.bytes(end + 16))
+            got = bytearray(want)
+            _py_stamp(want, nonce, k, end)
+            stamp(memoryview(got), memoryview(nonce) if k & 1 else nonce, k, end)
+            assert got == want, (k, end)
+
+
+def test_xor_in_use_and_python_loops_give_the_same_packets():
+    # seal/open with the XOR and stamp in use (native on MicroPython, big
+    # ints on CPython), with plain Python loops and with the big-int
+    # fallback in their place: the same packets, each opened, and the same
+    # as the plain seal.
+    from microtun import aead, xorbig
+    rng = Rng(9)
+    saved = aead._xor, aead._stamp
+    be = "cryptolib" if "cryptolib" in backends() else "pure"
+    try:
+        for case, hl, ll, n, la in CASES + [(10, 16, 1, 1200, 0), (11, 17, 3, 97, 5), (12, 1, 0, 4, 0)]:
+            nonce, head, lead, pt, aad = rng.bytes(12), rng.bytes(hl), rng.bytes(ll), rng.bytes(n), rng.bytes(la)
+            key = rng.bytes(32)
+            out = []
+            for fns in (saved, (_py_xor, _py_stamp), (xorbig.xor, xorbig.stamp)):
+                aead._xor, aead._stamp = fns
+                a = AEAD(key, backend=be)
+                packet = a.seal(nonce, pt, aad, head, lead)
+                out.append(packet)
+                got = bytearray(ll)
+                assert a.open(nonce, packet, aad, hl, got) == pt and got == lead, (case, fns)
+                assert a.open(nonce, packet[:-1] + bytes([packet[-1] ^ 1]), aad, hl, got) is None, (case, fns)
+            assert out[0] == out[1] == out[2], case
+            aead._xor, aead._stamp = saved
+            assert out[0] == head + AEAD(key).seal(nonce, lead + pt, aad), case
+    finally:
+        aead._xor, aead._stamp = saved

