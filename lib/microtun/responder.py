@@ -27,11 +27,10 @@ when the first TRANSPORT under its keys authenticates; an answered
 handshake that is never confirmed (a wrong psk: the device cannot open the
 RESPONSE) is counted `handshake_failed` and reported as a FAILED event.
 """
-import hashlib
-
 from microtun import messages as m
 from microtun import timers
 from microtun.cookie import CookieChecker
+from microtun.hop import HopKey, _hmac as _hop_hmac
 from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, DATA, HANDSHAKE, EXPIRED, STALE
 from microtun.keypair import Keypair
 from microtun.rand import random_bytes
@@ -141,21 +140,12 @@ def _boot(fresh):
 
 
 def _mac_checker(key):
-    """check(data, end): messages.check_mac under a fixed key, for the
-    check every INIT of a flood pays (mac1). Where hashlib objects copy
-    (CPython), the key's HMAC pads are hashed once."""
-    ih = hashlib.sha256(bytes(k ^ 0x36 for k in key) + b"\x36" * (64 - len(key)))
-    oh = hashlib.sha256(bytes(k ^ 0x5C for k in key) + b"\x5c" * (64 - len(key)))
-    if not hasattr(ih, "copy"):
-        return lambda data, end: m.check_mac(key, data, end)
-
-    def check(data, end):
-        h = ih.copy()
-        h.update(data[:end])
-        o = oh.copy()
-        o.update(h.digest())
-        return _equal(o.digest()[:m.MAC_LEN], data[end:end + m.MAC_LEN])
-    return check
+    """check(data, end): messages.check_mac under a fixed 32-byte key, for
+    the check every INIT of a flood pays (mac1). The key's HMAC pads are
+    precomputed the way a hop key's are (microtun.hop: hashed once where
+    hashlib objects copy)."""
+    hk = HopKey(key)
+    return lambda data, end: _equal(_hop_hmac(hk, data[:end])[:m.MAC_LEN], data[end:end + m.MAC_LEN])
 
 
 def read_initiation(data, static, ss_lookup, suite=SUITE):
