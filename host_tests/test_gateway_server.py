@@ -247,3 +247,35 @@ def test_learned_link_moves_only_on_fresh_authentic_packets(tmp_path):
         assert link.peer_addr == C
         await srv.stop(quiet=True)
     asyncio.run(run())
+
+
+def test_drops_before_a_device_is_known_are_explained_in_a_log_line(tmp_path, monkeypatch, caplog):
+    """Replayed INITs, bad mac1 or hop MACs can't be counted per device (the
+    device isn't known before the DH): the gateway counts them and says so in
+    one info line per interval, nothing when nothing was dropped."""
+    import asyncio
+    import logging
+    from microtun import outer
+    from microtun_host import gateway as g
+
+    monkeypatch.setattr(g, "LOG_EVERY_S", 0.3)
+    n = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {}})
+
+    async def run():
+        srv = g.GatewayServer(g.load_gateway_config(str(n.out / "gateway.json")))
+        await srv.start()
+        await asyncio.sleep(0.5)                # a quiet interval: no line
+        quiet = [r for r in caplog.records if "in the last" in r.getMessage()]
+        link = srv.links[0]
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(30):
+            s.sendto(outer.seal(outer.TYPE_DATA, link.in_label, outer.HopKey(bytes(32)), b"x" * 40), srv.address)
+        s.close()
+        await asyncio.sleep(0.8)
+        await srv.stop(quiet=True)
+        return quiet
+    with caplog.at_level(logging.INFO, logger="microtun.gateway"):
+        quiet = asyncio.run(run())
+    assert quiet == []
+    lines = [r.getMessage() for r in caplog.records if "in the last" in r.getMessage()]
+    assert len(lines) == 1 and "outer_bad_mac 30" in lines[0], lines

@@ -44,6 +44,9 @@ DRAIN_S = 10.0      # a link removed by a reload still accepts packets this long
 LOG_EVERY_S = 10.0  # per device and kind of trouble, at most one info line this often
 PROBE_REPLIES_PER_S = 10    # HOP_PROBE answers per link per second
 RCVBUF = 4 << 20            # the listening socket's receive buffer asked for (the kernel may cap it)
+# counters of normal traffic; every other counter is a drop or an answer to trouble
+NORMAL_COUNTERS = ("data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepalive_tx", "path_probe_rx",
+                   "response_tx")
 
 
 def now_ms():
@@ -230,6 +233,7 @@ class GatewayServer:
         self._timer = None
         self._timer_at = None
         self._started = time.monotonic()
+        self._drop_task = None
         self._logged = {}                 # (device, kind) -> [last line (monotonic s), lines held back]
         self._apply_registry(cfg.devices)
 
@@ -327,6 +331,7 @@ class GatewayServer:
                 "reload": self._reload_cmd,
             }, log)
         self._schedule()
+        self._drop_task = loop.create_task(self._drop_lines())
         log.info("gateway %s listening on %s, %d links, %d devices, services %s",
                  self.cfg.name, hconfig.format_sockaddr(self.address), len(self.links), len(self.core.peers),
                  {c: "%s:%d" % a for c, a in self.cfg.services.items()})
@@ -339,7 +344,25 @@ class GatewayServer:
     def control_address(self):
         return None if self._control is None else self._control.get_extra_info("sockname")
 
+    async def _drop_lines(self):
+        """Every LOG_EVERY_S, one info line with what was dropped (or
+        answered as trouble) since the last one, if anything: the drops
+        before a device is known (replays, bad mac1, budgets, bad hop MACs)
+        are counted gateway-wide and explained here; a known device's own
+        trouble has its own lines (_rlog)."""
+        last = self.counters()
+        while True:
+            await asyncio.sleep(LOG_EVERY_S)
+            c = self.counters()
+            d = sorted((k, v - last.get(k, 0)) for k, v in c.items()
+                       if k not in NORMAL_COUNTERS and v != last.get(k, 0))
+            last = c
+            if d:
+                log.info("in the last %d s: %s", LOG_EVERY_S, ", ".join("%s %d" % kv for kv in d))
+
     async def stop(self, quiet=False):
+        if self._drop_task is not None:
+            self._drop_task.cancel()
         if self._timer is not None:
             self._timer.cancel()
         for t in list(self._services.values()):
@@ -667,7 +690,7 @@ def format_status(st):
     lines = ["gateway %s, up %ss" % (st["gateway"], st["uptime_s"])]
     lines.append("%-16s %-5s %-10s %-12s %-12s %s" % ("device", "up", "handshake", "rx", "tx",
                                                       "paths (link: last seen, srtt, packets, duplicates dropped)"))
-    normal = ("data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepalive_tx", "path_probe_rx", "response_tx")
+    normal = NORMAL_COUNTERS
     for d in st["devices"]:
         paths = ", ".join("%s: %s, %s, rx %d dup %d" % (
             p["link"], _ago(p["last_seen_ms_ago"]), "-" if p["srtt_ms"] is None else "%dms" % p["srtt_ms"],
