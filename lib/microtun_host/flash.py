@@ -51,7 +51,10 @@ BOARDS = ROOT / "boards"
 ENTRY_MODULES = ("config", "driver")          # what firmware/microtun_fw.py imports from microtun
 FW_MODULES = ("microtun_fw.py", "microtun_boot.py")   # the firmware runtime: compiled, to /lib
 FW_FILES = ("boot.py", "main.py")             # copied as source, to /
-NATIVE_MODULES = ("xorbuf",)                  # viper: mpy-cross needs the board's -march
+NATIVE_MODULES = ("xorbuf", "fe25519")       # viper: mpy-cross needs the board's -march
+# Frozen builds only: native code loaded from a .mpy sits in RAM (the GC heap
+# on rp2), and fe25519 is ~26 KB of it; without it x25519 uses big ints.
+FROZEN_ONLY = ("fe25519",)
 MPY_VERSION = 6                               # .mpy format of MicroPython >= 1.23 (mpy-cross 1.29)
 BOARD_FACTS = ("NAME", "PLATFORM", "MACHINE_HAS", "MPY_ARCH", "CRYPTOLIB")
 ARCHS = ("none", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
@@ -184,7 +187,13 @@ def build(board, out, frozen=False, log=print):
     if not frozen:
         mods = device_modules(board.cryptolib)
         if not board.arch or board.arch == "none":
-            mods = [m for m in mods if m not in NATIVE_MODULES]   # aead.py falls back
+            mods = [m for m in mods if m not in NATIVE_MODULES]   # aead.py, x25519.py fall back
+        for m in FROZEN_ONLY:
+            if m in mods:
+                mods.remove(m)
+                log("  skip    microtun/%s.py: ~26 KB of native code that a .mpy would load into RAM; "
+                    "X25519 uses big ints here (2.6x slower); freeze microtun into the firmware "
+                    "to have it (docs/FIRMWARE.md)" % m)
         for m in mods:
             dst = out / "lib" / "microtun" / (m + ".mpy")
             total += compile_mpy(LIB / (m + ".py"), dst, "microtun/%s.py" % m, board.arch, exe)
@@ -507,8 +516,12 @@ def build_bundle(out, log=print):
         fw[name] = compile_mpy(FIRMWARE / name, out / (name[:-3] + ".mpy"), name, None, exe)
     dev = [m for m in device_modules(cryptolib=True) if m in sizes]
     for name in NATIVE_MODULES:
-        log("   (not in the bundle)  microtun/%s.py: viper code, compiled for each board's -march by "
-            "`microtun flash`; without it aead.py uses its big-int XOR" % name)
+        if name in FROZEN_ONLY:
+            log("   (not in the bundle)  microtun/%s.py: viper code, frozen into firmware builds only; "
+                "without it x25519.py uses big ints" % name)
+        else:
+            log("   (not in the bundle)  microtun/%s.py: viper code, compiled for each board's -march by "
+                "`microtun flash`; without it aead.py uses its big-int XOR" % name)
     for name in sorted(sizes, key=lambda n: -sizes[n]):
         log("%7s  microtun/%s.mpy%s" % ("{:,}".format(sizes[name]), name,
                                            "" if name in dev else "   (not shipped to cryptolib boards)"))
