@@ -105,8 +105,10 @@ def test_romfs_image_keeps_the_code_bytes_out_of_the_heap(tmp_path):
 # works and fails from run to run).
 TODAY_32 = {"frozen": {"endpoint": 16.5 * K, "core": 23.5 * K, "firmware": 32},
             "mpy": {"endpoint": 36.5 * K, "core": 57 * K, "firmware": 78}}
-PACKET_TODAY_32 = 2800       # bytes allocated per 1200-byte packet, endpoint (measured 2,296 / 2,288 B;
+PACKET_TODAY_32 = 2800       # bytes allocated per 1200-byte packet, endpoint (measured 2,296 / 2,128 B;
                              # 6.25K / 6.1K with the CCM's big-int XOR)
+PACKET_TODAY_32_CORE = 3600  # the two-path stack, best effort (measured 3,048 / 2,864 B; 5,512 / 4,144
+                             # while the outer layer copied every packet twice sending and once receiving)
 UNMET = "issue 10 target not reached on the 32-bit %s build (docs/MEMORY.md)"
 
 
@@ -147,12 +149,18 @@ def test_bytes_allocated_per_1200_byte_packet_on_32bit(build32, kind):
     out = build32(kind)
     with board_heap.use(kind):
         r = bm.scenario(out, "endpoint", size=1200)
-    print("%s: per 1200-byte packet sent %d, received %d" % (kind, r["per_send"], r["per_receive"]))
+        c = bm.scenario(out, "core", size=1200)
+    print("%s: per 1200-byte packet sent %d, received %d; two-path stack %d, %d" % (
+        kind, r["per_send"], r["per_receive"], c["per_send"], c["per_receive"]))
     assert r["per_send"] <= PACKET_TODAY_32 and r["per_receive"] <= PACKET_TODAY_32, r
+    # the outer header is written in place before the inner packet and read
+    # through a view: the stack adds the hop MAC's hash objects, not copies
+    assert c["per_send"] <= PACKET_TODAY_32_CORE and c["per_receive"] <= PACKET_TODAY_32_CORE, c
 
 
 @pytest.mark.xfail(strict=True, reason="issue 10 target (2 KB per 1200-byte packet) not reached: 2.3K "
-                   "measured, the packet plus the two cryptolib objects made per message (docs/MEMORY.md)")
+                   "measured, the packet plus the two cryptolib objects made per message; 3.0K through the "
+                   "two-path stack (docs/MEMORY.md)")
 def test_bytes_allocated_per_1200_byte_packet_target(build32):
     out = build32("frozen")
     with board_heap.use("frozen"):

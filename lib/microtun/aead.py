@@ -110,16 +110,16 @@ class CCM:
         if not isinstance(data, _BYTES) or not isinstance(aad, _BYTES):
             raise ValueError("plaintext, data and aad must be bytes, bytearray or memoryview")
 
-    def _stream(self, nonce, aad, n, ecb=True):
+    def _stream(self, nonce, aad, n, ecb=True, off=0):
         """Grow the shared buffers (never shrunk) for an n-byte message: work
         to hold the CBC-MAC input (B0, aad and its length, message), or the
-        key stream with X after it (ecb False: only that). Then
-        work[0:16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the message's
-        blocks, in ONE ECB call. Returns work."""
+        key stream with X after it, off bytes in (ecb False: only that).
+        Then work[off:off+16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the
+        message's blocks, in ONE ECB call. Returns work (from off: a view)."""
         global _work, _ctr
         end = (n + 15) // 16 * 16 + 16
         la = len(aad)
-        size = end + ((la + 25) // 16 * 16 if la else 16)
+        size = off + end + ((la + 25) // 16 * 16 if la else 16)
         if _work is None or len(_work) < size:
             _work = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
         if not ecb:
@@ -134,7 +134,16 @@ class CCM:
                 ctr[o + 16 - L:o + 16] = (o >> 4).to_bytes(L, "big")
             _ctr = ctr
         _stamp(ctr, nonce, self.nonce_size, end)
-        self._make(self._key, 1).encrypt(ctr[:end], _work)  # MODE_ECB
+        # A new ECB object per message (320 bytes of garbage on a 32-bit
+        # board): keeping one per key would keep 320 bytes per AEAD, four
+        # per session, and the endpoint's heap budget is the tighter one
+        # (docs/MEMORY.md).
+        e = self._make(self._key, 1)  # MODE_ECB
+        if off:
+            w = _work[off:]
+            e.encrypt(ctr[:end], w)
+            return w
+        e.encrypt(ctr[:end], _work)
         return _work
 
     def _cbc_mac(self, nonce, aad, lead, data, n):
@@ -173,29 +182,41 @@ class CCM:
     def seal(self, nonce, plaintext, aad=b"", head=b"", lead=b""):
         """ciphertext || tag (len(plaintext) + tag_size bytes). With head
         and lead: head || ciphertext || tag, sealing lead || plaintext;
-        head is copied as it is (put it in aad to authenticate it)."""
+        head is copied as it is (put it in aad to authenticate it). A head
+        longer than 16 bytes gives a bytearray (the tunnel writes its outer
+        header into it), built in place up to 32 bytes of head."""
         self._check(nonce, plaintext, aad)
         ll = len(lead)
         n = ll + len(plaintext)
         if n >> (120 - 8 * self.nonce_size):  # the length field has L bytes (RFC 3610 §2)
             raise ValueError("plaintext must be at most %d bytes" % ((1 << (120 - 8 * self.nonce_size)) - 1))
+        hl = len(head)
         if self._lib is not None:
             ct = self._lib.encrypt(nonce, lead + plaintext if ll else plaintext, aad)
+            if hl > 16:
+                return bytearray(head) + ct
             return b"".join((head, ct)) if head else ct
         m = self.tag_size
-        hl = len(head)
         # X first (the CBC-MAC input fills the work buffer), then the key
         # stream S_0 || S_1 .. into it, and X and the message XORed into that
         # in place: the packet's one allocation of its size is the bytes returned.
-        self._stream(nonce, aad, n, False)
+        # A head of 17..32 bytes: the key stream starts 16 bytes in, so the
+        # head fits before the message too.
+        off = 16 if hl > 16 else 0
+        self._stream(nonce, aad, n + off, False)
         x = self._cbc_mac(nonce, aad, lead, plaintext, n)
-        w = self._stream(nonce, aad, n)
+        w = self._stream(nonce, aad, n, True, off)
         w[16 + n:32 + n] = x
         _xor(w, 16 + n, w, 0, m)           # T = X ^ S_0, after the message
         _xor(w, 16, lead, 0, ll)
         _xor(w, 16 + ll, plaintext, 0, n - ll)
-        if hl > 16:    # (not the tunnel's: its head is 16 bytes)
-            return bytes(head) + bytes(w[16:16 + n + m])
+        if off:
+            w = _work
+            s = off + 16 - hl
+            if s < 0:    # over 32 bytes of head: not the tunnel's
+                return bytearray(head) + w[off + 16:off + 16 + n + m]
+            w[s:off + 16] = head           # over S_0 and the bytes before it, unused
+            return bytearray(w[s:off + 16 + n + m])
         w[16 - hl:16] = head               # over S_0, used
         return bytes(w[16 - hl:16 + n + m])
 

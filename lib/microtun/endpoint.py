@@ -161,12 +161,18 @@ class _Endpoint:
 class Device(_Endpoint):
     """The initiator. One gateway, identified by its static public key."""
 
-    def __init__(self, private_key, gateway_public, psk=None, boot_counter=0, params=None, window=DEVICE_WINDOW):
+    def __init__(self, private_key, gateway_public, psk=None, boot_counter=0, params=None, window=DEVICE_WINDOW,
+                 room=False):
+        """room: transport packets come after keypair.ROOM zero bytes, in a
+        bytearray, for an outer header written in place (microtun.tunnel);
+        handshake messages never have it, and start with their type (never 0)."""
         _Endpoint.__init__(self, private_key, params, window)
         gw = _key32("gateway_public", gateway_public)
         if psk is not None:
             _key32("psk", psk)
         self.session = Session(gw, psk)
+        if room:
+            self.session.room = True
         self._fresh = Freshness(boot_counter)
         self._cookies = None      # a cookie.CookieJar once the gateway sent a cookie (rare: made then)
         self._mac1 = None         # the mac1 of our last INIT, which a cookie answers

@@ -169,13 +169,14 @@ def seal_in_place(buf, ptype, label, hopkey, plen):
 
 
 def seal(ptype, label, hopkey, payload):
-    """A new outer packet (bytes): header with type, label and the MAC under
-    hopkey, then payload."""
+    """A new outer packet (a bytearray): header with type, label and the MAC
+    under hopkey, then payload. The payload is copied once (no bytes() of
+    the result: that was a second copy of every packet sent)."""
     n = len(payload)
     buf = bytearray(HEADER_LEN + n)
     buf[HEADER_LEN:] = payload
     seal_in_place(buf, ptype, label, hopkey, n)
-    return bytes(buf)
+    return buf
 
 
 # --- receiving -------------------------------------------------------------

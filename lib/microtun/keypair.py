@@ -7,6 +7,12 @@ number: the window is checked before decrypting and marked after.
 """
 from struct import pack_into
 
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
 from microtun.aead import AEAD
 from microtun.replay import ReplayWindow, REJECT_AFTER_MESSAGES
 
@@ -15,6 +21,11 @@ from microtun.replay import ReplayWindow, REJECT_AFTER_MESSAGES
 # 0000|counter and the channel byte. The AEAD copies them, so nothing per
 # packet is allocated for any of them.
 _HEAD = bytearray(b"\x04\x00\x00\x00" + bytes(12))
+# The same header after ROOM zero bytes: room for the outer (hop) header,
+# which microtun.tunnel then writes in place (no copy of the packet).
+_ROOM = const(12)
+ROOM = _ROOM
+_HEAD_ROOM = bytearray(bytes(_ROOM) + b"\x04\x00\x00\x00" + bytes(12))
 _NONCE = bytearray(12)
 _LEAD = bytearray(1)
 
@@ -33,21 +44,27 @@ class Keypair:
         self.created = created
         self.initiator = initiator
 
-    def seal(self, plaintext, channel=-1):
+    def seal(self, plaintext, channel=-1, room=False):
         """A TRANSPORT message carrying channel || plaintext (the channel
         byte sealed without concatenating it to the payload; none when
         channel is -1: a keepalive), or None when the counter space is used
-        up (the caller must rekey)."""
+        up (the caller must rekey). room: the message comes after ROOM zero
+        bytes, in a bytearray."""
         n = self.send_counter
         if n >= REJECT_AFTER_MESSAGES:
             return None
         self.send_counter = n + 1
-        pack_into(">IQ", _HEAD, 4, self.remote_index, n)     # no bytes object per packet
+        if room:
+            head = _HEAD_ROOM
+            pack_into(">IQ", head, _ROOM + 4, self.remote_index, n)  # no bytes object per packet
+        else:
+            head = _HEAD
+            pack_into(">IQ", head, 4, self.remote_index, n)
         pack_into(">IQ", _NONCE, 0, 0, n)
         if channel < 0:
-            return self.send_aead.seal(_NONCE, plaintext, b"", _HEAD)
+            return self.send_aead.seal(_NONCE, plaintext, b"", head)
         _LEAD[0] = channel
-        return self.send_aead.seal(_NONCE, plaintext, b"", _HEAD, _LEAD)
+        return self.send_aead.seal(_NONCE, plaintext, b"", head, _LEAD)
 
     def open(self, data, lead=None):
         """Decrypt a TRANSPORT message addressed to this keypair. Returns the

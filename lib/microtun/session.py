@@ -11,6 +11,7 @@ Keypair rotation (as WireGuard, whitepaper §6.3):
   key the initiator may not have. That half is the responder's
   (microtun.responder.Peer.install / confirm): a device never loads it.
 """
+from microtun.keypair import ROOM
 from microtun.ticks import ticks_add
 from microtun import timers
 
@@ -36,6 +37,7 @@ class Session:
     data_sent_unanswered = None
     established_at = None
     addr = None                   # where the peer was last authenticated (opaque)
+    room = False                  # transport packets after keypair.ROOM zero bytes (microtun.tunnel)
     # counters
     handshakes = 0
     tx_packets = 0
@@ -69,7 +71,8 @@ class Session:
         kp = self.current
         if kp is None:
             return None
-        pkt = kp.seal(plaintext, channel)
+        room = self.room
+        pkt = kp.seal(plaintext, channel, room)
         if pkt is None:
             return None
         self.last_sent = now
@@ -77,7 +80,7 @@ class Session:
         if channel >= 0 and self.data_sent_unanswered is None:
             self.data_sent_unanswered = now
         self.tx_packets += 1
-        self.tx_bytes += len(pkt)
+        self.tx_bytes += len(pkt) - ROOM if room else len(pkt)
         return pkt
 
     def received(self, n, data, now, params):

@@ -35,7 +35,7 @@ class TunnelCore:
         self.cfg = cfg
         self.log = log
         self.device = Device(cfg.private_key, cfg.gateway_public, psk=cfg.psk, boot_counter=boot_counter,
-                             params=params, window=cfg.window)
+                             params=params, window=cfg.window, room=True)
         self.paths = PathSet([Path(i, pc.name, pc.label, pc.rx_label, hop.HopKey(pc.hop_key))
                               for i, pc in enumerate(cfg.paths)], cfg.policy, cfg.nat_keepalive_ms)
         self.stats = {}
@@ -130,7 +130,8 @@ class TunnelCore:
         if ptype == hop.TYPE_DATA:
             st = self.device.stats
             dup = st.get("duplicate", 0)
-            self.device.receive_datagram(pkt[hop.HEADER_LEN:], i, now)
+            # a view, not a slice: no copy of the packet (the AEAD reads it in place)
+            self.device.receive_datagram(memoryview(pkt)[hop.HEADER_LEN:], i, now)
             if st.get("duplicate", 0) != dup:
                 p.duplicates += 1           # the copy that came second, on this path
             self._events(now)
@@ -245,5 +246,17 @@ class TunnelCore:
 
     def _flush(self, now):
         for data, route in self.device.datagrams_to_send(now):
-            for p in self.paths.select(route, now):
-                self._emit(p, hop.seal(hop.TYPE_DATA, p.label, p.key, data), now)
+            paths = self.paths.select(route, now)
+            if data[0]:
+                # a handshake message (it starts with its type): framed anew
+                for p in paths:
+                    self._emit(p, hop.seal(hop.TYPE_DATA, p.label, p.key, data), now)
+                continue
+            # a transport packet after HEADER_LEN bytes of room (Device(room=True)):
+            # the outer header is written in place; only a second path copies it
+            n = len(data) - hop.HEADER_LEN
+            last = len(paths) - 1
+            for k, p in enumerate(paths):
+                pkt = data if k == last else bytearray(data)
+                hop.seal_in_place(pkt, hop.TYPE_DATA, p.label, p.key, n)
+                self._emit(p, pkt, now)

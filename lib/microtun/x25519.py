@@ -39,34 +39,6 @@ _A24P1 = const(121666)    # RFC 7748's a24 = 121665, plus one
 _U_MASK = const(2**255 - 1)
 BASE_POINT = b"\x09" + bytes(31)
 
-# Workspace slots of the native ladder (80 bytes each) and the ops naming
-# them: fe25519's functions take `dst | a << 4 | b << 8 | e << 12`.
-_X2 = const(0)
-_Z2 = const(1)
-_X3 = const(2)
-_Z3 = const(3)
-_A = const(4)
-_B = const(5)
-_C = const(6)
-_D = const(7)
-_X1 = const(8)
-_T = const(9)
-_SLOT = const(80)
-_OP_AB = const(_A | _B << 4 | _X2 << 8 | _Z2 << 12)     # A = x2 + z2, B = x2 - z2
-_OP_CD = const(_C | _D << 4 | _X3 << 8 | _Z3 << 12)     # C = x3 + z3, D = x3 - z3
-_OP_DA = const(_D | _D << 4 | _A << 8)                  # D = DA
-_OP_CB = const(_C | _C << 4 | _B << 8)                  # C = CB
-_OP_AA = const(_A | _A << 4)                            # A = AA
-_OP_BB = const(_B | _B << 4)                            # B = BB
-_OP_X3Z3 = const(_X3 | _Z3 << 4 | _D << 8 | _C << 12)   # x3 = DA + CB, z3 = DA - CB
-_OP_X3SQ = const(_X3 | _X3 << 4)
-_OP_Z3SQ = const(_Z3 | _Z3 << 4)
-_OP_Z3X1 = const(_Z3 | _Z3 << 4 | _X1 << 8)             # z3 = x1 (DA - CB)^2
-_OP_X2 = const(_X2 | _A << 4 | _B << 8)                 # x2 = AA BB
-_OP_EF = const(_A | _A << 4 | _B << 8)                  # B = E = AA - BB, A = AA + a24 E
-_OP_Z2 = const(_Z2 | _B << 4 | _A << 8)                 # z2 = E (AA + a24 E)
-
-
 def _inverse(x):
     # x**(p-2) mod p by the classic curve25519 addition chain: 254 squarings
     # and 11 multiplications (each run of squarings one pow(x, 2**n, p), a
@@ -122,92 +94,6 @@ def _ladder_big(k, x1):
     return x2 * _inverse(z2) % p
 
 
-def _put(w, slot, x):
-    # x (an int below 2**260) into a slot as 20 limbs of 13 bits
-    o = slot * _SLOT
-    for i in range(20):
-        v = x & 8191
-        x >>= 13
-        w[o] = v & 255
-        w[o + 1] = v >> 8
-        o += 4
-
-
-def _get(w, slot):
-    x = 0
-    o = slot * _SLOT + 76
-    for i in range(20):
-        x = (x << 13) | w[o] | w[o + 1] << 8
-        o -= 4
-    return x
-
-
-def _sqn(w, dst, src, n):
-    # slot dst = slot src ** (2 ** n)
-    sq = _fe.sq
-    sq(w, dst | src << 4)
-    op = dst | dst << 4
-    for _ in range(n - 1):
-        sq(w, op)
-
-
-def _ladder_native(k, x1):
-    # The same ladder as _ladder_big on fe25519's slots (names above); every
-    # step is a fixed sequence of calls whatever the key bits are.
-    w = bytearray(10 * _SLOT)
-    _put(w, _X2, 1)
-    _put(w, _X3, x1)
-    _put(w, _Z3, 1)
-    _put(w, _X1, x1)
-    fe = _fe
-    mul, sq, addsub, sub_a24, cswap = fe.mul, fe.sq, fe.addsub, fe.sub_a24, fe.cswap
-    swap = 0
-    for t in range(254, -1, -1):
-        kt = (k[t >> 3] >> (t & 7)) & 1
-        cswap(w, swap ^ kt)
-        swap = kt
-        addsub(w, _OP_AB)
-        addsub(w, _OP_CD)
-        mul(w, _OP_DA)
-        mul(w, _OP_CB)
-        sq(w, _OP_AA)
-        sq(w, _OP_BB)
-        addsub(w, _OP_X3Z3)
-        sq(w, _OP_X3SQ)
-        sq(w, _OP_Z3SQ)
-        mul(w, _OP_Z3X1)
-        mul(w, _OP_X2)
-        sub_a24(w, _OP_EF)
-        mul(w, _OP_Z2)
-    cswap(w, swap)
-    # 1 / z2 = z2 ** (p - 2): _inverse's addition chain on slots
-    # (z = _Z2; x2 = _A, b = _B, x11 = _C, x10 = _D, x50 = _X3, scratch _T)
-    sq(w, _A | _Z2 << 4)                      # z**2
-    _sqn(w, _B, _A, 2)
-    mul(w, _B | _B << 4 | _Z2 << 8)           # z**9
-    mul(w, _C | _B << 4 | _A << 8)            # z**11
-    sq(w, _T | _C << 4)
-    mul(w, _B | _T << 4 | _B << 8)            # z_5 = z**(2**5 - 1)
-    _sqn(w, _T, _B, 5)
-    mul(w, _D | _T << 4 | _B << 8)            # z_10
-    _sqn(w, _T, _D, 10)
-    mul(w, _B | _T << 4 | _D << 8)            # z_20
-    _sqn(w, _T, _B, 20)
-    mul(w, _B | _T << 4 | _B << 8)            # z_40
-    _sqn(w, _T, _B, 10)
-    mul(w, _X3 | _T << 4 | _D << 8)           # z_50
-    _sqn(w, _T, _X3, 50)
-    mul(w, _B | _T << 4 | _X3 << 8)           # z_100
-    _sqn(w, _T, _B, 100)
-    mul(w, _B | _T << 4 | _B << 8)            # z_200
-    _sqn(w, _T, _B, 50)
-    mul(w, _B | _T << 4 | _X3 << 8)           # z_250
-    _sqn(w, _T, _B, 5)
-    mul(w, _B | _T << 4 | _C << 8)            # z**(2**255 - 21) = 1 / z
-    mul(w, _A | _X2 << 4 | _B << 8)           # x2 / z2
-    return _get(w, _A) % _P
-
-
 def x25519(scalar, u):
     """Scalar multiplication: 32-byte scalar, 32-byte u-coordinate -> 32 bytes.
     Raises ValueError for an all-zero result (a low-order point), which must
@@ -219,7 +105,7 @@ def x25519(scalar, u):
     k[0] &= 248
     k[31] = (k[31] & 127) | 64
     x1 = int.from_bytes(u, "little") & _U_MASK
-    r = _ladder_big(k, x1) if _fe is None else _ladder_native(k, x1)
+    r = _ladder_big(k, x1) if _fe is None else _fe.ladder(k, x1)
     if r == 0:
         raise ValueError("x25519 result is all zero: the peer sent a low-order point")
     return r.to_bytes(32, "little")

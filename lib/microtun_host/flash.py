@@ -537,10 +537,12 @@ def build_bundle(out, log=print):
 
 def package_json(names=None):
     """package.json for `mpremote mip install github:OWNER/REPO`: the portable
-    package (every lib/microtun/*.py, or `names`), relative URLs (mip
-    resolves them against package.json's own)."""
+    package (every lib/microtun/*.py but the FROZEN_ONLY ones, or `names`),
+    relative URLs (mip resolves them against package.json's own)."""
     from microtun import __version__
-    names = sorted(p.name for p in LIB.glob("*.py")) if names is None else sorted(names)
+    if names is None:
+        names = [p.name for p in LIB.glob("*.py") if p.stem not in FROZEN_ONLY]
+    names = sorted(names)
     urls = ",\n".join("    %s" % json.dumps(["microtun/" + n, "lib/microtun/" + n]) for n in names)
     return '{\n  "urls": [\n%s\n  ],\n  "deps": [],\n  "version": %s\n}\n' % (urls, json.dumps(__version__))
 

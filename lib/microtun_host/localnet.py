@@ -155,8 +155,22 @@ class Net:
     def _spawn(self, name, argv, env):
         logf = open(self.tmp / ("%s.log" % name), "w")
         self.logs[name] = self.tmp / ("%s.log" % name)
-        self.procs[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
-        logf.close()
+        # Ctrl-C or SIGTERM while Popen forks would leave a child nobody
+        # recorded, so nobody stops it: the signals wait (their handlers
+        # run only in the main thread) until it is in self.procs.
+        pending = []
+        held = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                held[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+        try:
+            self.procs[name] = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        finally:
+            logf.close()
+            for sig, handler in held.items():
+                signal.signal(sig, handler)
+            for sig in pending:
+                signal.raise_signal(sig)
 
     def start_pop(self, name):
         self._spawn(name, [PY, "-m", "microtun_host.cli", "pop", "--config", str(self.out / "pops" / ("%s.json" % name))],
