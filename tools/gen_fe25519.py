@@ -33,6 +33,16 @@ def _ptr(name, shift):
     return "    %s = ptr16(base + %d * ((op >> %d) & 15))" % (name, SLOT, shift)
 
 
+def _head(name, comment, dst, srcs):
+    """A generated function's first lines: slot pointers named dst (op's low
+    nibble) and srcs (the next nibbles, in order)."""
+    L = ["@micropython.viper", "def %s(w, op: int):" % name]
+    L += ["    # " + c for c in comment]
+    L += ["    base = int(ptr16(w))", "    %s = ptr16(base + %d * (op & 15))" % (dst, SLOT)]
+    L += [_ptr(n, 4 * (i + 1)) for i, n in enumerate(srcs)]
+    return L
+
+
 def _tail(lines, ind, dst):
     # after limb 19: fold the carry out of it (bits >= 260) back as
     # 608 * carry, and carry limb 0 into limbs 1 and 2: every limb ends
@@ -98,16 +108,9 @@ def _small():
     limbs[N - 1] = rest
     assert sum(v << (BITS * i) for i, v in enumerate(limbs)) == 64 * p
     assert min(limbs) >= MASK + 3 and max(limbs) < 1 << 21, limbs
-    L = []
-    L.append("@micropython.viper")
-    L.append("def addsub(w, op: int):")
-    L.append("    # slot[op & 15] = a + b; slot[op >> 4 & 15] = a - b, for a = slot[op >> 8 & 15],")
-    L.append("    # b = slot[op >> 12 & 15]. a - b is a + 64p - b, limb by limb: never negative.")
-    L.append("    base = int(ptr16(w))")
-    L.append("    s = ptr16(base + %d * (op & 15))" % SLOT)
-    L.append(_ptr("d", 4))
-    L.append(_ptr("a", 8))
-    L.append(_ptr("b", 12))
+    L = _head("addsub", ["slot[op & 15] = a + b; slot[op >> 4 & 15] = a - b, for a = slot[op >> 8 & 15],",
+                         "b = slot[op >> 12 & 15]. a - b is a + 64p - b, limb by limb: never negative."],
+              "s", "dab")
     L.append("    c = 0")
     L.append("    e = 0")
     for i in range(N):
@@ -124,15 +127,9 @@ def _small():
     _tail(L, "    ", "d")
     L.append("")
     L.append("")
-    L.append("@micropython.viper")
-    L.append("def sub_a24(w, op: int):")
-    L.append("    # e = slot[op >> 4 & 15] - slot[op >> 8 & 15] into slot[op >> 8 & 15], then")
-    L.append("    # slot[op & 15] = slot[op >> 4 & 15] + 121665 * e (RFC 7748's a24; limbs")
-    L.append("    # below 2**13 + 2 times 121665 stay below 2**30)")
-    L.append("    base = int(ptr16(w))")
-    L.append("    r = ptr16(base + %d * (op & 15))" % SLOT)
-    L.append(_ptr("a", 4))
-    L.append(_ptr("b", 8))
+    L += _head("sub_a24", ["e = slot[op >> 4 & 15] - slot[op >> 8 & 15] into slot[op >> 8 & 15], then",
+                           "slot[op & 15] = slot[op >> 4 & 15] + 121665 * e (RFC 7748's a24; limbs",
+                           "below 2**13 + 2 times 121665 stay below 2**30)"], "r", "ab")
     L.append("    c = 0")
     for i in range(N):
         L.append("    c += a[%d] + %d - b[%d]" % (i, limbs[i], i))
