@@ -34,7 +34,7 @@ from microtun_host import hostcrypto, metrics
 from microtun_host.pop import encode_source
 from microtun_host.config import ConfigError
 from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, STALE
-from microtun.responder import Gateway, FAILED, DENIED
+from microtun.responder import Gateway, FAILED, DENIED, SWEEP_MS
 from microtun.ticks import TICKS_MASK, ticks_diff
 from microtun import timers
 from microtun.replay import GATEWAY_WINDOW
@@ -226,6 +226,7 @@ class GatewayServer:
                           reject_after_ms=cfg.rekey_after_ms + (timers.REJECT_AFTER_TIME_MS - timers.REKEY_AFTER_TIME_MS))
         self.crypto, suite = hostcrypto.choose(cfg.crypto)    # the one place the crypto backend is chosen
         self.core = Gateway(cfg.private_key, params=p, window=cfg.window, suite=suite)
+        self._lazy_timer = p.keepalive_ms >= SWEEP_MS       # see _handle_outer
         self._set_links(cfg.links)
         self.names = {}                   # device name -> public key
         self.stats = {}
@@ -463,6 +464,14 @@ class GatewayServer:
             self._events(now)
         if core._out:
             self._flush(now)
+        elif self._timer is not None and self._lazy_timer:
+            # Nothing was sent: an armed timer stays right. While any session
+            # exists the core's sweep keeps one armed at most SWEEP_MS ahead,
+            # and a deadline a data packet creates (a passive keepalive,
+            # keepalive_ms >= SWEEP_MS ahead) comes after it; that timer's
+            # handler re-arms exactly. This spares Gateway.get_timer (a walk
+            # over the sessions owing a keepalive) per packet.
+            return
         self._schedule()
 
     def _send_outer(self, ptype, label, link, payload, addr):

@@ -25,7 +25,12 @@ from microtun import noise
 from microtun.aead import AEAD
 from microtun.crypto import PURE
 
-_digest = _stdlib_hmac.digest
+try:
+    # hmac.digest's own C call, without the Python wrapper around it (a
+    # handshake makes 26 of them); the wrapper where OpenSSL's is missing
+    from _hashlib import hmac_digest as _digest
+except ImportError:
+    _digest = _stdlib_hmac.digest
 _BYTES = (bytes, bytearray)
 _KEYS = 4       # X25519 private keys kept loaded (HostCrypto)
 
