@@ -164,3 +164,23 @@ def test_per_device_series_are_bounded():
     assert value(fams, "microtun_gateway_device_drops", device="dev003", reason="bad_tag") == 1
     assert value(fams, "microtun_gateway_path_rtt_seconds", device="dev001", link="dev001/a") == 0.012
     assert value(fams, "microtun_gateway_info", crypto="pure") == 1
+
+
+def test_metrics_port_taken_is_one_line(tmp_path):
+    n = Net(tmp_path, routes={"a": ["a1"]})
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        for kind, path in (("gateway", n.out / "gateway.json"), ("pop", n.out / "pops" / "a1.json")):
+            cfg = json.loads(path.read_text())
+            cfg["metrics"] = "127.0.0.1:%d" % port
+            path.write_text(json.dumps(cfg))
+            r = subprocess.run([PY, "-m", "microtun_host.cli", kind, "--config", str(path)],
+                               capture_output=True, text=True, env=py_env(), cwd=str(ROOT), timeout=30)
+            lines = [l for l in (r.stdout + r.stderr).splitlines() if "metrics" in l and "cannot" in l]
+            assert r.returncode == 1 and len(lines) == 1 and str(port) in lines[0], (kind, r.stdout, r.stderr)
+            assert "Traceback" not in r.stderr
+    finally:
+        taken.close()

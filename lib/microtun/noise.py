@@ -41,7 +41,9 @@ cache keyed by rs. `hs.dh_count` counts X25519 operations done by this
 object, key generation included.
 
 Suites. NOISE_IKPSK2_25519_AESCCM_SHA256 (microtun.aead, AES-256-CCM) is
-the production suite. Its nonce is the AESGCM layout of §12.4: 4 zero bytes
+the production suite; its X25519, HKDF and HMAC come from the crypto
+backend it carries (suite.crypto: microtun.crypto.PURE, the pure-Python
+code; a host builds the same suite on microtun_host.hostcrypto.HOST). Its nonce is the AESGCM layout of §12.4: 4 zero bytes
 || 64-bit big-endian n. Any other cipher is a
 `Suite(pattern, cipher_name, encrypt, decrypt, errors=())`; the AESGCM and
 ChaChaPoly suites that check this module against the `noiseprotocol` package
