@@ -30,7 +30,7 @@ from microtun import outer
 from microtun_host import config as hconfig
 from microtun_host import control
 from microtun_host import log as logs
-from microtun_host import hostcrypto, metrics
+from microtun_host import hostcrypto
 from microtun_host.pop import encode_source
 from microtun_host.config import ConfigError
 from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, STALE
@@ -338,6 +338,7 @@ class GatewayServer:
                 "reload": self._reload_cmd,
             }, log)
         if self.cfg.metrics is not None:
+            from microtun_host import metrics      # prometheus_client: loaded only when asked for
             self._metrics = await metrics.serve(self.cfg.metrics, metrics.GatewayCollector(
                 self.status, self.crypto.name), log)
         self._schedule()
