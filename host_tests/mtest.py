@@ -48,3 +48,23 @@ class Rng:
         for i in range(n):
             out[i] = self.u64() >> 56
         return bytes(out)
+
+
+def crypto_backends():
+    """Every crypto backend (microtun.crypto) this interpreter has: the
+    portable PURE everywhere; on CPython also microtun_host.hostcrypto.HOST
+    (the `cryptography` package). Vector tests loop over all of them."""
+    from microtun.crypto import PURE
+    if MICROPYTHON:
+        return [PURE]
+    from microtun_host.hostcrypto import HOST
+    return [PURE, HOST]
+
+
+def noise_suites():
+    """The production Noise suite computed by each of crypto_backends()."""
+    from microtun import noise
+    if MICROPYTHON:
+        return [noise.NOISE_IKPSK2_25519_AESCCM_SHA256]
+    from microtun_host.hostcrypto import HOST_SUITE
+    return [noise.NOISE_IKPSK2_25519_AESCCM_SHA256, HOST_SUITE]

@@ -1,6 +1,7 @@
-"""HMAC-SHA256 (RFC 4231), HKDF (RFC 5869) and constant-time compare."""
-from microtun.hmac import hmac_sha256, hkdf, hkdf_extract, hkdf_expand, noise_hkdf, ct_equal
-from mtest import unhex, raises
+"""HMAC-SHA256 (RFC 4231), HKDF (RFC 5869) and constant-time compare; HMAC
+and the Noise HKDF on every crypto backend (mtest.crypto_backends)."""
+from microtun.hmac import hmac_sha256, hkdf, hkdf_extract, hkdf_expand, ct_equal
+from mtest import unhex, raises, crypto_backends
 
 PORTABLE = True
 QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
@@ -26,14 +27,16 @@ RFC4231 = [
 
 
 def test_hmac_rfc4231():
-    for case, key, data, mac, n in RFC4231:
-        got = hmac_sha256(unhex(key), unhex(data))[:n]
-        assert got == unhex(mac), "RFC 4231 case %d" % case
+    for c in crypto_backends():
+        for case, key, data, mac, n in RFC4231:
+            got = c.hmac_sha256(unhex(key), unhex(data))[:n]
+            assert got == unhex(mac), "RFC 4231 case %d, %s" % (case, c.name)
 
 
 def test_hmac_two_part_message():
     key = b"k" * 40
-    assert hmac_sha256(key, b"hello ", b"world") == hmac_sha256(key, b"hello world")
+    for c in crypto_backends():
+        assert c.hmac_sha256(key, b"hello ", b"world") == hmac_sha256(key, b"hello world"), c.name
 
 
 # RFC 5869 Appendix A.1-A.3 (SHA-256): (case, ikm, salt, info, L, prk, okm)
@@ -63,11 +66,13 @@ def test_hkdf_rfc5869():
 def test_noise_hkdf_matches_rfc5869_expand():
     # Noise §4.3 HKDF is RFC 5869 with the chaining key as salt and empty info.
     ck, ikm = b"c" * 32, b"i" * 32
-    two = noise_hkdf(ck, ikm, 2)
-    three = noise_hkdf(ck, ikm, 3)
-    full = hkdf(ck, ikm, b"", 96)
-    assert two == (full[:32], full[32:64])
-    assert three == (full[:32], full[32:64], full[64:])
+    for c in crypto_backends():
+        for ikm_ in (ikm, b""):
+            full = hkdf(ck, ikm_, b"", 96)
+            two = c.noise_hkdf(ck, ikm_, 2)
+            three = c.noise_hkdf(ck, ikm_, 3)
+            assert two == (full[:32], full[32:64]), c.name
+            assert three == (full[:32], full[32:64], full[64:]), c.name
 
 
 def test_hkdf_length_limit():

@@ -3,7 +3,7 @@ on CPython and on the MicroPython unix port. Interop with an independent
 implementation is in test_noise_interop.py (host-only)."""
 import hashlib
 
-from mtest import Rng, raises, unhex
+from mtest import Rng, raises, unhex, noise_suites
 from microtun import noise
 from microtun.noise import HandshakeState, NoiseError, CipherState, SymmetricState, Suite
 from microtun.x25519 import x25519, public_key
@@ -47,7 +47,12 @@ def handshake(ini, res, p1=b"", p2=b""):
 
 
 def test_handshake_and_transport():
-    ini, res = initiator(e=None), responder(e=None)
+    for suite in noise_suites():     # every crypto backend, generated ephemerals
+        _handshake_and_transport(suite)
+
+
+def _handshake_and_transport(suite):
+    ini, res = initiator(e=None, suite=suite), responder(e=None, suite=suite)
     m1, m2 = handshake(ini, res, b"t=1", b"ok")
     assert len(m1) == 32 + 48 + 3 + 16 and len(m2) == 32 + 2 + 16
     assert ini.complete and res.complete
@@ -77,12 +82,17 @@ def test_empty_payload_message_sizes():
 def test_known_answer():
     # Fixed keys and ephemerals. test_noise_interop.py checks these bytes on
     # CPython against cryptography's AESCCM; here both interpreters must
-    # reproduce them with microtun.aead.
-    ini, res = initiator(), responder()
-    m1, m2 = handshake(ini, res, b"p1", b"p2")
-    assert m1 == KAT_M1
-    assert m2 == KAT_M2
-    assert ini.split()[0].encrypt_with_ad(b"", b"data") == KAT_T1
+    # reproduce them with microtun.aead, every crypto backend, and every
+    # pairing of backends (initiator on one, responder on another).
+    for si in noise_suites():
+        for sr in noise_suites():
+            ini, res = initiator(suite=si), responder(suite=sr)
+            m1, m2 = handshake(ini, res, b"p1", b"p2")
+            what = "%s -> %s" % (si.crypto.name, sr.crypto.name)
+            assert m1 == KAT_M1, what
+            assert m2 == KAT_M2, what
+            assert ini.split()[0].encrypt_with_ad(b"", b"data") == KAT_T1, what
+            assert res.split()[1].encrypt_with_ad(b"", b"data") == ini.split()[1].encrypt_with_ad(b"", b"data")
 
 
 KAT_M1 = unhex("""
@@ -109,17 +119,22 @@ FAILURES = (
 
 
 def test_failures_table():
-    for name, ikw, rkw, bad in FAILURES:
-        ini, res = initiator(**ikw), responder(**rkw)
-        m1 = ini.write_message(b"")
-        if bad == 1:
-            raises(NoiseError, res.read_message, m1)
-            # A failed HandshakeState is dead: further use is API misuse.
-            raises(ValueError, res.write_message, b"")
-            continue
-        res.read_message(m1)
-        raises(NoiseError, ini.read_message, res.write_message(b""))
-        raises(ValueError, ini.split)
+    for suite in noise_suites():
+        for name, ikw, rkw, bad in FAILURES:
+            _failure(suite, ikw, rkw, bad)
+
+
+def _failure(suite, ikw, rkw, bad):
+    ini, res = initiator(suite=suite, **ikw), responder(suite=suite, **rkw)
+    m1 = ini.write_message(b"")
+    if bad == 1:
+        raises(NoiseError, res.read_message, m1)
+        # A failed HandshakeState is dead: further use is API misuse.
+        raises(ValueError, res.write_message, b"")
+        return
+    res.read_message(m1)
+    raises(NoiseError, ini.read_message, res.write_message(b""))
+    raises(ValueError, ini.split)
 
 
 def _bad_messages(good):
@@ -135,15 +150,20 @@ def _bad_messages(good):
 
 
 def test_malformed_messages():
-    m1 = initiator().write_message(b"")
+    for suite in noise_suites():
+        _malformed(suite)
+
+
+def _malformed(suite):
+    m1 = initiator(suite=suite).write_message(b"")
     for reason, bad in _bad_messages(m1):
-        e = raises(NoiseError, responder(ss_lookup=lambda rs: SS).read_message, bad)
-        assert str(e) == reason, (reason, str(e))
-    res = responder()
+        e = raises(NoiseError, responder(suite=suite, ss_lookup=lambda rs: SS).read_message, bad)
+        assert str(e) == reason, (reason, str(e), suite.crypto.name)
+    res = responder(suite=suite)
     res.read_message(m1)
     m2 = res.write_message(b"")
     for reason, bad in _bad_messages(m2):
-        ini = initiator(ss=SS)
+        ini = initiator(suite=suite, ss=SS)
         ini.write_message(b"")
         e = raises(NoiseError, ini.read_message, bad)
         assert str(e) == reason, (reason, str(e))

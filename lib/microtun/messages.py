@@ -96,11 +96,12 @@ def check_mac(key, data, end):
     return ct_equal(hmac_sha256(key, data[:end])[:MAC_LEN], data[end:end + MAC_LEN])
 
 
-def finish(data, key, cookie):
+def finish(data, key, cookie, mac=hmac_sha256):
     """Append mac1 (under key) and mac2 (under the cookie if we hold one,
-    else zeros) to a handshake message body. Returns (message, mac1)."""
-    m1 = hmac_sha256(key, data)[:MAC_LEN]
+    else zeros) to a handshake message body. Returns (message, mac1).
+    mac: the HMAC-SHA256 function (a crypto backend's, microtun.crypto)."""
+    m1 = mac(key, data)[:MAC_LEN]
     data += m1
     if cookie is None:
         return data + bytes(MAC_LEN), m1
-    return data + hmac_sha256(cookie, data)[:MAC_LEN], m1
+    return data + mac(cookie, data)[:MAC_LEN], m1

@@ -41,7 +41,9 @@ cache keyed by rs. `hs.dh_count` counts X25519 operations done by this
 object, key generation included.
 
 Suites. NOISE_IKPSK2_25519_AESCCM_SHA256 (microtun.aead, AES-256-CCM) is
-the production suite. Its nonce is the AESGCM layout of §12.4: 4 zero bytes
+the production suite; its X25519, HKDF and HMAC come from the crypto
+backend it carries (suite.crypto: microtun.crypto.PURE, the pure-Python
+code; a host builds the same suite on microtun_host.hostcrypto.HOST). Its nonce is the AESGCM layout of §12.4: 4 zero bytes
 || 64-bit big-endian n. Any other cipher is a
 `Suite(pattern, cipher_name, encrypt, decrypt, errors=())`; the AESGCM and
 ChaChaPoly suites that check this module against the `noiseprotocol` package
@@ -50,9 +52,8 @@ live in host_tests/test_noise_interop.py, so their code costs no device RAM.
 import hashlib
 
 from microtun.aead import AEAD
-from microtun.hmac import noise_hkdf
+from microtun.crypto import PURE
 from microtun.rand import random_bytes
-from microtun.x25519 import x25519, public_key
 
 try:
     from micropython import const
@@ -84,10 +85,11 @@ class NoiseError(Exception):
     low_order, nonce_exhausted (or whatever an ss_lookup raised)."""
 
 
-def generate_keypair():
-    """GENERATE_KEYPAIR() (§4.1): a fresh X25519 (private, public) pair."""
+def generate_keypair(crypto=PURE):
+    """GENERATE_KEYPAIR() (§4.1): a fresh X25519 (private, public) pair,
+    computed by the crypto backend `crypto` (microtun.crypto)."""
     priv = random_bytes(DHLEN)
-    return priv, public_key(priv)
+    return priv, crypto.public_key(priv)
 
 
 def nonce96(n):
@@ -97,14 +99,16 @@ def nonce96(n):
 
 
 class Suite:
-    """A protocol: pattern + 25519 + cipher + SHA256.
+    """A protocol: pattern + 25519 + cipher + SHA256, and the crypto backend
+    that computes its X25519 and HKDF (microtun.crypto; PURE by default):
+    the backend changes the speed, never a byte.
     encrypt(k, n, ad, plaintext) -> ciphertext || tag;
     decrypt(k, n, ad, ciphertext) -> plaintext, or None on failure, or it
     raises one of `errors` (e.g. cryptography's InvalidTag). Any other
     exception is a bug and propagates. `name` is the full protocol name
     (bytes), e.g. b"Noise_IKpsk2_25519_AESCCM_SHA256"."""
 
-    def __init__(self, pattern, cipher_name, encrypt, decrypt, errors=()):
+    def __init__(self, pattern, cipher_name, encrypt, decrypt, errors=(), crypto=PURE):
         if pattern not in PATTERNS:
             raise ValueError("unknown pattern %r" % pattern)
         self.pattern = pattern
@@ -113,6 +117,7 @@ class Suite:
         self.encrypt = encrypt
         self.decrypt = decrypt
         self.errors = errors
+        self.crypto = crypto
 
 
 def _ccm_encrypt(k, n, ad, plaintext):
@@ -182,6 +187,7 @@ class SymmetricState:
     """§5.2: chaining key ck, handshake hash h and a CipherState."""
 
     def __init__(self, suite):
+        self._hkdf = suite.crypto.noise_hkdf
         name = suite.name
         # InitializeSymmetric: a name of at most HASHLEN bytes is padded with
         # zeros, a longer one is hashed.
@@ -193,7 +199,7 @@ class SymmetricState:
         self.cs = CipherState(suite)
 
     def mix_key(self, ikm):
-        self.ck, k = noise_hkdf(self.ck, ikm, 2)
+        self.ck, k = self._hkdf(self.ck, ikm, 2)
         self.cs.initialize_key(k)
 
     def mix_hash(self, data):
@@ -202,7 +208,7 @@ class SymmetricState:
         self.h = h.digest()
 
     def mix_key_and_hash(self, ikm):
-        self.ck, temp_h, k = noise_hkdf(self.ck, ikm, 3)
+        self.ck, temp_h, k = self._hkdf(self.ck, ikm, 3)
         self.mix_hash(temp_h)
         self.cs.initialize_key(k)
 
@@ -217,7 +223,7 @@ class SymmetricState:
         return pt
 
     def split(self):
-        k1, k2 = noise_hkdf(self.ck, b"", 2)
+        k1, k2 = self._hkdf(self.ck, b"", 2)
         suite = self.cs.suite
         return CipherState(suite, k1), CipherState(suite, k2)
 
@@ -246,6 +252,7 @@ class HandshakeState:
         if suite is None:
             raise ValueError("suite is None")
         pre_i, pre_r, self._messages = PATTERNS[suite.pattern]
+        self._crypto = suite.crypto
         self.initiator = initiator
         self.s = (_check_key("s", s[0]), _check_key("s", s[1]))
         self.rs = None if rs is None else _check_key("rs", rs)
@@ -308,7 +315,7 @@ class HandshakeState:
     def _dh(self, priv, pub):
         self.dh_count += 1
         try:
-            return x25519(priv, pub)
+            return self._crypto.x25519(priv, pub)
         except ValueError:
             raise NoiseError("low_order")
 
@@ -339,7 +346,7 @@ class HandshakeState:
             for token in tokens:
                 if token == "e":
                     if self.e is None:
-                        self.e = generate_keypair()
+                        self.e = generate_keypair(self._crypto)
                         self.dh_count += 1
                     pub = self.e[1]
                     parts.append(pub)

@@ -172,15 +172,18 @@ def create_response(hs, psk, sender_index, receiver_index, mac1k, cookie):
     hs.set_psk(psk if psk is not None else _NO_PSK)
     body = (m.header(m.TYPE_RESPONSE) + sender_index.to_bytes(4, "big") +
             receiver_index.to_bytes(4, "big") + hs.write_message(b""))
-    return m.finish(body, mac1k, cookie)[0]
+    return m.finish(body, mac1k, cookie, hs._crypto.hmac_sha256)[0]
 
 
 class Gateway(_Endpoint):
     """The responder for many devices. `add_peer` registers a device's static
-    public key with its optional psk, name and allowed channels."""
+    public key with its optional psk, name and allowed channels. `suite`:
+    the Noise suite, whose crypto backend computes the handshakes
+    (microtun.crypto; a host passes microtun_host.hostcrypto's)."""
 
-    def __init__(self, private_key, params=None, window=GATEWAY_WINDOW):
+    def __init__(self, private_key, params=None, window=GATEWAY_WINDOW, suite=SUITE):
         _Endpoint.__init__(self, private_key, params, window)
+        self.suite = suite                   # its .crypto computes the handshakes (microtun.crypto)
         self.peers = {}                      # public key -> Session
         self._mac1 = _mac_checker(m.mac1_key(self.public_key))
         self._cookies = CookieChecker(self.public_key)
@@ -411,7 +414,7 @@ class Gateway(_Endpoint):
         tot[1] += 1
         self._remember(mac1, now)
         try:
-            hs, sender, fresh = read_initiation(data, self._static, self._ss_lookup)
+            hs, sender, fresh = read_initiation(data, self._static, self._ss_lookup, self.suite)
         except NoiseError as e:
             self._count("unknown_peer" if str(e) == "unknown_peer" else "bad_init")
             return

@@ -30,10 +30,11 @@ from microtun import outer
 from microtun_host import config as hconfig
 from microtun_host import control
 from microtun_host import log as logs
+from microtun_host import hostcrypto
 from microtun_host.pop import encode_source
 from microtun_host.config import ConfigError
 from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, STALE
-from microtun.responder import Gateway, FAILED, DENIED
+from microtun.responder import Gateway, FAILED, DENIED, SWEEP_MS
 from microtun.ticks import TICKS_MASK, ticks_diff
 from microtun import timers
 from microtun.replay import GATEWAY_WINDOW
@@ -94,7 +95,7 @@ class DeviceEntry:
 class GatewayConfig:
     def __init__(self, root):
         root.only("name", "listen", "control", "private_key", "registry", "links", "services",
-                  "rekey_after_s", "window", "log_level")
+                  "rekey_after_s", "window", "log_level", "metrics", "crypto")
         self.source = root.file
         self.name = root.text("name", "gateway")
         self.listen = root.address("listen")
@@ -127,6 +128,8 @@ class GatewayConfig:
         self.rekey_after_ms = root.integer("rekey_after_s", 10, 86400, timers.REKEY_AFTER_TIME_MS // 1000) * 1000
         self.window = root.integer("window", 64, 65536, GATEWAY_WINDOW)
         self.log_level = root.text("log_level", "info", choices=("debug", "info", "warning", "error"))
+        self.metrics = root.address("metrics", None)        # Prometheus over HTTP (metrics.py); off by default
+        self.crypto = root.text("crypto", "cryptography", choices=tuple(sorted(hostcrypto.BACKENDS)))
         self.devices = load_registry(self.registry_path)
 
 
@@ -221,7 +224,9 @@ class GatewayServer:
         self.cfg = cfg
         p = timers.Params(rekey_after_ms=cfg.rekey_after_ms,
                           reject_after_ms=cfg.rekey_after_ms + (timers.REJECT_AFTER_TIME_MS - timers.REKEY_AFTER_TIME_MS))
-        self.core = Gateway(cfg.private_key, params=p, window=cfg.window)
+        self.crypto, suite = hostcrypto.choose(cfg.crypto)    # the one place the crypto backend is chosen
+        self.core = Gateway(cfg.private_key, params=p, window=cfg.window, suite=suite)
+        self._lazy_timer = p.keepalive_ms >= SWEEP_MS       # see _handle_outer
         self._set_links(cfg.links)
         self.names = {}                   # device name -> public key
         self.stats = {}
@@ -229,6 +234,7 @@ class GatewayServer:
         self.on_event = None              # callback(kind, device_name)
         self._transport = None
         self._control = None
+        self._metrics = None
         self._services = {}               # (public key, channel) -> transport
         self._timer = None
         self._timer_at = None
@@ -299,6 +305,7 @@ class GatewayServer:
             msg = "reload refused: private_key and listen change only with a restart"
             log.error(msg)
             return False, msg
+        cfg.metrics, cfg.crypto = self.cfg.metrics, self.cfg.crypto     # these two: on restart only
         self._set_links(cfg.links, time.monotonic())
         self._apply_registry(cfg.devices)
         if cfg.services != self.cfg.services:
@@ -330,11 +337,15 @@ class GatewayServer:
                 "stats": lambda req: {"counters": self.counters()},
                 "reload": self._reload_cmd,
             }, log)
+        if self.cfg.metrics is not None:
+            from microtun_host import metrics      # prometheus_client: loaded only when asked for
+            self._metrics = await metrics.serve(self.cfg.metrics, metrics.GatewayCollector(
+                self.status, self.crypto.name), log)
         self._schedule()
         self._drop_task = loop.create_task(self._drop_lines())
-        log.info("gateway %s listening on %s, %d links, %d devices, services %s",
+        log.info("gateway %s listening on %s, %d links, %d devices, services %s, crypto %s",
                  self.cfg.name, hconfig.format_sockaddr(self.address), len(self.links), len(self.core.peers),
-                 {c: "%s:%d" % a for c, a in self.cfg.services.items()})
+                 {c: "%s:%d" % a for c, a in self.cfg.services.items()}, self.crypto.name)
 
     @property
     def address(self):
@@ -370,6 +381,8 @@ class GatewayServer:
         self._services.clear()
         if self._control is not None:
             self._control.close()
+        if self._metrics is not None:
+            self._metrics.close()
         if self._transport is not None:
             self._transport.close()
         if not quiet:
@@ -452,6 +465,14 @@ class GatewayServer:
             self._events(now)
         if core._out:
             self._flush(now)
+        elif self._timer is not None and self._lazy_timer:
+            # Nothing was sent: an armed timer stays right. While any session
+            # exists the core's sweep keeps one armed at most SWEEP_MS ahead,
+            # and a deadline a data packet creates (a passive keepalive,
+            # keepalive_ms >= SWEEP_MS ahead) comes after it; that timer's
+            # handler re-arms exactly. This spares Gateway.get_timer (a walk
+            # over the sessions owing a keepalive) per packet.
+            return
         self._schedule()
 
     def _send_outer(self, ptype, label, link, payload, addr):
@@ -629,7 +650,7 @@ class GatewayServer:
                           for a, seen in sorted(s.paths.items(), key=lambda x: str(x[0]))]
             devices.append(d)
         return {"gateway": self.cfg.name, "uptime_s": round(time.monotonic() - self._started, 1),
-                "devices": devices, "counters": self.counters()}
+                "crypto": self.crypto.name, "devices": devices, "counters": self.counters()}
 
     def _reload_cmd(self, req):
         ok, msg = self.reload()
@@ -644,7 +665,9 @@ async def serve(cfg, ready=None):
         await server.start()
     except OSError as e:
         await server.stop(quiet=True)
-        what = "listen on %s" % cfg.listen if server._transport is None else "open the control channel on %s" % cfg.control
+        what = ("listen on %s" % cfg.listen if server._transport is None else
+                "open the control channel on %s" % cfg.control if server._control is None and cfg.control else
+                "serve metrics on %s" % cfg.metrics)
         print("microtun gateway: cannot %s: %s (is another gateway or PoP using it?)" % (what, e.strerror or e),
               file=sys.stderr)
         return 1
@@ -687,7 +710,8 @@ def _ago(ms):
 
 def format_status(st):
     """A human table of a status() dict."""
-    lines = ["gateway %s, up %ss" % (st["gateway"], st["uptime_s"])]
+    lines = ["gateway %s, up %ss%s" % (st["gateway"], st["uptime_s"],
+                                      ", crypto %s" % st["crypto"] if st.get("crypto") else "")]
     lines.append("%-16s %-5s %-10s %-12s %-12s %s" % ("device", "up", "handshake", "rx", "tx",
                                                       "paths (link: last seen, srtt, packets, duplicates dropped)"))
     normal = NORMAL_COUNTERS

@@ -82,7 +82,7 @@ LOG_BURST = 3.0                # ... after a burst of this many (so a move and i
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LABEL_RANGE = (outer.LABEL_MIN, outer.LABEL_MAX)
 ROUTE_FIELDS = ("in_label", "in_key", "next", "out_label", "out_key")
-TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "routes")
+TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "routes", "metrics")
 
 
 # --- config ------------------------------------------------------------------
@@ -110,6 +110,8 @@ class RouteSpec:
 
 
 class PopConfig:
+    metrics = None      # the Prometheus listen address (metrics.py), or None: off
+
     def __init__(self, path, name, listen, control_addr, log_level, stats_interval, routes):
         self.path = path
         self.name = name
@@ -167,7 +169,9 @@ def load_config(path):
         if spec.learn_from == spec.in_label:
             raise ConfigError("%s: %s.next: learn:%d is this route's own in_label (would send packets "
                               "back where they came from)" % (root.file, spec.where, spec.learn_from))
-    return PopConfig(str(path), name, listen, control_addr, log_level, stats_interval, routes)
+    cfg = PopConfig(str(path), name, listen, control_addr, log_level, stats_interval, routes)
+    cfg.metrics = root.address("metrics", default=None)    # Prometheus over HTTP (metrics.py); off by default
+    return cfg
 
 
 # --- forwarding table and forwarder (sans-I/O) -------------------------------
@@ -750,6 +754,19 @@ class Pop:
                 sock.close()
                 self.log.error("cannot open the control channel on %s: %s", cfg.control, e.strerror or e)
                 return 1
+        mserver = None
+        if cfg.metrics is not None:
+            from microtun_host import metrics
+            try:
+                mserver = await metrics.serve(cfg.metrics, metrics.PopCollector(lambda: self._cmd_stats(None)),
+                                              self.log)
+            except OSError as e:
+                loop.remove_reader(sock.fileno())
+                sock.close()
+                if ctl:
+                    ctl.close()
+                self.log.error("cannot serve metrics on %s: %s", cfg.metrics, e.strerror or e)
+                return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
@@ -767,6 +784,8 @@ class Pop:
             sock.close()
             if ctl:
                 ctl.close()
+            if mserver:
+                mserver.close()
         self.log.info("final stats: %s; up %.0f s, %d reloads (%d failed)", self.fwd.summary(),
                       time.monotonic() - self.started, self.reloads, self.reload_failures)
         return 0
@@ -797,7 +816,7 @@ class Pop:
             self.reload_failures += 1
             self.log.error("%s: config not reloaded, keeping %d routes: %s", why, len(self.fwd.routes), e)
             return {"ok": False, "error": str(e)}
-        for field in ("listen", "control", "name"):
+        for field in ("listen", "control", "name", "metrics"):
             if getattr(cfg, field) != getattr(old, field):
                 self.log.warning("%s: %s changed to %s; it takes effect on restart only", why, field,
                                  getattr(cfg, field))
