@@ -1,0 +1,186 @@
+"""Fleet mode against a real etcd (Debian's etcd-server), started here on
+loopback with random ports and a temporary data dir, and always stopped:
+records in and out of etcd, refusals, and a live network of real processes
+that follows the log (revocation, expiry, a malformed entry, etcd lost and
+back). Skipped with one line when etcd is not installed."""
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+from microtun_host import changelog, etcd, fleet
+from microtun_host.changelog import OperatorKey, make_record, record_hash
+
+if etcd.etcd_binary() is None:
+    pytest.skip(etcd.INSTALL_HINT, allow_module_level=True)
+
+
+def _wait(cond, timeout=10.0, step=0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    return cond()
+
+
+@pytest.fixture
+def store_env(tmp_path):
+    e = etcd.LocalEtcd().start()
+    try:
+        key = OperatorKey.generate(str(tmp_path / "op.key"))
+        node = fleet.Node(str(tmp_path / "fleet.json"), "", {"endpoints": [e.endpoint],
+                                                             "trusted_operators": [key.public.hex()]})
+        yield e, key, fleet.Settings(node, str(tmp_path))
+    finally:
+        e.stop()
+
+
+def test_client_basics(store_env):
+    e, _, _ = store_env
+    c = etcd.Client(e.endpoint)
+    c.put("/t/a", b"1")
+    c.put("/t/b", b"2")
+    kvs, rev, more = c.range("/t/", prefix=True)
+    assert [(k.key, k.value) for k in kvs] == [("/t/a", b"1"), ("/t/b", b"2")] and not more
+    assert not c.txn([c.cmp_mod_revision("/t/a", 0)], [c.op_put("/t/a", b"x")])
+    assert c.get("/t/a").value == b"1"
+    lease = c.lease_grant(5)
+    assert c.lease_keepalive(lease) > 0
+    with pytest.raises(etcd.EtcdError, match="127.0.0.1"):
+        etcd.Client("http://127.0.0.1:1", timeout=0.5).range("/")
+
+
+def test_follower_applies_verified_records_and_refuses_the_rest(store_env):
+    """A node follows the log live; forged, untrusted, replayed and
+    reordered records put straight into etcd are refused, counted, and
+    the genuine record after them still applies."""
+    e, key, s = store_env
+    store = fleet.Store(s)
+    store.append(key, "d1 added", [{"op": "put", "key": "devices/d1", "value": {"n": 1}}])
+    got = []
+    loop = asyncio.new_event_loop()
+    lines = []
+
+    class L:
+        def __getattr__(self, name):
+            return lambda fmt, *a: lines.append(fmt % a)
+    f = fleet.Follower(s, "pops", "t", "127.0.0.1:1", lambda st, seq, t: got.append((seq, dict(st))), L())
+    th = threading.Thread(target=loop.run_forever, daemon=True)
+    th.start()
+    f.start(loop)
+    try:
+        assert _wait(lambda: got and got[-1][0] == 1)
+        c = etcd.Client(e.endpoint)
+        chain, _, _, _ = store.verified()
+        other = OperatorKey.generate(str(e.dir) + "/x.key")
+        r1 = json.loads(c.range("/microtun/log/", prefix=True)[0][0].value)
+        bad = [
+            dict(make_record(key, 2, chain.head, "ok?", []), what="forged"),            # bad signature
+            make_record(other, 2, chain.head, "untrusted", []),                        # untrusted operator
+            make_record(key, 1, changelog.GENESIS, "fork of 1", []),                   # replay of seq 1
+            make_record(key, 3, chain.head, "too early", []),                          # out of order
+        ]
+        for i, r in enumerate(bad):
+            c.put("/microtun/log/%012d.bad%d" % (r["seq"], i), changelog.canonical(r))
+        c.put("/microtun/log/000000000001.copy", changelog.canonical(r1))              # an exact copy: skipped
+        c.put("/microtun/log/000000000002.junk", b"{not json")
+        store.append(key, "d2 added", [{"op": "put", "key": "devices/d2", "value": {"n": 2}}])
+        assert _wait(lambda: got[-1][0] == 2)
+        assert sorted(got[-1][1]) == ["devices/d1", "devices/d2"]
+        st = f.status()
+        assert st["refused"] == {"bad_signature": 1, "untrusted_operator": 1, "replayed": 1, "out_of_order": 1,
+                                 "malformed": 1}, st
+        assert sum("refused" in x for x in lines) == 5
+        assert any("bad_signature" in x and ".bad0" in x for x in lines)
+        # a second writer working from a stale head does not fork the chain
+        chain2, _, head_rev, _ = store.verified()
+        store.append(key, "d3", [{"op": "put", "key": "devices/d3", "value": {}}])
+        with pytest.raises(changelog.LogError, match="another writer"):
+            store.append(key, "stale", [{"op": "delete", "key": "devices/d1"}], chain2, head_rev)
+    finally:
+        f.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(2)
+        loop.close()
+
+
+@pytest.fixture
+def net(tmp_path):
+    from microtun_host.fleetnet import FleetNet
+    n = FleetNet(tmp_path, routes={"a": ["a1", "a2"]}, devices={"d1": {}, "d2": {}, "d3": {}})
+    try:
+        n.start()
+        yield n
+    finally:
+        n.stop()
+
+
+def _gw_devices(net):
+    return sorted(d["name"] for d in net.gw_status()["devices"])
+
+
+def test_fleet_network_follows_the_log(net):
+    """PoPs and the gateway take everything from etcd and apply changes live
+    (no SIGHUP): etcd lost and back, a revocation, an expiry, a malformed entry."""
+    assert _wait(lambda: _gw_devices(net) == ["d1", "d2", "d3"])
+    assert _wait(lambda: net.pop_stats("a1")["routes"] == 6)
+
+    # etcd dies under live traffic: forwarding goes on, every node says so; it comes back, they resync
+    dev = net.device("d1", "--count", "150", "--interval", "20", background=True)
+    time.sleep(1.0)
+    net.etcd.kill()
+    assert _wait(lambda: net.pop_stats("a1")["fleet"]["etcd"] == "lost", 5)
+    assert net.gw_status()["fleet"]["etcd"] == "lost" or _wait(lambda: net.gw_status()["fleet"]["etcd"] == "lost", 5)
+    time.sleep(0.5)
+    net.etcd.start()
+    out, _ = dev.communicate(timeout=60)
+    from microtun_host.localnet import parse_result
+    res = parse_result(out)
+    assert res["lost"] == 0 and res["delivered"] == 150, res
+    assert _wait(lambda: net.pop_stats("a1")["fleet"]["etcd"] == "connected", 10)
+    assert "etcd unreachable" in net.log("a1") and "answers again" in net.log("a1")
+
+    # revocation: one record, applied by every node without a signal
+    r = net.fleet("revoke", "d1")
+    assert r.returncode == 0 and "d1 revoked" in r.stdout, r.stdout + r.stderr
+    assert _wait(lambda: _gw_devices(net) == ["d2", "d3"], 5)
+    assert _wait(lambda: net.pop_stats("a1")["routes"] == 4 and net.pop_stats("a2")["routes"] == 4, 5)
+    res = net.device("d1", "--count", "3", "--connect-ms", "1500", "--linger", "200")
+    assert "no session" in res.get("error", ""), res
+
+    # expiry: the session closes at that moment; renewal is a new record
+    res = net.device("d2", "--count", "5")
+    assert res["delivered"] == 5
+    at = time.time() + 2
+    r = net.fleet("expire", "d2", "--at", changelog.utc_text(at + 1))      # whole seconds: at most 3 s away
+    assert r.returncode == 0, r.stderr
+    assert _wait(lambda: "d2" in net.gw_status()["fleet"]["expiring"], 5)
+    assert _wait(lambda: _gw_devices(net) == ["d3"], 6)
+    assert "device d2 credential expired at" in net.log("gw")
+    r = net.fleet("expire", "d2", "--at", changelog.utc_text(time.time() + 3600))
+    assert r.returncode == 0, r.stderr
+    assert _wait(lambda: _gw_devices(net) == ["d2", "d3"], 5)
+
+    # a signed record with a malformed entry: one line naming the record and field; state kept
+    s = fleet.load_settings(str(net.fleet_path))
+    store = fleet.Store(s)
+    seq = store.append(net.key, "broken", [{"op": "put", "key": "devices/d3", "value": {
+        "name": "d3", "public_key": "zz" * 32, "channels": [1]}}])[-1]
+    assert _wait(lambda: net.gw_status()["fleet"]["config_errors"] == 1, 5)
+    assert "fleet log record %d: devices/d3: public_key" % seq in net.log("gw")
+    assert _gw_devices(net) == ["d2", "d3"]
+    res = net.device("d3", "--count", "5")
+    assert res["delivered"] == 5
+
+    # `microtun log` tells who revoked d1 and when; `fleet status` lists every node
+    r = net.fleet("status")
+    assert r.returncode == 0 and "gateways/gw" in r.stdout and "pops/a1" in r.stdout, r.stdout + r.stderr
+    import subprocess
+    from microtun_host.localnet import PY, ROOT, py_env
+    r = subprocess.run([PY, "-m", "microtun_host.cli", "log", "--fleet", str(net.fleet_path), "--device", "d1"],
+                       capture_output=True, text=True, env=py_env(), cwd=str(ROOT), timeout=30)
+    assert r.returncode == 0 and "device d1 revoked" in r.stdout and net.key.public.hex()[:12] in r.stdout, r.stdout
