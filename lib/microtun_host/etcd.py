@@ -103,7 +103,8 @@ class Watch:
         while True:
             try:
                 line = self._resp.readline()
-            except (OSError, http.client.HTTPException, ValueError) as e:
+            except (OSError, http.client.HTTPException, ValueError, AttributeError) as e:
+                # AttributeError: http.client's chunked reader after close() from another thread
                 if self._closed:
                     raise StopIteration
                 raise EtcdError("watch stream broken: %s" % e) from None

@@ -31,6 +31,7 @@ PoP's Forwarder.swap, the gateway's _set_links and add_peer/remove_peer.
 """
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ LEASE_TTL_S = 5             # an alive key disappears this long after its node s
 HEALTH_EVERY_S = 1.0        # etcd is asked this often whether it is there (and the lease kept)
 RETRY_MAX_S = 2.0           # reconnect back-off ceiling
 SYNC_PAGE = 200             # records per range request on a resync
+BULK_LINES = 20             # more device changes than this in one batch: one summary line, not one each
 FLEET_FIELDS = ("endpoints", "prefix", "trusted_operators", "user", "password_file", "ca_file", "cert_file",
                 "key_file", "cache", "timeout_s")
 
@@ -355,7 +357,7 @@ class Follower:
                                    self.s.cache, rec.get("seq", "?") if isinstance(rec, dict) else "?", reason, msg)
                 break
             self.chain.accept(rec)
-            changelog.apply_changes(self.state, rec)
+            _apply_compact(self.state, rec)
         return self.chain.seq
 
     def start(self, loop):
@@ -415,6 +417,7 @@ class Follower:
     def _take(self, items):
         """Verify and apply records (key, create_rev, rec); post one batch to the loop."""
         touched = set()
+        accepted = []
         last = self.chain.seq
         for key, crev, rec in items:
             self.create_rev = max(self.create_rev, crev)
@@ -424,15 +427,18 @@ class Follower:
             ok, reason, msg = self.chain.check(rec)
             if ok:
                 self.chain.accept(rec)
-                touched.update(changelog.apply_changes(self.state, rec))
-                if self.s.cache:
-                    changelog.FileLog(self.s.cache).append(rec)
+                touched.update(_apply_compact(self.state, rec))
+                accepted.append(rec)
             elif reason:
                 self._refuse(key, reason, msg)
         if self.chain.seq != last:
             snap = dict(self.state)
             seq = self.chain.seq
             self._loop.call_soon_threadsafe(self.on_state, snap, seq, touched)
+            if self.s.cache:        # after the node has the records: the fsync is not on the way
+                cache = changelog.FileLog(self.s.cache)
+                for rec in accepted:
+                    cache.append(rec)
 
     def _refuse(self, key, reason, msg):
         self.chain.refuse(reason)
@@ -502,6 +508,24 @@ class Follower:
                 self._lost(e)
 
 
+def _apply_compact(state, rec):
+    """changelog.apply_changes, each value kept as its canonical JSON bytes:
+    a node's copy of 100,000 registry entries costs a third of the dicts."""
+    keys = []
+    for c in rec["changes"]:
+        if c["op"] == "put":
+            state[c["key"]] = changelog.canonical(c["value"])
+        else:
+            state.pop(c["key"], None)
+        keys.append(c["key"])
+    return keys
+
+
+def _val(v):
+    """A state value: parsed when it is kept as JSON bytes (a node's state)."""
+    return json.loads(v) if isinstance(v, (bytes, str)) else v
+
+
 def _json(b):
     try:
         return json.loads(b)
@@ -523,7 +547,7 @@ def pop_routes(state, name):
     out = []
     pre = "routes/%s/" % name
     for k in sorted(k for k in state if k.startswith(pre)):
-        v = state[k]
+        v = _val(state[k])
         if isinstance(v, list):
             out.extend(v)
         else:
@@ -553,14 +577,6 @@ def device_entry(key, value, seq):
                               % (where, hconfig._short(str(value["expires"]))))
         e.expires = t
     return e
-
-
-def gateway_links(state, seq):
-    from microtun_host import gateway
-    out = []
-    for k in sorted(k for k in state if k.startswith("links/")):
-        out.append(gateway.Link(Node("fleet log record %d: %s" % (seq, k), "", state[k])))
-    return out
 
 
 # --- fleet PoP ------------------------------------------------------------------------------
@@ -651,22 +667,19 @@ def make_gateway_server(path, local, settings, log):
             self._expiry_timer = None
             self.state = {}
             self.seq = 0
-            self.entries = {}           # name -> DeviceEntry accepted from the log
 
         def apply(self, state, seq, touched):
             self.state, self.seq = state, seq
             full = touched is None
             if full or any(k.startswith("links/") or k == "services" for k in touched):
                 try:
-                    links = gateway_links(state, seq)
                     cfg = gateway.GatewayConfig(Node("%s + fleet log record %d" % (path, seq), "", dict(
-                        local, links=[state[k] for k in sorted(state) if k.startswith("links/")],
-                        services=state.get("services", {}))), devices=[])
+                        local, links=[_val(state[k]) for k in sorted(state) if k.startswith("links/")],
+                        services=_val(state.get("services", b"{}")))), devices=[])
                 except ConfigError as e:
                     self.config_errors += 1
                     log.error("fleet: %s; keeping the running links and services", e)
                 else:
-                    del links
                     self._set_links(cfg.links, time.monotonic())
                     if cfg.services != self.cfg.services:
                         for t in list(self._services.values()):
@@ -677,56 +690,62 @@ def make_gateway_server(path, local, settings, log):
             keys = [k for k in state if k.startswith("devices/")] if full else \
                 [k for k in touched if k.startswith("devices/")]
             if full:
-                keys += ["devices/" + n for n in self.entries if "devices/" + n not in state]
+                keys += ["devices/" + n for n in self.names if "devices/" + n not in state]
+            quiet = len(keys) > BULK_LINES
+            before = len(self.core.peers)
             for k in keys:
-                self._device(k, state.get(k), seq)
+                self._device(k, state.get(k), seq, quiet)
+            if quiet:
+                log.info("fleet: log record %d: %d device entries applied (%d registered before, %d now)",
+                         seq, len(keys), before, len(self.core.peers))
+                # the registry is long-lived: keep the cyclic GC from walking it again and again
+                # (a full collection over 100,000 devices costs tens of ms on every later change)
+                gc.collect()
+                gc.freeze()
             self._arm_expiry()
             log.info("fleet: log record %d applied: %d links, %d devices", seq, len(self.links), len(self.core.peers))
             self.follower.report(seq)
 
-        def _device(self, key, value, seq):
+        def _device(self, key, value, seq, quiet=False):
             name = key[len("devices/"):]
+            old = self.names.get(name)
             if value is None:
-                e = self.entries.pop(name, None)
                 self.expiry.pop(name, None)
-                if e is not None:
-                    self._remove(e, "revoked (fleet log record %d)" % seq)
+                if old is not None:
+                    self._remove(name, old, "revoked (fleet log record %d)" % seq)
                 return
             try:
-                e = device_entry(key, value, seq)
+                e = device_entry(key, _val(value), seq)
                 if e.name != name:
                     raise ConfigError("fleet log record %d: %s: name: %r does not match the key" % (seq, key, e.name))
             except ConfigError as err:
                 self.config_errors += 1
                 log.error("fleet: %s; device %s keeps its previous entry", err, name)
                 return
-            old = self.entries.get(name)
-            if old is not None and old.public_key != e.public_key:
-                self._remove(old, "re-keyed (fleet log record %d)" % seq)
-            self.entries[name] = e
-            if e.expires is not None and e.expires <= time.time():
-                self.expiry.pop(name, None)
-                if e.public_key in self.core.peers:
-                    self._remove(e, "credential expired at %s" % changelog.utc_text(e.expires))
-                return
+            if old is not None and old != e.public_key:
+                self._remove(name, old, "re-keyed (fleet log record %d)" % seq)
             self.expiry.pop(name, None)
+            if e.expires is not None and e.expires <= time.time():
+                if e.public_key in self.core.peers:
+                    self._remove(name, e.public_key, "credential expired at %s" % changelog.utc_text(e.expires))
+                return
             if e.expires is not None:
                 self.expiry[name] = e.expires
             new = e.public_key not in self.core.peers
             self.core.add_peer(e.public_key, psk=e.psk, name=e.name, channels=e.channels)
             self.names[e.name] = e.public_key
-            if new:
+            if new and not quiet:
                 log.info("device %s registered (channels %s%s)", e.name, e.channels or "all",
                          ", expires %s" % changelog.utc_text(e.expires) if e.expires else "")
 
-        def _remove(self, e, why):
-            if self.core.remove_peer(e.public_key):
-                self._close_services(e.public_key)
-                for k in [k for k in self._logged if k[0] == e.name]:
+        def _remove(self, name, pub, why):
+            if self.core.remove_peer(pub):
+                self._close_services(pub)
+                for k in [k for k in self._logged if k[0] == name]:
                     del self._logged[k]
-                log.info("device %s %s: its sessions are closed, its handshakes refused", e.name, why)
-            if self.names.get(e.name) == e.public_key:
-                del self.names[e.name]
+                log.info("device %s %s: its sessions are closed, its handshakes refused", name, why)
+            if self.names.get(name) == pub:
+                del self.names[name]
 
         def _arm_expiry(self):
             if self._expiry_timer is not None:
@@ -748,7 +767,9 @@ def make_gateway_server(path, local, settings, log):
                 if t <= now:
                     del self.expiry[name]
                     self.expired += 1
-                    self._remove(self.entries[name], "credential expired at %s" % changelog.utc_text(t))
+                    pub = self.names.get(name)
+                    if pub is not None:
+                        self._remove(name, pub, "credential expired at %s" % changelog.utc_text(t))
             self._arm_expiry()
 
         def reload(self):
@@ -832,17 +853,19 @@ def _change_device(args, make):
     return 0
 
 
+def revoke_changes(state, name):
+    """A revocation: the registry entry and every route and link of the device."""
+    out = [{"op": "delete", "key": "devices/" + name}]
+    for other in sorted(state):
+        parts = other.split("/")
+        if (parts[0] == "routes" and len(parts) == 4 and parts[2] == name) or \
+                (parts[0] == "links" and len(parts) == 3 and parts[1] == name):
+            out.append({"op": "delete", "key": other})
+    return out
+
+
 def cmd_revoke(args):
-    def make(state, k):
-        name = k[len("devices/"):]
-        out = [{"op": "delete", "key": k}]
-        for other in sorted(state):
-            parts = other.split("/")
-            if (parts[0] == "routes" and len(parts) == 4 and parts[2] == name) or \
-                    (parts[0] == "links" and len(parts) == 3 and parts[1] == name):
-                out.append({"op": "delete", "key": other})
-        return out
-    return _change_device(args, make)
+    return _change_device(args, lambda state, k: revoke_changes(state, k[len("devices/"):]))
 
 
 def cmd_expire(args):
