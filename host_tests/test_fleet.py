@@ -46,7 +46,7 @@ def test_client_basics(store_env):
     c.put("/t/b", b"2")
     kvs, rev, more = c.range("/t/", prefix=True)
     assert [(k.key, k.value) for k in kvs] == [("/t/a", b"1"), ("/t/b", b"2")] and not more
-    assert not c.txn([c.cmp_mod_revision("/t/a", 0)], [c.op_put("/t/a", b"x")])
+    assert not c.txn([c.cmp_mod_revision("/t/a", 0)], [c.op_put("/t/a", b"x")])[0]
     assert c.get("/t/a").value == b"1"
     lease = c.lease_grant(5)
     assert c.lease_keepalive(lease) > 0

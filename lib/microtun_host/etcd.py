@@ -267,8 +267,9 @@ class Client:
         return {"request_put": {"key": _b64(key), "value": _b64(value)}}
 
     def txn(self, compare, success):
-        """True when every compare held and success ran."""
-        return bool(self._post("/v3/kv/txn", {"compare": compare, "success": success}).get("succeeded"))
+        """(True when every compare held and success ran, the store's revision after it)."""
+        r = self._post("/v3/kv/txn", {"compare": compare, "success": success})
+        return bool(r.get("succeeded")), int(r["header"]["revision"])
 
     # --- leases ----------------------------------------------------------------------
     def lease_grant(self, ttl):

@@ -190,13 +190,14 @@ class Store:
             h = changelog.record_hash(rec)
             key = "%s%012d.%s" % (_log_prefix(self.prefix), rec["seq"], h[:16])
             head = json.dumps({"seq": rec["seq"], "hash": h})
-            ok = self.client.txn([Client.cmp_mod_revision(self.prefix + "head", head_rev)],
-                                 [Client.op_put(key, changelog.canonical(rec)), Client.op_put(self.prefix + "head", head)])
+            ok, rev = self.client.txn([Client.cmp_mod_revision(self.prefix + "head", head_rev)],
+                                      [Client.op_put(key, changelog.canonical(rec)),
+                                       Client.op_put(self.prefix + "head", head)])
             if not ok:
                 raise LogError("another writer changed the log meanwhile (head moved past record %d): "
                                "nothing more published; run the command again" % chain.seq)
             chain.accept(rec)
-            head_rev = self.client.get(self.prefix + "head").mod_revision
+            head_rev = rev         # the txn's own revision is head's mod revision now
             seqs.append(rec["seq"])
         return seqs
 
@@ -332,6 +333,7 @@ class Follower:
         self.lost_since = None
         self.last_error = None
         self.applied = 0            # seq the node applied (set from the loop)
+        self.apply_ms = []          # the last 20: records in from etcd -> applied, ms
         self.resyncs = 0
         self._loop = None
         self._stop = threading.Event()
@@ -389,7 +391,8 @@ class Follower:
         return {"etcd": "connected" if self.connected else "lost", "endpoints": self.s.endpoints,
                 "lost_for_s": None if self.lost_since is None else round(time.monotonic() - self.lost_since, 1),
                 "last_error": self.last_error, "log_seq": self.chain.seq, "applied_seq": self.applied,
-                "refused": {k: v for k, v in self.chain.refused.items() if v}, "resyncs": self.resyncs}
+                "refused": {k: v for k, v in self.chain.refused.items() if v}, "resyncs": self.resyncs,
+                "apply_ms": self.apply_ms}
 
     # -- connection state --
     def _ok(self):
@@ -416,6 +419,7 @@ class Follower:
     # -- records --
     def _take(self, items):
         """Verify and apply records (key, create_rev, rec); post one batch to the loop."""
+        t_in = time.monotonic()
         touched = set()
         accepted = []
         last = self.chain.seq
@@ -434,11 +438,18 @@ class Follower:
         if self.chain.seq != last:
             snap = dict(self.state)
             seq = self.chain.seq
-            self._loop.call_soon_threadsafe(self.on_state, snap, seq, touched)
+            self._loop.call_soon_threadsafe(self._apply, snap, seq, touched, t_in)
             if self.s.cache:        # after the node has the records: the fsync is not on the way
                 cache = changelog.FileLog(self.s.cache)
                 for rec in accepted:
                     cache.append(rec)
+
+    def _apply(self, snap, seq, touched, t_in):
+        """On the loop: the node applies; the time from the records' arrival
+        from etcd to applied is kept (status "apply_ms")."""
+        self.on_state(snap, seq, touched)
+        ms = (time.monotonic() - t_in) * 1000
+        self.apply_ms = [round(ms, 2)] + self.apply_ms[:19]
 
     def _refuse(self, key, reason, msg):
         self.chain.refuse(reason)
@@ -781,6 +792,18 @@ def make_gateway_server(path, local, settings, log):
             st["fleet"] = dict(self.follower.status(), config_errors=self.config_errors, expired=self.expired,
                                expiring={n: changelog.utc_text(t) for n, t in sorted(self.expiry.items())[:20]})
             return st
+
+        def counters(self):
+            c = super().counters()
+            c["fleet_refused"] = sum(self.follower.chain.refused.values())
+            c["fleet_config_errors"] = self.config_errors
+            c["fleet_expired"] = self.expired
+            return c
+
+        def extra_commands(self):
+            # `fleet`: the follower's status without status's list of every device
+            return {"fleet": lambda req: {"fleet": dict(self.follower.status(), config_errors=self.config_errors,
+                                                        devices=len(self.core.peers))}}
 
         async def start(self):
             await super().start()

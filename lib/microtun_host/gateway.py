@@ -334,12 +334,17 @@ class GatewayServer:
                 "status": lambda req: {"status": self.status()},
                 "stats": lambda req: {"counters": self.counters()},
                 "reload": self._reload_cmd,
+                **self.extra_commands(),
             }, log)
         self._schedule()
         self._drop_task = loop.create_task(self._drop_lines())
         log.info("gateway %s listening on %s, %d links, %d devices, services %s",
                  self.cfg.name, hconfig.format_sockaddr(self.address), len(self.links), len(self.core.peers),
                  {c: "%s:%d" % a for c, a in self.cfg.services.items()})
+
+    def extra_commands(self):
+        """More control commands {name: fn(request) -> dict} (fleet.py adds "fleet")."""
+        return {}
 
     @property
     def address(self):
