@@ -184,3 +184,41 @@ def test_fleet_network_follows_the_log(net):
     r = subprocess.run([PY, "-m", "microtun_host.cli", "log", "--fleet", str(net.fleet_path), "--device", "d1"],
                        capture_output=True, text=True, env=py_env(), cwd=str(ROOT), timeout=30)
     assert r.returncode == 0 and "device d1 revoked" in r.stdout and net.key.public.hex()[:12] in r.stdout, r.stdout
+
+
+def test_client_with_etcd_auth(store_env, tmp_path):
+    """etcd with authentication on (docs/FLEET.md, "Auth and TLS"): a node
+    user may read the log and write alive/, not the log; a wrong password
+    is one clear error."""
+    e, key, s = store_env
+    c = etcd.Client(e.endpoint)
+    b64 = etcd._b64
+    for path, body in [
+            ("/v3/auth/user/add", {"name": "root", "password": "rootpw"}),
+            ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+            ("/v3/auth/role/add", {"name": "node"}),
+            ("/v3/auth/role/grant", {"name": "node", "perm": {"permType": "READ", "key": b64("/microtun/"),
+                                                               "range_end": b64(etcd.prefix_end("/microtun/"))}}),
+            ("/v3/auth/role/grant", {"name": "node", "perm": {"permType": "READWRITE", "key": b64("/microtun/alive/"),
+                                                               "range_end": b64(etcd.prefix_end("/microtun/alive/"))}}),
+            ("/v3/auth/user/add", {"name": "pop-a1", "password": "s3cret"}),
+            ("/v3/auth/user/grant", {"user": "pop-a1", "role": "node"}),
+            ("/v3/auth/enable", {})]:
+        c._post(path, body)
+    root = etcd.Client(e.endpoint, user="root", password="rootpw")
+    fleet.Store(s, root).append(key, "d1", [{"op": "put", "key": "devices/d1", "value": {}}])
+    node = etcd.Client(e.endpoint, user="pop-a1", password="s3cret")
+    items, _ = fleet.read_log(node, "/microtun/")
+    assert len(items) == 1
+    node.put("/microtun/alive/pops/a1", b"{}")
+    with pytest.raises(etcd.EtcdError, match="permission denied"):
+        node.put("/microtun/log/000000000002.x", b"{}")
+    with pytest.raises(etcd.EtcdError, match="authentication failed"):
+        etcd.Client(e.endpoint, user="pop-a1", password="wrong").range("/microtun/")
+    with pytest.raises(etcd.EtcdError):
+        etcd.Client(e.endpoint).range("/microtun/")      # no user at all
+    # the fleet section's user/password_file reach the client
+    (tmp_path / "pw").write_text("s3cret\n")
+    s2 = fleet.Settings(fleet.Node("f.json", "", {"endpoints": [e.endpoint], "trusted_operators": [key.public.hex()],
+                                                  "user": "pop-a1", "password_file": "pw"}), str(tmp_path))
+    assert len(fleet.read_log(s2.client(), "/microtun/")[0]) == 1

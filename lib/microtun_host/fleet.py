@@ -214,33 +214,38 @@ def diff(old, new):
 
 
 def describe(changes, old):
-    """A short "what" for a record: devices added / revoked / changed, paths."""
-    added, revoked, changed, paths = [], [], [], set()
-    other = 0
+    """A short "what" for a record: devices added / revoked / changed, paths added / removed / changed."""
+    dev = {"added": [], "revoked": [], "changed": []}
+    paths = {"added": set(), "removed": set(), "re-spliced or re-keyed": set()}
+    other = []
     for c in changes:
         parts = c["key"].split("/")
         if parts[0] == "devices" and len(parts) == 2:
             if c["op"] == "delete":
-                revoked.append(parts[1])
+                dev["revoked"].append(parts[1])
             elif c["key"] in old:
                 v, o = c["value"], old[c["key"]]
-                changed.append(parts[1] + (" (expires %s)" % v["expires"] if v.get("expires") != o.get("expires")
-                                           and v.get("expires") else ""))
+                dev["changed"].append(parts[1] + (" (expires %s)" % v["expires"] if v.get("expires") !=
+                                                  o.get("expires") and v.get("expires") else ""))
             else:
-                added.append(parts[1])
+                dev["added"].append(parts[1])
         elif parts[0] in ("routes", "links"):
-            paths.add("/".join(parts[-2:]))
+            kind = "removed" if c["op"] == "delete" else "re-spliced or re-keyed" if c["key"] in old else "added"
+            paths[kind].add("/".join(parts[-2:]))
         else:
-            other += 1
+            other.append(c["key"])
+    gone = set(dev["revoked"])
     out = []
-    for word, names in (("added", added), ("revoked", revoked), ("changed", changed)):
+    for word, names in dev.items():
         if names:
             out.append("device%s %s %s" % ("s" if len(names) > 1 else "", ", ".join(names[:5]) +
                                            (" and %d more" % (len(names) - 5) if len(names) > 5 else ""), word))
-    if paths:
-        out.append("%d path%s re-spliced or updated" % (len(paths), "s" if len(paths) > 1 else ""))
+    for word, ps in paths.items():
+        ps = {p for p in ps if p.split("/")[0] not in gone}     # a revoked device's paths go with it
+        if ps:
+            out.append("%d path%s %s" % (len(ps), "s" if len(ps) > 1 else "", word))
     if other:
-        out.append("%d other change%s" % (other, "s" if other > 1 else ""))
+        out.append("%s changed" % ", ".join(other[:5]))
     return "; ".join(out) or "no change"
 
 
@@ -1094,8 +1099,6 @@ def provision_publish(summary, topology, out_dir, settings_path, key_path):
             print("fleet: %s" % ("records %s published: %s" % (",".join(map(str, seqs)), text) if seqs else text))
             print("fleet: node configs in %s: %s" % (out_dir, ", ".join(written)))
         else:
-            if expires:
-                print("provision: note: \"expires\" is enforced in fleet mode only (docs/FLEET.md)")
             seqs, text = file_log_plan(os.path.join(out_dir, "changelog.jsonl"), [key.public.hex()], key,
                                        files, paths, what)
             print("changelog.jsonl: %s" % ("records %s: %s" % (",".join(map(str, seqs)), text) if seqs else text))

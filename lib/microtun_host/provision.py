@@ -866,6 +866,9 @@ def main(topology, out_dir, fleet_settings=None, operator_key=None):
         print("microtun provision: cannot write %s: %s" % (e.filename or out_dir, e.strerror or e), file=sys.stderr)
         return 1
     print(summary)
+    if not fleet_settings and any(d.expires for d in summary.plan[0].devices.values()):
+        print("note: \"expires\" is enforced in fleet mode only (--fleet; docs/FLEET.md); "
+              "registry.json does not carry it")
     if fleet_settings or operator_key:
         from microtun_host import fleet
         return fleet.provision_publish(summary, topology, out_dir, fleet_settings, operator_key)
