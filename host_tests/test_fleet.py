@@ -12,6 +12,7 @@ import pytest
 
 from microtun_host import changelog, etcd, fleet
 from microtun_host.changelog import OperatorKey, make_record, record_hash
+from microtun_host.localnet import parse_result
 
 if etcd.etcd_binary() is None:
     pytest.skip(etcd.INSTALL_HINT, allow_module_level=True)
@@ -111,12 +112,30 @@ def test_follower_applies_verified_records_and_refuses_the_rest(store_env):
 @pytest.fixture
 def net(tmp_path):
     from microtun_host.fleetnet import FleetNet
-    n = FleetNet(tmp_path, routes={"a": ["a1", "a2"]}, devices={"d1": {}, "d2": {}, "d3": {}})
+    n = FleetNet(tmp_path, routes={"a": ["a1", "a2"]}, devices={"d1": {}, "d2": {}, "d3": {}}, spare_pops=("a3",))
     try:
         n.start()
         yield n
     finally:
         n.stop()
+
+
+def test_fleet_config_errors(tmp_path):
+    """A fleet node config that also holds what etcd provides: one line, exit 2."""
+    import subprocess
+    from microtun_host.localnet import PY, ROOT, py_env
+    cfg = {"name": "a1", "listen": "127.0.0.1:7000", "routes": [],
+           "fleet": {"endpoints": ["http://127.0.0.1:2379"], "trusted_operators": ["ab" * 32]}}
+    (tmp_path / "a1.json").write_text(json.dumps(cfg))
+    r = subprocess.run([PY, "-m", "microtun_host.cli", "pop", "--config", str(tmp_path / "a1.json"), "--check"],
+                       capture_output=True, text=True, env=py_env(), cwd=str(ROOT), timeout=30)
+    assert r.returncode == 2 and "routes: comes from etcd in fleet mode" in r.stderr, r.stderr
+    del cfg["routes"]
+    cfg["fleet"]["trusted_operators"] = ["nothex"]
+    (tmp_path / "a1.json").write_text(json.dumps(cfg))
+    r = subprocess.run([PY, "-m", "microtun_host.cli", "pop", "--config", str(tmp_path / "a1.json"), "--check"],
+                       capture_output=True, text=True, env=py_env(), cwd=str(ROOT), timeout=30)
+    assert r.returncode == 2 and "fleet.trusted_operators[0]" in r.stderr, r.stderr
 
 
 def _gw_devices(net):
@@ -128,6 +147,12 @@ def test_fleet_network_follows_the_log(net):
     (no SIGHUP): etcd lost and back, a revocation, an expiry, a malformed entry."""
     assert _wait(lambda: _gw_devices(net) == ["d1", "d2", "d3"])
     assert _wait(lambda: net.pop_stats("a1")["routes"] == 6)
+    # no private key is ever in etcd (device keys stay in state.json and the boards' configs,
+    # the gateway's in its local config)
+    st = json.loads((net.out / "state.json").read_text())
+    secrets = [st["gateway"]["private_key"]] + [d["private_key"] for d in st["devices"].values()]
+    everything = b"".join(kv.value for kv in net.client().range("/", prefix=True)[0])
+    assert len(everything) > 1000 and not any(k.encode() in everything for k in secrets)
 
     # etcd dies under live traffic: forwarding goes on, every node says so; it comes back, they resync
     dev = net.device("d1", "--count", "150", "--interval", "20", background=True)
@@ -138,17 +163,33 @@ def test_fleet_network_follows_the_log(net):
     time.sleep(0.5)
     net.etcd.start()
     out, _ = dev.communicate(timeout=60)
-    from microtun_host.localnet import parse_result
     res = parse_result(out)
     assert res["lost"] == 0 and res["delivered"] == 150, res
     assert _wait(lambda: net.pop_stats("a1")["fleet"]["etcd"] == "connected", 10)
     assert "etcd unreachable" in net.log("a1") and "answers again" in net.log("a1")
 
+    # a route re-spliced under live traffic (a1 > a2 becomes a1 > a3): make before break, nothing lost
+    cfg = json.loads((net.out / "fleet" / "pops" / "a1.json").read_text())
+    cfg.update(name="a3", listen=net.pops["a3"]["listen"], control=net.pops["a3"]["control"])
+    cfg["fleet"]["cache"] = "a3.cache"
+    (net.out / "fleet" / "pops" / "a3.json").write_text(json.dumps(cfg))
+    net.start_pop("a3")
+    dev = net.device("d2", "--count", "200", "--interval", "10", background=True)
+    time.sleep(1.0)
+    net.routes["a"] = ["a1", "a3"]
+    net.write_topology()
+    out = net.provision()
+    assert "records 3,4,5 published" in out and "3 paths re-spliced or re-keyed" in out, out   # 3 steps
+    res = parse_result(dev.communicate(timeout=60)[0])
+    assert res["lost"] == 0 and res["delivered"] == 200, res
+    assert _wait(lambda: net.pop_stats("a3")["routes"] == 6 and net.pop_stats("a2")["draining"] == 0
+                 or net.pop_stats("a2")["routes"] == 0, 5)
+
     # revocation: one record, applied by every node without a signal
     r = net.fleet("revoke", "d1")
     assert r.returncode == 0 and "d1 revoked" in r.stdout, r.stdout + r.stderr
     assert _wait(lambda: _gw_devices(net) == ["d2", "d3"], 5)
-    assert _wait(lambda: net.pop_stats("a1")["routes"] == 4 and net.pop_stats("a2")["routes"] == 4, 5)
+    assert _wait(lambda: net.pop_stats("a1")["routes"] == 4 and net.pop_stats("a3")["routes"] == 4, 5)
     res = net.device("d1", "--count", "3", "--connect-ms", "1500", "--linger", "200")
     assert "no session" in res.get("error", ""), res
 

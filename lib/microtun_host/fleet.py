@@ -35,6 +35,7 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -276,9 +277,55 @@ def desired_state(files, paths):
     return state
 
 
+def phases(old, changes):
+    """Make before break: the changes in up to three steps, each published
+    once every node applied the one before (nodes apply a record at
+    slightly different moments, so a PoP must never switch to a label its
+    next hop does not know yet):
+      1. new route keys, and every changed route key as the union of its
+         old entries and the new entries whose in_label is new;
+      2. changed gateway links (the old label drains for DRAIN_S);
+      3. the rest: the final route tables, deletions (removed routes drain
+         too), devices, services.
+    A change with nothing to prepare is one step."""
+    first, second, rest = [], [], []
+    for c in changes:
+        k = c["key"]
+        if k.startswith("routes/") and c["op"] == "put":
+            if k not in old:
+                first.append(c)
+                continue
+            have = {r.get("in_label") for r in old[k] if isinstance(r, dict)} if isinstance(old[k], list) else None
+            if have is not None and isinstance(c["value"], list):
+                extra = [r for r in c["value"] if isinstance(r, dict) and r.get("in_label") not in have]
+                if extra:
+                    first.append({"op": "put", "key": k, "value": list(old[k]) + extra})
+            rest.append(c)
+        elif k.startswith("links/") and c["op"] == "put" and k in old:
+            second.append(c)
+        else:
+            rest.append(c)
+    if not first and not second:
+        return [changes]
+    return [p for p in (first, second, rest) if p]
+
+
+def wait_applied(client, prefix, seq, timeout=10.0):
+    """Wait until every node alive (alive/ keys) reports record seq or
+    later; returns the names still behind at timeout."""
+    end = time.monotonic() + timeout
+    while True:
+        kvs, _, _ = client.range(prefix + "alive/", prefix=True)
+        behind = [kv.key[len(prefix) + 6:] for kv in kvs if (_json(kv.value) or {}).get("seq", 0) < seq]
+        if not behind or time.monotonic() > end:
+            return behind
+        time.sleep(0.02)
+
+
 def publish_plan(settings, opkey, files, paths, what, expires=None):
-    """provision --fleet: publish what changed since the log's state.
-    expires: {device: "YYYY-MM-DDTHH:MM:SSZ"} from the topology. Returns (seqs, what)."""
+    """provision --fleet: publish what changed since the log's state, make
+    before break (phases()). expires: {device: "YYYY-MM-DDTHH:MM:SSZ"} from
+    the topology. Returns (seqs, what)."""
     store = Store(settings)
     chain, state, head_rev, refusals = store.verified()
     new = desired_state(files, paths)
@@ -289,7 +336,18 @@ def publish_plan(settings, opkey, files, paths, what, expires=None):
     if not changes:
         return [], "nothing changed"
     text = "%s: %s" % (what, describe(changes, state))
-    return store.append(opkey, text, changes, chain, head_rev), text
+    steps = phases(state, changes)
+    seqs = []
+    for i, step in enumerate(steps):
+        label = text if len(steps) == 1 else "%s (step %d of %d, make before break)" % (text, i + 1, len(steps))
+        seqs += store.append(opkey, label, step, chain, head_rev)
+        head_rev = store.client.get(store.prefix + "head").mod_revision
+        if i + 1 < len(steps):
+            behind = wait_applied(store.client, store.prefix, seqs[-1])
+            if behind:
+                print("fleet: %s did not report record %d within 10 s; going on (their traffic may see "
+                      "the switch before they do)" % (", ".join(behind), seqs[-1]))
+    return seqs, text
 
 
 def file_log_plan(path, trusted, opkey, files, paths, what):
@@ -551,10 +609,17 @@ def _json(b):
 
 # --- node configs from the state -----------------------------------------------------
 
+FROM_ETCD = ("routes", "links", "services", "registry")
+
+
 def _local(path):
     """The node's local file (without "fleet") and its Settings."""
     root = hconfig.load(path)
     s = Settings(root.obj("fleet"), os.path.dirname(os.path.abspath(path)))
+    for k in FROM_ETCD:
+        if root.has(k):
+            raise root.error(k, "comes from etcd in fleet mode (the \"fleet\" section is set): remove it here, "
+                                "or remove \"fleet\" to run from files")
     local = {k: v for k, v in root.value.items() if k != "fleet"}
     return local, s
 
@@ -577,9 +642,44 @@ def pop_config(path, local, state, seq):
     return pop.load_config(path, root=Node("%s + fleet log record %d" % (path, seq), "", merged))
 
 
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_ENTRY_FIELDS = frozenset(("name", "public_key", "psk", "channels", "expires"))
+
+
+class _Entry:
+    __slots__ = ("name", "public_key", "psk", "channels", "expires")
+
+
+def _fast_entry(v):
+    """The common, well-formed entry without the field-by-field walk (a
+    100,000-device registry at start-up); None sends it the slow way, which
+    names what is wrong."""
+    if not isinstance(v, dict) or not _ENTRY_FIELDS.issuperset(v):
+        return None
+    name, pk, psk, ch = v.get("name"), v.get("public_key"), v.get("psk"), v.get("channels")
+    if not isinstance(name, str) or not name.strip() or not isinstance(pk, str) or not _HEX64.fullmatch(pk):
+        return None
+    if psk is not None and (not isinstance(psk, str) or not _HEX64.fullmatch(psk)):
+        return None
+    if ch is not None and not (isinstance(ch, list) and all(
+            type(c) is int and 1 <= c <= 255 for c in ch)):
+        return None
+    e = _Entry()
+    e.name, e.public_key, e.psk, e.channels = name, bytes.fromhex(pk), None if psk is None else bytes.fromhex(psk), ch
+    e.expires = None
+    if "expires" in v:
+        e.expires = changelog.parse_utc(v["expires"])
+        if e.expires is None:
+            return None
+    return e
+
+
 def device_entry(key, value, seq):
     """A gateway DeviceEntry from devices/<name> (with "expires", in seconds since the epoch or None)."""
     from microtun_host import gateway
+    e = _fast_entry(value)
+    if e is not None:
+        return e
     where = "fleet log record %d: %s" % (seq, key)
     if not isinstance(value, dict):
         raise ConfigError("%s: expected an object {...}" % where)
