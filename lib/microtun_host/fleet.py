@@ -483,7 +483,6 @@ class Follower:
     def _take(self, items):
         """Verify and apply records (key, create_rev, rec); post one batch to the loop."""
         t_in = time.monotonic()
-        touched = set()
         accepted = []
         last = self.chain.seq
         for key, crev, rec in items:
@@ -494,23 +493,25 @@ class Follower:
             ok, reason, msg = self.chain.check(rec)
             if ok:
                 self.chain.accept(rec)
-                touched.update(_apply_compact(self.state, rec))
                 accepted.append(rec)
             elif reason:
                 self._refuse(key, reason, msg)
         if self.chain.seq != last:
-            snap = dict(self.state)
-            seq = self.chain.seq
-            self._loop.call_soon_threadsafe(self._apply, snap, seq, touched, t_in)
+            # verified here; applied to the state on the loop, which owns it (no copy per record)
+            self._loop.call_soon_threadsafe(self._apply, accepted, self.chain.seq, t_in)
             if self.s.cache:        # after the node has the records: the fsync is not on the way
                 cache = changelog.FileLog(self.s.cache)
                 for rec in accepted:
                     cache.append(rec)
 
-    def _apply(self, snap, seq, touched, t_in):
-        """On the loop: the node applies; the time from the records' arrival
-        from etcd to applied is kept (status "apply_ms")."""
-        self.on_state(snap, seq, touched)
+    def _apply(self, records, seq, t_in):
+        """On the loop: the verified records change the state, the node
+        applies it; the time from the records' arrival from etcd to applied
+        is kept (status "apply_ms")."""
+        touched = set()
+        for rec in records:
+            touched.update(_apply_compact(self.state, rec))
+        self.on_state(self.state, seq, touched)
         ms = (time.monotonic() - t_in) * 1000
         self.apply_ms = [round(ms, 2)] + self.apply_ms[:19]
 
