@@ -471,8 +471,9 @@ class Follower:
         with self._lock:
             self.last_error = str(e)
             if self.connected or self.lost_since is None:
-                self.log.warning("fleet: etcd unreachable (%s): forwarding goes on with the configuration of "
-                                 "log record %d; retrying", e, self.applied)
+                self.log.warning("fleet: etcd unreachable (%s): %s; retrying", e,
+                                 "forwarding goes on with the configuration of log record %d" % self.applied
+                                 if self.applied else "no configuration yet (no cache file with records)")
                 self.lost_since = time.monotonic()
             self.connected = False
         w = self._watch
