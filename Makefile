@@ -60,6 +60,15 @@ bench-qemu: $(STAMP)
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
+# Issue 12 (docs/FLEET.md): the fleet on etcd. Needs Debian's etcd-server
+# (.ci/run installs it). bench-fleet: ~10 min (QUICK=1: ~2 min), one JSON object.
+.PHONY: bench-fleet demo-fleet
+bench-fleet: $(STAMP)
+	$(PY) tools/bench_fleet.py $(if $(QUICK),--quick)
+
+demo-fleet: $(STAMP)
+	$(PY) tools/demo_fleet.py
+
 # Firmware and deployment (docs/FIRMWARE.md).
 #   make mpy      the portable package compiled to build/mpy/, with its size
 #   make flash PORT=/dev/ttyACM0 DEVICE=sensor-1 [DEPLOY=deploy] [BOARD=rpi_pico_w]

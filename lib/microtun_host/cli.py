@@ -3,7 +3,9 @@
     microtun pop --config pop.json [--check]
     microtun gateway --config gateway.json [--check]
     microtun status --config gateway.json | --control HOST:PORT [--json]
-    microtun provision topology.toml --out DIR
+    microtun provision topology.toml --out DIR [--fleet fleet.json] [--operator-key KEY]
+    microtun fleet keygen|revoke|expire|status ...     (docs/FLEET.md)
+    microtun log --fleet fleet.json | --file DIR/changelog.jsonl --trust KEY [--device NAME]
     microtun echo 127.0.0.1:5000
     microtun logs --port /dev/ttyACM0 [--follow]
 
@@ -36,7 +38,8 @@ def _pop(sub):
                        description="Run a PoP. SIGHUP reloads the config; SIGTERM/SIGINT stop it.")
     p.add_argument("--config", required=True, metavar="FILE", help="PoP config (JSON, see docs/OUTER.md)")
     p.add_argument("--check", action="store_true", help="only validate the config and exit (0 ok, 2 invalid)")
-    p.set_defaults(run=lambda args: _lazy("pop").main(args.config, check=args.check))
+    p.set_defaults(run=lambda args: (_lazy("fleet").run_pop if _lazy("fleet").wants_fleet(args.config)
+                                     else _lazy("pop").main)(args.config, check=args.check))
 
 
 def _gateway(sub):
@@ -44,7 +47,8 @@ def _gateway(sub):
                        description="Run the gateway. SIGHUP reloads config and registry; SIGTERM/SIGINT stop it.")
     p.add_argument("--config", required=True, metavar="FILE", help="gateway config (JSON, see docs/CONFIG.md)")
     p.add_argument("--check", action="store_true", help="only validate the config and registry, then exit")
-    p.set_defaults(run=lambda args: _lazy("gateway").main(args.config, check=args.check))
+    p.set_defaults(run=lambda args: (_lazy("fleet").run_gateway if _lazy("fleet").wants_fleet(args.config)
+                                     else _lazy("gateway").main)(args.config, check=args.check))
 
 
 def _status(sub):
@@ -63,7 +67,11 @@ def _provision(sub):
                                    "Re-running reuses the keys and labels in DIR/state.json.")
     p.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML, see docs/PROVISIONING.md)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (files mode 0600)")
-    p.set_defaults(run=lambda args: _lazy("provision").main(args.topology, args.out))
+    p.add_argument("--fleet", metavar="FILE", help="also publish to etcd as signed log records (fleet.json; "
+                   "docs/FLEET.md); writes DIR/fleet/ node configs")
+    p.add_argument("--operator-key", metavar="FILE", help="sign the change log with this key (with --fleet: in "
+                   "etcd; without: appended to DIR/changelog.jsonl)")
+    p.set_defaults(run=lambda args: _lazy("provision").main(args.topology, args.out, args.fleet, args.operator_key))
 
 
 def _flash(sub):
@@ -104,7 +112,15 @@ def _logs(sub):
     p.set_defaults(run=lambda args: _lazy("boardlog").main(args.port, args.follow, args.timeout))
 
 
-SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs]
+def _fleet(sub):
+    _lazy("fleet").add_parser(sub)
+
+
+def _log(sub):
+    _lazy("fleet").add_log_parser(sub)
+
+
+SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs, _fleet, _log]
 
 
 def build_parser():

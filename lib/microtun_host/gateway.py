@@ -93,7 +93,11 @@ class DeviceEntry:
 
 
 class GatewayConfig:
-    def __init__(self, root):
+    """devices: the registry itself instead of the file "registry" names
+    (fleet.py: the registry and the links come from etcd, and a fleet may
+    start with no links yet)."""
+
+    def __init__(self, root, devices=None):
         root.only("name", "listen", "control", "private_key", "registry", "links", "services",
                   "rekey_after_s", "window", "log_level", "metrics", "crypto")
         self.source = root.file
@@ -101,7 +105,7 @@ class GatewayConfig:
         self.listen = root.address("listen")
         self.control = control.from_config(root)
         self.private_key = root.key32("private_key")
-        self.links = [Link(n) for n in root.objects("links", min_len=1)]
+        self.links = [Link(n) for n in root.objects("links", min_len=1 if devices is None else 0)]
         seen = {}
         names = {}
         for i, link in enumerate(self.links):
@@ -122,15 +126,16 @@ class GatewayConfig:
                 if not k.isdigit() or not 1 <= int(k) <= 255:
                     raise svc.error(k, "channel numbers are 1..255")
                 self.services[int(k)] = svc.address(k).sockaddr
-        reg = root.text("registry")
-        base = os.path.dirname(os.path.abspath(root.file))
-        self.registry_path = reg if os.path.isabs(reg) else os.path.join(base, reg)
+        if devices is None:
+            reg = root.text("registry")
+            base = os.path.dirname(os.path.abspath(root.file))
+            self.registry_path = reg if os.path.isabs(reg) else os.path.join(base, reg)
         self.rekey_after_ms = root.integer("rekey_after_s", 10, 86400, timers.REKEY_AFTER_TIME_MS // 1000) * 1000
         self.window = root.integer("window", 64, 65536, GATEWAY_WINDOW)
         self.log_level = root.text("log_level", "info", choices=("debug", "info", "warning", "error"))
         self.metrics = root.address("metrics", None)        # Prometheus over HTTP (metrics.py); off by default
         self.crypto = root.text("crypto", "cryptography", choices=tuple(sorted(hostcrypto.BACKENDS)))
-        self.devices = load_registry(self.registry_path)
+        self.devices = load_registry(self.registry_path) if devices is None else devices
 
 
 def load_registry(path):
@@ -336,6 +341,7 @@ class GatewayServer:
                 "status": lambda req: {"status": self.status()},
                 "stats": lambda req: {"counters": self.counters()},
                 "reload": self._reload_cmd,
+                **self.extra_commands(),
             }, log)
         if self.cfg.metrics is not None:
             from microtun_host import metrics      # prometheus_client: loaded only when asked for
@@ -346,6 +352,10 @@ class GatewayServer:
         log.info("gateway %s listening on %s, %d links, %d devices, services %s, crypto %s",
                  self.cfg.name, hconfig.format_sockaddr(self.address), len(self.links), len(self.core.peers),
                  {c: "%s:%d" % a for c, a in self.cfg.services.items()}, self.crypto.name)
+
+    def extra_commands(self):
+        """More control commands {name: fn(request) -> dict} (fleet.py adds "fleet")."""
+        return {}
 
     @property
     def address(self):
@@ -657,10 +667,11 @@ class GatewayServer:
         return {"ok": ok, "message": msg} if ok else {"ok": False, "error": msg}
 
 
-async def serve(cfg, ready=None):
-    """Run a gateway until SIGTERM/SIGINT; returns the exit code (1 when
-    its sockets cannot be opened, with one line on stderr)."""
-    server = GatewayServer(cfg)
+async def serve(cfg, ready=None, server=None):
+    """Run a gateway (server: one already built, e.g. fleet mode's) until
+    SIGTERM/SIGINT; returns the exit code (1 when its sockets cannot be
+    opened, with one line on stderr)."""
+    server = GatewayServer(cfg) if server is None else server
     try:
         await server.start()
     except OSError as e:

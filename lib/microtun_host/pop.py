@@ -122,9 +122,11 @@ class PopConfig:
         self.routes = routes
 
 
-def load_config(path):
-    """PopConfig from a JSON file, or ConfigError (one line: file, field, expectation)."""
-    root = config.load(path)
+def load_config(path, root=None):
+    """PopConfig from a JSON file, or ConfigError (one line: file, field,
+    expectation). root: the parsed object instead of the file (fleet.py
+    builds one from the local file and the routes in etcd)."""
+    root = config.load(path) if root is None else root
     root.only(*TOP_FIELDS)
     name = root.text("name")
     listen = root.address("listen")

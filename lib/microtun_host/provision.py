@@ -284,7 +284,7 @@ def parse_topology(path):
     devices = {}
     for n in _tables(root, "device"):
         n.only("name", "routes", "channels", "policy", "psk", "network", "app",
-               "nat_keepalive_s", "window", "state_dir", "watchdog_s")
+               "nat_keepalive_s", "window", "state_dir", "watchdog_s", "expires")
         name = _name(n)
         if name in devices:
             raise n.error("name", "%s is already the name of %s" % (hconfig._short(name), devices[name].where))
@@ -330,6 +330,15 @@ def parse_topology(path):
         if n.has("watchdog_s"):
             extra["watchdog_s"] = n.integer("watchdog_s", 0, 3600)
         devices[name] = Device(name, list(rs), channels, psk, extra, n.path)
+        devices[name].expires = None
+        if n.has("expires"):            # fleet mode (docs/FLEET.md, "Credentials that expire")
+            from microtun_host.changelog import parse_utc
+            t = n.value["expires"]
+            if hasattr(t, "strftime"):      # a TOML date-time
+                t = t.strftime("%Y-%m-%dT%H:%M:%SZ")
+            if parse_utc(t) is None:
+                raise n.error("expires", "expected a UTC time \"YYYY-MM-DDTHH:MM:SSZ\", got %s" % hconfig._short(str(t)))
+            devices[name].expires = t
 
     return Topology(root.file, gateway, pops, routes, devices, services)
 
@@ -839,10 +848,11 @@ def provision(topology_path, out_dir):
             os.chmod(full, FILE_MODE)
     for rel in stale:
         os.unlink(os.path.join(out_dir, rel))
+    summary.plan = (topo, files, paths)        # for publishing (fleet.py)
     return summary
 
 
-def main(topology, out_dir):
+def main(topology, out_dir, fleet_settings=None, operator_key=None):
     """`microtun provision TOPOLOGY --out DIR`: 0 ok, 2 bad topology (one
     line on stderr, nothing written), 1 when the files cannot be written."""
     from microtun_host import scratch
@@ -856,6 +866,12 @@ def main(topology, out_dir):
         print("microtun provision: cannot write %s: %s" % (e.filename or out_dir, e.strerror or e), file=sys.stderr)
         return 1
     print(summary)
+    if not fleet_settings and any(d.expires for d in summary.plan[0].devices.values()):
+        print("note: \"expires\" is enforced in fleet mode only (--fleet; docs/FLEET.md); "
+              "registry.json does not carry it")
+    if fleet_settings or operator_key:
+        from microtun_host import fleet
+        return fleet.provision_publish(summary, topology, out_dir, fleet_settings, operator_key)
     return 0
 
 

@@ -1,0 +1,1214 @@
+"""Fleet mode (docs/FLEET.md): PoPs and gateways take their configuration
+from etcd and follow it live; the configuration IS the signed change log
+(changelog.py), replayed and verified by every node.
+
+    microtun fleet keygen --out operator.key                 # prints the public key to trust
+    microtun provision topo.toml --out deploy --fleet fleet.json --operator-key operator.key
+    microtun pop --config deploy/fleet/pops/a1.json          # a config with a "fleet" section
+    microtun gateway --config deploy/fleet/gateway.json
+    microtun fleet revoke s1 --fleet fleet.json --operator-key operator.key
+    microtun fleet expire s2 --at 2026-12-31T00:00:00Z ...   # renew: the same with a later time
+    microtun fleet status --fleet fleet.json                 # the nodes alive and the record each applied
+    microtun log --fleet fleet.json [--device s1]            # the history, verified
+
+Store layout under the prefix (default /microtun/):
+
+    log/<seq:012d>.<hash:16>    one signed record (changelog.py); the only thing nodes trust
+    head                        {"seq", "hash"}: the writers' compare-and-swap point (not trusted)
+    alive/<role>/<name>         {"seq", "listen", "since"} under a 5 s lease: who is up, what it applied
+
+The state a record's changes build (keys of the replayed log):
+
+    devices/<device>                 registry entry {name, public_key, psk?, channels?, expires?}
+    routes/<pop>/<device>/<route>    that path's two label-table entries at that PoP
+    links/<device>/<route>           the gateway's link for that path
+    services                         {"1": "127.0.0.1:5000", ...}
+
+Threads: a Follower per node runs two threads (watch + health/lease) that
+talk to etcd with blocking HTTP; verified state goes to the node's event
+loop with call_soon_threadsafe, where the existing apply paths run: the
+PoP's Forwarder.swap, the gateway's _set_links and add_peer/remove_peer.
+"""
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+
+from microtun_host import changelog, config as hconfig
+from microtun_host import log as logs
+from microtun_host.changelog import Chain, LogError
+from microtun_host.config import ConfigError, Node
+from microtun_host.etcd import Client, EtcdError
+
+DEFAULT_PREFIX = "/microtun/"
+LEASE_TTL_S = 5             # an alive key disappears this long after its node stops
+HEALTH_EVERY_S = 1.0        # etcd is asked this often whether it is there (and the lease kept)
+RETRY_MAX_S = 2.0           # reconnect back-off ceiling
+SYNC_PAGE = 200             # records per range request on a resync
+BULK_LINES = 20             # more device changes than this in one batch: one summary line, not one each
+FLEET_FIELDS = ("endpoints", "prefix", "trusted_operators", "user", "password_file", "ca_file", "cert_file",
+                "key_file", "cache", "timeout_s")
+
+
+# --- settings -------------------------------------------------------------------------
+
+class Settings:
+    """A config's "fleet" section (or a fleet.json holding only that)."""
+
+    def __init__(self, node, base):
+        node.only(*FLEET_FIELDS)
+        eps = node.items("endpoints", min_len=1)
+        for i, e in enumerate(eps):
+            if not isinstance(e, str) or not (e.startswith("http://") or e.startswith("https://")):
+                raise node.error("endpoints[%d]" % i, "expected \"http://host:port\" or \"https://host:port\"")
+        self.endpoints = list(eps)
+        self.prefix = node.text("prefix", DEFAULT_PREFIX)
+        if not self.prefix.endswith("/"):
+            raise node.error("prefix", "expected a prefix ending in \"/\", e.g. \"/microtun/\"")
+        trusted = node.items("trusted_operators", min_len=1)
+        for i, k in enumerate(trusted):
+            if not isinstance(k, str) or len(k) != 64 or any(c not in "0123456789abcdefABCDEF" for c in k):
+                raise node.error("trusted_operators[%d]" % i, "expected an Ed25519 public key (64 hex characters; "
+                                 "`microtun fleet keygen` prints one)")
+        self.trusted = [k.lower() for k in trusted]
+
+        def path(key):
+            v = node.text(key, None)
+            return None if v is None else (v if os.path.isabs(v) else os.path.join(base, v))
+        self.user = node.text("user", None)
+        self.password = None
+        pw = path("password_file")
+        if pw is not None:
+            try:
+                with open(pw) as f:
+                    self.password = f.read().strip()
+            except OSError as e:
+                raise node.error("password_file", "cannot read %s: %s" % (pw, e.strerror or e)) from None
+        if self.user and self.password is None:
+            raise node.error("password_file", "missing: \"user\" is set, so a password file is needed")
+        self.ca_file, self.cert_file, self.key_file = path("ca_file"), path("cert_file"), path("key_file")
+        self.cache = path("cache")
+        self.timeout = node.number("timeout_s", 0.1, 60, 2.0)
+        self.where = "%s: %s" % (node.file, node.path or "top level")
+
+    def client(self, timeout=None):
+        return Client(self.endpoints, user=self.user, password=self.password, ca_file=self.ca_file,
+                      cert_file=self.cert_file, key_file=self.key_file,
+                      timeout=self.timeout if timeout is None else timeout)
+
+
+def load_settings(path):
+    """Settings from a fleet.json, or from the "fleet" section of a node config."""
+    root = hconfig.load(path)
+    base = os.path.dirname(os.path.abspath(path))
+    return Settings(root.obj("fleet") if root.has("fleet") else root, base)
+
+
+def wants_fleet(path):
+    """True when a node config file has a "fleet" section (cli.py dispatches on it)."""
+    try:
+        with open(path, "rb") as f:
+            v = json.loads(f.read())
+    except (OSError, ValueError):
+        return False            # the file-mode loader reports what is wrong
+    return isinstance(v, dict) and "fleet" in v
+
+
+# --- reading and writing the log in etcd ------------------------------------------------
+
+def _log_prefix(prefix):
+    return prefix + "log/"
+
+
+def read_log(client, prefix, after_create=0):
+    """Every record put under log/ after create revision after_create, in
+    creation order: ([(key, create_revision, record or None)], header revision)."""
+    out = []
+    rev = 0
+    lo = after_create + 1
+    while True:
+        kvs, rev_now, more = client.range(_log_prefix(prefix), prefix=True, limit=SYNC_PAGE,
+                                          min_create_revision=lo, sort_create=True, revision=rev)
+        rev = rev or rev_now
+        for kv in kvs:
+            try:
+                rec = json.loads(kv.value)
+            except ValueError:
+                rec = None
+            out.append((kv.key, kv.create_revision, rec))
+        if not more or not kvs:
+            return out, rev
+        lo = kvs[-1].create_revision + 1
+
+
+class Store:
+    """The writer's side: verify the log, append records with a
+    compare-and-swap on head (two operators never fork the chain)."""
+
+    def __init__(self, settings, client=None):
+        self.s = settings
+        self.client = client or settings.client(timeout=max(settings.timeout, 10.0))
+        self.prefix = settings.prefix
+
+    def verified(self):
+        """(Chain, state, head mod revision, refusals) of the log as it is now."""
+        head = self.client.get(self.prefix + "head")
+        items, _ = read_log(self.client, self.prefix)
+        chain = Chain(self.s.trusted)
+        state = {}
+        refusals = []
+        for key, _, rec in items:
+            if rec is None:
+                chain.refuse("malformed")
+                refusals.append((key, "malformed", "not JSON"))
+                continue
+            ok, reason, msg = chain.check(rec)
+            if ok:
+                chain.accept(rec)
+                changelog.apply_changes(state, rec)
+            elif reason:
+                chain.refuse(reason)
+                refusals.append((key, reason, msg))
+        return chain, state, (head.mod_revision if head else 0), refusals
+
+    def append(self, opkey, what, changes, chain=None, head_rev=None):
+        """Publish changes as records (at most MAX_CHANGES each). Returns
+        the seqs written. Raises LogError when another writer got there first."""
+        if chain is None:
+            chain, _, head_rev, _ = self.verified()
+        seqs = []
+        n = changelog.MAX_CHANGES
+        parts = [changes[i:i + n] for i in range(0, len(changes), n)] or []
+        for i, part in enumerate(parts):
+            label = what if len(parts) == 1 else "%s (part %d of %d)" % (what, i + 1, len(parts))
+            rec = changelog.make_record(opkey, chain.seq + 1, chain.head, label, part)
+            h = changelog.record_hash(rec)
+            key = "%s%012d.%s" % (_log_prefix(self.prefix), rec["seq"], h[:16])
+            head = json.dumps({"seq": rec["seq"], "hash": h})
+            ok, rev = self.client.txn([Client.cmp_mod_revision(self.prefix + "head", head_rev)],
+                                      [Client.op_put(key, changelog.canonical(rec)),
+                                       Client.op_put(self.prefix + "head", head)])
+            if not ok:
+                raise LogError("another writer changed the log meanwhile (head moved past record %d): "
+                               "nothing more published; run the command again" % chain.seq)
+            chain.accept(rec)
+            head_rev = rev         # the txn's own revision is head's mod revision now
+            seqs.append(rec["seq"])
+        return seqs
+
+
+def diff(old, new):
+    """The changes that turn state old into state new, in key order."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k not in new:
+            out.append({"op": "delete", "key": k})
+        elif old.get(k) != new[k]:
+            out.append({"op": "put", "key": k, "value": new[k]})
+    return out
+
+
+def describe(changes, old):
+    """A short "what" for a record: devices added / revoked / changed, paths added / removed / changed."""
+    dev = {"added": [], "revoked": [], "changed": []}
+    paths = {"added": set(), "removed": set(), "re-spliced or re-keyed": set()}
+    other = []
+    for c in changes:
+        parts = c["key"].split("/")
+        if parts[0] == "devices" and len(parts) == 2:
+            if c["op"] == "delete":
+                dev["revoked"].append(parts[1])
+            elif c["key"] in old:
+                v, o = c["value"], old[c["key"]]
+                dev["changed"].append(parts[1] + (" (expires %s)" % v["expires"] if v.get("expires") !=
+                                                  o.get("expires") and v.get("expires") else ""))
+            else:
+                dev["added"].append(parts[1])
+        elif parts[0] in ("routes", "links"):
+            kind = "removed" if c["op"] == "delete" else "re-spliced or re-keyed" if c["key"] in old else "added"
+            paths[kind].add("/".join(parts[-2:]))
+        else:
+            other.append(c["key"])
+    gone = set(dev["revoked"])
+    out = []
+    for word, names in dev.items():
+        if names:
+            out.append("device%s %s %s" % ("s" if len(names) > 1 else "", ", ".join(names[:5]) +
+                                           (" and %d more" % (len(names) - 5) if len(names) > 5 else ""), word))
+    for word, ps in paths.items():
+        ps = {p for p in ps if p.split("/")[0] not in gone}     # a revoked device's paths go with it
+        if ps:
+            out.append("%d path%s %s" % (len(ps), "s" if len(ps) > 1 else "", word))
+    if other:
+        out.append("%s changed" % ", ".join(other[:5]))
+    return "; ".join(out) or "no change"
+
+
+def desired_state(files, paths):
+    """The fleet state a provisioning plan describes (provision.plan's files
+    and paths): every PoP route entry is filed under the path it belongs to."""
+    state = {}
+    by_label = {}
+    for p in paths:
+        pid = "%s/%s" % (p.device.name, p.route.name)
+        for i, pn in enumerate(p.route.pops):
+            by_label[(pn, p.fwd[i])] = pid
+            by_label[(pn, p.rev[i])] = pid
+    for rel, data in files.items():
+        if rel.startswith("pops/"):
+            pn = rel[5:-5]
+            for r in json.loads(data)["routes"]:
+                state.setdefault("routes/%s/%s" % (pn, by_label[(pn, r["in_label"])]), []).append(r)
+    g = json.loads(files["gateway.json"])
+    for link in g["links"]:
+        state["links/" + link["name"]] = link
+    state["services"] = g.get("services", {})
+    for e in json.loads(files["registry.json"])["devices"]:
+        state["devices/" + e["name"]] = e
+    for k in state:
+        if k.startswith("routes/"):
+            state[k].sort(key=lambda r: r["in_label"])
+    return state
+
+
+def phases(old, changes):
+    """Make before break: the changes in up to three steps, each published
+    once every node applied the one before (nodes apply a record at
+    slightly different moments, so a PoP must never switch to a label its
+    next hop does not know yet):
+      1. new route keys, and every changed route key as the union of its
+         old entries and the new entries whose in_label is new;
+      2. changed gateway links (the old label drains for DRAIN_S);
+      3. the rest: the final route tables, deletions (removed routes drain
+         too), devices, services.
+    A change with nothing to prepare is one step."""
+    first, second, rest = [], [], []
+    for c in changes:
+        k = c["key"]
+        if k.startswith("routes/") and c["op"] == "put":
+            if k not in old:
+                first.append(c)
+                continue
+            have = {r.get("in_label") for r in old[k] if isinstance(r, dict)} if isinstance(old[k], list) else None
+            if have is not None and isinstance(c["value"], list):
+                extra = [r for r in c["value"] if isinstance(r, dict) and r.get("in_label") not in have]
+                if extra:
+                    first.append({"op": "put", "key": k, "value": list(old[k]) + extra})
+            rest.append(c)
+        elif k.startswith("links/") and c["op"] == "put" and k in old:
+            second.append(c)
+        else:
+            rest.append(c)
+    if not first and not second:
+        return [changes]
+    return [p for p in (first, second, rest) if p]
+
+
+def wait_applied(client, prefix, seq, timeout=10.0):
+    """Wait until every node alive (alive/ keys) reports record seq or
+    later; returns the names still behind at timeout."""
+    end = time.monotonic() + timeout
+    while True:
+        kvs, _, _ = client.range(prefix + "alive/", prefix=True)
+        behind = [kv.key[len(prefix) + 6:] for kv in kvs if (_json(kv.value) or {}).get("seq", 0) < seq]
+        if not behind or time.monotonic() > end:
+            return behind
+        time.sleep(0.02)
+
+
+def publish_plan(settings, opkey, files, paths, what, expires=None):
+    """provision --fleet: publish what changed since the log's state, make
+    before break (phases()). expires: {device: "YYYY-MM-DDTHH:MM:SSZ"} from
+    the topology. Returns (seqs, what)."""
+    store = Store(settings)
+    chain, state, head_rev, refusals = store.verified()
+    new = desired_state(files, paths)
+    for name, t in (expires or {}).items():
+        if "devices/" + name in new:
+            new["devices/" + name]["expires"] = t
+    changes = diff(state, new)
+    if not changes:
+        return [], "nothing changed"
+    text = "%s: %s" % (what, describe(changes, state))
+    steps = phases(state, changes)
+    seqs = []
+    for i, step in enumerate(steps):
+        label = text if len(steps) == 1 else "%s (step %d of %d, make before break)" % (text, i + 1, len(steps))
+        seqs += store.append(opkey, label, step, chain, head_rev)
+        head_rev = store.client.get(store.prefix + "head").mod_revision
+        if i + 1 < len(steps):
+            behind = wait_applied(store.client, store.prefix, seqs[-1])
+            if behind:
+                print("fleet: %s did not report record %d within 10 s; going on (their traffic may see "
+                      "the switch before they do)" % (", ".join(behind), seqs[-1]))
+    return seqs, text
+
+
+def file_log_plan(path, trusted, opkey, files, paths, what):
+    """File mode with --operator-key: the same records, appended to a JSONL file."""
+    flog = changelog.FileLog(path)
+    results, state, chain = changelog.verify(flog.records(), trusted)
+    bad = [r for r in results if not r[1] and r[2]]
+    if bad:
+        raise LogError("%s: the log does not verify (%s: %s); run `microtun log --file %s`"
+                       % (path, bad[0][2], bad[0][3], path))
+    changes = diff(state, desired_state(files, paths))
+    if not changes:
+        return [], "nothing changed"
+    text = "%s: %s" % (what, describe(changes, state))
+    seqs = []
+    n = changelog.MAX_CHANGES
+    for i in range(0, len(changes), n):
+        rec = changelog.make_record(opkey, chain.seq + 1, chain.head, text, changes[i:i + n])
+        flog.append(rec)
+        chain.accept(rec)
+        seqs.append(rec["seq"])
+    return seqs, text
+
+
+# --- the node side: follow the log ------------------------------------------------------
+
+class Follower:
+    """Keeps a node's state in step with the log in etcd.
+
+    on_state(state, seq, touched) runs on the node's event loop after every
+    batch of verified records (touched: the state keys they changed, None
+    for "everything"). A lost etcd changes nothing the node runs: it says
+    so once (log + status) and resyncs when etcd answers again."""
+
+    def __init__(self, settings, role, name, listen, on_state, log):
+        self.s = settings
+        self.role = role
+        self.name = name
+        self.listen = listen
+        self.on_state = on_state
+        self.log = log
+        self.chain = Chain(settings.trusted)
+        self.state = {}
+        self.create_rev = 0         # create revision of the last log key read
+        self.connected = False
+        self.lost_since = None
+        self.last_error = None
+        self.applied = 0            # seq the node applied (set from the loop)
+        self.apply_ms = []          # the last 20: records in from etcd -> applied, ms
+        self.resyncs = 0
+        self._loop = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._watch = None
+        self._threads = []
+        self._lock = threading.Lock()
+        self._reported = -1
+        self.client = settings.client()
+
+    # -- lifecycle --
+    def load_cache(self):
+        """Replay the verified records a previous run saved (fleet "cache"):
+        a node that starts while etcd is down serves its last good config."""
+        if not self.s.cache:
+            return 0
+        recs = changelog.FileLog(self.s.cache).records()
+        for rec in recs:
+            ok, reason, msg = self.chain.check(rec)
+            if not ok:
+                if reason:
+                    self.log.error("fleet cache %s: record %s refused (%s: %s); ignoring the rest",
+                                   self.s.cache, rec.get("seq", "?") if isinstance(rec, dict) else "?", reason, msg)
+                break
+            self.chain.accept(rec)
+            _apply_compact(self.state, rec)
+        return self.chain.seq
+
+    def start(self, loop):
+        self._loop = loop
+        for fn in (self._watch_thread, self._health_thread):
+            t = threading.Thread(target=fn, name="fleet-" + fn.__name__.strip("_"), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self):
+        self._stop.set()
+        self._wake.set()
+        w = self._watch
+        if w is not None:
+            w.close()
+        for t in self._threads:
+            t.join(3)
+        try:
+            self.client.delete("%salive/%s/%s" % (self.s.prefix, self.role, self.name))
+        except EtcdError:
+            pass
+
+    def report(self, seq):
+        """Called on the loop after the node applied up to seq."""
+        self.applied = seq
+        self._wake.set()
+
+    def status(self):
+        return {"etcd": "connected" if self.connected else "lost", "endpoints": self.s.endpoints,
+                "lost_for_s": None if self.lost_since is None else round(time.monotonic() - self.lost_since, 1),
+                "last_error": self.last_error, "log_seq": self.chain.seq, "applied_seq": self.applied,
+                "refused": {k: v for k, v in self.chain.refused.items() if v}, "resyncs": self.resyncs,
+                "apply_ms": self.apply_ms}
+
+    # -- connection state --
+    def _ok(self):
+        with self._lock:
+            if not self.connected:
+                if self.lost_since is not None:
+                    self.log.info("fleet: etcd %s answers again after %.1f s: resynced to log record %d",
+                                  self.s.endpoints[0], time.monotonic() - self.lost_since, self.chain.seq)
+                self.connected = True
+                self.lost_since = None
+
+    def _lost(self, e):
+        with self._lock:
+            self.last_error = str(e)
+            if self.connected or self.lost_since is None:
+                self.log.warning("fleet: etcd unreachable (%s): %s; retrying", e,
+                                 "forwarding goes on with the configuration of log record %d" % self.applied
+                                 if self.applied else "no configuration yet (no cache file with records)")
+                self.lost_since = time.monotonic()
+            self.connected = False
+        w = self._watch
+        if w is not None:
+            w.close()
+
+    # -- records --
+    def _take(self, items):
+        """Verify and apply records (key, create_rev, rec); post one batch to the loop."""
+        t_in = time.monotonic()
+        accepted = []
+        last = self.chain.seq
+        for key, crev, rec in items:
+            self.create_rev = max(self.create_rev, crev)
+            if rec is None:
+                self._refuse(key, "malformed", "not JSON")
+                continue
+            ok, reason, msg = self.chain.check(rec)
+            if ok:
+                self.chain.accept(rec)
+                accepted.append(rec)
+            elif reason:
+                self._refuse(key, reason, msg)
+        if self.chain.seq != last:
+            # verified here; applied to the state on the loop, which owns it (no copy per record)
+            self._loop.call_soon_threadsafe(self._apply, accepted, self.chain.seq, t_in)
+            if self.s.cache:        # after the node has the records: the fsync is not on the way
+                cache = changelog.FileLog(self.s.cache)
+                for rec in accepted:
+                    cache.append(rec)
+
+    def _apply(self, records, seq, t_in):
+        """On the loop: the verified records change the state, the node
+        applies it; the time from the records' arrival from etcd to applied
+        is kept (status "apply_ms")."""
+        touched = set()
+        for rec in records:
+            touched.update(_apply_compact(self.state, rec))
+        self.on_state(self.state, seq, touched)
+        ms = (time.monotonic() - t_in) * 1000
+        self.apply_ms = [round(ms, 2)] + self.apply_ms[:19]
+
+    def _refuse(self, key, reason, msg):
+        self.chain.refuse(reason)
+        n = self.chain.refused[reason]
+        if n <= 5 or n % 100 == 0:      # a flood of forgeries is a count, not a flood of lines
+            self.log.error("fleet: log record %s refused (%s): %s; nothing applied from it (%d refused so far%s)",
+                           key, reason, msg, n, "" if n <= 5 else ", one line per 100 from now on")
+
+    def _watch_thread(self):
+        delay = 0.1
+        first = True
+        while not self._stop.is_set():
+            try:
+                items, rev = read_log(self.client, self.s.prefix, self.create_rev)
+                if not first:
+                    self.resyncs += 1
+                self._take(items)
+                first = False
+                self._ok()
+                delay = 0.1
+                self._watch = self.client.watch(_log_prefix(self.s.prefix), prefix=True, start_revision=rev + 1)
+                if self._stop.is_set():
+                    break
+                for events in self._watch:
+                    self._take([(kv.key, kv.create_revision, _json(kv.value))
+                                for kind, kv in events if kind == "PUT" and kv.create_revision == kv.mod_revision])
+            except EtcdError as e:
+                if self._stop.is_set():
+                    break
+                self._lost(e)
+                self._stop.wait(delay)
+                delay = min(RETRY_MAX_S, delay * 2)
+            finally:
+                self._watch = None
+
+    def _health_thread(self):
+        lease = None
+        next_keepalive = 0.0
+        alive = "%salive/%s/%s" % (self.s.prefix, self.role, self.name)
+        since = changelog.utc_text()
+        while not self._stop.is_set():
+            self._wake.wait(HEALTH_EVERY_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                now = time.monotonic()
+                if lease is None:
+                    lease = self.client.lease_grant(LEASE_TTL_S)
+                    self._reported = -1
+                    next_keepalive = now + LEASE_TTL_S / 3
+                elif now >= next_keepalive:
+                    if self.client.lease_keepalive(lease) <= 0:
+                        lease = None
+                        continue
+                    next_keepalive = now + LEASE_TTL_S / 3
+                else:
+                    self.client.range(self.s.prefix + "head")      # still there?
+                if self._reported != self.applied:
+                    seq = self.applied
+                    self.client.put(alive, json.dumps({"seq": seq, "listen": self.listen, "since": since}), lease)
+                    self._reported = seq
+                if not self.connected and self._watch is None:
+                    pass        # the watch thread reconnects on its own schedule
+            except EtcdError as e:
+                lease = None
+                self._lost(e)
+
+
+def _apply_compact(state, rec):
+    """changelog.apply_changes, each value kept as its canonical JSON bytes:
+    a node's copy of 100,000 registry entries costs a third of the dicts."""
+    keys = []
+    for c in rec["changes"]:
+        if c["op"] == "put":
+            state[c["key"]] = changelog.canonical(c["value"])
+        else:
+            state.pop(c["key"], None)
+        keys.append(c["key"])
+    return keys
+
+
+def _val(v):
+    """A state value: parsed when it is kept as JSON bytes (a node's state)."""
+    return json.loads(v) if isinstance(v, (bytes, str)) else v
+
+
+def _json(b):
+    try:
+        return json.loads(b)
+    except ValueError:
+        return None
+
+
+# --- node configs from the state -----------------------------------------------------
+
+FROM_ETCD = ("routes", "links", "services", "registry")
+
+
+def _local(path):
+    """The node's local file (without "fleet") and its Settings."""
+    root = hconfig.load(path)
+    s = Settings(root.obj("fleet"), os.path.dirname(os.path.abspath(path)))
+    for k in FROM_ETCD:
+        if root.has(k):
+            raise root.error(k, "comes from etcd in fleet mode (the \"fleet\" section is set): remove it here, "
+                                "or remove \"fleet\" to run from files")
+    local = {k: v for k, v in root.value.items() if k != "fleet"}
+    return local, s
+
+
+def pop_routes(state, name):
+    out = []
+    pre = "routes/%s/" % name
+    for k in sorted(k for k in state if k.startswith(pre)):
+        v = _val(state[k])
+        if isinstance(v, list):
+            out.extend(v)
+        else:
+            out.append(v)       # load_config then names the field that is wrong
+    return out
+
+
+def pop_config(path, local, state, seq):
+    from microtun_host import pop
+    merged = dict(local, routes=pop_routes(state, local.get("name")))
+    return pop.load_config(path, root=Node("%s + fleet log record %d" % (path, seq), "", merged))
+
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_ENTRY_FIELDS = frozenset(("name", "public_key", "psk", "channels", "expires"))
+
+
+class _Entry:
+    __slots__ = ("name", "public_key", "psk", "channels", "expires")
+
+
+def _fast_entry(v):
+    """The common, well-formed entry without the field-by-field walk (a
+    100,000-device registry at start-up); None sends it the slow way, which
+    names what is wrong."""
+    if not isinstance(v, dict) or not _ENTRY_FIELDS.issuperset(v):
+        return None
+    name, pk, psk, ch = v.get("name"), v.get("public_key"), v.get("psk"), v.get("channels")
+    if not isinstance(name, str) or not name.strip() or not isinstance(pk, str) or not _HEX64.fullmatch(pk):
+        return None
+    if psk is not None and (not isinstance(psk, str) or not _HEX64.fullmatch(psk)):
+        return None
+    if ch is not None and not (isinstance(ch, list) and all(
+            type(c) is int and 1 <= c <= 255 for c in ch)):
+        return None
+    e = _Entry()
+    e.name, e.public_key, e.psk, e.channels = name, bytes.fromhex(pk), None if psk is None else bytes.fromhex(psk), ch
+    e.expires = None
+    if "expires" in v:
+        e.expires = changelog.parse_utc(v["expires"])
+        if e.expires is None:
+            return None
+    return e
+
+
+def device_entry(key, value, seq):
+    """A gateway DeviceEntry from devices/<name> (with "expires", in seconds since the epoch or None)."""
+    from microtun_host import gateway
+    e = _fast_entry(value)
+    if e is not None:
+        return e
+    where = "fleet log record %d: %s" % (seq, key)
+    if not isinstance(value, dict):
+        raise ConfigError("%s: expected an object {...}" % where)
+    v = {k: x for k, x in value.items() if k != "expires"}
+    e = gateway.DeviceEntry(Node(where, "", v))
+    e.expires = None
+    if "expires" in value:
+        t = changelog.parse_utc(value["expires"])
+        if t is None:
+            raise ConfigError("%s: expires: expected \"YYYY-MM-DDTHH:MM:SSZ\" (UTC), got %s"
+                              % (where, hconfig._short(str(value["expires"]))))
+        e.expires = t
+    return e
+
+
+# --- fleet PoP ------------------------------------------------------------------------------
+
+def run_pop(path, check=False):
+    from microtun_host import pop
+    try:
+        local, settings = _local(path)
+        cfg = pop_config(path, local, {}, 0)
+    except ConfigError as e:
+        print("microtun pop: %s" % e, file=sys.stderr)
+        return 2
+    if check:
+        print("%s: ok: PoP %s in fleet mode (etcd %s)" % (path, cfg.name, ", ".join(settings.endpoints)))
+        return 0
+    log = logs.setup(cfg.name, cfg.log_level)
+
+    class FleetPop(pop.Pop):
+        def __init__(self):
+            super().__init__(cfg, log)
+            self.follower = Follower(settings, "pops", cfg.name, str(cfg.listen), self.apply, log)
+            self.config_errors = 0
+            self.state = {}
+            self.seq = 0
+
+        def apply(self, state, seq, touched):
+            self.state, self.seq = state, seq
+            pre = "routes/%s/" % self.cfg.name
+            if touched is not None and not any(k.startswith(pre) for k in touched):
+                self.follower.report(seq)
+                return
+            try:
+                new = pop_config(path, local, state, seq)
+            except ConfigError as e:
+                self.config_errors += 1
+                log.error("fleet: %s; keeping the running %d routes", e, len(self.fwd.routes))
+                return
+            added, removed, changed = self.fwd.swap(pop.build_table(new.routes))
+            self.cfg.routes = new.routes
+            self.reloads += 1
+            log.info("fleet: log record %d applied: %d routes (%d added, %d removed, %d changed)",
+                     seq, len(new.routes), added, removed, changed)
+            self.follower.report(seq)
+
+        def reload(self, why="reload"):
+            self.apply(self.state, self.seq, None)
+            return {"ok": True, "routes": len(self.fwd.routes), "fleet": self.follower.status()}
+
+        def _cmd_stats(self, req):
+            s = super()._cmd_stats(req)
+            s["fleet"] = dict(self.follower.status(), config_errors=self.config_errors)
+            return s
+
+        async def run(self):
+            if self.follower.load_cache():
+                self.apply(dict(self.follower.state), self.follower.chain.seq, None)
+                log.info("fleet: %d log records from the cache %s", self.follower.chain.seq, settings.cache)
+            self.follower.start(asyncio.get_running_loop())
+            try:
+                return await super().run()
+            finally:
+                await asyncio.get_running_loop().run_in_executor(None, self.follower.stop)
+
+    loop = pop._new_loop()
+    try:
+        return loop.run_until_complete(FleetPop().run())
+    finally:
+        loop.close()
+
+
+# --- fleet gateway ------------------------------------------------------------------------------
+
+def make_gateway_server(path, local, settings, log):
+    from microtun_host import gateway
+
+    class FleetGateway(gateway.GatewayServer):
+        """A gateway whose links, services and registry follow the log.
+        Device changes apply one by one (a single change in a registry of
+        100,000 costs one add_peer/remove_peer); an entry with "expires"
+        is removed at that moment, its sessions closed."""
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.follower = Follower(settings, "gateways", cfg.name, str(cfg.listen), self.apply, log)
+            self.config_errors = 0
+            self.expired = 0
+            self.expiry = {}            # name -> expires (s since the epoch)
+            self._expiry_timer = None
+            self.state = {}
+            self.seq = 0
+
+        def apply(self, state, seq, touched):
+            self.state, self.seq = state, seq
+            full = touched is None
+            if full or any(k.startswith("links/") or k == "services" for k in touched):
+                try:
+                    cfg = gateway.GatewayConfig(Node("%s + fleet log record %d" % (path, seq), "", dict(
+                        local, links=[_val(state[k]) for k in sorted(state) if k.startswith("links/")],
+                        services=_val(state.get("services", b"{}")))), devices=[])
+                except ConfigError as e:
+                    self.config_errors += 1
+                    log.error("fleet: %s; keeping the running links and services", e)
+                else:
+                    self._set_links(cfg.links, time.monotonic())
+                    if cfg.services != self.cfg.services:
+                        for t in list(self._services.values()):
+                            t.close()
+                        self._services.clear()
+                    self.cfg.services = cfg.services
+                    self.cfg.links = cfg.links
+            keys = [k for k in state if k.startswith("devices/")] if full else \
+                [k for k in touched if k.startswith("devices/")]
+            if full:
+                keys += ["devices/" + n for n in self.names if "devices/" + n not in state]
+            quiet = len(keys) > BULK_LINES
+            before = len(self.core.peers)
+            for k in keys:
+                self._device(k, state.get(k), seq, quiet)
+            if quiet:
+                log.info("fleet: log record %d: %d device entries applied (%d registered before, %d now)",
+                         seq, len(keys), before, len(self.core.peers))
+                # the registry is long-lived: keep the cyclic GC from walking it again and again
+                # (a full collection over 100,000 devices costs tens of ms on every later change)
+                gc.collect()
+                gc.freeze()
+            self._arm_expiry()
+            log.info("fleet: log record %d applied: %d links, %d devices", seq, len(self.links), len(self.core.peers))
+            self.follower.report(seq)
+
+        def _device(self, key, value, seq, quiet=False):
+            name = key[len("devices/"):]
+            old = self.names.get(name)
+            if value is None:
+                self.expiry.pop(name, None)
+                if old is not None:
+                    self._remove(name, old, "revoked (fleet log record %d)" % seq)
+                return
+            try:
+                e = device_entry(key, _val(value), seq)
+                if e.name != name:
+                    raise ConfigError("fleet log record %d: %s: name: %r does not match the key" % (seq, key, e.name))
+            except ConfigError as err:
+                self.config_errors += 1
+                log.error("fleet: %s; device %s keeps its previous entry", err, name)
+                return
+            if old is not None and old != e.public_key:
+                self._remove(name, old, "re-keyed (fleet log record %d)" % seq)
+            self.expiry.pop(name, None)
+            if e.expires is not None and e.expires <= time.time():
+                if e.public_key in self.core.peers:
+                    self._remove(name, e.public_key, "credential expired at %s" % changelog.utc_text(e.expires))
+                return
+            if e.expires is not None:
+                self.expiry[name] = e.expires
+            new = e.public_key not in self.core.peers
+            self.core.add_peer(e.public_key, psk=e.psk, name=e.name, channels=e.channels)
+            self.names[e.name] = e.public_key
+            if new and not quiet:
+                log.info("device %s registered (channels %s%s)", e.name, e.channels or "all",
+                         ", expires %s" % changelog.utc_text(e.expires) if e.expires else "")
+
+        def _remove(self, name, pub, why):
+            if self.core.remove_peer(pub):
+                self._close_services(pub)
+                for k in [k for k in self._logged if k[0] == name]:
+                    del self._logged[k]
+                log.info("device %s %s: its sessions are closed, its handshakes refused", name, why)
+            if self.names.get(name) == pub:
+                del self.names[name]
+
+        def _arm_expiry(self):
+            if self._expiry_timer is not None:
+                self._expiry_timer.cancel()
+                self._expiry_timer = None
+            if not self.expiry:
+                return
+            first = min(self.expiry.values())
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return      # not started yet: start() arms it
+            self._expiry_timer = loop.call_later(max(0.0, first - time.time()), self._expire)
+
+        def _expire(self):
+            self._expiry_timer = None
+            now = time.time()
+            for name, t in sorted(self.expiry.items(), key=lambda x: x[1]):
+                if t <= now:
+                    del self.expiry[name]
+                    self.expired += 1
+                    pub = self.names.get(name)
+                    if pub is not None:
+                        self._remove(name, pub, "credential expired at %s" % changelog.utc_text(t))
+            self._arm_expiry()
+
+        def reload(self):
+            self.apply(self.state, self.seq, None)
+            return True, "fleet: re-applied log record %d" % self.seq
+
+        def status(self):
+            st = super().status()
+            st["fleet"] = dict(self.follower.status(), config_errors=self.config_errors, expired=self.expired,
+                               expiring={n: changelog.utc_text(t) for n, t in sorted(self.expiry.items())[:20]})
+            return st
+
+        def counters(self):
+            c = super().counters()
+            c["fleet_refused"] = sum(self.follower.chain.refused.values())
+            c["fleet_config_errors"] = self.config_errors
+            c["fleet_expired"] = self.expired
+            return c
+
+        def extra_commands(self):
+            # `fleet`: the follower's status without status's list of every device
+            return {"fleet": lambda req: {"fleet": dict(self.follower.status(), config_errors=self.config_errors,
+                                                        devices=len(self.core.peers))}}
+
+        async def start(self):
+            await super().start()
+            if self.follower.load_cache():
+                self.apply(dict(self.follower.state), self.follower.chain.seq, None)
+                log.info("fleet: %d log records from the cache %s", self.follower.chain.seq, settings.cache)
+            self.follower.start(asyncio.get_running_loop())
+            self._arm_expiry()
+
+        async def stop(self, quiet=False):
+            if self._expiry_timer is not None:
+                self._expiry_timer.cancel()
+            await asyncio.get_running_loop().run_in_executor(None, self.follower.stop)
+            await super().stop(quiet=quiet)
+
+    cfg = gateway.GatewayConfig(Node(path, "", dict(local, links=[], services={})), devices=[])
+    return FleetGateway(cfg)
+
+
+def run_gateway(path, check=False):
+    from microtun_host import gateway
+    try:
+        local, settings = _local(path)
+        cfg = gateway.GatewayConfig(Node(path, "", dict(local, links=[], services={})), devices=[])
+    except ConfigError as e:
+        print("microtun gateway: %s" % e, file=sys.stderr)
+        return 2
+    if check:
+        print("%s: ok: gateway %s in fleet mode (etcd %s)" % (path, cfg.name, ", ".join(settings.endpoints)))
+        return 0
+    logs.setup("gateway", cfg.log_level)       # the logger gateway.py writes to
+    server = make_gateway_server(path, local, settings, logging.getLogger("microtun.gateway"))
+
+    async def go():
+        return await gateway.serve(cfg, server=server)
+    return asyncio.run(go())
+
+
+# --- operator commands ---------------------------------------------------------------------
+
+def _opkey(path):
+    return changelog.OperatorKey.load(path)
+
+
+def cmd_keygen(args):
+    try:
+        k = changelog.OperatorKey.generate(args.out)
+    except FileExistsError:
+        print("microtun fleet keygen: %s exists; not overwriting a key" % args.out, file=sys.stderr)
+        return 2
+    print(k.public.hex())
+    return 0
+
+
+def _change_device(args, make):
+    """revoke / expire: one record changing devices/<name> (and, for a
+    revoke, every route and link of that device)."""
+    s = load_settings(args.fleet)
+    key = _opkey(args.operator_key)
+    store = Store(s)
+    chain, state, head_rev, _ = store.verified()
+    k = "devices/" + args.device
+    if k not in state:
+        print("microtun fleet: no device %r in the fleet log (record %d)" % (args.device, chain.seq), file=sys.stderr)
+        return 2
+    changes = make(state, k)
+    what = describe(changes, state)
+    seqs = store.append(key, what, changes, chain, head_rev)
+    print("record %d: %s" % (seqs[-1], what))
+    return 0
+
+
+def revoke_changes(state, name):
+    """A revocation: the registry entry and every route and link of the device."""
+    out = [{"op": "delete", "key": "devices/" + name}]
+    for other in sorted(state):
+        parts = other.split("/")
+        if (parts[0] == "routes" and len(parts) == 4 and parts[2] == name) or \
+                (parts[0] == "links" and len(parts) == 3 and parts[1] == name):
+            out.append({"op": "delete", "key": other})
+    return out
+
+
+def cmd_revoke(args):
+    return _change_device(args, lambda state, k: revoke_changes(state, k[len("devices/"):]))
+
+
+def cmd_expire(args):
+    if changelog.parse_utc(args.at) is None:
+        print("microtun fleet expire: --at: expected YYYY-MM-DDTHH:MM:SSZ (UTC), got %r" % args.at, file=sys.stderr)
+        return 2
+
+    def make(state, k):
+        v = dict(state[k])
+        if args.at == "never":
+            v.pop("expires", None)
+        else:
+            v["expires"] = args.at
+        return [{"op": "put", "key": k, "value": v}]
+    return _change_device(args, make)
+
+
+def cmd_status(args):
+    s = load_settings(args.fleet)
+    c = s.client()
+    chain, state, _, refusals = Store(s, c).verified()
+    kvs, _, _ = c.range(s.prefix + "alive/", prefix=True)
+    print("log: %d records, head %s…; %d devices; %d refused records" % (
+        chain.seq, chain.head[:16], sum(1 for k in state if k.startswith("devices/")), len(refusals)))
+    for kv in kvs:
+        v = _json(kv.value) or {}
+        print("%-30s %-22s applied record %s%s" % (kv.key[len(s.prefix + "alive/"):], v.get("listen", "?"),
+                                                    v.get("seq", "?"), "" if v.get("seq") == chain.seq else " (behind)"))
+    if not kvs:
+        print("no node is alive (none holds a lease under %salive/)" % s.prefix)
+    return 0
+
+
+def _run(fn):
+    def run(args):
+        try:
+            return fn(args)
+        except (ConfigError, LogError) as e:
+            print("microtun fleet: %s" % e, file=sys.stderr)
+            return 2
+        except EtcdError as e:
+            print("microtun fleet: %s (is etcd running? check the fleet settings' endpoints and credentials)" % e,
+                  file=sys.stderr)
+            return 1
+    return run
+
+
+def add_parser(sub):
+    p = sub.add_parser("fleet", help="operator commands for a fleet on etcd (docs/FLEET.md)",
+                       description="Fleet mode: keys, revocations, expiries, status. See docs/FLEET.md.")
+    fs = p.add_subparsers(dest="fleet_cmd", metavar="ACTION", required=True)
+    k = fs.add_parser("keygen", help="make an operator key (prints its public key to trust)")
+    k.add_argument("--out", required=True, metavar="FILE")
+    k.set_defaults(run=_run(cmd_keygen))
+    for name, fn, help_ in (("revoke", cmd_revoke, "revoke a device: one record, every node applies it"),
+                            ("expire", cmd_expire, "set (or renew) a device's expiry: one record")):
+        q = fs.add_parser(name, help=help_)
+        q.add_argument("device", metavar="DEVICE")
+        q.add_argument("--fleet", required=True, metavar="FILE", help="fleet settings (fleet.json)")
+        q.add_argument("--operator-key", required=True, metavar="FILE")
+        if name == "expire":
+            q.add_argument("--at", required=True, metavar="TIME", help="YYYY-MM-DDTHH:MM:SSZ (UTC), or never")
+        q.set_defaults(run=_run(fn))
+    st = fs.add_parser("status", help="the log head and every node alive with the record it applied")
+    st.add_argument("--fleet", required=True, metavar="FILE")
+    st.set_defaults(run=_run(cmd_status))
+
+
+# --- microtun log ------------------------------------------------------------------------------
+
+def _touches(rec, device):
+    for c in rec.get("changes", []):
+        parts = str(c.get("key", "")).split("/")
+        if device in parts[1:3] and parts[0] in ("devices", "routes", "links"):
+            return True
+    return False
+
+
+def log_main(args):
+    """`microtun log --fleet fleet.json | --file changelog.jsonl --trust KEY [--device NAME] [--json]`:
+    every record, verified; 0 when the whole log verifies, 1 when some record is refused."""
+    try:
+        if args.fleet:
+            s = load_settings(args.fleet)
+            items, _ = read_log(s.client(), s.prefix)
+            trusted = s.trusted
+            records = [(key, rec if rec is not None else {"_unreadable": "not JSON"}) for key, _, rec in items]
+        else:
+            trusted = list(args.trust or [])
+            if args.fleet_settings:
+                trusted += load_settings(args.fleet_settings).trusted
+            if not trusted:
+                print("microtun log: --file needs --trust KEY (or --trust-from fleet.json)", file=sys.stderr)
+                return 2
+            records = [("line %d" % (i + 1), r) for i, r in enumerate(changelog.FileLog(args.file).records())]
+            if not os.path.exists(args.file):
+                print("microtun log: %s: no such file" % args.file, file=sys.stderr)
+                return 2
+        results, _, chain = changelog.verify([r for _, r in records], trusted)
+    except (ConfigError, LogError, ValueError) as e:
+        print("microtun log: %s" % e, file=sys.stderr)
+        return 2
+    except EtcdError as e:
+        print("microtun log: %s (is etcd running?)" % e, file=sys.stderr)
+        return 1
+    bad = 0
+    for (where, _), (rec, ok, reason, msg) in zip(records, results):
+        if not ok and reason is None:
+            continue            # a copy of an accepted record
+        if not ok:
+            bad += 1
+        if args.device and (not isinstance(rec, dict) or not _touches(rec, args.device)):
+            continue
+        if args.json:
+            print(json.dumps({"where": where, "ok": ok, "refused": reason, "why": msg, "record": rec}))
+            continue
+        if ok:
+            print("#%-5d %s  operator %s…  %s" % (rec["seq"], rec["time"], rec["operator"][:12], rec["what"]))
+        else:
+            print("REFUSED %s: %s: %s" % (where, reason, msg))
+    if not args.json:
+        print("%d records verified, head %s…%s" % (chain.seq, chain.head[:16],
+                                                    "; %d REFUSED" % bad if bad else "; the chain is intact"))
+    return 1 if bad else 0
+
+
+def add_log_parser(sub):
+    p = sub.add_parser("log", help="list and verify the signed change log (who changed what, when)",
+                       description="Walk the change log, verify every signature and the hash chain, and list "
+                                   "the records. Exit 1 when some record is refused.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--fleet", metavar="FILE", help="fleet settings: read the log from etcd")
+    g.add_argument("--file", metavar="FILE", help="a changelog.jsonl (file mode)")
+    p.add_argument("--trust", action="append", metavar="KEY", help="a trusted operator public key (hex; repeat)")
+    p.add_argument("--trust-from", dest="fleet_settings", metavar="FILE", help="take the trusted keys from fleet.json")
+    p.add_argument("--device", metavar="NAME", help="only the records that touch this device")
+    p.add_argument("--json", action="store_true", help="one JSON object per record")
+    p.set_defaults(run=log_main)
+
+
+# --- microtun provision --fleet / --operator-key --------------------------------------------
+
+def node_configs(topo, out_dir, settings_path):
+    """DIR/fleet/pops/<name>.json and DIR/fleet/gateway.json: what each node
+    keeps locally in fleet mode (no routes, links or registry: those come
+    from etcd). Returns the relative paths written."""
+    from microtun_host import provision as prov
+    with open(settings_path, "rb") as f:
+        section = json.loads(f.read())
+    section = section.get("fleet", section)
+    # paths in the settings are relative to fleet.json; make them absolute for the copies
+    base = os.path.dirname(os.path.abspath(settings_path))
+    for k in ("password_file", "ca_file", "cert_file", "key_file"):
+        if isinstance(section.get(k), str) and not os.path.isabs(section[k]):
+            section[k] = os.path.join(base, section[k])
+    written = []
+    os.makedirs(os.path.join(out_dir, "fleet", "pops"), 0o700, exist_ok=True)
+    with open(os.path.join(out_dir, "state.json")) as f:
+        state = json.load(f)
+    gw = topo.gateway
+    from microtun_host.control import is_socket_path
+
+    def ctl(value, where):      # a socket path was relative to the file-mode config's directory
+        v = str(value)
+        return os.path.abspath(os.path.join(out_dir, where, v)) if is_socket_path(v) and not os.path.isabs(v) else v
+    for name, p in topo.pops.items():
+        cfg = {"name": name, "listen": str(p.listen)}
+        if p.control is not None:
+            cfg["control"] = ctl(p.control, "pops")
+        cfg.update(p.extra)
+        cfg["fleet"] = dict(section, cache="%s.cache" % name)
+        rel = "fleet/pops/%s.json" % name
+        prov.write_atomic(os.path.join(out_dir, rel), (json.dumps(cfg, indent=1) + "\n").encode())
+        written.append(rel)
+    cfg = {"name": gw.name, "listen": str(gw.listen)}
+    if gw.control is not None:
+        cfg["control"] = ctl(gw.control, ".")
+    cfg["private_key"] = state["gateway"]["private_key"]      # stays in this file: never in etcd
+    cfg.update(gw.extra)
+    cfg["fleet"] = dict(section, cache="gateway.cache")
+    prov.write_atomic(os.path.join(out_dir, "fleet", "gateway.json"), (json.dumps(cfg, indent=1) + "\n").encode())
+    written.append("fleet/gateway.json")
+    return written
+
+
+def provision_publish(summary, topology, out_dir, settings_path, key_path):
+    """After `provision` wrote its files: publish to etcd (--fleet) and/or
+    append to DIR/changelog.jsonl (--operator-key without --fleet)."""
+    topo, files, paths = summary.plan
+    expires = {n: d.expires for n, d in topo.devices.items() if d.expires}
+    try:
+        if key_path is None:
+            raise LogError("--fleet needs --operator-key: every change in etcd is a signed record")
+        key = _opkey(key_path)
+        what = "provision %s" % os.path.basename(topology)
+        if settings_path:
+            s = load_settings(settings_path)
+            if key.public.hex() not in s.trusted:
+                raise LogError("%s: trusted_operators does not hold this operator's key %s: nodes would refuse "
+                               "its records" % (settings_path, key.public.hex()))
+            seqs, text = publish_plan(s, key, files, paths, what, expires)
+            written = node_configs(topo, out_dir, settings_path)
+            print("fleet: %s" % ("records %s published: %s" % (",".join(map(str, seqs)), text) if seqs else text))
+            print("fleet: node configs in %s: %s" % (out_dir, ", ".join(written)))
+        else:
+            seqs, text = file_log_plan(os.path.join(out_dir, "changelog.jsonl"), [key.public.hex()], key,
+                                       files, paths, what)
+            print("changelog.jsonl: %s" % ("records %s: %s" % (",".join(map(str, seqs)), text) if seqs else text))
+    except (ConfigError, LogError) as e:
+        print("microtun provision: %s" % e, file=sys.stderr)
+        return 2
+    except EtcdError as e:
+        print("microtun provision: the files are written, but publishing failed: %s (is etcd running? run "
+              "the same command again once it is)" % e, file=sys.stderr)
+        return 1
+    return 0
