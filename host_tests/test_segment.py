@@ -46,7 +46,7 @@ class Link:
         for p in pkts:
             self.bytes += len(p)
             self.n_fwd += 1
-            lost = self.lose(self.n_fwd) if self.lose else self.rng.random() < self.loss
+            lost = self.lose(self.n_fwd, p) if self.lose else self.rng.random() < self.loss
             if not lost:
                 self._push(self.now + self.delay, "e", p)
 
@@ -150,7 +150,7 @@ def test_nack_plus_fec_nacks_only_what_fec_cannot_rebuild():
 
 def test_bursty_loss_and_sequence_wrap():
     # losses in runs of 4 every 50 packets, seq starting just before the 15-bit wrap
-    link = Link(SegConfig("nack"), seq0=segment.SEQ_MOD - 10, lose=lambda n: n > 10 and n % 50 < 4)
+    link = Link(SegConfig("nack"), seq0=segment.SEQ_MOD - 10, lose=lambda n, p: n > 10 and n % 50 < 4)
     link.stream(2000)
     assert len(link.delivered) == 2000 and link.duplicates == 0
 
@@ -169,7 +169,7 @@ def test_hold_budget_is_never_exceeded():
 def test_tail_loss_is_found_by_the_ping():
     n = [0]
 
-    def lose(k):
+    def lose(k, p):
         n[0] = k
         return k == 100                   # the last data packet of the burst
     link = Link(SegConfig("nack"), lose=lose)
@@ -317,3 +317,11 @@ def test_config_checks():
         SegConfig("retransmit")
     assert SegConfig("nack+fec").nack_delay_ms == SegConfig("nack+fec").fec_window_ms + 10
     assert SegConfig("nack").nack_delay_ms == 0
+
+
+def test_fec_rebuilds_the_last_packets_of_a_group():
+    # the last two data packets of every group are lost: only the parities tell
+    cfg = SegConfig("fec", fec_k=8, fec_m=2)
+    link = Link(cfg, lose=lambda n, p: p[0] & 15 == outer.TYPE_SEG_DATA and ((p[12] << 8) | p[13]) % 8 in (6, 7))
+    link.stream(400)
+    assert len(link.delivered) == 400, link.rcv.stats()

@@ -83,7 +83,8 @@ LOG_BURST = 3.0                # ... after a burst of this many (so a move and i
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LABEL_RANGE = (outer.LABEL_MIN, outer.LABEL_MAX)
 ROUTE_FIELDS = ("in_label", "in_key", "next", "out_label", "out_key", "seg_in", "seg_out")
-SEG_TICK_S = 0.005             # LOOPS segment timers (NACKs, pings, FEC groups), only when a route has one
+SEG_TICK_S = 0.005             # LOOPS segment timers (NACKs, FEC groups) while a gap waits or a group is open ...
+SEG_IDLE_S = 0.02              # ... else this often (pings are due every ping_ms >= 10 ms)
 TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "routes")
 
 
@@ -545,17 +546,22 @@ class Forwarder:
 
     def seg_tick(self):
         """Segment timers (NACKs due, pings, FEC groups closed by time);
-        the packets go to seg_q. Called every SEG_TICK_S by the driver."""
+        the packets go to seg_q. Returns when to call again: SEG_TICK_S
+        while a gap waits or an FEC group is open, else SEG_IDLE_S."""
         now = self.clock()
+        busy = False
         for r in self.routes.values():
             if r.seg_out is not None:
                 dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
                 for p in r.seg_out.tick(now):
                     if dest is not None:
                         self.seg_q.append((p, dest))
+                busy = busy or bool(r.seg_out.group)
             if r.seg_in is not None and r.seg_in.peer is not None:
                 for p in r.seg_in.tick(now):
                     self.seg_q.append((p, r.seg_in.peer))
+                busy = busy or bool(r.seg_in.missing)
+        return SEG_TICK_S if busy else SEG_IDLE_S
 
     # -- learned addresses: validate before moving ---------------------------------
     def _new_source(self, r, addr, may_challenge):
@@ -829,8 +835,9 @@ class PopReader:
         fwd.seg_q.clear()
 
     def seg_tick(self):
+        wait = SEG_TICK_S
         try:
-            self.fwd.seg_tick()
+            wait = self.fwd.seg_tick()
         except Exception:
             self.fwd.internal_error()
             if self._errors_logged < 10:
@@ -838,6 +845,7 @@ class PopReader:
                 self.log.exception("internal error in the segment timers")
         if self.fwd.seg_q:
             self.send_seg()
+        return wait
 
 
 def _open_socket(listen):
@@ -916,10 +924,11 @@ class Pop:
         return 0
 
     async def _seg_timers(self, reader):
+        wait = SEG_TICK_S
         while True:                     # idle (one check per second) unless a route has a segment
             if any(r.seg_in or r.seg_out for r in self.fwd.routes.values()):
-                await asyncio.sleep(SEG_TICK_S)
-                reader.seg_tick()
+                await asyncio.sleep(wait)
+                wait = reader.seg_tick()
             else:
                 await asyncio.sleep(1.0)
 

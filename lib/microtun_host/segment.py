@@ -27,8 +27,6 @@ in_label for the route, key = that link's hop key, in both directions:
     SEG_PING    ticks ms(4) || next seq(2) || srtt ms(2) || min rtt ms(2) || 0(2)
     SEG_PONG    echoed ticks(4) || gaps seen(4) || packets received(4)
 """
-import math
-
 from microtun import outer
 from microtun_host import fec
 
@@ -219,7 +217,7 @@ class Sender:
         syms = self.group
         n = len(syms)
         cfg = self.cfg
-        m = min(cfg.fec_m, max(1, math.ceil(cfg.fec_m * n / cfg.fec_k)))
+        m = min(cfg.fec_m, max(1, int(cfg.fec_m * n / cfg.fec_k + 0.5)))
         hdr = bytes((self.group_first >> 8, self.group_first & 0xFF, n, m))
         out = []
         for j, par in enumerate(fec.encode(syms, m)):
@@ -499,9 +497,14 @@ class Receiver:
         if not self.cfg.fec or not 1 <= n <= fec.K_MAX or not 1 <= m <= fec.M_MAX or j >= m or first >= SEQ_MOD:
             self.st.drop("seg_malformed")
             return []
-        if self.top is None or not -JUMP_MAX <= seq_diff((first + n - 1) & (SEQ_MOD - 1), self.top) <= 0:
-            self.st.drop("repair_useless")       # its group is not (yet) ours
+        last = (first + n - 1) & (SEQ_MOD - 1)
+        d = JUMP_MAX + 1 if self.top is None else seq_diff(last, self.top)
+        if not -JUMP_MAX <= d <= JUMP_MAX or seq_diff(first, self.top) > JUMP_MAX:
+            self.st.drop("repair_useless")       # its group is not ours
             return []
+        if d > 0:                                # the group's last packets were lost: gaps now
+            self._gaps((last + 1) & (SEQ_MOD - 1), d + 1, now)
+            self.top = last
         g = self.groups.get(first)
         if g is None:
             if len(self.groups) >= GROUPS_MAX:
