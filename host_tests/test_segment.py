@@ -325,3 +325,21 @@ def test_fec_rebuilds_the_last_packets_of_a_group():
     link = Link(cfg, lose=lambda n, p: p[0] & 15 == outer.TYPE_SEG_DATA and ((p[12] << 8) | p[13]) % 8 in (6, 7))
     link.stream(400)
     assert len(link.delivered) == 400, link.rcv.stats()
+
+
+def test_nack_plus_fec_nacks_at_once_when_the_parities_cannot_rebuild():
+    # bursts of 4 in groups of 8 + 1 parity: FEC alone can't, the NACK goes
+    # out when the group's parity is in, not after the fallback delay
+    cfg = SegConfig("nack+fec", fec_k=8, fec_m=1, fec_window_ms=100, hold_ms=400)
+    seen = set()
+
+    def lose(n, p):                   # first copies only: retransmissions get through
+        if p[0] & 15 != outer.TYPE_SEG_DATA or p in seen:
+            return False
+        seen.add(p)
+        return ((p[12] << 8) | p[13]) % 16 in (1, 2, 3, 4)
+    link = Link(cfg, lose=lose)
+    sent = link.stream(400)
+    assert len(link.delivered) == 400 and link.duplicates == 0
+    # group of 8 at 5 ms: parity ~35 ms after the first loss, then one RTT; the fallback would be 110 ms + RTT
+    assert max(link.latencies(sent)) < 0.035 + 2 * ONE_WAY + ONE_WAY + 0.015

@@ -79,7 +79,7 @@ class SegConfig:
     FIELDS = ("mode", "hold_ms", "fec_k", "fec_m", "fec_window_ms", "nack_delay_ms", "max_retx",
               "max_nacks", "retx_ratio", "ping_ms", "ce_rise_ms")
 
-    def __init__(self, mode="nack", hold_ms=250, fec_k=24, fec_m=3, fec_window_ms=120, nack_delay_ms=None,
+    def __init__(self, mode="nack", hold_ms=250, fec_k=24, fec_m=3, fec_window_ms=150, nack_delay_ms=None,
                  max_retx=2, max_nacks=3, retx_ratio=0.5, ping_ms=100, ce_rise_ms=10):
         if mode not in MODES:
             raise ValueError("segment mode must be one of %s, got %r" % (", ".join(MODES), mode))
@@ -536,7 +536,10 @@ class Receiver:
             self.st.drop("repair_useless")
             return []
         if len(miss) > len(g[2]):
-            return []                        # wait for more parities
+            if len(g[2]) == m:               # every parity is in and it is not enough: NACK now (nack+fec)
+                for i in miss:
+                    self.missing[seqs[i]][2] = now
+            return []                        # else wait for more parities
         got = fec.decode(have, g[2], n, len(par))
         g[4] = True
         out = []
