@@ -503,7 +503,10 @@ class Forwarder:
         if r.seg_in is None:
             return self._drop("unexpected_type", addr, r)
         seg = r.seg_in
+        n = seg.st.total
         fwd, replies = seg.receive(data, addr, self.clock())
+        if seg.st.total != n:
+            self._seg_dropped(r.in_label, seg, addr)
         if seg.peer is not None:
             for p in replies:
                 self.seg_q.append((p, seg.peer))
@@ -528,13 +531,20 @@ class Forwarder:
         r = self.seg_out_labels.get(label)
         if r is None:
             return self._drop("unknown_label", addr)
+        n = r.seg_out.st.total
         out = r.seg_out.feedback(data, self.clock())
         self.drops["segment"] += 1          # consumed by the segment layer (see its own counters)
+        if r.seg_out.st.total != n:
+            self._seg_dropped(label, r.seg_out, addr)
         dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
         if dest is not None:
             for p in out:
                 self.seg_q.append((p, dest))
         return None
+
+    def _seg_dropped(self, label, seg, addr):
+        self._note(label, "segment_drop", "label %d: segment dropped %s from %s (see stats: segments)", label,
+                   seg.st.last, format_sockaddr(addr))
 
     @property
     def seg_out_labels(self):
@@ -756,9 +766,9 @@ class Forwarder:
             "dropped": dropped, "drops": dict(self.drops), "routes": len(self.routes),
             "labels": labels, "sources_tracked": len(self._sources),
             "learned": {str(k): format_sockaddr(v) for k, v in self.learned.items()},
-            "segments": {str(k): s for k, s in
-                         [(k, r.seg_in.stats()) for k, r in self.routes.items() if r.seg_in] +
-                         [(r.out_label, r.seg_out.stats()) for r in self.routes.values() if r.seg_out]},
+            "segments": dict([("in:%d" % k, r.seg_in.stats()) for k, r in self.routes.items() if r.seg_in] +
+                             [("out:%d" % r.out_label, r.seg_out.stats()) for r in self.routes.values()
+                              if r.seg_out]),
         }
 
     def summary(self):

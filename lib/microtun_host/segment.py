@@ -146,9 +146,13 @@ def _ms(now):
 class _Stats:
     def __init__(self):
         self.drops = dict.fromkeys(DROP_REASONS, 0)
+        self.total = 0
+        self.last = None
 
     def drop(self, reason):
         self.drops[reason] += 1
+        self.total += 1
+        self.last = reason
         return reason
 
 
