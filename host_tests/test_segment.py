@@ -343,3 +343,17 @@ def test_nack_plus_fec_nacks_at_once_when_the_parities_cannot_rebuild():
     assert len(link.delivered) == 400 and link.duplicates == 0
     # group of 8 at 5 ms: parity ~35 ms after the first loss, then one RTT; the fallback would be 110 ms + RTT
     assert max(link.latencies(sent)) < 0.035 + 2 * ONE_WAY + ONE_WAY + 0.015
+
+
+def test_fast_seal_gives_outer_seal_bytes():
+    for t in (outer.TYPE_DATA, outer.TYPE_DATA_CE, outer.TYPE_SEG_DATA, outer.TYPE_SEG_NACK):
+        for n in (0, 5, 32, 33, 1200):
+            p = bytes((i * 13) & 0xFF for i in range(n))
+            assert segment.seal(t, 0x123456, KEY, p) == outer.seal(t, 0x123456, KEY, p)
+
+
+def test_repair_delays_are_reported():
+    link = Link(SegConfig("nack"), loss=0.05, seed=8)
+    link.stream(1000)
+    q = link.rcv.stats()["repair_ms"]
+    assert 40 <= q["p50"] <= q["max"] <= SegConfig("nack").hold_ms

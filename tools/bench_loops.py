@@ -14,7 +14,10 @@ under the same loss (the replies do not cross the lossy segment).
 extra_bytes = bytes the emulator saw on the segment, both directions
 (data, retransmissions, parities, NACKs, pings, pongs) / the same for "off" - 1.
 pop_cpu_pp = CPU of a1 + a2 during the run, in percentage points of one
-CPU, minus the same for "off".
+CPU, minus the same for "off" (on a shared, loaded machine this moves by
+several points between identical runs); per_packet_cost times the rate is
+the same difference without that noise.
+segment_egress.repair_ms = the egress's own record, gap seen -> repaired.
 """
 import argparse
 import json
@@ -45,10 +48,47 @@ def figures(rows, interval, count):
             "pop_cpu_pp": round(100 * (cpu - sum(base["pop_cpu_s"].values())) / run_s, 2),
             "ce_marks_gateway": r["ce_marks_gateway"],
             "segment_egress": {k: {f: v[f] for f in ("loss", "gaps", "recovered_nack", "recovered_fec", "unrecovered",
-                                                     "nacks_sent")}
+                                                     "nacks_sent", "repair_ms", "ce_marked")}
                                for k, v in r["segments"].items() if v["role"] == "egress" and k.startswith("a2/")},
         }
     return out
+
+
+def per_packet_cost(n=20000, size=250, runs=3):
+    """CPU µs per packet through pop.Forwarder (sans-I/O, no sockets):
+    plain relay, into a NACK segment (ingress), out of one (egress). The
+    PoP-CPU difference of a mode at a packet rate follows from it, without
+    the noise of the shared machine's other processes."""
+    import logging
+    import time
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
+    from microtun import outer
+    from microtun_host import pop, segment
+    from microtun_host.config import Address
+    k1, k2 = bytes(range(32)), bytes(range(1, 33))
+    nxt = Address(4, "127.0.0.1", 9)
+    log = logging.getLogger("bench")
+    inner = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    data = outer.seal(outer.TYPE_DATA, 100, outer.HopKey(k1), inner)
+
+    def timed(spec, pkts):
+        best = None
+        for _ in range(runs):
+            f = pop.Forwarder(pop.build_table([spec]), log)
+            t = time.process_time()
+            for p in pkts:
+                f.receive(p, ("127.0.0.1", 5))
+                f.seg_q.clear()
+            dt = (time.process_time() - t) / len(pkts) * 1e6
+            best = dt if best is None else min(best, dt)
+        return round(best, 2)
+    cfg = segment.SegConfig("nack")
+    plain = timed(pop.RouteSpec(100, k1, nxt, 0, 200, k2), [data] * n)
+    ingress = timed(pop.RouteSpec(100, k1, nxt, 0, 200, k2, seg_out=cfg), [data] * n)
+    snd = segment.Sender(cfg, 100, outer.HopKey(k1))
+    segs = [snd.data(inner, False, i * 0.001)[0] for i in range(n)]
+    egress = timed(pop.RouteSpec(100, k1, nxt, 0, 200, k2, seg_in=cfg), segs)
+    return {"payload_bytes": size, "plain_us": plain, "nack_ingress_us": ingress, "nack_egress_us": egress}
 
 
 def main():
@@ -65,6 +105,14 @@ def main():
                        "random5.fec": "delivered_ratio >= 0.99 at extra_bytes <= 0.15, no NACK",
                        "noloss": "extra_bytes <= 0.03 (nack), pop_cpu_pp <= 1",
                        "critical": "duplicates_delivered 0"}}
+    cost = per_packet_cost()
+    # at the run's rate (interval_ms, both directions cross the segment): a PoP is
+    # ingress for one direction and egress for the other
+    pps = 1000.0 / a.interval
+    cost["pop_cpu_pp_nack_at_run_rate"] = round(
+        ((cost["nack_ingress_us"] - cost["plain_us"]) + (cost["nack_egress_us"] - cost["plain_us"])) * pps / 1e4, 3)
+    res["per_packet_cost"] = cost
+    print("per packet: %s" % json.dumps(cost), file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="microtun-bench-loops-") as tmp:
         def go(name, mode, **kw):
             d = Path(tmp) / ("%s-%s" % (name, mode.replace("+", "_")))

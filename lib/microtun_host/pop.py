@@ -519,11 +519,11 @@ class Forwarder:
         if dest is None:
             return self._drop("no_route", addr, r)
         for inner, ce in fwd[1:]:           # rebuilt by FEC: counted in the segment's recovered_fec
-            self.seg_q.append((outer.seal(outer.TYPE_DATA_CE if ce else outer.TYPE_DATA, r.out_label, r.out_key,
+            self.seg_q.append((segment.seal(outer.TYPE_DATA_CE if ce else outer.TYPE_DATA, r.out_label, r.out_key,
                                           inner), dest))
         inner, ce = fwd[0]
         self.forwarded += 1
-        return outer.seal(outer.TYPE_DATA_CE if ce else outer.TYPE_DATA, r.out_label, r.out_key, inner), dest
+        return segment.seal(outer.TYPE_DATA_CE if ce else outer.TYPE_DATA, r.out_label, r.out_key, inner), dest
 
     def _seg_feedback(self, data, label, addr):
         """SEG_NACK / SEG_PONG: label is our out_label on the segment.

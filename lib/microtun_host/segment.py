@@ -42,6 +42,7 @@ SEQ_HALF = SEQ_MOD >> 1
 CE_BIT = 0x8000
 DATA_HDR = 2
 REPAIR_HDR = 5
+REPAIR_SAMPLES = 4096
 PING_LEN = 12
 PONG_LEN = 12
 NACK_MAX = 32                 # seqs per SEG_NACK (a NACK is at most 12 + 64 bytes)
@@ -80,7 +81,7 @@ class SegConfig:
               "max_nacks", "retx_ratio", "ping_ms", "ce_rise_ms")
 
     def __init__(self, mode="nack", hold_ms=250, fec_k=24, fec_m=3, fec_window_ms=150, nack_delay_ms=None,
-                 max_retx=2, max_nacks=3, retx_ratio=0.5, ping_ms=100, ce_rise_ms=10):
+                 max_retx=2, max_nacks=3, retx_ratio=0.5, ping_ms=200, ce_rise_ms=10):
         if mode not in MODES:
             raise ValueError("segment mode must be one of %s, got %r" % (", ".join(MODES), mode))
         self.mode = mode
@@ -125,10 +126,31 @@ class SegConfig:
         return isinstance(other, SegConfig) and self.as_dict() == other.as_dict()
 
 
+def seal(ptype, label, hopkey, payload):
+    """outer.seal for bytes payloads, through outer's CPython hash-state
+    copies where it has them (same bytes; test_segment checks)."""
+    if outer._FAST and type(payload) is bytes:
+        hdr = bytes((0x10 | ptype, label >> 16, (label >> 8) & 0xFF, label & 0xFF))
+        n = len(payload)
+        tail = n.to_bytes(2, "big") + (payload if n <= outer.EXCERPT_WHOLE else
+                                       payload[:outer.EXCERPT_HALF] + payload[-outer.EXCERPT_HALF:])
+        return hdr + outer._copy_mac(hopkey, hdr, tail) + payload
+    return outer.seal(ptype, label, hopkey, payload)
+
+
 def seq_diff(a, b):
     """a - b in the 15-bit sequence space, in -SEQ_HALF..SEQ_HALF-1."""
     d = (a - b) & (SEQ_MOD - 1)
     return d - SEQ_MOD if d >= SEQ_HALF else d
+
+
+def _quantiles(xs):
+    """{"p50", "p90", "p99", "max"} of a list of ms, or None if empty."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    q = lambda f: round(xs[min(len(xs) - 1, int(len(xs) * f))], 1)     # noqa: E731
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": round(xs[-1], 1)}
 
 
 def _u16(b, o):
@@ -194,7 +216,7 @@ class Sender:
         seq = self.seq
         self.seq = (seq + 1) & (SEQ_MOD - 1)
         hdr = seq | (CE_BIT if ce else 0)
-        pkt = outer.seal(TYPE_SEG_DATA, self.label, self.key, bytes((hdr >> 8, hdr & 0xFF)) + inner)
+        pkt = seal(TYPE_SEG_DATA, self.label, self.key, bytes((hdr >> 8, hdr & 0xFF)) + inner)
         out = [pkt]
         self.sent += 1
         self.sent_bytes += len(pkt)
@@ -225,7 +247,7 @@ class Sender:
         hdr = bytes((self.group_first >> 8, self.group_first & 0xFF, n, m))
         out = []
         for j, par in enumerate(fec.encode(syms, m)):
-            p = outer.seal(TYPE_SEG_REPAIR, self.label, self.key, hdr + bytes((j,)) + par)
+            p = seal(TYPE_SEG_REPAIR, self.label, self.key, hdr + bytes((j,)) + par)
             out.append(p)
             self.parities += 1
             self.parity_bytes += len(p)
@@ -315,7 +337,7 @@ class Sender:
             mn = min(0xFFFF, int((self.min_rtt or 0) * 1000))
             body = _ms(now).to_bytes(4, "big") + bytes((self.seq >> 8, self.seq & 0xFF, srtt >> 8, srtt & 0xFF,
                                                         mn >> 8, mn & 0xFF, 0, 0))
-            out.append(outer.seal(TYPE_SEG_PING, self.label, self.key, body))
+            out.append(seal(TYPE_SEG_PING, self.label, self.key, body))
             self.pings += 1
         return out
 
@@ -368,6 +390,7 @@ class Receiver:
         self.ce_marked = 0
         self.nacks_sent = 0
         self.pongs = 0
+        self.repair_ms = []           # gap seen -> repaired, ms, the last REPAIR_SAMPLES
 
     # -- input ---------------------------------------------------------------------------
     def receive(self, pkt, src, now):
@@ -425,6 +448,7 @@ class Receiver:
                 return self._bad("seg_late")
             if m[1]:
                 self.recovered_nack += 1
+                self._repaired(now - m[0])
             else:
                 self.reordered += 1
         else:
@@ -448,6 +472,12 @@ class Receiver:
             self.missing[s] = [now, 0, due]
         if self._congested():
             self.ce_pending += d - 1
+
+    def _repaired(self, dt):
+        r = self.repair_ms
+        if len(r) >= REPAIR_SAMPLES:
+            del r[:REPAIR_SAMPLES // 2]
+        r.append(dt * 1000.0)
 
     def _congested(self):
         """LOOPS §6.2: a loss counts as a congestion signal when the
@@ -561,6 +591,7 @@ class Receiver:
             inner = bytes(sym[2:2 + ln])
             self._remember(s, now, inner)
             self.recovered_fec += 1
+            self._repaired(now - mrec[0])
             out.append((inner, self._ce(False)))
         return out
 
@@ -581,7 +612,7 @@ class Receiver:
                 self.top = (nxt - 1) & (SEQ_MOD - 1)
         self.pongs += 1
         body = b[0:4] + (self.gaps & 0xFFFFFFFF).to_bytes(4, "big") + (self.received & 0xFFFFFFFF).to_bytes(4, "big")
-        return [outer.seal(TYPE_SEG_PONG, self.label, self.key, body)] + self._nacks(now)
+        return [seal(TYPE_SEG_PONG, self.label, self.key, body)] + self._nacks(now)
 
     # -- timers ----------------------------------------------------------------------------
     def tick(self, now):
@@ -607,7 +638,7 @@ class Receiver:
         for o in range(0, min(len(due), NACK_MAX * NACK_PACKETS_PER_TICK), NACK_MAX):
             part = due[o:o + NACK_MAX]
             body = b"".join(bytes((s >> 8, s & 0xFF)) for s in part)
-            out.append(outer.seal(TYPE_SEG_NACK, self.label, self.key, body))
+            out.append(seal(TYPE_SEG_NACK, self.label, self.key, body))
             for s in part:
                 m = self.missing[s]
                 m[1] += 1
@@ -624,4 +655,5 @@ class Receiver:
                 "unrecovered": self.unrecovered, "waiting": len(self.missing), "nacks_sent": self.nacks_sent,
                 "pongs": self.pongs, "ce_marked": self.ce_marked, "srtt_ms": self.srtt_ms,
                 "min_rtt_ms": self.min_rtt_ms, "congested": self._congested(),
+                "repair_ms": _quantiles(self.repair_ms),
                 "drops": {k: v for k, v in self.st.drops.items() if v}}
