@@ -900,7 +900,6 @@ class Pop:
             return 1
         reader = PopReader(self.fwd, sock, self.log)
         loop.add_reader(sock.fileno(), reader.readable)
-        seg_task = loop.create_task(self._seg_timers(reader))
         ctl = None
         if cfg.control is not None:
             try:
@@ -917,6 +916,7 @@ class Pop:
         self.log.info("listening on %s with %d routes%s (%s)", cfg.listen, len(self.fwd.routes),
                       ", control on %s" % cfg.control if ctl else "", type(loop).__module__.split(".")[0])
         self._schedule_stats()
+        seg_task = loop.create_task(self._seg_timers(reader))
         try:
             await self._stop
         finally:
