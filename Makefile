@@ -42,6 +42,12 @@ bench: $(STAMP)
 	@echo "== gateway";                       $(PY) tools/bench_gateway.py
 	@echo "== paths (real processes, ~3 min)"; $(PY) tools/bench_paths.py
 
+# Issue 14 (docs/LOOPS.md): local recovery on the PoP-to-PoP segment, every
+# mode against "off" on a 40 ms segment with the link emulator (~5 min).
+.PHONY: bench-loops
+bench-loops: $(STAMP)
+	$(PY) tools/bench_loops.py
+
 # Issue 11's attack figures (real processes, ~5-7 min; QUICK=1: ~2 min).
 .PHONY: bench-attack
 bench-attack: $(STAMP)

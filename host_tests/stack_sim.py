@@ -55,6 +55,7 @@ class StackSim(EventLoop):
         self.bytes_up = 0    # outer bytes the device sent
         self.bytes_down = 0  # outer bytes sent to the device
         self.echo = False    # gateway echoes channel-1 data back (best route)
+        self.down_type = outer.TYPE_DATA    # DATA_CE: as if a congested LOOPS segment marked it
 
     def _lost(self, p):
         return p > 0 and self.rng.below(1000000) < p * 1000000
@@ -68,7 +69,7 @@ class StackSim(EventLoop):
             self.push(net.delay, ("pop", i, pkt))
         for data, name in self.gw.datagrams_to_send(self.now):
             i = int(name[1:])
-            pkt = outer.seal(outer.TYPE_DATA, self.cfg.paths[i].rx_label, self.keys[i], data)
+            pkt = outer.seal(self.down_type, self.cfg.paths[i].rx_label, self.keys[i], data)
             self.bytes_down += len(pkt)
             net = self.nets[i]
             if net.blackhole or self._lost(net.down_loss):

@@ -169,8 +169,8 @@ BAD_HEADERS = (
     (0x21, b"\x00\x00\x01", outer.DROP_BAD_VERSION),   # version 2
     (0xF1, b"\x00\x00\x01", outer.DROP_BAD_VERSION),   # version 15
     (0x10, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),  # type 0 reserved
-    (0x17, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),  # 7..15 reserved
-    (0x18, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),
+    (0x1D, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),  # 13..15 reserved (7..12: DATA_CE, LOOPS)
+    (0x1E, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),
     (0x1F, b"\x00\x00\x01", outer.DROP_UNKNOWN_TYPE),
     (0x11, b"\x00\x00\x00", outer.DROP_BAD_LABEL),     # label 0
     (0x12, b"\x00\x00\x00", outer.DROP_BAD_LABEL),
@@ -203,7 +203,7 @@ def test_12_api_misuse_raises_value_error():
         (outer.seal, (outer.TYPE_DATA, 0, HK, b"")),
         (outer.seal, (outer.TYPE_DATA, 1 << 24, HK, b"")),
         (outer.seal, (0, 1, HK, b"")),
-        (outer.seal, (7, 1, HK, b"")),
+        (outer.seal, (13, 1, HK, b"")),
         (outer.seal, (outer.TYPE_DATA, 1, HK, bytes(65536))),
         (outer.seal_into, (bytearray(20), outer.TYPE_DATA, 1, HK, bytes(9))),
         (outer.seal_in_place, (bytearray(20), outer.TYPE_DATA, 1, HK, 9)),

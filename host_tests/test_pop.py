@@ -370,7 +370,7 @@ def _bad_datagrams():
         ("truncated header", good[:5], "short"),
         ("eleven bytes", good[:11], "short"),
         ("version 2", bytes((0x21,)) + good[1:], "bad_version"),
-        ("type 9", bytes((0x19,)) + good[1:], "unknown_type"),
+        ("type 13", bytes((0x1D,)) + good[1:], "unknown_type"),
         ("label 0", good[:1] + bytes(3) + good[4:], "bad_label"),
     ]
 
@@ -520,9 +520,10 @@ def _predict(datagrams):
         p = outer.parse(d)
         if p is None:
             reason = outer.reject_reason(d)
-        elif p[1] not in keys:
-            reason = "unknown_label"
-        elif p[0] in (outer.TYPE_HOP_PROBE_REPLY, outer.TYPE_PATH_CHALLENGE):
+        elif p[1] not in keys or p[0] in (outer.TYPE_SEG_NACK, outer.TYPE_SEG_PONG):
+            reason = "unknown_label"        # NACK/PONG labels name a LOOPS out_label: none here
+        elif p[0] in (outer.TYPE_HOP_PROBE_REPLY, outer.TYPE_PATH_CHALLENGE, outer.TYPE_SEG_DATA,
+                      outer.TYPE_SEG_REPAIR, outer.TYPE_SEG_PING):
             reason = "unexpected_type"
         elif p[0] == outer.TYPE_PATH_RESPONSE:
             reason = "bad_response" if len(d) != 12 else "unsolicited_response"

@@ -16,6 +16,27 @@ def test_both_paths_come_up():
     assert sorted(s.delivered_ids()) == list(range(20))
 
 
+def test_ce_marked_data_is_data_and_counted():
+    # a LOOPS segment marked the gateway's packets (DATA_CE, docs/LOOPS.md):
+    # the device takes them as DATA and counts the marks; segment types never
+    # reach a device and are dropped after the MAC check
+    from microtun import outer
+    s = StackSim()
+    s.connect()
+    s.echo = True
+    s.down_type = outer.TYPE_DATA_CE
+    s.stream(10, 50)
+    s.run(500)
+    assert len(s.dev_rx) == 10, s.dev_rx
+    st = s.core.health()["driver"]
+    assert st.get("ce_marks", 0) >= 10, st
+    before = st.get("outer_unexpected_type", 0)
+    p = s.cfg.paths[0]
+    s.core.receive(0, outer.seal(outer.TYPE_SEG_NACK, p.rx_label, s.keys[0], b"\x00\x01"), s.now)
+    assert s.core.health()["driver"].get("outer_unexpected_type", 0) == before + 1
+    assert len(s.dev_rx) == 10
+
+
 def test_critical_over_two_lossy_paths():
     nets = [PathNet(delay=15, loss=0.10), PathNet(delay=25, loss=0.10)]
     s = StackSim(nets=nets, seed=3)

@@ -129,7 +129,7 @@ class GilbertElliott:
 
 
 def _new_stats():
-    return {"received": 0, "forwarded": 0, "bytes_forwarded": 0,
+    return {"received": 0, "bytes_received": 0, "forwarded": 0, "bytes_forwarded": 0,
             "dropped": {r: 0 for r in _DROP_REASONS}, "duplicated": 0, "reordered": 0}
 
 
@@ -153,6 +153,7 @@ class Direction:
         imp = self.imp
         u = [self.rng.random() for _ in range(_DRAWS)]
         self.stats["received"] += 1
+        self.stats["bytes_received"] += size
         ge_lost = self.ge.step(imp, u[1], u[2])
         reason = ("blackhole" if self.blackholed else "loss" if u[0] < imp.loss
                   else "burst_loss" if ge_lost else None)

@@ -53,8 +53,18 @@ TYPE_HOP_KEEPALIVE = const(4)  # header only: refreshes NAT mappings and learned
 # payload: the MAC binds the nonce, which both ends know.
 TYPE_PATH_CHALLENGE = const(5)
 TYPE_PATH_RESPONSE = const(6)
-_TYPE_MAX = const(6)
-# types 0 and 7..15 are reserved; receivers drop them as "unknown_type"
+# DATA whose path crossed a congested LOOPS segment (docs/LOOPS.md, LOOPS
+# §6.2): handled as DATA, and counted ("ce_marks") by the device and gateway
+TYPE_DATA_CE = const(7)
+# 8..12: LOOPS segment types, between two PoPs only (docs/OUTER.md §1);
+# a device verifies and drops them as unexpected
+TYPE_SEG_DATA = const(8)
+TYPE_SEG_REPAIR = const(9)
+TYPE_SEG_NACK = const(10)
+TYPE_SEG_PING = const(11)
+TYPE_SEG_PONG = const(12)
+_TYPE_MAX = const(12)
+# types 0 and 13..15 are reserved; receivers drop them as "unknown_type"
 
 _EXCERPT_WHOLE = const(32)    # payloads up to this length are MACed whole
 _EXCERPT_HALF = const(16)     # longer ones: first 16 || last 16 bytes
@@ -152,8 +162,8 @@ def seal_in_place(buf, ptype, label, hopkey, plen):
     HEADER_LEN once, and sending it on two paths is two seal_in_place calls
     (each rewrites only the header) and two sends."""
     if ptype < TYPE_DATA or ptype > _TYPE_MAX:
-        raise ValueError("outer type must be 1..6 (DATA, HOP_PROBE, HOP_PROBE_REPLY, HOP_KEEPALIVE, "
-                         "PATH_CHALLENGE, PATH_RESPONSE), got %r" % (ptype,))
+        raise ValueError("outer type must be 1..12 (DATA, HOP_PROBE, HOP_PROBE_REPLY, HOP_KEEPALIVE, "
+                         "PATH_CHALLENGE, PATH_RESPONSE, DATA_CE, SEG_*), got %r" % (ptype,))
     if label < LABEL_MIN or label > LABEL_MAX:
         raise ValueError("label must be in 1..%d, got %r" % (LABEL_MAX, label))
     end = HEADER_LEN + plen

@@ -14,7 +14,8 @@ from microtun.hop import *  # noqa: F401,F403  (the device-side plane, re-export
 from microtun.hop import (_COPY, _check_buf, _hmac, _hmac_copy, _hmac_portable, _mac_ok, _message,
                           HEADER_LEN, MAC_LEN, PAYLOAD_MAX, PROBE_MAX, seal_in_place,
                           TYPE_DATA, TYPE_HOP_PROBE, TYPE_HOP_PROBE_REPLY, TYPE_HOP_KEEPALIVE,
-                          TYPE_PATH_CHALLENGE, TYPE_PATH_RESPONSE, PROBE_MIN,
+                          TYPE_PATH_CHALLENGE, TYPE_PATH_RESPONSE, PROBE_MIN, TYPE_DATA_CE,
+                          TYPE_SEG_DATA, TYPE_SEG_REPAIR, TYPE_SEG_NACK, TYPE_SEG_PING, TYPE_SEG_PONG,
                           verify as _verify_portable)
 
 try:
@@ -25,7 +26,9 @@ except ImportError:
 
 TYPE_NAMES = {TYPE_DATA: "DATA", TYPE_HOP_PROBE: "HOP_PROBE", TYPE_HOP_PROBE_REPLY: "HOP_PROBE_REPLY",
               TYPE_HOP_KEEPALIVE: "HOP_KEEPALIVE", TYPE_PATH_CHALLENGE: "PATH_CHALLENGE",
-              TYPE_PATH_RESPONSE: "PATH_RESPONSE"}
+              TYPE_PATH_RESPONSE: "PATH_RESPONSE", TYPE_DATA_CE: "DATA_CE", TYPE_SEG_DATA: "SEG_DATA",
+              TYPE_SEG_REPAIR: "SEG_REPAIR", TYPE_SEG_NACK: "SEG_NACK", TYPE_SEG_PING: "SEG_PING",
+              TYPE_SEG_PONG: "SEG_PONG"}
 
 EXCERPT_WHOLE = const(32)     # payloads up to this length are MACed whole
 EXCERPT_HALF = const(16)      # longer ones: first 16 || last 16 bytes
@@ -43,6 +46,7 @@ BYTE0_HOP_PROBE_REPLY = const(0x13)
 BYTE0_HOP_KEEPALIVE = const(0x14)
 BYTE0_PATH_CHALLENGE = const(0x15)
 BYTE0_PATH_RESPONSE = const(0x16)
+BYTE0_DATA_CE = const(0x17)
 
 # What a relay may know of the inner plane (docs/PROTOCOL.md, messages.py):
 # a handshake message is a DATA payload of one fixed length whose first byte

@@ -127,6 +127,9 @@ class TunnelCore:
         p.rx_packets += 1
         p.rx_bytes += len(pkt)
         self.rx_bytes += len(pkt)
+        if ptype == hop.TYPE_DATA_CE:           # a congested segment on the way (docs/LOOPS.md)
+            self._count("ce_marks")
+            ptype = hop.TYPE_DATA
         if ptype == hop.TYPE_DATA:
             st = self.device.stats
             dup = st.get("duplicate", 0)

@@ -75,7 +75,8 @@ class Link:
         self.learn = nxt == "learn"
         self.next = None if self.learn else node.address("next")
         self.peer_addr = None if self.next is None else self.next.sockaddr
-        self.counters = {"rx_packets": 0, "rx_bytes": 0, "duplicates": 0, "tx_packets": 0, "tx_bytes": 0}
+        self.counters = {"rx_packets": 0, "rx_bytes": 0, "duplicates": 0, "tx_packets": 0, "tx_bytes": 0,
+                         "ce_marks": 0}
         self.probe_window = None          # the second probe_replies counts in
         self.probe_replies = 0
 
@@ -452,11 +453,14 @@ class GatewayServer:
             self._send_outer(outer.TYPE_HOP_PROBE_REPLY, link.in_label, link,
                              outer.probe_reply_payload(payload, family, port, addr), src)
             return
+        c = link.counters
+        if ptype == outer.TYPE_DATA_CE:     # a congested LOOPS segment on the way (docs/LOOPS.md)
+            c["ce_marks"] += 1
+            ptype = outer.TYPE_DATA
         if ptype != outer.TYPE_DATA:
             self._count("outer_unexpected_type")
             return
         now = now_ms()
-        c = link.counters
         c["rx_packets"] += 1
         c["rx_bytes"] += len(pkt)
         st = self.core.stats

@@ -25,7 +25,7 @@ import time
 from hmac import compare_digest
 
 from microtun import outer
-from microtun_host import config, control
+from microtun_host import config, control, segment
 from microtun_host import log as logs
 from microtun_host.config import ConfigError, format_sockaddr
 
@@ -50,6 +50,7 @@ DROP_REASONS = (
     "bad_response",            # PATH_RESPONSE that is not exactly 12 bytes
     "unsolicited_response",    # PATH_RESPONSE with no outstanding challenge for this label and source
     "send_error",              # the socket refused the datagram (buffer full, unreachable)
+    "segment",                 # LOOPS packet consumed by the segment layer (control, duplicate, ...; docs/LOOPS.md)
     "internal_error",          # a bug: the datagram raised inside the PoP
 )
 # drops that happen after the hop MAC verified (the per-label "packets" count them)
@@ -81,7 +82,9 @@ LOG_EVERY_S = 10.0             # a log line per (label, event) at most this ofte
 LOG_BURST = 3.0                # ... after a burst of this many (so a move and its move back both show)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LABEL_RANGE = (outer.LABEL_MIN, outer.LABEL_MAX)
-ROUTE_FIELDS = ("in_label", "in_key", "next", "out_label", "out_key")
+ROUTE_FIELDS = ("in_label", "in_key", "next", "out_label", "out_key", "seg_in", "seg_out")
+SEG_TICK_S = 0.005             # LOOPS segment timers (NACKs, FEC groups) while a gap waits or a group is open ...
+SEG_IDLE_S = 0.02              # ... else this often (pings are due every ping_ms >= 10 ms)
 TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "routes", "metrics")
 
 
@@ -90,9 +93,11 @@ TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "route
 class RouteSpec:
     """One validated route from the config file."""
 
-    __slots__ = ("in_label", "in_key", "next_addr", "learn_from", "out_label", "out_key", "where")
+    __slots__ = ("in_label", "in_key", "next_addr", "learn_from", "out_label", "out_key", "where", "seg_in",
+                 "seg_out")
 
-    def __init__(self, in_label, in_key, next_addr, learn_from, out_label, out_key, where=""):
+    def __init__(self, in_label, in_key, next_addr, learn_from, out_label, out_key, where="", seg_in=None,
+                 seg_out=None):
         self.in_label = in_label
         self.in_key = in_key            # 32 bytes
         self.next_addr = next_addr      # config.Address, or None with learn_from
@@ -100,13 +105,16 @@ class RouteSpec:
         self.out_label = out_label
         self.out_key = out_key
         self.where = where
+        self.seg_in = seg_in            # segment.SegConfig: in_label is a LOOPS segment's egress (docs/LOOPS.md)
+        self.seg_out = seg_out          # segment.SegConfig: out_label is a LOOPS segment's ingress
 
     def next_text(self):
         return "learn:%d" % self.learn_from if self.learn_from else str(self.next_addr)
 
     def same(self, other):
-        return (self.in_key, self.next_addr, self.learn_from, self.out_label, self.out_key) == (
-            other.in_key, other.next_addr, other.learn_from, other.out_label, other.out_key)
+        return (self.in_key, self.next_addr, self.learn_from, self.out_label, self.out_key, self.seg_in,
+                self.seg_out) == (other.in_key, other.next_addr, other.learn_from, other.out_label, other.out_key,
+                                  other.seg_in, other.seg_out)
 
 
 class PopConfig:
@@ -162,7 +170,17 @@ def load_config(path, root=None):
                 raise r.error("next", "next hop %s is this PoP's own listen address (a loop)" % next_addr)
         out_label = r.integer("out_label", lo, hi)
         out_key = r.key32("out_key")
-        routes.append(RouteSpec(in_label, in_key, next_addr, learn_from, out_label, out_key, r.where()))
+        segs = [segment.SegConfig.from_node(r.obj(f)) if r.has(f) else None for f in ("seg_in", "seg_out")]
+        segs = [c if c is None or c.mode != "off" else None for c in segs]
+        routes.append(RouteSpec(in_label, in_key, next_addr, learn_from, out_label, out_key, r.where(), *segs))
+    seg_out_labels = {}
+    for spec in routes:
+        if spec.seg_out is not None:
+            if spec.out_label in seg_out_labels:
+                raise ConfigError("%s: %s.seg_out: out_label %d already leaves on a LOOPS segment (%s); its NACKs "
+                                  "could not be told apart" % (root.file, spec.where, spec.out_label,
+                                                               seg_out_labels[spec.out_label]))
+            seg_out_labels[spec.out_label] = spec.where
     for i, spec in enumerate(routes):
         if spec.learn_from and spec.learn_from not in seen:
             raise ConfigError("%s: %s.next: learn:%d names no route's in_label (learned addresses come "
@@ -183,7 +201,7 @@ class Route:
 
     __slots__ = ("spec", "in_label", "in_key", "dest", "learn_from", "learns",
                  "out_label", "out_key", "packets", "bytes", "drops", "init_bucket", "probe_bucket",
-                 "reply_bucket")
+                 "reply_bucket", "seg_in", "seg_out")
 
     def __init__(self, spec, learns):
         self.spec = spec
@@ -200,6 +218,10 @@ class Route:
         self.init_bucket = [INIT_BURST, None]     # token bucket: [tokens, last refill]
         self.reply_bucket = [REPLY_BURST, None]   # RESPONSE/COOKIE to a device (next hop learned)
         self.probe_bucket = [PROBE_BURST, None]
+        # LOOPS (docs/LOOPS.md): sans-I/O segment state, or None
+        self.seg_in = segment.Receiver(spec.seg_in, spec.in_label, self.in_key) if spec.seg_in else None
+        self.seg_out = segment.Sender(spec.seg_out, spec.out_label, self.out_key,
+                                      int.from_bytes(os.urandom(2), "big")) if spec.seg_out else None
 
 
 def _more(n):
@@ -293,6 +315,7 @@ class Forwarder:
         self._log_state = {}            # log key -> [tokens, last line time, event count at the last line]
         self._events = {}               # (label, event) -> count, for "move" and "challenge" lines
         self._debug = log.isEnabledFor(10)
+        self.seg_q = []                 # LOOPS packets (datagram, destination) for the driver to send
 
     # the hot path: DATA on a known label is handled before any other branch
     def receive(self, data, addr):
@@ -310,6 +333,8 @@ class Forwarder:
                 return self._init(r, data, addr)
             if r.dest is None and t in _REPLY_TYPES:
                 return self._reply(r, data, addr)
+        if r.seg_out is not None:
+            return self._seg_send(r, data, addr)
         out = outer.relay(data, r.in_key, r.out_label, r.out_key)
         if out is None:
             return self._drop(outer.DROP_BAD_MAC, addr, r)
@@ -417,11 +442,17 @@ class Forwarder:
         if parsed is None:
             return self._drop(outer.reject_reason(data), addr)
         ptype, label = parsed
+        if ptype >= outer.TYPE_SEG_NACK and ptype != outer.TYPE_SEG_PING:
+            return self._seg_feedback(data, label, addr)
         r = self.routes.get(label)
         if r is None:
             r = self._draining(label)
             if r is None:
                 return self._drop("unknown_label", addr)
+        if ptype >= outer.TYPE_SEG_DATA:
+            return self._seg_receive(r, data, addr)
+        if ptype == outer.TYPE_DATA_CE:
+            return self._data(r, data, addr)
         if ptype == outer.TYPE_HOP_KEEPALIVE or ptype == outer.TYPE_HOP_PROBE:
             # answered (probe) or not (keepalive) by this node; both are
             # length-checked, authenticated and teach the sender's address
@@ -452,6 +483,101 @@ class Forwarder:
         if ptype != outer.TYPE_DATA:
             return self._drop("unexpected_type", addr, r)
         return self._data(r, data, addr)              # DATA: receive() takes these first
+
+    # -- LOOPS segments (docs/LOOPS.md; the logic is in segment.py) -------------------
+    def _seg_send(self, r, data, addr):
+        """DATA into a segment: verified here, numbered (and buffered, FEC
+        coded) by the route's Sender; parities go out after it."""
+        if not outer.verify(r.in_key, data):
+            return self._drop(outer.DROP_BAD_MAC, addr, r)
+        r.packets += 1
+        r.bytes += len(data)
+        if r.learns and self.learned.get(r.in_label) != addr:
+            self._new_source(r, addr, True)
+        dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
+        if dest is None:
+            return self._drop("no_route", addr, r)
+        pkts = r.seg_out.data(data[outer.HEADER_LEN:], data[0] == outer.BYTE0_DATA_CE, self.clock())
+        for p in pkts[1:]:
+            self.seg_q.append((p, dest))
+        self.forwarded += 1
+        return pkts[0], dest
+
+    def _seg_receive(self, r, data, addr):
+        """SEG_DATA, SEG_REPAIR or SEG_PING at the segment's egress: what
+        arrives or is rebuilt leaves as DATA (DATA_CE when marked)."""
+        if r.seg_in is None:
+            return self._drop("unexpected_type", addr, r)
+        seg = r.seg_in
+        n = seg.st.total
+        fwd, replies = seg.receive(data, addr, self.clock())
+        if seg.st.total != n:
+            self._seg_dropped(r.in_label, seg, addr)
+        if seg.peer is not None:
+            for p in replies:
+                self.seg_q.append((p, seg.peer))
+        if not fwd:
+            self.drops["segment"] += 1      # consumed by the segment layer (see its own counters)
+            return None
+        r.packets += 1
+        r.bytes += len(data)
+        dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
+        if dest is None:
+            return self._drop("no_route", addr, r)
+        for inner, ce in fwd[1:]:           # rebuilt by FEC: counted in the segment's recovered_fec
+            self.seg_q.append((segment.seal(outer.TYPE_DATA_CE if ce else outer.TYPE_DATA, r.out_label, r.out_key,
+                                          inner), dest))
+        inner, ce = fwd[0]
+        self.forwarded += 1
+        return segment.seal(outer.TYPE_DATA_CE if ce else outer.TYPE_DATA, r.out_label, r.out_key, inner), dest
+
+    def _seg_feedback(self, data, label, addr):
+        """SEG_NACK / SEG_PONG: label is our out_label on the segment.
+        Retransmissions go to the route's next hop, never to addr."""
+        r = self.seg_out_labels.get(label)
+        if r is None:
+            return self._drop("unknown_label", addr)
+        n = r.seg_out.st.total
+        out = r.seg_out.feedback(data, self.clock())
+        self.drops["segment"] += 1          # consumed by the segment layer (see its own counters)
+        if r.seg_out.st.total != n:
+            self._seg_dropped(label, r.seg_out, addr)
+        dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
+        if dest is not None:
+            for p in out:
+                self.seg_q.append((p, dest))
+        return None
+
+    def _seg_dropped(self, label, seg, addr):
+        self._note(label, "segment_drop", "label %d: segment dropped %s from %s (see stats: segments)", label,
+                   seg.st.last, format_sockaddr(addr))
+
+    @property
+    def seg_out_labels(self):
+        t = self.routes
+        c = self.__dict__.get("_seg_cache")
+        if c is None or c[0] is not t:
+            c = self._seg_cache = (t, {r.out_label: r for r in t.values() if r.seg_out is not None})
+        return c[1]
+
+    def seg_tick(self):
+        """Segment timers (NACKs due, pings, FEC groups closed by time);
+        the packets go to seg_q. Returns when to call again: SEG_TICK_S
+        while a gap waits or an FEC group is open, else SEG_IDLE_S."""
+        now = self.clock()
+        busy = False
+        for r in self.routes.values():
+            if r.seg_out is not None:
+                dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
+                for p in r.seg_out.tick(now):
+                    if dest is not None:
+                        self.seg_q.append((p, dest))
+                busy = busy or bool(r.seg_out.group)
+            if r.seg_in is not None and r.seg_in.peer is not None:
+                for p in r.seg_in.tick(now):
+                    self.seg_q.append((p, r.seg_in.peer))
+                busy = busy or bool(r.seg_in.missing)
+        return SEG_TICK_S if busy else SEG_IDLE_S
 
     # -- learned addresses: validate before moving ---------------------------------
     def _new_source(self, r, addr, may_challenge):
@@ -583,10 +709,10 @@ class Forwarder:
 
     def send_failed(self, out):
         """The driver could not send out (returned by receive): recount it."""
-        if out[0] == outer.BYTE0_DATA:
-            self.forwarded -= 1
-        else:
+        if out[0] == outer.BYTE0_HOP_PROBE_REPLY:
             self.probes -= 1
+        else:
+            self.forwarded -= 1
         self.drops["send_error"] += 1
 
     def internal_error(self):
@@ -609,6 +735,10 @@ class Forwarder:
             if o is not None:
                 r.packets, r.bytes, r.drops = o.packets, o.bytes, o.drops
                 r.init_bucket, r.probe_bucket, r.reply_bucket = o.init_bucket, o.probe_bucket, o.reply_bucket
+                if r.spec.seg_in == o.spec.seg_in:
+                    r.seg_in = o.seg_in
+                if r.spec.seg_out == o.spec.seg_out and r.out_label == o.out_label:
+                    r.seg_out = o.seg_out
         expiry = self.clock() + DRAIN_S
         for label, r in old.items():
             if label not in routes:
@@ -642,6 +772,9 @@ class Forwarder:
             "dropped": dropped, "drops": dict(self.drops), "routes": len(self.routes),
             "labels": labels, "sources_tracked": len(self._sources),
             "learned": {str(k): format_sockaddr(v) for k, v in self.learned.items()},
+            "segments": dict([("in:%d" % k, r.seg_in.stats()) for k, r in self.routes.items() if r.seg_in] +
+                             [("out:%d" % r.out_label, r.seg_out.stats()) for r in self.routes.values()
+                              if r.seg_out]),
         }
 
     def summary(self):
@@ -694,6 +827,8 @@ class PopReader:
                     sock.sendto(res[0], res[1])
                 except OSError:
                     fwd.send_failed(res[0])
+            if fwd.seg_q:
+                self.send_seg()
             if fwd.extra:
                 for pkt, dest in fwd.extra:
                     try:
@@ -702,6 +837,31 @@ class PopReader:
                         fwd.challenges -= 1     # not sent; the next packet from there retries
                         fwd.clear_challenge(dest)
                 fwd.extra.clear()
+
+
+    def send_seg(self):
+        """LOOPS packets the Forwarder queued (parities, NACKs, pings,
+        retransmissions, rebuilt packets); a refused one is a send_error."""
+        fwd = self.fwd
+        for pkt, dest in fwd.seg_q:
+            try:
+                self.sock.sendto(pkt, dest)
+            except OSError:
+                fwd.drops["send_error"] += 1
+        fwd.seg_q.clear()
+
+    def seg_tick(self):
+        wait = SEG_TICK_S
+        try:
+            wait = self.fwd.seg_tick()
+        except Exception:
+            self.fwd.internal_error()
+            if self._errors_logged < 10:
+                self._errors_logged += 1
+                self.log.exception("internal error in the segment timers")
+        if self.fwd.seg_q:
+            self.send_seg()
+        return wait
 
 
 def _open_socket(listen):
@@ -775,11 +935,13 @@ class Pop:
         self.log.info("listening on %s with %d routes%s (%s)", cfg.listen, len(self.fwd.routes),
                       ", control on %s" % cfg.control if ctl else "", type(loop).__module__.split(".")[0])
         self._schedule_stats()
+        seg_task = loop.create_task(self._seg_timers(reader))
         try:
             await self._stop
         finally:
             if self._timer is not None:
                 self._timer.cancel()
+            seg_task.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             loop.remove_reader(sock.fileno())
@@ -791,6 +953,15 @@ class Pop:
         self.log.info("final stats: %s; up %.0f s, %d reloads (%d failed)", self.fwd.summary(),
                       time.monotonic() - self.started, self.reloads, self.reload_failures)
         return 0
+
+    async def _seg_timers(self, reader):
+        wait = SEG_TICK_S
+        while True:                     # idle (one check per second) unless a route has a segment
+            if any(r.seg_in or r.seg_out for r in self.fwd.routes.values()):
+                await asyncio.sleep(wait)
+                wait = reader.seg_tick()
+            else:
+                await asyncio.sleep(1.0)
 
     def stop(self, why="stop"):
         if self._stop is not None and not self._stop.done():

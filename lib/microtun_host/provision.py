@@ -204,7 +204,7 @@ def parse_topology(path):
     """Topology from a TOML file, or ConfigError naming the file, the field
     and what is expected. Checks everything a plan needs except label space."""
     root = _read_toml(path)
-    root.only("gateway", "pop", "route", "device")
+    root.only("gateway", "pop", "route", "device", "segment")
     if not isinstance(root.value.get("gateway"), dict):
         if "gateway" not in root.value:
             raise root.error("gateway", "missing; expected a [gateway] table")
@@ -340,7 +340,32 @@ def parse_topology(path):
                 raise n.error("expires", "expected a UTC time \"YYYY-MM-DDTHH:MM:SSZ\", got %s" % hconfig._short(str(t)))
             devices[name].expires = t
 
-    return Topology(root.file, gateway, pops, routes, devices, services)
+    topo = Topology(root.file, gateway, pops, routes, devices, services)
+    topo.segments = _segments(root, pops, routes)
+    return topo
+
+
+def _segments(root, pops, routes):
+    """{frozenset((pop, pop)): {setting: value}} from the [[segment]] tables
+    (LOOPS local recovery between two consecutive PoPs, docs/LOOPS.md)."""
+    from microtun_host import segment
+    neighbours = {frozenset(r.pops[i:i + 2]) for r in routes.values() for i in range(len(r.pops) - 1)}
+    segs = {}
+    for n in _tables(root, "segment", min_len=0):
+        n.only("pops", *segment.SegConfig.FIELDS)
+        pair = n.items("pops", min_len=2)
+        if len(pair) != 2 or not all(isinstance(x, str) and x in pops for x in pair) or pair[0] == pair[1]:
+            raise n.error("pops", "expected two different [[pop]] names, e.g. [\"a1\", \"a2\"], got %s"
+                          % hconfig._short(pair))
+        key = frozenset(pair)
+        if key not in neighbours:
+            raise n.error("pops", "%s and %s are not next to each other in any [[route]]; a segment joins two "
+                          "consecutive PoPs" % tuple(pair))
+        if key in segs:
+            raise n.error("pops", "a segment between %s and %s is already defined" % tuple(pair))
+        segment.SegConfig.from_node(n.__class__(n.file, n.path, {k: v for k, v in n.value.items() if k != "pops"}))
+        segs[key] = {k: v for k, v in n.value.items() if k != "pops" and not k.startswith("_")}
+    return segs
 
 
 # --- state: keys and label allocations ----------------------------------------------
@@ -549,6 +574,11 @@ def plan(topo, state):
             paths.append(p)
 
     files = {}
+    segs = getattr(topo, "segments", {})
+
+    def seg(a, b):
+        return segs.get(frozenset((a, b)))
+
     # PoP tables
     tables = {name: [] for name in topo.pops}
     for p in paths:
@@ -561,14 +591,21 @@ def plan(topo, state):
                 nxt, out_label = topo.pops[chain[i + 1]].reach, p.fwd[i + 1]
             else:
                 nxt, out_label = gw.reach, p.g
-            tables[pn].append({"in_label": p.fwd[i], "in_key": _hex(in_key), "next": str(nxt),
-                               "out_label": out_label, "out_key": _hex(out_key)})
+            fwd = {"in_label": p.fwd[i], "in_key": _hex(in_key), "next": str(nxt),
+                   "out_label": out_label, "out_key": _hex(out_key)}
+            rev = {}
+            # LOOPS: the route into a segment is its ingress, the route out of it its egress
+            if i > 0 and seg(chain[i - 1], pn):
+                fwd["seg_in"] = rev["seg_out"] = seg(chain[i - 1], pn)
+            if i + 1 < n and seg(pn, chain[i + 1]):
+                fwd["seg_out"] = rev["seg_in"] = seg(pn, chain[i + 1])
+            tables[pn].append(fwd)
             if i == 0:
                 back, back_label = "learn:%d" % p.fwd[0], p.d
             else:
                 back, back_label = str(topo.pops[chain[i - 1]].reach), p.rev[i - 1]
-            tables[pn].append({"in_label": p.rev[i], "in_key": _hex(out_key), "next": back,
-                               "out_label": back_label, "out_key": _hex(in_key)})
+            tables[pn].append(dict({"in_label": p.rev[i], "in_key": _hex(out_key), "next": back,
+                                    "out_label": back_label, "out_key": _hex(in_key)}, **rev))
     for name, pop in topo.pops.items():
         cfg = {"name": name, "listen": str(pop.listen)}
         if pop.control is not None:

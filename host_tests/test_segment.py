@@ -1,0 +1,359 @@
+"""LOOPS segments (lib/microtun_host/segment.py, docs/LOOPS.md): the modes
+and the bad input, sans-I/O over a fake link with a fake clock."""
+import heapq
+import random
+
+from microtun import outer
+from microtun_host import fec, segment
+from microtun_host.segment import Receiver, SegConfig, Sender
+
+KEY = outer.HopKey(bytes(range(32)))
+OTHER = outer.HopKey(bytes(32))
+LABEL = 200
+ONE_WAY = 0.020               # 40 ms segment RTT
+TICK = 0.005
+
+
+def inner(i, size=200):
+    return i.to_bytes(4, "big") + bytes((i * 7 + k) & 0xFF for k in range(size - 4))
+
+
+class Link:
+    """ingress --(delay, loss)--> egress and back, ticks every 5 ms."""
+
+    def __init__(self, cfg, loss=0.0, back_loss=None, seed=1, delay=ONE_WAY, seq0=0, t0=1000.0, lose=None):
+        self.snd = Sender(cfg, LABEL, KEY, seq0)
+        self.rcv = Receiver(cfg, LABEL, KEY)
+        self.rng = random.Random(seed)
+        self.loss = loss
+        self.back_loss = loss if back_loss is None else back_loss
+        self.delay = delay
+        self.lose = lose              # f(n-th packet on the forward link) -> lost
+        self.n_fwd = 0
+        self.q = []
+        self.k = 0
+        self.now = t0
+        self.delivered = {}           # id -> delivery time
+        self.duplicates = 0
+        self.ce = 0
+        self.bytes = 0
+
+    def _push(self, t, kind, pkt):
+        self.k += 1
+        heapq.heappush(self.q, (t, self.k, kind, pkt))
+
+    def to_egress(self, pkts):
+        for p in pkts:
+            self.bytes += len(p)
+            self.n_fwd += 1
+            lost = self.lose(self.n_fwd, p) if self.lose else self.rng.random() < self.loss
+            if not lost:
+                self._push(self.now + self.delay, "e", p)
+
+    def to_ingress(self, pkts):
+        for p in pkts:
+            self.bytes += len(p)
+            if self.rng.random() >= self.back_loss:
+                self._push(self.now + self.delay, "i", p)
+
+    def _forward(self, fwd):
+        for data, ce in fwd:
+            i = int.from_bytes(data[0:4], "big")
+            assert data == inner(i, len(data))
+            if i in self.delivered:
+                self.duplicates += 1
+            else:
+                self.delivered[i] = self.now
+            self.ce += ce
+
+    def run_until(self, t):
+        next_tick = self.now
+        while True:
+            nt = self.q[0][0] if self.q else None
+            if nt is not None and nt <= next_tick and nt <= t:
+                self.now, _, kind, p = heapq.heappop(self.q)
+                if kind == "e":
+                    fwd, rep = self.rcv.receive(p, ("10.0.0.1", 1), self.now)
+                    self._forward(fwd)
+                    self.to_ingress(rep)
+                else:
+                    self.to_egress(self.snd.feedback(p, self.now))
+            elif next_tick <= t:
+                self.now = next_tick
+                self.to_egress(self.snd.tick(self.now))
+                self.to_ingress(self.rcv.tick(self.now))
+                next_tick += TICK
+            else:
+                self.now = t
+                return
+
+    def stream(self, n, interval=0.005, size=200):
+        sent = {}
+        for i in range(n):
+            self.run_until(self.now + interval if i else self.now)
+            sent[i] = self.now
+            self.to_egress(self.snd.data(inner(i, size), False, self.now))
+        self.run_until(self.now + 1.0)
+        return sent
+
+    def latencies(self, sent):
+        return sorted(self.delivered[i] - sent[i] for i in self.delivered)
+
+
+def p99(xs):
+    return xs[min(len(xs) - 1, len(xs) * 99 // 100)]
+
+
+# --- the modes ----------------------------------------------------------------------------
+
+def test_nack_no_loss_costs_only_the_header():
+    link = Link(SegConfig("nack"))
+    sent = link.stream(1000)
+    assert len(link.delivered) == 1000 and link.duplicates == 0
+    s, r = link.snd.stats(), link.rcv.stats()
+    assert s["retransmitted"] == 0 and r["nacks_sent"] == 0 and r["gaps"] == 0
+    assert 38 < s["srtt_ms"] < 42               # 40 ms RTT measured by ping/pong
+    assert max(link.latencies(sent)) < ONE_WAY + 0.001
+
+
+def test_nack_recovers_random_loss_within_one_rtt():
+    link = Link(SegConfig("nack"), loss=0.05, seed=3)
+    sent = link.stream(4000)
+    assert link.duplicates == 0
+    assert len(link.delivered) / 4000 >= 0.997, link.rcv.stats()
+    added = [x - ONE_WAY for x in link.latencies(sent)]
+    # detection (one packet interval) + one segment RTT + a tick
+    assert p99(added) <= 2 * ONE_WAY + 0.005 + TICK + 0.001, p99(added)
+    r = link.rcv.stats()
+    assert 0.04 < r["loss"] < 0.06 and r["recovered_nack"] > 150
+
+
+def test_fec_recovers_without_a_round_trip():
+    cfg = SegConfig("fec", fec_k=24, fec_m=3)
+    link = Link(cfg, loss=0.05, seed=4)
+    sent = link.stream(4000)
+    r, s = link.rcv.stats(), link.snd.stats()
+    assert link.duplicates == 0 and r["nacks_sent"] == 0 and s["retransmitted"] == 0
+    assert len(link.delivered) / 4000 >= 0.99, r
+    assert s["parity_bytes"] / s["sent_bytes"] <= 0.15
+    # a rebuilt packet waits for its group's parities, never for a NACK round trip
+    assert max(link.latencies(sent)) <= cfg.fec_window_ms / 1000 + ONE_WAY + 2 * TICK
+
+
+def test_nack_plus_fec_nacks_only_what_fec_cannot_rebuild():
+    link = Link(SegConfig("nack+fec", fec_k=24, fec_m=1), loss=0.05, seed=5)
+    link.stream(3000)
+    r = link.rcv.stats()
+    assert r["recovered_fec"] > 0 and r["recovered_nack"] > 0
+    assert len(link.delivered) / 3000 >= 0.997 and link.duplicates == 0
+
+
+def test_bursty_loss_and_sequence_wrap():
+    # losses in runs of 4 every 50 packets, seq starting just before the 15-bit wrap
+    link = Link(SegConfig("nack"), seq0=segment.SEQ_MOD - 10, lose=lambda n, p: n > 10 and n % 50 < 4)
+    link.stream(2000)
+    assert len(link.delivered) == 2000 and link.duplicates == 0
+
+
+def test_hold_budget_is_never_exceeded():
+    # RTT 200 ms, hold 100 ms: a retransmission always comes too late and is dropped
+    cfg = SegConfig("nack", hold_ms=100)
+    link = Link(cfg, loss=0.05, seed=6, delay=0.1)
+    sent = link.stream(1000)
+    assert max(link.latencies(sent)) < 0.1 + 0.001      # nothing delivered after its budget
+    r = link.rcv.stats()
+    assert r["unrecovered"] > 0 and r["recovered_nack"] == 0
+    assert r["drops"].get("seg_late", 0) > 0 or link.snd.stats()["retransmitted"] == 0
+
+
+def test_tail_loss_is_found_by_the_ping():
+    n = [0]
+
+    def lose(k, p):
+        n[0] = k
+        return k == 100                   # the last data packet of the burst
+    link = Link(SegConfig("nack"), lose=lose)
+    link.stream(100)
+    assert len(link.delivered) == 100
+
+
+def test_ce_mark_only_when_rtt_rises():
+    link = Link(SegConfig("nack"), loss=0.05, seed=7)
+    link.stream(1000)
+    assert link.ce == 0 and link.rcv.stats()["ce_marked"] == 0   # random loss at a steady RTT: hidden
+    link.delay = 0.045                      # queue building: RTT 40 -> 90 ms
+    link.stream(1500)
+    r = link.rcv.stats()
+    assert r["congested"] and r["ce_marked"] > 0 and link.ce == r["ce_marked"]
+    assert r["ce_marked"] <= r["gaps"]      # at most one mark per lost packet
+
+
+def test_fec_code_rebuilds_every_pattern_up_to_m():
+    rng = random.Random(9)
+    for n, m in ((1, 1), (5, 2), (24, 3), (40, 4)):
+        syms = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60))) for _ in range(n)]
+        length = max(len(s) for s in syms)
+        pars = fec.encode(syms, m)
+        for _ in range(20):
+            lost = rng.sample(range(n), min(n, rng.randrange(1, m + 1)))
+            have = {i: s.ljust(length, b"\0") for i, s in enumerate(syms) if i not in lost}
+            use = dict(rng.sample(list(enumerate(pars)), len(lost)))
+            got = fec.decode(have, use, n, length)
+            assert {i: got[i] for i in lost} == {i: syms[i].ljust(length, b"\0") for i in lost}
+        assert fec.decode({}, {0: pars[0]}, n, length) is None or n == 1
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _loaded_sender(n=50):
+    snd = Sender(SegConfig("nack"), LABEL, KEY)
+    pkts = [snd.data(inner(i, 1000), False, 1.0)[0] for i in range(n)]
+    return snd, pkts
+
+
+def _nack(seqs, key=KEY):
+    return outer.seal(outer.TYPE_SEG_NACK, LABEL, key, b"".join(s.to_bytes(2, "big") for s in seqs))
+
+
+def test_forged_and_malformed_nacks_retransmit_nothing():
+    snd, _ = _loaded_sender()
+    cases = [
+        (_nack([1, 2], OTHER), "seg_bad_mac"),                      # 1 forged (wrong key)
+        (_nack([1])[:-1] + b"\0", "seg_bad_mac"),                   # 2 changed after sealing
+        (outer.seal(outer.TYPE_SEG_NACK, LABEL, KEY, b""), "seg_malformed"),         # 3 empty
+        (outer.seal(outer.TYPE_SEG_NACK, LABEL, KEY, b"\0\1\2"), "seg_malformed"),   # 4 odd length
+        (_nack(range(segment.NACK_MAX + 1)), "seg_malformed"),     # 5 too many seqs
+        (outer.seal(outer.TYPE_SEG_PONG, LABEL, KEY, bytes(5)), "seg_malformed"),    # 6 short pong
+        (_nack([5000]), "nack_gone"),                               # 7 never sent
+    ]
+    for i, (pkt, reason) in enumerate(cases):
+        before = dict(snd.st.drops)
+        assert snd.feedback(pkt, 1.1) == [], i
+        assert snd.st.drops[reason] == before[reason] + 1, (i, reason, snd.st.drops)
+    assert snd.retx == 0
+
+
+def test_nack_for_long_gone_packets():
+    snd, _ = _loaded_sender()
+    assert snd.feedback(_nack([0, 1, 2]), 1.0 + snd.cfg.hold_ms / 1000 + 0.01) == []
+    assert snd.st.drops["nack_gone"] == 3
+
+
+def test_nack_storm_is_bounded():
+    snd, pkts = _loaded_sender()
+    nack = _nack(range(segment.NACK_MAX))
+    out = []
+    t = 1.02
+    for _ in range(1000):                          # a replayed NACK, 1000 times over 100 ms
+        got = snd.feedback(nack, t)
+        # per NACK: at most one retransmission per named seq, each an earlier packet unchanged
+        assert len(got) <= segment.NACK_MAX and all(p in pkts for p in got)
+        assert sum(map(len, got)) <= segment.NACK_MAX * max(map(len, pkts))
+        out += got
+        t += 0.0001
+    # in all: each packet at most max_retx times, whatever the NACK count
+    assert len(out) <= segment.NACK_MAX * snd.cfg.max_retx
+    assert snd.st.drops["nack_limit"] >= 1000 * segment.NACK_MAX - len(out) - 1
+
+
+def test_retransmission_byte_budget():
+    cfg = SegConfig("nack", retx_ratio=0.1, max_retx=10)
+    snd = Sender(cfg, LABEL, KEY)
+    snd.tokens = 0.0
+    for i in range(100):
+        snd.data(inner(i, 1000), False, 1.0)
+    t, total = 1.05, 0
+    for _ in range(10):
+        for o in range(0, 100, segment.NACK_MAX):
+            total += sum(map(len, snd.feedback(_nack(range(o, min(100, o + segment.NACK_MAX))), t)))
+        t += 0.02
+    assert total <= 0.1 * snd.sent_bytes
+    assert snd.st.drops["nack_budget"] > 0
+
+
+def test_bad_segment_packets_at_the_egress():
+    rcv = Receiver(SegConfig("nack+fec"), LABEL, KEY)
+    snd = Sender(SegConfig("nack+fec"), LABEL, KEY)
+    good = snd.data(inner(1), False, 1.0)[0]
+    ping = snd.tick(1.0)[0]
+    cases = [
+        (outer.seal(outer.TYPE_SEG_DATA, LABEL, OTHER, b"\0\1xyz"), "seg_bad_mac"),
+        (outer.seal(outer.TYPE_SEG_DATA, LABEL, KEY, b"\0"), "seg_malformed"),
+        (outer.seal(outer.TYPE_SEG_REPAIR, LABEL, KEY, b"\0\0\0\1\0abc"), "seg_malformed"),     # n = 0
+        (outer.seal(outer.TYPE_SEG_REPAIR, LABEL, KEY, b"\0\0\2\1\5abc"), "seg_malformed"),     # j >= m
+        (outer.seal(outer.TYPE_SEG_PING, LABEL, KEY, bytes(11)), "seg_malformed"),
+        (outer.seal(outer.TYPE_SEG_PING, LABEL, OTHER, bytes(12)), "seg_bad_mac"),
+    ]
+    for i, (pkt, reason) in enumerate(cases):
+        before = rcv.st.drops[reason]
+        assert rcv.receive(pkt, ("10.0.0.9", 9), 1.0) == ([], []), i
+        assert rcv.st.drops[reason] == before + 1, (i, reason)
+    assert rcv.peer is None                           # nothing unauthenticated steers the replies
+    assert len(rcv.receive(good, ("10.0.0.1", 1), 1.0)[0]) == 1
+    assert rcv.receive(good, ("10.0.0.9", 9), 1.0) == ([], [])   # replay
+    assert rcv.st.drops["seg_duplicate"] == 1 and rcv.peer == ("10.0.0.1", 1)
+    assert len(rcv.receive(ping, ("10.0.0.1", 1), 1.0)[1]) == 1  # one pong per ping ...
+    assert rcv.receive(ping, ("10.0.0.9", 9), 1.0) == ([], [])   # ... and none for its replay
+    assert rcv.st.drops["seg_stale_ping"] == 1 and rcv.peer == ("10.0.0.1", 1)
+    pong = Receiver(SegConfig("nack"), LABEL, KEY).receive(ping, ("10.0.0.1", 1), 1.0)[1][0]
+    assert len(pong) <= len(ping)                     # a reply is never larger than its ping
+
+
+def test_far_sequence_numbers_need_a_run_to_resync():
+    link = Link(SegConfig("nack"))
+    link.stream(10)
+    old = Sender(SegConfig("nack"), LABEL, KEY, 20000)
+    for i in range(segment.RESYNC_AFTER - 1):      # a few captured packets of another epoch: dropped
+        assert link.rcv.receive(old.data(inner(i), False, link.now)[0], ("10.0.0.1", 1), link.now)[0] == []
+    assert link.rcv.stats()["drops"]["seg_late"] == segment.RESYNC_AFTER - 1
+    # an ingress that really restarted: followed after RESYNC_AFTER packets in a row
+    got = link.rcv.receive(old.data(inner(99), False, link.now)[0], ("10.0.0.1", 1), link.now)[0]
+    assert len(got) == 1
+
+
+def test_config_checks():
+    import pytest
+    with pytest.raises(ValueError):
+        SegConfig("retransmit")
+    assert SegConfig("nack+fec").nack_delay_ms == SegConfig("nack+fec").fec_window_ms + 10
+    assert SegConfig("nack").nack_delay_ms == 0
+
+
+def test_fec_rebuilds_the_last_packets_of_a_group():
+    # the last two data packets of every group are lost: only the parities tell
+    cfg = SegConfig("fec", fec_k=8, fec_m=2)
+    link = Link(cfg, lose=lambda n, p: p[0] & 15 == outer.TYPE_SEG_DATA and ((p[12] << 8) | p[13]) % 8 in (6, 7))
+    link.stream(400)
+    assert len(link.delivered) == 400, link.rcv.stats()
+
+
+def test_nack_plus_fec_nacks_at_once_when_the_parities_cannot_rebuild():
+    # bursts of 4 in groups of 8 + 1 parity: FEC alone can't, the NACK goes
+    # out when the group's parity is in, not after the fallback delay
+    cfg = SegConfig("nack+fec", fec_k=8, fec_m=1, fec_window_ms=100, hold_ms=400)
+    seen = set()
+
+    def lose(n, p):                   # first copies only: retransmissions get through
+        if p[0] & 15 != outer.TYPE_SEG_DATA or p in seen:
+            return False
+        seen.add(p)
+        return ((p[12] << 8) | p[13]) % 16 in (1, 2, 3, 4)
+    link = Link(cfg, lose=lose)
+    sent = link.stream(400)
+    assert len(link.delivered) == 400 and link.duplicates == 0
+    # group of 8 at 5 ms: parity ~35 ms after the first loss, then one RTT; the fallback would be 110 ms + RTT
+    assert max(link.latencies(sent)) < 0.035 + 2 * ONE_WAY + ONE_WAY + 0.015
+
+
+def test_fast_seal_gives_outer_seal_bytes():
+    for t in (outer.TYPE_DATA, outer.TYPE_DATA_CE, outer.TYPE_SEG_DATA, outer.TYPE_SEG_NACK):
+        for n in (0, 5, 32, 33, 1200):
+            p = bytes((i * 13) & 0xFF for i in range(n))
+            assert segment.seal(t, 0x123456, KEY, p) == outer.seal(t, 0x123456, KEY, p)
+
+
+def test_repair_delays_are_reported():
+    link = Link(SegConfig("nack"), loss=0.05, seed=8)
+    link.stream(1000)
+    q = link.rcv.stats()["repair_ms"]
+    assert 40 <= q["p50"] <= q["max"] <= SegConfig("nack").hold_ms

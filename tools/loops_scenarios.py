@@ -1,0 +1,109 @@
+"""LOOPS scenarios with real processes over loopback (issue 14): a unix-port
+device, route a = a1 -> a2 with the link emulator on the middle segment
+(a1 -> a2 goes through it, and the segment's NACKs and pongs come back
+through it), the gateway and its echo service. Used by tools/bench_loops.py
+(figures, JSON) and host_tests/test_loops_e2e.py (bounds).
+
+    res = run(tmp, mode="nack", imp={"loss": 0.05}, count=2000, interval=5)
+
+Delivery is counted at the gateway's channel-1 service (uplink, across
+the lossy segment); latency from the device's echo round trips (the
+replies come back a2 -> a1 directly, so the lossy segment is on the uplink
+only); bytes on the segment from the emulator (both directions); CPU of
+both PoPs from /proc.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from microtun_host.localnet import Net  # noqa: E402
+from path_scenarios import Run, service_ids  # noqa: E402
+
+SEGMENT_ONE_WAY_MS = 20          # 40 ms segment RTT
+
+
+class LoopsNet(Net):
+    """Net with the emulator between a1 and a2 (a2 is reached through it) and
+    a [[segment]] a1-a2 in the topology."""
+
+    def __init__(self, tmp, mode, seg=None, imp=None, second_route=False, policy="best"):
+        self.seg_mode = mode
+        self.seg_opts = dict(seg or {})
+        self.mid_imp = dict(imp or {})
+        routes = {"a": ["a1", "a2"]}
+        if second_route:
+            routes["b"] = ["b1", "b2"]
+        super().__init__(tmp, routes=routes, devices={"d1": {}}, policy=policy, lossy={"a": {}})
+
+    def write_topology(self):
+        super().write_topology()
+        text = self.topology.read_text()
+        # the emulator (netem "a") sits in front of a2 instead of a1: a1 sends to a2's "reach"
+        text = text.replace('via = "%s"\n' % self.netem["a"]["listen"], "")
+        a2 = 'name = "a2"\nlisten = "%s"' % self.pops["a2"]["listen"]
+        text = text.replace(a2, a2 + '\nreach = "%s"' % self.netem["a"]["listen"])
+        seg = ['[[segment]]', 'pops = ["a1", "a2"]', 'mode = "%s"' % self.seg_mode]
+        seg += ["%s = %s" % (k, v) for k, v in sorted(self.seg_opts.items())]
+        self.topology.write_text(text + "\n" + "\n".join(seg) + "\n")
+
+    def provision(self):
+        out = super().provision()
+        # only a1 goes through the emulator: the gateway sends to a2 directly
+        g = self.out / "gateway.json"
+        g.write_text(g.read_text().replace('"%s"' % self.netem["a"]["listen"], '"%s"' % self.pops["a2"]["listen"]))
+        return out
+
+    def start_netem(self, route, **imp):
+        imp = dict(self.mid_imp, delay_ms=SEGMENT_ONE_WAY_MS, seed=imp.get("seed", self.mid_imp.get("seed", 1)))
+        argv = [sys.executable, str(Path(__file__).resolve().parent / "netem.py"),
+                "--listen", self.netem[route]["listen"], "--upstream", self.pops["a2"]["listen"],
+                "--control", self.netem[route]["control"], "--seed", str(imp.pop("seed")),
+                "--idle-timeout", "600"]
+        for k, v in imp.items():
+            argv += ["--" + k.replace("_", "-"), str(v)]
+        self._spawn("netem-" + route, argv, None)
+        self.wait_control(self.netem[route]["control"], "netem-" + route, netem=True)
+
+
+def cpu_s(pid):
+    """utime + stime of a process, seconds."""
+    import os
+    f = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy="best", second_route=False):
+    net = LoopsNet(tmp, mode, seg, imp, second_route=second_route, policy=policy)
+    try:
+        net.start()
+        r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--size", str(size),
+                "--linger", "2000")
+        r.wait_connected()
+        cpu0 = {p: cpu_s(net.procs[p].pid) for p in ("a1", "a2")}
+        res = r.result()
+        cpu = {p: round(cpu_s(net.procs[p].pid) - cpu0[p], 3) for p in ("a1", "a2")}
+        ids = service_ids(net)
+        got = set(ids)
+        st = net.netem_cmd(net.netem["a"]["control"], {"stats": True})["stats"]
+        a1, a2 = net.pop_stats("a1"), net.pop_stats("a2")
+        gw = [d for d in net.gw_status()["devices"] if d["name"] == "d1"][0]
+        segs = {}
+        for name, s in (("a1", a1), ("a2", a2)):
+            for label, v in s.get("segments", {}).items():
+                segs["%s/%s" % (name, label)] = v
+        return {
+            "mode": mode, "sent": res["sent"], "delivered": len(got),
+            "delivered_ratio": round(len(got) / res["sent"], 4) if res["sent"] else 0.0,
+            "duplicates_delivered": len(ids) - len(got),
+            "rtt_ms_median": res["rtt_ms_median"], "rtt_ms_p99": res["rtt_ms_p99"],
+            "segment_bytes": st["up"]["bytes_received"] + st["down"]["bytes_received"],
+            "segment_bytes_up": st["up"]["bytes_received"], "segment_bytes_down": st["down"]["bytes_received"],
+            "netem_dropped_up": sum(st["up"]["dropped"].values()),
+            "pop_cpu_s": cpu, "run_s": None,
+            "ce_marks_gateway": sum(p.get("ce_marks", 0) for p in gw["paths"]),
+            "ce_marks_device": res["health"]["driver"].get("ce_marks", 0),
+            "segments": segs,
+        }
+    finally:
+        net.stop()
