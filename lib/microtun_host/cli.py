@@ -1,6 +1,6 @@
 """`microtun` command line: one subcommand per host role.
 
-    microtun pop --config pop.json [--check]
+    microtun pop --config pop.json [--workers N] [--check]
     microtun gateway --config gateway.json [--check]
     microtun status --config gateway.json | --control HOST:PORT [--json]
     microtun provision topology.toml --out DIR
@@ -31,12 +31,21 @@ def _lazy(module):
     return importlib.import_module("microtun_host." + module)
 
 
+def _workers(text):
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError("expected a number of worker processes in 1..256, got %r" % text)
+    return int(text)
+
+
 def _pop(sub):
     p = sub.add_parser("pop", help="run a PoP: label-switching relay on the outer plane",
                        description="Run a PoP. SIGHUP reloads the config; SIGTERM/SIGINT stop it.")
     p.add_argument("--config", required=True, metavar="FILE", help="PoP config (JSON, see docs/OUTER.md)")
     p.add_argument("--check", action="store_true", help="only validate the config and exit (0 ok, 2 invalid)")
-    p.set_defaults(run=lambda args: _lazy("pop").main(args.config, check=args.check))
+    p.add_argument("--workers", type=_workers, metavar="N",
+                   help="worker processes sharing the port, steered by label (default: the config's "
+                        "\"workers\", else 1; see docs/DEPLOY.md)")
+    p.set_defaults(run=lambda args: _lazy("pop").main(args.config, check=args.check, workers=args.workers))
 
 
 def _gateway(sub):

@@ -710,8 +710,21 @@ def format_status(st):
     return "\n".join(lines)
 
 
+def _is_pop_config(path):
+    try:
+        with open(path) as f:
+            root = json.load(f)
+    except (OSError, ValueError):
+        return False                # load_gateway_config says what is wrong
+    return isinstance(root, dict) and "routes" in root
+
+
 def status_main(config_path=None, control_addr=None, as_json=False):
-    """`microtun status --config gateway.json | --control ADDR [--json]`."""
+    """`microtun status --config gateway.json | --control ADDR [--json]`
+    (a PoP's config, with "routes", is answered by workers.pop_status_main)."""
+    if control_addr is None and _is_pop_config(config_path):
+        from microtun_host import workers
+        return workers.pop_status_main(config_path, as_json)
     if control_addr is None:
         try:
             cfg = load_gateway_config(config_path)

@@ -82,7 +82,8 @@ LOG_BURST = 3.0                # ... after a burst of this many (so a move and i
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LABEL_RANGE = (outer.LABEL_MIN, outer.LABEL_MAX)
 ROUTE_FIELDS = ("in_label", "in_key", "next", "out_label", "out_key")
-TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "routes")
+TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "workers", "routes")
+WORKERS_MAX = 256              # worker processes (docs/DEPLOY.md "Many cores and failover")
 
 
 # --- config ------------------------------------------------------------------
@@ -110,8 +111,10 @@ class RouteSpec:
 
 
 class PopConfig:
-    def __init__(self, path, name, listen, control_addr, log_level, stats_interval, routes):
+    def __init__(self, path, name, listen, control_addr, log_level, stats_interval, routes, workers=1):
         self.path = path
+        self.workers = workers          # processes sharing the port (microtun_host.workers); 1: this one
+        self.file_workers = workers     # what the file says (--workers may override `workers`)
         self.name = name
         self.listen = listen
         self.control = control_addr
@@ -129,6 +132,7 @@ def load_config(path):
     control_addr = control.from_config(root)
     log_level = root.text("log_level", default="info", choices=LOG_LEVELS)
     stats_interval = root.number("stats_interval", 0, 86400, default=60)
+    workers = root.integer("workers", 1, WORKERS_MAX, default=1)
     lo, hi = LABEL_RANGE
     routes = []
     seen = {}
@@ -167,7 +171,7 @@ def load_config(path):
         if spec.learn_from == spec.in_label:
             raise ConfigError("%s: %s.next: learn:%d is this route's own in_label (would send packets "
                               "back where they came from)" % (root.file, spec.where, spec.learn_from))
-    return PopConfig(str(path), name, listen, control_addr, log_level, stats_interval, routes)
+    return PopConfig(str(path), name, listen, control_addr, log_level, stats_interval, routes, workers)
 
 
 # --- forwarding table and forwarder (sans-I/O) -------------------------------
@@ -716,11 +720,18 @@ def _open_socket(listen):
 
 
 class Pop:
-    """One PoP process: config file, Forwarder, sockets, signals, control."""
+    """One PoP process: config file, Forwarder, sockets, signals, control.
 
-    def __init__(self, cfg, log):
+    As a worker of microtun_host.workers it is handed its socket (one of a
+    SO_REUSEPORT group the supervisor opened) and a private control socket;
+    `worker` is then its index, else None."""
+
+    def __init__(self, cfg, log, sock=None, control_addr=None, worker=None):
         self.cfg = cfg
         self.log = log
+        self.sock = sock
+        self.worker = worker
+        self.control_addr = cfg.control if worker is None else control_addr
         self.fwd = Forwarder(build_table(cfg.routes), log)
         self.started = time.monotonic()
         self.reloads = 0
@@ -733,28 +744,30 @@ class Pop:
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         cfg = self.cfg
-        try:
-            sock = _open_socket(cfg.listen)
-        except OSError as e:
-            self.log.error("cannot listen on %s: %s", cfg.listen, e.strerror or e)
-            return 1
+        sock = self.sock
+        if sock is None:
+            try:
+                sock = _open_socket(cfg.listen)
+            except OSError as e:
+                self.log.error("cannot listen on %s: %s", cfg.listen, e.strerror or e)
+                return 1
         reader = PopReader(self.fwd, sock, self.log)
         loop.add_reader(sock.fileno(), reader.readable)
         ctl = None
-        if cfg.control is not None:
+        if self.control_addr is not None:
             try:
-                ctl = await control.serve(cfg.control, {"stats": self._cmd_stats, "reload": self._cmd_reload},
+                ctl = await control.serve(self.control_addr, {"stats": self._cmd_stats, "reload": self._cmd_reload},
                                           self.log)
             except OSError as e:
                 loop.remove_reader(sock.fileno())
                 sock.close()
-                self.log.error("cannot open the control channel on %s: %s", cfg.control, e.strerror or e)
+                self.log.error("cannot open the control channel on %s: %s", self.control_addr, e.strerror or e)
                 return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
         self.log.info("listening on %s with %d routes%s (%s)", cfg.listen, len(self.fwd.routes),
-                      ", control on %s" % cfg.control if ctl else "", type(loop).__module__.split(".")[0])
+                      ", control on %s" % self.control_addr if ctl else "", type(loop).__module__.split(".")[0])
         self._schedule_stats()
         try:
             await self._stop
@@ -797,7 +810,8 @@ class Pop:
             self.reload_failures += 1
             self.log.error("%s: config not reloaded, keeping %d routes: %s", why, len(self.fwd.routes), e)
             return {"ok": False, "error": str(e)}
-        for field in ("listen", "control", "name"):
+        # a worker's supervisor speaks for the fields it owns (control, workers)
+        for field in ("listen", "control", "name") if self.worker is None else ("listen", "name"):
             if getattr(cfg, field) != getattr(old, field):
                 self.log.warning("%s: %s changed to %s; it takes effect on restart only", why, field,
                                  getattr(cfg, field))
@@ -817,6 +831,8 @@ class Pop:
         s = self.fwd.stats()
         s.update(name=self.cfg.name, uptime_s=round(time.monotonic() - self.started, 3),
                  reloads=self.reloads, reload_failures=self.reload_failures)
+        if self.worker is not None:
+            s.update(worker=self.worker, pid=os.getpid())
         return s
 
     def _cmd_reload(self, req):
@@ -831,14 +847,20 @@ def _new_loop():
         return asyncio.new_event_loop()
 
 
-def main(config_path, check=False):
-    """`microtun pop --config FILE`: 0 after a clean shutdown, 2 for a bad
-    config (one line on stderr), 1 when the sockets cannot be opened."""
+def main(config_path, check=False, workers=None):
+    """`microtun pop --config FILE [--workers N]`: 0 after a clean shutdown,
+    2 for a bad config (one line on stderr), 1 when the sockets cannot be
+    opened. More than one worker: microtun_host.workers supervises them."""
     try:
         cfg = load_config(config_path)
     except ConfigError as e:
         print("microtun pop: %s" % e, file=sys.stderr)
         return 2
+    if workers is not None:
+        cfg.workers = workers
+    if cfg.workers > 1:
+        from microtun_host import workers as wk
+        return wk.pop_main(cfg, check)
     if check:
         print("%s: ok: PoP %s, %d routes" % (config_path, cfg.name, len(cfg.routes)))
         return 0
