@@ -83,7 +83,7 @@ class Workers:
         self.proc = subprocess.Popen([sys.executable, "-m", "microtun_host.cli", "pop", "--config", str(self.path),
                                       "--workers", str(n)], stdout=self.log_file, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, PYTHONPATH=str(LIB)), cwd=str(ROOT))
-        self.wait(lambda s: s["workers_answering"] == n, 15)
+        self.wait(lambda s: s.get("workers_answering", 1) == n, 15)
 
     def write(self):
         tmp = self.path.with_suffix(".tmp")
@@ -259,3 +259,119 @@ def test_workers_setting_and_flag_are_checked(tmp_path):
     assert r.returncode == 0 and "3 workers" in r.stdout, r.stdout + r.stderr
     r = run("--check", "--workers", "0")
     assert r.returncode == 2 and "1..256" in r.stderr, r.stderr
+
+
+# --- a standby next hop (microtun_host.nexthop) ---------------------------------
+
+class FakeGateway:
+    """Answers HOP_PROBEs on label 300 (key K_BG) while `alive`, and keeps
+    the DATA it receives; a thread on its own socket."""
+
+    def __init__(self):
+        import threading
+        self.sock = udp(timeout=0.05)
+        self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.alive = True
+        self.data = []
+        self.probes = 0
+        self.running = True
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while self.running:
+            try:
+                pkt, src = self.sock.recvfrom(65536)
+            except socket.timeout:
+                continue
+            if not self.alive:
+                continue
+            parsed = outer.parse(pkt)
+            if parsed == (outer.TYPE_HOP_PROBE, 300) and outer.verify(HK[K_BG], pkt):
+                self.probes += 1
+                body = outer.probe_reply_payload(pkt[outer.HEADER_LEN:], *pop.encode_source(src))
+                self.sock.sendto(outer.seal(outer.TYPE_HOP_PROBE_REPLY, 300, HK[K_BG], body), src)
+            elif parsed is not None and parsed[0] == outer.TYPE_DATA:
+                self.data.append(pkt[outer.HEADER_LEN:])
+
+    def stop(self):
+        self.running = False
+        self.t.join(2)
+        self.sock.close()
+
+
+def wait_for(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_standby_next_hop_takes_over_when_the_primary_stops_answering(tmp_path, n):
+    a, b = FakeGateway(), FakeGateway()
+    dev = udp()
+    routes = [dict(route(100, K_DA, a.addr, 300, K_BG), standby=b.addr),
+              dict(route(101, K_DA, a.addr, 300, K_BG), standby=b.addr),     # the other worker when n = 2
+              route(301, K_BG, "learn:100", 102, K_DA)]
+    p = Workers(tmp_path, routes, n)            # n = 1: the single process, no supervisor
+    try:
+        for label in (100, 101):
+            send_up(dev, label, K_DA, p.addr, b"to primary %d" % label)
+        assert wait_for(lambda: len(a.data) == 2), a.data
+        assert wait_for(lambda: b.probes >= 1)          # the standby is probed too, before it is needed
+        a.alive = False                                 # the primary dies (kill -9: silent)
+        t0 = time.monotonic()
+        assert wait_for(lambda: "standby_in_use" in control.query(p.ctl, {"cmd": "stats"}, timeout=3.0), 5)
+        switched = time.monotonic() - t0
+        assert switched < 2.0, switched                 # DEAD_S 0.6 s plus a probe period
+        for label in (100, 101):
+            send_up(dev, label, K_DA, p.addr, b"to standby %d" % label)
+        assert wait_for(lambda: len(b.data) == 2), b.data
+        assert sorted(b.data) == [b"to standby 100", b"to standby 101"]
+        a.alive = True                                  # back, but sticky: the standby stays in use
+        time.sleep(1.2)
+        send_up(dev, 100, K_DA, p.addr, b"still standby")
+        assert wait_for(lambda: len(b.data) == 3)
+        assert len(a.data) == 2
+        s = control.query(p.ctl, {"cmd": "stats"}, timeout=3.0)
+        mon = s["next_hop_monitor"]
+        assert mon["switches"] == 1 and mon["rejected"] == 0, mon
+        assert s["standby_in_use"] == {a.addr: b.addr}, s
+        text = p.log()
+        assert "next hop %s does not answer probes" % a.addr in text and "switch to its standby %s" % b.addr in text
+    finally:
+        rc = p.stop()
+        a.stop()
+        b.stop()
+    assert rc == 0, p.log()
+
+
+def test_a_forged_probe_reply_moves_nothing():
+    import logging
+    from microtun_host import nexthop
+    from microtun_host.config import parse_address
+    specs = [pop.RouteSpec(100, K_DA, parse_address("127.0.0.1:9001"), 0, 300, K_BG,
+                           standby=parse_address("127.0.0.1:9002"))]
+    now = [0.0]
+    switched = []
+    m = nexthop.Monitor(parse_address("127.0.0.1:9000"), specs, logging.getLogger("t"),
+                        lambda p, d: switched.append(d), clock=lambda: now[0])
+    pair = m.pairs[(("127.0.0.1", 9001), ("127.0.0.1", 9002))]
+    pair.outstanding[7] = 1
+    body = outer.probe_reply_payload(outer.probe_body(7, 0), 4, 9000, bytes((127, 0, 0, 1)))
+    good = outer.seal(outer.TYPE_HOP_PROBE_REPLY, 300, HK[K_BG], body)
+    for pkt, src in [(outer.seal(outer.TYPE_HOP_PROBE_REPLY, 300, HK[K_DA], body), ("127.0.0.1", 9002)),  # wrong key
+                     (good, ("127.0.0.1", 9003)),                                                    # wrong source
+                     (outer.seal(outer.TYPE_HOP_PROBE_REPLY, 301, HK[K_BG], body), ("127.0.0.1", 9002))]:  # label
+        m._reply(pkt, src)
+    assert m.rejected == 3 and pair.heard[1] is None
+    m._reply(good, ("127.0.0.1", 9002))
+    assert pair.heard[1] == 0.0 and m.replies == 1
+    m._reply(good, ("127.0.0.1", 9002))                 # a replay: the id is no longer outstanding
+    assert m.rejected == 4
+    now[0] = 1.0                                        # primary silent for 1 s, standby heard 1 s ago
+    m._judge(pair, now[0])
+    assert switched == [("127.0.0.1", 9002)]

@@ -94,7 +94,7 @@ class DeviceEntry:
 class GatewayConfig:
     def __init__(self, root):
         root.only("name", "listen", "control", "private_key", "registry", "links", "services",
-                  "rekey_after_s", "window", "log_level")
+                  "rekey_after_s", "window", "log_level", "keepalive_s")
         self.source = root.file
         self.name = root.text("name", "gateway")
         self.listen = root.address("listen")
@@ -126,6 +126,9 @@ class GatewayConfig:
         self.registry_path = reg if os.path.isabs(reg) else os.path.join(base, reg)
         self.rekey_after_ms = root.integer("rekey_after_s", 10, 86400, timers.REKEY_AFTER_TIME_MS // 1000) * 1000
         self.window = root.integer("window", 64, 65536, GATEWAY_WINDOW)
+        # passive keepalive: an answer to a device's data within this, even with nothing to say; shorter
+        # than the devices' unresponsive_s when a standby waits (docs/DEPLOY.md "Many cores and failover")
+        self.keepalive_ms = root.integer("keepalive_s", 1, 10, timers.Params.keepalive_ms // 1000) * 1000
         self.log_level = root.text("log_level", "info", choices=("debug", "info", "warning", "error"))
         self.devices = load_registry(self.registry_path)
 
@@ -219,7 +222,7 @@ class _Listener:
 class GatewayServer:
     def __init__(self, cfg):
         self.cfg = cfg
-        p = timers.Params(rekey_after_ms=cfg.rekey_after_ms,
+        p = timers.Params(rekey_after_ms=cfg.rekey_after_ms, keepalive_ms=cfg.keepalive_ms,
                           reject_after_ms=cfg.rekey_after_ms + (timers.REJECT_AFTER_TIME_MS - timers.REKEY_AFTER_TIME_MS))
         self.core = Gateway(cfg.private_key, params=p, window=cfg.window)
         self._set_links(cfg.links)

@@ -81,7 +81,7 @@ LOG_EVERY_S = 10.0             # a log line per (label, event) at most this ofte
 LOG_BURST = 3.0                # ... after a burst of this many (so a move and its move back both show)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LABEL_RANGE = (outer.LABEL_MIN, outer.LABEL_MAX)
-ROUTE_FIELDS = ("in_label", "in_key", "next", "out_label", "out_key")
+ROUTE_FIELDS = ("in_label", "in_key", "next", "standby", "out_label", "out_key")
 TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "workers", "routes")
 WORKERS_MAX = 256              # worker processes (docs/DEPLOY.md "Many cores and failover")
 
@@ -91,10 +91,11 @@ WORKERS_MAX = 256              # worker processes (docs/DEPLOY.md "Many cores an
 class RouteSpec:
     """One validated route from the config file."""
 
-    __slots__ = ("in_label", "in_key", "next_addr", "learn_from", "out_label", "out_key", "where")
+    __slots__ = ("in_label", "in_key", "next_addr", "learn_from", "out_label", "out_key", "where", "standby")
 
-    def __init__(self, in_label, in_key, next_addr, learn_from, out_label, out_key, where=""):
+    def __init__(self, in_label, in_key, next_addr, learn_from, out_label, out_key, where="", standby=None):
         self.in_label = in_label
+        self.standby = standby          # config.Address taking over when next_addr stops answering probes
         self.in_key = in_key            # 32 bytes
         self.next_addr = next_addr      # config.Address, or None with learn_from
         self.learn_from = learn_from    # in_label whose last authenticated source is the next hop, or 0
@@ -106,8 +107,8 @@ class RouteSpec:
         return "learn:%d" % self.learn_from if self.learn_from else str(self.next_addr)
 
     def same(self, other):
-        return (self.in_key, self.next_addr, self.learn_from, self.out_label, self.out_key) == (
-            other.in_key, other.next_addr, other.learn_from, other.out_label, other.out_key)
+        return (self.in_key, self.next_addr, self.learn_from, self.out_label, self.out_key, self.standby) == (
+            other.in_key, other.next_addr, other.learn_from, other.out_label, other.out_key, other.standby)
 
 
 class PopConfig:
@@ -160,9 +161,17 @@ def load_config(path):
                 raise r.error("next", "expected a next hop with a port in 1..65535, got %s" % next_addr)
             if next_addr == listen:
                 raise r.error("next", "next hop %s is this PoP's own listen address (a loop)" % next_addr)
+        standby = None
+        if r.has("standby"):
+            if learn_from:
+                raise r.error("standby", "a standby goes with a fixed next hop, not learn:%d" % learn_from)
+            standby = r.address("standby")
+            if standby.family != listen.family or standby.port == 0 or standby in (listen, next_addr):
+                raise r.error("standby", "expected an address of the same family as listen, with a port, other "
+                                         "than listen and next, got %s" % standby)
         out_label = r.integer("out_label", lo, hi)
         out_key = r.key32("out_key")
-        routes.append(RouteSpec(in_label, in_key, next_addr, learn_from, out_label, out_key, r.where()))
+        routes.append(RouteSpec(in_label, in_key, next_addr, learn_from, out_label, out_key, r.where(), standby))
     for i, spec in enumerate(routes):
         if spec.learn_from and spec.learn_from not in seen:
             raise ConfigError("%s: %s.next: learn:%d names no route's in_label (learned addresses come "
@@ -269,6 +278,7 @@ class Forwarder:
     def __init__(self, routes, log, clock=time.monotonic):
         self.routes = routes            # {in_label: Route}; replaced whole by swap()
         self.learned = {}               # in_label -> validated (or first) source address
+        self.next_hops = {}             # primary next hop -> its standby, while the standby is the one used
         self.log = log
         self.clock = clock
         self.rx = 0
@@ -579,6 +589,23 @@ class Forwarder:
             return None
         return v[0]
 
+    def set_next_hop(self, primary, dest):
+        """Routes whose next hop is primary (and that have a standby) send
+        to dest from now on: the standby, or the primary again
+        (microtun_host.nexthop decides, from probes)."""
+        if dest == primary:
+            self.next_hops.pop(primary, None)
+        else:
+            self.next_hops[primary] = dest
+        for r in list(self.routes.values()) + [v[0] for v in self.draining.values()]:
+            self._apply_next_hop(r)
+
+    def _apply_next_hop(self, r):
+        s = r.spec
+        if s.standby is not None:
+            d = self.next_hops.get(s.next_addr.sockaddr)
+            r.dest = d if d == s.standby.sockaddr else s.next_addr.sockaddr
+
     def send_failed(self, out):
         """The driver could not send out (returned by receive): recount it."""
         if out[0] == outer.BYTE0_DATA:
@@ -613,6 +640,8 @@ class Forwarder:
                 self.draining[label] = (r, expiry)
         for label in routes:
             self.draining.pop(label, None)
+        for r in routes.values():
+            self._apply_next_hop(r)
         keep = lambda k: k in routes or k in self.draining     # noqa: E731
         self.learned = {k: v for k, v in self.learned.items() if keep(k)}
         self._challenge = {k: v for k, v in self._challenge.items() if keep(k)}
@@ -726,13 +755,16 @@ class Pop:
     SO_REUSEPORT group the supervisor opened) and a private control socket;
     `worker` is then its index, else None."""
 
-    def __init__(self, cfg, log, sock=None, control_addr=None, worker=None):
+    def __init__(self, cfg, log, sock=None, control_addr=None, worker=None, next_hops=None):
         self.cfg = cfg
         self.log = log
         self.sock = sock
         self.worker = worker
         self.control_addr = cfg.control if worker is None else control_addr
+        self.monitor = None             # nexthop.Monitor when routes have a standby (the supervisor's, for a worker)
         self.fwd = Forwarder(build_table(cfg.routes), log)
+        for primary, dest in (next_hops or {}).items():
+            self.fwd.set_next_hop(primary, dest)
         self.started = time.monotonic()
         self.reloads = 0
         self.reload_failures = 0
@@ -756,8 +788,8 @@ class Pop:
         ctl = None
         if self.control_addr is not None:
             try:
-                ctl = await control.serve(self.control_addr, {"stats": self._cmd_stats, "reload": self._cmd_reload},
-                                          self.log)
+                ctl = await control.serve(self.control_addr, {"stats": self._cmd_stats, "reload": self._cmd_reload,
+                                                              "next_hops": self._cmd_next_hops}, self.log)
             except OSError as e:
                 loop.remove_reader(sock.fileno())
                 sock.close()
@@ -766,6 +798,7 @@ class Pop:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        self._watch_next_hops(loop)
         self.log.info("listening on %s with %d routes%s (%s)", cfg.listen, len(self.fwd.routes),
                       ", control on %s" % self.control_addr if ctl else "", type(loop).__module__.split(".")[0])
         self._schedule_stats()
@@ -780,6 +813,8 @@ class Pop:
             sock.close()
             if ctl:
                 ctl.close()
+            if self.monitor is not None:
+                self.monitor.close()
         self.log.info("final stats: %s; up %.0f s, %d reloads (%d failed)", self.fwd.summary(),
                       time.monotonic() - self.started, self.reloads, self.reload_failures)
         return 0
@@ -817,6 +852,7 @@ class Pop:
                                  getattr(cfg, field))
                 setattr(cfg, field, getattr(old, field))
         added, removed, changed = self.fwd.swap(build_table(cfg.routes))
+        self._watch_next_hops(asyncio.get_running_loop(), cfg.routes)
         if cfg.log_level != old.log_level:
             logs.set_level(self.log, cfg.log_level)
             self.fwd.log_level_changed()
@@ -833,7 +869,40 @@ class Pop:
                  reloads=self.reloads, reload_failures=self.reload_failures)
         if self.worker is not None:
             s.update(worker=self.worker, pid=os.getpid())
+        if self.monitor is not None:
+            s["next_hop_monitor"] = self.monitor.stats()
+        if self.fwd.next_hops:
+            s["standby_in_use"] = {format_sockaddr(k): format_sockaddr(v) for k, v in self.fwd.next_hops.items()}
         return s
+
+    def _watch_next_hops(self, loop, specs=None):
+        """Routes with a standby: probe the pairs (microtun_host.nexthop).
+        A worker's supervisor probes for it and sends `next_hops`."""
+        specs = self.cfg.routes if specs is None else specs
+        if self.worker is not None:
+            return
+        if self.monitor is not None:
+            self.monitor.update(specs)
+        elif any(s.standby is not None for s in specs):
+            from microtun_host import nexthop
+            self.monitor = nexthop.Monitor(self.cfg.listen, specs, self.log, self.fwd.set_next_hop)
+            self.monitor.start(loop)
+
+    def _cmd_next_hops(self, req):
+        """{"cmd": "next_hops", "use": {"primary host:port": "host:port in use"}} from a supervisor:
+        every pair not named goes back to its primary."""
+        use = req.get("use")
+        if not isinstance(use, dict):
+            return {"ok": False, "error": "expected \"use\": {\"primary HOST:PORT\": \"HOST:PORT\"}"}
+        want = {}
+        for k, v in use.items():
+            a, b = config.parse_address(k), config.parse_address(v) if isinstance(v, str) else None
+            if a is None or b is None:
+                return {"ok": False, "error": "not an address pair: %r: %r" % (k, v)}
+            want[a.sockaddr] = b.sockaddr
+        for primary in {s.next_addr.sockaddr for s in self.cfg.routes if s.standby is not None} | set(self.fwd.next_hops):
+            self.fwd.set_next_hop(primary, want.get(primary, primary))
+        return {"standby_in_use": len(self.fwd.next_hops)}
 
     def _cmd_reload(self, req):
         return self.reload("control reload")

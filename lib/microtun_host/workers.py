@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -57,9 +58,9 @@ import sys
 import tempfile
 import time
 
-from microtun_host import control, pop
+from microtun_host import control, nexthop, pop
 from microtun_host import log as logs
-from microtun_host.config import ConfigError
+from microtun_host.config import ConfigError, format_sockaddr, parse_address
 
 SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)     # Linux >= 4.5
 BPF_MAXINSNS = 4096
@@ -236,18 +237,55 @@ class Supervisor:
         self._poll = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(self.n, 16))
         self._drain_timer = None
+        self.monitor = None             # nexthop.Monitor: routes with a standby, probed here for every worker
+        self._push = set()              # workers still to be told the monitor's choices
 
     # -- workers ------------------------------------------------------------------
     def _spawn(self, w):
         fd = w.sock.fileno()
         argv = [sys.executable, "-m", "microtun_host.workers", "--config", self.cfg.path,
-                "--index", str(w.index), "--fd", str(fd), "--control", w.control, "--parent", str(os.getpid())]
+                "--index", str(w.index), "--fd", str(fd), "--control", w.control, "--parent", str(os.getpid()),
+                "--next-hops", json.dumps(self._choices())]
+        self._push.discard(w.index)
         w.proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL)
         w.started = time.monotonic()
+
+    def _choices(self):
+        return {} if self.monitor is None else {format_sockaddr(k): format_sockaddr(v)
+                                                for k, v in self.monitor.choices().items()}
+
+    def _switched(self, primary, dest):
+        self._push = {w.index for w in self.workers}
+        self._push_choices()
+
+    def _push_choices(self):
+        """Tell the workers in self._push which next hops are in use (a
+        worker that does not answer now is asked again on the next poll)."""
+        if not self._push:
+            return
+        req = {"cmd": "next_hops", "use": self._choices()}
+
+        def one(w):
+            try:
+                return w.index, control.query(w.control, req, timeout=0.3).get("ok")
+            except control.ControlError:
+                return w.index, False
+        todo = [w for w in self.workers if w.index in self._push and w.proc is not None]
+        for index, ok in self._pool.map(one, todo):
+            if ok:
+                self._push.discard(index)
+
+    def _watch_next_hops(self, loop, specs):
+        if self.monitor is not None:
+            self.monitor.update(specs)
+        elif any(s.standby is not None for s in specs):
+            self.monitor = nexthop.Monitor(self.cfg.listen, specs, self.log, self._switched)
+            self.monitor.start(loop)
 
     def _check(self):
         if self._stop.done():
             return
+        self._push_choices()
         now = time.monotonic()
         for w in self.workers:
             if w.proc is not None:
@@ -305,6 +343,7 @@ class Supervisor:
                     return 1
             for w in self.workers:
                 self._spawn(w)
+            self._watch_next_hops(loop, cfg.routes)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop, sig.name)
             loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
@@ -320,6 +359,8 @@ class Supervisor:
                 self._poll.cancel()
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
+            if self.monitor is not None:
+                self.monitor.close()
             if ctl:
                 ctl.close()
             self._stop_workers()
@@ -381,6 +422,12 @@ class Supervisor:
                    reloads=self.reloads, reload_failures=self.reload_failures,
                    worker_count=self.n, workers_answering=sum(1 for e in per if "error" not in e),
                    steering_exceptions=len(self.exceptions), workers=per)
+        if self.monitor is not None:
+            out["next_hop_monitor"] = self.monitor.stats()
+            if self._push:
+                out["next_hops_pending"] = sorted(self._push)       # workers not told yet
+            elif self._choices():
+                out["standby_in_use"] = self._choices()              # every worker uses them
         return out
 
     def _cmd_reload(self, req):
@@ -426,6 +473,9 @@ class Supervisor:
             self._drain_timer = loop.call_later(pop.DRAIN_S + 1.0, self._drop_drained)
         self.cfg = cfg
         answers = self._ask_all({"cmd": "reload"})
+        self._watch_next_hops(asyncio.get_running_loop(), cfg.routes)
+        self._push = {w.index for w in self.workers}
+        self._push_choices()
         bad = ["worker %d: %s" % (w.index, err or (r or {}).get("error")) for w, r, err in answers
                if not (r and r.get("ok"))]
         if bad:
@@ -536,6 +586,7 @@ def worker_main(argv=None):
     ap.add_argument("--fd", type=int, required=True)
     ap.add_argument("--control", required=True)
     ap.add_argument("--parent", type=int, required=True)
+    ap.add_argument("--next-hops", default="{}", help="JSON {primary: in use}, from the supervisor's probes")
     a = ap.parse_args(argv)
     _die_with_parent(a.parent)
     try:
@@ -544,12 +595,14 @@ def worker_main(argv=None):
         print("microtun pop worker %d: %s" % (a.index, e), file=sys.stderr)
         return 2
     log = logs.setup("%s/w%d" % (cfg.name, a.index), cfg.log_level)
+    use = {parse_address(k).sockaddr: parse_address(v).sockaddr for k, v in json.loads(a.next_hops).items()}
     sock = socket.socket(fileno=a.fd)
     sock.setblocking(False)
     loop = pop._new_loop()
     try:
         return loop.run_until_complete(
-            pop.Pop(cfg, log, sock=sock, control_addr=control.SocketPath(a.control), worker=a.index).run())
+            pop.Pop(cfg, log, sock=sock, control_addr=control.SocketPath(a.control), worker=a.index,
+                    next_hops=use).run())
     finally:
         loop.close()
 
