@@ -41,6 +41,7 @@ bench: $(STAMP)
 	@echo "== PoP forwarding";                $(PY) tools/bench_pop.py
 	@echo "== gateway";                       $(PY) tools/bench_gateway.py
 	@echo "== paths (real processes, ~3 min)"; $(PY) tools/bench_paths.py
+	@echo "== gateway failover (real processes, ~1 min)"; $(PY) tools/bench_failover.py
 
 # Issue 11's attack figures (real processes, ~5-7 min; QUICK=1: ~2 min).
 .PHONY: bench-attack
