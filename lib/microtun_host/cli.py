@@ -1,7 +1,7 @@
 """`microtun` command line: one subcommand per host role.
 
     microtun pop --config pop.json [--workers N] [--check]
-    microtun gateway --config gateway.json [--check]
+    microtun gateway --config gateway.json [--workers N] [--check]
     microtun status --config gateway.json | --control HOST:PORT [--json]
     microtun provision topology.toml --out DIR
     microtun echo 127.0.0.1:5000
@@ -53,7 +53,10 @@ def _gateway(sub):
                        description="Run the gateway. SIGHUP reloads config and registry; SIGTERM/SIGINT stop it.")
     p.add_argument("--config", required=True, metavar="FILE", help="gateway config (JSON, see docs/CONFIG.md)")
     p.add_argument("--check", action="store_true", help="only validate the config and registry, then exit")
-    p.set_defaults(run=lambda args: _lazy("gateway").main(args.config, check=args.check))
+    p.add_argument("--workers", type=_workers, metavar="N",
+                   help="gateway processes sharing the port, each device on one (default: the config's "
+                        "\"workers\", else 1; see docs/DEPLOY.md)")
+    p.set_defaults(run=lambda args: _lazy("gateway").main(args.config, check=args.check, workers=args.workers))
 
 
 def _status(sub):

@@ -94,8 +94,11 @@ class DeviceEntry:
 class GatewayConfig:
     def __init__(self, root):
         root.only("name", "listen", "control", "private_key", "registry", "links", "services",
-                  "rekey_after_s", "window", "log_level", "keepalive_s")
+                  "rekey_after_s", "window", "log_level", "keepalive_s", "workers")
         self.source = root.file
+        self.path = root.file
+        # processes on the one port, each device's links steered to one (microtun_host.workers)
+        self.workers = self.file_workers = root.integer("workers", 1, 256, 1)
         self.name = root.text("name", "gateway")
         self.listen = root.address("listen")
         self.control = control.from_config(root)
@@ -314,14 +317,18 @@ class GatewayServer:
         return True, msg
 
     # -- lifecycle -----------------------------------------------------------
-    async def start(self):
+    async def start(self, sock=None):
+        """Open the sockets and serve; `sock`: a bound UDP socket to use
+        instead of binding `listen` (a worker's, from its supervisor)."""
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET6 if self.cfg.listen.family == 6 else socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.bind(self.cfg.listen.sockaddr)
-        except OSError:
-            sock.close()
-            raise
+        if sock is None:
+            sock = socket.socket(socket.AF_INET6 if self.cfg.listen.family == 6 else socket.AF_INET,
+                                 socket.SOCK_DGRAM)
+            try:
+                sock.bind(self.cfg.listen.sockaddr)
+            except OSError:
+                sock.close()
+                raise
         try:    # room for bursts (a flood shares this socket with every device's packets)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         except OSError:
@@ -639,12 +646,12 @@ class GatewayServer:
         return {"ok": ok, "message": msg} if ok else {"ok": False, "error": msg}
 
 
-async def serve(cfg, ready=None):
+async def serve(cfg, ready=None, sock=None):
     """Run a gateway until SIGTERM/SIGINT; returns the exit code (1 when
     its sockets cannot be opened, with one line on stderr)."""
     server = GatewayServer(cfg)
     try:
-        await server.start()
+        await server.start(sock)
     except OSError as e:
         await server.stop(quiet=True)
         what = "listen on %s" % cfg.listen if server._transport is None else "open the control channel on %s" % cfg.control
@@ -664,13 +671,18 @@ async def serve(cfg, ready=None):
     return 0
 
 
-def main(config_path, check=False):
-    """`microtun gateway --config FILE [--check]`; returns the exit code."""
+def main(config_path, check=False, workers=None):
+    """`microtun gateway --config FILE [--workers N] [--check]`; returns the exit code."""
     try:
         cfg = load_gateway_config(config_path)
     except ConfigError as e:
         print("microtun gateway: %s" % e, file=sys.stderr)
         return 2
+    if workers is not None:
+        cfg.workers = workers
+    if cfg.workers > 1:
+        from microtun_host import workers as wk
+        return wk.gateway_main(cfg, check)
     if check:
         print("%s: ok (%d links, %d devices)" % (config_path, len(cfg.links), len(cfg.devices)))
         return 0
@@ -710,6 +722,10 @@ def format_status(st):
                 "", _ago(x["last_ms_ago"]), x["counter"], x["gateway_counter"]))
     drops = {k: v for k, v in sorted(st["counters"].items()) if k not in normal}
     lines.append("counters: " + (", ".join("%s=%d" % kv for kv in drops.items()) or "no drops"))
+    for w in st.get("workers", ()):         # a gateway run with workers (microtun_host.workers)
+        lines.append("worker %d: pid %s, restarts %d%s, %s" % (
+            w["index"], w.get("pid"), w.get("restarts", 0), " (last: %s)" % w["last_exit"] if w.get("last_exit") else "",
+            "NOT ANSWERING: %s" % w["error"] if "error" in w else "%d sessions" % w.get("established", 0)))
     return "\n".join(lines)
 
 

@@ -17,10 +17,11 @@ any sharing on the hot path:
     a learn group goes to one worker:     route D with next "learn:L" reads
                                           the address learned on L, so D and
                                           L (and anything chained to them)
-                                          share min(group) % N; the labels
-                                          whose own label % N differs are the
-                                          program's exceptions (one compare
-                                          each, at most MAX_EXCEPTIONS)
+                                          share group_worker(group); the
+                                          labels whose own label % N differs
+                                          are the program's exceptions (one
+                                          compare each, MAX_EXCEPTIONS at most)
+    a gateway: a device's links           one worker per device (link_groups)
 
 Socket indexes in a reuseport group are the order the sockets joined it, and
 a socket closing moves the last one into its slot; because the supervisor
@@ -88,6 +89,22 @@ def steering(routes, n):
     learn group (a route with next "learn:L" and route L, transitively) on
     the worker of its smallest label. Raises ConfigError when the BPF
     program would not fit."""
+    return steering_groups(_learn_groups(routes), n)
+
+
+def link_groups(links):
+    """A gateway's links grouped by device: a session arrives on any of its
+    device's links, so they share a worker. The device is the link name's
+    part before "/" (what `microtun provision` writes: "sensor-1/a"); a
+    link named otherwise is a group of its own."""
+    groups = {}
+    for link in links:
+        groups.setdefault(link.name.split("/", 1)[0] if "/" in link.name else ("", link.in_label),
+                          []).append(link.in_label)
+    return list(groups.values())
+
+
+def _learn_groups(routes):
     parent = {}
 
     def find(x):
@@ -103,16 +120,31 @@ def steering(routes, n):
     groups = {}
     for r in routes:
         groups.setdefault(find(r.in_label), []).append(r.in_label)
+    return list(groups.values())
+
+
+def group_worker(labels, n):
+    """The worker of a group of labels: label % n for a lone label (no entry
+    needed), else a multiplicative hash of its smallest label: provisioned
+    labels come in runs (a path's two labels, a device's links), and
+    min % n would put every such group on the same worker."""
+    m = min(labels)
+    return m % n if len(labels) == 1 else (((m * 0x9E3779B1) & 0xFFFFFFFF) >> 8) % n
+
+
+def steering_groups(groups, n):
+    """{label: worker} putting each group (a list of labels) on one worker
+    (group_worker), for the labels where that is not label % n."""
     exceptions = {}
-    for labels in groups.values():
-        w = min(labels) % n
+    for labels in groups:
+        w = group_worker(labels, n)
         for label in labels:
             if label % n != w:
                 exceptions[label] = w
     if len(exceptions) > MAX_EXCEPTIONS:
-        raise ConfigError("workers: %d learn routes need their own steering entry, more than the %d a "
-                          "classic BPF program holds; run fewer device-facing routes per PoP process group "
-                          "(split the table over two PoPs) or workers: 1" % (len(exceptions), MAX_EXCEPTIONS))
+        raise ConfigError("workers: %d labels need their own steering entry, more than the %d a classic BPF "
+                          "program holds; split the table over two processes (two ports) or run workers: 1"
+                          % (len(exceptions), MAX_EXCEPTIONS))
     return exceptions
 
 
@@ -222,11 +254,30 @@ def _exit_text(code):
 
 
 class Supervisor:
+    """The PoP's supervisor; GatewaySupervisor below overrides the hooks
+    (_load, _steer, _labels, _specs, role) for the gateway."""
+    role = "pop"
+
+    def _load(self, path):
+        return pop.load_config(path)
+
+    def _steer(self, cfg):
+        return steering(cfg.routes, self.n)
+
+    def _labels(self, cfg):
+        return [r.in_label for r in cfg.routes]
+
+    def _specs(self, cfg):
+        return cfg.routes           # for the next-hop monitor
+
+    def _commands(self):
+        return {"stats": self._cmd_stats, "reload": self._cmd_reload}
+
     def __init__(self, cfg, log):
         self.cfg = cfg
         self.log = log
         self.n = cfg.workers
-        self.exceptions = steering(cfg.routes, self.n)
+        self.exceptions = self._steer(cfg)
         self.socks = []
         self.workers = []
         self.dir = None
@@ -243,7 +294,7 @@ class Supervisor:
     # -- workers ------------------------------------------------------------------
     def _spawn(self, w):
         fd = w.sock.fileno()
-        argv = [sys.executable, "-m", "microtun_host.workers", "--config", self.cfg.path,
+        argv = [sys.executable, "-m", "microtun_host.workers", "--role", self.role, "--config", self.cfg.path,
                 "--index", str(w.index), "--fd", str(fd), "--control", w.control, "--parent", str(os.getpid()),
                 "--next-hops", json.dumps(self._choices())]
         self._push.discard(w.index)
@@ -336,19 +387,18 @@ class Supervisor:
         try:
             if cfg.control is not None:
                 try:
-                    ctl = await control.serve(cfg.control, {"stats": self._cmd_stats, "reload": self._cmd_reload},
-                                              self.log)
+                    ctl = await control.serve(cfg.control, self._commands(), self.log)
                 except OSError as e:
                     self.log.error("cannot open the control channel on %s: %s", cfg.control, e.strerror or e)
                     return 1
             for w in self.workers:
                 self._spawn(w)
-            self._watch_next_hops(loop, cfg.routes)
+            self._watch_next_hops(loop, self._specs(cfg))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop, sig.name)
             loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
-            self.log.info("listening on %s with %d routes, %d workers (pids %s), %d steering exceptions%s",
-                          cfg.listen, len(cfg.routes), self.n, " ".join(str(w.proc.pid) for w in self.workers),
+            self.log.info("listening on %s with %d %s, %d workers (pids %s), %d steering exceptions%s",
+                          cfg.listen, len(self._labels(cfg)), "routes" if self.role == "pop" else "links", self.n, " ".join(str(w.proc.pid) for w in self.workers),
                           len(self.exceptions), ", control on %s" % cfg.control if ctl else "")
             self._poll = loop.call_later(POLL_S, self._check)
             await self._stop
@@ -441,11 +491,11 @@ class Supervisor:
         while the workers drain them (pop.DRAIN_S)."""
         old = self.cfg
         try:
-            cfg = pop.load_config(old.path)
-            exceptions = steering(cfg.routes, self.n)
+            cfg = self._load(old.path)
+            exceptions = self._steer(cfg)
         except ConfigError as e:
             self.reload_failures += 1
-            self.log.error("%s: config not reloaded, keeping %d routes: %s", why, len(old.routes), e)
+            self.log.error("%s: config not reloaded, keeping %d labels: %s", why, len(self._labels(old)), e)
             return {"ok": False, "error": str(e)}
         for field in ("listen", "control", "name", "file_workers"):
             if getattr(cfg, field) != getattr(old, field):
@@ -454,9 +504,8 @@ class Supervisor:
         cfg.listen, cfg.control, cfg.name, cfg.workers = old.listen, old.control, old.name, old.workers
         if cfg.log_level != old.log_level:
             logs.set_level(self.log, cfg.log_level)
-        new_labels = {r.in_label for r in cfg.routes}
-        keep = {r.in_label: worker_of(r.in_label, self.n, self.exceptions)
-                for r in old.routes if r.in_label not in new_labels}
+        new_labels = set(self._labels(cfg))
+        keep = {lab: worker_of(lab, self.n, self.exceptions) for lab in self._labels(old) if lab not in new_labels}
         draining = dict(exceptions)
         draining.update({k: v for k, v in keep.items() if v != k % self.n})
         try:
@@ -473,7 +522,7 @@ class Supervisor:
             self._drain_timer = loop.call_later(pop.DRAIN_S + 1.0, self._drop_drained)
         self.cfg = cfg
         answers = self._ask_all({"cmd": "reload"})
-        self._watch_next_hops(asyncio.get_running_loop(), cfg.routes)
+        self._watch_next_hops(asyncio.get_running_loop(), self._specs(cfg))
         self._push = {w.index for w in self.workers}
         self._push_choices()
         bad = ["worker %d: %s" % (w.index, err or (r or {}).get("error")) for w, r, err in answers
@@ -483,12 +532,14 @@ class Supervisor:
             self.log.error("%s: reloaded %s, but not in every worker: %s", why, cfg.path, "; ".join(bad))
             return {"ok": False, "error": "; ".join(bad)}
         self.reloads += 1
-        first = answers[0][1]
-        self.log.info("%s: reloaded %s in %d workers: %d routes (%d added, %d removed, %d changed)", why,
-                      cfg.path, self.n, len(cfg.routes), first.get("added", 0), first.get("removed", 0),
-                      first.get("changed", 0))
-        return {"ok": True, "routes": len(cfg.routes), "added": first.get("added", 0),
-                "removed": first.get("removed", 0), "changed": first.get("changed", 0), "workers": self.n}
+        first = dict(answers[0][1])
+        first.pop("id", None)
+        self.log.info("%s: reloaded %s in %d workers: %d %s%s", why, cfg.path, self.n, len(self._labels(cfg)),
+                      "routes" if self.role == "pop" else "links",
+                      " (%d added, %d removed, %d changed)" % (first.get("added", 0), first.get("removed", 0),
+                                                             first.get("changed", 0)) if self.role == "pop" else "")
+        first.update(ok=True, workers=self.n)
+        return first
 
     def _drop_drained(self):
         self._drain_timer = None
@@ -564,6 +615,119 @@ def pop_status_main(config_path, as_json=False):
     return 0
 
 
+# --- the gateway's supervisor ---------------------------------------------------------
+
+def merge_status(replies):
+    """One gateway status from its workers' (status dicts, None for one that
+    did not answer). Every worker knows every registered device; a device's
+    entry comes from the worker that has its session (its links are steered
+    there), else from any."""
+    live = [r for r in replies if r is not None]
+    devices = {}
+    counters = {}
+    for r in live:
+        for k, v in r.get("counters", {}).items():
+            counters[k] = counters.get(k, 0) + v
+        for d in r.get("devices", []):
+            old = devices.get(d["name"])
+            if old is None or (d.get("established"), d.get("rx_packets", 0)) > (old.get("established"),
+                                                                               old.get("rx_packets", 0)):
+                devices[d["name"]] = d
+    return {"devices": [devices[k] for k in sorted(devices)], "counters": counters,
+            "gateway": live[0].get("gateway") if live else None}
+
+
+class GatewaySupervisor(Supervisor):
+    """N gateway processes on one port, a device's links steered to one of
+    them (link_groups): its sessions, services and budgets live there."""
+    role = "gateway"
+
+    def _load(self, path):
+        from microtun_host import gateway
+        return gateway.load_gateway_config(path)
+
+    def _steer(self, cfg):
+        return steering_groups(link_groups(cfg.links), self.n)
+
+    def _labels(self, cfg):
+        return [link.in_label for link in cfg.links]
+
+    def _specs(self, cfg):
+        return []
+
+    def _commands(self):
+        return {"stats": self._cmd_gw_stats, "status": self._cmd_gw_status, "reload": self._cmd_reload}
+
+    def _per_worker(self, answers, key):
+        per = []
+        for w, r, err in answers:
+            e = {"index": w.index, "pid": w.proc.pid if w.proc else None, "restarts": w.restarts,
+                 "alive": w.proc is not None, "last_exit": w.last_exit}
+            if not (r and r.get("ok")):
+                e["error"] = err or (r or {}).get("error")
+            elif key == "status":
+                e["established"] = sum(1 for d in r["status"].get("devices", []) if d.get("established"))
+            per.append(e)
+        return per
+
+    def _cmd_gw_status(self, req):
+        answers = self._ask_all({"cmd": "status"})
+        st = merge_status([r["status"] if r and r.get("ok") else None for _, r, _ in answers])
+        st.update(gateway=self.cfg.name, uptime_s=round(time.monotonic() - self.started, 1), worker_count=self.n,
+                  workers=self._per_worker(answers, "status"), steering_exceptions=len(self.exceptions))
+        return {"status": st}
+
+    def _cmd_gw_stats(self, req):
+        answers = self._ask_all({"cmd": "stats"})
+        counters = {}
+        for _, r, _ in answers:
+            if r and r.get("ok"):
+                for k, v in r.get("counters", {}).items():
+                    counters[k] = counters.get(k, 0) + v
+        return {"counters": counters, "worker_count": self.n,
+                "workers_answering": sum(1 for _, r, _ in answers if r and r.get("ok")),
+                "workers": self._per_worker(answers, "stats")}
+
+
+def gateway_main(cfg, check=False):
+    """`microtun gateway` with cfg.workers > 1: the supervisor."""
+    try:
+        exceptions = steering_groups(link_groups(cfg.links), cfg.workers)
+    except ConfigError as e:
+        print("microtun gateway: %s: %s" % (cfg.path, e), file=sys.stderr)
+        return 2
+    if check:
+        print("%s: ok (%d links, %d devices, %d workers, %d steering exceptions)" % (
+            cfg.path, len(cfg.links), len(cfg.devices), cfg.workers, len(exceptions)))
+        return 0
+    log = logs.setup(cfg.name, cfg.log_level)
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(GatewaySupervisor(cfg, log).run())
+    finally:
+        loop.close()
+
+
+def _gateway_worker(a):
+    import logging
+    from microtun_host import gateway
+    try:
+        cfg = gateway.load_gateway_config(a.config)
+    except ConfigError as e:
+        print("microtun gateway worker %d: %s" % (a.index, e), file=sys.stderr)
+        return 2
+    lg = logging.getLogger("microtun.gateway")           # the logger gateway.py writes to
+    lg.propagate = False
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logs._Formatter(logs._FORMAT, logs._DATEFMT, "%s/w%d" % (cfg.name, a.index)))
+    lg.addHandler(h)
+    logs.set_level(lg, cfg.log_level)
+    cfg.control = control.SocketPath(a.control)
+    sock = socket.socket(fileno=a.fd)
+    sock.setblocking(False)
+    return asyncio.run(gateway.serve(cfg, sock=sock))
+
+
 # --- a worker process ----------------------------------------------------------------
 
 def _die_with_parent(parent):
@@ -581,6 +745,7 @@ def _die_with_parent(parent):
 def worker_main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m microtun_host.workers",
                                  description="one PoP worker (started by `microtun pop --workers N`)")
+    ap.add_argument("--role", choices=("pop", "gateway"), default="pop")
     ap.add_argument("--config", required=True)
     ap.add_argument("--index", type=int, required=True)
     ap.add_argument("--fd", type=int, required=True)
@@ -589,6 +754,8 @@ def worker_main(argv=None):
     ap.add_argument("--next-hops", default="{}", help="JSON {primary: in use}, from the supervisor's probes")
     a = ap.parse_args(argv)
     _die_with_parent(a.parent)
+    if a.role == "gateway":
+        return _gateway_worker(a)
     try:
         cfg = pop.load_config(a.config)
     except ConfigError as e:
