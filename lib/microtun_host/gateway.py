@@ -681,8 +681,8 @@ def main(config_path, check=False, workers=None):
     if workers is not None:
         cfg.workers = workers
     if cfg.workers > 1:
-        from microtun_host import workers as wk
-        return wk.gateway_main(cfg, check)
+        from microtun_host import gateway_workers
+        return gateway_workers.gateway_main(cfg, check)
     if check:
         print("%s: ok (%d links, %d devices)" % (config_path, len(cfg.links), len(cfg.devices)))
         return 0
