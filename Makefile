@@ -41,6 +41,7 @@ bench: $(STAMP)
 	@echo "== PoP forwarding";                $(PY) tools/bench_pop.py
 	@echo "== gateway";                       $(PY) tools/bench_gateway.py
 	@echo "== paths (real processes, ~3 min)"; $(PY) tools/bench_paths.py
+	@echo "== gateway failover (real processes, ~1 min)"; $(PY) tools/bench_failover.py
 
 # Issue 14 (docs/LOOPS.md): local recovery on the PoP-to-PoP segment, every
 # mode against "off" on a 40 ms segment with the link emulator (~5 min).

@@ -230,3 +230,54 @@ def scenario_resplice(tmp, count=400, interval=20):
                 "provision_summary": summary.strip().splitlines()[:6]}
     finally:
         net.stop()
+
+
+def scenario_gateway_failover(tmp, count=300, interval=20, at=3.0):
+    """Issue 15: a standby gateway (same identity) beside the primary; the
+    primary is killed with SIGKILL mid-stream, every message critical. The
+    last PoP of each route probes both gateways and switches; the device
+    (unresponsive_s = 2) re-handshakes through the standby.
+
+    resume_s: from the kill to the first message the service gets through
+    the standby. in_flight: messages the device sent between the kill and
+    that moment (what a kill can take: the device cannot know them lost).
+    critical_lost: messages never delivered. duplicates_delivered: ids the
+    service got more than once."""
+    net = Net(tmp, routes={"a": ["a1", "a2"], "b": ["b1", "b2"]}, devices={"d1": {}}, policy="critical",
+              standby=True)
+    try:
+        net.start()
+        r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--linger", "3000")
+        r.wait_connected()
+        r.at(at)
+        n_before = len(net.echo.seen)
+        t_kill = time.monotonic()
+        net.kill("gw", signal.SIGKILL)
+        res = r.result()
+        ids = service_ids(net)
+        got = set(ids)
+        before = set(service_ids_of(net.echo.seen[:n_before]))
+        after = [(t, i) for t, i in zip(net.echo.stamps[n_before:], service_ids_of(net.echo.seen[n_before:]))]
+        # the first message after the gap: one the primary did not already deliver
+        resumed = next(((t, i) for t, i in after if i not in before and i > max(before, default=-1)), None)
+        sent = res["sent"]
+        resume_s = None if resumed is None else round(resumed[0] - t_kill, 3)
+        # ids sent from the kill until the resume: (resume time) / interval, counted from the last one before
+        in_flight = None if resumed is None else len([i for i in range(sent) if max(before) < i < resumed[1]])
+        return {"sent": sent, "delivered": len(got), "critical_lost": sent - len(got),
+                "in_flight": in_flight, "lost_ids": sorted(set(range(sent)) - got)[:50],
+                "duplicates_delivered": len(ids) - len(got), "resume_s": resume_s,
+                "handshakes": res["handshakes"], "interval_ms": interval,
+                "standby_in_use": {p: net.pop_stats(p).get("standby_in_use") for p in ("a2", "b2")}}
+    finally:
+        net.stop()
+
+
+def service_ids_of(seen):
+    ids = []
+    for d in seen:
+        try:
+            ids.append(int(d.split(b":", 1)[0]))
+        except ValueError:
+            pass
+    return ids

@@ -84,6 +84,7 @@ class Settings:
     with name, pop (host, port), label, rx_label, hop_key), policy,
     channels (a tuple, or None: all), nat_keepalive_ms, window, state_dir, network (board-specific dict, e.g.
     Wi-Fi), app (free dict for the application), watchdog_ms (0 = off),
+    unresponsive_ms (0 = the timer default),
     source (where it was read from)."""
 
 
@@ -145,6 +146,8 @@ def from_dict(d, source="config"):
     s.network = _object(d, w, "network", "board network settings")
     s.app = _object(d, w, "app", "application settings")
     s.watchdog_ms = int_field(d, w, "watchdog_s", 0, 3600, 0) * 1000
+    # 0: the default (15 s); a gateway with a standby wants ~2 s (docs/DEPLOY.md "Many cores and failover")
+    s.unresponsive_ms = int_field(d, w, "unresponsive_s", 0, 60, 0) * 1000
     return s
 
 

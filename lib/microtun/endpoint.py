@@ -332,7 +332,7 @@ class Device(_Endpoint):
         if s.hs is not None:
             cands.append(s.hs_retry_at)
         elif s.data_sent_unanswered is not None:    # timers.should_handshake_unresponsive
-            cands.append(ticks_add(s.data_sent_unanswered, p.keepalive_ms + p.rekey_timeout_ms))
+            cands.append(ticks_add(s.data_sent_unanswered, timers.unresponsive_after(p)))
         for kp in (s.current, s.previous, s.next):
             if kp is not None:
                 cands.append(ticks_add(kp.created, p.reject_after_ms))

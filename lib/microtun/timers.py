@@ -46,6 +46,7 @@ class Params:
     under_load_per_s = _UNDER_LOAD_PER_S
     keep_session = True              # initiator: rekey even when idle
     queue_len = 16                   # app messages held while no session
+    unresponsive_ms = 0              # data unanswered this long -> new handshake; 0: keepalive + rekey timeout
 
     def __init__(self, **kw):
         for k in kw:
@@ -104,7 +105,15 @@ def should_handshake_unresponsive(s, now, params):
     """Initiator sent data and heard nothing back for keepalive + rekey timeout:
     the far end may have lost our session (e.g. it restarted)."""
     return (s.hs is None and s.data_sent_unanswered is not None and
-            ticks_diff(now, s.data_sent_unanswered) >= params.keepalive_ms + params.rekey_timeout_ms)
+            ticks_diff(now, s.data_sent_unanswered) >= unresponsive_after(params))
+
+
+def unresponsive_after(params):
+    """How long data may go unanswered before the initiator re-handshakes:
+    WireGuard's keepalive + rekey timeout (15 s), or a device's shorter
+    `unresponsive_s` when its gateway has a standby (docs/DEPLOY.md): the
+    gateway's own keepalive_s must then be shorter still."""
+    return params.unresponsive_ms or params.keepalive_ms + params.rekey_timeout_ms
 
 
 def is_expired(keypair, now, params):

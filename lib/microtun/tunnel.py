@@ -34,6 +34,9 @@ class TunnelCore:
     def __init__(self, cfg, boot_counter, params=None, log=lambda level, msg: None):
         self.cfg = cfg
         self.log = log
+        if params is None and getattr(cfg, "unresponsive_ms", 0):
+            from microtun import timers
+            params = timers.Params(unresponsive_ms=cfg.unresponsive_ms)
         self.device = Device(cfg.private_key, cfg.gateway_public, psk=cfg.psk, boot_counter=boot_counter,
                              params=params, window=cfg.window, room=True)
         self.paths = PathSet([Path(i, pc.name, pc.label, pc.rx_label, hop.HopKey(pc.hop_key))

@@ -1,7 +1,7 @@
 """`microtun` command line: one subcommand per host role.
 
-    microtun pop --config pop.json [--check]
-    microtun gateway --config gateway.json [--check]
+    microtun pop --config pop.json [--workers N] [--check]
+    microtun gateway --config gateway.json [--workers N] [--check]
     microtun status --config gateway.json | --control HOST:PORT [--json]
     microtun provision topology.toml --out DIR [--fleet fleet.json] [--operator-key KEY]
     microtun fleet keygen|revoke|expire|status ...     (docs/FLEET.md)
@@ -33,13 +33,21 @@ def _lazy(module):
     return importlib.import_module("microtun_host." + module)
 
 
+def _workers(text):
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError("expected a number of worker processes in 1..256, got %r" % text)
+    return int(text)
+
+
 def _pop(sub):
     p = sub.add_parser("pop", help="run a PoP: label-switching relay on the outer plane",
                        description="Run a PoP. SIGHUP reloads the config; SIGTERM/SIGINT stop it.")
     p.add_argument("--config", required=True, metavar="FILE", help="PoP config (JSON, see docs/OUTER.md)")
     p.add_argument("--check", action="store_true", help="only validate the config and exit (0 ok, 2 invalid)")
-    p.set_defaults(run=lambda args: (_lazy("fleet").run_pop if _lazy("fleet").wants_fleet(args.config)
-                                     else _lazy("pop").main)(args.config, check=args.check))
+    p.add_argument("--workers", type=_workers, metavar="N",
+                   help="worker processes sharing the port, steered by label (default: the config's "
+                        "\"workers\", else 1; see docs/DEPLOY.md)")
+    p.set_defaults(run=lambda args: _node("pop", args))
 
 
 def _gateway(sub):
@@ -47,8 +55,23 @@ def _gateway(sub):
                        description="Run the gateway. SIGHUP reloads config and registry; SIGTERM/SIGINT stop it.")
     p.add_argument("--config", required=True, metavar="FILE", help="gateway config (JSON, see docs/CONFIG.md)")
     p.add_argument("--check", action="store_true", help="only validate the config and registry, then exit")
-    p.set_defaults(run=lambda args: (_lazy("fleet").run_gateway if _lazy("fleet").wants_fleet(args.config)
-                                     else _lazy("gateway").main)(args.config, check=args.check))
+    p.add_argument("--workers", type=_workers, metavar="N",
+                   help="gateway processes sharing the port, each device on one (default: the config's "
+                        "\"workers\", else 1; see docs/DEPLOY.md)")
+    p.set_defaults(run=lambda args: _node("gateway", args))
+
+
+def _node(kind, args):
+    """A PoP or gateway: fleet mode when its config has a "fleet" section
+    (docs/FLEET.md), else the file-mode server, with its workers."""
+    fleet = _lazy("fleet")
+    if fleet.wants_fleet(args.config):
+        if args.workers is not None and args.workers > 1:
+            print("microtun %s: --workers is not supported in fleet mode yet (%s): run one process per host "
+                  "or drop --workers" % (kind, args.config), file=sys.stderr)
+            return 2
+        return (fleet.run_pop if kind == "pop" else fleet.run_gateway)(args.config, check=args.check)
+    return _lazy(kind).main(args.config, check=args.check, workers=args.workers)
 
 
 def _status(sub):

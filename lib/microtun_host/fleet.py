@@ -912,8 +912,8 @@ def make_gateway_server(path, local, settings, log):
             return {"fleet": lambda req: {"fleet": dict(self.follower.status(), config_errors=self.config_errors,
                                                         devices=len(self.core.peers))}}
 
-        async def start(self):
-            await super().start()
+        async def start(self, sock=None):
+            await super().start(sock)
             if self.follower.load_cache():
                 self.apply(dict(self.follower.state), self.follower.chain.seq, None)
                 log.info("fleet: %d log records from the cache %s", self.follower.chain.seq, settings.cache)

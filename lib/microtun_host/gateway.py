@@ -100,8 +100,11 @@ class GatewayConfig:
 
     def __init__(self, root, devices=None):
         root.only("name", "listen", "control", "private_key", "registry", "links", "services",
-                  "rekey_after_s", "window", "log_level", "metrics", "crypto")
+                  "rekey_after_s", "window", "log_level", "metrics", "crypto", "keepalive_s", "workers")
         self.source = root.file
+        self.path = root.file
+        # processes on the one port, each device's links steered to one (microtun_host.workers)
+        self.workers = self.file_workers = root.integer("workers", 1, 256, 1)
         self.name = root.text("name", "gateway")
         self.listen = root.address("listen")
         self.control = control.from_config(root)
@@ -133,6 +136,9 @@ class GatewayConfig:
             self.registry_path = reg if os.path.isabs(reg) else os.path.join(base, reg)
         self.rekey_after_ms = root.integer("rekey_after_s", 10, 86400, timers.REKEY_AFTER_TIME_MS // 1000) * 1000
         self.window = root.integer("window", 64, 65536, GATEWAY_WINDOW)
+        # passive keepalive: an answer to a device's data within this, even with nothing to say; shorter
+        # than the devices' unresponsive_s when a standby waits (docs/DEPLOY.md "Many cores and failover")
+        self.keepalive_ms = root.integer("keepalive_s", 1, 10, timers.Params.keepalive_ms // 1000) * 1000
         self.log_level = root.text("log_level", "info", choices=("debug", "info", "warning", "error"))
         self.metrics = root.address("metrics", None)        # Prometheus over HTTP (metrics.py); off by default
         self.crypto = root.text("crypto", "cryptography", choices=tuple(sorted(hostcrypto.BACKENDS)))
@@ -228,7 +234,7 @@ class _Listener:
 class GatewayServer:
     def __init__(self, cfg):
         self.cfg = cfg
-        p = timers.Params(rekey_after_ms=cfg.rekey_after_ms,
+        p = timers.Params(rekey_after_ms=cfg.rekey_after_ms, keepalive_ms=cfg.keepalive_ms,
                           reject_after_ms=cfg.rekey_after_ms + (timers.REJECT_AFTER_TIME_MS - timers.REKEY_AFTER_TIME_MS))
         self.crypto, suite = hostcrypto.choose(cfg.crypto)    # the one place the crypto backend is chosen
         self.core = Gateway(cfg.private_key, params=p, window=cfg.window, suite=suite)
@@ -324,14 +330,18 @@ class GatewayServer:
         return True, msg
 
     # -- lifecycle -----------------------------------------------------------
-    async def start(self):
+    async def start(self, sock=None):
+        """Open the sockets and serve; `sock`: a bound UDP socket to use
+        instead of binding `listen` (a worker's, from its supervisor)."""
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET6 if self.cfg.listen.family == 6 else socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.bind(self.cfg.listen.sockaddr)
-        except OSError:
-            sock.close()
-            raise
+        if sock is None:
+            sock = socket.socket(socket.AF_INET6 if self.cfg.listen.family == 6 else socket.AF_INET,
+                                 socket.SOCK_DGRAM)
+            try:
+                sock.bind(self.cfg.listen.sockaddr)
+            except OSError:
+                sock.close()
+                raise
         try:    # room for bursts (a flood shares this socket with every device's packets)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         except OSError:
@@ -671,13 +681,13 @@ class GatewayServer:
         return {"ok": ok, "message": msg} if ok else {"ok": False, "error": msg}
 
 
-async def serve(cfg, ready=None, server=None):
-    """Run a gateway (server: one already built, e.g. fleet mode's) until
-    SIGTERM/SIGINT; returns the exit code (1 when its sockets cannot be
-    opened, with one line on stderr)."""
+async def serve(cfg, ready=None, server=None, sock=None):
+    """Run a gateway (server: one already built, e.g. fleet mode's; sock:
+    its socket, from a workers supervisor) until SIGTERM/SIGINT; returns the
+    exit code (1 when its sockets cannot be opened, with one line on stderr)."""
     server = GatewayServer(cfg) if server is None else server
     try:
-        await server.start()
+        await server.start(sock)
     except OSError as e:
         await server.stop(quiet=True)
         what = ("listen on %s" % cfg.listen if server._transport is None else
@@ -699,13 +709,18 @@ async def serve(cfg, ready=None, server=None):
     return 0
 
 
-def main(config_path, check=False):
-    """`microtun gateway --config FILE [--check]`; returns the exit code."""
+def main(config_path, check=False, workers=None):
+    """`microtun gateway --config FILE [--workers N] [--check]`; returns the exit code."""
     try:
         cfg = load_gateway_config(config_path)
     except ConfigError as e:
         print("microtun gateway: %s" % e, file=sys.stderr)
         return 2
+    if workers is not None:
+        cfg.workers = workers
+    if cfg.workers > 1:
+        from microtun_host import gateway_workers
+        return gateway_workers.gateway_main(cfg, check)
     if check:
         print("%s: ok (%d links, %d devices)" % (config_path, len(cfg.links), len(cfg.devices)))
         return 0
@@ -746,11 +761,28 @@ def format_status(st):
                 "", _ago(x["last_ms_ago"]), x["counter"], x["gateway_counter"]))
     drops = {k: v for k, v in sorted(st["counters"].items()) if k not in normal}
     lines.append("counters: " + (", ".join("%s=%d" % kv for kv in drops.items()) or "no drops"))
+    for w in st.get("workers", ()):         # a gateway run with workers (microtun_host.workers)
+        lines.append("worker %d: pid %s, restarts %d%s, %s" % (
+            w["index"], w.get("pid"), w.get("restarts", 0), " (last: %s)" % w["last_exit"] if w.get("last_exit") else "",
+            "NOT ANSWERING: %s" % w["error"] if "error" in w else "%d sessions" % w.get("established", 0)))
     return "\n".join(lines)
 
 
+def _is_pop_config(path):
+    try:
+        with open(path) as f:
+            root = json.load(f)
+    except (OSError, ValueError):
+        return False                # load_gateway_config says what is wrong
+    return isinstance(root, dict) and "routes" in root
+
+
 def status_main(config_path=None, control_addr=None, as_json=False):
-    """`microtun status --config gateway.json | --control ADDR [--json]`."""
+    """`microtun status --config gateway.json | --control ADDR [--json]`
+    (a PoP's config, with "routes", is answered by workers.pop_status_main)."""
+    if control_addr is None and _is_pop_config(config_path):
+        from microtun_host import workers
+        return workers.pop_status_main(config_path, as_json)
     if control_addr is None:
         try:
             cfg = load_gateway_config(config_path)

@@ -64,6 +64,7 @@ class Echo:
         self.sock.settimeout(0.2)
         self.count = 0
         self.seen = []
+        self.stamps = []        # time.monotonic() of each datagram in seen
         self._stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -77,6 +78,7 @@ class Echo:
             except OSError:
                 return
             self.count += 1
+            self.stamps.append(time.monotonic())
             self.seen.append(d)
             try:
                 self.sock.sendto(d, a)
@@ -90,7 +92,8 @@ class Echo:
 
 
 class Net:
-    def __init__(self, tmp, routes=None, devices=None, lossy=None, policy="best", services=None, spare_pops=()):
+    def __init__(self, tmp, routes=None, devices=None, lossy=None, policy="best", services=None, spare_pops=(),
+                 standby=False):
         self.tmp = Path(tmp)
         self.routes = routes or {"a": ["a1", "a2"]}
         self.devices = devices or {"d1": {}}
@@ -100,13 +103,15 @@ class Net:
         self.logs = {}
         self.echo = None
         pops = sorted({p for chain in self.routes.values() for p in chain} | set(spare_pops))
-        n = len(pops) + 2 + 2 * len(self.lossy)
+        self.standby = standby          # a standby gateway (same identity), devices with unresponsive_s
+        n = len(pops) + 3 + 2 * len(self.lossy)
         ports = iter(free_ports(n))
         self.out = self.tmp / "out"
         # control channels: provision's default, an owner-only socket next to each config
         self.pops = {p: {"listen": "127.0.0.1:%d" % next(ports), "control": str(self.out / "pops" / (p + ".sock"))}
                      for p in pops}
         self.gw = {"listen": "127.0.0.1:%d" % next(ports), "control": str(self.out / "gw.sock")}
+        self.gw_standby = {"listen": "127.0.0.1:%d" % next(ports), "control": str(self.out / "gw-standby.sock")}
         self.echo_port = next(ports)
         self.netem = {r: {"listen": "127.0.0.1:%d" % next(ports), "control": "127.0.0.1:%d" % next(ports)}
                       for r in sorted(self.lossy)}
@@ -117,7 +122,11 @@ class Net:
     # -- provisioning -----------------------------------------------------------
     def write_topology(self):
         t = ['[gateway]', 'name = "gw"', 'listen = "%s"' % self.gw["listen"],
-             'services = { "1" = "127.0.0.1:%d" }' % self.echo_port, '']
+             'services = { "1" = "127.0.0.1:%d" }' % self.echo_port]
+        if self.standby:
+            t += ['standby = "%s"' % self.gw_standby["listen"], 'standby_control = "gw-standby.sock"',
+                  'keepalive_s = 1']
+        t.append('')
         used = {p for chain in self.routes.values() for p in chain}
         for p, a in sorted(self.pops.items()):
             if p not in used:
@@ -131,6 +140,8 @@ class Net:
         for d, opts in sorted(self.devices.items()):
             t += ['[[device]]', 'name = "%s"' % d, 'channels = [1, 2]',
                   'policy = "%s"' % opts.get("policy", self.policy)]
+            if self.standby:
+                t.append('unresponsive_s = 2')
             if "routes" in opts:
                 t.append('routes = [%s]' % ", ".join('"%s"' % r for r in opts["routes"]))
             t.append('')
@@ -182,6 +193,11 @@ class Net:
                     py_env())
         self.wait_control(self.gw["control"], "gw")
 
+    def start_gateway_standby(self):
+        self._spawn("gw-standby", [PY, "-m", "microtun_host.cli", "gateway", "--config",
+                                   str(self.out / "gateway-standby.json")], py_env())
+        self.wait_control(self.gw_standby["control"], "gw-standby")
+
     def start_netem(self, route, **imp):
         first = self.routes[route][0]
         argv = [PY, str(ROOT / "tools" / "netem.py"), "--listen", self.netem[route]["listen"],
@@ -199,6 +215,8 @@ class Net:
             if p in used:
                 self.start_pop(p)
         self.start_gateway()
+        if self.standby:
+            self.start_gateway_standby()
         for r, imp in sorted(self.lossy.items()):
             self.start_netem(r, **dict(imp))
 

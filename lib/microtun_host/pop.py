@@ -82,10 +82,11 @@ LOG_EVERY_S = 10.0             # a log line per (label, event) at most this ofte
 LOG_BURST = 3.0                # ... after a burst of this many (so a move and its move back both show)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LABEL_RANGE = (outer.LABEL_MIN, outer.LABEL_MAX)
-ROUTE_FIELDS = ("in_label", "in_key", "next", "out_label", "out_key", "seg_in", "seg_out")
+ROUTE_FIELDS = ("in_label", "in_key", "next", "standby", "out_label", "out_key", "seg_in", "seg_out")
 SEG_TICK_S = 0.005             # LOOPS segment timers (NACKs, FEC groups) while a gap waits or a group is open ...
 SEG_IDLE_S = 0.02              # ... else this often (pings are due every ping_ms >= 10 ms)
-TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "routes", "metrics")
+TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "workers", "routes", "metrics")
+WORKERS_MAX = 256              # worker processes (docs/DEPLOY.md "Many cores and failover")
 
 
 # --- config ------------------------------------------------------------------
@@ -94,11 +95,12 @@ class RouteSpec:
     """One validated route from the config file."""
 
     __slots__ = ("in_label", "in_key", "next_addr", "learn_from", "out_label", "out_key", "where", "seg_in",
-                 "seg_out")
+                 "seg_out", "standby")
 
     def __init__(self, in_label, in_key, next_addr, learn_from, out_label, out_key, where="", seg_in=None,
-                 seg_out=None):
+                 seg_out=None, standby=None):
         self.in_label = in_label
+        self.standby = standby          # config.Address taking over when next_addr stops answering probes
         self.in_key = in_key            # 32 bytes
         self.next_addr = next_addr      # config.Address, or None with learn_from
         self.learn_from = learn_from    # in_label whose last authenticated source is the next hop, or 0
@@ -113,15 +115,17 @@ class RouteSpec:
 
     def same(self, other):
         return (self.in_key, self.next_addr, self.learn_from, self.out_label, self.out_key, self.seg_in,
-                self.seg_out) == (other.in_key, other.next_addr, other.learn_from, other.out_label, other.out_key,
-                                  other.seg_in, other.seg_out)
+                self.seg_out, self.standby) == (other.in_key, other.next_addr, other.learn_from, other.out_label,
+                                                other.out_key, other.seg_in, other.seg_out, other.standby)
 
 
 class PopConfig:
     metrics = None      # the Prometheus listen address (metrics.py), or None: off
 
-    def __init__(self, path, name, listen, control_addr, log_level, stats_interval, routes):
+    def __init__(self, path, name, listen, control_addr, log_level, stats_interval, routes, workers=1):
         self.path = path
+        self.workers = workers          # processes sharing the port (microtun_host.workers); 1: this one
+        self.file_workers = workers     # what the file says (--workers may override `workers`)
         self.name = name
         self.listen = listen
         self.control = control_addr
@@ -141,6 +145,7 @@ def load_config(path, root=None):
     control_addr = control.from_config(root)
     log_level = root.text("log_level", default="info", choices=LOG_LEVELS)
     stats_interval = root.number("stats_interval", 0, 86400, default=60)
+    workers = root.integer("workers", 1, WORKERS_MAX, default=1)
     lo, hi = LABEL_RANGE
     routes = []
     seen = {}
@@ -168,11 +173,20 @@ def load_config(path, root=None):
                 raise r.error("next", "expected a next hop with a port in 1..65535, got %s" % next_addr)
             if next_addr == listen:
                 raise r.error("next", "next hop %s is this PoP's own listen address (a loop)" % next_addr)
+        standby = None
+        if r.has("standby"):
+            if learn_from:
+                raise r.error("standby", "a standby goes with a fixed next hop, not learn:%d" % learn_from)
+            standby = r.address("standby")
+            if standby.family != listen.family or standby.port == 0 or standby in (listen, next_addr):
+                raise r.error("standby", "expected an address of the same family as listen, with a port, other "
+                                         "than listen and next, got %s" % standby)
         out_label = r.integer("out_label", lo, hi)
         out_key = r.key32("out_key")
         segs = [segment.SegConfig.from_node(r.obj(f)) if r.has(f) else None for f in ("seg_in", "seg_out")]
         segs = [c if c is None or c.mode != "off" else None for c in segs]
-        routes.append(RouteSpec(in_label, in_key, next_addr, learn_from, out_label, out_key, r.where(), *segs))
+        routes.append(RouteSpec(in_label, in_key, next_addr, learn_from, out_label, out_key, r.where(), *segs,
+                                standby=standby))
     seg_out_labels = {}
     for spec in routes:
         if spec.seg_out is not None:
@@ -189,7 +203,7 @@ def load_config(path, root=None):
         if spec.learn_from == spec.in_label:
             raise ConfigError("%s: %s.next: learn:%d is this route's own in_label (would send packets "
                               "back where they came from)" % (root.file, spec.where, spec.learn_from))
-    cfg = PopConfig(str(path), name, listen, control_addr, log_level, stats_interval, routes)
+    cfg = PopConfig(str(path), name, listen, control_addr, log_level, stats_interval, routes, workers)
     cfg.metrics = root.address("metrics", default=None)    # Prometheus over HTTP (metrics.py); off by default
     return cfg
 
@@ -293,6 +307,7 @@ class Forwarder:
     def __init__(self, routes, log, clock=time.monotonic):
         self.routes = routes            # {in_label: Route}; replaced whole by swap()
         self.learned = {}               # in_label -> validated (or first) source address
+        self.next_hops = {}             # primary next hop -> its standby, while the standby is the one used
         self.log = log
         self.clock = clock
         self.rx = 0
@@ -707,6 +722,23 @@ class Forwarder:
             return None
         return v[0]
 
+    def set_next_hop(self, primary, dest):
+        """Routes whose next hop is primary (and that have a standby) send
+        to dest from now on: the standby, or the primary again
+        (microtun_host.nexthop decides, from probes)."""
+        if dest == primary:
+            self.next_hops.pop(primary, None)
+        else:
+            self.next_hops[primary] = dest
+        for r in list(self.routes.values()) + [v[0] for v in self.draining.values()]:
+            self._apply_next_hop(r)
+
+    def _apply_next_hop(self, r):
+        s = r.spec
+        if s.standby is not None:
+            d = self.next_hops.get(s.next_addr.sockaddr)
+            r.dest = d if d == s.standby.sockaddr else s.next_addr.sockaddr
+
     def send_failed(self, out):
         """The driver could not send out (returned by receive): recount it."""
         if out[0] == outer.BYTE0_HOP_PROBE_REPLY:
@@ -745,6 +777,8 @@ class Forwarder:
                 self.draining[label] = (r, expiry)
         for label in routes:
             self.draining.pop(label, None)
+        for r in routes.values():
+            self._apply_next_hop(r)
         keep = lambda k: k in routes or k in self.draining     # noqa: E731
         self.learned = {k: v for k, v in self.learned.items() if keep(k)}
         self._challenge = {k: v for k, v in self._challenge.items() if keep(k)}
@@ -882,12 +916,22 @@ def _open_socket(listen):
 
 
 class Pop:
-    """One PoP process: config file, Forwarder, sockets, signals, control."""
+    """One PoP process: config file, Forwarder, sockets, signals, control.
 
-    def __init__(self, cfg, log):
+    As a worker of microtun_host.workers it is handed its socket (one of a
+    SO_REUSEPORT group the supervisor opened) and a private control socket;
+    `worker` is then its index, else None."""
+
+    def __init__(self, cfg, log, sock=None, control_addr=None, worker=None, next_hops=None):
         self.cfg = cfg
         self.log = log
+        self.sock = sock
+        self.worker = worker
+        self.control_addr = cfg.control if worker is None else control_addr
+        self.monitor = None             # nexthop.Monitor when routes have a standby (the supervisor's, for a worker)
         self.fwd = Forwarder(build_table(cfg.routes), log)
+        for primary, dest in (next_hops or {}).items():
+            self.fwd.set_next_hop(primary, dest)
         self.started = time.monotonic()
         self.reloads = 0
         self.reload_failures = 0
@@ -899,22 +943,24 @@ class Pop:
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         cfg = self.cfg
-        try:
-            sock = _open_socket(cfg.listen)
-        except OSError as e:
-            self.log.error("cannot listen on %s: %s", cfg.listen, e.strerror or e)
-            return 1
+        sock = self.sock
+        if sock is None:
+            try:
+                sock = _open_socket(cfg.listen)
+            except OSError as e:
+                self.log.error("cannot listen on %s: %s", cfg.listen, e.strerror or e)
+                return 1
         reader = PopReader(self.fwd, sock, self.log)
         loop.add_reader(sock.fileno(), reader.readable)
         ctl = None
-        if cfg.control is not None:
+        if self.control_addr is not None:
             try:
-                ctl = await control.serve(cfg.control, {"stats": self._cmd_stats, "reload": self._cmd_reload},
-                                          self.log)
+                ctl = await control.serve(self.control_addr, {"stats": self._cmd_stats, "reload": self._cmd_reload,
+                                                              "next_hops": self._cmd_next_hops}, self.log)
             except OSError as e:
                 loop.remove_reader(sock.fileno())
                 sock.close()
-                self.log.error("cannot open the control channel on %s: %s", cfg.control, e.strerror or e)
+                self.log.error("cannot open the control channel on %s: %s", self.control_addr, e.strerror or e)
                 return 1
         mserver = None
         if cfg.metrics is not None:
@@ -932,8 +978,9 @@ class Pop:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        self._watch_next_hops(loop)
         self.log.info("listening on %s with %d routes%s (%s)", cfg.listen, len(self.fwd.routes),
-                      ", control on %s" % cfg.control if ctl else "", type(loop).__module__.split(".")[0])
+                      ", control on %s" % self.control_addr if ctl else "", type(loop).__module__.split(".")[0])
         self._schedule_stats()
         seg_task = loop.create_task(self._seg_timers(reader))
         try:
@@ -950,6 +997,8 @@ class Pop:
                 ctl.close()
             if mserver:
                 mserver.close()
+            if self.monitor is not None:
+                self.monitor.close()
         self.log.info("final stats: %s; up %.0f s, %d reloads (%d failed)", self.fwd.summary(),
                       time.monotonic() - self.started, self.reloads, self.reload_failures)
         return 0
@@ -989,12 +1038,14 @@ class Pop:
             self.reload_failures += 1
             self.log.error("%s: config not reloaded, keeping %d routes: %s", why, len(self.fwd.routes), e)
             return {"ok": False, "error": str(e)}
-        for field in ("listen", "control", "name", "metrics"):
+        # a worker's supervisor speaks for the fields it owns (control, workers)
+        for field in ("listen", "control", "name", "metrics") if self.worker is None else ("listen", "name", "metrics"):
             if getattr(cfg, field) != getattr(old, field):
                 self.log.warning("%s: %s changed to %s; it takes effect on restart only", why, field,
                                  getattr(cfg, field))
                 setattr(cfg, field, getattr(old, field))
         added, removed, changed = self.fwd.swap(build_table(cfg.routes))
+        self._watch_next_hops(asyncio.get_running_loop(), cfg.routes)
         if cfg.log_level != old.log_level:
             logs.set_level(self.log, cfg.log_level)
             self.fwd.log_level_changed()
@@ -1009,7 +1060,42 @@ class Pop:
         s = self.fwd.stats()
         s.update(name=self.cfg.name, uptime_s=round(time.monotonic() - self.started, 3),
                  reloads=self.reloads, reload_failures=self.reload_failures)
+        if self.worker is not None:
+            s.update(worker=self.worker, pid=os.getpid())
+        if self.monitor is not None:
+            s["next_hop_monitor"] = self.monitor.stats()
+        if self.fwd.next_hops:
+            s["standby_in_use"] = {format_sockaddr(k): format_sockaddr(v) for k, v in self.fwd.next_hops.items()}
         return s
+
+    def _watch_next_hops(self, loop, specs=None):
+        """Routes with a standby: probe the pairs (microtun_host.nexthop).
+        A worker's supervisor probes for it and sends `next_hops`."""
+        specs = self.cfg.routes if specs is None else specs
+        if self.worker is not None:
+            return
+        if self.monitor is not None:
+            self.monitor.update(specs)
+        elif any(s.standby is not None for s in specs):
+            from microtun_host import nexthop
+            self.monitor = nexthop.Monitor(self.cfg.listen, specs, self.log, self.fwd.set_next_hop)
+            self.monitor.start(loop)
+
+    def _cmd_next_hops(self, req):
+        """{"cmd": "next_hops", "use": {"primary host:port": "host:port in use"}} from a supervisor:
+        every pair not named goes back to its primary."""
+        use = req.get("use")
+        if not isinstance(use, dict):
+            return {"ok": False, "error": "expected \"use\": {\"primary HOST:PORT\": \"HOST:PORT\"}"}
+        want = {}
+        for k, v in use.items():
+            a, b = config.parse_address(k), config.parse_address(v) if isinstance(v, str) else None
+            if a is None or b is None:
+                return {"ok": False, "error": "not an address pair: %r: %r" % (k, v)}
+            want[a.sockaddr] = b.sockaddr
+        for primary in {s.next_addr.sockaddr for s in self.cfg.routes if s.standby is not None} | set(self.fwd.next_hops):
+            self.fwd.set_next_hop(primary, want.get(primary, primary))
+        return {"standby_in_use": len(self.fwd.next_hops)}
 
     def _cmd_reload(self, req):
         return self.reload("control reload")
@@ -1023,14 +1109,20 @@ def _new_loop():
         return asyncio.new_event_loop()
 
 
-def main(config_path, check=False):
-    """`microtun pop --config FILE`: 0 after a clean shutdown, 2 for a bad
-    config (one line on stderr), 1 when the sockets cannot be opened."""
+def main(config_path, check=False, workers=None):
+    """`microtun pop --config FILE [--workers N]`: 0 after a clean shutdown,
+    2 for a bad config (one line on stderr), 1 when the sockets cannot be
+    opened. More than one worker: microtun_host.workers supervises them."""
     try:
         cfg = load_config(config_path)
     except ConfigError as e:
         print("microtun pop: %s" % e, file=sys.stderr)
         return 2
+    if workers is not None:
+        cfg.workers = workers
+    if cfg.workers > 1:
+        from microtun_host import workers as wk
+        return wk.pop_main(cfg, check)
     if check:
         print("%s: ok: PoP %s, %d routes" % (config_path, cfg.name, len(cfg.routes)))
         return 0

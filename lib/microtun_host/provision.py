@@ -63,6 +63,7 @@ _GATEWAY = "*gateway"
 
 STATE_FILE = "state.json"
 GATEWAY_FILE = "gateway.json"
+GATEWAY_STANDBY_FILE = "gateway-standby.json"   # [gateway] standby: the same identity on another address
 REGISTRY_FILE = "registry.json"
 
 # What a changed file asks of the running process. Both the gateway and a PoP
@@ -86,6 +87,8 @@ class Node:
         self.control = control
         self.extra = extra
         self.where = where
+        self.standby = None             # the gateway's standby address (config.Address), if any
+        self.standby_control = None
 
 
 class Route:
@@ -197,6 +200,8 @@ def _node(n, kind, extra_fields):
             extra[k] = n.integer(k, 10, 86400)
         elif k == "window":
             extra[k] = n.integer(k, 64, 65536)
+        elif k == "keepalive_s":
+            extra[k] = n.integer(k, 1, 10)
     return Node(name, listen, reach, control, extra, where)
 
 
@@ -213,8 +218,22 @@ def parse_topology(path):
 
     # gateway
     g = root.obj("gateway")
-    g.only("name", "listen", "reach", "control", "services", "log_level", "rekey_after_s", "window")
-    gateway = _node(g, "gateway", ("log_level", "rekey_after_s", "window"))
+    g.only("name", "listen", "reach", "control", "services", "log_level", "rekey_after_s", "window", "keepalive_s",
+           "standby", "standby_control")
+    gateway = _node(g, "gateway", ("log_level", "rekey_after_s", "window", "keepalive_s"))
+    if g.has("standby"):
+        # one gateway identity on two addresses: the last PoP of every route
+        # probes both and sends to the one that answers (docs/DEPLOY.md)
+        gateway.standby = g.address("standby")
+        if gateway.standby in (gateway.listen, gateway.reach) or gateway.standby.host in ("0.0.0.0", "::"):
+            raise g.error("standby", "expected the standby gateway's own address (not the primary's, not a "
+                                     "wildcard), got %s" % gateway.standby)
+        sc = g.raw("standby_control", "a socket path", gateway.name + "-standby.sock")
+        if not is_socket_path(sc):
+            raise g.error("standby_control", "expected a socket path such as \"gw-standby.sock\", got %r" % (sc,))
+        gateway.standby_control = sc
+    elif g.has("standby_control"):
+        raise g.error("standby_control", "only with \"standby\"")
     services = {}
     svc = g.obj("services", None)
     if svc is not None:
@@ -228,6 +247,8 @@ def parse_topology(path):
     # PoPs
     pops = {}
     reach = {gateway.reach: "gateway." + ("reach" if g.has("reach") else "listen")}
+    if gateway.standby is not None:
+        reach[gateway.standby] = "gateway.standby"
     for n in _tables(root, "pop"):
         n.only("name", "listen", "reach", "control", "log_level", "stats_interval")
         p = _node(n, "pop", ("log_level", "stats_interval"))
@@ -284,7 +305,7 @@ def parse_topology(path):
     devices = {}
     for n in _tables(root, "device"):
         n.only("name", "routes", "channels", "policy", "psk", "network", "app",
-               "nat_keepalive_s", "window", "state_dir", "watchdog_s", "expires")
+               "nat_keepalive_s", "window", "state_dir", "watchdog_s", "expires", "unresponsive_s")
         name = _name(n)
         if name in devices:
             raise n.error("name", "%s is already the name of %s" % (hconfig._short(name), devices[name].where))
@@ -329,6 +350,8 @@ def parse_topology(path):
             extra["app"] = _plain(n, "app")
         if n.has("watchdog_s"):
             extra["watchdog_s"] = n.integer("watchdog_s", 0, 3600)
+        if n.has("unresponsive_s"):
+            extra["unresponsive_s"] = n.integer("unresponsive_s", 0, 60)
         devices[name] = Device(name, list(rs), channels, psk, extra, n.path)
         devices[name].expires = None
         if n.has("expires"):            # fleet mode (docs/FLEET.md, "Credentials that expire")
@@ -591,8 +614,10 @@ def plan(topo, state):
                 nxt, out_label = topo.pops[chain[i + 1]].reach, p.fwd[i + 1]
             else:
                 nxt, out_label = gw.reach, p.g
-            fwd = {"in_label": p.fwd[i], "in_key": _hex(in_key), "next": str(nxt),
-                   "out_label": out_label, "out_key": _hex(out_key)}
+            fwd = {"in_label": p.fwd[i], "in_key": _hex(in_key), "next": str(nxt)}
+            if i + 1 == n and gw.standby is not None:
+                fwd["standby"] = str(gw.standby)
+            fwd.update(out_label=out_label, out_key=_hex(out_key))
             rev = {}
             # LOOPS: the route into a segment is its ingress, the route out of it its egress
             if i > 0 and seg(chain[i - 1], pn):
@@ -626,6 +651,9 @@ def plan(topo, state):
     gcfg["services"] = dict(topo.services)
     gcfg.update(gw.extra)
     files[GATEWAY_FILE] = _json_table(gcfg)
+    if gw.standby is not None:
+        scfg = dict(gcfg, listen=str(gw.standby), control=gw.standby_control)
+        files[GATEWAY_STANDBY_FILE] = _json_table(scfg)
 
     registry = []
     dev_state = {}
@@ -718,7 +746,7 @@ def _check_loads(files, source):
                     pop.load_config(full)
                 elif rel.startswith("devices/"):
                     dconfig.load(full)
-                elif rel == GATEWAY_FILE:
+                elif rel in (GATEWAY_FILE, GATEWAY_STANDBY_FILE):
                     gateway.load_gateway_config(full)
             except (ConfigError, dconfig.ConfigError) as e:
                 raise ConfigError("%s: the generated %s does not load (%s); please report this"
