@@ -78,13 +78,13 @@ def test_aggregate_adds_up_workers():
 
 
 class Workers:
-    def __init__(self, tmp, routes, n=2):
+    def __init__(self, tmp, routes, n=2, **extra):
         self.port = free_port()
         self.addr = ("127.0.0.1", self.port)
         self.ctl = str(tmp / "pop.sock")
         self.path = tmp / "pop.json"
         self.cfg = {"name": "wpop", "listen": "127.0.0.1:%d" % self.port, "control": "pop.sock",
-                    "log_level": "info", "stats_interval": 0, "routes": routes}
+                    "log_level": "info", "stats_interval": 0, "routes": routes, **extra}
         self.write()
         self.log_path = tmp / "pop.log"
         self.log_file = open(self.log_path, "wb")
@@ -397,3 +397,33 @@ def test_a_forged_probe_reply_moves_nothing():
     now[0] = 1.0                                        # primary silent for 1 s, standby heard 1 s ago
     m._judge(pair, now[0])
     assert switched == [("127.0.0.1", 9002)]
+
+
+def test_two_workers_serve_one_metrics_endpoint(tmp_path):
+    # With workers, the supervisor serves the metrics (the workers' own
+    # "metrics" is off, or they would all try to bind the one address):
+    # the counters are the workers' added up, as `microtun status` shows.
+    from test_metrics import scrape, value, _wait_http
+    gw = udp()
+    mport = free_tcp_port()
+    routes = [route(100, K_DA, "127.0.0.1:%d" % gw.getsockname()[1], 300, K_BG),
+              route(301, K_BG, "learn:100", 101, K_DA)]
+    p = Workers(tmp_path, routes, metrics="127.0.0.1:%d" % mport)
+    try:
+        junk = udp()
+        for i in range(10):                 # too short to carry a label: all dropped as "short"
+            junk.sendto(b"\x10\x00" * (i % 5 + 1), p.addr)
+        s = p.wait(lambda s: s.get("drops", {}).get("short", 0) == 10, 5)
+        fams = _wait_http(mport)
+        assert value(fams, "microtun_pop_info", name="wpop") == 1
+        assert value(fams, "microtun_pop_drops", reason="short") == 10 == s["drops"]["short"]
+        assert value(fams, "microtun_pop_routes") == 2
+        assert "listening" in p.log() and "cannot serve metrics" not in p.log()
+    finally:
+        assert p.stop() == 0, p.log()
+
+
+def free_tcp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
