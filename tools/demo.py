@@ -70,13 +70,7 @@ def main():
     except Exception as e:             # a failed start: one line (the logs are in tmp with --keep)
         print("microtun demo: %s" % (str(e).strip().splitlines() or [type(e).__name__])[0], file=sys.stderr)
     finally:
-        if net is not None:
-            net.stop()
-        if args.keep:
-            scratch.keep(tmp)
-            print("kept (holds private keys; remove it when done): %s" % tmp)
-        else:
-            scratch.remove(tmp)
+        scratch.finish(net, tmp, args.keep)
     return 0 if ok else 1
 
 

@@ -69,13 +69,7 @@ def main():
     except Exception as e:      # noqa: BLE001 - one line, the logs are in tmp with --keep
         print("microtun demo-fleet: %s" % (str(e).strip().splitlines() or [type(e).__name__])[0], file=sys.stderr)
     finally:
-        if net is not None:
-            net.stop()
-        if args.keep:
-            scratch.keep(tmp)
-            print("kept (holds private keys; remove it when done): %s" % tmp)
-        else:
-            scratch.remove(tmp)
+        scratch.finish(net, tmp, args.keep)
     return 0 if ok else 1
 
 

@@ -68,3 +68,15 @@ def remove(d):
     """Remove d now."""
     keep(d)
     shutil.rmtree(d, ignore_errors=True)
+
+
+def finish(net, d, keep_it):
+    """The end of a demo run: stop its network (if it started), then keep d
+    (saying where, and that it holds private keys) or remove it."""
+    if net is not None:
+        net.stop()
+    if keep_it:
+        keep(d)
+        print("kept (holds private keys; remove it when done): %s" % d)
+    else:
+        remove(d)
