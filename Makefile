@@ -1,6 +1,7 @@
 # microtun — every target sets up what it needs by itself.
-#   make test    the whole suite: CPython, the MicroPython unix port, and (built
+#   make test    the suite: CPython, the MicroPython unix port, and (built
 #                from MICROPY_SRC, cached) a 32-bit frozen build and qemu Cortex-M3
+#   make test-long  the long end-to-end scenarios that `make test` skips
 #   make bench   benchmarks (JSON) on both interpreters
 #   make demo    a local device -> PoPs -> gateway run over loopback
 #   make unix32-frozen / unix32 / qemu   MicroPython built from source with
@@ -13,7 +14,7 @@ MP     := $(VENV)/bin/micropython
 STAMP  := $(VENV)/.installed
 export MICROPYPATH := $(CURDIR)/lib:.frozen
 
-.PHONY: all setup test test-fast bench demo clean
+.PHONY: all setup test test-long bench demo clean
 
 all: test
 
@@ -29,6 +30,11 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest host_tests
+
+# The end-to-end scenarios marked long (tens of seconds each), left out of
+# `make test` so that it stays near ten minutes on two cores.
+test-long: $(STAMP)
+	$(PY) -m pytest host_tests --long
 
 # Each benchmark prints one JSON object; ratios are to a floor measured in
 # the same run (docs/FIGURES.md).

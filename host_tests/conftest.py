@@ -30,6 +30,7 @@ import pytest
 import re
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = Path(__file__).resolve().parent
@@ -177,10 +178,14 @@ class MicroPythonFile(pytest.File):
     def run_on(self, interp):
         if _stopping.is_set():
             return None, "the run was stopped"
+        t0 = time.monotonic()
         try:
             return getattr(self, "_run_" + interp)()
         except Exception as e:          # a result for the items, never an exception in the worker
             return None, "%s run failed: %r" % (interp, e)
+        finally:
+            _busy[interp] = _busy.get(interp, 0.0) + time.monotonic() - t0
+            _timeline["last_run_end"] = time.monotonic()
 
     @staticmethod
     def _parse(out):
@@ -251,6 +256,8 @@ class MicroPythonItem(pytest.Item):
         self.interp = interp
 
     def runtest(self):
+        if self.interp in BACKGROUND:
+            _timeline.setdefault("first_background_item", time.monotonic())
         if self.interp == "qemu" and (self.path.name, self.testname) in QEMU_SKIP:
             pytest.skip("qemu: " + QEMU_SKIP[(self.path.name, self.testname)])
         res, detail = self.parent.results(self.interp)
@@ -283,14 +290,53 @@ def pytest_collect_file(parent, file_path):
 # (tools/mpbuild.py, cached) and runs their modules while CPython and the
 # 64-bit wheel go through theirs, so the ~2 min of qemu overlaps the rest.
 BACKGROUND = ("unix32", "qemu")
+_busy = {}          # interp -> seconds its module runs took (builds included)
+_timeline = {}      # when the foreground reached the background items, when the last run ended
 _futures = {}
 _pool = None
 _stopping = threading.Event()
 _boards = set()
 
 
+# -- long tests: `make test-long` ---------------------------------------------------------
+# End-to-end scenarios that take tens of seconds each (adaptive paths under a
+# degrading link, memory under a minute of fuzz, ...) carry
+# @pytest.mark.long. `make test` (CI) leaves them out, visibly: each shows as
+# skipped with the command that runs it; `make test-long` (pytest --long)
+# runs only them, `pytest --long --all` everything.
+def pytest_addoption(parser):
+    g = parser.getgroup("microtun")
+    g.addoption("--long", action="store_true", help="run the tests marked long (make test-long)")
+    g.addoption("--all", action="store_true", help="with --long: run every test, long or not")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long: a long end-to-end test, run by `make test-long` (pytest --long)")
+
+
+def _select_long(config, items):
+    want_long = config.getoption("--long")
+    if want_long and config.getoption("--all"):
+        return
+    skip = pytest.mark.skip(reason="long test: run it with `make test-long` (pytest --long)")
+    keep, dropped = [], []
+    for item in items:
+        is_long = item.get_closest_marker("long") is not None
+        if want_long and not is_long:
+            dropped.append(item)        # --long alone: only the long tests
+            continue
+        if is_long and not want_long:
+            item.add_marker(skip)
+        keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = keep
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
+    _select_long(config, items)
+
     def rank(item):
         interp = getattr(item, "interp", None)
         if interp in BACKGROUND:
@@ -345,6 +391,11 @@ def pytest_terminal_summary(terminalreporter):
     if not _counts:
         return
     terminalreporter.section("tests per interpreter")
+    if _busy:
+        waited = _timeline.get("last_run_end", 0) - _timeline.get("first_background_item", float("inf"))
+        terminalreporter.write_line("module runs: %s; the foreground waited %.0f s for the background (%s)" % (
+            ", ".join("%s %.0f s" % (k, _busy[k]) for k in INTERPS if k in _busy), max(0.0, waited),
+            ", ".join(BACKGROUND)))
     for interp in ("cpython",) + INTERPS:
         c = _counts.get(interp)
         if c:

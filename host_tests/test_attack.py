@@ -50,6 +50,7 @@ def test_a_device_whose_boot_counter_was_reset_gets_back(netdir):
     assert r["connect_ms"] is not None and r["connect_ms"] <= 5000, r
 
 
+@pytest.mark.long      # ~35 s; test_gateway_server's mixed fuzz checks flat memory in 3 s
 def test_gateway_memory_stays_bounded_under_mixed_fuzz(netdir):
     # 1.6 B per datagram grew before the fix (defect 5): ~100 KB over these 60,000
     r = sc.fuzz(netdir, "gateway", n=100000, warmup=40000, samples=6)

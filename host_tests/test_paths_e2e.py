@@ -4,10 +4,13 @@ figures themselves."""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import path_scenarios as sc  # noqa: E402
 
 
+@pytest.mark.long      # ~16 s; make test keeps the blackhole and PoP-kill scenarios
 def test_critical_over_two_paths_with_10_percent_loss(tmp_path):
     r = sc.scenario_loss10_critical(tmp_path, count=1000, interval=10)
     assert r["duplicates_delivered"] == 0, r
@@ -39,6 +42,7 @@ def test_source_address_change_keeps_the_session(tmp_path):
     assert r["handshakes"] == 1, r
 
 
+@pytest.mark.long      # ~40 s of a link degrading step by step
 def test_adaptive_degrading_path(tmp_path):
     r = sc.adaptive_pair(tmp_path)
     assert r["delivered_ratio"] >= 0.97, r            # issue figure 0.98 (bench)
