@@ -184,3 +184,30 @@ def test_metrics_port_taken_is_one_line(tmp_path):
             assert "Traceback" not in r.stderr
     finally:
         taken.close()
+
+
+def test_segment_loss_and_rtt_are_exported():
+    """Per-path loss and RTT where a PoP measures them: the two ends of a
+    LOOPS segment (5 % loss, 40 ms RTT, sans-I/O: test_segment.Link), in the
+    shape a PoP's stats carry them, exposed and parsed back."""
+    from microtun_host.segment import SegConfig
+    from test_segment import Link
+    link = Link(SegConfig("nack"), loss=0.05, seed=3)
+    link.stream(1000)
+    r, s = link.rcv.stats(), link.snd.stats()
+    stats = {"name": "a2", "uptime_s": 1.0, "drops": {}, "labels": {}, "routes": 2, "learned": {},
+             "sources_tracked": 0, "moves": 0, "reloads": 0, "reload_failures": 0,
+             "segments": {"in:200": r, "out:201": s}}
+    stats.update({k: 0 for k in metrics._POP_PACKETS})
+    text = metrics.exposition(metrics.PopCollector(lambda: stats)).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert 0.04 < value(fams, "microtun_pop_segment_loss_ratio", segment="in:200") == r["loss"] < 0.06
+    for kind in ("received", "gaps", "recovered_nack", "unrecovered"):
+        assert value(fams, "microtun_pop_segment_packets", segment="in:200", kind=kind) == r[kind]
+    assert value(fams, "microtun_pop_segment_rtt_seconds", segment="out:201") == s["srtt_ms"] / 1000
+    assert 0.035 < s["srtt_ms"] / 1000 < 0.045
+    # a PoP without segments: the families are there, empty
+    stats["segments"] = {}
+    fams = {f.name: f for f in text_string_to_metric_families(metrics.exposition(
+        metrics.PopCollector(lambda: stats)).decode())}
+    assert fams["microtun_pop_segment_loss_ratio"].samples == []

@@ -20,7 +20,10 @@
   code path the handshake ends in, Session.install of a Keypair, without
   the DH, so the run takes seconds), measured with tracemalloc;
 - end-to-end round trip through 2 PoPs on loopback with a unix-port device
-  (real processes): median and p99.
+  (real processes): median and p99;
+- workers: the data plane of `microtun gateway` as one process and with
+  `--workers 2`, real processes, inner packets delivered to a local
+  service (tools/bench_gateway_workers.py).
 """
 import asyncio
 import json
@@ -34,10 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
 from microtun import outer  # noqa: E402
 from microtun.aead import AEAD  # noqa: E402
 from microtun.endpoint import Device  # noqa: E402
-from microtun.responder import Gateway  # noqa: E402
+from microtun.responder import Gateway, NoiseResponder  # noqa: E402
 from microtun.keypair import Keypair  # noqa: E402
 from microtun.x25519 import public_key  # noqa: E402
 from microtun_host import hostcrypto, scratch  # noqa: E402
+from microtun_host.hostkeypair import HostKeypair  # noqa: E402
+from bench_gateway_workers import gateway_workers  # noqa: E402
 
 GW_KEY = bytes(range(101, 133))
 TARGET_HANDSHAKES = 2000        # issue 15: first-contact handshakes per second per core
@@ -145,9 +150,15 @@ class _Wire:
         self.sent.append(data)
 
 
-async def _data_plane(tmp, backend, count, size):
+def _aead_name(kp):
+    return "aesccm, called directly (HostKeypair)" if isinstance(kp, HostKeypair) else kp.recv_aead.backend
+
+
+async def _data_plane(tmp, backend, count, size, portable_ccm):
     dev_key = os.urandom(32)
     server, hop = _gateway_server(tmp, backend, public_key(dev_key))
+    if portable_ccm:        # sessions in microtun.keypair.Keypair, whose AEAD the caller swapped
+        server.core._hs = NoiseResponder(server.core.suite)
     wire = server._transport = _Wire()
     got = [0]
 
@@ -173,7 +184,7 @@ async def _data_plane(tmp, backend, count, size):
     for i in range(count):
         dev.send(1, payload, now)
         for pkt, _r in dev.datagrams_to_send():
-            pkts.append(outer.seal(outer.TYPE_DATA, 7, hop, pkt))
+            pkts.append(bytes(outer.seal(outer.TYPE_DATA, 7, hop, pkt)))   # bytes, as recvfrom gives
     handle = server._on_outer
     got[0] = 0
     res = _timed(lambda pkt: handle(pkt, src), pkts)
@@ -181,7 +192,7 @@ async def _data_plane(tmp, backend, count, size):
         raise RuntimeError("delivered %d of %d: %r" % (got[0], count, server.counters()))
     if server._timer is not None:
         server._timer.cancel()
-    res.update(crypto=server.crypto.name, aead=server.core.peers[dev.public_key].current.recv_aead.backend)
+    res.update(crypto=server.crypto.name, aead=_aead_name(server.core.peers[dev.public_key].current))
     return res
 
 
@@ -195,7 +206,7 @@ def data_plane(backend, count, size=200, portable_ccm=False):
     if portable_ccm:
         keypair.AEAD = lambda key: AEAD(key, "cryptography")
     try:
-        return asyncio.run(_data_plane(tmp, backend, count, size))
+        return asyncio.run(_data_plane(tmp, backend, count, size, portable_ccm))
     finally:
         keypair.AEAD = make
         scratch.remove(tmp)
@@ -260,6 +271,7 @@ def main():
                                  "met_per_cpu_s": dp["cryptography"]["per_cpu_s"] >= TARGET_PACKETS,
                                  "met_best_chunk": dp["cryptography"]["best_chunk_per_s"] >= TARGET_PACKETS},
            "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
+    res["workers"] = gateway_workers(rounds=2, burst=2000) if quick else gateway_workers()
     if not quick:
         res["idle_session_memory"] = session_memory()
         res["round_trip_2_pops"] = round_trip()

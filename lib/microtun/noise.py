@@ -106,9 +106,12 @@ class Suite:
     decrypt(k, n, ad, ciphertext) -> plaintext, or None on failure, or it
     raises one of `errors` (e.g. cryptography's InvalidTag). Any other
     exception is a bug and propagates. `name` is the full protocol name
-    (bytes), e.g. b"Noise_IKpsk2_25519_AESCCM_SHA256"."""
+    (bytes), e.g. b"Noise_IKpsk2_25519_AESCCM_SHA256". `responder`: None,
+    or the backend's own responder half of this suite's handshake, which
+    microtun.responder.Gateway then runs instead of HandshakeState (the
+    same calls and bytes as microtun.responder.NoiseResponder)."""
 
-    def __init__(self, pattern, cipher_name, encrypt, decrypt, errors=(), crypto=PURE):
+    def __init__(self, pattern, cipher_name, encrypt, decrypt, errors=(), crypto=PURE, responder=None):
         if pattern not in PATTERNS:
             raise ValueError("unknown pattern %r" % pattern)
         self.pattern = pattern
@@ -118,6 +121,7 @@ class Suite:
         self.decrypt = decrypt
         self.errors = errors
         self.crypto = crypto
+        self.responder = responder
 
 
 def _ccm_encrypt(k, n, ad, plaintext):

@@ -175,6 +175,32 @@ def create_response(hs, psk, sender_index, receiver_index, mac1k, cookie):
     return m.finish(body, mac1k, cookie, hs._crypto.hmac_sha256)[0]
 
 
+class NoiseResponder:
+    """The responder's half of the handshake as Gateway runs it, on
+    microtun.noise's HandshakeState (any suite): read an INIT, then answer
+    it with a STALE or with a RESPONSE and the session keys. A crypto
+    backend may bring its own with the same three calls and the same bytes
+    (Suite.responder: microtun_host.hostresponder, straight-line code over
+    C primitives); the returned handshake has .rs and .ss either way.
+    `keypair`: the class the sessions' transport keys go into."""
+    keypair = Keypair
+
+    def __init__(self, suite):
+        self.suite = suite
+
+    def read_initiation(self, data, static, ss_lookup):
+        return read_initiation(data, static, ss_lookup, self.suite)
+
+    stale = staticmethod(create_stale)
+
+    @staticmethod
+    def respond(hs, psk, sender_index, receiver_index, mac1k):
+        """(RESPONSE, send key, receive key)."""
+        resp = create_response(hs, psk, sender_index, receiver_index, mac1k, None)
+        recv_cs, send_cs = hs.split()
+        return resp, send_cs.k, recv_cs.k
+
+
 class Gateway(_Endpoint):
     """The responder for many devices. `add_peer` registers a device's static
     public key with its optional psk, name and allowed channels. `suite`:
@@ -184,6 +210,7 @@ class Gateway(_Endpoint):
     def __init__(self, private_key, params=None, window=GATEWAY_WINDOW, suite=SUITE):
         _Endpoint.__init__(self, private_key, params, window)
         self.suite = suite                   # its .crypto computes the handshakes (microtun.crypto)
+        self._hs = suite.responder or NoiseResponder(suite)   # reads INITs, writes RESPONSEs
         self.peers = {}                      # public key -> Session
         self._mac1 = _mac_checker(m.mac1_key(self.public_key))
         self._cookies = CookieChecker(self.public_key)
@@ -414,7 +441,7 @@ class Gateway(_Endpoint):
         tot[1] += 1
         self._remember(mac1, now)
         try:
-            hs, sender, fresh = read_initiation(data, self._static, self._ss_lookup, self.suite)
+            hs, sender, fresh = self._hs.read_initiation(data, self._static, self._ss_lookup)
         except NoiseError as e:
             self._count("unknown_peer" if str(e) == "unknown_peer" else "bad_init")
             return
@@ -434,7 +461,7 @@ class Gateway(_Endpoint):
             if s.stale_answered_at is None or ticks_diff(now, s.stale_answered_at) >= p.rekey_timeout_ms:
                 s.stale_answered_at = now
                 self._count("stale_answer_tx", s)
-                self._out.append((create_stale(hs, sender, s.last_freshness), addr))
+                self._out.append((self._hs.stale(hs, sender, s.last_freshness), addr))
             self._events.append(Event(STALE, s, None, fresh, addr))
             return
         if s.last_init_at is not None and ticks_diff(now, s.last_init_at) < p.init_min_interval_ms:
@@ -443,9 +470,8 @@ class Gateway(_Endpoint):
         if s.next is not None:
             self._unconfirmed(s)             # the device moved on without using it
         idx = self._new_index(s, None)
-        resp = create_response(hs, s.psk, idx, sender, m.mac1_key(s.public_key), None)
-        recv_cs, send_cs = hs.split()
-        kp = Keypair(send_cs.k, recv_cs.k, idx, sender, False, now, self._window)
+        resp, send_key, recv_key = self._hs.respond(hs, s.psk, idx, sender, m.mac1_key(s.public_key))
+        kp = self._hs.keypair(send_key, recv_key, idx, sender, False, now, self._window)
         self._by_index[idx] = (s, kp)
         s.last_freshness = fresh
         s.last_init_at = now

@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import time
+from time import monotonic as _monotonic
 
 from microtun import outer
 from microtun_host import config as hconfig
@@ -426,10 +427,12 @@ class GatewayServer:
             self._count("outer_" + (outer.reject_reason(pkt) or "malformed"))
             return
         ptype, label = parsed
-        link = self._link_for_label(label)
+        link = self.by_label.get(label)
         if link is None:
-            self._count("outer_unknown_label")
-            return
+            link = self._link_for_label(label)      # a link draining after a reload?
+            if link is None:
+                self._count("outer_unknown_label")
+                return
         if not outer.verify(link.key, pkt):
             self._count("outer_bad_mac")
             return
@@ -438,9 +441,12 @@ class GatewayServer:
         # authenticates and is fresh (the replay window): a captured packet
         # replayed from elsewhere passes the hop MAC but must not steer the
         # replies (issue 11, defect 4; roaming as WireGuard does it).
-        if link.learn and link.peer_addr is None:
-            link.peer_addr = src
-        roam = link.learn and src != link.peer_addr
+        if link.learn:
+            if link.peer_addr is None:
+                link.peer_addr = src
+            roam = src != link.peer_addr
+        else:
+            roam = False
         if ptype == outer.TYPE_HOP_KEEPALIVE:
             self._count("outer_keepalive_rx")
             return
@@ -470,15 +476,15 @@ class GatewayServer:
         if ptype != outer.TYPE_DATA:
             self._count("outer_unexpected_type")
             return
-        now = now_ms()
+        now = int(_monotonic() * 1000) & TICKS_MASK     # now_ms(), inline: once per packet
         c["rx_packets"] += 1
         c["rx_bytes"] += len(pkt)
-        st = self.core.stats
+        core = self.core
+        st = core.stats
         dup = st.get("duplicate", 0)
         if roam:
             fresh = st.get("data_rx", 0) + st.get("keepalive_rx", 0)
-        core = self.core
-        core.receive_datagram(pkt[outer.HEADER_LEN:], link.name, now)
+        core.receive_datagram(memoryview(pkt)[outer.HEADER_LEN:], link.name, now)    # the inner packet, not copied
         if roam and st.get("data_rx", 0) + st.get("keepalive_rx", 0) != fresh:
             log.info("link %s: replies now go to %s (was %s; authentic fresh packet)",
                      link.name, hconfig.format_sockaddr(src), hconfig.format_sockaddr(link.peer_addr))
@@ -518,34 +524,41 @@ class GatewayServer:
 
     # -- inner events and services ----------------------------------------------
     def _events(self, now):
-        while True:
-            e = self.core.next_event()
-            if e is None:
-                return
-            name = e.peer.name
-            if e.kind == DATA:
-                self._deliver(e.peer, e.channel, e.data)
-            elif e.kind == HANDSHAKE:
-                log.info("device %s: session established (handshake %d, via %s)",
-                         name, e.peer.handshakes, e.peer.addr)
-            elif e.kind == EXPIRED:
-                log.info("device %s: session expired", name)
-            elif e.kind == FAILED:
-                self._rlog(name, FAILED, "device %s: handshake answered but never confirmed: the device could not "
-                           "open the RESPONSE (a wrong psk? compare its config with the registry) or it was lost")
-            elif e.kind == STALE:
-                st = e.peer.stale
-                theirs, ours = int.from_bytes(st[1][:4], "big"), int.from_bytes(st[2][:4], "big")
-                answered = e.peer.stale_answered_at == st[0]
-                self._rlog(name, STALE, "device %s: stale handshake (counter %d \u2264 %d): its boot counter went "
-                           "backwards (re-flashed, storage wiped) or an old INIT was replayed; %s" % (
-                               "%s", theirs, ours, "told it to continue from %d" % (ours + 1) if answered else
-                               "not answered (one answer per device per 5 s)"))
-            elif e.kind == DENIED:
-                self._rlog(name, DENIED, "device %%s: data on channel %d refused: the registry does not allow it "
-                           "(channels %s)" % (e.channel, sorted(e.peer.channels)))
-            if self.on_event is not None:
-                self.on_event(e.kind, name)
+        core = self.core
+        while core._events:
+            events = core._events           # the core's whole queue at once (next_event() pops one)
+            core._events = []
+            for e in events:
+                if e.kind == DATA and self.on_event is None:
+                    self._deliver(e.peer, e.channel, e.data)    # the usual one, without another call
+                else:
+                    self._event(e)
+
+    def _event(self, e):
+        name = e.peer.name
+        if e.kind == DATA:
+            self._deliver(e.peer, e.channel, e.data)
+        elif e.kind == HANDSHAKE:
+            log.info("device %s: session established (handshake %d, via %s)",
+                     name, e.peer.handshakes, e.peer.addr)
+        elif e.kind == EXPIRED:
+            log.info("device %s: session expired", name)
+        elif e.kind == FAILED:
+            self._rlog(name, FAILED, "device %s: handshake answered but never confirmed: the device could not "
+                       "open the RESPONSE (a wrong psk? compare its config with the registry) or it was lost")
+        elif e.kind == STALE:
+            st = e.peer.stale
+            theirs, ours = int.from_bytes(st[1][:4], "big"), int.from_bytes(st[2][:4], "big")
+            answered = e.peer.stale_answered_at == st[0]
+            self._rlog(name, STALE, "device %s: stale handshake (counter %d \u2264 %d): its boot counter went "
+                       "backwards (re-flashed, storage wiped) or an old INIT was replayed; %s" % (
+                           "%s", theirs, ours, "told it to continue from %d" % (ours + 1) if answered else
+                           "not answered (one answer per device per 5 s)"))
+        elif e.kind == DENIED:
+            self._rlog(name, DENIED, "device %%s: data on channel %d refused: the registry does not allow it "
+                       "(channels %s)" % (e.channel, sorted(e.peer.channels)))
+        if self.on_event is not None:
+            self.on_event(e.kind, name)
 
     def _rlog(self, name, kind, fmt):
         """One info line per device and kind per LOG_EVERY_S; the lines held

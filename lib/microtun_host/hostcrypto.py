@@ -10,7 +10,8 @@ boards run.
 
     HOST         X25519 and AES-256-CCM from `cryptography` (OpenSSL), HMAC
                  and HKDF from the stdlib's hmac.digest (OpenSSL, one C call)
-    HOST_SUITE   Noise_IKpsk2_25519_AESCCM_SHA256 computed by HOST
+    HOST_SUITE   Noise_IKpsk2_25519_AESCCM_SHA256 computed by HOST; the
+                 gateway's half of its handshake by microtun_host.hostresponder
 
 Same bytes as microtun.crypto.PURE: host_tests/test_crypto_backends.py
 checks them against each other and the RFC vectors run on both.
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 from microtun import noise
 from microtun.aead import AEAD
 from microtun.crypto import PURE
+from microtun_host.hostresponder import HostResponder
 
 try:
     # hmac.digest's own C call, without the Python wrapper around it (a
@@ -113,7 +115,7 @@ def _decrypt(k, n, ad, ciphertext):
         return None
 
 
-HOST_SUITE = noise.Suite("IKpsk2", "AESCCM", _encrypt, _decrypt, crypto=HOST)
+HOST_SUITE = noise.Suite("IKpsk2", "AESCCM", _encrypt, _decrypt, crypto=HOST, responder=HostResponder())
 BACKENDS = {"pure": (PURE, noise.NOISE_IKPSK2_25519_AESCCM_SHA256), "cryptography": (HOST, HOST_SUITE)}
 
 

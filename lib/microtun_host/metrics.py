@@ -84,7 +84,33 @@ class PopCollector:
         reloads = _counter("microtun_pop_reloads", "Config reloads, by result.", ("result",))
         reloads.add_metric(["ok"], s["reloads"])
         reloads.add_metric(["failed"], s["reload_failures"])
-        return [info, up, packets, drops, lp, lb, ld, routes, learned, sources, moves, reloads]
+        return [info, up, packets, drops, lp, lb, ld, routes, learned, sources, moves, reloads] + \
+            _segment_metrics(s.get("segments", {}))
+
+
+# A LOOPS segment's egress counts what crossed it (microtun_host.segment.Receiver.stats)
+_SEG_PACKETS = ("received", "gaps", "reordered", "recovered_nack", "recovered_fec", "unrecovered")
+
+
+def _segment_metrics(segments):
+    """Per-path loss and RTT where a PoP measures them: the LOOPS segments
+    it is an end of (docs/LOOPS.md), keyed "in:<label>" (the egress: loss
+    measured from sequence gaps) and "out:<label>" (the ingress: RTT from
+    its pings). Bounded by configuration: one entry per segment route."""
+    pk = _counter("microtun_pop_segment_packets", "LOOPS segment egress: packets received, sequence gaps seen, "
+                  "gaps that were reordering, repaired by NACK or FEC, given up.", ("segment", "kind"))
+    loss = _gauge("microtun_pop_segment_loss_ratio", "LOOPS segment egress: share of packets lost on the "
+                  "segment before repair (gaps that were not reordering).", ("segment",))
+    rtt = _gauge("microtun_pop_segment_rtt_seconds", "LOOPS segment: smoothed RTT (the ingress from its pings, "
+                 "the egress from the ingress's reports).", ("segment",))
+    for name, st in sorted(segments.items()):
+        if st.get("role") == "egress":
+            for k in _SEG_PACKETS:
+                pk.add_metric([name, k], st[k])
+            loss.add_metric([name], st["loss"])
+        if st.get("srtt_ms"):           # None or 0: no sample yet
+            rtt.add_metric([name], st["srtt_ms"] / 1000)
+    return [pk, loss, rtt]
 
 
 class GatewayCollector:
