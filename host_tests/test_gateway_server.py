@@ -30,7 +30,7 @@ def test_reset_boot_counter_back_within_one_retry(net):
     res = net.device("d1", "--count", "3")        # boot 2: fine
     assert res["delivered"] == 3
     # the board is re-flashed: its stored boot counter starts again
-    (net.tmp / "microtun_boot.bin").write_bytes((0).to_bytes(4, "big"))
+    (net.state_dir("d1") / "microtun_boot.bin").write_bytes((0).to_bytes(4, "big"))
     t0 = time.monotonic()
     r = subprocess.run([micropython(),
                         str(ROOT / "tools" / "device_run.py"), net.device_config("d1"), "--count", "3",
@@ -44,7 +44,7 @@ def test_reset_boot_counter_back_within_one_retry(net):
     assert connected and connected[0]["connected_ms"] < 5000, (connected, took)
     assert "the gateway has seen boot counter 2" in r.stdout and "continuing from 3" in r.stdout, r.stdout
     # the jump was persisted: the next boot continues above it
-    assert int.from_bytes((net.tmp / "microtun_boot.bin").read_bytes(), "big") >= 3
+    assert int.from_bytes((net.state_dir("d1") / "microtun_boot.bin").read_bytes(), "big") >= 3
     st = net.gw_status()
     d1 = _dev(st, "d1")
     assert d1["counters"]["stale_handshake"] >= 1 and d1["counters"]["stale_answer_tx"] >= 1

@@ -154,10 +154,17 @@ class Net:
             raise RuntimeError("provision failed: %s %s" % (r.stdout, r.stderr))
         for d in self.devices:
             cfg = json.loads((self.out / "devices" / ("%s.json" % d)).read_text())
-            cfg["state_dir"] = str(self.tmp)
+            cfg["state_dir"] = str(self.state_dir(d))
             p = self.out / "devices" / ("%s.json" % d)
             p.write_text(json.dumps(cfg))
         return r.stdout
+
+    def state_dir(self, name):
+        """A device's own state directory (its boot counter), as on a board:
+        two devices running at once never share (or race on) one file."""
+        d = self.tmp / ("state-" + name)
+        d.mkdir(exist_ok=True)
+        return d
 
     def device_config(self, name):
         return str(self.out / "devices" / ("%s.json" % name))
