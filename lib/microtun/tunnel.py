@@ -28,11 +28,21 @@ _ALL_DOWN_MAX_SHIFT = const(5)
 _PUBLIC_ADDR_REFRESH_MS = const(1800000)  # ask the first PoP for our public address this often
 
 
+_CTL_OPS_REQ = const(0x10)   # microtun.ops.CTL_OPS_REQ: an operations request (docs/OPS.md)
+
+
 class TunnelCore:
     storage = None               # the driver's storage: a boot counter jump is persisted there
+    ops = None                   # the ops agent (microtun.ops), made by the first ops request
+    ops_root = "."               # the directory ops may read and write (on a board: "/", its cwd)
+    log_ring = None              # the last log lines, kept when the config allows ops (microtun.logring)
+    reboot_requested = False     # an ops `reboot` asked for a restart: the firmware does it (docs/OPS.md)
 
     def __init__(self, cfg, boot_counter, params=None, log=lambda level, msg: None):
         self.cfg = cfg
+        if getattr(cfg, "ops", False):
+            from microtun.logring import LogRing
+            log = self.log_ring = LogRing(log)
         self.log = log
         if params is None and getattr(cfg, "unresponsive_ms", 0):
             from microtun import timers
@@ -168,6 +178,10 @@ class TunnelCore:
                     p = self.paths.paths[i]
                     if self.paths.on_probe_reply(d, now):
                         self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
+                elif len(d) and d[0] == _CTL_OPS_REQ:
+                    self._ops_in(d, now)
+                else:
+                    self._count("control_unknown")
             elif e.kind == STALE:
                 # Our boot counter went backwards (re-flashed, storage wiped):
                 # persist the one the gateway's answer names, before the retry goes out.
@@ -186,6 +200,23 @@ class TunnelCore:
                 for p in self.paths.paths:
                     if p.next_probe is None:
                         p.next_probe = now      # validate every path at once
+
+    def _ops_in(self, d, now):
+        """An operations request from the gateway (docs/OPS.md). Refused
+        unless the config allows ops; the agent is imported on the first one."""
+        if not getattr(self.cfg, "ops", False):
+            self._count("ops_disabled")
+            n = self.stats["ops_disabled"]
+            if n in (1, 10, 100) or n % 1000 == 0:
+                self.log("warn", "an ops request arrived but this device's config does not allow ops "
+                                 "(\"ops\": true); dropped (%d so far)" % n)
+            return
+        if self.ops is None:
+            from microtun.ops import Agent
+            self.ops = Agent(self, self.ops_root)
+        rep = self.ops.handle(d)
+        if rep is not None:
+            self.device.send(CONTROL_CHANNEL, rep, now)
 
     # -- timers ----------------------------------------------------------------------
     def get_timer(self):

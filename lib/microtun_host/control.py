@@ -127,12 +127,27 @@ class Commands:
                 req["cmd"], ", ".join(sorted(self.commands)))}
         else:
             try:
-                reply = dict(fn(req))
+                reply = fn(req)
+                if asyncio.iscoroutine(reply):      # a command that waits (the gateway's "ops")
+                    return self._finish(reply, req, rid)
+                reply = dict(reply)
                 reply.setdefault("ok", True)
             except Exception as e:    # a bug in a handler must not kill the process
                 if self.log:
                     self.log.exception("control: command %r failed", req["cmd"])
                 reply = {"ok": False, "error": "internal error in %r: %s" % (req["cmd"], e)}
+        if rid is not None:
+            reply["id"] = rid
+        return reply
+
+    async def _finish(self, coro, req, rid):
+        try:
+            reply = dict(await coro)
+            reply.setdefault("ok", True)
+        except Exception as e:
+            if self.log:
+                self.log.exception("control: command %r failed", req["cmd"])
+            reply = {"ok": False, "error": "internal error in %r: %s" % (req["cmd"], e)}
         if rid is not None:
             reply["id"] = rid
         return reply
@@ -158,6 +173,9 @@ class ControlProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data, addr):
         reply = self.cmds.handle(data)
+        if asyncio.iscoroutine(reply):        # waiting commands need the socket form
+            reply.close()
+            reply = {"ok": False, "error": "this command needs the control socket (a socket path), not UDP"}
         try:
             self.transport.sendto(_encode(reply), addr)
         except OSError as e:          # the client went away: nothing to do
@@ -309,7 +327,10 @@ async def _serve_unix(path, cmds, log):
                     writer.write(_encode({"ok": False, "error": "a request is one line of at most %d bytes"
                                                                 % MAX_REQUEST}) + b"\n")
                     return
-                writer.write(_encode(cmds.handle(line), limit=1 << 30) + b"\n")
+                reply = cmds.handle(line)
+                if asyncio.iscoroutine(reply):
+                    reply = await reply
+                writer.write(_encode(reply, limit=1 << 30) + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):
             pass                      # the client went away
