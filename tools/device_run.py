@@ -15,7 +15,8 @@ Runs on the MicroPython unix port (and CPython):
     --channel C        app channel to send on (default 1)
     --serve MS         after the sends, stay connected this long answering ops
                        requests (docs/OPS.md); an ops `reboot` exits with status 3
-    --ops-root DIR     the directory ops may read and write (default: the current one)
+    --ops-root DIR     change to this directory once connected: what ops and exec'd
+                       code (mpremote's) see as the device's filesystem
 
 Each message is "<id>:<padding>" on channel 1; the gateway's channel-1
 service must echo it back (`microtun echo 127.0.0.1:5000` is one). Prints
@@ -85,7 +86,9 @@ def main():
     except ConfigError as e:
         print("RESULT " + json.dumps({"error": str(e)}))
         return 2
-    t.core.ops_root = o["ops-root"]
+    if o["ops-root"] != ".":
+        import os
+        os.chdir(o["ops-root"])      # ops paths and exec'd code (mpremote's) both see this directory
     replies = {}
     dup_replies = [0]
     peak = [heap() or 0]
