@@ -64,6 +64,10 @@ class OpsClient:
     OpsClient.connect(gateway_config_or_socket, device, operator_key=FILE)
     to log in with an operator key (a fresh token for ttl seconds)."""
 
+    # how long the gateway waits for the device to answer one request (retransmitting meanwhile)
+    # before it reports the device gone; None: the gateway's default, 5 s
+    device_timeout = None
+
     def __init__(self, control_addr, device, token, timeout=60.0):
         self.control = control_addr
         self.device = device
@@ -84,6 +88,8 @@ class OpsClient:
     # -- plumbing ---------------------------------------------------------------------------------
     def _call(self, op, timeout=None, **fields):
         req = dict(fields, cmd="ops", device=self.device, token=self.token, op=op)
+        if self.device_timeout is not None:
+            req["timeout"] = self.device_timeout
         try:
             rep = control.query(self.control, req, timeout=timeout or self.timeout)
         except control.ControlError as e:

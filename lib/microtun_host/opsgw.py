@@ -18,6 +18,7 @@ second, separate check: the right to operate one device, for a while.
 """
 import asyncio
 import base64
+import contextvars
 import logging
 import os
 import time
@@ -38,6 +39,8 @@ RTO_MAX_S = 1.0
 WINDOW = 16                     # transfer requests in flight per device
 MAX_BATCH = 32 * wire.PAGE      # put_data / get_data bytes per control request
 LOGIN_CONTEXT = b"microtun-ops-login-v1"
+# how long one request may go unanswered, for the control request being served ("timeout" in it)
+_timeout = contextvars.ContextVar("ops_timeout", default=REQUEST_TIMEOUT_S)
 
 
 def login_message(gateway, device, nonce_hex, ttl):
@@ -192,9 +195,11 @@ class GatewayOps:
             return
         fut.set_result((r[2], r[3]))
 
-    async def request(self, name, op, body=b"", timeout=REQUEST_TIMEOUT_S):
+    async def request(self, name, op, body=b"", timeout=None):
         """One request, retransmitted until answered: (status, body). Raises
         Refused when the device does not answer within timeout."""
+        if timeout is None:
+            timeout = _timeout.get()
         pub = self.server.names[name]
         d = self.devs.get(pub)
         if d is None:
@@ -269,6 +274,10 @@ class GatewayOps:
         try:
             name = self._device(req)
             who = self._check_token(req, name)[:16] + "..."
+            tmo = req.get("timeout", REQUEST_TIMEOUT_S)
+            if not isinstance(tmo, (int, float)) or not 0.2 <= tmo <= 120:
+                raise ValueError("timeout must be 0.2..120 s")
+            _timeout.set(float(tmo))
             fn = getattr(self, "_op_" + op, None) if isinstance(op, str) else None
             if fn is None:
                 raise Refused("unknown ops request %r (known: %s)" % (op, ", ".join(sorted(
