@@ -40,7 +40,8 @@ import struct
 import sys
 
 MAX_DATAGRAM = 65507          # largest UDP payload over IPv4
-MAX_REQUEST = 65536           # one request line on the socket
+MAX_REQUEST = 65536           # one request line on the socket ...
+MAX_OPS_REQUEST = 262144      # ... on a socket that serves ops (a put's data batch, base64: opsgw.MAX_BATCH)
 _SUN_PATH_MAX = 100           # sun_path is 108 bytes on Linux, 104 on BSD/macOS: longer ones go via /proc/self/fd
 
 UDP_WARNING = ("control on UDP %s: any local user can read stats and trigger a reload; write a socket "
@@ -297,7 +298,7 @@ class UnixServer:
             pass
 
 
-async def _serve_unix(path, cmds, log):
+async def _serve_unix(path, cmds, log, max_request=MAX_REQUEST):
     _check_dir(path)
     _claim(path)
     uid = os.geteuid()
@@ -325,7 +326,7 @@ async def _serve_unix(path, cmds, log):
                         return
                 except asyncio.LimitOverrunError:
                     writer.write(_encode({"ok": False, "error": "a request is one line of at most %d bytes"
-                                                                % MAX_REQUEST}) + b"\n")
+                                                                % max_request}) + b"\n")
                     return
                 reply = cmds.handle(line)
                 if asyncio.iscoroutine(reply):
@@ -343,7 +344,7 @@ async def _serve_unix(path, cmds, log):
     sp = _Short(path)
     old = os.umask(0o177)             # the socket is born 0600: no window with a wider mode
     try:
-        server = await asyncio.start_unix_server(client, path=sp.path, limit=MAX_REQUEST)
+        server = await asyncio.start_unix_server(client, path=sp.path, limit=max_request)
     except OSError as e:
         raise ControlError("control socket %s: %s" % (path, e.strerror or e)) from None
     finally:
@@ -353,14 +354,14 @@ async def _serve_unix(path, cmds, log):
     return UnixServer(server, path, cmds)
 
 
-async def serve(addr, commands, log=None):
+async def serve(addr, commands, log=None, max_request=MAX_REQUEST):
     """Serve commands (name -> fn(request) -> dict) on a socket path (owner
     only) or a loopback UDP address (any local user; logged as a warning).
     Returns an object with close() and get_extra_info("sockname").
     Raises ControlError (an OSError) with one line when it cannot."""
     cmds = Commands(commands, log)
     if is_socket_path(addr):
-        return await _serve_unix(os.path.abspath(addr), cmds, log)
+        return await _serve_unix(os.path.abspath(addr), cmds, log, max_request)
     host, port = _host_port(addr)
     if not ipaddress.ip_address(host).is_loopback:
         raise ValueError("the control channel binds to loopback only (127.0.0.0/8 or ::1), not %s" % host)

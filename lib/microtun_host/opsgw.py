@@ -33,11 +33,12 @@ CHALLENGE_S = 30
 MAX_CHALLENGES = 256
 MAX_TOKENS = 1024
 REQUEST_TIMEOUT_S = 5.0         # one request without any answer: the device is gone
-RTO_MIN_S = 0.03
-RTO_INIT_S = 0.3
-RTO_MAX_S = 1.0
+RTO_MIN_S = 0.1                 # retransmission timeout: RFC 6298 (srtt + 4 rttvar), within these
+RTO_INIT_S = 0.5
+RTO_MAX_S = 2.0
 WINDOW = 16                     # transfer requests in flight per device
-MAX_BATCH = 32 * wire.PAGE      # put_data / get_data bytes per control request
+FAST_AFTER = 3                  # answers to later requests that make an unanswered one count as lost
+MAX_BATCH = 128 * wire.PAGE     # put_data / get_data bytes per control request (control.MAX_OPS_REQUEST)
 LOGIN_CONTEXT = b"microtun-ops-login-v1"
 # how long one request may go unanswered, for the control request being served ("timeout" in it)
 _timeout = contextvars.ContextVar("ops_timeout", default=REQUEST_TIMEOUT_S)
@@ -57,9 +58,24 @@ class _Dev:
 
     def __init__(self):
         self.rid = int.from_bytes(os.urandom(4), "big")
-        self.pending = {}
+        self.pending = {}           # rid -> [op, future, packet, send order, fast-retransmitted]
+        self.sent = 0               # send order of the newest request
         self.srtt = None
+        self.rttvar = None
         self.window = asyncio.Semaphore(WINDOW)
+
+    def rto(self):
+        if self.srtt is None:
+            return RTO_INIT_S
+        return min(RTO_MAX_S, max(RTO_MIN_S, self.srtt + 4 * self.rttvar))
+
+    def sample(self, r):
+        """An RTT sample from a request answered without retransmission (Karn), RFC 6298 §2."""
+        if self.srtt is None:
+            self.srtt, self.rttvar = r, r / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
+            self.srtt = 0.875 * self.srtt + 0.125 * r
 
     def next_rid(self):
         self.rid = (self.rid + 1) & 0xFFFFFFFF
@@ -83,9 +99,12 @@ class GatewayOps:
         return name in self.server.ops_devices
 
     def _count(self, what, peer=None):
+        """Counted in the gateway's counters (microtun status), and the device's when known."""
         self.stats[what] = self.stats.get(what, 0) + 1
         if peer is not None:
             self.server._dev_count(peer, what)
+        else:
+            self.server._count(what)
 
     def commands(self):
         return {"ops_challenge": self.challenge, "ops_login": self.login, "ops": self.run}
@@ -189,11 +208,22 @@ class GatewayOps:
         if r is None:
             self._count("ops_malformed_reply", peer)
             return
-        op, fut = d.pending.pop(r[1], (None, None)) if d is not None else (None, None)
-        if fut is None or fut.done() or op != r[0]:
+        p = d.pending.pop(r[1], None) if d is not None else None
+        if p is None or p[1].done() or p[0] != r[0]:
             self._count("ops_late_reply", peer)         # a retransmission's second answer
             return
-        fut.set_result((r[2], r[3]))
+        p[1].set_result((r[2], r[3]))
+        # Fast retransmit (as TCP's on three duplicate ACKs, RFC 5681 §3.2): a request sent
+        # FAST_AFTER or more requests before this answered one is taken as lost, sent again now
+        # rather than at its timeout; once per request.
+        for q in d.pending.values():
+            if not q[4] and p[3] - q[3] >= FAST_AFTER:
+                q[4] = True
+                self._count("ops_fast_retransmit")
+                try:
+                    self.server.send(peer.public_key, 0, q[2])
+                except ValueError:
+                    pass
 
     async def request(self, name, op, body=b"", timeout=None):
         """One request, retransmitted until answered: (status, body). Raises
@@ -207,11 +237,12 @@ class GatewayOps:
         rid = d.next_rid()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        d.pending[rid] = (op, fut)
         pkt = wire.request(op, rid, body)
+        d.sent += 1
+        d.pending[rid] = [op, fut, pkt, d.sent, False]
         t0 = loop.time()
         end = t0 + timeout
-        rto = RTO_INIT_S if d.srtt is None else min(RTO_MAX_S, max(RTO_MIN_S, 2 * d.srtt))
+        rto = d.rto()
         first = True
         try:
             while True:
@@ -231,8 +262,7 @@ class GatewayOps:
                     rto = min(RTO_MAX_S, rto * 2)
                     continue
                 if first:                    # Karn: only unambiguous samples
-                    s = loop.time() - t0
-                    d.srtt = s if d.srtt is None else 0.875 * d.srtt + 0.125 * s
+                    d.sample(loop.time() - t0)
                 return res
         finally:
             d.pending.pop(rid, None)
