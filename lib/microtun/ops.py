@@ -65,6 +65,16 @@ _META_EVERY = const(16)         # chunks between two saves of a put's resume poi
 _NO_CACHE = (PUT_DATA, GET_DATA, GET_OPEN, RESULT, LS, HEALTH, LOGS, PUT_OPEN)
 
 
+def serve(core, d, now):
+    """TunnelCore's hook (its config allows ops): one request from the
+    gateway, answered on channel 0."""
+    if core.ops is None:
+        core.ops = Agent(core, core.ops_root)
+    rep = core.ops.handle(d)
+    if rep is not None:
+        core.device.send(0, rep, now)
+
+
 def u32(b, i):
     return (b[i] << 24) | (b[i + 1] << 16) | (b[i + 2] << 8) | b[i + 3]
 

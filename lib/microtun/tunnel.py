@@ -40,7 +40,7 @@ class TunnelCore:
 
     def __init__(self, cfg, boot_counter, params=None, log=lambda level, msg: None):
         self.cfg = cfg
-        if getattr(cfg, "ops", False):
+        if cfg.ops:
             from microtun.logring import LogRing
             log = self.log_ring = LogRing(log)
         self.log = log
@@ -202,21 +202,16 @@ class TunnelCore:
                         p.next_probe = now      # validate every path at once
 
     def _ops_in(self, d, now):
-        """An operations request from the gateway (docs/OPS.md). Refused
-        unless the config allows ops; the agent is imported on the first one."""
-        if not getattr(self.cfg, "ops", False):
-            self._count("ops_disabled")
-            n = self.stats["ops_disabled"]
-            if n in (1, 10, 100) or n % 1000 == 0:
-                self.log("warn", "an ops request arrived but this device's config does not allow ops "
-                                 "(\"ops\": true); dropped (%d so far)" % n)
+        """An operations request from the gateway (docs/OPS.md): microtun.ops
+        is imported on the first one, and only if the config allows ops."""
+        if self.cfg.ops:
+            from microtun.ops import serve
+            serve(self, d, now)
             return
-        if self.ops is None:
-            from microtun.ops import Agent
-            self.ops = Agent(self, self.ops_root)
-        rep = self.ops.handle(d)
-        if rep is not None:
-            self.device.send(CONTROL_CHANNEL, rep, now)
+        self._count("ops_disabled")
+        if self.stats["ops_disabled"] % 100 == 1:
+            self.log("warn", "ops request dropped: \"ops\" is off in this device's config (%d so far)"
+                     % self.stats["ops_disabled"])
 
     # -- timers ----------------------------------------------------------------------
     def get_timer(self):
