@@ -21,6 +21,10 @@ class LogRing:
         self.log(level, msg)
         self.add("%s %s" % (level, msg))
 
+    def exception(self, what, e):
+        """The firmware's Log.exception (traceback to the console and the log file)."""
+        self.log.exception(what, e)
+
     def add(self, line):
         self.seq += 1
         line = line[:self.max // 2]

@@ -34,6 +34,7 @@ import time
 
 from microtun import ops as wire
 from microtun_host import control
+from microtun_host.config import ConfigError
 from microtun_host.opsgw import login_message, MAX_BATCH, TOKEN_TTL_S
 
 REBOOT_EXIT = 3     # the unix port's exit status for a reset (firmware/microtun_fw.py reset())
@@ -93,7 +94,7 @@ class OpsClient:
         try:
             rep = control.query(self.control, req, timeout=timeout or self.timeout)
         except control.ControlError as e:
-            raise OpsError("%s: %s: %s (is the gateway running?)" % (self.device, op, e)) from None
+            raise OpsError("%s: %s: %s" % (self.device, op, e)) from None
         if not rep.get("ok"):
             raise OpsError("%s: %s" % (self.device, rep.get("error", "%s failed" % op)))
         return rep
@@ -210,7 +211,7 @@ def login(addr, device, key_path, ttl=TOKEN_TTL_S):
         rep = control.query(addr, {"cmd": "ops_login", "device": device, "operator": key.public.hex(),
                                    "nonce": ch["nonce"], "sig": sig, "ttl": ttl}, timeout=5)
     except control.ControlError as e:
-        raise OpsError("%s: login: %s (is the gateway running?)" % (device, e)) from None
+        raise OpsError("%s: login: %s" % (device, e)) from None
     if not rep.get("ok"):
         raise OpsError("%s: %s" % (device, rep.get("error")))
     return rep["token"]
@@ -336,6 +337,9 @@ def main(args):
     except OpsError as e:
         print("microtun ops: %s" % e, file=sys.stderr)
         return 1
+    except ConfigError as e:
+        print("microtun ops: %s" % e, file=sys.stderr)
+        return 2
     except OSError as e:
         print("microtun ops: %s" % (e.strerror and "%s: %s" % (e.filename, e.strerror) or e), file=sys.stderr)
         return 1
