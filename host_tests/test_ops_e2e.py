@@ -38,7 +38,8 @@ class Device:
             self.starts += 1
             self.proc = subprocess.Popen(
                 [micropython(), str(ROOT / "tools" / "device_run.py"), self.net.device_config(self.name),
-                 "--count", "0", "--linger", "0", "--serve", "60000", "--ops-root", str(self.root)],
+                 "--count", "0", "--linger", "0", "--serve", "60000", "--connect-ms", "30000",
+                 "--ops-root", str(self.root)],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=mp_env(), cwd=str(ROOT))
             self.out.append(self.proc.communicate()[0])
             if self.proc.returncode != REBOOT_EXIT:

@@ -167,12 +167,15 @@ def main(argv=None):
         root = os.path.join(tmp, "root")
         os.mkdir(root)
         dev = subprocess.Popen([micropython(), os.path.join(ROOT, "tools", "device_run.py"), net.device_config("d1"),
-                                "--count", "0", "--linger", "0", "--serve", "300000", "--ops-root", root],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=mp_env(), cwd=ROOT)
+                                "--count", "0", "--linger", "0", "--serve", "300000", "--connect-ms", "30000",
+                                "--ops-root", root],
+                               stdout=open(os.path.join(tmp, "ops-device.log"), "w"), stderr=subprocess.STDOUT,
+                               env=mp_env(), cwd=ROOT)
         c = OpsClient.connect(net.gw["control"], "d1", operator_key=kp)
         c.device_timeout = 10
-        if not c.wait_up(20):
-            raise RuntimeError("the ops device did not come up")
+        if not c.wait_up(30):
+            with open(os.path.join(tmp, "ops-device.log")) as f:
+                raise RuntimeError("the ops device did not come up: %s" % f.read()[-2000:])
         c.exec("pass")
         times = []
         for _ in range(a.rounds):
