@@ -1,7 +1,7 @@
 """The device side of the operations channel (docs/OPS.md): run a snippet,
 list, read and write files, health, log tail, reboot, all inside the E2E
 tunnel on channel 0. Loaded only when the first ops request arrives on a
-device whose config says "ops": true (TunnelCore._ops_in); a device that
+device whose config says "ops": true (TunnelCore._events); a device that
 never sees one never imports this module.
 
     agent = Agent(core, root="/")          # core: the TunnelCore (health, log ring, reboot flag)

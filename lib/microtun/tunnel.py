@@ -179,9 +179,14 @@ class TunnelCore:
                     if self.paths.on_probe_reply(d, now):
                         self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
                 elif len(d) and d[0] == _CTL_OPS_REQ:
-                    self._ops_in(d, now)
-                else:
-                    self._count("control_unknown")
+                    # an operations request (docs/OPS.md): microtun.ops is imported on the
+                    # first one, and only if the config allows ops; otherwise a counted drop
+                    # (the gateway tells the operator when no answer comes)
+                    if self.cfg.ops:
+                        from microtun.ops import serve
+                        serve(self, d, now)
+                    else:
+                        self._count("ops_disabled")
             elif e.kind == STALE:
                 # Our boot counter went backwards (re-flashed, storage wiped):
                 # persist the one the gateway's answer names, before the retry goes out.
@@ -200,18 +205,6 @@ class TunnelCore:
                 for p in self.paths.paths:
                     if p.next_probe is None:
                         p.next_probe = now      # validate every path at once
-
-    def _ops_in(self, d, now):
-        """An operations request from the gateway (docs/OPS.md): microtun.ops
-        is imported on the first one, and only if the config allows ops."""
-        if self.cfg.ops:
-            from microtun.ops import serve
-            serve(self, d, now)
-            return
-        self._count("ops_disabled")
-        if self.stats["ops_disabled"] % 100 == 1:
-            self.log("warn", "ops request dropped: \"ops\" is off in this device's config (%d so far)"
-                     % self.stats["ops_disabled"])
 
     # -- timers ----------------------------------------------------------------------
     def get_timer(self):
