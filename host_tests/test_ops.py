@@ -41,6 +41,10 @@ class FakeCore:
         self.device = FakeDevice()
         self.log_ring = LogRing(lambda level, msg: None, 200)
         self.reboot_requested = False
+        self.logged = []
+
+    def log(self, level, msg):
+        self.logged.append((level, msg))
 
     def health(self):
         return {"established": True, "paths": [], "tx_bytes": 1, "rx_bytes": 2}
@@ -261,6 +265,9 @@ def _bad_requests_are_refused_not_raised(r):
     for junk in (b"", b"\x10", b"\x10\x01\x00\x00\x00", b"\x11\x01\x00\x00\x00\x01"):
         assert r.agent.handle(junk) is None
     assert r.agent.stats["ops_malformed"] >= 4
+    # every refusal is a log line on the device too (the first ten, then every 100th)
+    assert ("warn", "ops put_open refused: path '../outside' leaves the device's ops root") in r.core.logged
+    assert len(r.core.logged) == 10
     assert os.listdir(r.dir) == ["f.bin.part", "f.bin.part.meta"] or sorted(os.listdir(r.dir)) == [
         "f.bin.part", "f.bin.part.meta"]
 

@@ -235,6 +235,11 @@ class Agent:
         except (ValueError, IndexError, UnicodeError) as e:
             st, out = ERR, ("malformed %s request (%s)" % (NAMES.get(op, op), e)).encode()
             self._count("ops_malformed")
+        if st == ERR:
+            n = self.stats.get("ops_error", 0) + self.stats.get("ops_malformed", 0)
+            log = getattr(self.core, "log", None)
+            if log is not None and (n <= 10 or n % 100 == 0):    # rate-limited: the first ten, then every 100th
+                log("warn", "ops %s refused: %s" % (NAMES.get(op, op), bytes(out[:200]).decode()))
         rep = bytes((CTL_OPS_REP, op)) + p32(rid) + bytes((st,)) + out[:PAGE + 64]
         if op not in _NO_CACHE:
             self.cache.append((rid, op, rep))
