@@ -40,8 +40,7 @@ import struct
 import sys
 
 MAX_DATAGRAM = 65507          # largest UDP payload over IPv4
-MAX_REQUEST = 65536           # one request line on the socket ...
-MAX_OPS_REQUEST = 262144      # ... on a socket that serves ops (a put's data batch, base64: opsgw.MAX_BATCH)
+MAX_REQUEST = 65536           # one request line on the socket (an ops put's data batch fits: opsgw.MAX_BATCH)
 _SUN_PATH_MAX = 100           # sun_path is 108 bytes on Linux, 104 on BSD/macOS: longer ones go via /proc/self/fd
 
 UDP_WARNING = ("control on UDP %s: any local user can read stats and trigger a reload; write a socket "

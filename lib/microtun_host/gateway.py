@@ -369,7 +369,7 @@ class GatewayServer:
                 "reload": self._reload_cmd,
                 **self.ops.commands(),
                 **self.extra_commands(),
-            }, log, max_request=control.MAX_OPS_REQUEST)
+            }, log)
         if self.cfg.metrics is not None:
             from microtun_host import metrics      # prometheus_client: loaded only when asked for
             self._metrics = await metrics.serve(self.cfg.metrics, metrics.GatewayCollector(

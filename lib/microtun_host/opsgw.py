@@ -38,7 +38,7 @@ RTO_INIT_S = 0.5
 RTO_MAX_S = 2.0
 WINDOW = 16                     # transfer requests in flight per device
 FAST_AFTER = 3                  # answers to later requests that make an unanswered one count as lost
-MAX_BATCH = 128 * wire.PAGE     # put_data / get_data bytes per control request (control.MAX_OPS_REQUEST)
+MAX_BATCH = 40 * wire.PAGE      # put_data / get_data bytes per control request: in base64, under control.MAX_REQUEST
 LOGIN_CONTEXT = b"microtun-ops-login-v1"
 # how long one request may go unanswered, for the control request being served ("timeout" in it)
 _timeout = contextvars.ContextVar("ops_timeout", default=REQUEST_TIMEOUT_S)
