@@ -55,6 +55,11 @@ bench: $(STAMP)
 bench-loops: $(STAMP)
 	$(PY) tools/bench_loops.py
 
+# Issue 13 (docs/OPS.md): the ops channel's figures, real processes over a lossy, rate-limited link (~1 min).
+.PHONY: bench-ops
+bench-ops: $(STAMP)
+	$(PY) tools/bench_ops.py
+
 # Issue 11's attack figures (real processes, ~5-7 min; QUICK=1: ~2 min).
 .PHONY: bench-attack
 bench-attack: $(STAMP)

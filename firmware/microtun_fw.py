@@ -261,6 +261,8 @@ class Firmware:
         app = self.load_app()
         from microtun.driver import Tunnel
         self.tunnel = t = Tunnel(self.cfg, log=self.log)
+        if t.core.log_ring is not None:
+            self.log = t.log         # ops allowed: the firmware's lines go to the log ring too (docs/OPS.md)
         a = None
         if app is not None:
             a = app.App(t, self.cfg.app, self.board, self.log)
@@ -296,6 +298,10 @@ class Firmware:
                     wait = w if w > 0 else 0
             t.poll(wait)
             self.feed()
+            if t.reboot_requested:       # an operator's `microtun ops DEVICE reboot` (docs/OPS.md)
+                self.log("boot", "reboot asked for over the ops channel")
+                t.close()
+                reset()
             if con is not None and con.poll(0):
                 c = sys.stdin.read(1)
                 if not c:            # no console (stdin closed)

@@ -489,6 +489,46 @@ def test_firmware_connects_through_two_pops(tmp_path, rig, running):
     assert t_up < 10 and st["established"]
 
 
+def test_firmware_answers_ops_and_mpremote_through_the_tunnel(tmp_path, running):
+    """The firmware with "ops": true (docs/OPS.md): an operator reaches the
+    board's files and log through the gateway, mpremote runs on it through
+    the bridge, and an ops reboot resets the board (the unix port's exit 3)."""
+    from microtun_host.changelog import OperatorKey
+    from microtun_host.ops import OpsClient
+    from microtun_host import opsbridge
+    key_path = str(tmp_path / "op.key")
+    key = OperatorKey.generate(key_path)
+    r = Rig(tmp_path / "rig")
+    r.gateway["operators"] = [key.public.hex()]
+    r.registry["devices"][0]["ops"] = True
+    for name, d in (("gateway", r.gateway), ("registry", r.registry)):
+        (r.dir / (name + ".json")).write_text(json.dumps(d))
+    r.start()
+    try:
+        d = make_board(tmp_path / "board", dict(r.device_config, ops=True))
+        fw = running(d, heap=WORKING_HEAP)
+        fw.wait_for(r"session up \d+ ms after boot", 15)
+        c = OpsClient.connect(r.control, "dev1", operator_key=key_path)
+        assert c.exec("import os\nprint(sorted(os.listdir('/'))[:3])").startswith("['app.py', 'board.py'")
+        assert "session up" in c.logs(0)[1]          # the firmware's own lines are in the ring
+        c.put("note.txt", b"from afar\n")
+        assert (d / "note.txt").read_bytes() == b"from afar\n"
+        urls = []
+        threading.Thread(target=opsbridge.serve, args=(c, "127.0.0.1:0"), kwargs={"ready": urls.append},
+                         daemon=True).start()
+        end = time.monotonic() + 5
+        while not urls and time.monotonic() < end:
+            time.sleep(0.05)
+        mp = subprocess.run([str(Path(PY).with_name("mpremote")), "connect", urls[0], "fs", "cat", "note.txt"],
+                            capture_output=True, text=True, timeout=30)
+        assert mp.returncode == 0 and mp.stdout == "from afar\n", (mp.stdout, mp.stderr)
+        c.reboot()
+        fw.wait_for(RESET.replace(r"(\d+)", "3"), 10)
+        assert "reboot asked for over the ops channel" in (d / "microtun.log").read_text()
+    finally:
+        r.stop()
+
+
 # -- figures -------------------------------------------------------------------------------------------
 def _trial(rig, base, heap, seconds):
     """Run the firmware with `heap` for `seconds`: (ok, details). Every

@@ -13,6 +13,10 @@ Runs on the MicroPython unix port (and CPython):
     --rebind-at MS     open new sockets this long after the first send
     --idle MS          send nothing, just stay connected this long (bytes/hour test)
     --channel C        app channel to send on (default 1)
+    --serve MS         after the sends, stay connected this long answering ops
+                       requests (docs/OPS.md); an ops `reboot` exits with status 3
+    --ops-root DIR     change to this directory once connected: what ops and exec'd
+                       code (mpremote's) see as the device's filesystem
 
 Each message is "<id>:<padding>" on channel 1; the gateway's channel-1
 service must echo it back (`microtun echo 127.0.0.1:5000` is one). Prints
@@ -48,7 +52,8 @@ from microtun.config import ConfigError
 
 def parse_args(argv):
     opts = {"count": 50, "interval": 20, "size": 32, "policy": None, "critical-every": 0,
-            "connect-ms": 10000, "linger": 1500, "rebind-at": -1, "idle": 0, "channel": 1}
+            "connect-ms": 10000, "linger": 1500, "rebind-at": -1, "idle": 0, "channel": 1,
+            "serve": 0, "ops-root": "."}
     if not argv:
         print(__doc__)
         sys.exit(2)
@@ -60,7 +65,7 @@ def parse_args(argv):
             print("device_run: unknown option or missing value: %s" % a)
             sys.exit(2)
         v = argv[i + 1]
-        opts[a[2:]] = v if a == "--policy" else int(v)
+        opts[a[2:]] = v if a in ("--policy", "--ops-root") else int(v)
         i += 2
     return cfg, opts
 
@@ -81,6 +86,9 @@ def main():
     except ConfigError as e:
         print("RESULT " + json.dumps({"error": str(e)}))
         return 2
+    if o["ops-root"] != ".":
+        import os
+        os.chdir(o["ops-root"])      # ops paths and exec'd code (mpremote's) both see this directory
     replies = {}
     dup_replies = [0]
     peak = [heap() or 0]
@@ -133,6 +141,15 @@ def main():
     end = ticks_add(ticks_ms(), o["linger"])
     while ticks_diff(end, ticks_ms()) > 0 and len(replies) < len(sent_at):
         t.poll(min(100, ticks_diff(end, ticks_ms())))
+    if o["serve"]:
+        print("P " + json.dumps({"serving_ms": o["serve"]}))
+        end = ticks_add(ticks_ms(), o["serve"])
+        while ticks_diff(end, ticks_ms()) > 0:
+            t.poll(min(500, ticks_diff(end, ticks_ms())))
+            if t.reboot_requested:      # an ops reboot: the reply went out in that poll
+                print("P " + json.dumps({"reboot": True}))
+                t.close()
+                sys.exit(3)
     lost = [i for i in sorted(sent_at) if i not in replies]
     run = best = 0
     for i in range(o["count"]):

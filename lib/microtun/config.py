@@ -84,7 +84,7 @@ class Settings:
     with name, pop (host, port), label, rx_label, hop_key), policy,
     channels (a tuple, or None: all), nat_keepalive_ms, window, state_dir, network (board-specific dict, e.g.
     Wi-Fi), app (free dict for the application), watchdog_ms (0 = off),
-    unresponsive_ms (0 = the timer default),
+    unresponsive_ms (0 = the timer default), ops (the operations channel allowed: docs/OPS.md),
     source (where it was read from)."""
 
 
@@ -148,6 +148,9 @@ def from_dict(d, source="config"):
     s.watchdog_ms = int_field(d, w, "watchdog_s", 0, 3600, 0) * 1000
     # 0: the default (15 s); a gateway with a standby wants ~2 s (docs/DEPLOY.md "Many cores and failover")
     s.unresponsive_ms = int_field(d, w, "unresponsive_s", 0, 60, 0) * 1000
+    s.ops = d.get("ops", False)         # the operations channel (docs/OPS.md): off unless provisioned
+    if s.ops not in (True, False):
+        raise ConfigError("%sops: expected true or false, got %r" % (w, s.ops))
     return s
 
 

@@ -87,6 +87,7 @@ class Tunnel:
             boot = 1
         self.boot_counter = boot
         self.core = TunnelCore(cfg, boot, params=params, log=log)
+        self.log = self.core.log             # the log ring too, when the config allows ops
         self.core.storage = self.storage     # a boot counter jump (gateway's STALE answer) is saved here
         self.device = self.core.device
         self.paths = self.core.paths
@@ -207,6 +208,13 @@ class Tunnel:
         h = self.core.health()
         h["boot"] = self.device._fresh.boot   # may have jumped since boot (a STALE answer)
         return h
+
+    @property
+    def reboot_requested(self):
+        """True once an operator asked for a restart over the ops channel
+        (docs/OPS.md): the firmware resets the board; an app of its own
+        should do the same (its reply went out in the same poll)."""
+        return self.core.reboot_requested
 
     def close(self):
         for i in range(len(self._socks)):

@@ -28,11 +28,21 @@ _ALL_DOWN_MAX_SHIFT = const(5)
 _PUBLIC_ADDR_REFRESH_MS = const(1800000)  # ask the first PoP for our public address this often
 
 
+_CTL_OPS_REQ = const(0x10)   # microtun.ops.CTL_OPS_REQ: an operations request (docs/OPS.md)
+
+
 class TunnelCore:
     storage = None               # the driver's storage: a boot counter jump is persisted there
+    ops = None                   # the ops agent (microtun.ops), made by the first ops request
+    ops_root = "."               # the directory ops may read and write (on a board: "/", its cwd)
+    log_ring = None              # the last log lines, kept when the config allows ops (microtun.logring)
+    reboot_requested = False     # an ops `reboot` asked for a restart: the firmware does it (docs/OPS.md)
 
     def __init__(self, cfg, boot_counter, params=None, log=lambda level, msg: None):
         self.cfg = cfg
+        if cfg.ops:
+            from microtun.logring import LogRing
+            log = self.log_ring = LogRing(log)
         self.log = log
         if params is None and getattr(cfg, "unresponsive_ms", 0):
             from microtun import timers
@@ -168,6 +178,15 @@ class TunnelCore:
                     p = self.paths.paths[i]
                     if self.paths.on_probe_reply(d, now):
                         self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
+                elif len(d) and d[0] == _CTL_OPS_REQ:
+                    # an operations request (docs/OPS.md): microtun.ops is imported on the
+                    # first one, and only if the config allows ops; otherwise a counted drop
+                    # (the gateway tells the operator when no answer comes)
+                    if self.cfg.ops:
+                        from microtun.ops import serve
+                        serve(self, d, now)
+                    else:
+                        self._count("ops_disabled")
             elif e.kind == STALE:
                 # Our boot counter went backwards (re-flashed, storage wiped):
                 # persist the one the gateway's answer names, before the retry goes out.

@@ -8,6 +8,7 @@
     microtun log --fleet fleet.json | --file DIR/changelog.jsonl --trust KEY [--device NAME]
     microtun echo 127.0.0.1:5000
     microtun logs --port /dev/ttyACM0 [--follow]
+    microtun ops DEVICE --config gateway.json --operator-key KEY exec|ls|get|put|logs|health|reboot|token|mpremote
 
 Adding a subcommand is one small function that declares its arguments and
 a run function, plus one entry in SUBCOMMANDS:
@@ -143,7 +144,11 @@ def _log(sub):
     _lazy("fleet").add_log_parser(sub)
 
 
-SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs, _fleet, _log]
+def _ops(sub):
+    _lazy("ops").add_parser(sub)
+
+
+SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs, _fleet, _log, _ops]
 
 
 def build_parser():

@@ -40,7 +40,7 @@ import struct
 import sys
 
 MAX_DATAGRAM = 65507          # largest UDP payload over IPv4
-MAX_REQUEST = 65536           # one request line on the socket
+MAX_REQUEST = 65536           # one request line on the socket (an ops put's data batch fits: opsgw.MAX_BATCH)
 _SUN_PATH_MAX = 100           # sun_path is 108 bytes on Linux, 104 on BSD/macOS: longer ones go via /proc/self/fd
 
 UDP_WARNING = ("control on UDP %s: any local user can read stats and trigger a reload; write a socket "
@@ -127,12 +127,27 @@ class Commands:
                 req["cmd"], ", ".join(sorted(self.commands)))}
         else:
             try:
-                reply = dict(fn(req))
+                reply = fn(req)
+                if asyncio.iscoroutine(reply):      # a command that waits (the gateway's "ops")
+                    return self._finish(reply, req, rid)
+                reply = dict(reply)
                 reply.setdefault("ok", True)
             except Exception as e:    # a bug in a handler must not kill the process
                 if self.log:
                     self.log.exception("control: command %r failed", req["cmd"])
                 reply = {"ok": False, "error": "internal error in %r: %s" % (req["cmd"], e)}
+        if rid is not None:
+            reply["id"] = rid
+        return reply
+
+    async def _finish(self, coro, req, rid):
+        try:
+            reply = dict(await coro)
+            reply.setdefault("ok", True)
+        except Exception as e:
+            if self.log:
+                self.log.exception("control: command %r failed", req["cmd"])
+            reply = {"ok": False, "error": "internal error in %r: %s" % (req["cmd"], e)}
         if rid is not None:
             reply["id"] = rid
         return reply
@@ -158,6 +173,9 @@ class ControlProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data, addr):
         reply = self.cmds.handle(data)
+        if asyncio.iscoroutine(reply):        # waiting commands need the socket form
+            reply.close()
+            reply = {"ok": False, "error": "this command needs the control socket (a socket path), not UDP"}
         try:
             self.transport.sendto(_encode(reply), addr)
         except OSError as e:          # the client went away: nothing to do
@@ -279,7 +297,7 @@ class UnixServer:
             pass
 
 
-async def _serve_unix(path, cmds, log):
+async def _serve_unix(path, cmds, log, max_request=MAX_REQUEST):
     _check_dir(path)
     _claim(path)
     uid = os.geteuid()
@@ -307,9 +325,12 @@ async def _serve_unix(path, cmds, log):
                         return
                 except asyncio.LimitOverrunError:
                     writer.write(_encode({"ok": False, "error": "a request is one line of at most %d bytes"
-                                                                % MAX_REQUEST}) + b"\n")
+                                                                % max_request}) + b"\n")
                     return
-                writer.write(_encode(cmds.handle(line), limit=1 << 30) + b"\n")
+                reply = cmds.handle(line)
+                if asyncio.iscoroutine(reply):
+                    reply = await reply
+                writer.write(_encode(reply, limit=1 << 30) + b"\n")
                 await writer.drain()
         except (ConnectionError, OSError):
             pass                      # the client went away
@@ -322,7 +343,7 @@ async def _serve_unix(path, cmds, log):
     sp = _Short(path)
     old = os.umask(0o177)             # the socket is born 0600: no window with a wider mode
     try:
-        server = await asyncio.start_unix_server(client, path=sp.path, limit=MAX_REQUEST)
+        server = await asyncio.start_unix_server(client, path=sp.path, limit=max_request)
     except OSError as e:
         raise ControlError("control socket %s: %s" % (path, e.strerror or e)) from None
     finally:
@@ -332,14 +353,14 @@ async def _serve_unix(path, cmds, log):
     return UnixServer(server, path, cmds)
 
 
-async def serve(addr, commands, log=None):
+async def serve(addr, commands, log=None, max_request=MAX_REQUEST):
     """Serve commands (name -> fn(request) -> dict) on a socket path (owner
     only) or a loopback UDP address (any local user; logged as a warning).
     Returns an object with close() and get_extra_info("sockname").
     Raises ControlError (an OSError) with one line when it cannot."""
     cmds = Commands(commands, log)
     if is_socket_path(addr):
-        return await _serve_unix(os.path.abspath(addr), cmds, log)
+        return await _serve_unix(os.path.abspath(addr), cmds, log, max_request)
     host, port = _host_port(addr)
     if not ipaddress.ip_address(host).is_loopback:
         raise ValueError("the control channel binds to loopback only (127.0.0.0/8 or ::1), not %s" % host)

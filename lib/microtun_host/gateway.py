@@ -84,7 +84,7 @@ class Link:
 
 class DeviceEntry:
     def __init__(self, node):
-        node.only("name", "public_key", "psk", "channels")
+        node.only("name", "public_key", "psk", "channels", "ops")
         self.name = node.text("name")
         self.public_key = node.key32("public_key")
         self.psk = node.key32("psk") if node.value.get("psk") is not None else None
@@ -92,6 +92,9 @@ class DeviceEntry:
         if ch is not None and not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 255 for c in ch):
             raise node.error("channels", "expected a list of channel numbers 1..255")
         self.channels = ch
+        self.ops = node.value.get("ops", False)     # the operations channel allowed (docs/OPS.md)
+        if self.ops not in (True, False):
+            raise node.error("ops", "expected true or false")
 
 
 class GatewayConfig:
@@ -101,7 +104,8 @@ class GatewayConfig:
 
     def __init__(self, root, devices=None):
         root.only("name", "listen", "control", "private_key", "registry", "links", "services",
-                  "rekey_after_s", "window", "log_level", "metrics", "crypto", "keepalive_s", "workers")
+                  "rekey_after_s", "window", "log_level", "metrics", "crypto", "keepalive_s", "workers",
+                  "operators")
         self.source = root.file
         self.path = root.file
         # processes on the one port, each device's links steered to one (microtun_host.workers)
@@ -144,6 +148,13 @@ class GatewayConfig:
         self.metrics = root.address("metrics", None)        # Prometheus over HTTP (metrics.py); off by default
         self.crypto = root.text("crypto", "cryptography", choices=tuple(sorted(hostcrypto.BACKENDS)))
         self.devices = load_registry(self.registry_path) if devices is None else devices
+        # Ed25519 public keys (hex) that may log in to the ops channel (docs/OPS.md)
+        ops = root.items("operators", default=[])
+        for i, k in enumerate(ops):
+            if not isinstance(k, str) or len(k) != 64 or any(c not in "0123456789abcdefABCDEF" for c in k):
+                raise ConfigError("%s: operators[%d]: expected an Ed25519 public key as 64 hex characters "
+                                  "(`microtun fleet keygen` prints one)" % (root.file, i))
+        self.operators = frozenset(k.lower() for k in ops)
 
 
 def load_registry(path):
@@ -254,7 +265,10 @@ class GatewayServer:
         self._started = time.monotonic()
         self._drop_task = None
         self._logged = {}                 # (device, kind) -> [last line (monotonic s), lines held back]
+        self.ops_devices = set()          # names of the devices the registry allows ops for
         self._apply_registry(cfg.devices)
+        from microtun_host.opsgw import GatewayOps
+        self.ops = GatewayOps(self)       # the operations channel (docs/OPS.md)
 
     # -- links and registry ------------------------------------------------------
     # A session's path is the *name* of the link its packets arrived on
@@ -303,6 +317,7 @@ class GatewayServer:
             if new:
                 log.info("device %s registered (channels %s)", e.name, e.channels or "all")
         self.names = {e.name: e.public_key for e in devices}
+        self.ops_devices = {e.name for e in devices if getattr(e, "ops", False)}
 
     def reload(self):
         """Re-read the config and the registry: links (re-spliced routes),
@@ -353,6 +368,7 @@ class GatewayServer:
                 "status": lambda req: {"status": self.status()},
                 "stats": lambda req: {"counters": self.counters()},
                 "reload": self._reload_cmd,
+                **self.ops.commands(),
                 **self.extra_commands(),
             }, log)
         if self.cfg.metrics is not None:
@@ -529,7 +545,7 @@ class GatewayServer:
             events = core._events           # the core's whole queue at once (next_event() pops one)
             core._events = []
             for e in events:
-                if e.kind == DATA and self.on_event is None:
+                if e.kind == DATA and e.channel and self.on_event is None:
                     self._deliver(e.peer, e.channel, e.data)    # the usual one, without another call
                 else:
                     self._event(e)
@@ -537,7 +553,10 @@ class GatewayServer:
     def _event(self, e):
         name = e.peer.name
         if e.kind == DATA:
-            self._deliver(e.peer, e.channel, e.data)
+            if e.channel == 0:            # channel 0 beyond path probes: an ops reply (docs/OPS.md)
+                self.ops.on_reply(e.peer, e.data)
+            else:
+                self._deliver(e.peer, e.channel, e.data)
         elif e.kind == HANDSHAKE:
             log.info("device %s: session established (handshake %d, via %s)",
                      name, e.peer.handshakes, e.peer.addr)

@@ -93,7 +93,7 @@ class Echo:
 
 class Net:
     def __init__(self, tmp, routes=None, devices=None, lossy=None, policy="best", services=None, spare_pops=(),
-                 standby=False):
+                 standby=False, operators=()):
         self.tmp = Path(tmp)
         self.routes = routes or {"a": ["a1", "a2"]}
         self.devices = devices or {"d1": {}}
@@ -104,6 +104,7 @@ class Net:
         self.echo = None
         pops = sorted({p for chain in self.routes.values() for p in chain} | set(spare_pops))
         self.standby = standby          # a standby gateway (same identity), devices with unresponsive_s
+        self.operators = list(operators)    # Ed25519 public keys (hex) trusted for ops (docs/OPS.md)
         n = len(pops) + 3 + 2 * len(self.lossy)
         ports = iter(free_ports(n))
         self.out = self.tmp / "out"
@@ -123,6 +124,8 @@ class Net:
     def write_topology(self):
         t = ['[gateway]', 'name = "gw"', 'listen = "%s"' % self.gw["listen"],
              'services = { "1" = "127.0.0.1:%d" }' % self.echo_port]
+        if self.operators:
+            t.append('operators = [%s]' % ", ".join('"%s"' % k for k in self.operators))
         if self.standby:
             t += ['standby = "%s"' % self.gw_standby["listen"], 'standby_control = "gw-standby.sock"',
                   'keepalive_s = 1']
@@ -142,6 +145,8 @@ class Net:
                   'policy = "%s"' % opts.get("policy", self.policy)]
             if self.standby:
                 t.append('unresponsive_s = 2')
+            if opts.get("ops"):
+                t.append('ops = true')
             if "routes" in opts:
                 t.append('routes = [%s]' % ", ".join('"%s"' % r for r in opts["routes"]))
             t.append('')

@@ -219,8 +219,15 @@ def parse_topology(path):
     # gateway
     g = root.obj("gateway")
     g.only("name", "listen", "reach", "control", "services", "log_level", "rekey_after_s", "window", "keepalive_s",
-           "standby", "standby_control")
+           "standby", "standby_control", "operators")
     gateway = _node(g, "gateway", ("log_level", "rekey_after_s", "window", "keepalive_s"))
+    if g.has("operators"):              # who may log in to the ops channel (docs/OPS.md)
+        ops = g.items("operators")
+        for i, k in enumerate(ops):
+            if not isinstance(k, str) or len(k) != 64 or any(c not in "0123456789abcdefABCDEF" for c in k):
+                raise g.error("operators[%d]" % i, "expected an Ed25519 public key, 64 hex characters "
+                                                   "(`microtun fleet keygen --out KEYFILE` prints one)")
+        gateway.extra["operators"] = [k.lower() for k in ops]
     if g.has("standby"):
         # one gateway identity on two addresses: the last PoP of every route
         # probes both and sends to the one that answers (docs/DEPLOY.md)
@@ -305,7 +312,7 @@ def parse_topology(path):
     devices = {}
     for n in _tables(root, "device"):
         n.only("name", "routes", "channels", "policy", "psk", "network", "app",
-               "nat_keepalive_s", "window", "state_dir", "watchdog_s", "expires", "unresponsive_s")
+               "nat_keepalive_s", "window", "state_dir", "watchdog_s", "expires", "unresponsive_s", "ops")
         name = _name(n)
         if name in devices:
             raise n.error("name", "%s is already the name of %s" % (hconfig._short(name), devices[name].where))
@@ -352,6 +359,12 @@ def parse_topology(path):
             extra["watchdog_s"] = n.integer("watchdog_s", 0, 3600)
         if n.has("unresponsive_s"):
             extra["unresponsive_s"] = n.integer("unresponsive_s", 0, 60)
+        if n.has("ops"):                # the operations channel (docs/OPS.md): off unless asked for
+            ops = n.raw("ops", "true or false")
+            if not isinstance(ops, bool):
+                raise n.error("ops", "expected true or false, got %s" % hconfig._kind(ops))
+            if ops:
+                extra["ops"] = True
         devices[name] = Device(name, list(rs), channels, psk, extra, n.path)
         devices[name].expires = None
         if n.has("expires"):            # fleet mode (docs/FLEET.md, "Credentials that expire")
@@ -665,6 +678,8 @@ def plan(topo, state):
             e["psk"] = _hex(psk)
         if dev.channels is not None:
             e["channels"] = dev.channels
+        if dev.extra.get("ops"):
+            e["ops"] = True
         registry.append(e)
         dev_state[dev.name] = {"private_key": _hex(priv)}
         if psk is not None:
