@@ -263,3 +263,51 @@ def test_client_with_etcd_auth(store_env, tmp_path):
     s2 = fleet.Settings(fleet.Node("f.json", "", {"endpoints": [e.endpoint], "trusted_operators": [key.public.hex()],
                                                   "user": "pop-a1", "password_file": "pw"}), str(tmp_path))
     assert len(fleet.read_log(s2.client(), "/microtun/")[0]) == 1
+
+
+def test_gateway_pool_moves_a_dead_gateways_devices(tmp_path):
+    """Two gateways of one identity ([[gateway.pool]]), each with a lease:
+    the PoP sends each device's path to the gateway rendezvous hashing
+    picks among those alive; a revocation reaches both; the gateway of a
+    device sending under way dies (SIGKILL), its lease expires, the PoP
+    moves the path to the other, and the device (unresponsive_s = 3, past
+    the lease) handshakes there and sends again with its config unchanged."""
+    import signal
+    from microtun_host import gwpool
+    from microtun_host.fleetnet import FleetNet
+    net = FleetNet(tmp_path, routes={"a": ["a1"]}, devices={"d1": {}, "d2": {}, "d3": {}}, pool=["gw2"], lease_s=2)
+    try:
+        net.start()
+        gws = lambda: net.pop_stats("a1")["fleet"].get("gateways", {})     # noqa: E731
+        assert _wait(lambda: gws().get("live") == ["gw", "gw2"], 10), gws()
+        assert sum(gws()["devices"].values()) == 3
+        # the same answer on every PoP, from the same function
+        dead = gwpool.choose("d1", ["gw", "gw2"])
+        other = "gw2" if dead == "gw" else "gw"
+        # a revocation reaches both gateways
+        r = net.fleet("revoke", "d3")
+        assert r.returncode == 0, r.stderr
+        for g in ("gw", "gw2"):
+            assert _wait(lambda: "d3" not in [d["name"] for d in net.status_of(g)["devices"]], 5), g
+
+        dev = net.device("d1", "--count", "350", "--interval", "20", "--linger", "3000", background=True)
+        assert _wait(lambda: net.echo.count >= 25, 20), "no traffic"
+        assert any(d["name"] == "d1" and d["established"] for d in net.status_of(dead)["devices"])
+        n_before = net.echo.count
+        t_kill = time.monotonic()
+        net.kill(dead, signal.SIGKILL)
+        assert _wait(lambda: gws().get("live") == [other], 6), gws()
+        res = parse_result(dev.communicate(timeout=60)[0])
+        after = [t for t in net.echo.stamps[n_before:] if t > t_kill]
+        assert after, ("nothing arrived after the kill", res)
+        resume = after[0] - t_kill
+        st = net.pop_stats("a1")["fleet"]["gateways"]
+        assert st["live"] == [other] and st["devices"] == {other: 2}, st
+        d1 = [d for d in net.status_of(other)["devices"] if d["name"] == "d1"][0]
+        assert d1["established"] and res["handshakes"] >= 2, (d1, res)
+        # lost: the messages sent while the dead gateway still held its lease and the device re-handshook,
+        # one run of them; everything after arrives
+        assert resume < 8 and res["longest_loss_run"] >= res["lost"] - 3 and res["delivered"] > 100, (resume, res)
+        assert "gateways %s: gone: %s; the devices they served move" % (other, dead) in net.log("a1")
+    finally:
+        net.stop()

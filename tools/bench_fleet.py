@@ -18,12 +18,20 @@ processes on loopback. Prints ONE JSON object.
 5. registry: --registry devices in the log; a fleet gateway process starts
    and is serving (its alive key reports the head) within 10 s, its RSS is
    <= 100 MB, a single change applies within 50 ms (median and max of 20).
+6. gateway failover: two gateways of one identity ([[gateway.pool]]), 6
+   devices on two one-PoP routes, each sending every 20 ms; the gateway
+   serving most of them gets SIGKILL. Per device of the dead gateway: the
+   time from the kill to its next message at the service (resume_s); for
+   the others, their longest silence around the kill. Once per
+   --failover-leases value (the nodes' lease_s; devices: unresponsive_s =
+   lease_s + 1).
 
 --quick: 6 PoPs, 10 revocations, 5 s outage, 20,000 devices (a smoke run).
 """
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -104,17 +112,6 @@ def revoke(net, store, key, name, marker=None):
     return seq, t0
 
 
-def start_gw2(net):
-    cfg = json.loads((net.out / "fleet" / "gateway.json").read_text())
-    port = localnet.free_ports(1)[0]
-    cfg.update(name="gw2", listen="127.0.0.1:%d" % port, control=str(net.out / "gw2.sock"))
-    cfg["fleet"]["cache"] = "gw2.cache"
-    p = net.out / "fleet" / "gw2.json"
-    p.write_text(json.dumps(cfg))
-    net._spawn("gw2", [PY, "-m", "microtun_host.cli", "gateway", "--config", str(p)], py_env())
-    net.wait_control(cfg["control"], "gw2")
-
-
 def fleet_figures(args, tmp, out):
     npops = args.pops
     routes = {"r%02d" % i: ["p%02d" % (2 * i), "p%02d" % (2 * i + 1)] for i in range(npops // 2)}
@@ -122,11 +119,10 @@ def fleet_figures(args, tmp, out):
     devs["t"] = {"routes": ["r00"]}
     tmp.mkdir()
     t = time.monotonic()
-    net = FleetNet(tmp, routes=routes, devices=devs, spare_pops=())
+    net = FleetNet(tmp, routes=routes, devices=devs, spare_pops=(), pool=["gw2"])    # 2 gateways, one identity
     out["provision_s"] = round(time.monotonic() - t, 2)
     try:
         net.start()
-        start_gw2(net)
         nodes = ["pops/%s" % p for p in sorted(net.pops)] + ["gateways/gw", "gateways/gw2"]
         out["fleet"] = {"pops": len(net.pops), "gateways": 2, "devices": len(devs)}
         s = fleet.load_settings(str(net.fleet_path))
@@ -319,6 +315,79 @@ def registry_figures(args, tmp, out):
         e.stop()
 
 
+def failover_figures(args, tmp, out):
+    from microtun_host import gwpool
+    res = {}
+    for lease in args.failover_leases:
+        d = tmp / ("failover-lease%d" % lease)
+        d.mkdir()
+        devs = {"f%d" % i: {} for i in range(6)}
+        net = FleetNet(d, routes={"a": ["a1"], "b": ["b1"]}, devices=devs, pool=["gw2"], lease_s=lease,
+                       spare_pops=())
+        procs = {}
+        try:
+            net.start()
+            end = time.monotonic() + 20
+            while time.monotonic() < end and net.pop_stats("a1")["fleet"].get("gateways", {}).get("live") != [
+                    "gw", "gw2"]:
+                time.sleep(0.1)
+            by_gw = {}
+            for n in devs:
+                by_gw.setdefault(gwpool.choose(n, ["gw", "gw2"]), []).append(n)
+            dead = max(by_gw, key=lambda g: len(by_gw[g]))
+            size = {n: 40 + i for i, n in enumerate(sorted(devs))}      # the service tells devices apart by size
+            count = int((lease + 1 + 10) * 1000 / 20)
+            for n in sorted(devs):
+                procs[n] = net.device(n, "--count", str(count), "--interval", "20", "--size", str(size[n]),
+                                      "--linger", "2000", background=True)
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                got = {len(x) for x in net.echo.seen}
+                if all(size[n] in got for n in devs):
+                    break
+                time.sleep(0.1)
+            time.sleep(1.0)
+            t_kill = time.monotonic()
+            net.kill(dead, signal.SIGKILL)
+            moved_at = None
+            end = time.monotonic() + lease + 10
+            while time.monotonic() < end and moved_at is None:
+                if net.pop_stats("a1")["fleet"]["gateways"]["live"] == [g for g in ("gw", "gw2") if g != dead]:
+                    moved_at = time.monotonic()
+                time.sleep(0.02)
+            results = {n: parse_result(p.communicate(timeout=120)[0]) for n, p in procs.items()}
+            arrivals = {n: [] for n in devs}
+            by_size = {v: k for k, v in size.items()}
+            for t, x in zip(list(net.echo.stamps), list(net.echo.seen)):
+                if len(x) in by_size:
+                    arrivals[by_size[len(x)]].append(t)
+            resume, silence = {}, {}
+            for n, ts in arrivals.items():
+                if n in by_gw[dead]:
+                    nxt = [t for t in ts if t > t_kill]
+                    resume[n] = round(nxt[0] - t_kill, 2) if nxt else None
+                else:
+                    near = [t for t in ts if t_kill - 2 <= t <= t_kill + lease + 5]
+                    silence[n] = round(max((b - a for a, b in zip(near, near[1:])), default=0) * 1000)
+            rs = [v for v in resume.values() if v is not None]
+            res["lease_%ds" % lease] = {
+                "devices_on_dead_gateway": len(by_gw[dead]), "devices_on_other": len(devs) - len(by_gw[dead]),
+                "pop_moved_after_s": None if moved_at is None else round(moved_at - t_kill, 2),
+                "resume_s": {"median": pct(rs, 50), "max": max(rs) if rs else None, "each": resume},
+                "never_resumed": sum(1 for v in resume.values() if v is None),
+                "others_longest_silence_ms": max(silence.values()) if silence else None,
+                "handshakes_of_moved": [results[n].get("handshakes") for n in by_gw[dead]],
+                "lost_of_moved": [results[n].get("lost") for n in by_gw[dead]],
+                "lost_of_others": [results[n].get("lost") for n in devs if n not in by_gw[dead]]}
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            net.stop()
+    out["gateway_failover"] = res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -326,7 +395,9 @@ def main():
     ap.add_argument("--revocations", type=int, default=100)
     ap.add_argument("--outage-s", type=float, default=30)
     ap.add_argument("--registry", type=int, default=100000)
-    ap.add_argument("--only", choices=("fleet", "registry"))
+    ap.add_argument("--failover-leases", type=lambda v: [int(x) for x in v.split(",")], default=[2, 5],
+                    help="lease_s values for the gateway failover figure (comma-separated)")
+    ap.add_argument("--only", choices=("fleet", "registry", "failover"))
     args = ap.parse_args()
     if args.quick:
         args.pops, args.revocations, args.outage_s, args.registry = 6, 10, 5, 20000
@@ -335,9 +406,11 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     t = time.monotonic()
     try:
-        if args.only != "registry":
+        if args.only in (None, "fleet"):
             fleet_figures(args, tmp / "net", out)
-        if args.only != "fleet":
+        if args.only in (None, "failover"):
+            failover_figures(args, tmp, out)
+        if args.only in (None, "registry"):
             registry_figures(args, tmp, out)
     finally:
         import shutil

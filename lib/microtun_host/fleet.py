@@ -40,20 +40,20 @@ import sys
 import threading
 import time
 
-from microtun_host import changelog, config as hconfig
+from microtun_host import changelog, config as hconfig, gwpool
 from microtun_host import log as logs
 from microtun_host.changelog import Chain, LogError
 from microtun_host.config import ConfigError, Node
 from microtun_host.etcd import Client, EtcdError
 
 DEFAULT_PREFIX = "/microtun/"
-LEASE_TTL_S = 5             # an alive key disappears this long after its node stops
+LEASE_TTL_S = 5             # an alive key disappears this long after its node stops (fleet "lease_s")
 HEALTH_EVERY_S = 1.0        # etcd is asked this often whether it is there (and the lease kept)
 RETRY_MAX_S = 2.0           # reconnect back-off ceiling
 SYNC_PAGE = 200             # records per range request on a resync
 BULK_LINES = 20             # more device changes than this in one batch: one summary line, not one each
 FLEET_FIELDS = ("endpoints", "prefix", "trusted_operators", "user", "password_file", "ca_file", "cert_file",
-                "key_file", "cache", "timeout_s")
+                "key_file", "cache", "timeout_s", "lease_s")
 
 
 # --- settings -------------------------------------------------------------------------
@@ -95,6 +95,9 @@ class Settings:
         self.ca_file, self.cert_file, self.key_file = path("ca_file"), path("cert_file"), path("key_file")
         self.cache = path("cache")
         self.timeout = node.number("timeout_s", 0.1, 60, 2.0)
+        # etcd grants no lease under 2 s (3/2 of its election timeout, rounded up); a gateway's lease is
+        # how long the PoPs wait before its devices move to another (docs/FLEET.md, "Several gateways")
+        self.lease_s = node.integer("lease_s", 2, 60, LEASE_TTL_S)
         self.where = "%s: %s" % (node.file, node.path or "top level")
 
     def client(self, timeout=None):
@@ -322,16 +325,16 @@ def wait_applied(client, prefix, seq, timeout=10.0):
         time.sleep(0.02)
 
 
-def publish_plan(settings, opkey, files, paths, what, expires=None):
+def publish_plan(settings, opkey, files, paths, what, gateways=None):
     """provision --fleet: publish what changed since the log's state, make
-    before break (phases()). expires: {device: "YYYY-MM-DDTHH:MM:SSZ"} from
-    the topology. Returns (seqs, what)."""
+    before break (phases()). gateways: {name: "host:port"}, the gateways
+    of the topology (the [gateway] and its [[gateway.pool]]), published as
+    gateways/<name>. Returns (seqs, what)."""
     store = Store(settings)
     chain, state, head_rev, refusals = store.verified()
     new = desired_state(files, paths)
-    for name, t in (expires or {}).items():
-        if "devices/" + name in new:
-            new["devices/" + name]["expires"] = t
+    for name, reach in (gateways or {}).items():
+        new["gateways/" + name] = {"reach": reach}
     changes = diff(state, new)
     if not changes:
         return [], "nothing changed"
@@ -382,8 +385,9 @@ class Follower:
     for "everything"). A lost etcd changes nothing the node runs: it says
     so once (log + status) and resyncs when etcd answers again."""
 
-    def __init__(self, settings, role, name, listen, on_state, log):
+    def __init__(self, settings, role, name, listen, on_state, log, on_gateways=None):
         self.s = settings
+        self.on_gateways = on_gateways      # PoPs: called on the loop with {name: alive value} of the gateways
         self.role = role
         self.name = name
         self.listen = listen
@@ -402,6 +406,7 @@ class Follower:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._watch = None
+        self._gw_watch = None
         self._threads = []
         self._lock = threading.Lock()
         self._reported = -1
@@ -427,7 +432,8 @@ class Follower:
 
     def start(self, loop):
         self._loop = loop
-        for fn in (self._watch_thread, self._health_thread):
+        fns = (self._watch_thread, self._health_thread) + ((self._gateways_thread,) if self.on_gateways else ())
+        for fn in fns:
             t = threading.Thread(target=fn, name="fleet-" + fn.__name__.strip("_"), daemon=True)
             t.start()
             self._threads.append(t)
@@ -435,9 +441,9 @@ class Follower:
     def stop(self):
         self._stop.set()
         self._wake.set()
-        w = self._watch
-        if w is not None:
-            w.close()
+        for w in (self._watch, self._gw_watch):
+            if w is not None:
+                w.close()
         for t in self._threads:
             t.join(3)
         try:
@@ -550,27 +556,59 @@ class Follower:
             finally:
                 self._watch = None
 
+    def _gateways_thread(self):
+        """PoPs: the gateways holding a lease (alive/gateways/*), read whole
+        and then followed; each change goes to on_gateways on the loop. While
+        etcd is away the PoP keeps the last set it saw (nothing moves)."""
+        pre = self.s.prefix + "alive/gateways/"
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                kvs, rev, _ = self.client.range(pre, prefix=True)
+                alive = {kv.key[len(pre):]: _json(kv.value) for kv in kvs}
+                self._loop.call_soon_threadsafe(self.on_gateways, dict(alive))
+                delay = 0.1
+                self._gw_watch = self.client.watch(pre, prefix=True, start_revision=rev + 1)
+                if self._stop.is_set():
+                    break
+                for events in self._gw_watch:
+                    for kind, kv in events:
+                        if kind == "PUT":
+                            alive[kv.key[len(pre):]] = _json(kv.value)
+                        else:
+                            alive.pop(kv.key[len(pre):], None)
+                    self._loop.call_soon_threadsafe(self.on_gateways, dict(alive))
+            except EtcdError:
+                if self._stop.is_set():
+                    break
+                self._stop.wait(delay)          # the log watch and the health check report the outage
+                delay = min(RETRY_MAX_S, delay * 2)
+            finally:
+                self._gw_watch = None
+
     def _health_thread(self):
         lease = None
         next_keepalive = 0.0
         alive = "%salive/%s/%s" % (self.s.prefix, self.role, self.name)
         since = changelog.utc_text()
+        ttl = self.s.lease_s
+        every = min(HEALTH_EVERY_S, ttl / 4)       # a short lease is renewed four times per TTL
         while not self._stop.is_set():
-            self._wake.wait(HEALTH_EVERY_S)
+            self._wake.wait(every)
             self._wake.clear()
             if self._stop.is_set():
                 break
             try:
                 now = time.monotonic()
                 if lease is None:
-                    lease = self.client.lease_grant(LEASE_TTL_S)
+                    lease = self.client.lease_grant(ttl)
                     self._reported = -1
-                    next_keepalive = now + LEASE_TTL_S / 3
+                    next_keepalive = now + ttl / 4
                 elif now >= next_keepalive:
                     if self.client.lease_keepalive(lease) <= 0:
                         lease = None
                         continue
-                    next_keepalive = now + LEASE_TTL_S / 3
+                    next_keepalive = now + ttl / 4
                 else:
                     self.client.range(self.s.prefix + "head")      # still there?
                 if self._reported != self.applied:
@@ -626,21 +664,22 @@ def _local(path):
     return local, s
 
 
-def pop_routes(state, name):
+def pop_routes(state, name, pool=None):
+    """The route entries of PoP `name`; with a gwpool.Pool, the last hops
+    go to each device's chosen gateway."""
     out = []
     pre = "routes/%s/" % name
     for k in sorted(k for k in state if k.startswith(pre)):
+        device = k.split("/")[2] if k.count("/") == 3 else None
         v = _val(state[k])
-        if isinstance(v, list):
-            out.extend(v)
-        else:
-            out.append(v)       # load_config then names the field that is wrong
-    return out
+        for e in (v if isinstance(v, list) else [v]):       # load_config names the field that is wrong
+            out.append((device, e))
+    return pool.steer(out) if pool is not None else [e for _, e in out]
 
 
-def pop_config(path, local, state, seq):
+def pop_config(path, local, state, seq, pool=None):
     from microtun_host import pop
-    merged = dict(local, routes=pop_routes(state, local.get("name")))
+    merged = dict(local, routes=pop_routes(state, local.get("name"), pool))
     return pop.load_config(path, root=Node("%s + fleet log record %d" % (path, seq), "", merged))
 
 
@@ -685,16 +724,7 @@ def device_entry(key, value, seq):
     where = "fleet log record %d: %s" % (seq, key)
     if not isinstance(value, dict):
         raise ConfigError("%s: expected an object {...}" % where)
-    v = {k: x for k, x in value.items() if k != "expires"}
-    e = gateway.DeviceEntry(Node(where, "", v))
-    e.expires = None
-    if "expires" in value:
-        t = changelog.parse_utc(value["expires"])
-        if t is None:
-            raise ConfigError("%s: expires: expected \"YYYY-MM-DDTHH:MM:SSZ\" (UTC), got %s"
-                              % (where, hconfig._short(str(value["expires"]))))
-        e.expires = t
-    return e
+    return gateway.DeviceEntry(Node(where, "", value))
 
 
 # --- fleet PoP ------------------------------------------------------------------------------
@@ -715,7 +745,9 @@ def run_pop(path, check=False):
     class FleetPop(pop.Pop):
         def __init__(self):
             super().__init__(cfg, log)
-            self.follower = Follower(settings, "pops", cfg.name, str(cfg.listen), self.apply, log)
+            self.pool = gwpool.Pool(log)        # several gateways: which one each device's last hop goes to
+            self.follower = Follower(settings, "pops", cfg.name, str(cfg.listen), self.apply, log,
+                                     on_gateways=self.on_gateways)
             self.config_errors = 0
             self.state = {}
             self.seq = 0
@@ -723,21 +755,34 @@ def run_pop(path, check=False):
         def apply(self, state, seq, touched):
             self.state, self.seq = state, seq
             pre = "routes/%s/" % self.cfg.name
-            if touched is not None and not any(k.startswith(pre) for k in touched):
+            pool_moved = False
+            if touched is None or any(k.startswith("gateways/") for k in touched):
+                pool_moved = self.pool.members_from(state, seq)
+            if touched is not None and not pool_moved and not any(k.startswith(pre) for k in touched):
                 self.follower.report(seq)
                 return
+            if self._rebuild("log record %d applied" % seq):
+                self.follower.report(seq)
+
+        def on_gateways(self, alive):
+            """The gateways holding a lease changed (Follower's watch)."""
+            if self.pool.alive_from(alive, self.seq):
+                self._rebuild("gateways alive: %s" % (", ".join(sorted(self.pool.live)) or "none"))
+
+        def _rebuild(self, why):
             try:
-                new = pop_config(path, local, state, seq)
+                new = pop_config(path, local, self.state, self.seq, self.pool)
             except ConfigError as e:
                 self.config_errors += 1
                 log.error("fleet: %s; keeping the running %d routes", e, len(self.fwd.routes))
-                return
+                return False
             added, removed, changed = self.fwd.swap(pop.build_table(new.routes))
             self.cfg.routes = new.routes
+            self._watch_next_hops(asyncio.get_running_loop(), new.routes)
             self.reloads += 1
-            log.info("fleet: log record %d applied: %d routes (%d added, %d removed, %d changed)",
-                     seq, len(new.routes), added, removed, changed)
-            self.follower.report(seq)
+            log.info("fleet: %s: %d routes (%d added, %d removed, %d changed)",
+                     why, len(new.routes), added, removed, changed)
+            return True
 
         def reload(self, why="reload"):
             self.apply(self.state, self.seq, None)
@@ -746,6 +791,11 @@ def run_pop(path, check=False):
         def _cmd_stats(self, req):
             s = super()._cmd_stats(req)
             s["fleet"] = dict(self.follower.status(), config_errors=self.config_errors)
+            if self.pool.members:
+                pre = "routes/%s/" % self.cfg.name
+                s["fleet"]["gateways"] = self.pool.status(
+                    {k.split("/")[2] for k in self.state if k.startswith(pre) and k.count("/") == 3}
+                    if self.pool.steering() else ())
             return s
 
         async def run(self):
@@ -780,9 +830,6 @@ def make_gateway_server(path, local, settings, log):
             super().__init__(cfg)
             self.follower = Follower(settings, "gateways", cfg.name, str(cfg.listen), self.apply, log)
             self.config_errors = 0
-            self.expired = 0
-            self.expiry = {}            # name -> expires (s since the epoch)
-            self._expiry_timer = None
             self.state = {}
             self.seq = 0
 
@@ -842,53 +889,7 @@ def make_gateway_server(path, local, settings, log):
                 return
             if old is not None and old != e.public_key:
                 self._remove(name, old, "re-keyed (fleet log record %d)" % seq)
-            self.expiry.pop(name, None)
-            if e.expires is not None and e.expires <= time.time():
-                if e.public_key in self.core.peers:
-                    self._remove(name, e.public_key, "credential expired at %s" % changelog.utc_text(e.expires))
-                return
-            if e.expires is not None:
-                self.expiry[name] = e.expires
-            new = e.public_key not in self.core.peers
-            self.core.add_peer(e.public_key, psk=e.psk, name=e.name, channels=e.channels)
-            self.names[e.name] = e.public_key
-            if new and not quiet:
-                log.info("device %s registered (channels %s%s)", e.name, e.channels or "all",
-                         ", expires %s" % changelog.utc_text(e.expires) if e.expires else "")
-
-        def _remove(self, name, pub, why):
-            if self.core.remove_peer(pub):
-                self._close_services(pub)
-                for k in [k for k in self._logged if k[0] == name]:
-                    del self._logged[k]
-                log.info("device %s %s: its sessions are closed, its handshakes refused", name, why)
-            if self.names.get(name) == pub:
-                del self.names[name]
-
-        def _arm_expiry(self):
-            if self._expiry_timer is not None:
-                self._expiry_timer.cancel()
-                self._expiry_timer = None
-            if not self.expiry:
-                return
-            first = min(self.expiry.values())
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return      # not started yet: start() arms it
-            self._expiry_timer = loop.call_later(max(0.0, first - time.time()), self._expire)
-
-        def _expire(self):
-            self._expiry_timer = None
-            now = time.time()
-            for name, t in sorted(self.expiry.items(), key=lambda x: x[1]):
-                if t <= now:
-                    del self.expiry[name]
-                    self.expired += 1
-                    pub = self.names.get(name)
-                    if pub is not None:
-                        self._remove(name, pub, "credential expired at %s" % changelog.utc_text(t))
-            self._arm_expiry()
+            self._register(e, quiet)
 
         def reload(self):
             self.apply(self.state, self.seq, None)
@@ -921,8 +922,6 @@ def make_gateway_server(path, local, settings, log):
             self._arm_expiry()
 
         async def stop(self, quiet=False):
-            if self._expiry_timer is not None:
-                self._expiry_timer.cancel()
             await asyncio.get_running_loop().run_in_executor(None, self.follower.stop)
             await super().stop(quiet=quiet)
 
@@ -1178,6 +1177,16 @@ def node_configs(topo, out_dir, settings_path):
     cfg["fleet"] = dict(section, cache="gateway.cache")
     prov.write_atomic(os.path.join(out_dir, "fleet", "gateway.json"), (json.dumps(cfg, indent=1) + "\n").encode())
     written.append("fleet/gateway.json")
+    if gw.pool:         # the same identity (key, and from etcd the same links and registry) on more hosts
+        os.makedirs(os.path.join(out_dir, "fleet", "gateways"), 0o700, exist_ok=True)
+    for m in gw.pool:
+        mcfg = dict(cfg, name=m.name, listen=str(m.listen), fleet=dict(section, cache="%s.cache" % m.name))
+        mcfg.pop("control", None)
+        if m.control is not None:
+            mcfg["control"] = ctl(m.control, ".")
+        rel = "fleet/gateways/%s.json" % m.name
+        prov.write_atomic(os.path.join(out_dir, rel), (json.dumps(mcfg, indent=1) + "\n").encode())
+        written.append(rel)
     return written
 
 
@@ -1185,7 +1194,8 @@ def provision_publish(summary, topology, out_dir, settings_path, key_path):
     """After `provision` wrote its files: publish to etcd (--fleet) and/or
     append to DIR/changelog.jsonl (--operator-key without --fleet)."""
     topo, files, paths = summary.plan
-    expires = {n: d.expires for n, d in topo.devices.items() if d.expires}
+    gw = topo.gateway
+    gateways = dict([(gw.name, str(gw.reach))] + [(m.name, str(m.reach)) for m in gw.pool])
     try:
         if key_path is None:
             raise LogError("--fleet needs --operator-key: every change in etcd is a signed record")
@@ -1196,7 +1206,7 @@ def provision_publish(summary, topology, out_dir, settings_path, key_path):
             if key.public.hex() not in s.trusted:
                 raise LogError("%s: trusted_operators does not hold this operator's key %s: nodes would refuse "
                                "its records" % (settings_path, key.public.hex()))
-            seqs, text = publish_plan(s, key, files, paths, what, expires)
+            seqs, text = publish_plan(s, key, files, paths, what, gateways)
             written = node_configs(topo, out_dir, settings_path)
             print("fleet: %s" % ("records %s published: %s" % (",".join(map(str, seqs)), text) if seqs else text))
             print("fleet: node configs in %s: %s" % (out_dir, ", ".join(written)))

@@ -32,6 +32,7 @@ from microtun_host import control
 from microtun_host import log as logs
 from microtun_host import hostcrypto
 from microtun_host.pop import encode_source
+from microtun_host.changelog import parse_utc, utc_text
 from microtun_host.config import ConfigError
 from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, STALE
 from microtun.responder import Gateway, FAILED, DENIED, SWEEP_MS
@@ -59,7 +60,7 @@ def now_ms():
 #   name, listen, control (optional, loopback), private_key, registry (file),
 #   links: [{name, in_label, reply_label, key, next ("host:port" or "learn")}],
 #   services: {"1": "127.0.0.1:5000", ...}, rekey_after_s, window, log_level
-# registry.json: {"devices": [{name, public_key, psk (optional), channels}]}
+# registry.json: {"devices": [{name, public_key, psk (optional), channels, expires (optional)}]}
 
 class Link:
     """The last hop of one path: packets arrive with in_label under key from
@@ -82,8 +83,11 @@ class Link:
 
 
 class DeviceEntry:
+    """A registry entry; expires: seconds since the epoch (from
+    "YYYY-MM-DDTHH:MM:SSZ", UTC) after which the device is refused, or None."""
+
     def __init__(self, node):
-        node.only("name", "public_key", "psk", "channels")
+        node.only("name", "public_key", "psk", "channels", "expires")
         self.name = node.text("name")
         self.public_key = node.key32("public_key")
         self.psk = node.key32("psk") if node.value.get("psk") is not None else None
@@ -91,6 +95,12 @@ class DeviceEntry:
         if ch is not None and not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 255 for c in ch):
             raise node.error("channels", "expected a list of channel numbers 1..255")
         self.channels = ch
+        self.expires = None
+        if node.has("expires"):
+            self.expires = parse_utc(node.value["expires"])
+            if self.expires is None:
+                raise node.error("expires", "expected \"YYYY-MM-DDTHH:MM:SSZ\" (UTC), got %s"
+                                 % hconfig._short(str(node.value["expires"])))
 
 
 class GatewayConfig:
@@ -253,6 +263,9 @@ class GatewayServer:
         self._started = time.monotonic()
         self._drop_task = None
         self._logged = {}                 # (device, kind) -> [last line (monotonic s), lines held back]
+        self.expiry = {}                  # device name -> when its credential expires (s since the epoch)
+        self.expired = 0
+        self._expiry_timer = None
         self._apply_registry(cfg.devices)
 
     # -- links and registry ------------------------------------------------------
@@ -288,20 +301,71 @@ class GatewayServer:
 
     def _apply_registry(self, devices):
         want = {e.public_key: e for e in devices}
-        for pub in list(self.core.peers):
-            if pub not in want:
-                name = self.core.peers[pub].name
-                self.core.remove_peer(pub)
-                self._close_services(pub)
-                for k in [k for k in self._logged if k[0] == name]:
-                    del self._logged[k]
-                log.info("device %s revoked: its sessions are closed", name)
+        for name, pub in list(self.names.items()):
+            e = want.get(pub)
+            if e is None:
+                self._remove(name, pub, "revoked")
+            elif e.name != name:
+                del self.names[name]        # renamed: the same device
+        self.expiry = {}
         for e in devices:
-            new = e.public_key not in self.core.peers
-            self.core.add_peer(e.public_key, psk=e.psk, name=e.name, channels=e.channels)
-            if new:
-                log.info("device %s registered (channels %s)", e.name, e.channels or "all")
-        self.names = {e.name: e.public_key for e in devices}
+            self._register(e)
+        self._arm_expiry()
+
+    def _register(self, e, quiet=False):
+        """Add or update one registry entry; one whose credential has
+        expired is removed instead (its sessions closed)."""
+        if e.expires is not None and e.expires <= time.time():
+            self.expiry.pop(e.name, None)
+            if self.names.get(e.name) == e.public_key:
+                self._remove(e.name, e.public_key, "credential expired at %s" % utc_text(e.expires))
+            return
+        if e.expires is not None:
+            self.expiry[e.name] = e.expires
+        else:
+            self.expiry.pop(e.name, None)
+        new = e.public_key not in self.core.peers
+        self.core.add_peer(e.public_key, psk=e.psk, name=e.name, channels=e.channels)
+        self.names[e.name] = e.public_key
+        if new and not quiet:
+            log.info("device %s registered (channels %s%s)", e.name, e.channels or "all",
+                     ", expires %s" % utc_text(e.expires) if e.expires else "")
+
+    def _remove(self, name, pub, why):
+        """A device leaves the registry (revoked, re-keyed, expired): its
+        sessions and service sockets close, its handshakes are refused."""
+        if self.core.remove_peer(pub):
+            self._close_services(pub)
+            for k in [k for k in self._logged if k[0] == name]:
+                del self._logged[k]
+            log.info("device %s %s: its sessions are closed, its handshakes refused", name, why)
+        if self.names.get(name) == pub:
+            del self.names[name]
+
+    # -- credentials that expire (docs/FLEET.md): one timer, at the earliest expiry
+    def _arm_expiry(self):
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if not self.expiry:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return      # not started yet: start() arms it
+        self._expiry_timer = loop.call_later(max(0.0, min(self.expiry.values()) - time.time()), self._expire)
+
+    def _expire(self):
+        self._expiry_timer = None
+        now = time.time()
+        for name, t in sorted(self.expiry.items(), key=lambda x: x[1]):
+            if t <= now:
+                del self.expiry[name]
+                self.expired += 1
+                pub = self.names.get(name)
+                if pub is not None:
+                    self._remove(name, pub, "credential expired at %s" % utc_text(t))
+        self._arm_expiry()
 
     def reload(self):
         """Re-read the config and the registry: links (re-spliced routes),
@@ -359,6 +423,7 @@ class GatewayServer:
             self._metrics = await metrics.serve(self.cfg.metrics, metrics.GatewayCollector(
                 self.status, self.crypto.name), log)
         self._schedule()
+        self._arm_expiry()
         self._drop_task = loop.create_task(self._drop_lines())
         log.info("gateway %s listening on %s, %d links, %d devices, services %s, crypto %s",
                  self.cfg.name, hconfig.format_sockaddr(self.address), len(self.links), len(self.core.peers),
@@ -395,6 +460,8 @@ class GatewayServer:
     async def stop(self, quiet=False):
         if self._drop_task is not None:
             self._drop_task.cancel()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
         if self._timer is not None:
             self._timer.cancel()
         for t in list(self._services.values()):
@@ -661,6 +728,8 @@ class GatewayServer:
     def counters(self):
         c = dict(self.core.stats)
         c.update(self.stats)
+        if self.expired:
+            c["expired"] = self.expired
         return c
 
     def status(self):
@@ -673,8 +742,11 @@ class GatewayServer:
                                **(self.by_name[a].counters if a in self.by_name else {}))
                           for a, seen in sorted(s.paths.items(), key=lambda x: str(x[0]))]
             devices.append(d)
-        return {"gateway": self.cfg.name, "uptime_s": round(time.monotonic() - self._started, 1),
-                "crypto": self.crypto.name, "devices": devices, "counters": self.counters()}
+        st = {"gateway": self.cfg.name, "uptime_s": round(time.monotonic() - self._started, 1),
+              "crypto": self.crypto.name, "devices": devices, "counters": self.counters()}
+        if self.expiry:
+            st["expiring"] = {n: utc_text(t) for n, t in sorted(self.expiry.items(), key=lambda x: x[1])[:20]}
+        return st
 
     def _reload_cmd(self, req):
         ok, msg = self.reload()
