@@ -23,6 +23,7 @@ The state a record's changes build (keys of the replayed log):
     routes/<pop>/<device>/<route>    that path's two label-table entries at that PoP
     links/<device>/<route>           the gateway's link for that path
     services                         {"1": "127.0.0.1:5000", ...}
+    gateways/<gateway>               {"reach": "host:port"}: the gateways a path may end at (gwpool.py)
 
 Threads: a Follower per node runs two threads (watch + health/lease) that
 talk to etcd with blocking HTTP; verified state goes to the node's event
@@ -50,7 +51,8 @@ DEFAULT_PREFIX = "/microtun/"
 LEASE_TTL_S = 5             # an alive key disappears this long after its node stops (fleet "lease_s")
 HEALTH_EVERY_S = 1.0        # etcd is asked this often whether it is there (and the lease kept)
 RETRY_MAX_S = 2.0           # reconnect back-off ceiling
-SYNC_PAGE = 200             # records per range request on a resync
+SYNC_PAGE = 200             # records per range request on a resync, at most ...
+PAGE_BYTES = 1 << 20        # ... fewer while pages carry more than this (a record holds up to 2,000 changes)
 BULK_LINES = 20             # more device changes than this in one batch: one summary line, not one each
 FLEET_FIELDS = ("endpoints", "prefix", "trusted_operators", "user", "password_file", "ca_file", "cert_file",
                 "key_file", "cache", "timeout_s", "lease_s")
@@ -129,25 +131,37 @@ def _log_prefix(prefix):
     return prefix + "log/"
 
 
+def iter_log(client, prefix, after_create=0):
+    """The records put under log/ after create revision after_create, in
+    creation order, a page at a time: yields ([(key, create_revision,
+    record or None)], header revision). Pages start small and grow while
+    they stay under PAGE_BYTES, so a log of a few huge records (a
+    100,000-device provisioning) is never in memory whole."""
+    rev = 0
+    lo = after_create + 1
+    limit = 4
+    while True:
+        kvs, rev_now, more = client.range(_log_prefix(prefix), prefix=True, limit=limit,
+                                          min_create_revision=lo, sort_create=True, revision=rev)
+        rev = rev or rev_now
+        size = sum(len(kv.value) for kv in kvs)
+        items = [(kv.key, kv.create_revision, _json(kv.value)) for kv in kvs]
+        del kvs
+        yield items, rev
+        if not more or not items:
+            return
+        lo = items[-1][1] + 1
+        limit = max(1, limit // 2) if size > PAGE_BYTES else min(SYNC_PAGE, limit * 2)
+
+
 def read_log(client, prefix, after_create=0):
     """Every record put under log/ after create revision after_create, in
     creation order: ([(key, create_revision, record or None)], header revision)."""
     out = []
     rev = 0
-    lo = after_create + 1
-    while True:
-        kvs, rev_now, more = client.range(_log_prefix(prefix), prefix=True, limit=SYNC_PAGE,
-                                          min_create_revision=lo, sort_create=True, revision=rev)
-        rev = rev or rev_now
-        for kv in kvs:
-            try:
-                rec = json.loads(kv.value)
-            except ValueError:
-                rec = None
-            out.append((kv.key, kv.create_revision, rec))
-        if not more or not kvs:
-            return out, rev
-        lo = kvs[-1].create_revision + 1
+    for items, rev in iter_log(client, prefix, after_create):
+        out.extend(items)
+    return out, rev
 
 
 class Store:
@@ -401,6 +415,7 @@ class Follower:
         self.last_error = None
         self.applied = 0            # seq the node applied (set from the loop)
         self.apply_ms = []          # the last 20: records in from etcd -> applied, ms
+        self.applied_at = None      # time.monotonic() of the last apply (one clock for every process of a host)
         self.resyncs = 0
         self._loop = None
         self._stop = threading.Event()
@@ -461,7 +476,7 @@ class Follower:
                 "lost_for_s": None if self.lost_since is None else round(time.monotonic() - self.lost_since, 1),
                 "last_error": self.last_error, "log_seq": self.chain.seq, "applied_seq": self.applied,
                 "refused": {k: v for k, v in self.chain.refused.items() if v}, "resyncs": self.resyncs,
-                "apply_ms": self.apply_ms}
+                "apply_ms": self.apply_ms, "applied_at_monotonic": self.applied_at}
 
     # -- connection state --
     def _ok(self):
@@ -487,8 +502,10 @@ class Follower:
             w.close()
 
     # -- records --
-    def _take(self, items):
-        """Verify and apply records (key, create_rev, rec); post one batch to the loop."""
+    def _take(self, items, wait=False):
+        """Verify and apply records (key, create_rev, rec); post one batch to
+        the loop. wait: until the loop applied it (a resync, page by page:
+        memory holds one page of records, not the whole log)."""
         t_in = time.monotonic()
         accepted = []
         last = self.chain.seq
@@ -505,22 +522,29 @@ class Follower:
                 self._refuse(key, reason, msg)
         if self.chain.seq != last:
             # verified here; applied to the state on the loop, which owns it (no copy per record)
-            self._loop.call_soon_threadsafe(self._apply, accepted, self.chain.seq, t_in)
+            done = threading.Event()
+            self._loop.call_soon_threadsafe(self._apply, accepted, self.chain.seq, t_in, done)
             if self.s.cache:        # after the node has the records: the fsync is not on the way
                 cache = changelog.FileLog(self.s.cache)
                 for rec in accepted:
                     cache.append(rec)
+            while wait and not done.wait(0.5) and not self._stop.is_set():
+                pass
 
-    def _apply(self, records, seq, t_in):
+    def _apply(self, records, seq, t_in, done=None):
         """On the loop: the verified records change the state, the node
         applies it; the time from the records' arrival from etcd to applied
         is kept (status "apply_ms")."""
-        touched = set()
-        for rec in records:
-            touched.update(_apply_compact(self.state, rec))
-        self.on_state(self.state, seq, touched)
-        ms = (time.monotonic() - t_in) * 1000
-        self.apply_ms = [round(ms, 2)] + self.apply_ms[:19]
+        try:
+            touched = set()
+            for rec in records:
+                touched.update(_apply_compact(self.state, rec))
+            self.on_state(self.state, seq, touched)
+            self.applied_at = time.monotonic()
+            self.apply_ms = [round((self.applied_at - t_in) * 1000, 2)] + self.apply_ms[:19]
+        finally:
+            if done is not None:
+                done.set()
 
     def _refuse(self, key, reason, msg):
         self.chain.refuse(reason)
@@ -534,10 +558,11 @@ class Follower:
         first = True
         while not self._stop.is_set():
             try:
-                items, rev = read_log(self.client, self.s.prefix, self.create_rev)
+                rev = 0
+                for items, rev in iter_log(self.client, self.s.prefix, self.create_rev):
+                    self._take(items, wait=True)
                 if not first:
                     self.resyncs += 1
-                self._take(items)
                 first = False
                 self._ok()
                 delay = 0.1

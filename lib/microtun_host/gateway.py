@@ -325,7 +325,7 @@ class GatewayServer:
         else:
             self.expiry.pop(e.name, None)
         new = e.public_key not in self.core.peers
-        self.core.add_peer(e.public_key, psk=e.psk, name=e.name, channels=e.channels)
+        self.core.register(e.public_key, psk=e.psk, name=e.name, channels=e.channels)     # its Peer: on first contact
         self.names[e.name] = e.public_key
         if new and not quiet:
             log.info("device %s registered (channels %s%s)", e.name, e.channels or "all",
@@ -735,7 +735,9 @@ class GatewayServer:
     def status(self):
         now = now_ms()
         devices = []
-        for pub, s in self.core.peers.items():
+        peers = self.core.peers
+        for pub in peers:
+            s = peers.peek(pub)         # a device never heard from has no Peer yet: a blank one, not kept
             d = s.info(now)
             d["public_key"] = pub.hex()
             d["paths"] = [dict({"link": a, "last_seen_ms_ago": ticks_diff(now, seen), "srtt_ms": s.path_rtt.get(a)},
