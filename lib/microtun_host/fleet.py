@@ -395,12 +395,15 @@ class Follower:
     """Keeps a node's state in step with the log in etcd.
 
     on_state(state, seq, touched) runs on the node's event loop after every
-    batch of verified records (touched: the state keys they changed, None
-    for "everything"). A lost etcd changes nothing the node runs: it says
+    batch of verified records (touched: {state key they changed: its new
+    value, None when deleted}; None for "everything in state"). Keys under
+    a `thin` prefix are kept in state as THIN only, their value handed over
+    in touched once: the gateway's registry is its copy of devices/. A lost etcd changes nothing the node runs: it says
     so once (log + status) and resyncs when etcd answers again."""
 
-    def __init__(self, settings, role, name, listen, on_state, log, on_gateways=None):
+    def __init__(self, settings, role, name, listen, on_state, log, on_gateways=None, thin=()):
         self.s = settings
+        self.thin = tuple(thin)
         self.on_gateways = on_gateways      # PoPs: called on the loop with {name: alive value} of the gateways
         self.role = role
         self.name = name
@@ -430,9 +433,11 @@ class Follower:
     # -- lifecycle --
     def load_cache(self):
         """Replay the verified records a previous run saved (fleet "cache"):
-        a node that starts while etcd is down serves its last good config."""
+        a node that starts while etcd is down serves its last good config.
+        Returns what they touched (on_state's argument), None without a cache."""
         if not self.s.cache:
-            return 0
+            return None
+        touched = {}
         recs = changelog.FileLog(self.s.cache).records()
         for rec in recs:
             ok, reason, msg = self.chain.check(rec)
@@ -442,8 +447,8 @@ class Follower:
                                    self.s.cache, rec.get("seq", "?") if isinstance(rec, dict) else "?", reason, msg)
                 break
             self.chain.accept(rec)
-            _apply_compact(self.state, rec)
-        return self.chain.seq
+            touched.update(_apply_compact(self.state, rec, self.thin))
+        return touched if self.chain.seq else None
 
     def start(self, loop):
         self._loop = loop
@@ -536,9 +541,9 @@ class Follower:
         applies it; the time from the records' arrival from etcd to applied
         is kept (status "apply_ms")."""
         try:
-            touched = set()
+            touched = {}
             for rec in records:
-                touched.update(_apply_compact(self.state, rec))
+                touched.update(_apply_compact(self.state, rec, self.thin))
             self.on_state(self.state, seq, touched)
             self.applied_at = time.monotonic()
             self.apply_ms = [round((self.applied_at - t_in) * 1000, 2)] + self.apply_ms[:19]
@@ -647,17 +652,23 @@ class Follower:
                 self._lost(e)
 
 
-def _apply_compact(state, rec):
-    """changelog.apply_changes, each value kept as its canonical JSON bytes:
-    a node's copy of 100,000 registry entries costs a third of the dicts."""
-    keys = []
+THIN = b""      # a state key whose value went to the node and is not kept (Follower's thin)
+
+
+def _apply_compact(state, rec, thin=()):
+    """changelog.apply_changes, each value kept as its canonical JSON bytes
+    (a third of the dicts), or as THIN under a thin prefix. Returns
+    {key: new value (parsed), or None when deleted}."""
+    touched = {}
     for c in rec["changes"]:
+        k = c["key"]
         if c["op"] == "put":
-            state[c["key"]] = changelog.canonical(c["value"])
+            state[k] = THIN if thin and k.startswith(thin) else changelog.canonical(c["value"])
+            touched[k] = c["value"]
         else:
-            state.pop(c["key"], None)
-        keys.append(c["key"])
-    return keys
+            state.pop(k, None)
+            touched[k] = None
+    return touched
 
 
 def _val(v):
@@ -720,15 +731,14 @@ def _fast_entry(v):
     """The common, well-formed entry without the field-by-field walk (a
     100,000-device registry at start-up); None sends it the slow way, which
     names what is wrong."""
-    if not isinstance(v, dict) or not _ENTRY_FIELDS.issuperset(v):
+    if type(v) is not dict or not _ENTRY_FIELDS.issuperset(v):
         return None
     name, pk, psk, ch = v.get("name"), v.get("public_key"), v.get("psk"), v.get("channels")
-    if not isinstance(name, str) or not name.strip() or not isinstance(pk, str) or not _HEX64.fullmatch(pk):
+    if type(name) is not str or not name.strip() or type(pk) is not str or not _HEX64.fullmatch(pk):
         return None
-    if psk is not None and (not isinstance(psk, str) or not _HEX64.fullmatch(psk)):
+    if psk is not None and (type(psk) is not str or not _HEX64.fullmatch(psk)):
         return None
-    if ch is not None and not (isinstance(ch, list) and all(
-            type(c) is int and 1 <= c <= 255 for c in ch)):
+    if ch is not None and not (type(ch) is list and all(type(c) is int and 1 <= c <= 255 for c in ch)):
         return None
     e = _Entry()
     e.name, e.public_key, e.psk, e.channels = name, bytes.fromhex(pk), None if psk is None else bytes.fromhex(psk), ch
@@ -742,10 +752,10 @@ def _fast_entry(v):
 
 def device_entry(key, value, seq):
     """A gateway DeviceEntry from devices/<name> (with "expires", in seconds since the epoch or None)."""
-    from microtun_host import gateway
     e = _fast_entry(value)
     if e is not None:
         return e
+    from microtun_host import gateway
     where = "fleet log record %d: %s" % (seq, key)
     if not isinstance(value, dict):
         raise ConfigError("%s: expected an object {...}" % where)
@@ -824,7 +834,7 @@ def run_pop(path, check=False):
             return s
 
         async def run(self):
-            if self.follower.load_cache():
+            if self.follower.load_cache() is not None:
                 self.apply(dict(self.follower.state), self.follower.chain.seq, None)
                 log.info("fleet: %d log records from the cache %s", self.follower.chain.seq, settings.cache)
             self.follower.start(asyncio.get_running_loop())
@@ -853,12 +863,17 @@ def make_gateway_server(path, local, settings, log):
 
         def __init__(self, cfg):
             super().__init__(cfg)
-            self.follower = Follower(settings, "gateways", cfg.name, str(cfg.listen), self.apply, log)
+            # devices/ values go straight into the registry (GatewayServer.core.peers), not kept twice
+            self.follower = Follower(settings, "gateways", cfg.name, str(cfg.listen), self.apply, log,
+                                     thin=("devices/",))
             self.config_errors = 0
             self.state = {}
             self.seq = 0
 
         def apply(self, state, seq, touched):
+            """touched None (a reload): links and services again; the
+            registry holds every device entry already (they apply as their
+            records arrive)."""
             self.state, self.seq = state, seq
             full = touched is None
             if full or any(k.startswith("links/") or k == "services" for k in touched):
@@ -877,14 +892,11 @@ def make_gateway_server(path, local, settings, log):
                         self._services.clear()
                     self.cfg.services = cfg.services
                     self.cfg.links = cfg.links
-            keys = [k for k in state if k.startswith("devices/")] if full else \
-                [k for k in touched if k.startswith("devices/")]
-            if full:
-                keys += ["devices/" + n for n in self.names if "devices/" + n not in state]
+            keys = [] if full else [k for k in touched if k.startswith("devices/")]
             quiet = len(keys) > BULK_LINES
             before = len(self.core.peers)
             for k in keys:
-                self._device(k, state.get(k), seq, quiet)
+                self._device(k, touched[k], seq, quiet)
             if quiet:
                 log.info("fleet: log record %d: %d device entries applied (%d registered before, %d now)",
                          seq, len(keys), before, len(self.core.peers))
@@ -940,8 +952,9 @@ def make_gateway_server(path, local, settings, log):
 
         async def start(self, sock=None):
             await super().start(sock)
-            if self.follower.load_cache():
-                self.apply(dict(self.follower.state), self.follower.chain.seq, None)
+            touched = self.follower.load_cache()
+            if touched is not None:
+                self.apply(self.follower.state, self.follower.chain.seq, touched)
                 log.info("fleet: %d log records from the cache %s", self.follower.chain.seq, settings.cache)
             self.follower.start(asyncio.get_running_loop())
             self._arm_expiry()
