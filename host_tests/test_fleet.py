@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from microtun_host import changelog, etcd, fleet
-from microtun_host.changelog import OperatorKey, make_record, record_hash
+from microtun_host import changelog, etcd, fleet, fleetnode
+from microtun_host.config import Node
+from microtun_host.changelog import OperatorKey, make_record
 from microtun_host.localnet import parse_result
 
 if etcd.etcd_binary() is None:
@@ -33,7 +34,7 @@ def store_env(tmp_path):
     e = etcd.LocalEtcd().start()
     try:
         key = OperatorKey.generate(str(tmp_path / "op.key"))
-        node = fleet.Node(str(tmp_path / "fleet.json"), "", {"endpoints": [e.endpoint],
+        node = Node(str(tmp_path / "fleet.json"), "", {"endpoints": [e.endpoint],
                                                              "trusted_operators": [key.public.hex()]})
         yield e, key, fleet.Settings(node, str(tmp_path))
     finally:
@@ -69,7 +70,7 @@ def test_follower_applies_verified_records_and_refuses_the_rest(store_env):
     class L:
         def __getattr__(self, name):
             return lambda fmt, *a: lines.append(fmt % a)
-    f = fleet.Follower(s, "pops", "t", "127.0.0.1:1", lambda st, seq, t: got.append((seq, dict(st))), L())
+    f = fleetnode.Follower(s, "pops", "t", "127.0.0.1:1", lambda st, seq, t: got.append((seq, dict(st))), L())
     th = threading.Thread(target=loop.run_forever, daemon=True)
     th.start()
     f.start(loop)
@@ -260,7 +261,7 @@ def test_client_with_etcd_auth(store_env, tmp_path):
         etcd.Client(e.endpoint).range("/microtun/")      # no user at all
     # the fleet section's user/password_file reach the client
     (tmp_path / "pw").write_text("s3cret\n")
-    s2 = fleet.Settings(fleet.Node("f.json", "", {"endpoints": [e.endpoint], "trusted_operators": [key.public.hex()],
+    s2 = fleet.Settings(Node("f.json", "", {"endpoints": [e.endpoint], "trusted_operators": [key.public.hex()],
                                                   "user": "pop-a1", "password_file": "pw"}), str(tmp_path))
     assert len(fleet.read_log(s2.client(), "/microtun/")[0]) == 1
 
@@ -281,6 +282,8 @@ def test_gateway_pool_moves_a_dead_gateways_devices(tmp_path):
         gws = lambda: net.pop_stats("a1")["fleet"].get("gateways", {})     # noqa: E731
         assert _wait(lambda: gws().get("live") == ["gw", "gw2"], 10), gws()
         assert sum(gws()["devices"].values()) == 3
+        r = net.fleet("status")
+        assert r.returncode == 0 and "gateway pool: gw, gw2; devices per gateway alive: gw " in r.stdout, r.stdout
         # the same answer on every PoP, from the same function
         dead = gwpool.choose("d1", ["gw", "gw2"])
         other = "gw2" if dead == "gw" else "gw"

@@ -438,7 +438,7 @@ def main():
     if args.quick:
         args.pops, args.revocations, args.outage_s, args.registry = 6, 10, 5, 20000
     from pathlib import Path
-    out = {"bench": "fleet", "cpus": os.cpu_count()}
+    out = {"bench": "fleet", "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     tmp = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     t = time.monotonic()
     try:
@@ -452,6 +452,7 @@ def main():
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     out["wall_s"] = round(time.monotonic() - t, 1)
+    out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]      # the machine is shared: times vary with it
     print(json.dumps(out))
 
 
