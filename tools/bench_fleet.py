@@ -283,6 +283,9 @@ def registry_figures(args, tmp, out):
         with open("/proc/%d/status" % proc.pid) as f:
             rss = [l for l in f if l.startswith("VmRSS")][0].split()[1]
         out["registry_rss_mb"] = round(int(rss) / 1024, 1)
+        with open("/proc/%d/stat" % proc.pid) as f:       # CPU time: what the wall clock is on a machine to itself
+            fields = f.read().rsplit(")", 1)[1].split()
+        out["registry_start_cpu_s"] = round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
         def applied(seq, timeout=10):
             """The gateway's own time.monotonic() when it applied seq (one clock for every process here)."""
             end = time.monotonic() + timeout
