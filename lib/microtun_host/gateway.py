@@ -32,7 +32,6 @@ from microtun_host import control
 from microtun_host import log as logs
 from microtun_host import hostcrypto
 from microtun_host.pop import encode_source
-from microtun_host.changelog import parse_utc, utc_text
 from microtun_host.config import ConfigError
 from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, STALE
 from microtun.responder import Gateway, FAILED, DENIED, SWEEP_MS
@@ -49,6 +48,18 @@ RCVBUF = 4 << 20            # the listening socket's receive buffer asked for (t
 # counters of normal traffic; every other counter is a drop or an answer to trouble
 NORMAL_COUNTERS = ("data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepalive_tx", "path_probe_rx",
                    "response_tx")
+
+
+def utc_text(t):
+    # changelog's (the one UTC format of registries and the log), imported only when a device expires:
+    # a gateway without expiries does not load the Ed25519 code it needs for nothing
+    from microtun_host.changelog import utc_text
+    return utc_text(t)
+
+
+def parse_utc(text):
+    from microtun_host.changelog import parse_utc
+    return parse_utc(text)
 
 
 def now_ms():
