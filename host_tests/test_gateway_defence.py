@@ -274,3 +274,33 @@ def test_device_stack_persists_the_jump_and_says_why():
     assert [l for l in logs if "boot counter 1" in l[1] and "continuing from 2" in l[1]], logs
     assert s.gw.stats["stale_handshake"] == 1 and s.gw.stats["init_replay"] >= 1   # the second path's copy
     assert s.peer.counts["handshake_ok"] == 2
+
+
+def test_registry_builds_a_peer_only_on_an_authentic_handshake():
+    """A large registry costs one small entry per device: register() builds
+    no Peer; an INIT naming a registered key that does not authenticate
+    builds none either (the static key is not proven until the payload's
+    tag); the device's own handshake builds its Peer; revoking works with
+    or without one."""
+    from microtun.x25519 import public_key as x_public
+    gw = Gateway(GW_KEY)
+    dev = Device(DEV_KEY, gw.public_key, psk=PSK, boot_counter=1)
+    others = [x_public(bytes([i + 1]) * 32) for i in range(20)]
+    for i, pub in enumerate(others):
+        gw.register(pub, name="d%d" % i, channels=[1, 2])
+    gw.register(dev.public_key, psk=PSK, name="dev1", channels=[1, 2])
+    assert len(gw.peers) == 21 and len(gw.peers.active) == 0 and dev.public_key in gw.peers
+    # one frozenset for every device with the same channels
+    assert gw.peers._entries[others[0]][2] is gw.peers._entries[others[5]][2]
+    # garbage INITs with a valid mac1: nothing built
+    for pkt in _garbage_inits(gw, 5):
+        gw.receive_datagram(pkt, "b", 10)
+    assert len(gw.peers.active) == 0
+    sim = Sim(dev, gw)
+    sim.dev.connect(sim.now)
+    sim.run(200)
+    assert sim.dev.established and list(gw.peers.active) == [dev.public_key]
+    assert gw.peers[dev.public_key].handshakes == 1
+    assert gw.remove_peer(others[3]) and others[3] not in gw.peers and len(gw.peers) == 20
+    assert gw.remove_peer(dev.public_key) and len(gw.peers.active) == 0
+    assert not gw.remove_peer(others[3])

@@ -279,3 +279,82 @@ def test_drops_before_a_device_is_known_are_explained_in_a_log_line(tmp_path, mo
     assert quiet == []
     lines = [r.getMessage() for r in caplog.records if "in the last" in r.getMessage()]
     assert len(lines) == 1 and "outer_bad_mac 30" in lines[0], lines
+
+
+def test_file_mode_registry_expires(tmp_path, caplog):
+    """File mode: a registry entry's "expires" (UTC) closes the device's
+    session at that moment and refuses its handshakes from then on; an entry
+    already past is never registered; renewal is the entry with a later time
+    (a reload); a malformed time is one error naming the field."""
+    import asyncio
+    import logging
+    from microtun import outer
+    from microtun.endpoint import Device
+    from microtun.config import load as load_device
+    from microtun_host import gateway as g
+    from microtun_host.changelog import utc_text
+    from microtun_host.config import ConfigError
+
+    n = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {}, "d2": {}})
+    reg_path = n.out / "registry.json"
+    reg = json.loads(reg_path.read_text())
+
+    def write_registry(d1_expires):
+        for e in reg["devices"]:
+            e["expires"] = d1_expires if e["name"] == "d1" else utc_text(time.time() - 60)
+        reg_path.write_text(json.dumps(reg))
+    at = int(time.time()) + 3                  # whole seconds: 2 to 3 s from now
+    write_registry(utc_text(at))
+
+    async def run():
+        srv = g.GatewayServer(g.load_gateway_config(str(n.out / "gateway.json")))
+        srv._transport = _FakeTransport()
+        link = srv.links[0]
+        got, out = [], []
+        srv.on_data = lambda name, ch, data: got.append((name, bytes(data)))
+        srv._send_outer = lambda ptype, label, lk, payload, addr: out.append(payload)
+
+        def device(name):
+            dc = load_device(n.device_config(name))
+            return Device(dc.private_key, dc.gateway_public, psk=dc.psk, boot_counter=int(time.time()))
+
+        def to_gw(dev):
+            for d, _ in dev.datagrams_to_send():
+                srv._on_outer(outer.seal(outer.TYPE_DATA, link.in_label, link.key, d), ("127.0.0.1", 4000))
+
+        def connect(dev):
+            out.clear()
+            dev.connect(g.now_ms())
+            to_gw(dev)
+            for p in out:
+                dev.receive_datagram(p, 0, g.now_ms())
+            return dev.established
+
+        assert sorted(srv.names) == ["d1"]           # d2's credential expired before the gateway started
+        assert "d1" in srv.status()["expiring"]
+        d1 = device("d1")
+        assert connect(d1)
+        d1.send(2, b"before", g.now_ms())      # channel 2: no service, on_data
+        to_gw(d1)
+        assert got == [("d1", b"before")]
+        refused = srv.counters().get("unknown_peer", 0)
+        assert not connect(device("d2")) and srv.counters()["unknown_peer"] == refused + 1
+        await asyncio.sleep(max(0.0, at - time.time()) + 0.3)
+        # the session closed at that moment, with nothing arriving to trigger it
+        assert srv.names == {} and len(srv.core.peers) == 0 and srv.counters()["expired"] == 1
+        d1.send(2, b"after", g.now_ms())
+        to_gw(d1)
+        assert got == [("d1", b"before")]
+        assert not connect(device("d1")) and srv.counters()["unknown_peer"] == refused + 2
+        # renewal: the entry with a later time, then a reload
+        write_registry(utc_text(time.time() + 3600))
+        assert srv.reload()[0] and sorted(srv.names) == ["d1"]
+        assert connect(device("d1"))
+        await srv.stop(quiet=True)
+    with caplog.at_level(logging.INFO, logger="microtun.gateway"):
+        asyncio.run(run())
+    assert any("device d1 credential expired at %s" % utc_text(at) in r.getMessage() for r in caplog.records)
+    reg["devices"][0]["expires"] = "tomorrow"
+    reg_path.write_text(json.dumps(reg))
+    with pytest.raises(ConfigError, match=r"devices\[0\]\.expires: expected \"YYYY-MM-DDTHH:MM:SSZ\" \(UTC\)"):
+        g.load_gateway_config(str(n.out / "gateway.json"))

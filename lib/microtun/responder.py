@@ -135,6 +135,67 @@ class Peer(Session):
         }
 
 
+class Registry:
+    """The gateway's devices. Every registered device is one small entry
+    (public key -> (psk, name, channels)); its Peer, with the session and
+    the freshness it needs, is built on first use: an authentic INIT, or a
+    lookup by key (`registry[key]`, `get`). A registry of 100,000 devices
+    of which few are awake costs the entries, not 100,000 Peers.
+
+        key in registry, len(registry), iter(registry)   # every registered key
+        registry[key] / registry.get(key)                # its Peer (built now if need be)
+        registry.active                                  # {key: Peer} of those built
+    """
+
+    def __init__(self):
+        self._entries = {}        # public key -> (psk, name, channels)
+        self.active = {}          # public key -> Peer, built on first use
+        self._shared = {}         # one frozenset per distinct channel set
+
+    def __len__(self):
+        return len(self._entries)
+
+    def __contains__(self, public):
+        return public in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __getitem__(self, public):
+        s = self.get(public)
+        if s is None:
+            raise KeyError(public)
+        return s
+
+    def get(self, public, default=None):
+        s = self.active.get(public)
+        if s is None:
+            e = self._entries.get(public)
+            if e is None:
+                return default
+            s = self.active[public] = Peer(public, e[0], e[1], e[2])
+        return s
+
+    def peek(self, public):
+        """The Peer if built, else a blank one for display (not kept)."""
+        s = self.active.get(public)
+        if s is None:
+            e = self._entries[public]
+            s = Peer(public, e[0], e[1], e[2])
+        return s
+
+    def set(self, public, psk, name, channels):
+        """Add or update an entry; returns its Peer if one is built."""
+        if channels is not None:
+            channels = self._shared.setdefault(channels, channels)
+        self._entries[public] = (psk, name, channels)
+        return self.active.get(public)
+
+    def remove(self, public):
+        """(was registered, its Peer or None)."""
+        return self._entries.pop(public, None) is not None, self.active.pop(public, None)
+
+
 def _boot(fresh):
     return int.from_bytes(fresh[:4], "big")
 
@@ -211,7 +272,7 @@ class Gateway(_Endpoint):
         _Endpoint.__init__(self, private_key, params, window)
         self.suite = suite                   # its .crypto computes the handshakes (microtun.crypto)
         self._hs = suite.responder or NoiseResponder(suite)   # reads INITs, writes RESPONSEs
-        self.peers = {}                      # public key -> Session
+        self.peers = Registry()              # public key -> Peer (built on first use)
         self._mac1 = _mac_checker(m.mac1_key(self.public_key))
         self._cookies = CookieChecker(self.public_key)
         self.under_load = False              # the driver may force it (every link)
@@ -228,8 +289,14 @@ class Gateway(_Endpoint):
 
     # -- registry ----------------------------------------------------------
     def add_peer(self, public, psk=None, name=None, channels=None):
-        """Register (or update) a device. channels: iterable of allowed
-        channel numbers, or None for all."""
+        """Register (or update) a device and return its Peer. channels:
+        iterable of allowed channel numbers, or None for all."""
+        self.register(public, psk, name, channels)
+        return self.peers[bytes(public)]
+
+    def register(self, public, psk=None, name=None, channels=None):
+        """add_peer without building the Peer (a large registry: it is
+        built when the device first handshakes)."""
         public = _key32("public", public)
         if psk is not None:
             _key32("psk", psk)
@@ -238,21 +305,18 @@ class Gateway(_Endpoint):
             for c in chans:
                 if not isinstance(c, int) or not 0 <= c <= 255:
                     raise ValueError("channels must be ints from 0 to 255")
-        s = self.peers.get(public)
-        if s is None:
-            s = self.peers[public] = Peer(public, psk, name, chans)
-        else:
+        s = self.peers.set(public, psk, name, chans)
+        if s is not None:
             if psk != s.psk:
                 self._drop_keys(s)           # a new psk invalidates the session
-            s.psk, s.name, s.channels = psk, name, chans
-        return s
+            s.psk, s.name, s.channels = psk, name, self.peers._entries[public][2]
 
     def remove_peer(self, public):
         """Revoke a device: its sessions end at once."""
-        s = self.peers.pop(bytes(public), None)
+        known, s = self.peers.remove(bytes(public))
         if s is not None:
             self._drop_keys(s)
-        return s is not None
+        return known
 
     def _drop_keys(self, s):
         self._forget(s.keypairs())
@@ -404,10 +468,12 @@ class Gateway(_Endpoint):
         self._recent.add(mac1)
 
     def _ss_lookup(self, rs):
-        s = self.peers.get(bytes(rs))
-        if s is None:
+        # rs is not authenticated yet: look, build nothing (the Peer comes after the payload's tag)
+        rs = bytes(rs)
+        if rs not in self.peers:
             raise NoiseError("unknown_peer")
-        return s.ss
+        s = self.peers.active.get(rs)
+        return None if s is None else s.ss
 
     def _init_in(self, data, addr, now):
         # Cheap checks first: the replay filter (a set lookup), mac1 (one
@@ -508,7 +574,7 @@ class Gateway(_Endpoint):
                 del self._ka[s]
         if self._sweep_at is None or ticks_diff(now, self._sweep_at) >= 0:
             self._sweep_at = ticks_add(now, SWEEP_MS)
-            for s in list(self.peers.values()):
+            for s in list(self.peers.active.values()):
                 if s.paths:
                     for a in [a for a, seen in s.paths.items() if ticks_diff(now, seen) >= PATH_FRESH_MS]:
                         del s.paths[a]

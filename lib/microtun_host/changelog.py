@@ -50,6 +50,17 @@ def record_hash(rec):
     return hashlib.sha256(canonical(rec)).hexdigest()
 
 
+def _signed_and_whole(rec):
+    """(canonical bytes without "sig", canonical bytes with it) of a
+    well-formed record, encoding its changes once: "changes" sorts before
+    every other field, so both are '{"changes":' + changes + the rest."""
+    head = b'{"changes":' + canonical(rec["changes"]) + b","
+    rest = {k: v for k, v in rec.items() if k != "changes"}
+    whole = canonical(rest)
+    del rest["sig"]
+    return head + canonical(rest)[1:], head + whole[1:]
+
+
 def utc_text(t=None):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
 
@@ -152,6 +163,7 @@ class Chain:
             self.trusted[kb] = Ed25519PublicKey.from_public_bytes(kb)
         self.hashes = []            # hashes[i]: record seq i+1
         self.refused = {r: 0 for r in REASONS}
+        self._checked = (None, None)    # (record, its hash) of the last check(), for accept()
 
     @property
     def seq(self):
@@ -172,15 +184,16 @@ class Chain:
         pub = self.trusted.get(op)
         if pub is None:
             return False, "untrusted_operator", "operator %s… is not among the trusted keys" % rec["operator"][:16]
-        body = dict(rec)
-        sig = bytes.fromhex(body.pop("sig"))
+        signed, whole = _signed_and_whole(rec)
         try:
-            pub.verify(sig, canonical(body))
+            pub.verify(bytes.fromhex(rec["sig"]), signed)
         except InvalidSignature:
             return False, "bad_signature", "the signature does not verify under operator %s…" % rec["operator"][:16]
+        h = hashlib.sha256(whole).hexdigest()
+        self._checked = (rec, h)
         seq = rec["seq"]
         if seq <= self.seq:
-            if self.hashes[seq - 1] == record_hash(rec):
+            if self.hashes[seq - 1] == h:
                 return False, None, None
             return False, "replayed", "seq %d is already taken by another record (now at %d)" % (seq, self.seq)
         if seq != self.seq + 1:
@@ -191,7 +204,8 @@ class Chain:
         return True, None, None
 
     def accept(self, rec):
-        self.hashes.append(record_hash(rec))
+        r, h = self._checked
+        self.hashes.append(h if r is rec else record_hash(rec))
 
     def refuse(self, reason):
         self.refused[reason] += 1

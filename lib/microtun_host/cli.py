@@ -71,7 +71,8 @@ def _node(kind, args):
             print("microtun %s: --workers is not supported in fleet mode yet (%s): run one process per host "
                   "or drop --workers" % (kind, args.config), file=sys.stderr)
             return 2
-        return (fleet.run_pop if kind == "pop" else fleet.run_gateway)(args.config, check=args.check)
+        node = _lazy("fleetnode")
+        return (node.run_pop if kind == "pop" else node.run_gateway)(args.config, check=args.check)
     return _lazy(kind).main(args.config, check=args.check, workers=args.workers)
 
 

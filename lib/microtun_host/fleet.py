@@ -23,37 +23,29 @@ The state a record's changes build (keys of the replayed log):
     routes/<pop>/<device>/<route>    that path's two label-table entries at that PoP
     links/<device>/<route>           the gateway's link for that path
     services                         {"1": "127.0.0.1:5000", ...}
+    gateways/<gateway>               {"reach": "host:port"}: the gateways a path may end at (gwpool.py)
 
-Threads: a Follower per node runs two threads (watch + health/lease) that
-talk to etcd with blocking HTTP; verified state goes to the node's event
-loop with call_soon_threadsafe, where the existing apply paths run: the
-PoP's Forwarder.swap, the gateway's _set_links and add_peer/remove_peer.
+This module is the writer's side (Store, publish_plan), the operator
+commands (`microtun fleet`, `microtun log`, `provision --fleet`) and the
+settings; the nodes that follow the log are in fleetnode.py, the choice of
+a device's gateway in gwpool.py.
 """
-import argparse
-import asyncio
-import gc
 import json
-import logging
 import os
-import re
 import sys
-import threading
 import time
 
-from microtun_host import changelog, config as hconfig
-from microtun_host import log as logs
+from microtun_host import changelog, config as hconfig, gwpool
 from microtun_host.changelog import Chain, LogError
-from microtun_host.config import ConfigError, Node
+from microtun_host.config import ConfigError
 from microtun_host.etcd import Client, EtcdError
 
 DEFAULT_PREFIX = "/microtun/"
-LEASE_TTL_S = 5             # an alive key disappears this long after its node stops
-HEALTH_EVERY_S = 1.0        # etcd is asked this often whether it is there (and the lease kept)
-RETRY_MAX_S = 2.0           # reconnect back-off ceiling
-SYNC_PAGE = 200             # records per range request on a resync
-BULK_LINES = 20             # more device changes than this in one batch: one summary line, not one each
+LEASE_TTL_S = 5             # an alive key disappears this long after its node stops (fleet "lease_s")
+SYNC_PAGE = 200             # records per range request on a resync, at most ...
+PAGE_BYTES = 1 << 20        # ... fewer while pages carry more than this (a record holds up to 2,000 changes)
 FLEET_FIELDS = ("endpoints", "prefix", "trusted_operators", "user", "password_file", "ca_file", "cert_file",
-                "key_file", "cache", "timeout_s")
+                "key_file", "cache", "timeout_s", "lease_s")
 
 
 # --- settings -------------------------------------------------------------------------
@@ -95,6 +87,9 @@ class Settings:
         self.ca_file, self.cert_file, self.key_file = path("ca_file"), path("cert_file"), path("key_file")
         self.cache = path("cache")
         self.timeout = node.number("timeout_s", 0.1, 60, 2.0)
+        # etcd grants no lease under 2 s (3/2 of its election timeout, rounded up); a gateway's lease is
+        # how long the PoPs wait before its devices move to another (docs/FLEET.md, "Several gateways")
+        self.lease_s = node.integer("lease_s", 2, 60, LEASE_TTL_S)
         self.where = "%s: %s" % (node.file, node.path or "top level")
 
     def client(self, timeout=None):
@@ -126,25 +121,37 @@ def _log_prefix(prefix):
     return prefix + "log/"
 
 
+def iter_log(client, prefix, after_create=0):
+    """The records put under log/ after create revision after_create, in
+    creation order, a page at a time: yields ([(key, create_revision,
+    record or None)], header revision). Pages start small and grow while
+    they stay under PAGE_BYTES, so a log of a few huge records (a
+    100,000-device provisioning) is never in memory whole."""
+    rev = 0
+    lo = after_create + 1
+    limit = 4
+    while True:
+        kvs, rev_now, more = client.range(_log_prefix(prefix), prefix=True, limit=limit,
+                                          min_create_revision=lo, sort_create=True, revision=rev)
+        rev = rev or rev_now
+        size = sum(len(kv.value) for kv in kvs)
+        items = [(kv.key, kv.create_revision, _json(kv.value)) for kv in kvs]
+        del kvs
+        yield items, rev
+        if not more or not items:
+            return
+        lo = items[-1][1] + 1
+        limit = max(1, limit // 2) if size > PAGE_BYTES else min(SYNC_PAGE, limit * 2)
+
+
 def read_log(client, prefix, after_create=0):
     """Every record put under log/ after create revision after_create, in
     creation order: ([(key, create_revision, record or None)], header revision)."""
     out = []
     rev = 0
-    lo = after_create + 1
-    while True:
-        kvs, rev_now, more = client.range(_log_prefix(prefix), prefix=True, limit=SYNC_PAGE,
-                                          min_create_revision=lo, sort_create=True, revision=rev)
-        rev = rev or rev_now
-        for kv in kvs:
-            try:
-                rec = json.loads(kv.value)
-            except ValueError:
-                rec = None
-            out.append((kv.key, kv.create_revision, rec))
-        if not more or not kvs:
-            return out, rev
-        lo = kvs[-1].create_revision + 1
+    for items, rev in iter_log(client, prefix, after_create):
+        out.extend(items)
+    return out, rev
 
 
 class Store:
@@ -322,16 +329,16 @@ def wait_applied(client, prefix, seq, timeout=10.0):
         time.sleep(0.02)
 
 
-def publish_plan(settings, opkey, files, paths, what, expires=None):
+def publish_plan(settings, opkey, files, paths, what, gateways=None):
     """provision --fleet: publish what changed since the log's state, make
-    before break (phases()). expires: {device: "YYYY-MM-DDTHH:MM:SSZ"} from
-    the topology. Returns (seqs, what)."""
+    before break (phases()). gateways: {name: "host:port"}, the gateways
+    of the topology (the [gateway] and its [[gateway.pool]]), published as
+    gateways/<name>. Returns (seqs, what)."""
     store = Store(settings)
     chain, state, head_rev, refusals = store.verified()
     new = desired_state(files, paths)
-    for name, t in (expires or {}).items():
-        if "devices/" + name in new:
-            new["devices/" + name]["expires"] = t
+    for name, reach in (gateways or {}).items():
+        new["gateways/" + name] = {"reach": reach}
     changes = diff(state, new)
     if not changes:
         return [], "nothing changed"
@@ -372,581 +379,11 @@ def file_log_plan(path, trusted, opkey, files, paths, what):
     return seqs, text
 
 
-# --- the node side: follow the log ------------------------------------------------------
-
-class Follower:
-    """Keeps a node's state in step with the log in etcd.
-
-    on_state(state, seq, touched) runs on the node's event loop after every
-    batch of verified records (touched: the state keys they changed, None
-    for "everything"). A lost etcd changes nothing the node runs: it says
-    so once (log + status) and resyncs when etcd answers again."""
-
-    def __init__(self, settings, role, name, listen, on_state, log):
-        self.s = settings
-        self.role = role
-        self.name = name
-        self.listen = listen
-        self.on_state = on_state
-        self.log = log
-        self.chain = Chain(settings.trusted)
-        self.state = {}
-        self.create_rev = 0         # create revision of the last log key read
-        self.connected = False
-        self.lost_since = None
-        self.last_error = None
-        self.applied = 0            # seq the node applied (set from the loop)
-        self.apply_ms = []          # the last 20: records in from etcd -> applied, ms
-        self.resyncs = 0
-        self._loop = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._watch = None
-        self._threads = []
-        self._lock = threading.Lock()
-        self._reported = -1
-        self.client = settings.client()
-
-    # -- lifecycle --
-    def load_cache(self):
-        """Replay the verified records a previous run saved (fleet "cache"):
-        a node that starts while etcd is down serves its last good config."""
-        if not self.s.cache:
-            return 0
-        recs = changelog.FileLog(self.s.cache).records()
-        for rec in recs:
-            ok, reason, msg = self.chain.check(rec)
-            if not ok:
-                if reason:
-                    self.log.error("fleet cache %s: record %s refused (%s: %s); ignoring the rest",
-                                   self.s.cache, rec.get("seq", "?") if isinstance(rec, dict) else "?", reason, msg)
-                break
-            self.chain.accept(rec)
-            _apply_compact(self.state, rec)
-        return self.chain.seq
-
-    def start(self, loop):
-        self._loop = loop
-        for fn in (self._watch_thread, self._health_thread):
-            t = threading.Thread(target=fn, name="fleet-" + fn.__name__.strip("_"), daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def stop(self):
-        self._stop.set()
-        self._wake.set()
-        w = self._watch
-        if w is not None:
-            w.close()
-        for t in self._threads:
-            t.join(3)
-        try:
-            self.client.delete("%salive/%s/%s" % (self.s.prefix, self.role, self.name))
-        except EtcdError:
-            pass
-
-    def report(self, seq):
-        """Called on the loop after the node applied up to seq."""
-        self.applied = seq
-        self._wake.set()
-
-    def status(self):
-        return {"etcd": "connected" if self.connected else "lost", "endpoints": self.s.endpoints,
-                "lost_for_s": None if self.lost_since is None else round(time.monotonic() - self.lost_since, 1),
-                "last_error": self.last_error, "log_seq": self.chain.seq, "applied_seq": self.applied,
-                "refused": {k: v for k, v in self.chain.refused.items() if v}, "resyncs": self.resyncs,
-                "apply_ms": self.apply_ms}
-
-    # -- connection state --
-    def _ok(self):
-        with self._lock:
-            if not self.connected:
-                if self.lost_since is not None:
-                    self.log.info("fleet: etcd %s answers again after %.1f s: resynced to log record %d",
-                                  self.s.endpoints[0], time.monotonic() - self.lost_since, self.chain.seq)
-                self.connected = True
-                self.lost_since = None
-
-    def _lost(self, e):
-        with self._lock:
-            self.last_error = str(e)
-            if self.connected or self.lost_since is None:
-                self.log.warning("fleet: etcd unreachable (%s): %s; retrying", e,
-                                 "forwarding goes on with the configuration of log record %d" % self.applied
-                                 if self.applied else "no configuration yet (no cache file with records)")
-                self.lost_since = time.monotonic()
-            self.connected = False
-        w = self._watch
-        if w is not None:
-            w.close()
-
-    # -- records --
-    def _take(self, items):
-        """Verify and apply records (key, create_rev, rec); post one batch to the loop."""
-        t_in = time.monotonic()
-        accepted = []
-        last = self.chain.seq
-        for key, crev, rec in items:
-            self.create_rev = max(self.create_rev, crev)
-            if rec is None:
-                self._refuse(key, "malformed", "not JSON")
-                continue
-            ok, reason, msg = self.chain.check(rec)
-            if ok:
-                self.chain.accept(rec)
-                accepted.append(rec)
-            elif reason:
-                self._refuse(key, reason, msg)
-        if self.chain.seq != last:
-            # verified here; applied to the state on the loop, which owns it (no copy per record)
-            self._loop.call_soon_threadsafe(self._apply, accepted, self.chain.seq, t_in)
-            if self.s.cache:        # after the node has the records: the fsync is not on the way
-                cache = changelog.FileLog(self.s.cache)
-                for rec in accepted:
-                    cache.append(rec)
-
-    def _apply(self, records, seq, t_in):
-        """On the loop: the verified records change the state, the node
-        applies it; the time from the records' arrival from etcd to applied
-        is kept (status "apply_ms")."""
-        touched = set()
-        for rec in records:
-            touched.update(_apply_compact(self.state, rec))
-        self.on_state(self.state, seq, touched)
-        ms = (time.monotonic() - t_in) * 1000
-        self.apply_ms = [round(ms, 2)] + self.apply_ms[:19]
-
-    def _refuse(self, key, reason, msg):
-        self.chain.refuse(reason)
-        n = self.chain.refused[reason]
-        if n <= 5 or n % 100 == 0:      # a flood of forgeries is a count, not a flood of lines
-            self.log.error("fleet: log record %s refused (%s): %s; nothing applied from it (%d refused so far%s)",
-                           key, reason, msg, n, "" if n <= 5 else ", one line per 100 from now on")
-
-    def _watch_thread(self):
-        delay = 0.1
-        first = True
-        while not self._stop.is_set():
-            try:
-                items, rev = read_log(self.client, self.s.prefix, self.create_rev)
-                if not first:
-                    self.resyncs += 1
-                self._take(items)
-                first = False
-                self._ok()
-                delay = 0.1
-                self._watch = self.client.watch(_log_prefix(self.s.prefix), prefix=True, start_revision=rev + 1)
-                if self._stop.is_set():
-                    break
-                for events in self._watch:
-                    self._take([(kv.key, kv.create_revision, _json(kv.value))
-                                for kind, kv in events if kind == "PUT" and kv.create_revision == kv.mod_revision])
-            except EtcdError as e:
-                if self._stop.is_set():
-                    break
-                self._lost(e)
-                self._stop.wait(delay)
-                delay = min(RETRY_MAX_S, delay * 2)
-            finally:
-                self._watch = None
-
-    def _health_thread(self):
-        lease = None
-        next_keepalive = 0.0
-        alive = "%salive/%s/%s" % (self.s.prefix, self.role, self.name)
-        since = changelog.utc_text()
-        while not self._stop.is_set():
-            self._wake.wait(HEALTH_EVERY_S)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                now = time.monotonic()
-                if lease is None:
-                    lease = self.client.lease_grant(LEASE_TTL_S)
-                    self._reported = -1
-                    next_keepalive = now + LEASE_TTL_S / 3
-                elif now >= next_keepalive:
-                    if self.client.lease_keepalive(lease) <= 0:
-                        lease = None
-                        continue
-                    next_keepalive = now + LEASE_TTL_S / 3
-                else:
-                    self.client.range(self.s.prefix + "head")      # still there?
-                if self._reported != self.applied:
-                    seq = self.applied
-                    self.client.put(alive, json.dumps({"seq": seq, "listen": self.listen, "since": since}), lease)
-                    self._reported = seq
-                if not self.connected and self._watch is None:
-                    pass        # the watch thread reconnects on its own schedule
-            except EtcdError as e:
-                lease = None
-                self._lost(e)
-
-
-def _apply_compact(state, rec):
-    """changelog.apply_changes, each value kept as its canonical JSON bytes:
-    a node's copy of 100,000 registry entries costs a third of the dicts."""
-    keys = []
-    for c in rec["changes"]:
-        if c["op"] == "put":
-            state[c["key"]] = changelog.canonical(c["value"])
-        else:
-            state.pop(c["key"], None)
-        keys.append(c["key"])
-    return keys
-
-
-def _val(v):
-    """A state value: parsed when it is kept as JSON bytes (a node's state)."""
-    return json.loads(v) if isinstance(v, (bytes, str)) else v
-
-
 def _json(b):
     try:
         return json.loads(b)
     except ValueError:
         return None
-
-
-# --- node configs from the state -----------------------------------------------------
-
-FROM_ETCD = ("routes", "links", "services", "registry")
-
-
-def _local(path):
-    """The node's local file (without "fleet") and its Settings."""
-    root = hconfig.load(path)
-    s = Settings(root.obj("fleet"), os.path.dirname(os.path.abspath(path)))
-    for k in FROM_ETCD:
-        if root.has(k):
-            raise root.error(k, "comes from etcd in fleet mode (the \"fleet\" section is set): remove it here, "
-                                "or remove \"fleet\" to run from files")
-    local = {k: v for k, v in root.value.items() if k != "fleet"}
-    return local, s
-
-
-def pop_routes(state, name):
-    out = []
-    pre = "routes/%s/" % name
-    for k in sorted(k for k in state if k.startswith(pre)):
-        v = _val(state[k])
-        if isinstance(v, list):
-            out.extend(v)
-        else:
-            out.append(v)       # load_config then names the field that is wrong
-    return out
-
-
-def pop_config(path, local, state, seq):
-    from microtun_host import pop
-    merged = dict(local, routes=pop_routes(state, local.get("name")))
-    return pop.load_config(path, root=Node("%s + fleet log record %d" % (path, seq), "", merged))
-
-
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_ENTRY_FIELDS = frozenset(("name", "public_key", "psk", "channels", "expires"))
-
-
-class _Entry:
-    __slots__ = ("name", "public_key", "psk", "channels", "expires")
-
-
-def _fast_entry(v):
-    """The common, well-formed entry without the field-by-field walk (a
-    100,000-device registry at start-up); None sends it the slow way, which
-    names what is wrong."""
-    if not isinstance(v, dict) or not _ENTRY_FIELDS.issuperset(v):
-        return None
-    name, pk, psk, ch = v.get("name"), v.get("public_key"), v.get("psk"), v.get("channels")
-    if not isinstance(name, str) or not name.strip() or not isinstance(pk, str) or not _HEX64.fullmatch(pk):
-        return None
-    if psk is not None and (not isinstance(psk, str) or not _HEX64.fullmatch(psk)):
-        return None
-    if ch is not None and not (isinstance(ch, list) and all(
-            type(c) is int and 1 <= c <= 255 for c in ch)):
-        return None
-    e = _Entry()
-    e.name, e.public_key, e.psk, e.channels = name, bytes.fromhex(pk), None if psk is None else bytes.fromhex(psk), ch
-    e.expires = None
-    if "expires" in v:
-        e.expires = changelog.parse_utc(v["expires"])
-        if e.expires is None:
-            return None
-    return e
-
-
-def device_entry(key, value, seq):
-    """A gateway DeviceEntry from devices/<name> (with "expires", in seconds since the epoch or None)."""
-    from microtun_host import gateway
-    e = _fast_entry(value)
-    if e is not None:
-        return e
-    where = "fleet log record %d: %s" % (seq, key)
-    if not isinstance(value, dict):
-        raise ConfigError("%s: expected an object {...}" % where)
-    v = {k: x for k, x in value.items() if k != "expires"}
-    e = gateway.DeviceEntry(Node(where, "", v))
-    e.expires = None
-    if "expires" in value:
-        t = changelog.parse_utc(value["expires"])
-        if t is None:
-            raise ConfigError("%s: expires: expected \"YYYY-MM-DDTHH:MM:SSZ\" (UTC), got %s"
-                              % (where, hconfig._short(str(value["expires"]))))
-        e.expires = t
-    return e
-
-
-# --- fleet PoP ------------------------------------------------------------------------------
-
-def run_pop(path, check=False):
-    from microtun_host import pop
-    try:
-        local, settings = _local(path)
-        cfg = pop_config(path, local, {}, 0)
-    except ConfigError as e:
-        print("microtun pop: %s" % e, file=sys.stderr)
-        return 2
-    if check:
-        print("%s: ok: PoP %s in fleet mode (etcd %s)" % (path, cfg.name, ", ".join(settings.endpoints)))
-        return 0
-    log = logs.setup(cfg.name, cfg.log_level)
-
-    class FleetPop(pop.Pop):
-        def __init__(self):
-            super().__init__(cfg, log)
-            self.follower = Follower(settings, "pops", cfg.name, str(cfg.listen), self.apply, log)
-            self.config_errors = 0
-            self.state = {}
-            self.seq = 0
-
-        def apply(self, state, seq, touched):
-            self.state, self.seq = state, seq
-            pre = "routes/%s/" % self.cfg.name
-            if touched is not None and not any(k.startswith(pre) for k in touched):
-                self.follower.report(seq)
-                return
-            try:
-                new = pop_config(path, local, state, seq)
-            except ConfigError as e:
-                self.config_errors += 1
-                log.error("fleet: %s; keeping the running %d routes", e, len(self.fwd.routes))
-                return
-            added, removed, changed = self.fwd.swap(pop.build_table(new.routes))
-            self.cfg.routes = new.routes
-            self.reloads += 1
-            log.info("fleet: log record %d applied: %d routes (%d added, %d removed, %d changed)",
-                     seq, len(new.routes), added, removed, changed)
-            self.follower.report(seq)
-
-        def reload(self, why="reload"):
-            self.apply(self.state, self.seq, None)
-            return {"ok": True, "routes": len(self.fwd.routes), "fleet": self.follower.status()}
-
-        def _cmd_stats(self, req):
-            s = super()._cmd_stats(req)
-            s["fleet"] = dict(self.follower.status(), config_errors=self.config_errors)
-            return s
-
-        async def run(self):
-            if self.follower.load_cache():
-                self.apply(dict(self.follower.state), self.follower.chain.seq, None)
-                log.info("fleet: %d log records from the cache %s", self.follower.chain.seq, settings.cache)
-            self.follower.start(asyncio.get_running_loop())
-            try:
-                return await super().run()
-            finally:
-                await asyncio.get_running_loop().run_in_executor(None, self.follower.stop)
-
-    loop = pop._new_loop()
-    try:
-        return loop.run_until_complete(FleetPop().run())
-    finally:
-        loop.close()
-
-
-# --- fleet gateway ------------------------------------------------------------------------------
-
-def make_gateway_server(path, local, settings, log):
-    from microtun_host import gateway
-
-    class FleetGateway(gateway.GatewayServer):
-        """A gateway whose links, services and registry follow the log.
-        Device changes apply one by one (a single change in a registry of
-        100,000 costs one add_peer/remove_peer); an entry with "expires"
-        is removed at that moment, its sessions closed."""
-
-        def __init__(self, cfg):
-            super().__init__(cfg)
-            self.follower = Follower(settings, "gateways", cfg.name, str(cfg.listen), self.apply, log)
-            self.config_errors = 0
-            self.expired = 0
-            self.expiry = {}            # name -> expires (s since the epoch)
-            self._expiry_timer = None
-            self.state = {}
-            self.seq = 0
-
-        def apply(self, state, seq, touched):
-            self.state, self.seq = state, seq
-            full = touched is None
-            if full or any(k.startswith("links/") or k == "services" for k in touched):
-                try:
-                    cfg = gateway.GatewayConfig(Node("%s + fleet log record %d" % (path, seq), "", dict(
-                        local, links=[_val(state[k]) for k in sorted(state) if k.startswith("links/")],
-                        services=_val(state.get("services", b"{}")))), devices=[])
-                except ConfigError as e:
-                    self.config_errors += 1
-                    log.error("fleet: %s; keeping the running links and services", e)
-                else:
-                    self._set_links(cfg.links, time.monotonic())
-                    if cfg.services != self.cfg.services:
-                        for t in list(self._services.values()):
-                            t.close()
-                        self._services.clear()
-                    self.cfg.services = cfg.services
-                    self.cfg.links = cfg.links
-            keys = [k for k in state if k.startswith("devices/")] if full else \
-                [k for k in touched if k.startswith("devices/")]
-            if full:
-                keys += ["devices/" + n for n in self.names if "devices/" + n not in state]
-            quiet = len(keys) > BULK_LINES
-            before = len(self.core.peers)
-            for k in keys:
-                self._device(k, state.get(k), seq, quiet)
-            if quiet:
-                log.info("fleet: log record %d: %d device entries applied (%d registered before, %d now)",
-                         seq, len(keys), before, len(self.core.peers))
-                # the registry is long-lived: keep the cyclic GC from walking it again and again
-                # (a full collection over 100,000 devices costs tens of ms on every later change)
-                gc.collect()
-                gc.freeze()
-            self._arm_expiry()
-            log.info("fleet: log record %d applied: %d links, %d devices", seq, len(self.links), len(self.core.peers))
-            self.follower.report(seq)
-
-        def _device(self, key, value, seq, quiet=False):
-            name = key[len("devices/"):]
-            old = self.names.get(name)
-            if value is None:
-                self.expiry.pop(name, None)
-                if old is not None:
-                    self._remove(name, old, "revoked (fleet log record %d)" % seq)
-                return
-            try:
-                e = device_entry(key, _val(value), seq)
-                if e.name != name:
-                    raise ConfigError("fleet log record %d: %s: name: %r does not match the key" % (seq, key, e.name))
-            except ConfigError as err:
-                self.config_errors += 1
-                log.error("fleet: %s; device %s keeps its previous entry", err, name)
-                return
-            if old is not None and old != e.public_key:
-                self._remove(name, old, "re-keyed (fleet log record %d)" % seq)
-            self.expiry.pop(name, None)
-            if e.expires is not None and e.expires <= time.time():
-                if e.public_key in self.core.peers:
-                    self._remove(name, e.public_key, "credential expired at %s" % changelog.utc_text(e.expires))
-                return
-            if e.expires is not None:
-                self.expiry[name] = e.expires
-            new = e.public_key not in self.core.peers
-            self.core.add_peer(e.public_key, psk=e.psk, name=e.name, channels=e.channels)
-            self.names[e.name] = e.public_key
-            if new and not quiet:
-                log.info("device %s registered (channels %s%s)", e.name, e.channels or "all",
-                         ", expires %s" % changelog.utc_text(e.expires) if e.expires else "")
-
-        def _remove(self, name, pub, why):
-            if self.core.remove_peer(pub):
-                self._close_services(pub)
-                for k in [k for k in self._logged if k[0] == name]:
-                    del self._logged[k]
-                log.info("device %s %s: its sessions are closed, its handshakes refused", name, why)
-            if self.names.get(name) == pub:
-                del self.names[name]
-
-        def _arm_expiry(self):
-            if self._expiry_timer is not None:
-                self._expiry_timer.cancel()
-                self._expiry_timer = None
-            if not self.expiry:
-                return
-            first = min(self.expiry.values())
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return      # not started yet: start() arms it
-            self._expiry_timer = loop.call_later(max(0.0, first - time.time()), self._expire)
-
-        def _expire(self):
-            self._expiry_timer = None
-            now = time.time()
-            for name, t in sorted(self.expiry.items(), key=lambda x: x[1]):
-                if t <= now:
-                    del self.expiry[name]
-                    self.expired += 1
-                    pub = self.names.get(name)
-                    if pub is not None:
-                        self._remove(name, pub, "credential expired at %s" % changelog.utc_text(t))
-            self._arm_expiry()
-
-        def reload(self):
-            self.apply(self.state, self.seq, None)
-            return True, "fleet: re-applied log record %d" % self.seq
-
-        def status(self):
-            st = super().status()
-            st["fleet"] = dict(self.follower.status(), config_errors=self.config_errors, expired=self.expired,
-                               expiring={n: changelog.utc_text(t) for n, t in sorted(self.expiry.items())[:20]})
-            return st
-
-        def counters(self):
-            c = super().counters()
-            c["fleet_refused"] = sum(self.follower.chain.refused.values())
-            c["fleet_config_errors"] = self.config_errors
-            c["fleet_expired"] = self.expired
-            return c
-
-        def extra_commands(self):
-            # `fleet`: the follower's status without status's list of every device
-            return {"fleet": lambda req: {"fleet": dict(self.follower.status(), config_errors=self.config_errors,
-                                                        devices=len(self.core.peers))}}
-
-        async def start(self, sock=None):
-            await super().start(sock)
-            if self.follower.load_cache():
-                self.apply(dict(self.follower.state), self.follower.chain.seq, None)
-                log.info("fleet: %d log records from the cache %s", self.follower.chain.seq, settings.cache)
-            self.follower.start(asyncio.get_running_loop())
-            self._arm_expiry()
-
-        async def stop(self, quiet=False):
-            if self._expiry_timer is not None:
-                self._expiry_timer.cancel()
-            await asyncio.get_running_loop().run_in_executor(None, self.follower.stop)
-            await super().stop(quiet=quiet)
-
-    cfg = gateway.GatewayConfig(Node(path, "", dict(local, links=[], services={})), devices=[])
-    return FleetGateway(cfg)
-
-
-def run_gateway(path, check=False):
-    from microtun_host import gateway
-    try:
-        local, settings = _local(path)
-        cfg = gateway.GatewayConfig(Node(path, "", dict(local, links=[], services={})), devices=[])
-    except ConfigError as e:
-        print("microtun gateway: %s" % e, file=sys.stderr)
-        return 2
-    if check:
-        print("%s: ok: gateway %s in fleet mode (etcd %s)" % (path, cfg.name, ", ".join(settings.endpoints)))
-        return 0
-    logs.setup("gateway", cfg.log_level)       # the logger gateway.py writes to
-    server = make_gateway_server(path, local, settings, logging.getLogger("microtun.gateway"))
-
-    async def go():
-        return await gateway.serve(cfg, server=server)
-    return asyncio.run(go())
 
 
 # --- operator commands ---------------------------------------------------------------------
@@ -1026,6 +463,16 @@ def cmd_status(args):
                                                     v.get("seq", "?"), "" if v.get("seq") == chain.seq else " (behind)"))
     if not kvs:
         print("no node is alive (none holds a lease under %salive/)" % s.prefix)
+    members, _ = gwpool.members(state)
+    if len(members) >= 2:       # a pool: which gateway each device's paths end at (as the PoPs choose)
+        pre = s.prefix + "alive/gateways/"
+        live = sorted(n for n in members if any(kv.key == pre + n for kv in kvs))
+        per = dict.fromkeys(live, 0)
+        for k in state:
+            if k.startswith("devices/") and live:
+                per[gwpool.choose(k[len("devices/"):], live)] += 1
+        print("gateway pool: %s; devices per gateway alive: %s" % (", ".join(sorted(members)), ", ".join(
+            "%s %d" % kv for kv in per.items()) or "none alive"))
     return 0
 
 
@@ -1178,6 +625,16 @@ def node_configs(topo, out_dir, settings_path):
     cfg["fleet"] = dict(section, cache="gateway.cache")
     prov.write_atomic(os.path.join(out_dir, "fleet", "gateway.json"), (json.dumps(cfg, indent=1) + "\n").encode())
     written.append("fleet/gateway.json")
+    if gw.pool:         # the same identity (key, and from etcd the same links and registry) on more hosts
+        os.makedirs(os.path.join(out_dir, "fleet", "gateways"), 0o700, exist_ok=True)
+    for m in gw.pool:
+        mcfg = dict(cfg, name=m.name, listen=str(m.listen), fleet=dict(section, cache="%s.cache" % m.name))
+        mcfg.pop("control", None)
+        if m.control is not None:
+            mcfg["control"] = ctl(m.control, ".")
+        rel = "fleet/gateways/%s.json" % m.name
+        prov.write_atomic(os.path.join(out_dir, rel), (json.dumps(mcfg, indent=1) + "\n").encode())
+        written.append(rel)
     return written
 
 
@@ -1185,7 +642,8 @@ def provision_publish(summary, topology, out_dir, settings_path, key_path):
     """After `provision` wrote its files: publish to etcd (--fleet) and/or
     append to DIR/changelog.jsonl (--operator-key without --fleet)."""
     topo, files, paths = summary.plan
-    expires = {n: d.expires for n, d in topo.devices.items() if d.expires}
+    gw = topo.gateway
+    gateways = dict([(gw.name, str(gw.reach))] + [(m.name, str(m.reach)) for m in gw.pool])
     try:
         if key_path is None:
             raise LogError("--fleet needs --operator-key: every change in etcd is a signed record")
@@ -1196,7 +654,7 @@ def provision_publish(summary, topology, out_dir, settings_path, key_path):
             if key.public.hex() not in s.trusted:
                 raise LogError("%s: trusted_operators does not hold this operator's key %s: nodes would refuse "
                                "its records" % (settings_path, key.public.hex()))
-            seqs, text = publish_plan(s, key, files, paths, what, expires)
+            seqs, text = publish_plan(s, key, files, paths, what, gateways)
             written = node_configs(topo, out_dir, settings_path)
             print("fleet: %s" % ("records %s published: %s" % (",".join(map(str, seqs)), text) if seqs else text))
             print("fleet: node configs in %s: %s" % (out_dir, ", ".join(written)))

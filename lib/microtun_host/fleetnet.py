@@ -8,30 +8,67 @@ tools/demo_fleet.py.
     net.start()
     net.fleet("revoke", "d1")                               # `microtun fleet revoke d1 ...`
     net.stop()                                              # processes, then etcd
+
+pool=["gw2", ...]: more gateways of the same identity ([[gateway.pool]]),
+started with net.start() as well; each device's paths end at one of those
+alive (gwpool.py). lease_s: the nodes' lease (the fleet section's "lease_s").
 """
 import json
 import subprocess
 
-from microtun_host import changelog, localnet
+from microtun_host import changelog, fleet, localnet
 from microtun_host.etcd import Client, LocalEtcd
 from microtun_host.localnet import PY, ROOT, py_env
 
 
 class FleetNet(localnet.Net):
-    def __init__(self, tmp, *args, etcd=None, **kw):
+    def __init__(self, tmp, *args, etcd=None, pool=(), lease_s=None, **kw):
         from pathlib import Path
         tmp = Path(tmp)
+        self.pool = {n: {"listen": "127.0.0.1:%d" % p, "control": str(tmp / "out" / ("%s.sock" % n))}
+                     for n, p in zip(pool, localnet.free_ports(len(pool)))}
         self.etcd = etcd or LocalEtcd().start()
         self.key_path = tmp / "operator.key"
         self.key = changelog.OperatorKey.generate(str(self.key_path))
         self.fleet_path = tmp / "fleet.json"
-        self.fleet_path.write_text(json.dumps({"endpoints": [self.etcd.endpoint], "prefix": "/microtun/",
-                                               "trusted_operators": [self.key.public.hex()]}))
+        settings = {"endpoints": [self.etcd.endpoint], "prefix": "/microtun/",
+                    "trusted_operators": [self.key.public.hex()]}
+        self.lease_s = lease_s
+        if lease_s is not None:
+            settings["lease_s"] = lease_s
+        self.fleet_path.write_text(json.dumps(settings))
         try:
             super().__init__(tmp, *args, **kw)
         except BaseException:
             self.etcd.stop()
             raise
+
+    def gateway_lines(self):
+        lines = ['keepalive_s = 1'] if self.pool else []
+        for n, a in sorted(self.pool.items()):
+            lines += ['[[gateway.pool]]', 'name = "%s"' % n, 'listen = "%s"' % a["listen"],
+                      'control = "%s.sock"' % n]
+        return lines
+
+    def rehandshake_s(self):
+        # past the lease: the device's first new handshake goes through the moved path
+        return (self.lease_s or fleet.LEASE_TTL_S) + 1 if self.pool else 0
+
+    def start(self):
+        super().start()
+        for n in sorted(self.pool):
+            self.start_pool_gateway(n)
+
+    def start_pool_gateway(self, name):
+        self._spawn(name, [PY, "-m", "microtun_host.cli", "gateway", "--config",
+                           str(self.out / "fleet" / "gateways" / ("%s.json" % name))], py_env())
+        self.wait_control(self.pool[name]["control"], name)
+
+    def status_of(self, name):
+        """The control `status` of gateway name ("gw" or a pool member)."""
+        from microtun_host import control
+        addr = self.gw["control"] if name == "gw" else self.pool[name]["control"]
+        return control.query(addr, {"cmd": "status"}, timeout=2)["status"]
 
     def client(self):
         return Client(self.etcd.endpoint)

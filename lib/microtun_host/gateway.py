@@ -51,6 +51,18 @@ NORMAL_COUNTERS = ("data_rx", "data_tx", "handshake_ok", "keepalive_rx", "keepal
                    "response_tx")
 
 
+def utc_text(t):
+    # changelog's (the one UTC format of registries and the log), imported only when a device expires:
+    # a gateway without expiries does not load the Ed25519 code it needs for nothing
+    from microtun_host.changelog import utc_text
+    return utc_text(t)
+
+
+def parse_utc(text):
+    from microtun_host.changelog import parse_utc
+    return parse_utc(text)
+
+
 def now_ms():
     return int(time.monotonic() * 1000) & TICKS_MASK
 
@@ -60,7 +72,7 @@ def now_ms():
 #   name, listen, control (optional, loopback), private_key, registry (file),
 #   links: [{name, in_label, reply_label, key, next ("host:port" or "learn")}],
 #   services: {"1": "127.0.0.1:5000", ...}, rekey_after_s, window, log_level
-# registry.json: {"devices": [{name, public_key, psk (optional), channels}]}
+# registry.json: {"devices": [{name, public_key, psk (optional), channels, expires (optional)}]}
 
 class Link:
     """The last hop of one path: packets arrive with in_label under key from
@@ -83,8 +95,11 @@ class Link:
 
 
 class DeviceEntry:
+    """A registry entry; expires: seconds since the epoch (from
+    "YYYY-MM-DDTHH:MM:SSZ", UTC) after which the device is refused, or None."""
+
     def __init__(self, node):
-        node.only("name", "public_key", "psk", "channels", "ops")
+        node.only("name", "public_key", "psk", "channels", "ops", "expires")
         self.name = node.text("name")
         self.public_key = node.key32("public_key")
         self.psk = node.key32("psk") if node.value.get("psk") is not None else None
@@ -95,6 +110,12 @@ class DeviceEntry:
         self.ops = node.value.get("ops", False)     # the operations channel allowed (docs/OPS.md)
         if self.ops not in (True, False):
             raise node.error("ops", "expected true or false")
+        self.expires = None
+        if node.has("expires"):
+            self.expires = parse_utc(node.value["expires"])
+            if self.expires is None:
+                raise node.error("expires", "expected \"YYYY-MM-DDTHH:MM:SSZ\" (UTC), got %s"
+                                 % hconfig._short(str(node.value["expires"])))
 
 
 class GatewayConfig:
@@ -266,6 +287,9 @@ class GatewayServer:
         self._drop_task = None
         self._logged = {}                 # (device, kind) -> [last line (monotonic s), lines held back]
         self.ops_devices = set()          # names of the devices the registry allows ops for
+        self.expiry = {}                  # device name -> when its credential expires (s since the epoch)
+        self.expired = 0
+        self._expiry_timer = None
         self._apply_registry(cfg.devices)
         from microtun_host.opsgw import GatewayOps
         self.ops = GatewayOps(self)       # the operations channel (docs/OPS.md)
@@ -303,21 +327,76 @@ class GatewayServer:
 
     def _apply_registry(self, devices):
         want = {e.public_key: e for e in devices}
-        for pub in list(self.core.peers):
-            if pub not in want:
-                name = self.core.peers[pub].name
-                self.core.remove_peer(pub)
-                self._close_services(pub)
-                for k in [k for k in self._logged if k[0] == name]:
-                    del self._logged[k]
-                log.info("device %s revoked: its sessions are closed", name)
+        for name, pub in list(self.names.items()):
+            e = want.get(pub)
+            if e is None:
+                self._remove(name, pub, "revoked")
+            elif e.name != name:
+                del self.names[name]        # renamed: the same device
+        self.expiry = {}
         for e in devices:
-            new = e.public_key not in self.core.peers
-            self.core.add_peer(e.public_key, psk=e.psk, name=e.name, channels=e.channels)
-            if new:
-                log.info("device %s registered (channels %s)", e.name, e.channels or "all")
-        self.names = {e.name: e.public_key for e in devices}
-        self.ops_devices = {e.name for e in devices if getattr(e, "ops", False)}
+            self._register(e)
+        self._arm_expiry()
+
+    def _register(self, e, quiet=False):
+        """Add or update one registry entry; one whose credential has
+        expired is removed instead (its sessions closed)."""
+        if e.expires is not None and e.expires <= time.time():
+            self.expiry.pop(e.name, None)
+            if self.names.get(e.name) == e.public_key:
+                self._remove(e.name, e.public_key, "credential expired at %s" % utc_text(e.expires))
+            return
+        if e.expires is not None:
+            self.expiry[e.name] = e.expires
+        else:
+            self.expiry.pop(e.name, None)
+        new = e.public_key not in self.core.peers
+        self.core.register(e.public_key, psk=e.psk, name=e.name, channels=e.channels)     # its Peer: on first contact
+        self.names[e.name] = e.public_key
+        if getattr(e, "ops", False):
+            self.ops_devices.add(e.name)
+        else:
+            self.ops_devices.discard(e.name)
+        if new and not quiet:
+            log.info("device %s registered (channels %s%s)", e.name, e.channels or "all",
+                     ", expires %s" % utc_text(e.expires) if e.expires else "")
+
+    def _remove(self, name, pub, why):
+        """A device leaves the registry (revoked, re-keyed, expired): its
+        sessions and service sockets close, its handshakes are refused."""
+        if self.core.remove_peer(pub):
+            self._close_services(pub)
+            for k in [k for k in self._logged if k[0] == name]:
+                del self._logged[k]
+            log.info("device %s %s: its sessions are closed, its handshakes refused", name, why)
+        if self.names.get(name) == pub:
+            del self.names[name]
+            self.ops_devices.discard(name)
+
+    # -- credentials that expire (docs/FLEET.md): one timer, at the earliest expiry
+    def _arm_expiry(self):
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if not self.expiry:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return      # not started yet: start() arms it
+        self._expiry_timer = loop.call_later(max(0.0, min(self.expiry.values()) - time.time()), self._expire)
+
+    def _expire(self):
+        self._expiry_timer = None
+        now = time.time()
+        for name, t in sorted(self.expiry.items(), key=lambda x: x[1]):
+            if t <= now:
+                del self.expiry[name]
+                self.expired += 1
+                pub = self.names.get(name)
+                if pub is not None:
+                    self._remove(name, pub, "credential expired at %s" % utc_text(t))
+        self._arm_expiry()
 
     def reload(self):
         """Re-read the config and the registry: links (re-spliced routes),
@@ -376,6 +455,7 @@ class GatewayServer:
             self._metrics = await metrics.serve(self.cfg.metrics, metrics.GatewayCollector(
                 self.status, self.crypto.name), log)
         self._schedule()
+        self._arm_expiry()
         self._drop_task = loop.create_task(self._drop_lines())
         log.info("gateway %s listening on %s, %d links, %d devices, services %s, crypto %s",
                  self.cfg.name, hconfig.format_sockaddr(self.address), len(self.links), len(self.core.peers),
@@ -412,6 +492,8 @@ class GatewayServer:
     async def stop(self, quiet=False):
         if self._drop_task is not None:
             self._drop_task.cancel()
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
         if self._timer is not None:
             self._timer.cancel()
         for t in list(self._services.values()):
@@ -693,20 +775,27 @@ class GatewayServer:
     def counters(self):
         c = dict(self.core.stats)
         c.update(self.stats)
+        if self.expired:
+            c["expired"] = self.expired
         return c
 
     def status(self):
         now = now_ms()
         devices = []
-        for pub, s in self.core.peers.items():
+        peers = self.core.peers
+        for pub in peers:
+            s = peers.peek(pub)         # a device never heard from has no Peer yet: a blank one, not kept
             d = s.info(now)
             d["public_key"] = pub.hex()
             d["paths"] = [dict({"link": a, "last_seen_ms_ago": ticks_diff(now, seen), "srtt_ms": s.path_rtt.get(a)},
                                **(self.by_name[a].counters if a in self.by_name else {}))
                           for a, seen in sorted(s.paths.items(), key=lambda x: str(x[0]))]
             devices.append(d)
-        return {"gateway": self.cfg.name, "uptime_s": round(time.monotonic() - self._started, 1),
-                "crypto": self.crypto.name, "devices": devices, "counters": self.counters()}
+        st = {"gateway": self.cfg.name, "uptime_s": round(time.monotonic() - self._started, 1),
+              "crypto": self.crypto.name, "devices": devices, "counters": self.counters()}
+        if self.expiry:
+            st["expiring"] = {n: utc_text(t) for n, t in sorted(self.expiry.items(), key=lambda x: x[1])[:20]}
+        return st
 
     def _reload_cmd(self, req):
         ok, msg = self.reload()

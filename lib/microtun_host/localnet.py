@@ -129,6 +129,7 @@ class Net:
         if self.standby:
             t += ['standby = "%s"' % self.gw_standby["listen"], 'standby_control = "gw-standby.sock"',
                   'keepalive_s = 1']
+        t += self.gateway_lines()
         t.append('')
         used = {p for chain in self.routes.values() for p in chain}
         for p, a in sorted(self.pops.items()):
@@ -143,14 +144,22 @@ class Net:
         for d, opts in sorted(self.devices.items()):
             t += ['[[device]]', 'name = "%s"' % d, 'channels = [1, 2]',
                   'policy = "%s"' % opts.get("policy", self.policy)]
-            if self.standby:
-                t.append('unresponsive_s = 2')
+            if self.standby or self.rehandshake_s():
+                t.append('unresponsive_s = %d' % (self.rehandshake_s() or 2))
             if opts.get("ops"):
                 t.append('ops = true')
             if "routes" in opts:
                 t.append('routes = [%s]' % ", ".join('"%s"' % r for r in opts["routes"]))
             t.append('')
         self.topology.write_text("\n".join(t))
+
+    def gateway_lines(self):
+        """More lines of the topology's [gateway] table (fleetnet.py: its pool)."""
+        return []
+
+    def rehandshake_s(self):
+        """Devices' unresponsive_s when a gateway may die under them (0: the default)."""
+        return 0
 
     def provision(self):
         r = subprocess.run([PY, "-m", "microtun_host.provision", str(self.topology), "--out", str(self.out)],

@@ -219,7 +219,7 @@ def parse_topology(path):
     # gateway
     g = root.obj("gateway")
     g.only("name", "listen", "reach", "control", "services", "log_level", "rekey_after_s", "window", "keepalive_s",
-           "standby", "standby_control", "operators")
+           "standby", "standby_control", "operators", "pool")
     gateway = _node(g, "gateway", ("log_level", "rekey_after_s", "window", "keepalive_s"))
     if g.has("operators"):              # who may log in to the ops channel (docs/OPS.md)
         ops = g.items("operators")
@@ -228,6 +228,7 @@ def parse_topology(path):
                 raise g.error("operators[%d]" % i, "expected an Ed25519 public key, 64 hex characters "
                                                    "(`microtun fleet keygen --out KEYFILE` prints one)")
         gateway.extra["operators"] = [k.lower() for k in ops]
+    gateway.pool = []                   # [[gateway.pool]]: more gateways of this identity (fleet mode)
     if g.has("standby"):
         # one gateway identity on two addresses: the last PoP of every route
         # probes both and sends to the one that answers (docs/DEPLOY.md)
@@ -256,13 +257,36 @@ def parse_topology(path):
     reach = {gateway.reach: "gateway." + ("reach" if g.has("reach") else "listen")}
     if gateway.standby is not None:
         reach[gateway.standby] = "gateway.standby"
+    if g.has("pool"):
+        # fleet mode: the same identity on more hosts; each device's paths end at one of those
+        # alive, chosen by the PoPs (docs/FLEET.md, "Several gateways")
+        if gateway.standby is not None:
+            raise g.error("pool", "a gateway has a standby (probed by the PoPs) or a pool (fleet mode, "
+                                  "chosen by lease), not both")
+        names = {gateway.name}
+        for n in _tables(g, "pool"):
+            n.only("name", "listen", "reach", "control")
+            m = _node(n, "pop", ())
+            if m.name in names:
+                raise n.error("name", "%s is already a gateway's name" % hconfig._short(m.name))
+            key = "reach" if n.has("reach") else "listen"
+            if m.reach in reach or m.reach == gateway.listen:
+                raise n.error(key, "%s is already where %s is reached; every gateway needs its own address"
+                              % (m.reach, reach.get(m.reach, "gateway.listen")))
+            if m.reach.family != gateway.reach.family:
+                raise n.error(key, "expected the family of the gateway's address (IPv%d), got %s"
+                              % (gateway.reach.family, m.reach))
+            reach[m.reach] = "%s.%s" % (n.path, key)
+            names.add(m.name)
+            gateway.pool.append(m)
     for n in _tables(root, "pop"):
         n.only("name", "listen", "reach", "control", "log_level", "stats_interval")
         p = _node(n, "pop", ("log_level", "stats_interval"))
         if p.name in pops:
             raise n.error("name", "%s is already the name of %s" % (hconfig._short(p.name), pops[p.name].where))
-        if p.name == gateway.name:
-            raise n.error("name", "%s is already the gateway's name" % hconfig._short(p.name))
+        if p.name == gateway.name or p.name in {m.name for m in gateway.pool}:
+            raise n.error("name", "%s is already the %s name" % (hconfig._short(p.name), "gateway's" if
+                                                                  p.name == gateway.name else "pool gateway's"))
         key = "reach" if n.has("reach") else "listen"
         if p.reach in reach:
             raise n.error(key, "%s is already where %s is reached; every node needs its own address"
@@ -680,6 +704,8 @@ def plan(topo, state):
             e["channels"] = dev.channels
         if dev.extra.get("ops"):
             e["ops"] = True
+        if dev.expires:
+            e["expires"] = dev.expires
         registry.append(e)
         dev_state[dev.name] = {"private_key": _hex(priv)}
         if psk is not None:
@@ -946,9 +972,9 @@ def main(topology, out_dir, fleet_settings=None, operator_key=None):
         print("microtun provision: cannot write %s: %s" % (e.filename or out_dir, e.strerror or e), file=sys.stderr)
         return 1
     print(summary)
-    if not fleet_settings and any(d.expires for d in summary.plan[0].devices.values()):
-        print("note: \"expires\" is enforced in fleet mode only (--fleet; docs/FLEET.md); "
-              "registry.json does not carry it")
+    if not fleet_settings and summary.plan[0].gateway.pool:
+        print("note: [[gateway.pool]] is used in fleet mode only (--fleet; docs/FLEET.md): the files of "
+              "file mode send every path to the gateway's own address")
     if fleet_settings or operator_key:
         from microtun_host import fleet
         return fleet.provision_publish(summary, topology, out_dir, fleet_settings, operator_key)
