@@ -94,6 +94,7 @@ def segment_delays(traces):
     direct = sorted(t - t0 for t0, t, how in rel if how == "new")
     base = direct[len(direct) // 2] if direct else 0.0
     return {"baseline_ms": round(base * 1000, 2),
+            "first_time_ms": [(t - t0 - base) * 1000 for t0, t, how in rel if how == "new"],
             "all_ms": [(t - t0 - base) * 1000 for t0, t, how in rel],
             "recovered_ms": [(t - t0 - base) * 1000 for t0, t, how in rel if how in ("nack", "fec")]}
 
@@ -143,6 +144,7 @@ def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy=
             "rtt_ms_max": res.get("rtt_ms_max"),
             "segment_delay": None if delays is None else {
                 "baseline_one_way_ms": delays["baseline_ms"], "extra_all_ms": quantiles(delays["all_ms"]),
+                "extra_first_time_ms": quantiles(delays["first_time_ms"]),
                 "extra_recovered_ms": quantiles(delays["recovered_ms"])},
             "pop_packets": {p: s["rx"] for p, s in (("a1", a1), ("a2", a2))},
             "segment_bytes": st["up"]["bytes_received"] + st["down"]["bytes_received"],
