@@ -466,3 +466,24 @@ def test_adaptive_config_checks():
     import pytest
     with pytest.raises(ValueError, match="fec_m_min"):
         SegConfig("fec", fec_m=2, fec_m_min=3)
+
+
+def test_pop_forwarder_runs_segment_timers_by_deadline():
+    import logging
+    from microtun_host import pop
+    from microtun_host.config import Address
+    now = [5000.0]
+    k1, k2 = bytes(range(32)), bytes(range(1, 33))
+    spec = pop.RouteSpec(100, k1, Address(4, "127.0.0.1", 9), 0, 200, k2, seg_out=SegConfig("nack"))
+    f = pop.Forwarder(pop.build_table([spec]), logging.getLogger("t"), clock=lambda: now[0])
+    assert f.seg_tick() is None                     # nothing sent yet: no deadline at all
+    data = bytes(outer.seal(outer.TYPE_DATA, 100, outer.HopKey(k1), inner(1)))
+    out = f.receive(data, ("127.0.0.1", 5))
+    assert out[0][0] == 0x10 | outer.TYPE_SEG_DATA and f.seg_kick     # the first packet arms the timer
+    assert abs(f.seg_tick() - (now[0] + 0.2)) < 1e-6 and f.seg_q      # a ping now, the next in 200 ms
+    f.seg_q.clear()
+    now[0] += 0.2
+    assert abs(f.seg_tick() - (now[0] + 0.051)) < 1e-6 and len(f.seg_q) == 1   # the buffered packet expires first
+    now[0] += 2.0                                   # idle: pings stop, the buffer lets go
+    f.seg_tick()
+    assert f.seg_tick() is None
