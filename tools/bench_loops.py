@@ -117,6 +117,23 @@ def per_packet_cost(n=20000, size=250, runs=3):
     return {"payload_bytes": size, "plain_us": plain, "nack_ingress_us": ingress, "nack_egress_us": egress}
 
 
+def sans_io_link(n=4000, loss=0.05, seed=3):
+    """The NACK mode over the fake link of host_tests/test_segment.py (exact
+    20 ms each way, 5 % loss both ways, 200 packets/s, fake clock): the
+    repair's extra delay as the design gives it, with no scheduling noise."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "host_tests"))
+    import test_segment as ts
+    from microtun_host.segment import SegConfig
+    link = ts.Link(SegConfig("nack"), loss=loss, seed=seed)
+    link.snd.trace, link.rcv.trace = [], []
+    link.stream(n)
+    sent = dict(link.snd.trace)
+    ex = [(round((t - sent[s] - ts.ONE_WAY) * 1000, 3) + 0.0, how) for s, t, how in link.rcv.trace]
+    return {"packets": n, "loss_both_ways": loss, "delivered_ratio": round(len(link.delivered) / n, 4),
+            "extra_all_ms": ls.quantiles([x for x, _ in ex]),
+            "extra_recovered_ms": ls.quantiles([x for x, how in ex if how == "nack"])}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=2000)
@@ -142,6 +159,7 @@ def main():
         ((cost["nack_ingress_us"] - cost["plain_us"]) + (cost["nack_egress_us"] - cost["plain_us"])) * pps / 1e4, 3)
     res["load_average_start"] = _load()
     res["per_packet_cost"] = cost
+    res["random5_nack_sans_io"] = sans_io_link()
     print("per packet: %s" % json.dumps(cost), file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="microtun-bench-loops-") as tmp:
         def go(name, mode, tag=None, **kw):
