@@ -60,7 +60,8 @@ JUMP_MAX = 1024               # a seq further ahead than this is not a gap but a
 RESYNC_AFTER = 8              # consecutive far seqs (authentic) before the egress follows them
 NACK_PACKETS_PER_TICK = 4     # SEG_NACKs one egress route sends per tick at most
 RETX_BURST = 256 * 1024       # retransmission budget's burst, bytes
-MIN_NACK_GAP_S = 0.010        # a missing seq is NACKed again after max(this, 1.25 srtt)
+MIN_NACK_GAP_S = 0.010        # a missing seq is NACKed again after max(this, 1.25 srtt) ...
+NACK_REPEAT_S = 0.005         # ... and its first NACK once more this soon (a lost NACK costs 5 ms, not a round)
 PING_IDLE_S = 1.0             # no pings once nothing was sent this long
 LOSS_DECAY = 0.125            # adaptive FEC: weight of the newest pong's counts in the loss estimate (~8 pongs of memory)
 _EXCERPT_WHOLE = outer.EXCERPT_WHOLE
@@ -88,7 +89,7 @@ class SegConfig:
               "max_retx", "max_nacks", "retx_ratio", "ping_ms", "ce_rise_ms")
 
     def __init__(self, mode="nack", hold_ms=250, fec_k=24, fec_m=3, fec_window_ms=150, nack_delay_ms=None,
-                 max_retx=2, max_nacks=3, retx_ratio=0.5, ping_ms=200, ce_rise_ms=10, fec_m_min=None,
+                 max_retx=2, max_nacks=4, retx_ratio=0.5, ping_ms=200, ce_rise_ms=10, fec_m_min=None,
                  fec_target=0.01):
         if mode not in MODES:
             raise ValueError("segment mode must be one of %s, got %r" % (", ".join(MODES), mode))
@@ -910,7 +911,10 @@ class Receiver:
             for s in part:
                 m = self.missing[s]
                 m[1] += 1
-                m[2] = now + again
+                # the first NACK is sent twice, NACK_REPEAT_S apart: a lost NACK then
+                # costs that, not a whole round (the ingress answers the copy of one
+                # that arrived with nothing: nack_limit)
+                m[2] = now + (NACK_REPEAT_S if m[1] == 1 else again - NACK_REPEAT_S if m[1] == 2 else again)
         self.nacks_sent += len(out)
         return out
 
