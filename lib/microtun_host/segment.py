@@ -255,7 +255,6 @@ class Sealer:
         return b"".join((self.hdr, o.digest()[:outer.MAC_LEN], prefix, payload))
 
 
-_SEQ_BYTES = tuple(bytes((v >> 8, v & 0xFF)) for v in range(1 << 16))   # 2-byte SEG_DATA headers, made once
 
 
 def residual_loss(p, k, m):
@@ -340,7 +339,7 @@ class Sender:
         left in self.extra."""
         seq = self.seq
         self.seq = (seq + 1) & (SEQ_MOD - 1)
-        pkt = self.sealer.seal2(_SEQ_BYTES[seq | CE_BIT if ce else seq], inner)
+        pkt = self.sealer.seal2((seq | CE_BIT if ce else seq).to_bytes(2, "big"), inner)
         self.sent += 1
         self.sent_bytes += len(pkt)
         last = self.last_data
