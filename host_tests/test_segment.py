@@ -37,6 +37,7 @@ class Link:
         self.duplicates = 0
         self.ce = 0
         self.bytes = 0
+        self.ticks = 0                # timer runs (deadline-driven, no periodic tick)
 
     def _push(self, t, kind, pkt):
         self.k += 1
@@ -66,11 +67,18 @@ class Link:
                 self.delivered[i] = self.now
             self.ce += ce
 
+    def timer(self):
+        """The earliest of both ends' deadlines (their timer()), or None:
+        the link runs their timers only then, as the PoP does."""
+        ts = [x for x in (self.snd.timer(self.now), self.rcv.timer(self.now)) if x is not None]
+        return min(ts) if ts else None
+
     def run_until(self, t):
-        next_tick = self.now
+        spins = 0
         while True:
             nt = self.q[0][0] if self.q else None
-            if nt is not None and nt <= next_tick and nt <= t:
+            tt = self.timer()
+            if nt is not None and nt <= t and (tt is None or nt <= tt):
                 self.now, _, kind, p = heapq.heappop(self.q)
                 if kind == "e":
                     fwd, rep = self.rcv.receive(p, ("10.0.0.1", 1), self.now)
@@ -78,19 +86,21 @@ class Link:
                     self.to_ingress(rep)
                 else:
                     self.to_egress(self.snd.feedback(p, self.now))
-            elif next_tick <= t:
-                self.now = next_tick
+            elif tt is not None and tt <= t:
+                spins = spins + 1 if tt <= self.now else 0
+                assert spins < 100, "a timer stays due after tick(): %r" % tt
+                self.now = max(self.now, tt)
+                self.ticks += 1
                 self.to_egress(self.snd.tick(self.now))
                 self.to_ingress(self.rcv.tick(self.now))
-                next_tick += TICK
             else:
                 self.now = t
                 return
 
-    def stream(self, n, interval=0.005, size=200):
+    def stream(self, n, interval=0.005, size=200, first=0):
         sent = {}
-        for i in range(n):
-            self.run_until(self.now + interval if i else self.now)
+        for i in range(first, first + n):
+            self.run_until(self.now + interval if i > first else self.now)
             sent[i] = self.now
             self.to_egress(self.snd.data(inner(i, size), False, self.now))
         self.run_until(self.now + 1.0)
@@ -122,8 +132,9 @@ def test_nack_recovers_random_loss_within_one_rtt():
     assert link.duplicates == 0
     assert len(link.delivered) / 4000 >= 0.997, link.rcv.stats()
     added = [x - ONE_WAY for x in link.latencies(sent)]
-    # detection (one packet interval) + one segment RTT + a tick
-    assert p99(added) <= 2 * ONE_WAY + 0.005 + TICK + 0.001, p99(added)
+    # detection (one packet interval) + one segment RTT: the NACK leaves with the
+    # packet that shows the gap, the retransmission with the NACK's arrival
+    assert p99(added) <= 2 * ONE_WAY + 0.005 + 0.001, p99(added)
     r = link.rcv.stats()
     assert 0.04 < r["loss"] < 0.06 and r["recovered_nack"] > 150
 
@@ -357,3 +368,122 @@ def test_repair_delays_are_reported():
     link.stream(1000)
     q = link.rcv.stats()["repair_ms"]
     assert 40 <= q["p50"] <= q["max"] <= SegConfig("nack").hold_ms
+
+
+def test_timers_are_deadlines_and_sleep_when_idle():
+    link = Link(SegConfig("nack"), loss=0.05, seed=4)
+    link.stream(1000)                       # 5 s of traffic, then 1 s quiet
+    # pings every 200 ms, re-NACKs and gap expiries: far fewer runs than a 5 ms tick (1200)
+    assert link.ticks < 200, link.ticks
+    link.run_until(link.now + 2.0)
+    assert link.snd.timer(link.now) is None and link.rcv.timer(link.now) is None
+    assert link.snd.stats()["buffered"] == 0 and not any(link.snd._pkt)   # the ring let go of every packet
+
+
+def test_hot_path_makes_no_entry_per_packet():
+    cfg = SegConfig("nack")
+    snd, rcv = Sender(cfg, LABEL, KEY, 32700), Receiver(cfg, LABEL, KEY)
+    for i in range(300):                    # across the seq wrap
+        pkt = snd.send(inner(i), False, 1.0 + i * 0.001)
+        assert rcv.data(pkt, ("10.0.0.1", 1), 1.02 + i * 0.001) == inner(i)
+    assert not rcv.missing and not rcv.groups and not rcv.replies and not snd.extra
+    assert rcv.received == 300 and rcv.st.total == 0
+
+
+def test_trace_stamps_send_and_release():
+    link = Link(SegConfig("nack"), loss=0.05, seed=9)
+    link.snd.trace, link.rcv.trace = [], []
+    link.stream(400)
+    sent = {s: t for s, t in link.snd.trace}
+    hows = {}
+    for s, t, how in link.rcv.trace:
+        hows[how] = hows.get(how, 0) + 1
+        extra = t - sent[s] - ONE_WAY
+        assert (extra < 1e-9) if how == "new" else (0.04 <= extra <= SegConfig().hold_ms / 1000), (how, extra)
+    assert hows["new"] > 350 and hows["nack"] == link.rcv.recovered_nack > 10
+
+
+def test_sealer_gives_outer_seal_bytes():
+    for t in (outer.TYPE_DATA, outer.TYPE_SEG_DATA):
+        sl = segment.Sealer(t, 0x123456, KEY)
+        for n in (0, 5, 30, 31, 32, 33, 1200):
+            p = bytes((i * 13) & 0xFF for i in range(n))
+            assert sl.seal(p) == outer.seal(t, 0x123456, KEY, p)
+            assert sl.seal(bytearray(p)) == outer.seal(t, 0x123456, KEY, p)
+            assert sl.seal2(b"\x81\x02", p) == outer.seal(t, 0x123456, KEY, b"\x81\x02" + p), n
+
+
+# --- adaptive FEC -------------------------------------------------------------------------
+
+ADAPTIVE = dict(fec_k=24, fec_m_min=0, fec_m=6, fec_target=0.01)
+
+
+def test_adaptive_fec_follows_the_measured_loss():
+    link = Link(SegConfig("fec", **ADAPTIVE), loss=0.0, seed=5)
+    link.stream(600)                        # 3 s without loss: no parities once measured
+    assert link.snd.fec_m == 0 and link.snd.stats()["loss"] == 0.0
+    before = link.snd.parities
+    link.stream(200, first=1000)
+    assert link.snd.parities == before      # none sent at fec_m 0
+    link.loss = 0.05                        # the link starts losing 5 %
+    link.stream(400, first=2000)            # the estimate settles within a few pongs
+    start = len(link.delivered)
+    link.stream(2000, first=3000)
+    assert 2 <= link.snd.fec_m <= 5, link.snd.stats()
+    got = len(link.delivered) - start
+    assert got / 2000 >= 0.985, (got, link.rcv.stats())
+    link.loss = 0.0
+    link.stream(1200, first=6000)           # and back down when the loss stops
+    assert link.snd.fec_m <= 1, link.snd.stats()
+
+
+def test_adaptive_fec_stays_within_its_bounds():
+    cfg = SegConfig("fec", fec_m_min=1, fec_m=4)
+    snd = Sender(cfg, LABEL, KEY)
+    rcv = Receiver(cfg, LABEL, KEY)
+    for k, (gaps, received) in enumerate(((0, 0), (10 ** 6, 1), (10 ** 6 + 5, 1), (3, 2), (0, 10 ** 9))):
+        snd.send(inner(k), False, 1.0 + k)
+        rcv.gaps, rcv.received = gaps, received     # whatever an egress claims (restarts, wraps, 100 % loss)
+        rcv.last_ping = None
+        ping = snd.tick(1.0 + k)[-1]
+        pong = rcv.receive(ping, ("10.0.0.1", 1), 1.0 + k)[1][0]
+        assert snd.feedback(pong, 1.01 + k) == []
+        assert 1 <= snd.fec_m <= 4
+    assert snd.st.total == 0
+
+
+def test_residual_loss_model():
+    assert segment.residual_loss(0.0, 24, 0) == 0.0
+    assert abs(segment.residual_loss(0.05, 24, 0) - 0.05) < 1e-9      # no parity: the link's loss
+    r = [segment.residual_loss(0.05, 24, m) for m in range(7)]
+    assert all(a > b for a, b in zip(r, r[1:]))                       # each parity helps
+    assert segment.adapt_m(0.05, 24, 0, 6, 0.01) == 3                  # the fixed default at 5 %
+    assert segment.adapt_m(0.0, 24, 0, 6, 0.01) == 0
+    assert segment.adapt_m(0.5, 24, 1, 6, 0.01) == 6
+
+
+def test_adaptive_config_checks():
+    import pytest
+    with pytest.raises(ValueError, match="fec_m_min"):
+        SegConfig("fec", fec_m=2, fec_m_min=3)
+
+
+def test_pop_forwarder_runs_segment_timers_by_deadline():
+    import logging
+    from microtun_host import pop
+    from microtun_host.config import Address
+    now = [5000.0]
+    k1, k2 = bytes(range(32)), bytes(range(1, 33))
+    spec = pop.RouteSpec(100, k1, Address(4, "127.0.0.1", 9), 0, 200, k2, seg_out=SegConfig("nack"))
+    f = pop.Forwarder(pop.build_table([spec]), logging.getLogger("t"), clock=lambda: now[0])
+    assert f.seg_tick() is None                     # nothing sent yet: no deadline at all
+    data = bytes(outer.seal(outer.TYPE_DATA, 100, outer.HopKey(k1), inner(1)))
+    out = f.receive(data, ("127.0.0.1", 5))
+    assert out[0][0] == 0x10 | outer.TYPE_SEG_DATA and f.seg_kick     # the first packet arms the timer
+    assert abs(f.seg_tick() - (now[0] + 0.2)) < 1e-6 and f.seg_q      # a ping now, the next in 200 ms
+    f.seg_q.clear()
+    now[0] += 0.2
+    assert abs(f.seg_tick() - (now[0] + 0.051)) < 1e-6 and len(f.seg_q) == 1   # the buffered packet expires first
+    now[0] += 2.0                                   # idle: pings stop, the buffer lets go
+    f.seg_tick()
+    assert f.seg_tick() is None

@@ -168,6 +168,8 @@ def main():
         "connect_ms": t_connected, "x25519_ops_to_connect": x25519_at_connect,
         "rtt_ms_median": rtts[len(rtts) // 2] if rtts else None,
         "rtt_ms_p99": rtts[min(len(rtts) - 1, (len(rtts) * 99) // 100)] if rtts else None,
+        "rtt_ms_p90": rtts[min(len(rtts) - 1, (len(rtts) * 90) // 100)] if rtts else None,
+        "rtt_ms_max": rtts[-1] if rtts else None,
         "handshakes": t.device.session.handshakes,
         "health": t.health(),
         "heap_steady": heap(), "heap_peak": peak[0],

@@ -73,8 +73,46 @@ def cpu_s(pid):
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def segment_delays(traces):
+    """Per packet across the segment a1 -> a2, from the PoPs' traces
+    (MICROTUN_SEG_TRACE): the ingress's first send time and the egress's
+    release time of each seq, both time.monotonic() on this one host.
+    Returns {"baseline_ms": median one-way time of the packets that arrived
+    first time, "all_ms": [extra ms of every released packet],
+    "recovered_ms": [extra ms of each repaired packet]} where extra = one-way
+    time - baseline; None without traces."""
+    sent = {}
+    for s, t in traces.get("out", []):
+        sent.setdefault(s, []).append(t)
+    rel = []
+    for s, t, how in traces.get("in", []):
+        ts = [x for x in sent.get(s, ()) if x <= t]
+        if ts:
+            rel.append((max(ts), t, how))    # seqs wrap: the latest send before the release
+    if not rel:
+        return None
+    direct = sorted(t - t0 for t0, t, how in rel if how == "new")
+    base = direct[len(direct) // 2] if direct else 0.0
+    return {"baseline_ms": round(base * 1000, 2),
+            "first_time_ms": [(t - t0 - base) * 1000 for t0, t, how in rel if how == "new"],
+            "all_ms": [(t - t0 - base) * 1000 for t0, t, how in rel],
+            "recovered_ms": [(t - t0 - base) * 1000 for t0, t, how in rel if how in ("nack", "fec")]}
+
+
+def quantiles(xs):
+    """{"n", "p50", "p90", "p99", "max"} of a list of ms (None if empty)."""
+    if not xs:
+        return None
+    xs = sorted(xs)
+    q = lambda f: round(xs[min(len(xs) - 1, int(len(xs) * f))], 1)     # noqa: E731
+    return {"n": len(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": round(xs[-1], 1)}
+
+
 def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy="best", second_route=False):
+    import os
     net = LoopsNet(tmp, mode, seg, imp, second_route=second_route, policy=policy)
+    old = os.environ.get("MICROTUN_SEG_TRACE")
+    os.environ["MICROTUN_SEG_TRACE"] = str(4 * count + 1000)      # the PoPs started now record per packet
     try:
         net.start()
         r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--size", str(size),
@@ -87,6 +125,12 @@ def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy=
         got = set(ids)
         st = net.netem_cmd(net.netem["a"]["control"], {"stats": True})["stats"]
         a1, a2 = net.pop_stats("a1"), net.pop_stats("a2")
+        from microtun_host import control
+        tr = {}
+        for name, want in (("a1", "out"), ("a2", "in")):
+            t = control.query(net.pops[name]["control"], {"cmd": "seg_trace"}, timeout=5)["traces"]
+            tr[want] = [x for k, v in t.items() if k.startswith(want + ":") for x in v]
+        delays = segment_delays(tr)
         gw = [d for d in net.gw_status()["devices"] if d["name"] == "d1"][0]
         segs = {}
         for name, s in (("a1", a1), ("a2", a2)):
@@ -96,7 +140,13 @@ def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy=
             "mode": mode, "sent": res["sent"], "delivered": len(got),
             "delivered_ratio": round(len(got) / res["sent"], 4) if res["sent"] else 0.0,
             "duplicates_delivered": len(ids) - len(got),
-            "rtt_ms_median": res["rtt_ms_median"], "rtt_ms_p99": res["rtt_ms_p99"],
+            "rtt_ms_median": res["rtt_ms_median"], "rtt_ms_p90": res.get("rtt_ms_p90"), "rtt_ms_p99": res["rtt_ms_p99"],
+            "rtt_ms_max": res.get("rtt_ms_max"),
+            "segment_delay": None if delays is None else {
+                "baseline_one_way_ms": delays["baseline_ms"], "extra_all_ms": quantiles(delays["all_ms"]),
+                "extra_first_time_ms": quantiles(delays["first_time_ms"]),
+                "extra_recovered_ms": quantiles(delays["recovered_ms"])},
+            "pop_packets": {p: s["rx"] for p, s in (("a1", a1), ("a2", a2))},
             "segment_bytes": st["up"]["bytes_received"] + st["down"]["bytes_received"],
             "segment_bytes_up": st["up"]["bytes_received"], "segment_bytes_down": st["down"]["bytes_received"],
             "netem_dropped_up": sum(st["up"]["dropped"].values()),
@@ -107,3 +157,7 @@ def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy=
         }
     finally:
         net.stop()
+        if old is None:
+            os.environ.pop("MICROTUN_SEG_TRACE", None)
+        else:
+            os.environ["MICROTUN_SEG_TRACE"] = old

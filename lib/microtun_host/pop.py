@@ -15,6 +15,7 @@ Layers, as everywhere in microtun:
     Pop            process: config, reload on SIGHUP, control channel, stats, shutdown
 """
 import asyncio
+import collections
 import ipaddress
 import os
 import signal
@@ -83,8 +84,21 @@ LOG_BURST = 3.0                # ... after a burst of this many (so a move and i
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LABEL_RANGE = (outer.LABEL_MIN, outer.LABEL_MAX)
 ROUTE_FIELDS = ("in_label", "in_key", "next", "standby", "out_label", "out_key", "seg_in", "seg_out")
-SEG_TICK_S = 0.005             # LOOPS segment timers (NACKs, FEC groups) while a gap waits or a group is open ...
-SEG_IDLE_S = 0.02              # ... else this often (pings are due every ping_ms >= 10 ms)
+SEG_RETRY_S = 0.05             # LOOPS segment timers: next try after an internal error in them
+
+
+def _seg_trace_len():
+    """MICROTUN_SEG_TRACE=N: each LOOPS segment keeps its last N packets'
+    send / release times for `control seg_trace` (tools/bench_loops.py
+    measures a repair's added delay from them; docs/LOOPS.md). Off unless set."""
+    v = os.environ.get("MICROTUN_SEG_TRACE", "")
+    try:
+        return max(0, min(1000000, int(v))) if v else 0
+    except ValueError:
+        return 0
+
+
+SEG_TRACE = _seg_trace_len()
 TOP_FIELDS = ("name", "listen", "control", "log_level", "stats_interval", "workers", "routes", "metrics")
 WORKERS_MAX = 256              # worker processes (docs/DEPLOY.md "Many cores and failover")
 
@@ -215,7 +229,7 @@ class Route:
 
     __slots__ = ("spec", "in_label", "in_key", "dest", "learn_from", "learns",
                  "out_label", "out_key", "packets", "bytes", "drops", "init_bucket", "probe_bucket",
-                 "reply_bucket", "seg_in", "seg_out")
+                 "reply_bucket", "seg_in", "seg_out", "seal_data", "seal_ce")
 
     def __init__(self, spec, learns):
         self.spec = spec
@@ -236,6 +250,13 @@ class Route:
         self.seg_in = segment.Receiver(spec.seg_in, spec.in_label, self.in_key) if spec.seg_in else None
         self.seg_out = segment.Sender(spec.seg_out, spec.out_label, self.out_key,
                                       int.from_bytes(os.urandom(2), "big")) if spec.seg_out else None
+        # what leaves a segment's egress: DATA / DATA_CE on out_label, header hash state prepared
+        self.seal_data = segment.Sealer(outer.TYPE_DATA, self.out_label, self.out_key) if spec.seg_in else None
+        self.seal_ce = segment.Sealer(outer.TYPE_DATA_CE, self.out_label, self.out_key) if spec.seg_in else None
+        if SEG_TRACE:
+            for seg in (self.seg_in, self.seg_out):
+                if seg is not None:
+                    seg.trace = collections.deque(maxlen=SEG_TRACE)
 
 
 def _more(n):
@@ -331,6 +352,7 @@ class Forwarder:
         self._events = {}               # (label, event) -> count, for "move" and "challenge" lines
         self._debug = log.isEnabledFor(10)
         self.seg_q = []                 # LOOPS packets (datagram, destination) for the driver to send
+        self.seg_kick = False           # a LOOPS segment has a new, maybe earlier deadline: run seg_tick soon
 
     # the hot path: DATA on a known label is handled before any other branch
     def receive(self, data, addr):
@@ -512,11 +534,16 @@ class Forwarder:
         dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
         if dest is None:
             return self._drop("no_route", addr, r)
-        pkts = r.seg_out.data(data[outer.HEADER_LEN:], data[0] == outer.BYTE0_DATA_CE, self.clock())
-        for p in pkts[1:]:
-            self.seg_q.append((p, dest))
+        snd = r.seg_out
+        pkt = snd.send(data[outer.HEADER_LEN:], data[0] == outer.BYTE0_DATA_CE, self.clock())
+        if snd.extra:                       # FEC parities, after the packet that completed their group
+            for p in snd.extra:
+                self.seg_q.append((p, dest))
+            snd.extra.clear()
+        if snd.kick:
+            self.seg_kick = True
         self.forwarded += 1
-        return pkts[0], dest
+        return pkt, dest
 
     def _seg_receive(self, r, data, addr):
         """SEG_DATA, SEG_REPAIR or SEG_PING at the segment's egress: what
@@ -525,26 +552,41 @@ class Forwarder:
             return self._drop("unexpected_type", addr, r)
         seg = r.seg_in
         n = seg.st.total
-        fwd, replies = seg.receive(data, addr, self.clock())
+        ptype = data[0] & 0x0F
+        inner = None
+        if ptype == outer.TYPE_SEG_DATA:
+            inner = seg.data(data, addr, self.clock())
+        elif ptype == outer.TYPE_SEG_REPAIR:
+            seg.repair(data, self.clock())
+        else:
+            seg.ping(data, addr, self.clock())
         if seg.st.total != n:
             self._seg_dropped(r.in_label, seg, addr)
-        if seg.peer is not None:
-            for p in replies:
-                self.seg_q.append((p, seg.peer))
-        if not fwd:
+        if seg.replies:
+            if seg.peer is not None:
+                for p in seg.replies:
+                    self.seg_q.append((p, seg.peer))
+            seg.replies.clear()
+        if seg.kick:
+            self.seg_kick = True
+        if inner is None and not seg.rebuilt:
             self.drops["segment"] += 1      # consumed by the segment layer (see its own counters)
             return None
         r.packets += 1
         r.bytes += len(data)
         dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
         if dest is None:
+            seg.rebuilt.clear()
             return self._drop("no_route", addr, r)
-        for inner, ce in fwd[1:]:           # rebuilt by FEC: counted in the segment's recovered_fec
-            self.seg_q.append((segment.seal(outer.TYPE_DATA_CE if ce else outer.TYPE_DATA, r.out_label, r.out_key,
-                                          inner), dest))
-        inner, ce = fwd[0]
+        if seg.rebuilt:                     # rebuilt by FEC: counted in the segment's recovered_fec
+            for inner2, ce in seg.rebuilt:
+                self.seg_q.append(((r.seal_ce if ce else r.seal_data).seal(inner2), dest))
+                self.forwarded += 1
+            seg.rebuilt.clear()
+            if inner is None:
+                return None
         self.forwarded += 1
-        return segment.seal(outer.TYPE_DATA_CE if ce else outer.TYPE_DATA, r.out_label, r.out_key, inner), dest
+        return (r.seal_ce if seg.ce else r.seal_data).seal(inner), dest
 
     def _seg_feedback(self, data, label, addr):
         """SEG_NACK / SEG_PONG: label is our out_label on the segment.
@@ -577,22 +619,30 @@ class Forwarder:
 
     def seg_tick(self):
         """Segment timers (NACKs due, pings, FEC groups closed by time);
-        the packets go to seg_q. Returns when to call again: SEG_TICK_S
-        while a gap waits or an FEC group is open, else SEG_IDLE_S."""
+        the packets go to seg_q. Returns when (self.clock() time) to call
+        again: the earliest deadline of any segment, or None when none has
+        one (the next packet that makes one sets seg_kick)."""
         now = self.clock()
-        busy = False
+        self.seg_kick = False
+        nxt = None
         for r in self.routes.values():
-            if r.seg_out is not None:
-                dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
-                for p in r.seg_out.tick(now):
-                    if dest is not None:
-                        self.seg_q.append((p, dest))
-                busy = busy or bool(r.seg_out.group)
-            if r.seg_in is not None and r.seg_in.peer is not None:
-                for p in r.seg_in.tick(now):
-                    self.seg_q.append((p, r.seg_in.peer))
-                busy = busy or bool(r.seg_in.missing)
-        return SEG_TICK_S if busy else SEG_IDLE_S
+            for seg in (r.seg_out, r.seg_in):
+                if seg is None:
+                    continue
+                if seg is r.seg_out:
+                    dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
+                else:
+                    dest = seg.peer
+                t = seg.timer(now)
+                if t is not None and t <= now:
+                    for p in seg.tick(now):
+                        if dest is not None:
+                            self.seg_q.append((p, dest))
+                    t = seg.timer(now)
+                seg.kick = False
+                if t is not None and (nxt is None or t < nxt):
+                    nxt = t
+        return nxt
 
     # -- learned addresses: validate before moving ---------------------------------
     def _new_source(self, r, addr, may_challenge):
@@ -779,6 +829,7 @@ class Forwarder:
             self.draining.pop(label, None)
         for r in routes.values():
             self._apply_next_hop(r)
+        self.seg_kick = True                # segments' timers: recomputed on the new table
         keep = lambda k: k in routes or k in self.draining     # noqa: E731
         self.learned = {k: v for k, v in self.learned.items() if keep(k)}
         self._challenge = {k: v for k, v in self._challenge.items() if keep(k)}
@@ -830,11 +881,14 @@ class PopReader:
     the socket. A full send buffer drops the packet (counted), as a router
     would, instead of queueing without bound."""
 
-    def __init__(self, fwd, sock, log):
+    def __init__(self, fwd, sock, log, loop=None):
         self.fwd = fwd
         self.sock = sock
         self.log = log
+        self.loop = loop                # for the LOOPS segment timer (seg_schedule); None: no timers
         self._errors_logged = 0
+        self._seg_handle = None         # the one pending seg_tick call (asyncio TimerHandle)
+        self._seg_at = None             # its time, in the Forwarder's clock
 
     def readable(self):
         sock = self.sock
@@ -863,6 +917,9 @@ class PopReader:
                     fwd.send_failed(res[0])
             if fwd.seg_q:
                 self.send_seg()
+            if fwd.seg_kick:
+                fwd.seg_kick = False
+                self.seg_schedule(fwd.clock())
             if fwd.extra:
                 for pkt, dest in fwd.extra:
                     try:
@@ -884,18 +941,37 @@ class PopReader:
                 fwd.drops["send_error"] += 1
         fwd.seg_q.clear()
 
+    def seg_schedule(self, when):
+        """Run seg_tick at `when` (the Forwarder's clock), unless a run at
+        or before it is already pending. The segments' deadlines set the
+        time (a NACK due, a ping, an FEC group closing), not a periodic
+        tick: a PoP whose segments have nothing due sleeps."""
+        if self.loop is None:
+            return
+        h = self._seg_handle
+        if h is not None:
+            if self._seg_at <= when:
+                return
+            h.cancel()
+        self._seg_at = when
+        self._seg_handle = self.loop.call_at(self.loop.time() + max(0.0, when - self.fwd.clock()), self.seg_tick)
+
     def seg_tick(self):
-        wait = SEG_TICK_S
+        self._seg_handle = None
+        nxt = None
         try:
-            wait = self.fwd.seg_tick()
+            nxt = self.fwd.seg_tick()
         except Exception:
+            nxt = self.fwd.clock() + SEG_RETRY_S
             self.fwd.internal_error()
             if self._errors_logged < 10:
                 self._errors_logged += 1
                 self.log.exception("internal error in the segment timers")
         if self.fwd.seg_q:
             self.send_seg()
-        return wait
+        if nxt is not None:
+            self.seg_schedule(nxt)
+        return nxt
 
 
 def _open_socket(listen):
@@ -930,6 +1006,7 @@ class Pop:
         self.control_addr = cfg.control if worker is None else control_addr
         self.monitor = None             # nexthop.Monitor when routes have a standby (the supervisor's, for a worker)
         self.fwd = Forwarder(build_table(cfg.routes), log)
+        self.reader = None              # PopReader while running
         for primary, dest in (next_hops or {}).items():
             self.fwd.set_next_hop(primary, dest)
         self.started = time.monotonic()
@@ -950,12 +1027,13 @@ class Pop:
             except OSError as e:
                 self.log.error("cannot listen on %s: %s", cfg.listen, e.strerror or e)
                 return 1
-        reader = PopReader(self.fwd, sock, self.log)
+        reader = self.reader = PopReader(self.fwd, sock, self.log, loop)
         loop.add_reader(sock.fileno(), reader.readable)
         ctl = None
         if self.control_addr is not None:
             try:
                 ctl = await control.serve(self.control_addr, {"stats": self._cmd_stats, "reload": self._cmd_reload,
+                                                              "seg_trace": self._cmd_seg_trace,
                                                               "next_hops": self._cmd_next_hops}, self.log)
             except OSError as e:
                 loop.remove_reader(sock.fileno())
@@ -982,13 +1060,13 @@ class Pop:
         self.log.info("listening on %s with %d routes%s (%s)", cfg.listen, len(self.fwd.routes),
                       ", control on %s" % self.control_addr if ctl else "", type(loop).__module__.split(".")[0])
         self._schedule_stats()
-        seg_task = loop.create_task(self._seg_timers(reader))
         try:
             await self._stop
         finally:
             if self._timer is not None:
                 self._timer.cancel()
-            seg_task.cancel()
+            if reader._seg_handle is not None:
+                reader._seg_handle.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             loop.remove_reader(sock.fileno())
@@ -1002,15 +1080,6 @@ class Pop:
         self.log.info("final stats: %s; up %.0f s, %d reloads (%d failed)", self.fwd.summary(),
                       time.monotonic() - self.started, self.reloads, self.reload_failures)
         return 0
-
-    async def _seg_timers(self, reader):
-        wait = SEG_TICK_S
-        while True:                     # idle (one check per second) unless a route has a segment
-            if any(r.seg_in or r.seg_out for r in self.fwd.routes.values()):
-                await asyncio.sleep(wait)
-                wait = reader.seg_tick()
-            else:
-                await asyncio.sleep(1.0)
 
     def stop(self, why="stop"):
         if self._stop is not None and not self._stop.done():
@@ -1045,6 +1114,8 @@ class Pop:
                                  getattr(cfg, field))
                 setattr(cfg, field, getattr(old, field))
         added, removed, changed = self.fwd.swap(build_table(cfg.routes))
+        if self.reader is not None:
+            self.reader.seg_schedule(self.fwd.clock())
         self._watch_next_hops(asyncio.get_running_loop(), cfg.routes)
         if cfg.log_level != old.log_level:
             logs.set_level(self.log, cfg.log_level)
@@ -1099,6 +1170,17 @@ class Pop:
 
     def _cmd_reload(self, req):
         return self.reload("control reload")
+
+    def _cmd_seg_trace(self, req):
+        """{"in:<label>": [[seq, release time, how]...], "out:<label>": [[seq, send time]...]}
+        since the last call (MICROTUN_SEG_TRACE; empty when it is not set)."""
+        out = {}
+        for k, r in self.fwd.routes.items():
+            for key, seg in (("in:%d" % k, r.seg_in), ("out:%d" % r.out_label, r.seg_out)):
+                if seg is not None and seg.trace is not None:
+                    out[key] = list(seg.trace)
+                    seg.trace.clear()
+        return {"clock": "monotonic", "traces": out}
 
 
 def _new_loop():

@@ -27,6 +27,8 @@ in_label for the route, key = that link's hop key, in both directions:
     SEG_PING    ticks ms(4) || next seq(2) || srtt ms(2) || min rtt ms(2) || 0(2)
     SEG_PONG    echoed ticks(4) || gaps seen(4) || packets received(4)
 """
+from array import array
+
 from microtun import outer
 from microtun_host import fec
 
@@ -48,16 +50,22 @@ PONG_LEN = 12
 NACK_MAX = 32                 # seqs per SEG_NACK (a NACK is at most 12 + 64 bytes)
 
 # --- implementation limits ------------------------------------------------------------
-BUFFER_MAX = 4096             # packets an ingress keeps for retransmission
+BUFFER_MAX = 4096             # packets an ingress keeps for retransmission (a power of 2: a ring)
+_RING_MASK = BUFFER_MAX - 1
 MISSING_MAX = 512             # gaps an egress tracks (beyond: counted lost at once)
-RECENT_MAX = 8192             # seqs an egress remembers (dedup, FEC symbols)
+RECENT_MAX = 8192             # seqs an egress remembers (dedup, FEC symbols; a power of 2: a ring)
+_RECENT_MASK = RECENT_MAX - 1
 GROUPS_MAX = 64               # FEC groups an egress keeps parities for
 JUMP_MAX = 1024               # a seq further ahead than this is not a gap but a resync candidate
 RESYNC_AFTER = 8              # consecutive far seqs (authentic) before the egress follows them
 NACK_PACKETS_PER_TICK = 4     # SEG_NACKs one egress route sends per tick at most
 RETX_BURST = 256 * 1024       # retransmission budget's burst, bytes
-MIN_NACK_GAP_S = 0.010        # a missing seq is NACKed again after max(this, 1.25 srtt)
+MIN_NACK_GAP_S = 0.010        # a missing seq is NACKed again after max(this, 1.25 srtt) ...
+NACK_REPEAT_S = 0.005         # ... and its first NACK once more this soon (a lost NACK costs 5 ms, not a round)
 PING_IDLE_S = 1.0             # no pings once nothing was sent this long
+LOSS_DECAY = 0.125            # adaptive FEC: weight of the newest pong's counts in the loss estimate (~8 pongs of memory)
+_EXCERPT_WHOLE = outer.EXCERPT_WHOLE
+_EXCERPT_HALF = outer.EXCERPT_HALF
 
 MODES = ("off", "nack", "fec", "nack+fec")
 DROP_REASONS = (
@@ -77,11 +85,12 @@ class SegConfig:
     """Per-segment settings (docs/CONFIG.md, "LOOPS segments"): both PoPs of a
     segment get the same ones from the provisioner."""
 
-    FIELDS = ("mode", "hold_ms", "fec_k", "fec_m", "fec_window_ms", "nack_delay_ms", "max_retx",
-              "max_nacks", "retx_ratio", "ping_ms", "ce_rise_ms")
+    FIELDS = ("mode", "hold_ms", "fec_k", "fec_m", "fec_m_min", "fec_target", "fec_window_ms", "nack_delay_ms",
+              "max_retx", "max_nacks", "retx_ratio", "ping_ms", "ce_rise_ms")
 
     def __init__(self, mode="nack", hold_ms=250, fec_k=24, fec_m=3, fec_window_ms=150, nack_delay_ms=None,
-                 max_retx=2, max_nacks=3, retx_ratio=0.5, ping_ms=200, ce_rise_ms=10):
+                 max_retx=2, max_nacks=4, retx_ratio=0.5, ping_ms=200, ce_rise_ms=10, fec_m_min=None,
+                 fec_target=0.01):
         if mode not in MODES:
             raise ValueError("segment mode must be one of %s, got %r" % (", ".join(MODES), mode))
         self.mode = mode
@@ -90,6 +99,13 @@ class SegConfig:
         self.hold_ms = hold_ms
         self.fec_k = fec_k
         self.fec_m = fec_m
+        # adaptive FEC when fec_m_min < fec_m: parities per group move between the
+        # two to keep the residual loss (after decoding) at the egress's measured
+        # link loss below fec_target (docs/LOOPS.md)
+        self.fec_m_min = fec_m if fec_m_min is None else fec_m_min
+        if not 0 <= self.fec_m_min <= fec_m:
+            raise ValueError("fec_m_min must be within 0..fec_m (%d), got %r" % (fec_m, fec_m_min))
+        self.fec_target = fec_target
         self.fec_window_ms = fec_window_ms
         if nack_delay_ms is None:           # with FEC, give the parities their chance first
             nack_delay_ms = fec_window_ms + 10 if self.fec else 0
@@ -107,12 +123,18 @@ class SegConfig:
         node.only(*cls.FIELDS)
         kw = {"mode": node.text("mode", choices=MODES)}
         for f, lo, hi in (("hold_ms", 1, 10000), ("fec_k", 1, fec.K_MAX), ("fec_m", 1, fec.M_MAX),
+                          ("fec_m_min", 0, fec.M_MAX),
                           ("fec_window_ms", 1, 10000), ("nack_delay_ms", 0, 10000), ("max_retx", 0, 10),
                           ("max_nacks", 0, 10), ("ping_ms", 10, 60000), ("ce_rise_ms", 1, 10000)):
             if node.has(f):
                 kw[f] = node.integer(f, lo, hi)
         if node.has("retx_ratio"):
             kw["retx_ratio"] = node.number("retx_ratio", 0, 10)
+        if node.has("fec_target"):
+            kw["fec_target"] = node.number("fec_target", 0.0001, 0.5)
+        if kw.get("fec_m_min", 0) > kw.get("fec_m", 3):
+            raise node.error("fec_m_min", "%d is above fec_m (%d): adaptive FEC moves between fec_m_min and fec_m "
+                             "parities per group" % (kw["fec_m_min"], kw.get("fec_m", 3)))
         cfg = cls(**kw)
         if cfg.fec and cfg.fec_window_ms >= cfg.hold_ms:
             raise node.error("fec_window_ms", "%d ms is not below hold_ms (%d ms): a packet rebuilt from a "
@@ -180,23 +202,124 @@ class _Stats:
 
 # --- ingress ---------------------------------------------------------------------------
 
+class Sealer:
+    """seal() for one (type, label, hop key): the header bytes and the HMAC
+    state after them are prepared once, so a packet costs two hash-state
+    copies, one digest each and one join (the bytes are outer.seal's;
+    test_segment checks). `seal2(prefix, payload)` seals prefix + payload
+    without building that concatenation first."""
+
+    __slots__ = ("ptype", "label", "key", "hdr", "ih", "oh")
+
+    def __init__(self, ptype, label, hopkey):
+        self.ptype = ptype
+        self.label = label
+        self.key = hopkey
+        self.hdr = bytes((0x10 | ptype, label >> 16, (label >> 8) & 0xFF, label & 0xFF))
+        self.ih = self.oh = None
+        if outer._FAST:
+            self.ih = hopkey._ih.copy()
+            self.ih.update(self.hdr)
+            self.oh = hopkey._oh
+
+    def seal(self, payload):
+        if self.ih is None:
+            return outer.seal(self.ptype, self.label, self.key, payload)
+        n = len(payload)
+        h = self.ih.copy()
+        h.update(n.to_bytes(2, "big"))
+        if n <= _EXCERPT_WHOLE:
+            h.update(payload)
+        else:
+            h.update(payload[:_EXCERPT_HALF])
+            h.update(payload[-_EXCERPT_HALF:])
+        o = self.oh.copy()
+        o.update(h.digest())
+        return b"".join((self.hdr, o.digest()[:outer.MAC_LEN], payload))
+
+    def seal2(self, prefix, payload):
+        """seal(prefix + payload) for a 2-byte prefix."""
+        if self.ih is None:
+            return outer.seal(self.ptype, self.label, self.key, prefix + payload)
+        n = len(payload) + 2
+        h = self.ih.copy()
+        h.update(n.to_bytes(2, "big"))
+        h.update(prefix)
+        if n <= _EXCERPT_WHOLE:
+            h.update(payload)
+        else:
+            h.update(payload[:_EXCERPT_HALF - 2])
+            h.update(payload[-_EXCERPT_HALF:])
+        o = self.oh.copy()
+        o.update(h.digest())
+        return b"".join((self.hdr, o.digest()[:outer.MAC_LEN], prefix, payload))
+
+
+
+
+def residual_loss(p, k, m):
+    """Expected fraction of a group's k data packets still missing after
+    decoding, when each of its k + m symbols is lost independently with
+    probability p: more than m losses leave the data among them lost
+    (k / (k + m) of them on average)."""
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    n = k + m
+    lost = 0.0
+    c = 1.0                                   # C(n, x)
+    for x in range(n + 1):
+        if x > m:
+            lost += c * p ** x * (1 - p) ** (n - x) * x
+        c = c * (n - x) / (x + 1)
+    return lost / n
+
+
+def adapt_m(p, k, m_min, m_max, target):
+    """The fewest parities per k data packets, within [m_min, m_max], that
+    bring the residual loss at link loss p down to target (m_max if none
+    does)."""
+    for m in range(m_min, m_max + 1):
+        if residual_loss(p, k, m) <= target:
+            return m
+    return m_max
+
+
 class Sender:
     """The segment's ingress: numbers the route's DATA, keeps each packet
-    hold_ms for retransmission (NACK modes), adds parities (FEC modes),
-    pings the egress for RTT, and answers NACKs within its bounds."""
+    hold_ms for retransmission (NACK modes), adds parities (FEC modes;
+    adaptive between fec_m_min and fec_m from the egress's reported loss),
+    pings the egress for RTT, and answers NACKs within its bounds.
+
+    Hot path: send() writes the packet into a ring slot (seq mod
+    BUFFER_MAX; the slot's packet carries its own seq), no dict, no
+    expiry walk per packet; the retransmission budget is refilled when a
+    NACK is answered, from the bytes sent since."""
 
     def __init__(self, cfg, label, hopkey, seq0=0):
         self.cfg = cfg
         self.label = label
         self.key = hopkey
         self.seq = seq0 & (SEQ_MOD - 1)
-        self.buf = {}                 # seq -> [packet, last send time, retransmissions]
-        self.order = []               # seqs in send order (pruned from the front)
-        self._head = 0
+        self.sealer = Sealer(TYPE_SEG_DATA, label, hopkey)
+        self.extra = []               # parities send() made, for the caller to send after its packet
+        self.trace = None             # [(seq, first send time)] while a benchmark traces (docs/LOOPS.md)
+        if cfg.nack:
+            self._pkt = [None] * BUFFER_MAX       # ring: slot seq & _RING_MASK
+            self._t = array("d", bytes(8 * BUFFER_MAX))   # last send time of the slot
+            self._retx = bytearray(BUFFER_MAX)
+        else:
+            self._pkt = None
+        self._clean = self.seq        # ring slots before this seq are empty
         self.group = []               # FEC symbols of the open group
         self.group_first = 0
         self.group_t = 0.0
+        self.fec_m = cfg.fec_m        # parities per full group now (adaptive: moves within the bounds)
+        self.loss = None              # the egress's loss before repair, smoothed over its pongs
+        self._g = self._r = 0.0       # decayed gaps / received deltas behind self.loss
         self.tokens = float(RETX_BURST)
+        self._tok_bytes = 0           # sent_bytes when the budget was last refilled
         self.last_data = None
         self.next_ping = 0.0
         self.srtt = None              # seconds
@@ -209,41 +332,54 @@ class Sender:
         self.retx = self.retx_bytes = 0
         self.parities = self.parity_bytes = 0
         self.pings = self.pongs = self.nacks = 0
+        self.kick = False             # a deadline earlier than the caller's timer appeared (see timer())
 
-    def data(self, inner, ce, now):
-        """SEG_DATA for one inner packet, then any parities it completes."""
-        cfg = self.cfg
+    def send(self, inner, ce, now):
+        """SEG_DATA for one inner packet (bytes); parities it completes are
+        left in self.extra."""
         seq = self.seq
         self.seq = (seq + 1) & (SEQ_MOD - 1)
-        hdr = seq | (CE_BIT if ce else 0)
-        pkt = seal(TYPE_SEG_DATA, self.label, self.key, bytes((hdr >> 8, hdr & 0xFF)) + inner)
-        out = [pkt]
+        pkt = self.sealer.seal2((seq | CE_BIT if ce else seq).to_bytes(2, "big"), inner)
         self.sent += 1
         self.sent_bytes += len(pkt)
-        self.tokens = min(RETX_BURST, self.tokens + cfg.retx_ratio * len(pkt))
+        last = self.last_data
         self.last_data = now
-        if cfg.nack:
-            self._expire(now)
-            if len(self.buf) >= BUFFER_MAX:
-                old = self.order[self._head]
-                self._head += 1
-                self.buf.pop(old, None)
-            self.buf[seq] = [pkt, now, 0]
-            self.order.append(seq)
-        if cfg.fec:
+        if last is None or now - last >= PING_IDLE_S:
+            self.kick = True          # pings resume
+        if self._pkt is not None:
+            i = seq & _RING_MASK
+            self._pkt[i] = pkt
+            self._t[i] = now
+            self._retx[i] = 0
+        if self.trace is not None:
+            self.trace.append((seq, now))
+        if self.cfg.fec:
             if not self.group:
                 self.group_first = seq
                 self.group_t = now
+                self.kick = True      # the group closes by time
             self.group.append(len(inner).to_bytes(2, "big") + inner)
-            if len(self.group) >= cfg.fec_k:
-                out += self._close_group()
+            if len(self.group) >= self.cfg.fec_k:
+                self.extra += self._close_group()
+        return pkt
+
+    def data(self, inner, ce, now):
+        """[SEG_DATA, parities...] for one inner packet (send() as a list)."""
+        out = [self.send(bytes(inner), ce, now)]
+        if self.extra:
+            out += self.extra
+            self.extra = []
         return out
 
     def _close_group(self):
         syms = self.group
+        self.group = []
         n = len(syms)
         cfg = self.cfg
-        m = min(cfg.fec_m, max(1, int(cfg.fec_m * n / cfg.fec_k + 0.5)))
+        full = self.fec_m
+        if full == 0:
+            return []
+        m = min(full, max(1, int(full * n / cfg.fec_k + 0.5)))
         hdr = bytes((self.group_first >> 8, self.group_first & 0xFF, n, m))
         out = []
         for j, par in enumerate(fec.encode(syms, m)):
@@ -251,26 +387,38 @@ class Sender:
             out.append(p)
             self.parities += 1
             self.parity_bytes += len(p)
-        self.group = []
         return out
 
-    def _expire(self, now):
+    def _slot(self, seq, now):
+        """Ring index of seq if its packet is still kept (sent within
+        hold_ms), else None."""
+        if self._pkt is None:
+            return None
+        i = seq & _RING_MASK
+        p = self._pkt[i]
+        if p is None or ((p[outer.HEADER_LEN] << 8) | p[outer.HEADER_LEN + 1]) & (SEQ_MOD - 1) != seq:
+            return None
+        if now - self._t[i] > self.cfg.hold_ms / 1000.0:
+            return None
+        return i
+
+    def _release(self, now):
+        """Drop the ring's references to packets older than hold_ms (from
+        the timer, not per packet): memory goes back while the route idles."""
+        if self._pkt is None:
+            return
         horizon = now - self.cfg.hold_ms / 1000.0
-        order, buf = self.order, self.buf
-        h = self._head
-        while h < len(order):
-            e = buf.get(order[h])
-            if e is not None and e[1] > horizon and len(buf) < BUFFER_MAX:
-                break
-            if e is not None and e[1] <= horizon:
-                del buf[order[h]]
-            elif e is not None:
-                break
-            h += 1
-        if h > 1024:
-            del order[:h]
-            h = 0
-        self._head = h
+        s = self._clean
+        if (self.seq - s) & (SEQ_MOD - 1) > BUFFER_MAX:
+            s = (self.seq - BUFFER_MAX) & (SEQ_MOD - 1)
+        for _ in range((self.seq - s) & (SEQ_MOD - 1)):
+            i = s & _RING_MASK
+            if self._pkt[i] is not None:
+                if self._t[i] > horizon:
+                    break
+                self._pkt[i] = None
+            s = (s + 1) & (SEQ_MOD - 1)
+        self._clean = s
 
     def feedback(self, pkt, now):
         """A SEG_NACK or SEG_PONG from the egress (label and type parsed by
@@ -296,40 +444,74 @@ class Sender:
             self.rtt = rtt
             self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt     # RFC 6298 §2
             self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
-            self.peer_gaps, self.peer_received = _u32(body, 4), _u32(body, 8)
+            self._measured(_u32(body, 4), _u32(body, 8))
             return []
         n = len(body)
         if n == 0 or n % 2 or n > 2 * NACK_MAX or not self.cfg.nack:
             self.st.drop("seg_malformed")
             return []
         self.nacks += 1
-        self._expire(now)
+        self.tokens = min(RETX_BURST, self.tokens + self.cfg.retx_ratio * (self.sent_bytes - self._tok_bytes))
+        self._tok_bytes = self.sent_bytes
         out = []
         gap = max(MIN_NACK_GAP_S, 0.5 * (self.srtt or 0.0))
         for o in range(0, n, 2):
-            e = self.buf.get(_u16(body, o))
-            if e is None:
+            i = self._slot(_u16(body, o), now)
+            if i is None:
                 self.st.drop("nack_gone")
                 continue
-            if e[2] >= self.cfg.max_retx or now - e[1] < gap:
+            if self._retx[i] >= self.cfg.max_retx or now - self._t[i] < gap:
                 self.st.drop("nack_limit")
                 continue
-            size = len(e[0])
+            p = self._pkt[i]
+            size = len(p)
             if self.tokens < size:
                 self.st.drop("nack_budget")
                 continue
             self.tokens -= size
-            e[1] = now
-            e[2] += 1
+            self._t[i] = now
+            self._retx[i] += 1
             self.retx += 1
             self.retx_bytes += size
-            out.append(e[0])
+            out.append(p)
         return out
+
+    def _measured(self, gaps, received):
+        """The egress's cumulative counters from a pong: the link's loss
+        before repair, decayed over the last few pongs (a lost pong only
+        makes the next delta longer); adaptive FEC follows it."""
+        dg = (gaps - self.peer_gaps) & 0xFFFFFFFF
+        dr = (received - self.peer_received) & 0xFFFFFFFF
+        self.peer_gaps, self.peer_received = gaps, received
+        if dg + dr == 0 or dg > 0x7FFFFFFF or dr > 0x7FFFFFFF:
+            return                          # nothing new, or counters that went back (the egress restarted)
+        self._g = self._g * (1 - LOSS_DECAY) + dg
+        self._r = self._r * (1 - LOSS_DECAY) + dr
+        self.loss = self._g / (self._g + self._r)
+        cfg = self.cfg
+        if cfg.fec and cfg.fec_m_min < cfg.fec_m:
+            self.fec_m = adapt_m(self.loss, cfg.fec_k, cfg.fec_m_min, cfg.fec_m, cfg.fec_target)
+
+    def timer(self, now):
+        """When tick() has something to do next (a monotonic time), or None."""
+        cfg = self.cfg
+        t = None
+        if self.last_data is not None and now - self.last_data < PING_IDLE_S:
+            t = self.next_ping
+        if self.group:
+            g = self.group_t + cfg.fec_window_ms / 1000.0
+            t = g if t is None or g < t else t
+        if self._pkt is not None and self._clean != self.seq:
+            i = self._clean & _RING_MASK              # the oldest packet kept: let go of it once expired
+            r = max(self._t[i] if self._pkt[i] is not None else now, self.last_data) + cfg.hold_ms / 1000.0 + 0.001
+            t = r if t is None or r < t else t
+        return t
 
     def tick(self, now):
         out = []
         cfg = self.cfg
-        if cfg.fec and self.group and now - self.group_t >= cfg.fec_window_ms / 1000.0:
+        self.kick = False
+        if cfg.fec and self.group and now >= self.group_t + cfg.fec_window_ms / 1000.0:   # as timer() says
             out += self._close_group()
         if self.last_data is not None and now - self.last_data < PING_IDLE_S and now >= self.next_ping:
             self.next_ping = now + cfg.ping_ms / 1000.0
@@ -339,13 +521,21 @@ class Sender:
                                                         mn >> 8, mn & 0xFF, 0, 0))
             out.append(seal(TYPE_SEG_PING, self.label, self.key, body))
             self.pings += 1
+        self._release(now)
         return out
 
     def stats(self):
+        buffered = 0
+        if self._pkt is not None:
+            horizon = self.cfg.hold_ms / 1000.0
+            buffered = sum(1 for i, p in enumerate(self._pkt) if p is not None and self.last_data is not None
+                           and self.last_data - self._t[i] <= horizon)
         return {"role": "ingress", "mode": self.cfg.mode, "sent": self.sent, "sent_bytes": self.sent_bytes,
                 "retransmitted": self.retx, "retransmitted_bytes": self.retx_bytes, "parities": self.parities,
-                "parity_bytes": self.parity_bytes, "nacks_rx": self.nacks, "pings": self.pings,
-                "pongs": self.pongs, "buffered": len(self.buf),
+                "parity_bytes": self.parity_bytes, "fec_m": self.fec_m if self.cfg.fec else None,
+                "loss": None if self.loss is None else round(self.loss, 4),
+                "nacks_rx": self.nacks, "pings": self.pings,
+                "pongs": self.pongs, "buffered": buffered,
                 "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 1),
                 "srtt_ms": None if self.srtt is None else round(self.srtt * 1000, 1),
                 "min_rtt_ms": None if self.min_rtt is None else round(self.min_rtt * 1000, 1),
@@ -358,11 +548,16 @@ class Sender:
 class Receiver:
     """The segment's egress: forwards every SEG_DATA at once (no reordering
     buffer: the inner window takes packets in any order), notices gaps,
-    NACKs them (NACK modes) and rebuilds them from parities (FEC modes). A
-    gap is waited for at most hold_ms: a repair arriving later is dropped
-    (seg_late), so no packet leaves later than hold_ms after its gap was
-    seen. Marks CE on what it forwards when a loss coincides with a
-    rising segment RTT (LOOPS §6.2, docs/LOOPS.md)."""
+    NACKs them (NACK modes) at once, on the packet that shows the gap, and
+    rebuilds them from parities (FEC modes). A gap is waited for at most
+    hold_ms: a repair arriving later is dropped (seg_late), so no packet
+    leaves later than hold_ms after its gap was seen. Marks CE on what it
+    forwards when a loss coincides with a rising segment RTT (LOOPS §6.2,
+    docs/LOOPS.md).
+
+    Hot path: data() takes an in-order SEG_DATA with a ring write (seq
+    mod RECENT_MAX, tagged with the seq) and a few integer operations;
+    dicts are touched only for gaps and FEC groups."""
 
     def __init__(self, cfg, label, hopkey):
         self.cfg = cfg
@@ -370,9 +565,9 @@ class Receiver:
         self.key = hopkey
         self.peer = None              # where NACKs go: source of the last fresh authentic SEG_DATA / SEG_PING
         self.top = None               # highest seq received
-        self.recent = {}              # seq -> (arrival time, inner or None)
-        self.recent_order = []
-        self._rhead = 0
+        self._rseq = array("l", [-1]) * RECENT_MAX     # ring of received seqs: slot seq & _RECENT_MASK
+        self._rt = array("d", bytes(8 * RECENT_MAX))   # their arrival times
+        self._rin = [None] * RECENT_MAX if cfg.fec else None   # their inner packets (FEC symbols)
         self.missing = {}             # seq -> [noticed at, NACKs sent, next NACK time]
         self.groups = {}              # first seq -> [n, m, {j: parity}, arrival, done]
         self.far = 0                  # consecutive authentic seqs beyond JUMP_MAX
@@ -380,6 +575,10 @@ class Receiver:
         self.srtt_ms = 0
         self.min_rtt_ms = 0
         self.ce_pending = 0
+        self.ce = False               # data()'s packet leaves marked (DATA_CE)
+        self.replies = []             # NACKs / pongs for self.peer, left by data() and ping for the caller
+        self.rebuilt = []             # [(inner, ce)] rebuilt by FEC, left by repair for the caller
+        self.trace = None             # [(seq, release time, how)] while a benchmark traces (docs/LOOPS.md)
         self.st = _Stats()
         self.received = 0             # SEG_DATA packets accepted (first copy)
         self.gaps = 0                 # seqs noticed missing
@@ -391,75 +590,120 @@ class Receiver:
         self.nacks_sent = 0
         self.pongs = 0
         self.repair_ms = []           # gap seen -> repaired, ms, the last REPAIR_SAMPLES
+        self.kick = False             # a deadline earlier than the caller's timer appeared (see timer())
 
     # -- input ---------------------------------------------------------------------------
     def receive(self, pkt, src, now):
         """(to forward [(inner, ce)], replies [packet] to self.peer) for one
-        SEG_DATA, SEG_REPAIR or SEG_PING on this route's label."""
+        SEG_DATA, SEG_REPAIR or SEG_PING on this route's label: the list
+        form of data() / repair() / ping()."""
         ptype = pkt[0] & 0x0F
         if ptype == TYPE_SEG_DATA:
-            if len(pkt) < outer.HEADER_LEN + DATA_HDR + 1:
-                return self._bad("seg_malformed")
-            if not outer.verify(self.key, pkt):
-                return self._bad("seg_bad_mac")
-            return self._data(pkt, src, now)
-        if ptype == TYPE_SEG_REPAIR:
-            if len(pkt) < outer.HEADER_LEN + REPAIR_HDR + 3:
-                return self._bad("seg_malformed")
-            if not outer.verify(self.key, pkt):
-                return self._bad("seg_bad_mac")
-            return self._repair(pkt, now), self._nacks(now)
-        if len(pkt) != outer.HEADER_LEN + PING_LEN:
-            return self._bad("seg_malformed")
-        if not outer.verify(self.key, pkt):
-            return self._bad("seg_bad_mac")
-        return [], self._ping(pkt, src, now)
-
-    def _bad(self, reason):
-        self.st.drop(reason)
-        return [], []
-
-    def _data(self, pkt, src, now):
-        h = _u16(pkt, outer.HEADER_LEN)
-        seq = h & (SEQ_MOD - 1)
-        ce = bool(h & CE_BIT)
-        inner = pkt[outer.HEADER_LEN + DATA_HDR:]
-        if self.top is None:
-            self.top = (seq - 1) & (SEQ_MOD - 1)
-        d = seq_diff(seq, self.top)
-        if d > JUMP_MAX or d < -JUMP_MAX:
-            # the ingress restarted (its seq starts anew), or an old capture:
-            # follow only after RESYNC_AFTER such packets in a row
-            self.far += 1
-            if self.far < RESYNC_AFTER:
-                return self._bad("seg_late")
-            self._reset()
-            self.top = (seq - 1) & (SEQ_MOD - 1)
-            d = 1
-        self.far = 0
-        if d <= 0:
-            if seq in self.recent:
-                return self._bad("seg_duplicate")
-            m = self.missing.pop(seq, None)
-            if m is None:
-                return self._bad("seg_late")
-            if now - m[0] > self.cfg.hold_ms / 1000.0:
-                self.unrecovered += 1
-                return self._bad("seg_late")
-            if m[1]:
-                self.recovered_nack += 1
-                self._repaired(now - m[0])
-            else:
-                self.reordered += 1
+            inner = self.data(pkt, src, now)
+            fwd = [] if inner is None else [(inner, self.ce)]
+        elif ptype == TYPE_SEG_REPAIR:
+            self.repair(pkt, now)
+            fwd = self.rebuilt
+            self.rebuilt = []
         else:
-            if d > 1:
-                self._gaps(seq, d, now)
+            self.ping(pkt, src, now)
+            fwd = []
+        rep = self.replies
+        self.replies = []
+        return fwd, rep
+
+    def data(self, pkt, src, now):
+        """The inner packet of a SEG_DATA to forward now (self.ce: marked),
+        or None (dropped, counted); NACKs for a gap it shows are left in
+        self.replies."""
+        if len(pkt) < outer.HEADER_LEN + DATA_HDR + 1:
+            self.st.drop("seg_malformed")
+            return None
+        if not outer.verify(self.key, pkt):
+            self.st.drop("seg_bad_mac")
+            return None
+        h = (pkt[outer.HEADER_LEN] << 8) | pkt[outer.HEADER_LEN + 1]
+        seq = h & (SEQ_MOD - 1)
+        top = self.top
+        if top is None:
+            top = self.top = (seq - 1) & (SEQ_MOD - 1)
+        d = (seq - top) & (SEQ_MOD - 1)
+        if d == 1:                                    # the usual case: the next one
             self.top = seq
+        else:
+            if d >= SEQ_HALF:
+                d -= SEQ_MOD
+            if d > JUMP_MAX or d < -JUMP_MAX:
+                # the ingress restarted (its seq starts anew), or an old capture:
+                # follow only after RESYNC_AFTER such packets in a row
+                self.far += 1
+                if self.far < RESYNC_AFTER:
+                    self.st.drop("seg_late")
+                    return None
+                self._reset()
+                self.top = (seq - 1) & (SEQ_MOD - 1)
+                return self.data(pkt, src, now)
+            if d <= 0:
+                how = self._late(seq, now)
+                if how is None:
+                    return None
+                if self.trace is not None:
+                    self.trace.append((seq, now, how))
+            else:
+                self._gaps(seq, d, now)
+                self.top = seq
+                if self.cfg.nack:
+                    self.replies += self._nacks(now)
+        self.far = 0
         self.peer = src
-        self._remember(seq, now, inner)
+        i = seq & _RECENT_MASK
+        self._rseq[i] = seq
+        self._rt[i] = now
+        inner = pkt[outer.HEADER_LEN + DATA_HDR:]
+        if self._rin is not None:
+            self._rin[i] = inner
         self.received += 1
-        fwd = [(inner, self._ce(ce))]
-        return fwd, self._nacks(now) if d > 1 else []
+        if self.ce_pending:
+            self.ce_pending -= 1
+            self.ce_marked += 1
+            self.ce = True
+        else:
+            self.ce = h >= CE_BIT
+        if self.trace is not None and d > 0:
+            self.trace.append((seq, now, "new"))
+        return inner
+
+    def _late(self, seq, now):
+        """A seq at or below the top: "nack" (a repaired gap), "reordered"
+        (a gap filled by its late original), or None (dropped, counted)."""
+        if self._has(seq, now):
+            self.st.drop("seg_duplicate")
+            return None
+        m = self.missing.pop(seq, None)
+        if m is None:
+            self.st.drop("seg_late")
+            return None
+        if now - m[0] > self.cfg.hold_ms / 1000.0:
+            self.unrecovered += 1
+            self.st.drop("seg_late")
+            return None
+        if m[1]:
+            self.recovered_nack += 1
+            self._repaired(now - m[0])
+            return "nack"
+        self.reordered += 1
+        return "reordered"
+
+    def _has(self, seq, now):
+        """seq was received (within 2 hold_ms and the last RECENT_MAX seqs)."""
+        i = seq & _RECENT_MASK
+        return self._rseq[i] == seq and now - self._rt[i] <= 2 * self.cfg.hold_ms / 1000.0
+
+    def _inner(self, seq, now):
+        """The inner packet of a received seq (FEC modes), or None."""
+        if self._rin is None or not self._has(seq, now):
+            return None
+        return self._rin[seq & _RECENT_MASK]
 
     def _gaps(self, seq, d, now):
         due = now + self.cfg.nack_delay_ms / 1000.0
@@ -470,6 +714,7 @@ class Receiver:
                 self.unrecovered += 1
                 continue
             self.missing[s] = [now, 0, due]
+        self.kick = True
         if self._congested():
             self.ce_pending += d - 1
 
@@ -494,35 +739,26 @@ class Receiver:
             return True
         return ce
 
-    def _remember(self, seq, now, inner):
-        keep = inner if self.cfg.fec else None
-        self.recent[seq] = (now, keep)
-        self.recent_order.append(seq)
-        self._prune(now)
-
-    def _prune(self, now):
-        horizon = now - 2 * self.cfg.hold_ms / 1000.0
-        order, rec = self.recent_order, self.recent
-        h = self._rhead
-        while h < len(order):
-            e = rec.get(order[h])
-            if e is not None and e[0] > horizon and len(rec) <= RECENT_MAX:
-                break
-            if e is not None:
-                del rec[order[h]]
-            h += 1
-        if h > 1024:
-            del order[:h]
-            h = 0
-        self._rhead = h
-
     def _reset(self):
-        self.recent.clear()
-        self.recent_order = []
-        self._rhead = 0
+        self._rseq = array("l", [-1]) * RECENT_MAX
+        if self._rin is not None:
+            self._rin = [None] * RECENT_MAX
         self.unrecovered += len(self.missing)
         self.missing.clear()
         self.groups.clear()
+        self.far = 0
+
+    def repair(self, pkt, now):
+        """A SEG_REPAIR: packets it rebuilds go to self.rebuilt, NACKs now
+        due to self.replies."""
+        if len(pkt) < outer.HEADER_LEN + REPAIR_HDR + 3:
+            self.st.drop("seg_malformed")
+            return
+        if not outer.verify(self.key, pkt):
+            self.st.drop("seg_bad_mac")
+            return
+        self.rebuilt += self._repair(pkt, now)
+        self.replies += self._nacks(now)
 
     def _repair(self, pkt, now):
         b = pkt[outer.HEADER_LEN:]
@@ -553,18 +789,18 @@ class Receiver:
         seqs = [(first + i) & (SEQ_MOD - 1) for i in range(n)]
         miss = [i for i, s in enumerate(seqs) if s in self.missing]
         if not miss:
-            if all(s in self.recent for s in seqs):
+            if all(self._has(s, now) for s in seqs):
                 g[4] = True
             return []
         have = {}
         for i, s in enumerate(seqs):
-            e = self.recent.get(s)
-            if e is not None and e[1] is not None:
-                if len(e[1]) + 2 > len(par):     # parity shorter than a symbol: not made from this group
+            e = self._inner(s, now)
+            if e is not None:
+                if len(e) + 2 > len(par):        # parity shorter than a symbol: not made from this group
                     g[4] = True
                     self.st.drop("seg_malformed")
                     return []
-                have[i] = (len(e[1]).to_bytes(2, "big") + e[1]).ljust(len(par), b"\0")
+                have[i] = (len(e).to_bytes(2, "big") + e).ljust(len(par), b"\0")
         if len(have) + len(miss) < n:        # a symbol neither here nor missing: forgotten, give up on the group
             g[4] = True
             self.st.drop("repair_useless")
@@ -589,11 +825,26 @@ class Receiver:
                 self.st.drop("seg_late")
                 continue
             inner = bytes(sym[2:2 + ln])
-            self._remember(s, now, inner)
+            k = s & _RECENT_MASK
+            self._rseq[k] = s
+            self._rt[k] = now
+            self._rin[k] = inner
+            if self.trace is not None:
+                self.trace.append((s, now, "fec"))
             self.recovered_fec += 1
             self._repaired(now - mrec[0])
             out.append((inner, self._ce(False)))
         return out
+
+    def ping(self, pkt, src, now):
+        """A SEG_PING: its pong (and NACKs now due) go to self.replies."""
+        if len(pkt) != outer.HEADER_LEN + PING_LEN:
+            self.st.drop("seg_malformed")
+            return
+        if not outer.verify(self.key, pkt):
+            self.st.drop("seg_bad_mac")
+            return
+        self.replies += self._ping(pkt, src, now)
 
     def _ping(self, pkt, src, now):
         b = pkt[outer.HEADER_LEN:]
@@ -616,7 +867,24 @@ class Receiver:
 
     # -- timers ----------------------------------------------------------------------------
     def tick(self, now):
+        self.kick = False
         return self._nacks(now)
+
+    def timer(self, now):
+        """When tick() has something to do next (a NACK due, a gap's hold
+        budget over), or None."""
+        if not self.missing:
+            return None
+        cfg = self.cfg
+        hold = cfg.hold_ms / 1000.0
+        t = None
+        for m in self.missing.values():
+            d = m[0] + hold + 0.001          # expired once strictly past its budget
+            if cfg.nack and m[1] < cfg.max_nacks and m[2] < d:
+                d = m[2]
+            if t is None or d < t:
+                t = d
+        return t
 
     def _nacks(self, now):
         """Expire gaps over their hold budget; NACK those due (NACK modes)."""
@@ -642,7 +910,10 @@ class Receiver:
             for s in part:
                 m = self.missing[s]
                 m[1] += 1
-                m[2] = now + again
+                # the first NACK is sent twice, NACK_REPEAT_S apart: a lost NACK then
+                # costs that, not a whole round (the ingress answers the copy of one
+                # that arrived with nothing: nack_limit)
+                m[2] = now + (NACK_REPEAT_S if m[1] == 1 else again - NACK_REPEAT_S if m[1] == 2 else again)
         self.nacks_sent += len(out)
         return out
 
