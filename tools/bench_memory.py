@@ -328,8 +328,11 @@ class DeviceProcess:
                                      text=True, env={"MICROPYPATH": MICROPYPATH}, cwd=str(out))
         self.received = 0           # app messages the device delivered
         if first:                   # the endpoint's keys (heap_device.py)
-            self.proc.stdin.write(first + "\n")
-            self.proc.stdin.flush()
+            try:
+                self.proc.stdin.write(first + "\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass                # died at start (a heap far too small): start() reads why
 
     def _lines(self):
         got = []
