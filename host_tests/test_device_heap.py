@@ -173,7 +173,7 @@ def test_bytes_allocated_per_1200_byte_packet_on_32bit(build32, kind):
 
 @pytest.mark.xfail(strict=True, reason="issue 10 target (2 KB per 1200-byte packet) not reached through the "
                    "two-path stack: 2.7K measured, the endpoint's 1.9K plus the hop MAC's two SHA-256 objects "
-                   "and digests, 384 B (MicroPython's hashlib has no copy()) (docs/MEMORY.md)")
+                   "and digests, 384 B, made fresh for every MAC (docs/MEMORY.md)")
 def test_bytes_allocated_per_1200_byte_packet_target_two_paths(build32):
     out = build32("frozen")
     with board_heap.use("frozen"):

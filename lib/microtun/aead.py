@@ -33,7 +33,10 @@ XOR that makes the ciphertext makes the packet in the work buffer, and the
 bytes returned are the one allocation of its size (docs/MEMORY.md).
 
 Work happens in two buffers shared by every CCM object, grown to the
-largest message seen: seal and open are not re-entrant (one thread).
+largest message seen, and a 16-byte one that keeps X (seal) or S_0 ^ the
+tag received (open) while the other is overwritten, so that no message
+allocates more than its result, its two cryptolib objects and a few views:
+seal and open are not re-entrant (one thread).
 
 Only the board's cryptolib is imported here. Where it is missing (CPython, a
 port built without it) or a backend is named, microtun.ccm_backends supplies
