@@ -5,8 +5,8 @@ Precompiled with mpy-cross and run as
 
     micropython -m heap_device MODE GC ARGS...
 
-MODE "endpoint": a microtun.endpoint.Device; ARGS: private key, gateway
-public key, psk (hex). MODE "core": the config file ARGS[0] loaded and its
+MODE "endpoint": a microtun.endpoint.Device; its private key, the gateway's
+public key and the psk (hex) on the first line of stdin. MODE "core": the config file ARGS[0] loaded and its
 module forgotten (microtun.config.forget(), as the firmware does), then
 everything microtun.driver imports, and a microtun.tunnel.TunnelCore.
 GC: 0, or N to set gc.threshold(N) (collect after every N bytes allocated)
@@ -58,7 +58,11 @@ def main():
         cfg = None
     else:
         from microtun.endpoint import Device
-        dev = Device(bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4]), bytes.fromhex(sys.argv[5]), 1)
+        # the keys on the first line, not in argv: the unix port interns
+        # each argument as a qstr, which would stay in the heap measured
+        k = sys.stdin.readline().split()
+        dev = Device(bytes.fromhex(k[0]), bytes.fromhex(k[1]), bytes.fromhex(k[2]), 1)
+        k = None
     from microtun.ticks import ticks_add
     if threshold > 0:       # then as the firmware runs (firmware/microtun_fw.py)
         gc.collect()
@@ -71,10 +75,17 @@ def main():
     while op != "Q":
         # out: the datagrams and app messages the last command produced
         for a, b in dev.datagrams_to_send(now):
+            # in 16-byte pieces: a whole datagram's hex line (~2.2x its size,
+            # 320 bytes for an INIT) was the largest thing this script made,
+            # where a device hands the socket the bytes it has
             if core:
-                w("D %d %s\n" % (a, b.hex()))
+                w("D %d " % a)
             else:
-                w("D -1 %s\n" % a.hex())
+                a, b = -1, a
+                w("D -1 ")
+            for i in range(0, len(b), 16):
+                w(b[i:i + 16].hex())
+            w("\n")
         while True:
             e = dev.next_message() if core else dev.next_event()
             if e is None:

@@ -256,8 +256,14 @@ def table(results):
     for kind, r in results.items():
         if "skipped" in r:
             continue
-        worst = max(max(v["alloc_per_send_1200"], v["alloc_per_receive_1200"]) for v in r["packets"].values())
-        rows["packet_1200"][kind] = {"bytes_max": worst, "target": PACKET_TARGET, "meets": worst <= PACKET_TARGET}
+        # each way, the worse of sent and received: the endpoint alone, and
+        # through the two-path stack (which adds the hop MAC's two SHA-256
+        # objects and digests, 384 bytes); "meets" takes the worse of the two
+        each = {mode: max(v["alloc_per_send_1200"], v["alloc_per_receive_1200"]) for mode, v in r["packets"].items()}
+        worst = max(each.values())
+        rows["packet_1200"][kind] = {"bytes_max": worst, "target": PACKET_TARGET, "meets": worst <= PACKET_TARGET,
+                                     "endpoint": each.get("endpoint"), "core": each.get("core"),
+                                     "endpoint_meets": each.get("endpoint", worst) <= PACKET_TARGET}
     return rows
 
 

@@ -33,7 +33,10 @@ XOR that makes the ciphertext makes the packet in the work buffer, and the
 bytes returned are the one allocation of its size (docs/MEMORY.md).
 
 Work happens in two buffers shared by every CCM object, grown to the
-largest message seen: seal and open are not re-entrant (one thread).
+largest message seen, and a 16-byte one that keeps X (seal) or S_0 ^ the
+tag received (open) while the other is overwritten, so that no message
+allocates more than its result, its two cryptolib objects and a few views:
+seal and open are not re-entrant (one thread).
 
 Only the board's cryptolib is imported here. Where it is missing (CPython, a
 port built without it) or a backend is named, microtun.ccm_backends supplies
@@ -69,11 +72,12 @@ except (ImportError, SyntaxError, ValueError):
 
 BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 
-_BYTES = (bytes, bytearray, memoryview)
+BYTES = (bytes, bytearray, memoryview)   # what the API takes (endpoint.py checks payloads with it)
 _ZERO16 = bytes(16)
 _GROW = const(64)  # buffers grow in steps of this many bytes
 _work = None  # memoryview: CBC-MAC input, then the key stream, XORed into head || C || T
 _ctr = None   # memoryview: counter blocks A_0, A_1, .. for one L (flags, i filled in)
+_t = bytearray(16)  # seal: X while the key stream is made; open: S_0 ^ the tag received
 
 
 class CCM:
@@ -86,7 +90,7 @@ class CCM:
     nonce_size = tag_size = _b0 = None   # per object, unless the class fixes them (AEAD)
 
     def __init__(self, key, nonce_size, tag_size, backend=None):
-        if not isinstance(key, _BYTES) or len(key) not in (16, 32):
+        if not isinstance(key, BYTES) or len(key) not in (16, 32):
             raise ValueError("AES-CCM key must be 16 or 32 bytes")
         if not 7 <= nonce_size <= 13 or tag_size not in (4, 6, 8, 10, 12, 14, 16):
             raise ValueError("CCM needs a 7..13-byte nonce and a 4, 6, .., 16-byte tag")
@@ -105,9 +109,9 @@ class CCM:
 
     def _check(self, nonce, data, aad):
         # API misuse is a loud ValueError; bad peer data never raises.
-        if not isinstance(nonce, _BYTES) or len(nonce) != self.nonce_size:
+        if not isinstance(nonce, BYTES) or len(nonce) != self.nonce_size:
             raise ValueError("nonce must be %d bytes" % self.nonce_size)
-        if not isinstance(data, _BYTES) or not isinstance(aad, _BYTES):
+        if not isinstance(data, BYTES) or not isinstance(aad, BYTES):
             raise ValueError("plaintext, data and aad must be bytes, bytearray or memoryview")
 
     def _stream(self, nonce, aad, n, ecb=True, off=0):
@@ -148,7 +152,8 @@ class CCM:
 
     def _cbc_mac(self, nonce, aad, lead, data, n):
         """RFC 3610 §2.2's X (16 bytes) from ONE CBC call over
-        B0 || encoded aad || lead || data, each zero-padded to whole blocks."""
+        B0 || encoded aad || lead || data, each zero-padded to whole blocks:
+        where it is in _work (its offset)."""
         w = _work
         la = len(aad)
         # B0 = flags || nonce || n (n in the last L bytes; the nonce over the
@@ -177,7 +182,7 @@ class CCM:
             w[o + ll:o + n] = data
             o = end
         self._make(self._key, 2, _ZERO16).encrypt(w[:o], w)  # MODE_CBC, IV 0
-        return bytes(w[o - 16:o])
+        return o - 16   # X is the last block: _work[o - 16:o] (no bytes object per message)
 
     def seal(self, nonce, plaintext, aad=b"", head=b"", lead=b""):
         """ciphertext || tag (len(plaintext) + tag_size bytes). With head
@@ -205,9 +210,11 @@ class CCM:
         off = 16 if hl > 16 else 0
         self._stream(nonce, aad, n + off, False)
         x = self._cbc_mac(nonce, aad, lead, plaintext, n)
+        t = _t
+        t[:] = _work[x:x + 16]             # X: the key stream goes over it in _work
         w = self._stream(nonce, aad, n, True, off)
-        w[16 + n:32 + n] = x
-        _xor(w, 16 + n, w, 0, m)           # T = X ^ S_0, after the message
+        _xor(t, 0, w, 0, m)                # T = X ^ S_0, after the message
+        w[16 + n:32 + n] = t
         _xor(w, 16, lead, 0, ll)
         _xor(w, 16 + ll, plaintext, 0, n - ll)
         if off:
@@ -231,25 +238,27 @@ class CCM:
         n = len(data) - start - m
         if n < ll or n >> (120 - 8 * self.nonce_size):
             return None
-        d = memoryview(data)
         if self._lib is not None:
-            p = self._lib.decrypt(nonce, d[start:], aad)
+            p = self._lib.decrypt(nonce, memoryview(data)[start:], aad)
             if p is not None and ll:
                 lead[:] = p[:ll]
                 return p[ll:]
             return p
         w = self._stream(nonce, aad, n)
-        s0 = bytes(w[0:16])
+        t = _t
+        t[:] = w[0:16]                     # S_0 ^ the tag received: the CBC-MAC
+        _xor(t, 0, data, start + n, m)     # input goes over S_0 in _work
         for i in range(ll):
-            lead[i] = d[start + i] ^ w[16 + i]
-        _xor(w, 16 + ll, d, start + ll, n - ll)   # the key stream becomes P
+            lead[i] = data[start + i] ^ w[16 + i]
+        _xor(w, 16 + ll, data, start + ll, n - ll)   # the key stream becomes P
         p = bytes(w[16 + ll:16 + n])
-        x = self._cbc_mac(nonce, aad, lead or b"", p, n)  # T = X ^ S_0
+        x = self._cbc_mac(nonce, aad, lead or b"", p, n)
+        # T = X ^ S_0, so X ^ (S_0 ^ tag) is zero for a good tag.
         # Constant time: every tag byte is looked at.
         r = 0
-        d = d[start + n:]
+        w = _work
         for i in range(m):
-            r |= x[i] ^ s0[i] ^ d[i]
+            r |= w[x + i] ^ t[i]
         return p if r == 0 else None
 
 

@@ -5,7 +5,7 @@ The 64-bit counter is the AEAD nonce (4 zero bytes || counter, big-endian,
 exactly the counter bytes of the header) and the dedup/anti-replay sequence
 number: the window is checked before decrypting and marked after.
 """
-from struct import pack_into
+from struct import pack_into, unpack_from
 
 try:
     from micropython import const
@@ -72,12 +72,11 @@ class Keypair:
         a str: "duplicate", "replay" (older than the window) or
         "decrypt_failed". With a lead buffer (the channel byte), the
         plaintext's first bytes go there and the rest is returned."""
-        ctr = data[8:16]
-        n = int.from_bytes(ctr, "big")
+        n = unpack_from(">Q", data, 8)[0]   # the counter (no slice of the packet)
         w = self.window
         if not w.will_accept(n):
             return "duplicate" if 0 <= w.last - n < w.window else "replay"
-        _NONCE[4:12] = ctr
+        pack_into(">IQ", _NONCE, 0, 0, n)
         pt = self.recv_aead.open(_NONCE, data, b"", 16, lead)  # after the 16-byte header
         if pt is None:
             return "decrypt_failed"
