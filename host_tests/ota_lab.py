@@ -42,8 +42,10 @@ from microtun_host import flash, release                # noqa: E402
 from microtun_host.changelog import OperatorKey         # noqa: E402
 from microtun_host.localnet import free_ports           # noqa: E402
 
+STEPS = ("begin", "manifest", "check", "file", "arm")     # where a staging power cut lands
 FAULTS = ("good", "no_connect", "raises", "fw_raises", "hangs")
-TRIAL_S = 4                  # the test releases' deadline to reach the gateway
+TRIAL_S = 8                  # a good test release's deadline to reach the gateway (a loaded machine)
+FAULT_TRIAL_S = 3            # a faulty one's: the tests wait it out
 
 
 def release_files(fault="good"):
@@ -134,7 +136,8 @@ class Lab:
         files = self._releases.get(fault)
         if files is None:
             files = self._releases[fault] = release_files(fault)
-        return release.Bundle.build(files, version or "r%d-%s" % (self.n, fault), self.key, self.trial_s)
+        trial = self.trial_s if fault in ("good", "raises", "fw_raises") else min(self.trial_s, FAULT_TRIAL_S)
+        return release.Bundle.build(files, version or "r%d-%s" % (self.n, fault), self.key, trial)
 
     def status(self):
         return release.device_call(self.client, "status()")
@@ -178,16 +181,20 @@ def power_cut_soak(lab, points, seed=1, say=lambda m: None):
     base_client = lab.client
     for i in range(points):
         b = lab.bundle("good")
-        n_ops = 3 + len(b.files) + 2          # begin, 2 puts, check, files, arm
+        n_ops = 4 + len(b.files) + 1          # begin, 2 puts, check, the files, arm
         ok0, before = settle(lab)
         if i % 2 == 0:
             where = "staging"
             lab.client = otadev.DirClient(lab.device)
-            lab.client.cut = otadev.Cut(rng.randint(1, n_ops + 1), rng.random())
-            what = "op %d of %d at %.0f %%" % (lab.client.cut.op, n_ops + 1, 100 * lab.client.cut.frac)
+            # every step in turn: begin, the manifest, check, a file, arm; where inside it is random
+            step = STEPS[(i // 2) % len(STEPS)]
+            op = {"begin": 1, "manifest": rng.randint(2, 3), "check": 4,
+                  "file": rng.randint(5, n_ops - 1), "arm": n_ops}[step]
+            lab.client.cut = otadev.Cut(op, rng.random())
+            what = "%s (op %d/%d) at %.0f %%" % (step, op, n_ops, 100 * lab.client.cut.frac)
         else:
             where = "switch-over"
-            delay = rng.uniform(0.0, 1.0)
+            delay = rng.uniform(0.0, 1.2)
             lab.client = otadev.FlickerClient(lab.device, delay)
             what = "%.0f ms after the reboot" % (1000 * delay)
         r = release.update_device(lab.client, b, timeout_s=3 * lab.trial_s + 20)

@@ -117,7 +117,7 @@ class Device:
             with self.lock:
                 if proc is self.proc:
                     self.out += b
-                if self.logf:
+                if self.logf and not self.logf.closed:
                     self.logf.write(b)
                     self.logf.flush()
 
@@ -163,7 +163,8 @@ class Device:
         self.closed = True
         self.power_off()
         if self.logf:
-            self.logf.close()
+            with self.lock:
+                self.logf.close()
         for f in (self.shim, self.exec_shim):
             try:
                 f.unlink()
@@ -261,8 +262,12 @@ class DirClient:
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(self.dev.dir),
                                     env=dict(os.environ, MICROPYPATH=".frozen"), start_new_session=True)
             if cut is not None:
-                # the cut lands somewhere in the exec: its expected length is ~0.1-0.3 s here
-                time.sleep(0.3 * cut.frac)
+                # the cut lands somewhere in the exec (one takes 0.1-0.6 s here), or just
+                # after it if it is done sooner
+                try:
+                    proc.wait(timeout=0.6 * cut.frac)
+                except subprocess.TimeoutExpired:
+                    pass
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except OSError:

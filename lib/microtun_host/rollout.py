@@ -46,8 +46,8 @@ def plan(n, waves):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0:
             raise ValueError("waves: expected positive device counts (int) or fleet fractions (float), got %r" % (w,))
         target = w if isinstance(w, int) else math.ceil(w * n - 1e-9)   # a fraction rounds up
-        target = min(max(target, done + 1), n)
-        if target > done:
+        target = min(target, n)
+        if target > done:                   # a wave already reached (10 % of 5 after the canary) adds nobody
             sizes.append(target - done)
             done = target
         if done == n:
