@@ -245,6 +245,7 @@ def up():
             return False
         write(name, NONE, 0)
     note("committed %s (%s) after %d boot(s)" % (name, version(name) or "?", tries))
+    sys.modules.pop(__name__, None)  # nothing left to watch: off the heap
     return True
 
 

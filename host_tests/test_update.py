@@ -336,3 +336,18 @@ def test_power_cuts_during_staging_and_switch_over_never_brick(lab):
     import ota_lab
     res = ota_lab.power_cut_soak(lab, 4, seed=int(time.time()) % 1000)
     assert all(r["up"] and r["ok"] for r in res), res
+
+
+# -- provisioning: which operators a device trusts --------------------------------------------------
+def test_provision_writes_the_trusted_update_operators(tmp_path, key):
+    from microtun_host import provision
+    topo = (ROOT / "examples" / "topology.toml").read_text()
+    good = topo.replace('name = "sensor-1"\n', 'name = "sensor-1"\nupdate_operators = ["%s"]\n' % key.public.hex().upper(), 1)
+    (tmp_path / "t.toml").write_text(good)
+    provision.provision(tmp_path / "t.toml", tmp_path / "out")
+    d = json.loads((tmp_path / "out" / "devices" / "sensor-1.json").read_text())
+    assert d["update"] == {"operators": [key.public.hex()]}
+    assert "update" not in json.loads((tmp_path / "out" / "devices" / "sensor-2.json").read_text())
+    (tmp_path / "bad.toml").write_text(topo.replace('name = "sensor-1"\n', 'name = "sensor-1"\nupdate_operators = ["abc"]\n', 1))
+    with pytest.raises(Exception, match=r"update_operators\[0\]: expected an Ed25519 public key"):
+        provision.provision(tmp_path / "bad.toml", tmp_path / "out2")

@@ -130,8 +130,8 @@ def trusted():
     keys = (cfg.get("update") or {}).get("operators") if isinstance(cfg, dict) else None
     if not keys:
         raise UpdateError("%s trusts no operator key for updates; add \"update\": {\"operators\": "
-                          "[\"<public key hex>\"]} (microtun provision writes it from the topology's "
-                          "update_operators)" % CONFIG)
+                          "[\"<public key hex>\"]} (microtun provision writes it from update_operators in the "
+                          "device's [[device]] table)" % CONFIG)
     out = []
     for k in keys:
         try:

@@ -8,6 +8,7 @@
     microtun log --fleet fleet.json | --file DIR/changelog.jsonl --trust KEY [--device NAME]
     microtun echo 127.0.0.1:5000
     microtun logs --port /dev/ttyACM0 [--follow]
+    microtun release build|show ...                   (docs/UPDATE.md)
 
 Adding a subcommand is one small function that declares its arguments and
 a run function, plus one entry in SUBCOMMANDS:
@@ -143,7 +144,11 @@ def _log(sub):
     _lazy("fleet").add_log_parser(sub)
 
 
-SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs, _fleet, _log]
+def _release(sub):
+    _lazy("release").add_parser(sub)
+
+
+SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs, _fleet, _log, _release]
 
 
 def build_parser():

@@ -1,9 +1,9 @@
 """Code releases: build and sign a bundle, put it on one device over the ops
 channel with automatic rollback (docs/UPDATE.md).
 
-    python -m microtun_host.release build --board unix --version 2026.12.07-1 --key operator.key --out rel.mtr
-    python -m microtun_host.release build DIR --version V --key operator.key --out rel.mtr   # a directory
-    python -m microtun_host.release show rel.mtr [--trust operator.pub]
+    microtun release build --board unix --version 2026.12.07-1 --key operator.key --out rel.mtr
+    microtun release build DIR --version V --key operator.key --out rel.mtr   # a directory
+    microtun release show rel.mtr [--trust operator.pub]          # (or python -m microtun_host.release ...)
 
     bundle = Bundle.load("rel.mtr", trusted=[pub])           # signature and hashes checked here too
     result = update_device(client, bundle, timeout_s=120)     # client: microtun_host.ops.OpsClient
@@ -25,7 +25,6 @@ and the device API in lib/microtun/update.py (begin, check, arm, status).
 """
 import argparse
 import hashlib
-import io
 import json
 import os
 import sys
@@ -300,10 +299,7 @@ def _keys(paths):
     return out
 
 
-def main(argv=None):
-    from microtun_host.changelog import OperatorKey, LogError
-    ap = argparse.ArgumentParser(prog="python -m microtun_host.release")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def _arguments(sub):
     b = sub.add_parser("build", help="build and sign a release bundle")
     b.add_argument("dir", nargs="?", help="files laid out as on the board (or as `make mpy` leaves them)")
     b.add_argument("--board", help="compile the file set `microtun flash` puts on this board instead")
@@ -315,9 +311,19 @@ def main(argv=None):
     s = sub.add_parser("show", help="check a bundle and print its manifest")
     s.add_argument("bundle")
     s.add_argument("--trust", action="append", help="a public key file: check the signature against it")
-    a = ap.parse_args(argv)
+
+
+def add_parser(sub):
+    """`microtun release build|show` (lib/microtun_host/cli.py)."""
+    p = sub.add_parser("release", help="build, sign and check code releases for updates over the air (docs/UPDATE.md)")
+    _arguments(p.add_subparsers(dest="release_cmd", required=True))
+    p.set_defaults(run=run)
+
+
+def run(a):
+    from microtun_host.changelog import OperatorKey, LogError
     try:
-        if a.cmd == "build":
+        if a.release_cmd == "build":
             if bool(a.dir) == bool(a.board):
                 raise ReleaseError("give a directory or --board, not both or neither")
             key = OperatorKey.load(a.key)
@@ -328,14 +334,19 @@ def main(argv=None):
                 a.version, len(files), "{:,}".format(bundle.size), key.public.hex()[:16], a.trial_s, a.out))
         else:
             bundle = Bundle.load(a.bundle, _keys(a.trust) if a.trust else None)
-            m = dict(bundle.manifest)
-            print(json.dumps(m, indent=1))
+            print(json.dumps(bundle.manifest, indent=1))
             print("%s: %d files, %s B, %s" % (a.bundle, len(bundle.files), "{:,}".format(bundle.size),
                                              "signature verified" if a.trust else "hashes checked (no --trust)"))
         return 0
     except (ReleaseError, LogError) as e:
         print("microtun release: %s" % e, file=sys.stderr)
         return 1
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m microtun_host.release")
+    _arguments(ap.add_subparsers(dest="release_cmd", required=True))
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
