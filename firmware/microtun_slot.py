@@ -121,13 +121,23 @@ def note(text):
 
 
 def _log(level, text):
-    """Into microtun.log when the firmware is there (a rollback must be visible later)."""
+    """Into microtun.log (a rollback must be visible later): through the
+    firmware's Log when it is loaded, else appended in the same format for
+    the boot about to start (the firmware counts it after us)."""
     fw = sys.modules.get("microtun_fw")
-    if fw is not None:
-        try:
+    try:
+        if fw is not None:
             fw.Log(fw.read_state()[0]).write("%s %s" % (level, text))
-        except Exception:
-            pass
+            return
+        try:
+            with open("microtun_fw.txt") as f:
+                boot = int(f.read().split()[0]) + 1
+        except (OSError, ValueError, IndexError):
+            boot = 1
+        with open("microtun.log", "a") as f:
+            f.write("#%d +0.000s %s %s\n" % (boot, level, text))
+    except Exception:
+        pass
 
 
 def version(name):

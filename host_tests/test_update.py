@@ -290,7 +290,8 @@ def test_a_bad_release_is_rolled_back_to_the_last_good_set(lab, fault, why):
     assert r.status == "rolled_back", r
     assert re.search(why, r.reason), r.reason
     assert st["running"] == before["running"] and st["running_version"] == before["running_version"]
-    assert "update: rolled back from" in (lab.board / "microtun.log").read_text()   # and in the device log
+    assert re.search(r"warn update: rolled back from \w+ \(%s\)" % re.escape(r.version),
+                     (lab.board / "microtun.log").read_text())               # and in the device log
 
 
 def _staged(lab, bundle):
