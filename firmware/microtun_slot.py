@@ -1,7 +1,7 @@
 """Which code set a board runs, and the trial of a new one (docs/UPDATE.md).
 
     import microtun_slot
-    microtun_slot.boot()          # main.py, before anything else is imported
+    microtun_slot.start()         # main.py: boot() picks the set, then the firmware is imported
     ...
     slot = sys.modules.get("microtun_slot")
     if slot: slot.up()            # microtun_fw: the tunnel reached the gateway: commit
@@ -217,6 +217,21 @@ def boot():
         cur = BASE
     _use(cur)
     sys.modules.pop(__name__, None)  # nothing to watch this boot: off the heap
+
+
+def start():
+    """main.py's first call: boot(), then import the firmware. True if
+    main.py should run it; a release on trial whose firmware does not even
+    import is rolled back here and the board reset."""
+    boot()
+    try:
+        import microtun_fw
+        return True
+    except Exception as e:
+        print("microtun: cannot import microtun_fw (%r); flash the firmware: microtun flash" % (e,))
+        if failed("cannot import microtun_fw: %r" % (e,)):
+            reset()
+        return False
 
 
 def _trial_ms(name):
