@@ -145,7 +145,12 @@ def _log(sub):
 
 
 def _release(sub):
-    _lazy("release").add_parser(sub)
+    # its arguments are parsed by microtun_host.release itself: building the
+    # parser must not import it (every pop and gateway process builds this one)
+    p = sub.add_parser("release", help="build, sign and check code releases for updates over the air (docs/UPDATE.md)",
+                       description="microtun release build|show ... (`microtun release build -h`)")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="build|show ...")
+    p.set_defaults(run=lambda args: _lazy("release").main(args.args))
 
 
 SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs, _fleet, _log, _release]

@@ -313,13 +313,6 @@ def _arguments(sub):
     s.add_argument("--trust", action="append", help="a public key file: check the signature against it")
 
 
-def add_parser(sub):
-    """`microtun release build|show` (lib/microtun_host/cli.py)."""
-    p = sub.add_parser("release", help="build, sign and check code releases for updates over the air (docs/UPDATE.md)")
-    _arguments(p.add_subparsers(dest="release_cmd", required=True))
-    p.set_defaults(run=run)
-
-
 def run(a):
     from microtun_host.changelog import OperatorKey, LogError
     try:
@@ -344,7 +337,7 @@ def run(a):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m microtun_host.release")
+    ap = argparse.ArgumentParser(prog="microtun release")
     _arguments(ap.add_subparsers(dest="release_cmd", required=True))
     return run(ap.parse_args(argv))
 
