@@ -78,6 +78,13 @@ bench-qemu: $(STAMP)
 demo: $(STAMP)
 	$(PY) tools/demo.py
 
+# Issue 13 (docs/UPDATE.md): code over the air at 5 % loss, the rollback
+# scenarios and 20 power cuts (real processes, ~2 min); one JSON object.
+# CLIENT=module:factory measures with another client (the ops channel).
+.PHONY: bench-update
+bench-update: $(STAMP)
+	$(PY) tools/bench_update.py $(if $(CLIENT),--client $(CLIENT))
+
 # Issue 12 (docs/FLEET.md): the fleet on etcd. Needs Debian's etcd-server
 # (.ci/run installs it). bench-fleet: ~10 min (QUICK=1: ~2 min), one JSON object.
 .PHONY: bench-fleet demo-fleet

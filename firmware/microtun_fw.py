@@ -317,6 +317,9 @@ class Firmware:
                     up_since = now
                     if first:
                         first = False
+                        slot = sys.modules.get("microtun_slot")   # there only while a release is on trial
+                        if slot is not None:
+                            slot.up()        # it reached the gateway: commit (docs/UPDATE.md)
                         gc.collect()
                         self.log("info", "session up %d ms after boot, %d X25519 operations, heap used %d free %d" % (
                             ticks_diff(now, T0), t.device.dh_count, gc.mem_alloc(), gc.mem_free()))
@@ -343,6 +346,12 @@ class Firmware:
                 pass
             self.tunnel = None
         self.unload()
+        slot = sys.modules.get("microtun_slot")
+        if slot is not None:             # a release on trial: roll back, the next boot runs the last good set
+            try:
+                slot.failed("fatal error: %r" % (e,))
+            except Exception:
+                pass
         self.crashes += 1
         write_state(self.boots, self.crashes)
         try:

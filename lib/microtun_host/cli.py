@@ -9,6 +9,7 @@
     microtun echo 127.0.0.1:5000
     microtun logs --port /dev/ttyACM0 [--follow]
     microtun ops DEVICE --config gateway.json --operator-key KEY exec|ls|get|put|logs|health|reboot|token|mpremote
+    microtun release build|show ...                   (docs/UPDATE.md)
 
 Adding a subcommand is one small function that declares its arguments and
 a run function, plus one entry in SUBCOMMANDS:
@@ -149,7 +150,16 @@ def _ops(sub):
     _lazy("ops").add_parser(sub)
 
 
-SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs, _fleet, _log, _ops]
+def _release(sub):
+    # its arguments are parsed by microtun_host.release itself: building the
+    # parser must not import it (every pop and gateway process builds this one)
+    p = sub.add_parser("release", help="build, sign and check code releases for updates over the air (docs/UPDATE.md)",
+                       description="microtun release build|show ... (`microtun release build -h`)")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="build|show ...")
+    p.set_defaults(run=lambda args: _lazy("release").main(args.args))
+
+
+SUBCOMMANDS = [_pop, _gateway, _status, _provision, _flash, _echo, _logs, _fleet, _log, _ops, _release]
 
 
 def build_parser():

@@ -18,7 +18,7 @@ Steps, each shown as it happens:
 What lands on the board:
 
     /boot.py /main.py /app.py /board.py /microtun.json
-    /lib/microtun_fw.mpy /lib/microtun_boot.mpy /lib/microtun/*.mpy
+    /lib/microtun_fw.mpy /lib/microtun_boot.mpy /lib/microtun_slot.mpy /lib/microtun/*.mpy
 
 Left alone: the boot counter (microtun_boot.bin: handshake freshness depends
 on it), the logs and anything else of yours. Modules the device never needs
@@ -48,8 +48,9 @@ LIB = ROOT / "lib" / "microtun"
 FIRMWARE = ROOT / "firmware"
 BOARDS = ROOT / "boards"
 
-ENTRY_MODULES = ("config", "driver")          # what firmware/microtun_fw.py imports from microtun
-FW_MODULES = ("microtun_fw.py", "microtun_boot.py")   # the firmware runtime: compiled, to /lib
+ENTRY_MODULES = ("config", "driver", "update")   # what the firmware imports from microtun (update: by ops exec)
+# the firmware runtime, compiled, to /lib; microtun_slot is the boot loader that picks the code set
+FW_MODULES = ("microtun_fw.py", "microtun_boot.py", "microtun_slot.py")
 FW_FILES = ("boot.py", "main.py")             # copied as source, to /
 NATIVE_MODULES = ("xorbuf", "fe25519")       # viper: mpy-cross needs the board's -march
 # Frozen builds only: native code loaded from a .mpy sits in RAM (the GC heap
@@ -303,7 +304,7 @@ for d in ("lib", "lib/microtun"):
 for n in os.listdir("lib/microtun"):
     if "lib/microtun/" + n not in keep:
         _rm("lib/microtun/" + n)
-for m in ("microtun_fw", "microtun_boot"):
+for m in ("microtun_fw", "microtun_boot", "microtun_slot"):
     for p in ("lib/%%s.py" %% m, "lib/%%s.mpy" %% m):
         if p not in keep:
             _rm(p)

@@ -336,7 +336,8 @@ def parse_topology(path):
     devices = {}
     for n in _tables(root, "device"):
         n.only("name", "routes", "channels", "policy", "psk", "network", "app",
-               "nat_keepalive_s", "window", "state_dir", "watchdog_s", "expires", "unresponsive_s", "ops")
+               "nat_keepalive_s", "window", "state_dir", "watchdog_s", "expires", "unresponsive_s", "ops",
+               "update_operators")
         name = _name(n)
         if name in devices:
             raise n.error("name", "%s is already the name of %s" % (hconfig._short(name), devices[name].where))
@@ -389,6 +390,13 @@ def parse_topology(path):
                 raise n.error("ops", "expected true or false, got %s" % hconfig._kind(ops))
             if ops:
                 extra["ops"] = True
+        if n.has("update_operators"):    # keys whose signed releases the device installs (docs/UPDATE.md)
+            ops = n.items("update_operators", min_len=1)
+            for i, k in enumerate(ops):
+                if not isinstance(k, str) or len(k) != 64 or any(c not in "0123456789abcdefABCDEF" for c in k):
+                    raise n.error("update_operators[%d]" % i, "expected an Ed25519 public key (64 hex characters; "
+                                  "`microtun fleet keygen` prints one)")
+            extra["update"] = {"operators": [k.lower() for k in ops]}
         devices[name] = Device(name, list(rs), channels, psk, extra, n.path)
         devices[name].expires = None
         if n.has("expires"):            # fleet mode (docs/FLEET.md, "Credentials that expire")
