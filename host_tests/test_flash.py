@@ -101,7 +101,8 @@ def test_flash_the_virtual_board_then_it_connects_through_two_pops(tmp_path, rig
     r = microtun_flash("--port", vb.port, "--device", "dev1", "--config-dir", str(rig.dir / "deploy"))
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    n = len(flash.device_modules(True)) - len(flash.FROZEN_ONLY) + len(flash.FW_MODULES) + 5
+    feats = flash.device_features(rig.dir / "deploy" / "devices" / "dev1.json")
+    n = len(flash.device_modules(True, features=feats)) - len(flash.FROZEN_ONLY) + len(flash.FW_MODULES) + 5
     assert re.search(r"board   unix: .*\.mpy v6 x64", out), out              # detected, not told
     assert "skip    microtun/fe25519.py" in out                                # frozen builds only
     assert len(re.findall(r"copy    \[\s*\d+/%d\]" % n, out)) == n, out
@@ -297,6 +298,19 @@ def test_device_modules_are_the_firmwares_import_closure(cryptolib):
     assert ("aes_pure" in mods) == (not cryptolib)           # pure AES only where cryptolib is missing
     for m in mods:           # closed: nothing it imports is left behind; the rest is gateway-only
         assert flash._imports(flash.LIB / (m + ".py")) - set(mods) <= {"aes_pure"}, m
+
+
+def test_opt_in_modules_ship_only_to_devices_that_turn_them_on(tmp_path):
+    base = set(flash.device_modules(True, features=()))
+    every = set(flash.device_modules(True))
+    assert not base & {"ops", "logring", "update", "ed25519"}           # the 48 KB package has none of them
+    assert {"ops", "logring", "update", "ed25519"} <= every              # frozen builds and releases: all
+    assert set(flash.device_modules(True, features=("ops",))) == base | {"ops", "logring"}
+    cfg = tmp_path / "d.json"
+    for d, want in (({}, ()), ({"ops": True}, ("ops",)), ({"ops": False, "update": {"operators": []}}, ()),
+                    ({"ops": True, "update": {"operators": ["ab" * 32]}}, ("ops", "update"))):
+        cfg.write_text(json.dumps(d))
+        assert flash.device_features(cfg) == want, d
 
 
 BOARDS = ["esp32", "esp32s3", "rpi_pico_w", "rpi_pico2_w", "unix"]

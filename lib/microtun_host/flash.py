@@ -49,6 +49,12 @@ FIRMWARE = ROOT / "firmware"
 BOARDS = ROOT / "boards"
 
 ENTRY_MODULES = ("config", "driver", "update")   # what the firmware imports from microtun (update: by ops exec)
+# Opt-in capabilities and the modules only they need. A device whose config
+# does not turn one on is flashed without them (they are ~16 KB of the
+# package): "ops" when its config has "ops": true (docs/OPS.md), "update"
+# when it names update operators (docs/UPDATE.md). Frozen builds and
+# releases carry them all (a release travels over the ops channel).
+FEATURES = {"ops": ("ops", "logring"), "update": ("update", "ed25519")}
 # the firmware runtime, compiled, to /lib; microtun_slot is the boot loader that picks the code set
 FW_MODULES = ("microtun_fw.py", "microtun_boot.py", "microtun_slot.py")
 FW_FILES = ("boot.py", "main.py")             # copied as source, to /
@@ -138,18 +144,23 @@ def _imports(path):
     return {m for m in mods if (LIB / (m + ".py")).is_file()}
 
 
-def device_modules(cryptolib=True, entry=ENTRY_MODULES):
+def device_modules(cryptolib=True, entry=ENTRY_MODULES, features=tuple(FEATURES)):
     """Sorted module names (without .py) the device needs: the import closure
-    of the firmware's entry modules, plus the package __init__. aes_pure is
-    only for ports without cryptolib."""
-    todo = list(entry) + ["__init__"]
+    of the firmware's entry modules, plus the package __init__, leaving out
+    the modules of the FEATURES not in `features`. aes_pure is only for
+    ports without cryptolib."""
+    left_out = set()
+    for f, mods in FEATURES.items():
+        if f not in features:
+            left_out.update(mods)
+    todo = [m for m in entry if m not in left_out] + ["__init__"]
     seen = set()
     while todo:
         m = todo.pop()
         if m in seen:
             continue
         seen.add(m)
-        todo.extend(_imports(LIB / (m + ".py")) - seen)
+        todo.extend(_imports(LIB / (m + ".py")) - seen - left_out)
     if cryptolib:
         seen.discard("aes_pure")
     return sorted(seen)
@@ -178,7 +189,23 @@ def compile_mpy(src, dst, source_name, arch=None, exe=None):
     return dst.stat().st_size
 
 
-def build(board, out, frozen=False, log=print):
+def device_features(cfg_path):
+    """The FEATURES a device config turns on: "ops" for "ops": true, "update"
+    for a non-empty "update": {"operators": [...]}."""
+    try:
+        d = json.loads(Path(cfg_path).read_text())
+    except (OSError, ValueError):
+        return ()
+    got = []
+    if d.get("ops") is True:
+        got.append("ops")
+    u = d.get("update")
+    if isinstance(u, dict) and u.get("operators"):
+        got.append("update")
+    return tuple(got)
+
+
+def build(board, out, frozen=False, log=print, features=tuple(FEATURES)):
     """Compile what the device needs into out/; returns [(local Path, remote path)]."""
     if out.exists():
         shutil.rmtree(out)
@@ -186,7 +213,12 @@ def build(board, out, frozen=False, log=print):
     files = []
     total = 0
     if not frozen:
-        mods = device_modules(board.cryptolib)
+        mods = device_modules(board.cryptolib, features=features)
+        skipped = [f for f in FEATURES if f not in features]
+        if skipped:
+            log("  skip    %s: not turned on in this device's config (docs/%s)" % (
+                ", ".join("%s (%s)" % (f, ", ".join("microtun/%s.py" % m for m in FEATURES[f])) for f in skipped),
+                " and docs/".join({"ops": "OPS.md", "update": "UPDATE.md"}[f] for f in skipped)))
         if not board.arch or board.arch == "none":
             mods = [m for m in mods if m not in NATIVE_MODULES]   # aead.py, x25519.py fall back
         for m in FROZEN_ONLY:
@@ -471,7 +503,7 @@ def flash(port, device, config_dir="deploy", board=None, app=None, reset=True, f
             wait_for_port(port, log)
 
     with tempfile.TemporaryDirectory(prefix="microtun-flash-") as tmp:
-        files = build(b, Path(tmp) / b.name, frozen=frozen, log=log)
+        files = build(b, Path(tmp) / b.name, frozen=frozen, log=log, features=device_features(cfg_path))
         files += [(FIRMWARE / n, n) for n in FW_FILES]
         files += [(app_path, "app.py"), (b.dir / "board.py", "board.py"), (cfg_path, "microtun.json")]
         copy_and_verify(port, files, frozen, log)
@@ -515,7 +547,8 @@ def build_bundle(out, log=print):
     fw = {}
     for name in FW_MODULES:
         fw[name] = compile_mpy(FIRMWARE / name, out / (name[:-3] + ".mpy"), name, None, exe)
-    dev = [m for m in device_modules(cryptolib=True) if m in sizes]
+    dev = [m for m in device_modules(cryptolib=True, features=()) if m in sizes]
+    dev_all = [m for m in device_modules(cryptolib=True) if m in sizes]
     for name in NATIVE_MODULES:
         if name in FROZEN_ONLY:
             log("   (not in the bundle)  microtun/%s.py: viper code, frozen into firmware builds only; "
@@ -524,8 +557,11 @@ def build_bundle(out, log=print):
             log("   (not in the bundle)  microtun/%s.py: viper code, compiled for each board's -march by "
                 "`microtun flash`; without it aead.py uses its big-int XOR" % name)
     for name in sorted(sizes, key=lambda n: -sizes[n]):
+        opt = [f for f, mods in FEATURES.items() if name in mods]
         log("%7s  microtun/%s.mpy%s" % ("{:,}".format(sizes[name]), name,
-                                           "" if name in dev else "   (not shipped to cryptolib boards)"))
+                                           "" if name in dev else
+                                           "   (only to devices with %s turned on)" % opt[0] if opt else
+                                           "   (not shipped to cryptolib boards)"))
     total = sum(sizes.values())
     dev_total = sum(sizes[n] for n in dev)
     for name in FW_MODULES:
@@ -533,6 +569,9 @@ def build_bundle(out, log=print):
     log("portable package: %s B in %d .mpy files (%s)" % ("{:,}".format(total), len(sizes), _rel(out / "microtun")))
     log("shipped to a board with cryptolib: %s B in %d files (target 48 KB = 49,152 B); with the firmware runtime: %s B"
         % ("{:,}".format(dev_total), len(dev), "{:,}".format(dev_total + sum(fw.values()))))
+    for f, mods in FEATURES.items():
+        log("  with %s turned on: + %s B" % (f, "{:,}".format(sum(sizes[m] for m in mods if m in sizes))))
+    log("  with everything turned on: %s B in %d files" % ("{:,}".format(sum(sizes[n] for n in dev_all)), len(dev_all)))
     return total, dev_total
 
 
