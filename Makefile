@@ -83,7 +83,7 @@ demo: $(STAMP)
 # CLIENT=module:factory measures with another client (the ops channel).
 .PHONY: bench-update
 bench-update: $(STAMP)
-	$(PY) tools/bench_update.py $(if $(CLIENT),--client $(CLIENT))
+	$(PY) tools/bench_update.py $(if $(CLIENT),--client $(CLIENT),--ops)
 
 # Issue 12 (docs/FLEET.md): the fleet on etcd. Needs Debian's etcd-server
 # (.ci/run installs it). bench-fleet: ~10 min (QUICK=1: ~2 min), one JSON object.

@@ -104,15 +104,29 @@ class Netem:
 class Lab:
     """Rig + operator key + one board + its firmware process + a client."""
 
-    def __init__(self, where, loss=0.0, client_factory=None, heap="512K", trial_s=TRIAL_S, log=None):
+    def __init__(self, where, loss=0.0, client_factory=None, heap="512K", trial_s=TRIAL_S, log=None, ops=False):
+        """ops=True: the device's client is the real OpsClient through the
+        gateway and the tunnel (the device and the registry allow ops, the
+        gateway trusts the operator key), so the files cross the lossy link."""
         self.dir = Path(where)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.rig = Rig(self.dir / "rig").start()
+        self.key = OperatorKey.generate(str(self.dir / "operator.key"))
+        self.rig = Rig(self.dir / "rig")
+        if ops:
+            self.rig.gateway["operators"] = [self.key.public.hex()]
+            self.rig.registry["devices"][0]["ops"] = True
+            for name, d in (("gateway", self.rig.gateway), ("registry", self.rig.registry)):
+                (self.rig.dir / (name + ".json")).write_text(json.dumps(d))
+            from microtun_host.ops import OpsClient
+            key_path = str(self.dir / "operator.key")
+            client_factory = lambda device: OpsClient.connect(self.rig.control, "dev1", operator_key=key_path)  # noqa: E731
+        self.rig.start()
         self.netems = []
         self.trial_s = trial_s
         try:
-            self.key = OperatorKey.generate(str(self.dir / "operator.key"))
             cfg = json.loads(json.dumps(self.rig.device_config))
+            if ops:
+                cfg["ops"] = True
             if loss:
                 for i, p in enumerate(cfg["paths"]):
                     ne = Netem(int(p["pop"].rsplit(":", 1)[1]), loss, seed=i + 1)
@@ -124,6 +138,10 @@ class Lab:
             self.config = cfg
             self.board = make_board(self.dir / "board", cfg)
             self.device = otadev.Device(self.board, heap=heap, log=log)
+            if ops:
+                ok, _ = settle_up(self.device, 60)     # the ops login needs the device's session
+                if not ok:
+                    raise RuntimeError("the device did not come up: %s" % self.device.text[-2000:])
             self.client = (client_factory or otadev.DirClient)(self.device)
         except BaseException:
             self.close()
@@ -149,6 +167,12 @@ class Lab:
         for ne in self.netems:
             ne.stop()
         self.rig.stop()
+
+
+def settle_up(device, timeout):
+    """Power on and wait for the tunnel: (up, None)."""
+    device.power_on()
+    return device.wait_up(timeout), None
 
 
 def settle(lab, timeout=30.0):

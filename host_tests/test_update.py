@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -254,7 +255,7 @@ def test_rollout_bad_arguments_are_one_line():
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     import ota_lab
-    lab = ota_lab.Lab(tmp_path_factory.mktemp("ota"))
+    lab = ota_lab.Lab(tmp_path_factory.mktemp("ota"), ops=True)     # the real ops channel (docs/OPS.md)
     up, st = ota_lab.settle(lab)
     assert up, lab.device.text[-2000:]
     yield lab
@@ -319,6 +320,7 @@ def test_unsigned_wrongly_signed_tampered_or_too_big_is_refused(lab, tmp_path):
             release.device_call(lab.client, call)
     # a file changed in transit: arm refuses it, nothing is armed
     d = _staged(lab, good)
+    release.make_dirs(lab.client, d, good.files)
     for p, data in good.files.items():
         lab.client.put(d + "/" + p, data if p != "app.py" else data + b"#")
     with pytest.raises(release.Refused, match=r"1 file\(s\) missing or not as the manifest says: app.py"):
@@ -331,6 +333,30 @@ def test_unsigned_wrongly_signed_tampered_or_too_big_is_refused(lab, tmp_path):
     r = release.update_device(lab.client, forged, timeout_s=20)
     assert r.status == "failed" and r.stage == "check" and "does not trust" in r.reason
     assert ota_lab.settle(lab)[1]["running_version"] == before["running_version"]
+
+
+def test_ops_update_and_rollout_commands(lab, tmp_path):
+    """`microtun ops DEVICE update` and `microtun release rollout`, through
+    the gateway's ops channel as an operator types them."""
+    import ota_lab
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "lib"))
+    gw = str(lab.rig.dir / "gateway.json")
+    key = str(lab.dir / "operator.key")
+    for i, argv in enumerate((["ops", "dev1", "--config", gw, "--operator-key", key, "update", "{b}", "--wait", "40"],
+                              ["release", "rollout", "{b}", "--devices", "dev1", "--config", gw,
+                               "--operator-key", key, "--wait", "40"])):
+        b = lab.bundle("good")
+        path = tmp_path / ("r%d.zip" % i)
+        b.save(path)
+        r = subprocess.run([sys.executable, "-m", "microtun_host.cli"] + [a.replace("{b}", str(path)) for a in argv],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert ("dev1: updated %s" % b.version) in r.stdout or "1 updated" in r.stdout, r.stdout
+        assert ota_lab.settle(lab)[1]["committed_version"] == b.version
+    r = subprocess.run([sys.executable, "-m", "microtun_host.cli", "ops", "dev1", "--config", gw, "--operator-key",
+                        key, "update", str(tmp_path / "nope.zip")], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 2 and "not a release bundle" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_power_cuts_during_staging_and_switch_over_never_brick(lab):

@@ -1,7 +1,7 @@
 """Issue 13's update figures (docs/UPDATE.md, docs/FIGURES.md): one JSON object.
 
-    .venv/bin/python tools/bench_update.py [--loss 0.05] [--rounds 3] [--points 20]
-                                           [--client module:factory]     # make bench-update
+    .venv/bin/python tools/bench_update.py --ops [--loss 0.05] [--rounds 3] [--points 20]   # make bench-update
+    .venv/bin/python tools/bench_update.py [--client module:factory]     # test-only DirClient by default
 
 A unix-port device (the real firmware, loader and update code) behind the
 link emulator (tools/netem.py, `--loss` each way on both paths) in front of
@@ -19,12 +19,15 @@ two PoPs and a gateway, all on loopback (host_tests/ota_lab.py):
                 manifest, check, a file, arm), half in the switch-over (the
                 power fails 0..1.2 s after the reboot): devices bricked
 
-`--client module:factory` makes the client update_device talks to from the
-device (otadev.Device): the default is host_tests/otadev.py's DirClient,
-which is TEST ONLY (files move by host file writes, exec in a second
-process), so the transfer does not cross the lossy link here: only the
-reboot, the handshake and the trial do. With the real OpsClient (after
-the merge) the same command measures the whole path.
+`--ops` (what `make bench-update` runs) updates through the real ops
+channel: microtun_host.ops.OpsClient, the gateway, the E2E tunnel and the
+lossy link, as `microtun ops DEVICE update` does. Without it, `--client
+module:factory` makes the client from the device (otadev.Device); the
+default is host_tests/otadev.py's DirClient, which is TEST ONLY (files move
+by host file writes, exec in a second process): the transfer does not
+cross the lossy link. The power cuts always use the test-only clients
+(DirClient in staging: its cut points sit inside a put or an exec;
+FlickerClient in the switch-over), whatever --ops says.
 """
 import argparse
 import importlib
@@ -58,14 +61,17 @@ def main(argv=None):
     ap.add_argument("--points", type=int, default=20)
     ap.add_argument("--seed", type=int, default=13)
     ap.add_argument("--client", help="module:factory(device) for the client (default: otadev.DirClient, test only)")
+    ap.add_argument("--ops", action="store_true", help="the real ops channel's OpsClient through the gateway and "
+                    "the tunnel (the files cross the lossy link)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     a = ap.parse_args(argv)
     say = lambda m: print(m, file=sys.stderr, flush=True)   # noqa: E731
     tmp = Path(tempfile.mkdtemp(prefix="bench-update-"))
     cf = factory(a.client)
-    lab = ota_lab.Lab(tmp, loss=a.loss, client_factory=cf, log=str(tmp / "console.log"))
-    out = {"loss": a.loss, "client": a.client or "host_tests/otadev.py:DirClient (test only: no ops channel, "
-                                                 "the files do not cross the lossy link)",
+    lab = ota_lab.Lab(tmp, loss=a.loss, client_factory=cf, log=str(tmp / "console.log"), ops=a.ops)
+    out = {"loss": a.loss, "client": "microtun_host.ops.OpsClient (the gateway, the tunnel, the lossy link)"
+           if a.ops else a.client or "host_tests/otadev.py:DirClient (test only: no ops channel, "
+                                     "the files do not cross the lossy link)",
            "target_update_s": 10}
     try:
         up, st = ota_lab.settle(lab, 60)

@@ -253,6 +253,13 @@ def add_parser(sub):
     c.add_argument("--wait", type=float, default=0, metavar="S", help="then wait this long for it to come back")
     c = cmds.add_parser("token", help="print a token for this device (give it to whoever operates it)")
     c.add_argument("--ttl", type=int, default=TOKEN_TTL_S, metavar="S", help="valid this long (max 3600)")
+    c = cmds.add_parser("update", help="install a signed release (`microtun release build`) with automatic "
+                                       "rollback (docs/UPDATE.md)")
+    c.add_argument("bundle", help="the release bundle (.zip)")
+    c.add_argument("--trust", action="append", metavar="KEYFILE",
+                   help="check the signature here first against this operator public key (the device checks anyway)")
+    c.add_argument("--wait", type=float, default=120.0, metavar="S",
+                   help="for the device to come back committed or rolled back (default 120)")
     c = cmds.add_parser("mpremote", help="serve a socket:// address that mpremote connects to")
     c.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     c.add_argument("--once", action="store_true", help="stop after the first mpremote session")
@@ -274,6 +281,14 @@ def _progress(what):
 def main(args):
     where = args.config or args.control
     token = args.token or os.environ.get("MICROTUN_OPS_TOKEN")
+    bundle = None
+    if args.ops_cmd == "update":        # a bad bundle is refused before anything reaches the device
+        from microtun_host import release
+        try:
+            bundle = release.Bundle.load(args.bundle, release.keys_from_files(args.trust) if args.trust else None)
+        except release.ReleaseError as e:
+            print("microtun ops: %s" % e, file=sys.stderr)
+            return 2
     try:
         if args.ops_cmd == "token":
             if args.operator_key is None:
@@ -331,6 +346,12 @@ def main(args):
                     print("microtun ops: %s: not back within %.0f s" % (args.device, args.wait), file=sys.stderr)
                     return 1
                 print("%s: back up" % args.device)
+        elif k == "update":
+            from microtun_host import release
+            r = release.update_device(c, bundle, timeout_s=args.wait,
+                                      progress=lambda msg: print("%s: %s" % (args.device, msg), flush=True))
+            print("%s: %s %s (%s, %.1f s)" % (args.device, r.status, bundle.version, r.reason, r.seconds))
+            return 0 if r.ok else 1
         elif k == "mpremote":
             from microtun_host import opsbridge
             return opsbridge.serve(c, args.listen, once=args.once)

@@ -208,7 +208,12 @@ class Refused(Exception):
 
 def device_call(client, call):
     """Run microtun.update.<call> on the device; its MTUPD result dict."""
-    out = client.exec("from microtun import update as _u\n_u.%s\n" % call)
+    # the call's return value is printed by the snippet itself: an exec
+    # through the ops channel captures the snippet's print(), not the
+    # module's (that goes to the device's console)
+    head, _, last = ("_u." + call).rpartition("\n")    # statements first (a test's stand-in), then the call
+    out = client.exec("import json as _j\nfrom microtun import update as _u\n%s\nprint('MTUPD ' + _j.dumps(%s))\n"
+                      % (head, last))
     for line in reversed(out.splitlines()):
         if line.startswith("MTUPD "):
             d = json.loads(line[6:])
@@ -216,6 +221,16 @@ def device_call(client, call):
                 raise Refused(d["error"])
             return d
     raise Refused("no answer from microtun.update.%s on the device: %r" % (call, out.strip()[-200:]))
+
+
+def make_dirs(client, base, paths):
+    """Create the directories of `paths` under `base` on the device, parents
+    first: a put through the ops channel creates no directory."""
+    dirs = sorted({"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)},
+                  key=lambda x: (x.count("/"), x))
+    if dirs:
+        client.exec("import os\nfor _d in %r:\n    try:\n        os.mkdir(%r + '/' + _d)\n"
+                    "    except OSError:\n        pass\n" % (dirs, base))
 
 
 def update_device(client, bundle, timeout_s=120.0, progress=None):
@@ -244,6 +259,7 @@ def update_device(client, bundle, timeout_s=120.0, progress=None):
         client.put(d + "/manifest.sig", (bundle.sig + "\n").encode())
         device_call(client, "check()")
         stage = "transfer"
+        make_dirs(client, d, bundle.files)
         done = 0
         for i, (p, data) in enumerate(sorted(bundle.files.items())):
             client.put(d + "/" + p, data)
@@ -285,10 +301,18 @@ def update_device(client, bundle, timeout_s=120.0, progress=None):
 
 
 # -- the command -------------------------------------------------------------------------------
+def keys_from_files(paths):
+    """Operator public keys from files of 64 hex characters (ReleaseError if not)."""
+    return _keys(paths)
+
+
 def _keys(paths):
     out = []
     for p in paths or []:
-        text = Path(p).read_text().strip()
+        try:
+            text = Path(p).read_text().strip()
+        except (OSError, UnicodeError) as e:
+            raise ReleaseError("%s: cannot read the public key file (%s)" % (p, getattr(e, "strerror", None) or e))
         try:
             k = bytes.fromhex(text)
         except ValueError:
@@ -308,6 +332,20 @@ def _arguments(sub):
     b.add_argument("--key", required=True, help="the operator key file (`microtun fleet keygen`)")
     b.add_argument("--trial-s", type=int, default=TRIAL_S, help="seconds the new code has to reach the gateway")
     b.add_argument("--out", required=True)
+    r = sub.add_parser("rollout", help="update devices in waves through their gateway, stopping when a wave "
+                                      "fails too often (docs/UPDATE.md)")
+    r.add_argument("bundle")
+    r.add_argument("--devices", required=True, help="comma-separated device names, in rollout order")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", metavar="FILE", help="the gateway's config (its control socket is read from it)")
+    g.add_argument("--control", metavar="SOCKET", help="the gateway's control socket")
+    r.add_argument("--operator-key", required=True, metavar="FILE", help="logs in to each device's ops channel")
+    r.add_argument("--waves", default="1,0.1,0.5,1.0",
+                   help="devices updated by the end of each wave: counts (1) or fractions (0.5); default 1,0.1,0.5,1.0")
+    r.add_argument("--max-failure-rate", type=float, default=0.2, help="stop when a wave fails more (default 0.2)")
+    r.add_argument("--parallel", type=int, default=4)
+    r.add_argument("--wait", type=float, default=120.0, metavar="S", help="per device, after its reboot")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
     s = sub.add_parser("show", help="check a bundle and print its manifest")
     s.add_argument("bundle")
     s.add_argument("--trust", action="append", help="a public key file: check the signature against it")
@@ -325,6 +363,8 @@ def run(a):
             bundle.save(a.out)
             print("release %s: %d files, %s B, signed by %s…, trial %d s -> %s" % (
                 a.version, len(files), "{:,}".format(bundle.size), key.public.hex()[:16], a.trial_s, a.out))
+        elif a.release_cmd == "rollout":
+            return _rollout(a)
         else:
             bundle = Bundle.load(a.bundle, _keys(a.trust) if a.trust else None)
             print(json.dumps(bundle.manifest, indent=1))
@@ -334,6 +374,42 @@ def run(a):
     except (ReleaseError, LogError) as e:
         print("microtun release: %s" % e, file=sys.stderr)
         return 1
+
+
+def _waves(text):
+    out = []
+    for w in text.split(","):
+        w = w.strip()
+        try:
+            out.append(float(w) if "." in w else int(w))
+        except ValueError:
+            raise ReleaseError("--waves: %r is neither a device count (3) nor a fraction (0.5)" % w)
+    return tuple(out)
+
+
+def _rollout(a):
+    from microtun_host import rollout as ro
+    from microtun_host.ops import OpsClient
+    devices = [d.strip() for d in a.devices.split(",") if d.strip()]
+    if not devices:
+        raise ReleaseError("--devices: no device named")
+    bundle = Bundle.load(a.bundle)
+    where = a.config or a.control
+
+    def update_one(name):
+        return update_device(OpsClient.connect(where, name, a.operator_key), bundle, timeout_s=a.wait,
+                             progress=lambda msg: print("  %s: %s" % (name, msg), flush=True))
+    try:
+        rep = ro.rollout(devices, update_one, waves=_waves(a.waves), max_failure_rate=a.max_failure_rate,
+                         parallel=a.parallel, log=lambda msg: print(msg, flush=True))
+    except ValueError as e:
+        raise ReleaseError(str(e))
+    if a.json:
+        print(json.dumps(rep.as_dict(), indent=1))
+    print("rollout of %s: %d updated, %d rolled back, %d failed, %d not touched%s" % (
+        bundle.version, len(rep.devices("updated")), len(rep.devices("rolled_back")), len(rep.devices("failed")),
+        len(rep.skipped), "; stopped: %s" % rep.stopped if rep.stopped else ""))
+    return 0 if rep.stopped is None and len(rep.devices("updated")) == len(devices) else 1
 
 
 def main(argv=None):
