@@ -25,11 +25,9 @@ import argparse
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import shutil
 
@@ -71,37 +69,6 @@ print({"ops_off": off, "ops_allowed_unused": allowed, "ops_allowed_ring_full": r
 """
 
 
-class Sink:
-    """The gateway's channel-1 service: records arrivals; echoes them while echo is set."""
-
-    def __init__(self, port):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.settimeout(0.2)
-        self.got = []
-        self.echo = True
-        self.stop_ = False
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while not self.stop_:
-            try:
-                d, a = self.sock.recvfrom(65535)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.got.append((time.monotonic(), len(d)))
-            if self.echo:
-                self.sock.sendto(d, a)
-
-    def stop(self):
-        self.stop_ = True
-        self.t.join(2)
-        self.sock.close()
-
-
 def run_device(net, name, *args, timeout=120):
     r = subprocess.run([micropython(), os.path.join(ROOT, "tools", "device_run.py"), net.device_config(name)]
                        + list(args), capture_output=True, text=True, env=mp_env(), cwd=ROOT, timeout=timeout)
@@ -140,15 +107,14 @@ def main(argv=None):
                   operators=[key.public.hex()], lossy={"a": {"loss": a.loss, "delay_ms": a.delay_ms, "rate": a.rate,
                                          "seed": 7}})
         net.start()
-        net.echo.stop()
-        sink = Sink(net.echo_port)
+        sink = net.echo                 # it records every arrival; .echo = False makes it a sink
 
         # 1. the path's goodput floor: the device's back-to-back stream of ops-chunk-sized datagrams
         sink.echo = False
-        n0 = len(sink.got)
+        n0 = len(sink.seen)
         size = wire.PAGE + 10
         run_device(net, "d1", "--count", "100", "--size", str(size), "--interval", "0", "--linger", "300")
-        got = sink.got[n0:]
+        got = list(zip(sink.stamps[n0:], (len(d) for d in sink.seen[n0:])))
         if len(got) >= 2:
             span = got[-1][0] - got[0][0]
             floor = sum(n for _, n in got[1:]) / span if span > 0 else None
@@ -220,7 +186,6 @@ def main(argv=None):
                 r = run_device(net, name, "--count", "0", "--idle", str(a.idle_ms), "--linger", "0")
                 idle["ops_allowed" if name == "d1" else "ops_off"].append(r["health"]["tx_bytes"])
         out["unused_idle_tx_bytes"] = dict(idle, idle_ms=a.idle_ms)
-        sink.stop()
     finally:
         if dev is not None:
             dev.kill()

@@ -56,7 +56,8 @@ def py_env():
 
 
 class Echo:
-    """A UDP echo service in a thread (the gateway's channel-1 service)."""
+    """A UDP echo service in a thread (the gateway's channel-1 service).
+    Set .echo = False to make it a sink that only records (seen, stamps)."""
 
     def __init__(self, port):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -65,6 +66,7 @@ class Echo:
         self.count = 0
         self.seen = []
         self.stamps = []        # time.monotonic() of each datagram in seen
+        self.echo = True
         self._stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -80,6 +82,8 @@ class Echo:
             self.count += 1
             self.stamps.append(time.monotonic())
             self.seen.append(d)
+            if not self.echo:
+                continue
             try:
                 self.sock.sendto(d, a)
             except OSError:
