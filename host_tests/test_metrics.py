@@ -92,6 +92,9 @@ def test_scrape_real_pop_and_gateway_matches_traffic(net):
     assert value(gw, "microtun_gateway_link_packets", link=link, direction="rx") == d1["paths"][0]["rx_packets"] >= 21
     if d1["paths"][0]["srtt_ms"] is not None:      # the device reports it in its path probes
         assert value(gw, "microtun_gateway_path_rtt_seconds", device="d1", link=link) == d1["paths"][0]["srtt_ms"] / 1000
+    if d1["paths"][0]["probe_loss"] is not None:   # from the probes' sequence numbers
+        assert value(gw, "microtun_gateway_path_probe_loss_ratio", device="d1", link=link) == \
+            d1["paths"][0]["probe_loss"] == 0.0      # loopback: nothing lost
     # The PoP forwarded the handshake, the 20 messages and the 20 echoes (and probes).
     ps = net.pop_stats("a1")
     fwd = value(pop, "microtun_pop_packets", kind="forwarded")
@@ -144,7 +147,7 @@ def test_metrics_are_off_by_default_and_a_bad_address_is_one_line(tmp_path):
 def _fake_status(n):
     devs = [{"name": "dev%03d" % i, "established": i % 2 == 0, "rx_packets": i, "rx_bytes": 10 * i,
              "tx_packets": 0, "tx_bytes": 0, "handshakes": 1, "counters": {"data_rx": i, "bad_tag": 1},
-             "paths": [{"link": "dev%03d/a" % i, "last_seen_ms_ago": 5, "srtt_ms": 12,
+             "paths": [{"link": "dev%03d/a" % i, "last_seen_ms_ago": 5, "srtt_ms": 12, "probe_loss": 0.25,
                         "rx_packets": i, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0, "duplicates": 0}]}
             for i in range(n)]
     return {"gateway": "gw", "uptime_s": 1.0, "crypto": "pure", "devices": devs,
@@ -163,7 +166,27 @@ def test_per_device_series_are_bounded():
     assert value(fams, "microtun_gateway_drops", reason="bad_mac1") == 3
     assert value(fams, "microtun_gateway_device_drops", device="dev003", reason="bad_tag") == 1
     assert value(fams, "microtun_gateway_path_rtt_seconds", device="dev001", link="dev001/a") == 0.012
+    assert value(fams, "microtun_gateway_path_probe_loss_ratio", device="dev001", link="dev001/a") == 0.25
     assert value(fams, "microtun_gateway_info", crypto="pure") == 1
+
+
+def test_path_probe_loss_from_sequence_gaps():
+    from microtun.responder import probe_loss
+    st = None
+    for seq in range(1, 200):             # every probe arrives
+        st = probe_loss(st, seq)
+    assert st == [199, 0.0]
+    for seq in range(200, 2000):          # one in four lost
+        if seq % 4:
+            st = probe_loss(st, seq)
+    assert 0.2 < st[1] < 0.3, st
+    before = list(st)
+    assert probe_loss(st, st[0]) == before and probe_loss(st, st[0] - 3) == before    # duplicate, reordered
+    assert probe_loss(st, 1)[0] == 1                                                  # the device restarted
+    assert probe_loss([5, 0.0], 5 + 2000) == [2005, 0.0]                             # far ahead: a new count
+    st = [10, 0.0]
+    st = probe_loss(st, 15)               # four lost in a row, then one
+    assert abs(st[1] - (1 - (1 - 1 / 16) ** 4) * (1 - 1 / 16)) < 1e-12
 
 
 def test_metrics_port_taken_is_one_line(tmp_path):

@@ -62,6 +62,26 @@ MAX_LINKS = const(512)      # links tracked for the budgets; beyond, they share 
 _RECENT_INITS = const(2048)  # replay filter: INITs remembered per generation
 _RECENT_MS = const(5000)     # ... and a generation's age (two generations kept)
 
+_PROBE_GAIN = 0.0625          # weight of one probe in a path's loss estimate (1/16)
+
+
+def probe_loss(state, seq):
+    """A device path's probe loss, device to gateway, from the sequence
+    numbers of its path probes (the device numbers them per path): state
+    [last seq, loss EWMA] or None, and the seq just received; returns the
+    new state. A gap of m counts m losses, then the arrival one success.
+    A probe older than the last (reordered, a duplicate) teaches nothing;
+    one far behind or far ahead is a new count (the device restarted)."""
+    if state is None:
+        return [seq, 0.0]
+    gap = (seq - state[0]) & 0xFFFFFFFF
+    if gap == 0 or 0xFFFFFFFF - 64 <= gap:
+        return state
+    if gap > 1024:
+        return [seq, state[1]]
+    return [seq, (1.0 - (1.0 - state[1]) * (1.0 - _PROBE_GAIN) ** (gap - 1)) * (1.0 - _PROBE_GAIN)]
+
+
 FAILED = "handshake_failed"  # event: a handshake was answered and never confirmed: peer
 DENIED = "denied"            # event: app data on a channel the device may not use: peer, channel
 _NO_PSK = bytes(32)
@@ -80,6 +100,7 @@ class Peer(Session):
     last_init_at = None           # when its last initiation was accepted (flood guard)
     stale = None                  # (ticks, its value, ours) of the last stale INIT
     stale_answered_at = None      # when a STALE answer was last sent (rate limit)
+    path_probe = None             # addr -> [last probe seq, loss EWMA]: made by the first path probe
 
     def __init__(self, public_key, psk, name, channels):
         Session.__init__(self, public_key, psk)
@@ -380,6 +401,8 @@ class Gateway(_Endpoint):
                     oldest = a
             del paths[oldest]
             s.path_rtt.pop(oldest, None)
+            if s.path_probe is not None:
+                s.path_probe.pop(oldest, None)
         paths[addr] = now
         return s
 
@@ -403,6 +426,10 @@ class Gateway(_Endpoint):
             self._count("path_probe_rx")
             r = (payload[10] << 8) | payload[11]
             s.path_rtt[addr] = None if r == 0xFFFF else r   # the device's own measurement
+            pp = s.path_probe
+            if pp is None:
+                pp = s.path_probe = {}
+            pp[addr] = probe_loss(pp.get(addr), (payload[2] << 24) | (payload[3] << 16) | (payload[4] << 8) | payload[5])
             pkt = s.sealed(_REPLY + payload[1:], now, CONTROL_CHANNEL)
             if pkt is not None:
                 self._out.append((pkt, addr))   # answered on the path it came by
@@ -579,6 +606,8 @@ class Gateway(_Endpoint):
                     for a in [a for a, seen in s.paths.items() if ticks_diff(now, seen) >= PATH_FRESH_MS]:
                         del s.paths[a]
                         s.path_rtt.pop(a, None)
+                        if s.path_probe is not None:
+                            s.path_probe.pop(a, None)
                 if s.next is not None and ticks_diff(now, s.next.created) >= 2 * p.rekey_timeout_ms:
                     self._unconfirmed(s)
                 had = s.current is not None or s.next is not None

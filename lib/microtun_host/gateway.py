@@ -787,7 +787,9 @@ class GatewayServer:
             s = peers.peek(pub)         # a device never heard from has no Peer yet: a blank one, not kept
             d = s.info(now)
             d["public_key"] = pub.hex()
-            d["paths"] = [dict({"link": a, "last_seen_ms_ago": ticks_diff(now, seen), "srtt_ms": s.path_rtt.get(a)},
+            pp = s.path_probe or {}
+            d["paths"] = [dict({"link": a, "last_seen_ms_ago": ticks_diff(now, seen), "srtt_ms": s.path_rtt.get(a),
+                                "probe_loss": round(pp[a][1], 4) if a in pp else None},
                                **(self.by_name[a].counters if a in self.by_name else {}))
                           for a, seen in sorted(s.paths.items(), key=lambda x: str(x[0]))]
             devices.append(d)

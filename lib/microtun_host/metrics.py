@@ -187,6 +187,9 @@ class GatewayCollector:
                      "measured and reported it in its last path probe.", ("device", "link"))
         seen = _gauge("microtun_gateway_path_last_seen_seconds", "Seconds since an authentic packet came "
                       "over this device path.", ("device", "link"))
+        loss = _gauge("microtun_gateway_path_probe_loss_ratio", "Loss of a device path, device to gateway: an "
+                      "average over its last ~16 path probes, from the gaps in their sequence numbers.",
+                      ("device", "link"))
         for d in chosen:
             name = str(d["name"])
             est.add_metric([name], 1 if d["established"] else 0)
@@ -201,7 +204,9 @@ class GatewayCollector:
                 if p["srtt_ms"] is not None:
                     rtt.add_metric([name, str(p["link"])], p["srtt_ms"] / 1000)
                 seen.add_metric([name, str(p["link"])], p["last_seen_ms_ago"] / 1000)
-        return [exported, est, pk, by, hs, dr, rtt, seen]
+                if p.get("probe_loss") is not None:
+                    loss.add_metric([name, str(p["link"])], p["probe_loss"])
+        return [exported, est, pk, by, hs, dr, rtt, seen, loss]
 
 
 def registry(collector):
