@@ -254,18 +254,27 @@ def _roll_back(cur, trial, why):
     note("rolled back from %s (%s) to %s: %s" % (trial, version(trial) or "?", cur, why))
 
 
+def _take_trial():
+    """With the lock held: the set on trial, no longer on trial (its
+    deadline cancelled), and the state record; None if nothing is."""
+    global _trial
+    name = _trial
+    if name is None:
+        return None
+    _trial = None
+    _cancel()
+    return (name,) + tuple(read())
+
+
 def up():
     """The tunnel reached the gateway: commit the set on trial (once)."""
-    global _trial
     if _trial is None:
         return False
     with _locked():
-        if _trial is None:
+        t = _take_trial()
+        if t is None:
             return False
-        name = _trial
-        _trial = None
-        _cancel()
-        seq, cur, trial, tries = read()
+        name, seq, cur, trial, tries = t
         if trial != name:
             return False
         write(name, NONE, 0)
@@ -277,16 +286,13 @@ def up():
 def failed(why):
     """The set on trial failed: roll back now (the caller resets). False if
     nothing is on trial (a committed set's failures are the firmware's)."""
-    global _trial
     if _trial is None:
         return False
     with _locked():
-        if _trial is None:
+        t = _take_trial()
+        if t is None:
             return False
-        name = _trial
-        _trial = None
-        _cancel()
-        seq, cur, trial, tries = read()
+        name, seq, cur, trial, tries = t
         if trial == name:
             _roll_back(cur, name, why)
     return True

@@ -133,9 +133,7 @@ class Commands:
                 reply = dict(reply)
                 reply.setdefault("ok", True)
             except Exception as e:    # a bug in a handler must not kill the process
-                if self.log:
-                    self.log.exception("control: command %r failed", req["cmd"])
-                reply = {"ok": False, "error": "internal error in %r: %s" % (req["cmd"], e)}
+                reply = self._failed(req, e)
         if rid is not None:
             reply["id"] = rid
         return reply
@@ -145,12 +143,15 @@ class Commands:
             reply = dict(await coro)
             reply.setdefault("ok", True)
         except Exception as e:
-            if self.log:
-                self.log.exception("control: command %r failed", req["cmd"])
-            reply = {"ok": False, "error": "internal error in %r: %s" % (req["cmd"], e)}
+            reply = self._failed(req, e)
         if rid is not None:
             reply["id"] = rid
         return reply
+
+    def _failed(self, req, e):
+        if self.log:
+            self.log.exception("control: command %r failed", req["cmd"])
+        return {"ok": False, "error": "internal error in %r: %s" % (req["cmd"], e)}
 
     def refuse(self, uid, where):
         self.refused += 1
