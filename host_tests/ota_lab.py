@@ -222,6 +222,10 @@ def power_cut_soak(lab, points, seed=1, say=lambda m: None):
             lab.client = otadev.FlickerClient(lab.device, delay)
             what = "%.0f ms after the reboot" % (1000 * delay)
         r = release.update_device(lab.client, b, timeout_s=3 * lab.trial_s + 20)
+        if where == "switch-over":
+            # a device that commits sooner than the delay gets its cut after the
+            # update returned: wait for it here, or it lands in the next point
+            lab.client.wait_flicker()
         up, st = settle(lab)
         versions = (before or {}).get("running_version"), b.version
         good = up and st is not None and (st["running_version"] in versions or st["running_version"] == "")

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "lib"))
 
 import vboard                                     # noqa: E402
+from microtun_host import ops as host_ops         # noqa: E402
 
 MICROPYTHON = str(Path(sys.executable).with_name("micropython"))
 UP = "session up"
@@ -59,8 +60,9 @@ exec(compile(_src, "<exec>", "exec"), {"__name__": "__main__"})
 '''
 
 
-class OpsError(Exception):
-    """What the real client raises; here: exec raised on the device, or a timeout."""
+class OpsError(host_ops.OpsError):
+    """What the real client raises (and release.update_device catches);
+    here: exec raised on the device, the device is off, or a timeout."""
 
 
 class PowerCut(OSError):
@@ -309,6 +311,13 @@ class FlickerClient(DirClient):
     def __init__(self, device, delay, **kw):
         super().__init__(device, **kw)
         self.delay = delay
+        self.flicker = None
+
+    def wait_flicker(self):
+        """Wait until the scheduled cut has happened, so that it lands in
+        the update that scheduled it and not in whatever runs next."""
+        if self.flicker is not None:
+            self.flicker.join()
 
     def reboot(self):
         super().reboot()
