@@ -1,6 +1,7 @@
 """Issue 14 (LOOPS) benchmark: prints ONE JSON object with every figure.
 
-    .venv/bin/python tools/bench_loops.py [--count N] [--interval MS]   (make bench-loops, ~10 minutes)
+    .venv/bin/python tools/bench_loops.py [--count N] [--interval MS]   (make bench-loops, ~12 minutes)
+    .venv/bin/python tools/bench_loops.py --only cpu [--cpu-rounds N]   (the PoP CPU figure alone)
 
 Real processes over loopback (tools/loops_scenarios.py): unix-port device,
 PoPs a1 -> a2 with the link emulator on that middle segment (20 ms each way,
@@ -25,17 +26,30 @@ not cross the lossy segment; the tail that scheduling on the shared machine
 gives every mode cancels out).
 extra_bytes = bytes the emulator saw on the segment, both directions
 (data, retransmissions, parities, NACKs, pings, pongs) / the same for "off" - 1.
-pop_cpu: utime + stime of a1 and a2 from /proc over the run, per packet
-they received (us_per_packet), and the difference to "off" at the run's
-rate, in percentage points of one CPU per PoP: (us_per_packet - off's) x
-packets per second per PoP / 1e4 (cpu_pp_vs_off). per_packet_cost is the
-same difference in-process, without the other processes' noise.
+pop_cpu: utime + stime of a1 and a2 from /proc over the run's window
+(from the device's session up to its last echo), as percent of one CPU per
+PoP (pct_of_one_cpu), and the difference to "off" in percentage points
+(cpu_pp_vs_off). Total CPU, not CPU per datagram: a mode's own datagrams
+(parities, pings, pongs, NACKs) are part of its cost. us_per_datagram is
+the same CPU per datagram the PoPs received.
+noloss_cpu (the target's figure): one run per mode, on its own, is within
+the noise of a shared machine (single runs of the same mode spread 1.5
+points). So each round runs "off" and the mode AT ONCE, two networks side
+by side, each pinned to its own core (the cores swap every round), and
+takes the difference; whatever else loads the machine then loads both. An
+"off" against "off" pair in every round (noloss_cpu.noise_off_vs_off) shows the noise
+floor of the method in the same run. The figure is the median over the
+rounds. per_packet_cost is the segment's own cost in-process, without the
+other processes.
 segment_egress.repair_ms = the egress's own record, gap seen -> repaired.
 """
 import argparse
 import json
+import os
+import statistics
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,18 +62,21 @@ ADAPTIVE = {"fec_m_min": 0, "fec_m": 6, "fec_target": 0.01}
 GE = {"p_good_to_bad": round(0.05 * 0.25 / 0.95, 5), "p_bad_to_good": 0.25}
 
 
-def _us_per_packet(r):
-    return 1e6 * sum(r["pop_cpu_s"].values()) / max(1, sum(r["pop_packets"].values()))
+def _pct(r):
+    """CPU of the two PoPs over the run's window, percent of one CPU per PoP."""
+    return 100.0 * sum(r["pop_cpu_s"].values()) / r["cpu_window_s"] / len(r["pop_cpu_s"])
 
 
-def figures(rows, interval, count):
+def _pop_cpu(r, base):
+    return {"s": r["pop_cpu_s"], "window_s": r["cpu_window_s"], "datagrams": r["pop_packets"],
+            "us_per_datagram": round(1e6 * sum(r["pop_cpu_s"].values()) / max(1, sum(r["pop_packets"].values())), 1),
+            "pct_of_one_cpu": round(_pct(r), 2), "cpu_pp_vs_off": round(_pct(r) - _pct(base), 2)}
+
+
+def figures(rows):
     base = rows["off"]
-    run_s = count * interval / 1000.0
-    pps = 2 * 1000.0 / interval        # packets a PoP receives per second (uplink and replies)
     out = {}
     for m, r in rows.items():
-        cpu = sum(r["pop_cpu_s"].values())
-        us = _us_per_packet(r)
         out[m] = {
             "delivered_ratio": r["delivered_ratio"], "duplicates_delivered": r["duplicates_delivered"],
             "extra_bytes": round(r["segment_bytes"] / base["segment_bytes"] - 1, 4),
@@ -69,9 +86,7 @@ def figures(rows, interval, count):
             "added_latency_p99_ms": (r["rtt_ms_p99"] - base["rtt_ms_p99"])
             if r["rtt_ms_p99"] is not None and base["rtt_ms_p99"] is not None else None,
             "rtt_ms": {"p50": r["rtt_ms_median"], "p90": r["rtt_ms_p90"], "p99": r["rtt_ms_p99"], "max": r["rtt_ms_max"]},
-            "pop_cpu": {"s": r["pop_cpu_s"], "packets": r["pop_packets"], "us_per_packet": round(us, 1),
-                        "cpu_pp_vs_off": round((us - _us_per_packet(base)) * pps / 1e4, 2),
-                        "run_pp_vs_off": round(100 * (cpu - sum(base["pop_cpu_s"].values())) / run_s / 2, 2)},
+            "pop_cpu": _pop_cpu(r, base),
             "ce_marks_gateway": r["ce_marks_gateway"],
             "segment_egress": {k: {f: v[f] for f in ("loss", "gaps", "recovered_nack", "recovered_fec", "unrecovered",
                                                      "nacks_sent", "repair_ms", "ce_marked")}
@@ -139,8 +154,9 @@ def main():
     ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--interval", type=int, default=5, help="ms between messages (200/s)")
     ap.add_argument("--size", type=int, default=200, help="app payload bytes")
-    ap.add_argument("--cpu-rounds", type=int, default=2,
-                    help="extra no-loss rounds of every mode for the PoP CPU figure (median over these and noloss)")
+    ap.add_argument("--cpu-rounds", type=int, default=3,
+                    help="rounds of side-by-side pairs (off and each mode at once) for the PoP CPU figure")
+    ap.add_argument("--only", choices=("cpu",), help="cpu: only the PoP CPU pairs (noloss_cpu, ~4 minutes)")
     a = ap.parse_args()
     res = {"setup": {"count": a.count, "interval_ms": a.interval, "payload_bytes": a.size,
                      "segment_rtt_ms": 2 * ls.SEGMENT_ONE_WAY_MS, "fec": "k=24 data + m=3 parities (12.5 %)",
@@ -170,33 +186,70 @@ def main():
                 "delivered_ratio", "segment_bytes", "rtt_ms_p99", "pop_cpu_s", "segment_delay")})), file=sys.stderr)
             return r
         for name, imp in (("random5", {"loss": 0.05, "seed": 5}), ("bursty_ge4", dict(GE, seed=6)),
-                          ("noloss", {"seed": 7})):
+                          ("noloss", {"seed": 7})) if a.only is None else ():
             rows = {m: go(name, m, imp=imp) for m in MODES}
             if name != "bursty_ge4":
                 rows["fec_adaptive"] = go(name, "fec", tag="fec_adaptive", imp=imp, seg=ADAPTIVE)
-            res[name] = figures(rows, a.interval, a.count)
+            res[name] = figures(rows)
             if "fec_adaptive" in rows:
                 res[name]["fec_adaptive"]["ingress"] = {
                     f: v[f] for k, v in rows["fec_adaptive"]["segments"].items()
                     if k.startswith("a1/out:") for f in ("fec_m", "loss", "parities", "sent")}
-        # PoP CPU at no loss: one run per mode is within the noise of the shared
-        # machine, so every mode again cpu_rounds times, interleaved; the figure is
-        # the median over the rounds of (mode - off of the same round)
-        rounds = [res["noloss"]]
+        # PoP CPU at no loss: "off" and the mode at once, side by side, pinned apart
+        # (see the module doc); the figure is the median over the rounds
+        cores = sorted(os.sched_getaffinity(0))
+        res["noloss_cpu_method"] = {
+            "pairs": "off and the mode at once, each network on its own core" if len(cores) >= 2 else
+                     "off and the mode at once, unpinned (this process may use one core only)",
+            "rounds": a.cpu_rounds, "cores": cores[:2], "trace": False}
+        pairs = {m: [] for m in ("noise_off_vs_off",) + MODES[1:] + ("fec_adaptive",)}
         for k in range(a.cpu_rounds):
-            rows = {m: go("cpu%d" % k, m, imp={"seed": 7}) for m in MODES}
-            rows["fec_adaptive"] = go("cpu%d" % k, "fec", tag="fec_adaptive", imp={"seed": 7}, seg=ADAPTIVE)
-            rounds.append(figures(rows, a.interval, a.count))
-        res["noloss_cpu"] = {m: {"cpu_pp_vs_off_rounds": [r[m]["pop_cpu"]["cpu_pp_vs_off"] for r in rounds],
-                                 "us_per_packet_rounds": [r[m]["pop_cpu"]["us_per_packet"] for r in rounds],
-                                 "cpu_pp_vs_off_median": sorted(r[m]["pop_cpu"]["cpu_pp_vs_off"]
-                                                                for r in rounds)[len(rounds) // 2]}
-                             for m in rounds[0]}
+            for m in pairs:
+                mode, seg = {"noise_off_vs_off": ("off", None), "fec_adaptive": ("fec", ADAPTIVE)}.get(m, (m, None))
+                off, r = cpu_pair(Path(tmp), k, m, mode, seg, a, cores)
+                pairs[m].append({"pp": round(_pct(r) - _pct(off), 2), "off_pct": round(_pct(off), 2),
+                                 "mode_pct": round(_pct(r), 2)})
+                print("cpu round %d %s: %s" % (k, m, json.dumps(pairs[m][-1])), file=sys.stderr)
+        res["noloss_cpu"] = {m: {"cpu_pp_vs_off_median": statistics.median(x["pp"] for x in v),
+                                 "cpu_pp_vs_off_pairs": [x["pp"] for x in v],
+                                 "off_pct_of_one_cpu_pairs": [x["off_pct"] for x in v]}
+                             for m, v in pairs.items()}
+        if a.only is not None:
+            res["load_average_end"] = _load()
+            print(json.dumps(res))
+            return
         crit = go("critical", "nack", imp={"loss": 0.05, "seed": 8}, policy="critical", second_route=True)
         res["critical_two_paths_nack"] = {"sent": crit["sent"], "delivered_ratio": crit["delivered_ratio"],
                                           "duplicates_delivered": crit["duplicates_delivered"]}
     res["load_average_end"] = _load()
     print(json.dumps(res))
+
+
+def cpu_pair(tmp, k, tag, mode, seg, a, cores):
+    """Round k: "off" and `mode` on two networks at once, each network's
+    processes pinned to one of two cores (a thread's affinity passes to the
+    processes it starts; the cores swap with k). Returns (off's run, mode's)."""
+    out = {}
+
+    def go(which, m, sg):
+        if len(cores) >= 2:
+            os.sched_setaffinity(0, {cores[(k + which) % 2]})
+        d = tmp / ("cpu%d-%s-%d" % (k, tag.replace("+", "_"), which))
+        d.mkdir()
+        try:
+            out[which] = ls.run(d, m, imp={"seed": 7}, seg=sg, count=a.count, interval=a.interval, size=a.size,
+                                trace=False)
+        except BaseException as e:          # reported by the caller, not lost in the thread
+            out[which] = e
+    ts = [threading.Thread(target=go, args=(0, "off", None)), threading.Thread(target=go, args=(1, mode, seg))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for which in (0, 1):
+        if isinstance(out.get(which), BaseException):
+            raise out[which]
+    return out[0], out[1]
 
 
 def _load():

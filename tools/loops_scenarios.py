@@ -108,29 +108,37 @@ def quantiles(xs):
     return {"n": len(xs), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": round(xs[-1], 1)}
 
 
-def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy="best", second_route=False):
+def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy="best", second_route=False,
+        trace=True):
+    """One scenario on a fresh network. trace=False: the PoPs run without the
+    per-packet trace (no segment_delay; the environment is left untouched, so
+    several runs may go at once from threads, as the CPU pairs do)."""
     import os
+    import time
     net = LoopsNet(tmp, mode, seg, imp, second_route=second_route, policy=policy)
     old = os.environ.get("MICROTUN_SEG_TRACE")
-    os.environ["MICROTUN_SEG_TRACE"] = str(4 * count + 1000)      # the PoPs started now record per packet
+    if trace:
+        os.environ["MICROTUN_SEG_TRACE"] = str(4 * count + 1000)      # the PoPs started now record per packet
     try:
         net.start()
         r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--size", str(size),
                 "--linger", "2000")
         r.wait_connected()
         cpu0 = {p: cpu_s(net.procs[p].pid) for p in ("a1", "a2")}
+        t0 = time.monotonic()
         res = r.result()
         cpu = {p: round(cpu_s(net.procs[p].pid) - cpu0[p], 3) for p in ("a1", "a2")}
+        window = time.monotonic() - t0
         ids = service_ids(net)
         got = set(ids)
         st = net.netem_cmd(net.netem["a"]["control"], {"stats": True})["stats"]
         a1, a2 = net.pop_stats("a1"), net.pop_stats("a2")
         from microtun_host import control
         tr = {}
-        for name, want in (("a1", "out"), ("a2", "in")):
+        for name, want in (("a1", "out"), ("a2", "in")) if trace else ():
             t = control.query(net.pops[name]["control"], {"cmd": "seg_trace"}, timeout=5)["traces"]
             tr[want] = [x for k, v in t.items() if k.startswith(want + ":") for x in v]
-        delays = segment_delays(tr)
+        delays = segment_delays(tr) if trace else None
         gw = [d for d in net.gw_status()["devices"] if d["name"] == "d1"][0]
         segs = {}
         for name, s in (("a1", a1), ("a2", a2)):
@@ -150,14 +158,16 @@ def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy=
             "segment_bytes": st["up"]["bytes_received"] + st["down"]["bytes_received"],
             "segment_bytes_up": st["up"]["bytes_received"], "segment_bytes_down": st["down"]["bytes_received"],
             "netem_dropped_up": sum(st["up"]["dropped"].values()),
-            "pop_cpu_s": cpu, "run_s": None,
+            "pop_cpu_s": cpu, "cpu_window_s": round(window, 3),
             "ce_marks_gateway": sum(p.get("ce_marks", 0) for p in gw["paths"]),
             "ce_marks_device": res["health"]["driver"].get("ce_marks", 0),
             "segments": segs,
         }
     finally:
         net.stop()
-        if old is None:
+        if not trace:
+            pass
+        elif old is None:
             os.environ.pop("MICROTUN_SEG_TRACE", None)
         else:
             os.environ["MICROTUN_SEG_TRACE"] = old
