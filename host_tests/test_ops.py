@@ -168,6 +168,40 @@ def _retransmitted_exec_runs_once(r):
     assert r.call(w.EXEC, body, rid=6)[1][5:].startswith(b"2\n")
 
 
+def test_exec_stream_pushes_output_while_the_snippet_runs():
+    with_rig(_exec_stream_pushes_output_while_the_snippet_runs)
+
+
+def _exec_stream_pushes_output_while_the_snippet_runs(r):
+    pushes = []                 # (the snippet's `stage` when the push went out, the message)
+    r.core.ops_push = lambda m: pushes.append((r.agent.globals.get("stage"), m))
+    code = ("import time\nstage = 1\nprint('first')\nstage = 2\ntime.sleep(0.08)\nprint('second')\n"
+            "stage = 3\nfor i in range(10): print('x' * 700)\nstage = 4\n").encode()
+    st, rep = r.call(w.EXEC_S, bytes((6,)) + w.p32(len(code)) + w.p32(0) + code, rid=40)
+    assert st == w.OK and rep[0] == 0
+    total = w.u32(rep, 1)
+    out = rep[5:]
+    while len(out) < total:
+        out += r.ok(w.RESULT, w.p32(len(out)))
+    msgs = [w.parse_reply(m) for _, m in pushes]
+    # the first line went out while the snippet still ran (before its sleep), as a push of the request
+    assert pushes[0][0] == 1 and msgs[0] == (w.EXEC_S, 40, w.STREAM, w.p32(0) + b"first\n"), msgs[0]
+    assert pushes[1][0] == 2 and msgs[1][3][4:] == b"second\n"
+    # the credit bounds the pushes; each is at most a page; together a prefix of the output
+    assert len(pushes) == 6 and all(len(m[3]) <= 4 + w.PAGE for m in msgs), [(p[0], len(m[3])) for p, m in zip(pushes, msgs)]
+    got = b""
+    for m in msgs:
+        assert w.u32(m[3], 0) == len(got)
+        got += m[3][4:]
+    assert out.startswith(got) and len(got) < total and out.endswith(b"\x04")
+    # without the credit (plain EXEC), or without a driver that can send mid-exec: no push
+    del pushes[:]
+    r.exec("print('quiet')")
+    del r.core.ops_push
+    st, rep = r.call(w.EXEC_S, bytes((6,)) + w.p32(8) + w.p32(0) + b"print(1)")
+    assert st == w.OK and rep[5:] == b"1\n\x04" and not pushes
+
+
 def test_put_out_of_order_and_duplicated_is_byte_exact():
     with_rig(_put_out_of_order_and_duplicated_is_byte_exact)
 

@@ -62,6 +62,27 @@ def wait_established(net, name, timeout=15):
     raise AssertionError("%s never came up: %r" % (name, net.gw_status()))
 
 
+def exec_streamed(args, first, timeout=30):
+    """`microtun ops ... exec` of a snippet that prints `first`, sleeps and
+    prints again: (seconds from the first line on stdout to the process's
+    end, the whole stdout, stderr)."""
+    p = subprocess.Popen([PY, "-m", "microtun_host.cli"] + list(args), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=py_env(), cwd=str(ROOT))
+    try:
+        line = p.stdout.readline()
+        t_first = time.monotonic()
+        assert line == first + "\n", (line, p.stderr.read() if p.poll() is not None else "")
+        rest, err = p.communicate(timeout=timeout)
+        return time.monotonic() - t_first, line + rest, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+STREAMED = "import time\nprint('first')\ntime.sleep(1.2)\nprint('second')"
+
+
 def cli(*args, timeout=30):
     return subprocess.run([PY, "-m", "microtun_host.cli"] + list(args), capture_output=True, text=True,
                           env=py_env(), cwd=str(ROOT), timeout=timeout)
@@ -94,6 +115,10 @@ def test_ops_end_to_end(rig, tmp_path):
     # -- the CLI: exec, put, ls, get, health, logs -----------------------------------------
     r = cli("ops", "d1", "--config", gwcfg, "--operator-key", key_path, "exec", "print(6 * 7)")
     assert r.returncode == 0 and r.stdout == "42\n", r.stderr
+    # streamed: the first line is on the host's stdout while the snippet still sleeps
+    after, out, err = exec_streamed(["ops", "d1", "--config", gwcfg, "--operator-key", key_path, "exec",
+                                     STREAMED], "first")
+    assert out == "first\nsecond\n" and after > 0.9, (after, out, err)
     token = cli("ops", "d1", "--config", gwcfg, "--operator-key", key_path, "token", "--ttl", "60").stdout.strip()
     assert len(token) == 32
     src = tmp_path / "blob.bin"

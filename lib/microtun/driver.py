@@ -89,6 +89,8 @@ class Tunnel:
         self.core = TunnelCore(cfg, boot, params=params, log=log)
         self.log = self.core.log             # the log ring too, when the config allows ops
         self.core.storage = self.storage     # a boot counter jump (gateway's STALE answer) is saved here
+        if cfg.ops:
+            self.core.ops_push = self._push_now  # exec output streamed while the snippet runs (docs/OPS.md)
         self.device = self.core.device
         self.paths = self.core.paths
         self.stats = self.core.stats
@@ -166,6 +168,14 @@ class Tunnel:
                 self._socks[i].sendto(pkt, self._addrs[i])
             except OSError:
                 self._count("send_error")
+
+    def _push_now(self, data):
+        # a channel-0 message out now, not at the end of this poll: the ops
+        # agent's pushes of a running snippet's output (microtun.ops)
+        now = now_ms()
+        self.core.device.send(0, data, now)
+        self.core._flush(now)
+        self._send_out()
 
     # -- app API ---------------------------------------------------------------
     @property

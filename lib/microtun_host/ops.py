@@ -87,12 +87,14 @@ class OpsClient:
         return cls(addr, device, token, timeout)
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _call(self, op, timeout=None, **fields):
+    def _call(self, op, timeout=None, on_partial=None, **fields):
         req = dict(fields, cmd="ops", device=self.device, token=self.token, op=op)
         if self.device_timeout is not None:
             req["timeout"] = self.device_timeout
+        if on_partial is not None:
+            req["stream"] = True
         try:
-            rep = control.query(self.control, req, timeout=timeout or self.timeout)
+            rep = control.query(self.control, req, timeout=timeout or self.timeout, on_partial=on_partial)
         except control.ControlError as e:
             raise OpsError("%s: %s: %s" % (self.device, op, e)) from None
         if not rep.get("ok"):
@@ -110,9 +112,13 @@ class OpsClient:
             raise OpsError("%s: exec raised %s" % (self.device, last), traceback=tb, output=rep.get("output"))
         return rep["output"]
 
-    def exec_raw(self, code):
-        """(output, traceback or ""): what the raw REPL reports, no raising."""
-        rep = self._call("exec", code=code)
+    def exec_raw(self, code, on_output=None):
+        """(output, traceback or ""): what the raw REPL reports, no raising.
+        on_output: called with each piece of the output as the device
+        prints it (streamed, docs/OPS.md); the pieces are a prefix of the
+        output returned (the rest was not pushed: print output[len(seen):])."""
+        cb = None if on_output is None else (lambda m: on_output(m.get("output", "")))
+        rep = self._call("exec", code=code, on_partial=cb)
         return rep["output"], rep.get("error") or ""
 
     def reset(self):
@@ -305,8 +311,14 @@ def main(args):
                 print("microtun ops exec: give the code or -f FILE", file=sys.stderr)
                 return 2
             code = args.code if args.file is None else open(args.file).read()
-            out, err = c.exec_raw(code)
-            sys.stdout.write(out)
+            seen = [0]
+
+            def show(text):                 # the output as the snippet prints it
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                seen[0] += len(text)
+            out, err = c.exec_raw(code, on_output=show)
+            sys.stdout.write(out[seen[0]:])
             if err:
                 sys.stderr.write(err)
                 return 1
