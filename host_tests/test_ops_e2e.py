@@ -214,3 +214,51 @@ def test_ops_end_to_end(rig, tmp_path):
         assert (root / "big.bin").read_bytes() == big
     finally:
         dev2.stop()
+
+
+def test_ops_through_a_gateway_with_two_workers(tmp_path):
+    """The supervisor's control socket passes ops (login, exec streamed,
+    health) to the worker holding each device's session: two devices on
+    two workers, both reached through the one socket."""
+    from microtun_host import workers
+    key_path = str(tmp_path / "op.key")
+    key = OperatorKey.generate(key_path)
+    net = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {"ops": True}, "d2": {"ops": True}},
+              operators=[key.public.hex()])
+    path = net.out / "gateway.json"
+    cfg = json.loads(path.read_text())
+    cfg["workers"] = 2
+    path.write_text(json.dumps(cfg))
+    groups = workers.link_groups([type("L", (), l) for l in cfg["links"]])
+    exc = workers.steering_groups(groups, 2)
+    owner = {[l["name"] for l in cfg["links"] if l["in_label"] == g[0]][0].split("/")[0]:
+             workers.worker_of(g[0], 2, exc) for g in groups}
+    assert sorted(owner.values()) == [0, 1], owner       # one device per worker
+    devs = []
+    try:
+        net.start()
+        for name in ("d1", "d2"):
+            (tmp_path / name).mkdir()
+            devs.append(Device(net, name, tmp_path / name))
+        for name in ("d1", "d2"):
+            wait_established(net, name, timeout=30)
+        gwcfg = str(path)
+        for name in ("d1", "d2"):
+            after, out, err = exec_streamed(["ops", name, "--config", gwcfg, "--operator-key", key_path, "exec",
+                                             STREAMED.replace("first", "first on " + name)], "first on " + name)
+            assert out == "first on %s\nsecond\n" % name and after > 0.9, (name, after, out, err)
+        c = OpsClient.connect(gwcfg, "d2", operator_key=key_path)
+        assert c.health()["established"]
+        with pytest.raises(OpsError, match="bad or expired ops token"):      # d1's worker never issued it
+            OpsClient(net.gw["control"], "d1", c.token).health()
+        with pytest.raises(OpsError, match="unknown device 'd9'"):
+            OpsClient.connect(gwcfg, "d9", operator_key=key_path)
+        log = net.log("gw")
+        for name in ("d1", "d2"):                # audited by the worker that ran it
+            assert "w%d" % owner[name] in [l for l in log.splitlines()
+                                           if "on device %s: exec" % name in l and "-> ok" in l][0], log
+    finally:
+        for d in devs:
+            d.stop()
+        net.stop()
+    assert "Traceback" not in net.log("gw")
