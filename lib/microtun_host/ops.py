@@ -52,8 +52,8 @@ class OpsError(Exception):
 
 def control_of(gateway_config):
     """The control socket path of a gateway config file."""
-    from microtun_host.gateway import load_gateway_config
-    cfg = load_gateway_config(gateway_config)
+    from microtun_host.gateway import load_client_config
+    cfg = load_client_config(gateway_config)       # file mode or fleet mode
     if cfg.control is None or not control.is_socket_path(str(cfg.control)):
         raise OpsError("%s: \"control\" must be a socket path for ops (e.g. \"gw.sock\")" % gateway_config)
     return str(cfg.control)
