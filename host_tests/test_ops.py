@@ -354,6 +354,33 @@ def _health_logs_reboot(r):
     assert r.core.reboot_requested
 
 
+def test_logs_request_held_until_a_line_comes():
+    with_rig(_logs_request_held_until_a_line_comes)
+
+
+def _logs_request_held_until_a_line_comes(r):
+    ring = r.core.log_ring
+    ring("info", "old")
+    pushed = []
+    r.core.ops_push = pushed.append
+    since = ring.seq
+    # nothing after `since`: no reply now, the request is held (wait 60 s)
+    assert r.agent.handle(w.request(w.LOGS, 77, w.p32(since) + bytes((0xEA, 0x60)))) is None
+    now = w._ms()
+    r.agent.tick(now)
+    assert not pushed and r.agent.wait is not None
+    ring("warn", "new line")
+    r.agent.tick(now)
+    assert r.agent.wait is None and len(pushed) == 1
+    op, rid, st, body = w.parse_reply(pushed[0])
+    assert (op, rid, st) == (w.LOGS, 77, w.OK) and w.u32(body, 0) == since + 1 and body[8:] == b"warn new line\n"
+    # a line already there: answered at once; a wait that runs out: an empty reply
+    assert w.parse_reply(r.agent.handle(w.request(w.LOGS, 78, w.p32(since) + b"\x00\x10")))[3][8:] == b"warn new line\n"
+    assert r.agent.handle(w.request(w.LOGS, 79, w.p32(ring.seq) + b"\x00\x01")) is None
+    r.agent.tick((w._ms() + 5) & 0x3FFFFFFF)
+    assert r.agent.wait is None and w.parse_reply(pushed[1])[1] == 79 and pushed[1][15:] == b""
+
+
 def test_safe_path():
     assert w.safe_path("/r", "") == "/r"
     assert w.safe_path("/r", "/lib//x.py") == "/r/lib/x.py"

@@ -132,7 +132,13 @@ def test_ops_end_to_end(rig, tmp_path):
     assert c.get("blob.bin") == blob
     h = c.health()
     assert h["established"] and h["boot"] >= 1
-    assert "session established" in c.logs(0)[1]
+    nxt, text = c.logs(0)
+    assert "session established" in text
+    # logs --follow: the request waits on the device until a line comes (here: the refusal of a bad get)
+    threading.Timer(1.0, lambda: pytest.raises(OpsError, c.get, "../held.txt")).start()
+    t0 = time.monotonic()
+    nxt2, text = c.logs(nxt, wait=10)
+    assert 0.9 < time.monotonic() - t0 < 6 and "held.txt" in text and nxt2 > nxt, (time.monotonic() - t0, text)
     with pytest.raises(OpsError, match="ImportError") as e:
         c.exec("print('first')\nimport nosuchmodule")
     assert "Traceback" in e.value.traceback and e.value.output == "first\n"

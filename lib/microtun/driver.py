@@ -261,6 +261,9 @@ class Tunnel:
         d = self.core.get_timer()
         if d is not None and ticks_diff(d, now) <= 0:
             self.core.handle_timer(now)
+        o = self.core.ops
+        if o is not None and o.wait is not None:
+            o.tick(now_ms())        # a held ops `logs --follow` request (microtun.ops)
         self._send_out()
         if self.on_data is not None:
             m = self.core.next_message()

@@ -53,7 +53,8 @@ PUT_DONE = const(6)     # (none)                 -> ok, or error (hash mismatch,
 GET_OPEN = const(7)     # path                   -> ok: size(4) sha256(32)
 GET_DATA = const(8)     # off(4) n(2)            -> ok: off(4) data
 HEALTH = const(9)       # (none)                 -> ok: JSON
-LOGS = const(10)        # since(4)               -> ok: next(4) first(4) text
+LOGS = const(10)        # since(4) [wait_ms(2)]  -> ok: next(4) first(4) text; with wait_ms and nothing new,
+                        #                           the reply waits for a new line (at most wait_ms: tick())
 REBOOT = const(11)      # (none)                 -> ok; the firmware restarts once the reply is out
 RESET = const(12)       # (none)                 -> ok; exec's globals start afresh (mpremote's soft reset)
 EXEC_S = const(13)      # credit(1) + EXEC's body -> as EXEC; meanwhile up to `credit` pushes of the output
@@ -204,6 +205,7 @@ class Agent:
         self.cache = []             # [(rid, op, reply)]
         self.buf = bytearray(512)   # hashing
         self.rid = 0                # the request being handled (pushes carry it)
+        self.wait = None            # a held logs request: (rid, since, since when ms, wait ms)
 
     def _count(self, what):
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -229,6 +231,8 @@ class Agent:
                 raise OpsError("unknown ops request %d (this firmware knows %s)" % (
                     op, ", ".join(sorted(NAMES.values()))))
             st, out = OK, fn(self, body)
+            if out is None:         # a logs request held until a line comes (tick answers it)
+                return None
             self._count("ops_ok")
         except OpsError as e:
             st, out = ERR, str(e).encode()
@@ -521,8 +525,22 @@ class Agent:
         ring = getattr(self.core, "log_ring", None)
         if ring is None:
             return p32(0) + p32(0) + b"(no log ring: this driver keeps none)\n"
+        if len(b) >= 6 and ring.seq <= since and getattr(self.core, "ops_push", None) is not None:
+            # nothing new: answer when there is (one request held; a newer one takes its place)
+            self.wait = (self.rid, since, _ms(), (b[4] << 8) | b[5])
+            return None
         nxt, first, text = ring.since(since, PAGE - 8)
         return p32(nxt) + p32(first) + text
+
+    def tick(self, now):
+        """The driver's poll, while a logs request is held: its reply once
+        the ring has a newer line or its wait is over (ms ticks)."""
+        from microtun.ticks import ticks_diff
+        rid, since, t0, wait = self.wait
+        if self.core.log_ring.seq > since or ticks_diff(now, t0) >= wait:
+            self.wait = None
+            nxt, first, text = self.core.log_ring.since(since, PAGE - 8)
+            self.core.ops_push(bytes((CTL_OPS_REP, LOGS)) + p32(rid) + bytes((OK,)) + p32(nxt) + p32(first) + text)
 
     def _reboot(self, b):
         self.core.reboot_requested = True

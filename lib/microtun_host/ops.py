@@ -37,6 +37,7 @@ from microtun_host import control
 from microtun_host.config import ConfigError
 from microtun_host.opsgw import login_message, MAX_BATCH, TOKEN_TTL_S
 
+FOLLOW_WAIT_S = 20      # `logs --follow`: how long the device may hold one request
 REBOOT_EXIT = 3     # the unix port's exit status for a reset (firmware/microtun_fw.py reset())
 
 
@@ -165,9 +166,11 @@ class OpsClient:
         h = self._call("health")["health"]
         return h
 
-    def logs(self, since=0):
-        """(next, text): the device's log lines after sequence number since."""
-        r = self._call("logs", since=since)
+    def logs(self, since=0, wait=0):
+        """(next, text): the device's log lines after sequence number since.
+        wait (s, at most 30): when there is none yet, the device holds the
+        request until one comes or wait is over (text "" then)."""
+        r = self._call("logs", since=since, wait=wait) if wait else self._call("logs", since=since)
         text = r["text"]
         if since and r["first"] > since + 1:
             text = "[%d lines dropped from the device's ring]\n" % (r["first"] - since - 1) + text
@@ -344,11 +347,14 @@ def main(args):
             nxt, text = c.logs(0)
             sys.stdout.write(text)
             sys.stdout.flush()
-            while args.follow:
-                time.sleep(0.5)
-                nxt, text = c.logs(nxt)
+            wait = max(1.0, min(FOLLOW_WAIT_S, args.timeout / 2))
+            while args.follow:             # each request held on the device until a line comes
+                t0 = time.monotonic()
+                nxt, text = c.logs(nxt, wait=wait)
                 sys.stdout.write(text)
                 sys.stdout.flush()
+                if not text and time.monotonic() - t0 < wait / 2:
+                    time.sleep(0.5)        # a device that does not hold requests (older firmware): poll
         elif k == "health":
             print(json.dumps(c.health(), indent=1, sort_keys=True))
         elif k == "reboot":

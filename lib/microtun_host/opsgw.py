@@ -39,6 +39,7 @@ RTO_MIN_S = 0.1                 # retransmission timeout: RFC 6298 (srtt + 4 rtt
 RTO_INIT_S = 0.5
 RTO_MAX_S = 2.0
 WINDOW = 16                     # transfer requests in flight per device
+LOGS_WAIT_MAX_S = 30            # a logs request held on the device until a line comes (`logs --follow`)
 STREAM_CREDIT = 64              # pushes a streamed exec may send (microtun.ops.EXEC_S): <= 64 KB of output
 FAST_AFTER = 3                  # answers to later requests that make an unanswered one count as lost
 MAX_BATCH = 40 * wire.PAGE      # put_data / get_data bytes per control request: in base64, under control.MAX_REQUEST
@@ -237,12 +238,14 @@ class GatewayOps:
                 except ValueError:
                     pass
 
-    async def request(self, name, op, body=b"", timeout=None, on_push=None):
+    async def request(self, name, op, body=b"", timeout=None, on_push=None, hold=0.0):
         """One request, retransmitted until answered: (status, body). Raises
         Refused when the device does not answer within timeout. on_push
         (EXEC_S): called with (offset, bytes) for each push of output; a
         push shows the device has the request and is running it, so it is
-        not sent again, and the timeout runs from the latest push."""
+        not sent again, and the timeout runs from the latest push. hold: the
+        device may keep the request this long before it answers (a logs
+        request waiting for a line): not sent again before hold + RTO."""
         if timeout is None:
             timeout = _timeout.get()
         pub = self.server.names[name]
@@ -256,8 +259,8 @@ class GatewayOps:
         d.sent += 1
         ent = d.pending[rid] = [op, fut, pkt, d.sent, False, on_push, None]
         t0 = loop.time()
-        end = t0 + timeout
-        rto = d.rto()
+        end = t0 + timeout + hold
+        rto = d.rto() + hold
         first = True
         send = True
         try:
@@ -281,9 +284,9 @@ class GatewayOps:
                         continue
                     first = False
                     send = True
-                    rto = min(RTO_MAX_S, rto * 2)
+                    rto = min(RTO_MAX_S + hold, rto * 2)
                     continue
-                if first and ent[6] is None:    # Karn: only unambiguous samples (not a snippet's run time)
+                if first and ent[6] is None and not hold:    # Karn: only unambiguous samples (not a snippet's run time)
                     d.sample(loop.time() - t0)
                 return res
         finally:
@@ -464,7 +467,17 @@ class GatewayOps:
 
     async def _op_logs(self, name, req):
         since = int(req.get("since", 0))
-        rep = await self._ok(name, wire.LOGS, wire.p32(since))
+        wait = req.get("wait", 0)
+        if not isinstance(wait, (int, float)) or not 0 <= wait <= LOGS_WAIT_MAX_S:
+            raise ValueError("wait must be 0..%d s" % LOGS_WAIT_MAX_S)
+        body = wire.p32(since)
+        if wait:                # held on the device until a new line, at most wait s
+            ms = int(wait * 1000)
+            body += bytes(((ms >> 8) & 255, ms & 255))
+        # the device answers within wait, give or take its poll (firmware: 0.5 s at most)
+        st, rep = await self.request(name, wire.LOGS, body, hold=float(wait) + 0.5 if wait else 0.0)
+        if st != wire.OK:
+            raise Refused("device %s: %s" % (name, rep.decode("utf-8", "replace")))
         return ({"next": wire.u32(rep, 0), "first": wire.u32(rep, 4), "text": rep[8:].decode("utf-8", "replace")},
                 "logs since %d" % since)
 
