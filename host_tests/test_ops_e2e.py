@@ -66,7 +66,8 @@ def exec_streamed(args, first, timeout=30):
     """`microtun ops ... exec` of a snippet that prints `first`, sleeps and
     prints again: (seconds from the first line on stdout to the process's
     end, the whole stdout, stderr)."""
-    p = subprocess.Popen([PY, "-m", "microtun_host.cli"] + list(args), stdout=subprocess.PIPE,
+    argv = list(args) if args[0] == MPREMOTE else [PY, "-m", "microtun_host.cli"] + list(args)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=py_env(), cwd=str(ROOT))
     try:
         line = p.stdout.readline()
@@ -159,6 +160,8 @@ def test_ops_end_to_end(rig, tmp_path):
         if want:
             assert want in r.stdout, (args, r.stdout)
     assert (root / "hello.txt").read_text() == "hello\n" * 100
+    after, out, err = exec_streamed([MPREMOTE, "connect", urls[0], "exec", STREAMED], "first")
+    assert out.replace("\r\n", "\n") == "first\nsecond\n" and after > 0.9, (after, out, err)    # streamed too
 
     # -- refusals: one clear line each, counted, logged --------------------------------------------
     r = cli("ops", "d2", "--config", gwcfg, "--operator-key", key_path, "health")
