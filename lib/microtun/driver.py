@@ -90,7 +90,7 @@ class Tunnel:
         self.log = self.core.log             # the log ring too, when the config allows ops
         self.core.storage = self.storage     # a boot counter jump (gateway's STALE answer) is saved here
         if cfg.ops:
-            self.core.ops_push = self._push_now  # exec output streamed while the snippet runs (docs/OPS.md)
+            self.core.ops_flush = self._send_out    # ops pushes go out mid-exec (microtun.ops, docs/OPS.md)
         self.device = self.core.device
         self.paths = self.core.paths
         self.stats = self.core.stats
@@ -168,14 +168,6 @@ class Tunnel:
                 self._socks[i].sendto(pkt, self._addrs[i])
             except OSError:
                 self._count("send_error")
-
-    def _push_now(self, data):
-        # a channel-0 message out now, not at the end of this poll: the ops
-        # agent's pushes of a running snippet's output (microtun.ops)
-        now = now_ms()
-        self.core.device.send(0, data, now)
-        self.core._flush(now)
-        self._send_out()
 
     # -- app API ---------------------------------------------------------------
     @property
@@ -262,8 +254,8 @@ class Tunnel:
         if d is not None and ticks_diff(d, now) <= 0:
             self.core.handle_timer(now)
         o = self.core.ops
-        if o is not None and o.wait is not None:
-            o.tick(now_ms())        # a held ops `logs --follow` request (microtun.ops)
+        if o is not None:
+            o.tick()                # a held ops `logs --follow` request (microtun.ops)
         self._send_out()
         if self.on_data is not None:
             m = self.core.next_message()

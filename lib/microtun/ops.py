@@ -16,9 +16,10 @@ One reply per request, never larger than a page (PAGE bytes of data plus
 a small header). The one exception is asked for: EXEC_S carries a credit,
 and while the snippet runs its printed output is pushed (status STREAM) in
 at most that many messages of at most a page each, one per STREAM_MS
-unless a full page waits; the final reply follows as for EXEC. A push
-needs the driver's core.ops_push (it sends at once, mid-exec); without it
-nothing is pushed. The gateway retransmits a request it got no
+unless a full page waits; the final reply follows as for EXEC. A LOGS
+request with a wait is answered later (tick(), from the driver's poll),
+still once. Both need the driver's core.ops_flush (it sends what the core
+queued at once); without it nothing is pushed or held. The gateway retransmits a request it got no
 reply to; ops that are not idempotent (EXEC, PUT_DONE, RESET, REBOOT) answer
 a retransmission from a small cache instead of running twice.
 
@@ -300,7 +301,7 @@ class Agent:
             self.globals = {"__name__": "__main__"}
         buf = []
         size = [0]
-        push = getattr(self.core, "ops_push", None) if credit else None
+        push = self._push if credit and getattr(self.core, "ops_flush", None) is not None else None
         # credit left, last push (ms), bytes pushed, output not pushed yet
         st = [credit, None, 0, bytearray()] if push is not None else None
 
@@ -525,22 +526,33 @@ class Agent:
         ring = getattr(self.core, "log_ring", None)
         if ring is None:
             return p32(0) + p32(0) + b"(no log ring: this driver keeps none)\n"
-        if len(b) >= 6 and ring.seq <= since and getattr(self.core, "ops_push", None) is not None:
+        if len(b) >= 6 and ring.seq <= since and getattr(self.core, "ops_flush", None) is not None:
             # nothing new: answer when there is (one request held; a newer one takes its place)
             self.wait = (self.rid, since, _ms(), (b[4] << 8) | b[5])
             return None
         nxt, first, text = ring.since(since, PAGE - 8)
         return p32(nxt) + p32(first) + text
 
-    def tick(self, now):
-        """The driver's poll, while a logs request is held: its reply once
-        the ring has a newer line or its wait is over (ms ticks)."""
+    def tick(self):
+        """The driver's poll: a held logs request's reply, once the ring has
+        a newer line or its wait is over."""
+        if self.wait is None:
+            return
         from microtun.ticks import ticks_diff
         rid, since, t0, wait = self.wait
-        if self.core.log_ring.seq > since or ticks_diff(now, t0) >= wait:
+        if self.core.log_ring.seq > since or ticks_diff(_ms(), t0) >= wait:
             self.wait = None
             nxt, first, text = self.core.log_ring.since(since, PAGE - 8)
-            self.core.ops_push(bytes((CTL_OPS_REP, LOGS)) + p32(rid) + bytes((OK,)) + p32(nxt) + p32(first) + text)
+            self._push(bytes((CTL_OPS_REP, LOGS)) + p32(rid) + bytes((OK,)) + p32(nxt) + p32(first) + text)
+
+    def _push(self, data):
+        """A channel-0 message out now, not at the end of the driver's poll
+        (a running snippet's output; a held request's reply)."""
+        now = _ms()
+        core = self.core
+        core.device.send(0, data, now)
+        core._flush(now)
+        core.ops_flush()
 
     def _reboot(self, b):
         self.core.reboot_requested = True

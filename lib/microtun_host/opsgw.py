@@ -242,10 +242,10 @@ class GatewayOps:
         """One request, retransmitted until answered: (status, body). Raises
         Refused when the device does not answer within timeout. on_push
         (EXEC_S): called with (offset, bytes) for each push of output; a
-        push shows the device has the request and is running it, so it is
-        not sent again, and the timeout runs from the latest push. hold: the
-        device may keep the request this long before it answers (a logs
-        request waiting for a line): not sent again before hold + RTO."""
+        push shows the device has the request and is running it, so the
+        timeout runs from the latest push. hold: the device may keep the
+        request this long before it answers (a logs request waiting for a
+        line): not sent again before hold + RTO."""
         if timeout is None:
             timeout = _timeout.get()
         pub = self.server.names[name]
@@ -262,28 +262,25 @@ class GatewayOps:
         end = t0 + timeout + hold
         rto = d.rto() + hold
         first = True
-        send = True
         try:
             while True:
-                if send:
-                    try:
-                        self.server.send(pub, 0, pkt)
-                    except ValueError:          # revoked meanwhile
-                        raise Refused("device %s was removed from the registry" % name) from None
-                    if not first:
-                        self._count("ops_retransmit")
+                try:
+                    self.server.send(pub, 0, pkt)
+                except ValueError:          # revoked meanwhile
+                    raise Refused("device %s was removed from the registry" % name) from None
+                if not first:
+                    self._count("ops_retransmit")
                 left = end - loop.time()
                 if left <= 0:
                     break
                 try:
                     res = await asyncio.wait_for(asyncio.shield(fut), min(rto, left))
                 except asyncio.TimeoutError:
-                    if ent[6] is not None:      # pushes came: it runs; wait, from the latest push
+                    if ent[6] is not None:      # pushes came: it runs; the timeout counts from the latest
                         end = max(end, ent[6] + timeout)      # loop.time() is time.monotonic()
-                        send = False
-                        continue
+                    # sent again all the same (its reply may be lost): a device still running it answers
+                    # the copy from its cache once the snippet ends
                     first = False
-                    send = True
                     rto = min(RTO_MAX_S + hold, rto * 2)
                     continue
                 if first and ent[6] is None and not hold:    # Karn: only unambiguous samples (not a snippet's run time)
