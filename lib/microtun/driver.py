@@ -90,7 +90,7 @@ class Tunnel:
         self.log = self.core.log             # the log ring too, when the config allows ops
         self.core.storage = self.storage     # a boot counter jump (gateway's STALE answer) is saved here
         if cfg.ops:
-            self.core.ops_flush = self._send_out    # ops pushes go out mid-exec (microtun.ops, docs/OPS.md)
+            self.core.ops_io = (now_ms, self._send_out)   # ops pushes go out mid-exec (microtun.ops, docs/OPS.md)
         self.device = self.core.device
         self.paths = self.core.paths
         self.stats = self.core.stats

@@ -18,10 +18,13 @@ and while the snippet runs its printed output is pushed (status STREAM) in
 at most that many messages of at most a page each, one per STREAM_MS
 unless a full page waits; the final reply follows as for EXEC. A LOGS
 request with a wait is answered later (tick(), from the driver's poll),
-still once. Both need the driver's core.ops_flush (it sends what the core
-queued at once); without it nothing is pushed or held. The gateway retransmits a request it got no
-reply to; ops that are not idempotent (EXEC, PUT_DONE, RESET, REBOOT) answer
-a retransmission from a small cache instead of running twice.
+still once. Both need the driver's core.ops_io, (clock, flush): its
+millisecond ticks and a function sending what the core queued at once;
+without it nothing is pushed or held (the agent itself reads no clock).
+
+The gateway retransmits a request it got no reply to; ops that are not
+idempotent (EXEC, EXEC_S, PUT_DONE, RESET, REBOOT) answer a retransmission
+from a small cache instead of running twice.
 
 The gateway is the only sender (the tunnel authenticates it); operators are
 authorised there (docs/OPS.md, "Security model"). Still, every request is
@@ -301,7 +304,7 @@ class Agent:
             self.globals = {"__name__": "__main__"}
         buf = []
         size = [0]
-        push = self._push if credit and getattr(self.core, "ops_flush", None) is not None else None
+        push = self._push if credit and getattr(self.core, "ops_io", None) is not None else None
         # credit left, last push (ms), bytes pushed, output not pushed yet
         st = [credit, None, 0, bytearray()] if push is not None else None
 
@@ -342,7 +345,7 @@ class Agent:
         from microtun.ticks import ticks_diff
         p = st[3]
         p.extend(s.encode())
-        now = _ms()
+        now = self.core.ops_io[0]()
         while p and st[0] and (st[1] is None or len(p) >= PAGE or ticks_diff(now, st[1]) >= STREAM_MS):
             n = min(len(p), PAGE)
             try:
@@ -526,9 +529,10 @@ class Agent:
         ring = getattr(self.core, "log_ring", None)
         if ring is None:
             return p32(0) + p32(0) + b"(no log ring: this driver keeps none)\n"
-        if len(b) >= 6 and ring.seq <= since and getattr(self.core, "ops_flush", None) is not None:
+        io = getattr(self.core, "ops_io", None)
+        if len(b) >= 6 and ring.seq <= since and io is not None:
             # nothing new: answer when there is (one request held; a newer one takes its place)
-            self.wait = (self.rid, since, _ms(), (b[4] << 8) | b[5])
+            self.wait = (self.rid, since, io[0](), (b[4] << 8) | b[5])
             return None
         nxt, first, text = ring.since(since, PAGE - 8)
         return p32(nxt) + p32(first) + text
@@ -540,7 +544,7 @@ class Agent:
             return
         from microtun.ticks import ticks_diff
         rid, since, t0, wait = self.wait
-        if self.core.log_ring.seq > since or ticks_diff(_ms(), t0) >= wait:
+        if self.core.log_ring.seq > since or ticks_diff(self.core.ops_io[0](), t0) >= wait:
             self.wait = None
             nxt, first, text = self.core.log_ring.since(since, PAGE - 8)
             self._push(bytes((CTL_OPS_REP, LOGS)) + p32(rid) + bytes((OK,)) + p32(nxt) + p32(first) + text)
@@ -548,11 +552,12 @@ class Agent:
     def _push(self, data):
         """A channel-0 message out now, not at the end of the driver's poll
         (a running snippet's output; a held request's reply)."""
-        now = _ms()
         core = self.core
+        clock, flush = core.ops_io
+        now = clock()
         core.device.send(0, data, now)
         core._flush(now)
-        core.ops_flush()
+        flush()
 
     def _reboot(self, b):
         self.core.reboot_requested = True
@@ -561,14 +566,6 @@ class Agent:
     _OPS = {EXEC: _exec, RESULT: _result, LS: _ls, PUT_OPEN: _put_open, PUT_DATA: _put_data,
             PUT_DONE: _put_done, GET_OPEN: _get_open, GET_DATA: _get_data, HEALTH: _health, LOGS: _logs,
             REBOOT: _reboot, RESET: _reset, EXEC_S: _exec_s}
-
-
-def _ms():
-    import time
-    try:
-        return time.ticks_ms() & 0x3FFFFFFF
-    except AttributeError:          # CPython
-        return int(time.monotonic() * 1000) & 0x3FFFFFFF
 
 
 def _remove(path):
