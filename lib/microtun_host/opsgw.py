@@ -218,7 +218,7 @@ class GatewayOps:
                 self._count("ops_late_reply", peer)
                 return
             p[6] = time.monotonic()
-            self._count("ops_stream_rx")
+            self._count("ops_stream_rx", peer)
             p[5](wire.u32(r[3], 0), r[3][4:])
             return
         p = d.pending.pop(r[1], None) if d is not None else None
