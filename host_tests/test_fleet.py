@@ -314,3 +314,48 @@ def test_gateway_pool_moves_a_dead_gateways_devices(tmp_path):
         assert "gateways %s: gone: %s; the devices they served move" % (other, dead) in net.log("a1")
     finally:
         net.stop()
+
+
+def test_fleet_ops_follows_the_device_record(tmp_path):
+    """Fleet mode and the ops channel (docs/OPS.md): a device whose record in
+    etcd says "ops": true is reached with `ops exec`; one whose record does
+    not is refused with one clear line; a new record taking ops away
+    refuses the next operation, token or not, without a restart."""
+    from microtun_host.fleetnet import FleetNet
+    from test_ops_e2e import Device, cli, wait_established
+    key_path = str(tmp_path / "ops.key")
+    key = OperatorKey.generate(key_path)
+    net = FleetNet(tmp_path, routes={"a": ["a1"]}, devices={"d1": {"ops": True}, "d2": {}},
+                   operators=[key.public.hex()])
+    root = tmp_path / "root"
+    root.mkdir()
+    dev = None
+    try:
+        records = {kv.key: json.loads(kv.value) for kv in net.client().range("/microtun/log/", prefix=True)[0]}
+        devs = [c for r in records.values() for c in r["changes"] if c["key"].startswith("devices/")]
+        assert {c["key"]: c["value"].get("ops", False) for c in devs} == {"devices/d1": True, "devices/d2": False}
+        net.start()
+        dev = Device(net, "d1", root)
+        wait_established(net, "d1", timeout=30)
+        gwcfg = str(net.out / "fleet" / "gateway.json")
+        r = cli("ops", "d1", "--config", gwcfg, "--operator-key", key_path, "exec", "print(6 * 7)")
+        assert r.returncode == 0 and r.stdout == "42\n", r.stderr
+        token = cli("ops", "d1", "--config", gwcfg, "--operator-key", key_path, "token").stdout.strip()
+        r = cli("ops", "d2", "--config", gwcfg, "--operator-key", key_path, "exec", "print(1)")
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert "device d2 does not allow ops" in r.stderr, r.stderr
+        # the operator takes ops away from d1: one record, applied live; its token stops working
+        net.devices["d1"] = {}
+        net.write_topology()
+        assert "published" in net.provision()
+        assert _wait(lambda: cli("ops", "d1", "--config", gwcfg, "--token", token, "health").returncode == 1, 10)
+        r = cli("ops", "d1", "--config", gwcfg, "--token", token, "exec", "print(1)")
+        assert r.returncode == 1 and "device d1 does not allow ops" in r.stderr, r.stderr
+        assert _gw_devices(net) == ["d1", "d2"]         # still registered: only ops went
+        r = cli("status", "--config", gwcfg)            # a fleet gateway's config names its socket too
+        assert r.returncode == 0 and "d1" in r.stdout, r.stderr
+    finally:
+        if dev is not None:
+            dev.stop()
+        net.stop()
+    assert "Traceback" not in net.log("gw")

@@ -8,6 +8,7 @@ import sys
 from microtun import ops as w
 from microtun.logring import LogRing
 from mtest import raises, Rng
+from microtun.ticks import ticks_diff
 
 PORTABLE = True
 
@@ -35,6 +36,13 @@ class FakeFresh:
 class FakeDevice:
     _fresh = FakeFresh()
 
+    def __init__(self):
+        self.sent = []          # channel-0 messages queued (what the driver's ops_flush sends)
+
+    def send(self, channel, data, now):
+        assert channel == 0
+        self.sent.append(data)
+
 
 class FakeCore:
     def __init__(self):
@@ -48,6 +56,26 @@ class FakeCore:
 
     def health(self):
         return {"established": True, "paths": [], "tx_bytes": 1, "rx_bytes": 2}
+
+    def _flush(self, now):
+        pass
+
+
+def clock():
+    import time
+    if hasattr(time, "ticks_ms"):
+        return time.ticks_ms() & 0x3FFFFFFF
+    return int(time.monotonic() * 1000) & 0x3FFFFFFF
+
+
+def flushed_into(r, out, tag=None):
+    """Give the rig's core a driver's ops_io (clock, flush): what the agent
+    queued goes to out (with tag(), when given: the state at that moment)."""
+    def flush():
+        for m in r.core.device.sent:
+            out.append(m if tag is None else (tag(), m))
+        del r.core.device.sent[:]
+    r.core.ops_io = (clock, flush)
 
 
 class Rig:
@@ -166,6 +194,40 @@ def _retransmitted_exec_runs_once(r):
     assert a == b and a[1][5:].startswith(b"1\n")
     assert r.agent.stats["ops_retransmit"] == 1
     assert r.call(w.EXEC, body, rid=6)[1][5:].startswith(b"2\n")
+
+
+def test_exec_stream_pushes_output_while_the_snippet_runs():
+    with_rig(_exec_stream_pushes_output_while_the_snippet_runs)
+
+
+def _exec_stream_pushes_output_while_the_snippet_runs(r):
+    pushes = []                 # (the snippet's `stage` when the push went out, the message)
+    flushed_into(r, pushes, lambda: r.agent.globals.get("stage"))
+    code = ("import time\nstage = 1\nprint('first')\nstage = 2\ntime.sleep(0.08)\nprint('second')\n"
+            "stage = 3\nfor i in range(10): print('x' * 700)\nstage = 4\n").encode()
+    st, rep = r.call(w.EXEC_S, bytes((6,)) + w.p32(len(code)) + w.p32(0) + code, rid=40)
+    assert st == w.OK and rep[0] == 0
+    total = w.u32(rep, 1)
+    out = rep[5:]
+    while len(out) < total:
+        out += r.ok(w.RESULT, w.p32(len(out)))
+    msgs = [w.parse_reply(m) for _, m in pushes]
+    # the first line went out while the snippet still ran (before its sleep), as a push of the request
+    assert pushes[0][0] == 1 and msgs[0] == (w.EXEC_S, 40, w.STREAM, w.p32(0) + b"first\n"), msgs[0]
+    assert pushes[1][0] == 2 and msgs[1][3][4:] == b"second\n"
+    # the credit bounds the pushes; each is at most a page; together a prefix of the output
+    assert len(pushes) == 6 and all(len(m[3]) <= 4 + w.PAGE for m in msgs), [(p[0], len(m[3])) for p, m in zip(pushes, msgs)]
+    got = b""
+    for m in msgs:
+        assert w.u32(m[3], 0) == len(got)
+        got += m[3][4:]
+    assert out.startswith(got) and len(got) < total and out.endswith(b"\x04")
+    # without the credit (plain EXEC), or without a driver that can send mid-exec: no push
+    del pushes[:]
+    r.exec("print('quiet')")
+    del r.core.ops_io
+    st, rep = r.call(w.EXEC_S, bytes((6,)) + w.p32(8) + w.p32(0) + b"print(1)")
+    assert st == w.OK and rep[5:] == b"1\n\x04" and not pushes
 
 
 def test_put_out_of_order_and_duplicated_is_byte_exact():
@@ -318,6 +380,35 @@ def _health_logs_reboot(r):
     assert not r.core.reboot_requested
     r.ok(w.REBOOT)
     assert r.core.reboot_requested
+
+
+def test_logs_request_held_until_a_line_comes():
+    with_rig(_logs_request_held_until_a_line_comes)
+
+
+def _logs_request_held_until_a_line_comes(r):
+    ring = r.core.log_ring
+    ring("info", "old")
+    pushed = []
+    flushed_into(r, pushed)
+    since = ring.seq
+    # nothing after `since`: no reply now, the request is held (wait 60 s)
+    assert r.agent.handle(w.request(w.LOGS, 77, w.p32(since) + bytes((0xEA, 0x60)))) is None
+    r.agent.tick()
+    assert not pushed and r.agent.wait is not None
+    ring("warn", "new line")
+    r.agent.tick()
+    assert r.agent.wait is None and len(pushed) == 1
+    op, rid, st, body = w.parse_reply(pushed[0])
+    assert (op, rid, st) == (w.LOGS, 77, w.OK) and w.u32(body, 0) == since + 1 and body[8:] == b"warn new line\n"
+    # a line already there: answered at once; a wait that runs out: an empty reply
+    assert w.parse_reply(r.agent.handle(w.request(w.LOGS, 78, w.p32(since) + b"\x00\x10")))[3][8:] == b"warn new line\n"
+    assert r.agent.handle(w.request(w.LOGS, 79, w.p32(ring.seq) + b"\x00\x01")) is None
+    t = clock()
+    while ticks_diff(clock(), t) < 3:
+        pass
+    r.agent.tick()
+    assert r.agent.wait is None and w.parse_reply(pushed[1])[1] == 79 and pushed[1][15:] == b""
 
 
 def test_safe_path():

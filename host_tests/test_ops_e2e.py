@@ -62,6 +62,28 @@ def wait_established(net, name, timeout=15):
     raise AssertionError("%s never came up: %r" % (name, net.gw_status()))
 
 
+def exec_streamed(args, first, timeout=30):
+    """`microtun ops ... exec` of a snippet that prints `first`, sleeps and
+    prints again: (seconds from the first line on stdout to the process's
+    end, the whole stdout, stderr)."""
+    argv = list(args) if args[0] == MPREMOTE else [PY, "-m", "microtun_host.cli"] + list(args)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=py_env(), cwd=str(ROOT))
+    try:
+        line = p.stdout.readline()
+        t_first = time.monotonic()
+        assert line == first + "\n", (line, p.stderr.read() if p.poll() is not None else "")
+        rest, err = p.communicate(timeout=timeout)
+        return time.monotonic() - t_first, line + rest, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+STREAMED = "import time\nprint('first')\ntime.sleep(1.2)\nprint('second')"
+
+
 def cli(*args, timeout=30):
     return subprocess.run([PY, "-m", "microtun_host.cli"] + list(args), capture_output=True, text=True,
                           env=py_env(), cwd=str(ROOT), timeout=timeout)
@@ -94,6 +116,10 @@ def test_ops_end_to_end(rig, tmp_path):
     # -- the CLI: exec, put, ls, get, health, logs -----------------------------------------
     r = cli("ops", "d1", "--config", gwcfg, "--operator-key", key_path, "exec", "print(6 * 7)")
     assert r.returncode == 0 and r.stdout == "42\n", r.stderr
+    # streamed: the first line is on the host's stdout while the snippet still sleeps
+    after, out, err = exec_streamed(["ops", "d1", "--config", gwcfg, "--operator-key", key_path, "exec",
+                                     STREAMED], "first")
+    assert out == "first\nsecond\n" and after > 0.9, (after, out, err)
     token = cli("ops", "d1", "--config", gwcfg, "--operator-key", key_path, "token", "--ttl", "60").stdout.strip()
     assert len(token) == 32
     src = tmp_path / "blob.bin"
@@ -107,7 +133,13 @@ def test_ops_end_to_end(rig, tmp_path):
     assert c.get("blob.bin") == blob
     h = c.health()
     assert h["established"] and h["boot"] >= 1
-    assert "session established" in c.logs(0)[1]
+    nxt, text = c.logs(0)
+    assert "session established" in text
+    # logs --follow: the request waits on the device until a line comes (here: the refusal of a bad get)
+    threading.Timer(1.0, lambda: pytest.raises(OpsError, c.get, "../held.txt")).start()
+    t0 = time.monotonic()
+    nxt2, text = c.logs(nxt, wait=10)
+    assert 0.9 < time.monotonic() - t0 < 6 and "held.txt" in text and nxt2 > nxt, (time.monotonic() - t0, text)
     with pytest.raises(OpsError, match="ImportError") as e:
         c.exec("print('first')\nimport nosuchmodule")
     assert "Traceback" in e.value.traceback and e.value.output == "first\n"
@@ -128,6 +160,8 @@ def test_ops_end_to_end(rig, tmp_path):
         if want:
             assert want in r.stdout, (args, r.stdout)
     assert (root / "hello.txt").read_text() == "hello\n" * 100
+    after, out, err = exec_streamed([MPREMOTE, "connect", urls[0], "exec", STREAMED], "first")
+    assert out.replace("\r\n", "\n") == "first\nsecond\n" and after > 0.9, (after, out, err)    # streamed too
 
     # -- refusals: one clear line each, counted, logged --------------------------------------------
     r = cli("ops", "d2", "--config", gwcfg, "--operator-key", key_path, "health")
@@ -189,3 +223,51 @@ def test_ops_end_to_end(rig, tmp_path):
         assert (root / "big.bin").read_bytes() == big
     finally:
         dev2.stop()
+
+
+def test_ops_through_a_gateway_with_two_workers(tmp_path):
+    """The supervisor's control socket passes ops (login, exec streamed,
+    health) to the worker holding each device's session: two devices on
+    two workers, both reached through the one socket."""
+    from microtun_host import workers
+    key_path = str(tmp_path / "op.key")
+    key = OperatorKey.generate(key_path)
+    net = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {"ops": True}, "d2": {"ops": True}},
+              operators=[key.public.hex()])
+    path = net.out / "gateway.json"
+    cfg = json.loads(path.read_text())
+    cfg["workers"] = 2
+    path.write_text(json.dumps(cfg))
+    groups = workers.link_groups([type("L", (), l) for l in cfg["links"]])
+    exc = workers.steering_groups(groups, 2)
+    owner = {[l["name"] for l in cfg["links"] if l["in_label"] == g[0]][0].split("/")[0]:
+             workers.worker_of(g[0], 2, exc) for g in groups}
+    assert sorted(owner.values()) == [0, 1], owner       # one device per worker
+    devs = []
+    try:
+        net.start()
+        for name in ("d1", "d2"):
+            (tmp_path / name).mkdir()
+            devs.append(Device(net, name, tmp_path / name))
+        for name in ("d1", "d2"):
+            wait_established(net, name, timeout=30)
+        gwcfg = str(path)
+        for name in ("d1", "d2"):
+            after, out, err = exec_streamed(["ops", name, "--config", gwcfg, "--operator-key", key_path, "exec",
+                                             STREAMED.replace("first", "first on " + name)], "first on " + name)
+            assert out == "first on %s\nsecond\n" % name and after > 0.9, (name, after, out, err)
+        c = OpsClient.connect(gwcfg, "d2", operator_key=key_path)
+        assert c.health()["established"]
+        with pytest.raises(OpsError, match="bad or expired ops token"):      # d1's worker never issued it
+            OpsClient(net.gw["control"], "d1", c.token).health()
+        with pytest.raises(OpsError, match="unknown device 'd9'"):
+            OpsClient.connect(gwcfg, "d9", operator_key=key_path)
+        log = net.log("gw")
+        for name in ("d1", "d2"):                # audited by the worker that ran it
+            assert "w%d" % owner[name] in [l for l in log.splitlines()
+                                           if "on device %s: exec" % name in l and "-> ok" in l][0], log
+    finally:
+        for d in devs:
+            d.stop()
+        net.stop()
+    assert "Traceback" not in net.log("gw")

@@ -11,6 +11,9 @@ the same run:
   tunnel_rtt_ms    median echo round trip device -> gateway -> echo service -> device (device_run)
   exec_ms          median OpsClient.exec("pass"): control socket -> gateway -> device -> back;
                    target <= 2 x tunnel_rtt_ms + 20
+  exec_stream_ms   the same with the output streamed (OpsClient.exec_raw(..., on_output), as the CLI's
+                   exec): median of "print(1)"; exec_first_line_ms: how soon the first line of
+                   "print('first'); time.sleep(0.3)" reaches the host (target as exec_ms)
   goodput_floor    the path's goodput: 100 datagrams the size of an ops chunk sent back to back
                    through the tunnel by the device, bytes that arrived per second (lost ones not
                    counted) at a sink behind the gateway, first to last arrival
@@ -154,6 +157,24 @@ def main(argv=None):
         out["exec_ms_p90"] = round(sorted(times)[int(len(times) * 0.9)], 1)
         out["exec_target_ms"] = None if rtt is None else 2 * rtt + 20
         out["exec_ok"] = rtt is not None and ex <= 2 * rtt + 20
+        # streamed (what `microtun ops DEVICE exec` does): the round trip of a printing snippet, and how
+        # soon the first line of a snippet that prints and then runs on (sleeps 300 ms) is at the host
+        times, first = [], []
+        for _ in range(a.rounds):
+            t0 = time.perf_counter()
+            c.exec_raw("print(1)", on_output=lambda text: None)
+            times.append((time.perf_counter() - t0) * 1000)
+        for _ in range(max(3, a.rounds // 3)):
+            seen = []
+            t0 = time.perf_counter()
+            o, _ = c.exec_raw("import time\nprint('first')\ntime.sleep(0.3)",
+                              on_output=lambda text: seen.append((time.perf_counter() - t0) * 1000))
+            first.append(seen[0] if seen else float("inf"))
+        out["exec_stream_ms_median"] = round(median(times), 1)
+        out["exec_stream_ms_p90"] = round(sorted(times)[int(len(times) * 0.9)], 1)
+        out["exec_stream_ok"] = rtt is not None and median(times) <= 2 * rtt + 20
+        out["exec_first_line_ms_median"] = round(median(first), 1)      # the snippet then runs 300 ms more
+        out["exec_first_line_ok"] = rtt is not None and median(first) <= 2 * rtt + 20
         data = os.urandom(100000)
         pt = []
         exact = True

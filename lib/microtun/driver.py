@@ -89,6 +89,8 @@ class Tunnel:
         self.core = TunnelCore(cfg, boot, params=params, log=log)
         self.log = self.core.log             # the log ring too, when the config allows ops
         self.core.storage = self.storage     # a boot counter jump (gateway's STALE answer) is saved here
+        if cfg.ops:
+            self.core.ops_io = (now_ms, self._send_out)   # ops pushes go out mid-exec (microtun.ops, docs/OPS.md)
         self.device = self.core.device
         self.paths = self.core.paths
         self.stats = self.core.stats
@@ -251,6 +253,9 @@ class Tunnel:
         d = self.core.get_timer()
         if d is not None and ticks_diff(d, now) <= 0:
             self.core.handle_timer(now)
+        o = self.core.ops
+        if o is not None:
+            o.tick()                # a held ops `logs --follow` request (microtun.ops)
         self._send_out()
         if self.on_data is not None:
             m = self.core.next_message()

@@ -12,10 +12,19 @@ Wire (all integers big-endian, a message is one channel-0 payload):
     request   10 op(1) rid(4) body
     reply     11 op(1) rid(4) status(1) body     status 0 ok, 1 error (body: one line of text)
 
-One reply per request, never more, never larger than a page (PAGE bytes
-of data plus a small header). The gateway retransmits a request it got no
-reply to; ops that are not idempotent (EXEC, PUT_DONE, RESET, REBOOT) answer
-a retransmission from a small cache instead of running twice.
+One reply per request, never larger than a page (PAGE bytes of data plus
+a small header). The one exception is asked for: EXEC_S carries a credit,
+and while the snippet runs its printed output is pushed (status STREAM) in
+at most that many messages of at most a page each, one per STREAM_MS
+unless a full page waits; the final reply follows as for EXEC. A LOGS
+request with a wait is answered later (tick(), from the driver's poll),
+still once. Both need the driver's core.ops_io, (clock, flush): its
+millisecond ticks and a function sending what the core queued at once;
+without it nothing is pushed or held (the agent itself reads no clock).
+
+The gateway retransmits a request it got no reply to; ops that are not
+idempotent (EXEC, EXEC_S, PUT_DONE, RESET, REBOOT) answer a retransmission
+from a small cache instead of running twice.
 
 The gateway is the only sender (the tunnel authenticates it); operators are
 authorised there (docs/OPS.md, "Security model"). Still, every request is
@@ -48,13 +57,17 @@ PUT_DONE = const(6)     # (none)                 -> ok, or error (hash mismatch,
 GET_OPEN = const(7)     # path                   -> ok: size(4) sha256(32)
 GET_DATA = const(8)     # off(4) n(2)            -> ok: off(4) data
 HEALTH = const(9)       # (none)                 -> ok: JSON
-LOGS = const(10)        # since(4)               -> ok: next(4) first(4) text
+LOGS = const(10)        # since(4) [wait_ms(2)]  -> ok: next(4) first(4) text; with wait_ms and nothing new,
+                        #                           the reply waits for a new line (at most wait_ms: tick())
 REBOOT = const(11)      # (none)                 -> ok; the firmware restarts once the reply is out
 RESET = const(12)       # (none)                 -> ok; exec's globals start afresh (mpremote's soft reset)
+EXEC_S = const(13)      # credit(1) + EXEC's body -> as EXEC; meanwhile up to `credit` pushes of the output
+STREAM = const(2)       # reply status of a push: off(4) output bytes, sent while the snippet runs
+STREAM_MS = const(50)   # a push at most this often, unless a page of output is waiting
 
 NAMES = {EXEC: "exec", RESULT: "result", LS: "ls", PUT_OPEN: "put_open", PUT_DATA: "put_data",
          PUT_DONE: "put_done", GET_OPEN: "get_open", GET_DATA: "get_data", HEALTH: "health", LOGS: "logs",
-         REBOOT: "reboot", RESET: "reset"}
+         REBOOT: "reboot", RESET: "reset", EXEC_S: "exec_stream"}
 
 PAGE = const(1024)              # data bytes per reply (and per PUT_DATA request)
 MAX_CODE = const(32768)         # a snippet's source
@@ -195,6 +208,8 @@ class Agent:
         self.put = None
         self.cache = []             # [(rid, op, reply)]
         self.buf = bytearray(512)   # hashing
+        self.rid = 0                # the request being handled (pushes carry it)
+        self.wait = None            # a held logs request: (rid, since, since when ms, wait ms)
 
     def _count(self, what):
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -213,12 +228,15 @@ class Agent:
                 self._count("ops_retransmit")
                 return rep
         body = memoryview(d)[HEADER:]
+        self.rid = rid
         fn = self._OPS.get(op)
         try:
             if fn is None:
                 raise OpsError("unknown ops request %d (this firmware knows %s)" % (
                     op, ", ".join(sorted(NAMES.values()))))
             st, out = OK, fn(self, body)
+            if out is None:         # a logs request held until a line comes (tick answers it)
+                return None
             self._count("ops_ok")
         except OpsError as e:
             st, out = ERR, str(e).encode()
@@ -248,7 +266,10 @@ class Agent:
         return rep
 
     # -- exec ----------------------------------------------------------------------------------
-    def _exec(self, b):
+    def _exec_s(self, b):
+        return self._exec(b[1:], b[0])
+
+    def _exec(self, b, credit=0):
         total = u32(b, 0)
         off = u32(b, 4)
         part = b[8:]
@@ -269,18 +290,23 @@ class Agent:
         self.code = None
         src = bytes(c).decode()
         del c
-        out, raised = self.run(src)
+        out, raised = self.run(src, credit)
         self.out = out
         return (b"\x01" if raised else b"\x00") + p32(len(out)) + out[:PAGE]
 
-    def run(self, src):
+    def run(self, src, credit=0):
         """Run source in the ops globals (kept between runs, like a REPL's):
         (printed output + the traceback, if it raised; raised). print() is
-        captured; what is written to sys.stdout directly goes to the console."""
+        captured; what is written to sys.stdout directly goes to the console.
+        With credit and a driver that can send mid-exec, the output is also
+        pushed as it is printed (_stream)."""
         if self.globals is None:
             self.globals = {"__name__": "__main__"}
         buf = []
         size = [0]
+        push = self._push if credit and getattr(self.core, "ops_io", None) is not None else None
+        # credit left, last push (ms), bytes pushed, output not pushed yet
+        st = [credit, None, 0, bytearray()] if push is not None else None
 
         def captured(*args, sep=" ", end="\n", file=None):
             if file is not None:
@@ -290,6 +316,8 @@ class Agent:
             if size[0] < MAX_OUTPUT:
                 buf.append(s)
             size[0] += len(s)
+            if st is not None and st[0]:
+                self._stream(st, s, size[0], push)
         g = self.globals
         g["print"] = captured
         raised = False
@@ -304,6 +332,33 @@ class Agent:
             out = out[:MAX_OUTPUT] + "\n[ops: output cut at %d of %d bytes]\n" % (MAX_OUTPUT, size[0])
         # output, then 0x04, then the traceback: the raw REPL's own framing
         return (out + "\x04" + err).encode(), raised
+
+    def _stream(self, st, s, size, push):
+        """Push what was printed since the last push: when STREAM_MS have
+        passed since it, or a page is waiting; while credit lasts and the
+        output is under MAX_OUTPUT (past it, or out of credit, the rest
+        comes with the final reply and RESULT, as without streaming)."""
+        if size > MAX_OUTPUT:
+            st[0] = 0
+            st[3] = None
+            return
+        from microtun.ticks import ticks_diff
+        p = st[3]
+        p.extend(s.encode())
+        now = self.core.ops_io[0]()
+        while p and st[0] and (st[1] is None or len(p) >= PAGE or ticks_diff(now, st[1]) >= STREAM_MS):
+            n = min(len(p), PAGE)
+            try:
+                push(bytes((CTL_OPS_REP, EXEC_S)) + p32(self.rid) + bytes((STREAM,)) + p32(st[2]) + p[:n])
+            except Exception:       # not the snippet's problem: the output still comes with the reply
+                st[0] = 0
+                break
+            st[0] -= 1
+            st[1] = now
+            st[2] += n
+            p = st[3] = p[n:]
+        if not st[0]:
+            st[3] = None
 
     def _result(self, b):
         off = u32(b, 0)
@@ -474,8 +529,35 @@ class Agent:
         ring = getattr(self.core, "log_ring", None)
         if ring is None:
             return p32(0) + p32(0) + b"(no log ring: this driver keeps none)\n"
+        io = getattr(self.core, "ops_io", None)
+        if len(b) >= 6 and ring.seq <= since and io is not None:
+            # nothing new: answer when there is (one request held; a newer one takes its place)
+            self.wait = (self.rid, since, io[0](), (b[4] << 8) | b[5])
+            return None
         nxt, first, text = ring.since(since, PAGE - 8)
         return p32(nxt) + p32(first) + text
+
+    def tick(self):
+        """The driver's poll: a held logs request's reply, once the ring has
+        a newer line or its wait is over."""
+        if self.wait is None:
+            return
+        from microtun.ticks import ticks_diff
+        rid, since, t0, wait = self.wait
+        if self.core.log_ring.seq > since or ticks_diff(self.core.ops_io[0](), t0) >= wait:
+            self.wait = None
+            nxt, first, text = self.core.log_ring.since(since, PAGE - 8)
+            self._push(bytes((CTL_OPS_REP, LOGS)) + p32(rid) + bytes((OK,)) + p32(nxt) + p32(first) + text)
+
+    def _push(self, data):
+        """A channel-0 message out now, not at the end of the driver's poll
+        (a running snippet's output; a held request's reply)."""
+        core = self.core
+        clock, flush = core.ops_io
+        now = clock()
+        core.device.send(0, data, now)
+        core._flush(now)
+        flush()
 
     def _reboot(self, b):
         self.core.reboot_requested = True
@@ -483,7 +565,7 @@ class Agent:
 
     _OPS = {EXEC: _exec, RESULT: _result, LS: _ls, PUT_OPEN: _put_open, PUT_DATA: _put_data,
             PUT_DONE: _put_done, GET_OPEN: _get_open, GET_DATA: _get_data, HEALTH: _health, LOGS: _logs,
-            REBOOT: _reboot, RESET: _reset}
+            REBOOT: _reboot, RESET: _reset, EXEC_S: _exec_s}
 
 
 def _remove(path):

@@ -28,9 +28,16 @@ logged (rate-limited), and runs nothing.
     server = await control.serve(where, {"stats": fn, ...}, log)   # server.close() stops it
     reply = control.query("net/gw.sock", {"cmd": "stats"}, timeout=1.0)
 
+Streaming (the socket form only): a request with "stream": true may get
+lines {"partial": true, "id": ...} ahead of its reply, each as soon as the
+command has it (the gateway's ops exec: a snippet's output while it runs).
+A command sends them through partial_sender(req); query(..., on_partial=fn)
+hands them to fn; a request without "stream" never gets one.
+
 Shell: python -m microtun_host.control net/gw.sock stats
 """
 import asyncio
+import contextvars
 import ipaddress
 import json
 import os
@@ -45,6 +52,27 @@ _SUN_PATH_MAX = 100           # sun_path is 108 bytes on Linux, 104 on BSD/macOS
 
 UDP_WARNING = ("control on UDP %s: any local user can read stats and trigger a reload; write a socket "
                "path instead, e.g. \"control\": \"gw.sock\" (docs/CONFIG.md, \"Control channel\")")
+
+
+# the current connection's way to send a line ahead of the reply (a socket connection only)
+_emit = contextvars.ContextVar("control_emit", default=None)
+
+
+def partial_sender(req):
+    """A function(fields) sending one {"partial": true, ...} line ahead of
+    the reply to req, or None when req did not ask ("stream": true) or its
+    connection cannot carry it (UDP). Take it in the command (it belongs to
+    the connection serving req); call it from anywhere later."""
+    emit = _emit.get()
+    if emit is None or req.get("stream") is not True:
+        return None
+
+    def send(fields):
+        line = dict(fields, partial=True)
+        if req.get("id") is not None:
+            line["id"] = req["id"]
+        emit(_encode(line, limit=1 << 30) + b"\n")
+    return send
 
 
 class ControlError(OSError):
@@ -328,6 +356,7 @@ async def _serve_unix(path, cmds, log, max_request=MAX_REQUEST):
                     writer.write(_encode({"ok": False, "error": "a request is one line of at most %d bytes"
                                                                 % max_request}) + b"\n")
                     return
+                _emit.set(writer.write)
                 reply = cmds.handle(line)
                 if asyncio.iscoroutine(reply):
                     reply = await reply
@@ -373,7 +402,7 @@ async def serve(addr, commands, log=None, max_request=MAX_REQUEST):
     return transport
 
 
-def _query_unix(path, req, timeout):
+def _query_unix(path, req, timeout, on_partial=None):
     sp = None
     try:
         sp = _Short(path)
@@ -382,11 +411,21 @@ def _query_unix(path, req, timeout):
             s.connect(sp.path)
             s.sendall(json.dumps(req).encode() + b"\n")
             buf = b""
-            while not buf.endswith(b"\n"):
+            while True:
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 buf += chunk
+                while b"\n" in buf:        # partial lines ahead of the reply (streaming)
+                    line, _, rest = buf.partition(b"\n")
+                    msg = _parse_partial(line)
+                    if msg is None:
+                        break
+                    buf = rest
+                    if on_partial is not None:
+                        on_partial(msg)
+                if buf.endswith(b"\n"):
+                    break
     except FileNotFoundError:
         raise ControlError("control %s: no such socket; is the process running? (it creates the socket "
                            "when it starts)" % path) from None
@@ -415,14 +454,27 @@ def _query_unix(path, req, timeout):
     return reply
 
 
-def query(addr, request, timeout=1.0):
+def _parse_partial(line):
+    """The dict of a {"partial": true} line, None for anything else (the reply)."""
+    if not line.startswith(b'{') or b'"partial"' not in line:
+        return None
+    try:
+        msg = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return msg if isinstance(msg, dict) and msg.get("partial") is True else None
+
+
+def query(addr, request, timeout=1.0, on_partial=None):
     """Send one request (a dict with "cmd") and return the reply dict.
     Raises ControlError (one line) when there is no matching reply within
-    timeout s, nothing listens, or addr is not a control address."""
+    timeout s (of silence), nothing listens, or addr is not a control
+    address. on_partial: called with each partial line's dict (a request
+    with "stream": true on a socket)."""
     req = dict(request)
     rid = req.setdefault("id", int.from_bytes(os.urandom(4), "big"))
     if is_socket_path(addr):
-        reply = _query_unix(os.path.abspath(addr), req, timeout)
+        reply = _query_unix(os.path.abspath(addr), req, timeout, on_partial)
         if reply.get("id") not in (rid, None):
             raise ControlError("control %s: reply to another request" % addr)
         return reply
@@ -446,6 +498,48 @@ def query(addr, request, timeout=1.0):
             raise
         except OSError as e:
             raise ControlError("control %s:%d: %s" % (host, port, e.strerror or e)) from None
+
+
+async def relay(path, req, timeout, on_partial=None):
+    """query() from inside an event loop, to a socket path: send req as it
+    is (its "id" too), hand partial lines to on_partial, return the reply
+    dict. What a supervisor uses to pass a command on to a worker.
+    ControlError when the socket is not there, the connection closes before
+    the reply, or a line takes longer than timeout s."""
+    sp = _Short(path)
+    try:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(sp.path, limit=1 << 24), timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise ControlError("control %s: %s" % (path, getattr(e, "strerror", None) or e or "connect timed out"))
+    finally:
+        sp.close()
+    try:
+        writer.write(json.dumps(req).encode() + b"\n")
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout)
+            except asyncio.TimeoutError:
+                raise ControlError("control %s: no reply within %.1f s" % (path, timeout)) from None
+            except (OSError, ValueError) as e:
+                raise ControlError("control %s: %s" % (path, e)) from None
+            if not line:
+                raise ControlError("control %s: connection closed before the reply (the process stopped?)" % path)
+            msg = _parse_partial(line.rstrip(b"\n"))
+            if msg is not None:
+                if on_partial is not None:
+                    on_partial(msg)
+                continue
+            try:
+                reply = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                raise ControlError("control %s: reply is not JSON" % path) from None
+            if not isinstance(reply, dict):
+                raise ControlError("control %s: reply is not a JSON object" % path)
+            return reply
+    finally:
+        writer.close()
 
 
 def _main(argv):

@@ -340,6 +340,15 @@ def _local(path):
     return local, s
 
 
+def gateway_local_config(path):
+    """A fleet gateway's GatewayConfig from its local file alone (no links,
+    services or registry: those are in etcd): what a client of the gateway
+    (`microtun ops`, `microtun status`) needs, its control socket."""
+    from microtun_host import gateway
+    local, _ = _local(path)
+    return gateway.GatewayConfig(Node(path, "", dict(local, links=[], services={})), devices=[])
+
+
 def pop_routes(state, name, pool=None):
     """The route entries of PoP `name`; with a gwpool.Pool, the last hops
     go to each device's chosen gateway."""
@@ -611,7 +620,7 @@ def run_gateway(path, check=False):
     from microtun_host import gateway
     try:
         local, settings = _local(path)
-        cfg = gateway.GatewayConfig(Node(path, "", dict(local, links=[], services={})), devices=[])
+        cfg = gateway_local_config(path)
     except ConfigError as e:
         print("microtun gateway: %s" % e, file=sys.stderr)
         return 2

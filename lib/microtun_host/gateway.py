@@ -900,6 +900,17 @@ def _is_pop_config(path):
     return isinstance(root, dict) and "routes" in root
 
 
+def load_client_config(path):
+    """What a client of a running gateway reads from its config (the control
+    socket): a file-mode gateway.json, or a fleet-mode one (its "fleet"
+    section; links and registry are in etcd)."""
+    from microtun_host import fleet
+    if fleet.wants_fleet(path):
+        from microtun_host import fleetnode
+        return fleetnode.gateway_local_config(path)
+    return load_gateway_config(path)
+
+
 def status_main(config_path=None, control_addr=None, as_json=False):
     """`microtun status --config gateway.json | --control ADDR [--json]`
     (a PoP's config, with "routes", is answered by workers.pop_status_main)."""
@@ -908,7 +919,7 @@ def status_main(config_path=None, control_addr=None, as_json=False):
         return workers.pop_status_main(config_path, as_json)
     if control_addr is None:
         try:
-            cfg = load_gateway_config(config_path)
+            cfg = load_client_config(config_path)
         except ConfigError as e:
             print("microtun status: %s" % e, file=sys.stderr)
             return 2

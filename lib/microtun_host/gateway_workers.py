@@ -18,7 +18,9 @@ import time
 from microtun_host import control
 from microtun_host import log as logs
 from microtun_host.config import ConfigError
-from microtun_host.workers import Supervisor, _die_with_parent, link_groups, steering_groups
+from microtun_host.workers import Supervisor, _die_with_parent, link_groups, steering_groups, worker_of
+
+RELAY_IDLE_S = 300.0        # a worker's ops reply (or its next streamed line) may take this long
 
 
 # --- the gateway's supervisor ---------------------------------------------------------
@@ -63,7 +65,40 @@ class GatewaySupervisor(Supervisor):
         return []
 
     def _commands(self):
-        return {"stats": self._cmd_gw_stats, "status": self._cmd_gw_status, "reload": self._cmd_reload}
+        return {"stats": self._cmd_gw_stats, "status": self._cmd_gw_status, "reload": self._cmd_reload,
+                "ops_challenge": self._cmd_ops, "ops_login": self._cmd_ops, "ops": self._cmd_ops}
+
+    def worker_for_device(self, name):
+        """The worker holding a device's sessions: the one its links are
+        steered to (link_groups: the links named "DEVICE/..."), or None for
+        a name no link carries."""
+        labels = [link.in_label for link in self.cfg.links
+                  if isinstance(name, str) and link.name.split("/", 1)[0] == name and "/" in link.name]
+        if not labels:
+            return None
+        return self.workers[worker_of(min(labels), self.n, self.exceptions)] if self.workers else None
+
+    async def _cmd_ops(self, req):
+        """ops_challenge, ops_login, ops (docs/OPS.md): passed on to the
+        worker that holds the device's session, whose reply (and streamed
+        lines) come back as they are. Challenges and tokens live in that
+        worker, so a device's login and its operations meet there."""
+        name = req.get("device")
+        w = self.worker_for_device(name)
+        if w is None:
+            return {"ok": False, "error": "unknown device %r: no link of the gateway's config is named "
+                                          "\"%s/...\" (the registry's devices: microtun status)" % (name, name)}
+        if w.proc is None:
+            return {"ok": False, "error": "device %s: its gateway worker %d is not running (%s); it restarts "
+                                          "by itself, try again in a few seconds" % (
+                                              name, w.index, w.last_exit or "starting")}
+        send = control.partial_sender(req)
+        try:
+            rep = await control.relay(w.control, req, RELAY_IDLE_S, on_partial=send)
+        except control.ControlError as e:
+            return {"ok": False, "error": "device %s: its gateway worker %d did not answer: %s" % (name, w.index, e)}
+        rep.pop("id", None)
+        return rep
 
     def _per_worker(self, answers, key):
         per = []

@@ -37,6 +37,7 @@ from microtun_host import control
 from microtun_host.config import ConfigError
 from microtun_host.opsgw import login_message, MAX_BATCH, TOKEN_TTL_S
 
+FOLLOW_WAIT_S = 20      # `logs --follow`: how long the device may hold one request
 REBOOT_EXIT = 3     # the unix port's exit status for a reset (firmware/microtun_fw.py reset())
 
 
@@ -52,8 +53,8 @@ class OpsError(Exception):
 
 def control_of(gateway_config):
     """The control socket path of a gateway config file."""
-    from microtun_host.gateway import load_gateway_config
-    cfg = load_gateway_config(gateway_config)
+    from microtun_host.gateway import load_client_config
+    cfg = load_client_config(gateway_config)       # file mode or fleet mode
     if cfg.control is None or not control.is_socket_path(str(cfg.control)):
         raise OpsError("%s: \"control\" must be a socket path for ops (e.g. \"gw.sock\")" % gateway_config)
     return str(cfg.control)
@@ -87,12 +88,14 @@ class OpsClient:
         return cls(addr, device, token, timeout)
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _call(self, op, timeout=None, **fields):
+    def _call(self, op, timeout=None, on_partial=None, **fields):
         req = dict(fields, cmd="ops", device=self.device, token=self.token, op=op)
         if self.device_timeout is not None:
             req["timeout"] = self.device_timeout
+        if on_partial is not None:
+            req["stream"] = True
         try:
-            rep = control.query(self.control, req, timeout=timeout or self.timeout)
+            rep = control.query(self.control, req, timeout=timeout or self.timeout, on_partial=on_partial)
         except control.ControlError as e:
             raise OpsError("%s: %s: %s" % (self.device, op, e)) from None
         if not rep.get("ok"):
@@ -110,9 +113,13 @@ class OpsClient:
             raise OpsError("%s: exec raised %s" % (self.device, last), traceback=tb, output=rep.get("output"))
         return rep["output"]
 
-    def exec_raw(self, code):
-        """(output, traceback or ""): what the raw REPL reports, no raising."""
-        rep = self._call("exec", code=code)
+    def exec_raw(self, code, on_output=None):
+        """(output, traceback or ""): what the raw REPL reports, no raising.
+        on_output: called with each piece of the output as the device
+        prints it (streamed, docs/OPS.md); the pieces are a prefix of the
+        output returned (the rest was not pushed: print output[len(seen):])."""
+        cb = None if on_output is None else (lambda m: on_output(m.get("output", "")))
+        rep = self._call("exec", code=code, on_partial=cb)
         return rep["output"], rep.get("error") or ""
 
     def reset(self):
@@ -159,9 +166,11 @@ class OpsClient:
         h = self._call("health")["health"]
         return h
 
-    def logs(self, since=0):
-        """(next, text): the device's log lines after sequence number since."""
-        r = self._call("logs", since=since)
+    def logs(self, since=0, wait=0):
+        """(next, text): the device's log lines after sequence number since.
+        wait (s, at most 30): when there is none yet, the device holds the
+        request until one comes or wait is over (text "" then)."""
+        r = self._call("logs", since=since, wait=wait) if wait else self._call("logs", since=since)
         text = r["text"]
         if since and r["first"] > since + 1:
             text = "[%d lines dropped from the device's ring]\n" % (r["first"] - since - 1) + text
@@ -305,8 +314,14 @@ def main(args):
                 print("microtun ops exec: give the code or -f FILE", file=sys.stderr)
                 return 2
             code = args.code if args.file is None else open(args.file).read()
-            out, err = c.exec_raw(code)
-            sys.stdout.write(out)
+            seen = [0]
+
+            def show(text):                 # the output as the snippet prints it
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                seen[0] += len(text)
+            out, err = c.exec_raw(code, on_output=show)
+            sys.stdout.write(out[seen[0]:])
             if err:
                 sys.stderr.write(err)
                 return 1
@@ -332,11 +347,14 @@ def main(args):
             nxt, text = c.logs(0)
             sys.stdout.write(text)
             sys.stdout.flush()
-            while args.follow:
-                time.sleep(0.5)
-                nxt, text = c.logs(nxt)
+            wait = max(1.0, min(FOLLOW_WAIT_S, args.timeout / 2))
+            while args.follow:             # each request held on the device until a line comes
+                t0 = time.monotonic()
+                nxt, text = c.logs(nxt, wait=wait)
                 sys.stdout.write(text)
                 sys.stdout.flush()
+                if not text and time.monotonic() - t0 < wait / 2:
+                    time.sleep(0.5)        # a device that does not hold requests (older firmware): poll
         elif k == "health":
             print(json.dumps(c.health(), indent=1, sort_keys=True))
         elif k == "reboot":

@@ -38,7 +38,10 @@ class RawRepl:
         self.esc = b""              # a raw-paste request being read (0x05 'A' 0x01)
         self.friendly = banner or (b"MicroPython via microtun ops (device %s)\r\n" % client.device.encode())
 
-    def feed(self, data):
+    def feed(self, data, send=None):
+        """send: a function(bytes) to stream a running snippet's output
+        through (what was answered so far goes first); without it the
+        output comes in the returned bytes when the snippet ends."""
         out = bytearray()
         for b in data:
             ch = bytes((b,))
@@ -70,7 +73,11 @@ class RawRepl:
                 else:
                     code = bytes(self.buf).decode("utf-8", "replace")
                     self.buf = bytearray()
-                    out += b"OK" + self._run(code) + b">"
+                    out += b"OK"
+                    if send is not None:
+                        send(bytes(out))
+                        out = bytearray()
+                    out += self._run(code, send) + b">"
             else:
                 self.buf += ch
         return bytes(out)
@@ -82,12 +89,17 @@ class RawRepl:
         except OpsError as e:
             return ("microtun ops: %s\r\n" % e).encode()
 
-    def _run(self, code):
+    def _run(self, code, send=None):
+        seen = [0]
+
+        def show(text):             # the output as the device prints it (streamed)
+            send(text.encode())
+            seen[0] += len(text)
         try:
-            out, err = self.c.exec_raw(code)
+            out, err = self.c.exec_raw(code, on_output=show if send is not None else None)
         except OpsError as e:
             out, err = "", "microtun ops: %s\n" % e
-        return out.encode() + b"\x04" + err.encode() + b"\x04"
+        return out[seen[0]:].encode() + b"\x04" + err.encode() + b"\x04"
 
 
 def serve(client, listen="127.0.0.1:0", once=False, ready=None):
@@ -121,7 +133,10 @@ def serve(client, listen="127.0.0.1:0", once=False, ready=None):
                         break
                     if not data:
                         break
-                    out = repl.feed(data)
+                    try:
+                        out = repl.feed(data, conn.sendall)
+                    except OSError:
+                        break
                     if out:
                         try:
                             conn.sendall(out)

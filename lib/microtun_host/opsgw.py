@@ -18,12 +18,14 @@ second, separate check: the right to operate one device, for a while.
 """
 import asyncio
 import base64
+import codecs
 import contextvars
 import logging
 import os
 import time
 
 from microtun import ops as wire
+from microtun_host import control
 
 log = logging.getLogger("microtun.gateway")
 
@@ -37,6 +39,8 @@ RTO_MIN_S = 0.1                 # retransmission timeout: RFC 6298 (srtt + 4 rtt
 RTO_INIT_S = 0.5
 RTO_MAX_S = 2.0
 WINDOW = 16                     # transfer requests in flight per device
+LOGS_WAIT_MAX_S = 30            # a logs request held on the device until a line comes (`logs --follow`)
+STREAM_CREDIT = 64              # pushes a streamed exec may send (microtun.ops.EXEC_S): <= 64 KB of output
 FAST_AFTER = 3                  # answers to later requests that make an unanswered one count as lost
 MAX_BATCH = 40 * wire.PAGE      # put_data / get_data bytes per control request: in base64, under control.MAX_REQUEST
 LOGIN_CONTEXT = b"microtun-ops-login-v1"
@@ -58,7 +62,7 @@ class _Dev:
 
     def __init__(self):
         self.rid = int.from_bytes(os.urandom(4), "big")
-        self.pending = {}           # rid -> [op, future, packet, send order, fast-retransmitted]
+        self.pending = {}           # rid -> [op, future, packet, send order, fast-retransmitted, on_push, last push]
         self.sent = 0               # send order of the newest request
         self.srtt = None
         self.rttvar = None
@@ -208,6 +212,15 @@ class GatewayOps:
         if r is None:
             self._count("ops_malformed_reply", peer)
             return
+        if r[2] == wire.STREAM:         # output of a running snippet, pushed (EXEC_S): the reply comes later
+            p = d.pending.get(r[1]) if d is not None else None
+            if p is None or p[0] != wire.EXEC_S or p[5] is None or p[1].done() or len(r[3]) < 4:
+                self._count("ops_late_reply", peer)
+                return
+            p[6] = time.monotonic()
+            self._count("ops_stream_rx", peer)
+            p[5](wire.u32(r[3], 0), r[3][4:])
+            return
         p = d.pending.pop(r[1], None) if d is not None else None
         if p is None or p[1].done() or p[0] != r[0]:
             self._count("ops_late_reply", peer)         # a retransmission's second answer
@@ -225,9 +238,14 @@ class GatewayOps:
                 except ValueError:
                     pass
 
-    async def request(self, name, op, body=b"", timeout=None):
+    async def request(self, name, op, body=b"", timeout=None, on_push=None, hold=0.0):
         """One request, retransmitted until answered: (status, body). Raises
-        Refused when the device does not answer within timeout."""
+        Refused when the device does not answer within timeout. on_push
+        (EXEC_S): called with (offset, bytes) for each push of output; a
+        push shows the device has the request and is running it, so the
+        timeout runs from the latest push. hold: the device may keep the
+        request this long before it answers (a logs request waiting for a
+        line): not sent again before hold + RTO."""
         if timeout is None:
             timeout = _timeout.get()
         pub = self.server.names[name]
@@ -239,10 +257,10 @@ class GatewayOps:
         fut = loop.create_future()
         pkt = wire.request(op, rid, body)
         d.sent += 1
-        d.pending[rid] = [op, fut, pkt, d.sent, False]
+        ent = d.pending[rid] = [op, fut, pkt, d.sent, False, on_push, None]
         t0 = loop.time()
-        end = t0 + timeout
-        rto = d.rto()
+        end = t0 + timeout + hold
+        rto = d.rto() + hold
         first = True
         try:
             while True:
@@ -258,10 +276,14 @@ class GatewayOps:
                 try:
                     res = await asyncio.wait_for(asyncio.shield(fut), min(rto, left))
                 except asyncio.TimeoutError:
+                    if ent[6] is not None:      # pushes came: it runs; the timeout counts from the latest
+                        end = max(end, ent[6] + timeout)      # loop.time() is time.monotonic()
+                    # sent again all the same (its reply may be lost): a device still running it answers
+                    # the copy from its cache once the snippet ends
                     first = False
-                    rto = min(RTO_MAX_S, rto * 2)
+                    rto = min(RTO_MAX_S + hold, rto * 2)
                     continue
-                if first:                    # Karn: only unambiguous samples
+                if first and ent[6] is None and not hold:    # Karn: only unambiguous samples (not a snippet's run time)
                     d.sample(loop.time() - t0)
                 return res
         finally:
@@ -272,8 +294,8 @@ class GatewayOps:
         raise Refused("device %s did not answer %s within %.1f s: is it online (microtun status), and does its "
                       "config allow ops (\"ops\": true)?" % (name, wire.NAMES.get(op, op), timeout))
 
-    async def _ok(self, name, op, body=b"", what=None):
-        st, rep = await self.request(name, op, body)
+    async def _ok(self, name, op, body=b"", what=None, on_push=None):
+        st, rep = await self.request(name, op, body, on_push=on_push)
         if st != wire.OK:
             raise Refused("device %s: %s" % (name, rep.decode("utf-8", "replace")))
         return rep
@@ -329,11 +351,40 @@ class GatewayOps:
         code = req["code"].encode()
         if len(code) > wire.MAX_CODE:
             raise Refused("snippet of %d bytes is over the device's limit of %d" % (len(code), wire.MAX_CODE))
+        send = control.partial_sender(req)       # the client streams: ask the device to push its output
+        out = bytearray()                        # the output's bytes from 0, as far as they are contiguous
+        early = {}                               # offset -> bytes: pushes that came past a gap
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        fed = [0]                                # bytes of out passed on to the client
+
+        def pushed(off, data):
+            if off > len(out):                   # a push before it was lost: keep it for later
+                if len(early) < STREAM_CREDIT:
+                    early[off] = bytes(data)
+                return
+            if off + len(data) <= len(out):      # had it
+                return
+            out.extend(data[len(out) - off:])
+            while len(out) in early:
+                out.extend(early.pop(len(out)))
+            text = dec.decode(bytes(out[fed[0]:]))
+            fed[0] = len(out)
+            if text:
+                send({"output": text})
+        op = wire.EXEC_S if send is not None else wire.EXEC
         step = wire.PAGE - 8
         off = 0
         while True:
             part = code[off:off + step]
-            rep = await self._ok(name, wire.EXEC, wire.p32(len(code)) + wire.p32(off) + part)
+            body = wire.p32(len(code)) + wire.p32(off) + part
+            if op == wire.EXEC_S:
+                body = bytes((STREAM_CREDIT,)) + body
+            st, rep = await self.request(name, op, body, on_push=pushed if op == wire.EXEC_S else None)
+            if st != wire.OK and op == wire.EXEC_S and off == 0 and rep.startswith(b"unknown ops request"):
+                op = wire.EXEC                   # firmware from before streaming: the output at the end
+                continue
+            if st != wire.OK:
+                raise Refused("device %s: %s" % (name, rep.decode("utf-8", "replace")))
             off += len(part)
             if rep[:1] != b"\x02":
                 break
@@ -341,7 +392,9 @@ class GatewayOps:
                 raise Refused("device %s: exec acknowledged every part but ran nothing" % name)
         raised = rep[0] == 1
         total = wire.u32(rep, 1)
-        out = bytearray(rep[5:])
+        first = rep[5:]
+        if len(first) > len(out):
+            out.extend(first[len(out):])
         while len(out) < total:
             page = await self._ok(name, wire.RESULT, wire.p32(len(out)))
             if not page:
@@ -411,7 +464,17 @@ class GatewayOps:
 
     async def _op_logs(self, name, req):
         since = int(req.get("since", 0))
-        rep = await self._ok(name, wire.LOGS, wire.p32(since))
+        wait = req.get("wait", 0)
+        if not isinstance(wait, (int, float)) or not 0 <= wait <= LOGS_WAIT_MAX_S:
+            raise ValueError("wait must be 0..%d s" % LOGS_WAIT_MAX_S)
+        body = wire.p32(since)
+        if wait:                # held on the device until a new line, at most wait s
+            ms = int(wait * 1000)
+            body += bytes(((ms >> 8) & 255, ms & 255))
+        # the device answers within wait, give or take its poll (firmware: 0.5 s at most)
+        st, rep = await self.request(name, wire.LOGS, body, hold=float(wait) + 0.5 if wait else 0.0)
+        if st != wire.OK:
+            raise Refused("device %s: %s" % (name, rep.decode("utf-8", "replace")))
         return ({"next": wire.u32(rep, 0), "first": wire.u32(rep, 4), "text": rep[8:].decode("utf-8", "replace")},
                 "logs since %d" % since)
 
