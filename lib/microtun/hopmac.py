@@ -51,10 +51,12 @@ _w = bytearray(96)      # bytes 0..63 the block, then its words (the schedule, 1
 
 
 @micropython.viper
-def _compress(st, so: int, w):
+def _compress(e: uint, a: uint, st, so: int, w):
     # one SHA-256 compression of the block at w[0:64] (big-endian bytes,
     # turned into the message schedule in place) into the 8 state words
-    # st[so:so + 8] (ptr32 words)
+    # st[so:so + 8] (ptr32 words). e and a come in as 0: the first two
+    # locals, the arguments, are the ones viper keeps in registers in frozen
+    # code, and these two are the most used (~5 % fewer instructions)
     s = ptr32(st)
     W = ptr32(w)
     b = ptr8(w)
@@ -65,27 +67,26 @@ def _compress(st, so: int, w):
         o = 4 * i
         W[i] = (uint(b[o]) << 24) | (uint(b[o + 1]) << 16) | (uint(b[o + 2]) << 8) | uint(b[o + 3])
         i += 1
-    a = uint(s[so]) & M
-    bb = uint(s[so + 1]) & M
-    c = uint(s[so + 2]) & M
-    d = uint(s[so + 3]) & M
-    e = uint(s[so + 4]) & M
-    f = uint(s[so + 5]) & M
-    g = uint(s[so + 6]) & M
-    h = uint(s[so + 7]) & M
+    # ptr32 loads are 32-bit clean; a and e are masked where sums make them,
+    # the other words are copies of them
+    a = uint(s[so])
+    bb = uint(s[so + 1])
+    c = uint(s[so + 2])
+    d = uint(s[so + 3])
+    e = uint(s[so + 4])
+    f = uint(s[so + 5])
+    g = uint(s[so + 6])
+    h = uint(s[so + 7])
     i = 0
     while i < 64:
         j = i & 15
         if i >= 16:     # W[i] over W[i - 16]: the schedule as a ring of 16 words
-            x = uint(W[(i - 15) & 15]) & M
-            y = uint(W[(i - 2) & 15]) & M
-            s0 = ((x >> 7) | (x << 25)) ^ ((x >> 18) | (x << 14)) ^ (x >> 3)
-            s1 = ((y >> 17) | (y << 15)) ^ ((y >> 19) | (y << 13)) ^ (y >> 10)
-            W[j] = uint(W[j]) + s0 + uint(W[(i - 7) & 15]) + s1
+            x = uint(W[(i + 1) & 15])       # W[i - 15]
+            y = uint(W[(i + 14) & 15])      # W[i - 2]
+            W[j] = uint(W[j]) + (((x >> 7) | (x << 25)) ^ ((x >> 18) | (x << 14)) ^ (x >> 3)) + \
+                uint(W[(i + 9) & 15]) + (((y >> 17) | (y << 15)) ^ ((y >> 19) | (y << 13)) ^ (y >> 10))
         t1 = h + (((e >> 6) | (e << 26)) ^ ((e >> 11) | (e << 21)) ^ ((e >> 25) | (e << 7))) + \
-            ((e & f) ^ ((e ^ M) & g)) + uint(K[i]) + (uint(W[j]) & M)
-        t2 = (((a >> 2) | (a << 30)) ^ ((a >> 13) | (a << 19)) ^ ((a >> 22) | (a << 10))) + \
-            ((a & bb) ^ (a & c) ^ (bb & c))
+            (g ^ (e & (f ^ g))) + uint(K[i]) + uint(W[j])
         h = g
         g = f
         f = e
@@ -93,7 +94,8 @@ def _compress(st, so: int, w):
         d = c
         c = bb
         bb = a
-        a = (t1 + t2) & M
+        a = (t1 + (((a >> 2) | (a << 30)) ^ ((a >> 13) | (a << 19)) ^ ((a >> 22) | (a << 10))) +
+             ((a & c) | (d & (a | c)))) & M
         i += 1
     s[so] = uint(s[so]) + a
     s[so + 1] = uint(s[so + 1]) + bb
@@ -123,7 +125,7 @@ def _keyed(st, key, w):
         while i < 64:
             b[i] = (k[i] if i < 32 else 0) ^ pad
             i += 1
-        _compress(st, so, w)
+        _compress(0, 0, st, so, w)
         so += 8
         pad = 0x5C
 
@@ -174,7 +176,7 @@ def _mac(st, pkt, n: int, check: int, w) -> int:
     while i < 8:
         x[16 + i] = s[i]
         i += 1
-    _compress(w, 16, w)
+    _compress(0, 0, w, 16, w)
     # outer: H(key ^ opad || inner digest)
     i = 0
     while i < 8:
@@ -192,7 +194,7 @@ def _mac(st, pkt, n: int, check: int, w) -> int:
         i += 1
     b[62] = 3      # (64 + 32) * 8 = 768 bits
     b[63] = 0
-    _compress(w, 16, w)
+    _compress(0, 0, w, 16, w)
     # the MAC: the first 8 bytes of the digest, into packet[4:12] or compared with them
     r = 0
     i = 0
