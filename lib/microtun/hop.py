@@ -13,7 +13,9 @@ payload (for DATA, the inner packet, opaque here). See docs/OUTER.md.
 
 The excerpt covers the inner header (type, receiver index, counter) and the
 inner AEAD tag; the inner AEAD authenticates the rest end to end. The MAC
-costs 4 SHA-256 compressions whatever the packet size.
+costs 4 SHA-256 compressions whatever the packet size (2 where the key's
+pad blocks are hashed once: CPython, and microtun/hopmac.py's native code
+on a frozen build).
 
 This module is what a device loads: seal, parse, verify, the probe reply.
 microtun.outer is the whole plane (this module, plus what relays and the
@@ -150,21 +152,21 @@ def _hmac_copy(hk, msg):
 _hmac = _hmac_copy if _COPY else _hmac_portable
 
 
-def _message(hk, b0, label, src, off, n):
-    """Fill hk's scratch with the MAC input for a packet whose first byte is
-    b0, label is label and payload is src[off:off+n]; return it (a view)."""
+def _message(hk, src, n):
+    """Fill hk's scratch with the MAC input for the packet in src (header
+    bytes 0..3 set, n bytes of payload from byte 12); return it (a view)."""
     m = hk._msg
-    m[0] = b0
-    m[1] = label >> 16
-    m[2] = (label >> 8) & 0xFF
-    m[3] = label & 0xFF
+    m[0] = src[0]
+    m[1] = src[1]
+    m[2] = src[2]
+    m[3] = src[3]
     m[4] = n >> 8
     m[5] = n & 0xFF
     if n <= _EXCERPT_WHOLE:
-        m[6:6 + n] = src[off:off + n]
+        m[6:6 + n] = src[HEADER_LEN:HEADER_LEN + n]
         return hk._mv[:6 + n]
-    m[6:22] = src[off:off + _EXCERPT_HALF]
-    m[22:38] = src[off + n - _EXCERPT_HALF:off + n]
+    m[6:22] = src[HEADER_LEN:HEADER_LEN + _EXCERPT_HALF]
+    m[22:38] = src[HEADER_LEN + n - _EXCERPT_HALF:HEADER_LEN + n]
     return m
 
 
@@ -174,8 +176,7 @@ def _put_mac(hk, buf, n):
     if _native:
         _native.seal(hk._st, buf, n)
     else:
-        buf[4:HEADER_LEN] = _hmac(hk, _message(hk, buf[0], (buf[1] << 16) | (buf[2] << 8) | buf[3],
-                                               buf, HEADER_LEN, n))[:MAC_LEN]
+        buf[4:HEADER_LEN] = _hmac(hk, _message(hk, buf, n))[:MAC_LEN]
 
 
 def _check_mac(hk, packet, n):
@@ -183,8 +184,7 @@ def _check_mac(hk, packet, n):
     payload); constant time in the MAC's bytes."""
     if _native:
         return _native.verify(hk._st, packet, n)
-    return _mac_ok(_hmac(hk, _message(hk, packet[0], (packet[1] << 16) | (packet[2] << 8) | packet[3],
-                                      packet, HEADER_LEN, n)), packet)
+    return _mac_ok(_hmac(hk, _message(hk, packet, n)), packet)
 
 
 # --- sending ---------------------------------------------------------------

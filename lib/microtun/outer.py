@@ -11,8 +11,7 @@ imports microtun.hop only, so none of this sits in its heap.
 import sys
 
 from microtun.hop import *  # noqa: F401,F403  (the device-side plane, re-exported)
-from microtun.hop import (_COPY, _check_buf, _check_mac, _hmac, _hmac_copy, _hmac_portable, _mac_ok, _message,
-                          _put_mac,
+from microtun.hop import (_COPY, _check_buf, _check_mac, _hmac, _hmac_copy, _hmac_portable, _put_mac,
                           HEADER_LEN, MAC_LEN, PAYLOAD_MAX, PROBE_MAX, seal_in_place,
                           TYPE_DATA, TYPE_HOP_PROBE, TYPE_HOP_PROBE_REPLY, TYPE_HOP_KEEPALIVE,
                           TYPE_PATH_CHALLENGE, TYPE_PATH_RESPONSE, PROBE_MIN, TYPE_DATA_CE,

@@ -226,27 +226,24 @@ class PathSet:
             return [self.paths[route]] if 0 <= route < len(self.paths) else []
         policy = route or self.default_policy
         best = None if policy == CRITICAL else self.best()
-        if best is None:
-            live = [p for p in self.paths if p.live]
-            if live:
-                return live             # critical: every live path
-            # nothing validated: every path that is not known dead, else all
-            cand = [p for p in self.paths if p.state != DOWN]
-            return cand or list(self.paths)
-        if best.state == SUSPECT:      # in doubt: use every live path
-            return [p for p in self.paths if p.live]
-        if policy == ADAPTIVE:          # duplicate while the best path is poor, with hysteresis
-            srtt = best.srtt or 0
-            if self._dup:
-                if best.loss < _ADAPTIVE_LOSS_OFF and srtt < _ADAPTIVE_RTT_MS:
-                    self._dup = False
-            elif best.loss > _ADAPTIVE_LOSS_ON or srtt > _ADAPTIVE_RTT_MS:
-                self._dup = True
-            if self._dup:
-                return [p for p in self.paths if p.live]
-        one = self._one
-        one[0] = best
-        return one
+        if best is not None and best.state != SUSPECT:   # (SUSPECT: in doubt, every live path)
+            if policy == ADAPTIVE:      # duplicate while the best path is poor, with hysteresis
+                srtt = best.srtt or 0
+                if self._dup:
+                    if best.loss < _ADAPTIVE_LOSS_OFF and srtt < _ADAPTIVE_RTT_MS:
+                        self._dup = False
+                elif best.loss > _ADAPTIVE_LOSS_ON or srtt > _ADAPTIVE_RTT_MS:
+                    self._dup = True
+            if policy != ADAPTIVE or not self._dup:
+                one = self._one
+                one[0] = best
+                return one
+        live = [p for p in self.paths if p.live]
+        if live:
+            return live                 # critical, suspect, adaptive duplicating
+        # nothing validated: every path that is not known dead, else all
+        cand = [p for p in self.paths if p.state != DOWN]
+        return cand or list(self.paths)
 
     # -- timers ----------------------------------------------------------------
     def note_app_send(self, now):
