@@ -29,6 +29,13 @@ all in instructions ("insns"):
   aes_floor_1200  with cryptolib: one ECB and one CBC pass over a 1200-byte
                   message's blocks, the AES work CCM cannot avoid;
 
+  hop_mac         the outer layer's hop MAC (HMAC-SHA256 over the header
+                  and a 32-byte excerpt) sealed into and verified on a
+                  1212-byte packet, as the two-path stack does per packet:
+                  with the backend in use (microtun.hop.HMAC: "native",
+                  microtun/hopmac.py frozen as ARMv7-M code) and with
+                  hashlib's SHA-256 objects (what a .mpy deployment runs);
+
 "aead_xor" says which CCM XOR ran: "viper" (microtun/xorbuf.py frozen as
 ARMv7-M code) or "big-int" (the fallback);
 
@@ -234,6 +241,22 @@ if _HAS:
     print("T aes_floor_1200", _t(_floor, %d))
 """
 
+HOP_RUN = """
+from microtun import hop
+_hk = hop.HopKey(bytes(range(32)), any_message=True)   # (the pads too: hashlib below)
+_pk = bytearray(1212)
+print("HMAC", hop.HMAC)
+print("T seal_1200", _t(lambda: hop.seal_in_place(_pk, 1, 5, _hk, 1200), %d))
+print("T verify_1200", _t(lambda: hop.verify(_hk, _pk), %d))
+_nat = hop._native
+hop._native = None
+try:
+    print("T seal_1200_hashlib", _t(lambda: hop.seal_in_place(_pk, 1, 5, _hk, 1200), %d))
+    print("T verify_1200_hashlib", _t(lambda: hop.verify(_hk, _pk), %d))
+finally:
+    hop._native = _nat
+"""
+
 
 def _times(text):
     return {m.group(1): int(m.group(2)) * 1000 for m in re.finditer(r"^T (\w+) (-?\d+)", text, re.M)}
@@ -305,8 +328,11 @@ def run(qemu, elf, packets):
                     raise
                 # a cryptolib build freezes no pure AES (boards/microtun_manifest.py)
                 aead[name] = "not in this build (microtun.aes_pure is frozen only without cryptolib)"
+        out = b.exec(HOP_RUN % ((packets,) * 4))
+        hop_mac = dict(_times(out), backend=re.search(r"HMAC (\w+)", out).group(1))
     finally:
         b.close()
+    res["hop_mac_insns"] = hop_mac
     res["insns"] = {"x25519": t["x25519"], "handshake": t["init"] + t["response"],
                     "handshake_init": t["init"], "handshake_response": t["response"],
                     "send_1200": t["send_1200"], "receive_1200": t["receive_1200"]}

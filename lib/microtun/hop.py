@@ -13,7 +13,9 @@ payload (for DATA, the inner packet, opaque here). See docs/OUTER.md.
 
 The excerpt covers the inner header (type, receiver index, counter) and the
 inner AEAD tag; the inner AEAD authenticates the rest end to end. The MAC
-costs 4 SHA-256 compressions whatever the packet size.
+costs 4 SHA-256 compressions whatever the packet size (2 where the key's
+pad blocks are hashed once: CPython, and microtun/hopmac.py's native code
+on a frozen build).
 
 This module is what a device loads: seal, parse, verify, the probe reply.
 microtun.outer is the whole plane (this module, plus what relays and the
@@ -79,26 +81,49 @@ _V4_LEN = const(7)            # 1 + 2 + 4
 _V6_LEN = const(19)           # 1 + 2 + 16
 
 # --- HMAC backend ----------------------------------------------------------
-# HMAC-SHA256 (RFC 2104) with the key's ipad/opad blocks precomputed once per
-# hop key. Where hashlib objects have copy() (CPython), the two blocks are
-# hashed once and each MAC copies the states: 2 compressions per MAC instead
-# of 4, and faster than the stdlib's one-shot hmac.digest (OpenSSL 3 sets up
-# a MAC context per call; measured in docs/OUTER.md). MicroPython's hashlib
-# has no copy(), so there each MAC hashes the 64-byte blocks again.
+# HMAC-SHA256 (RFC 2104), three ways to the same MAC:
+# - native (microtun.hopmac, viper; MicroPython where the native emitter
+#   and a little-endian port are there): the key's two midstates computed
+#   once, then two compressions per MAC read straight from the packet and
+#   written into it; nothing allocated per packet (docs/MEMORY.md).
+# - copy (CPython): the ipad/opad blocks hashed once and each MAC copies the
+#   states: 2 compressions per MAC instead of 4, and faster than the
+#   stdlib's one-shot hmac.digest (OpenSSL 3 sets up a MAC context per
+#   call; measured in docs/OUTER.md).
+# - portable (MicroPython without the native module): hashlib has no copy()
+#   and a digest() ends the object, so each MAC hashes the 64-byte blocks
+#   again: two SHA-256 objects and two digests per MAC.
 _COPY = hasattr(sha256(), "copy")
+try:
+    if _COPY:
+        raise ImportError       # CPython: hashlib's copies
+    from microtun import hopmac as _native
+except (ImportError, SyntaxError, ValueError, MemoryError):
+    # ImportError: CPython, a big-endian port, or not shipped; SyntaxError: a
+    # port without the native emitter compiling the viper source; ValueError:
+    # a .mpy of another -march; MemoryError: no room to compile it
+    _native = None
+HMAC = "native" if _native else "copy" if _COPY else "portable"
 
 _MSG_MAX = const(38)          # 4 header + 2 length + 32 excerpt bytes
 
 
 class HopKey:
-    """A 32-byte hop key, with its HMAC state precomputed and a scratch
-    buffer for the MAC input (not shared between HopKey objects, so a MAC
-    allocates only the hash objects and digests)."""
+    """A 32-byte hop key, with its HMAC state precomputed: the two
+    midstates (native), or the two hashed pad blocks (CPython), or the pad
+    blocks and a scratch buffer for the MAC input (not shared between
+    HopKey objects, so a MAC allocates only the hash objects and digests).
+    any_message=True keeps the pads everywhere, for _hmac over a message of
+    any length (the responder's mac1 check), which the native MAC is not."""
 
-    def __init__(self, key):
+    def __init__(self, key, any_message=False):
         if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_LEN:
             raise ValueError("a hop key must be %d bytes" % KEY_LEN)
         self.key = bytes(key)
+        if _native:
+            self._st = _native.keyed(key)
+            if not any_message:
+                return
         self._ipad = bytes(k ^ 0x36 for k in key) + b"\x36" * 32
         self._opad = bytes(k ^ 0x5C for k in key) + b"\x5c" * 32
         if _COPY:
@@ -127,22 +152,39 @@ def _hmac_copy(hk, msg):
 _hmac = _hmac_copy if _COPY else _hmac_portable
 
 
-def _message(hk, b0, label, src, off, n):
-    """Fill hk's scratch with the MAC input for a packet whose first byte is
-    b0, label is label and payload is src[off:off+n]; return it (a view)."""
+def _message(hk, src, n):
+    """Fill hk's scratch with the MAC input for the packet in src (header
+    bytes 0..3 set, n bytes of payload from byte 12); return it (a view)."""
     m = hk._msg
-    m[0] = b0
-    m[1] = label >> 16
-    m[2] = (label >> 8) & 0xFF
-    m[3] = label & 0xFF
+    m[0] = src[0]
+    m[1] = src[1]
+    m[2] = src[2]
+    m[3] = src[3]
     m[4] = n >> 8
     m[5] = n & 0xFF
     if n <= _EXCERPT_WHOLE:
-        m[6:6 + n] = src[off:off + n]
+        m[6:6 + n] = src[HEADER_LEN:HEADER_LEN + n]
         return hk._mv[:6 + n]
-    m[6:22] = src[off:off + _EXCERPT_HALF]
-    m[22:38] = src[off + n - _EXCERPT_HALF:off + n]
+    m[6:22] = src[HEADER_LEN:HEADER_LEN + _EXCERPT_HALF]
+    m[22:38] = src[HEADER_LEN + n - _EXCERPT_HALF:HEADER_LEN + n]
     return m
+
+
+def _put_mac(hk, buf, n):
+    """buf[4:12] = the hop MAC of the packet in buf: header bytes 0..3 set,
+    n bytes of payload from byte 12."""
+    if _native:
+        _native.seal(hk._st, buf, n)
+    else:
+        buf[4:HEADER_LEN] = _hmac(hk, _message(hk, buf, n))[:MAC_LEN]
+
+
+def _check_mac(hk, packet, n):
+    """True when packet[4:12] is the hop MAC of the packet (n bytes of
+    payload); constant time in the MAC's bytes."""
+    if _native:
+        return _native.verify(hk._st, packet, n)
+    return _mac_ok(_hmac(hk, _message(hk, packet, n)), packet)
 
 
 # --- sending ---------------------------------------------------------------
@@ -168,13 +210,11 @@ def seal_in_place(buf, ptype, label, hopkey, plen):
         raise ValueError("label must be in 1..%d, got %r" % (LABEL_MAX, label))
     end = HEADER_LEN + plen
     _check_buf(buf, end)
-    b0 = (VERSION << 4) | ptype
-    m = _message(hopkey, b0, label, buf, HEADER_LEN, plen)
-    buf[0] = b0
+    buf[0] = (VERSION << 4) | ptype
     buf[1] = label >> 16
     buf[2] = (label >> 8) & 0xFF
     buf[3] = label & 0xFF
-    buf[4:HEADER_LEN] = _hmac(hopkey, m)[:MAC_LEN]
+    _put_mac(hopkey, buf, plen)
     return end
 
 
@@ -253,8 +293,7 @@ def verify(hopkey, packet):
     n = len(packet) - HEADER_LEN
     if n < 0 or n > PAYLOAD_MAX:
         return False
-    m = _message(hopkey, packet[0], (packet[1] << 16) | (packet[2] << 8) | packet[3], packet, HEADER_LEN, n)
-    return _mac_ok(_hmac(hopkey, m), packet)
+    return _check_mac(hopkey, packet, n)
 
 
 # --- probes ----------------------------------------------------------------

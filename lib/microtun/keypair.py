@@ -5,7 +5,7 @@ The 64-bit counter is the AEAD nonce (4 zero bytes || counter, big-endian,
 exactly the counter bytes of the header) and the dedup/anti-replay sequence
 number: the window is checked before decrypting and marked after.
 """
-from struct import pack_into, unpack_from
+from struct import pack_into
 
 try:
     from micropython import const
@@ -72,7 +72,12 @@ class Keypair:
         a str: "duplicate", "replay" (older than the window) or
         "decrypt_failed". With a lead buffer (the channel byte), the
         plaintext's first bytes go there and the rest is returned."""
-        n = unpack_from(">Q", data, 8)[0]   # the counter (no slice of the packet)
+        # the counter, big-endian at 8..15: no slice of the packet, and no
+        # tuple (struct.unpack_from) nor big int while it is below 2**30
+        n = (data[12] << 24) | (data[13] << 16) | (data[14] << 8) | data[15]
+        hi = (data[8] << 24) | (data[9] << 16) | (data[10] << 8) | data[11]
+        if hi:
+            n |= hi << 32
         w = self.window
         if not w.will_accept(n):
             return "duplicate" if 0 <= w.last - n < w.window else "replay"

@@ -11,7 +11,7 @@ imports microtun.hop only, so none of this sits in its heap.
 import sys
 
 from microtun.hop import *  # noqa: F401,F403  (the device-side plane, re-exported)
-from microtun.hop import (_COPY, _check_buf, _hmac, _hmac_copy, _hmac_portable, _mac_ok, _message,
+from microtun.hop import (_COPY, _check_buf, _check_mac, _hmac, _hmac_copy, _hmac_portable, _put_mac,
                           HEADER_LEN, MAC_LEN, PAYLOAD_MAX, PROBE_MAX, seal_in_place,
                           TYPE_DATA, TYPE_HOP_PROBE, TYPE_HOP_PROBE_REPLY, TYPE_HOP_KEEPALIVE,
                           TYPE_PATH_CHALLENGE, TYPE_PATH_RESPONSE, PROBE_MIN, TYPE_DATA_CE,
@@ -95,19 +95,15 @@ def label_of(packet):
 
 def _relay_portable(packet, in_key, out_label, out_key):
     n = len(packet) - HEADER_LEN
-    if n < 0 or n > PAYLOAD_MAX:
+    if n < 0 or n > PAYLOAD_MAX or not _check_mac(in_key, packet, n):
         return None
-    b0 = packet[0]
-    m = _message(in_key, b0, (packet[1] << 16) | (packet[2] << 8) | packet[3], packet, HEADER_LEN, n)
-    if not _mac_ok(_hmac(in_key, m), packet):
-        return None
-    # same length and excerpt: only the header part of the MAC input changes
-    s = in_key._msg
-    s[1] = out_label >> 16
-    s[2] = (out_label >> 8) & 0xFF
-    s[3] = out_label & 0xFF
-    hdr = bytes(s[0:4])
-    return hdr + _hmac(out_key, m)[:MAC_LEN] + packet[HEADER_LEN:]
+    # same type and payload: only the label and the MAC change
+    out = bytearray(packet)
+    out[1] = out_label >> 16
+    out[2] = (out_label >> 8) & 0xFF
+    out[3] = out_label & 0xFF
+    _put_mac(out_key, out, n)
+    return bytes(out)
 
 
 # CPython versions of the two receive-side calls a PoP makes per packet:

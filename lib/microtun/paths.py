@@ -89,6 +89,13 @@ def parse_probe(data):
 
 
 class Path:
+    # srtt + loss penalty, as best() compares them: made again only when srtt
+    # or loss is another object than when it was last made (floats are heap
+    # objects on a board, and best() runs for every packet sent); a path with
+    # no RTT sample yet scores 1000 s
+    score = 1000000
+    _scored = (None, 0.0)       # (srtt, loss) the score was made of: compared by identity
+
     def __init__(self, index, name, label, rx_label, key):
         self.index = index
         self.name = name
@@ -176,6 +183,7 @@ class PathSet:
         self.nat_keepalive_ms = nat_keepalive_ms
         self._active_until = None
         self._dup = False              # adaptive: currently duplicating
+        self._one = [None]             # select()'s answer when it is one path
         self._best = None
         self.best_switches = 0         # how often traffic moved to another path
 
@@ -188,8 +196,11 @@ class PathSet:
         cand = cand_score = cur_score = None
         for p in self.paths:
             if p.live:
-                # srtt + loss penalty; a path with no RTT sample yet scores 1000 s
-                score = (p.srtt if p.srtt is not None else 1000000) + p.loss * _LOSS_PENALTY_MS
+                k = p._scored
+                if k[0] is not p.srtt or k[1] is not p.loss:
+                    p._scored = (p.srtt, p.loss)
+                    p.score = (p.srtt if p.srtt is not None else 1000000) + p.loss * _LOSS_PENALTY_MS
+                score = p.score
                 if p is cur:
                     cur_score = score
                 # the lowest score; on a tie, an UP path before a SUSPECT one
@@ -208,30 +219,31 @@ class PathSet:
 
     def select(self, route, now):
         """Paths to send one datagram on. route: None (the default policy),
-        a policy name, or a path index (probes)."""
+        a policy name, or a path index (probes). One path (the usual answer,
+        for every packet sent) comes in a list this PathSet reuses: use it
+        before the next call."""
         if isinstance(route, int):
             return [self.paths[route]] if 0 <= route < len(self.paths) else []
         policy = route or self.default_policy
+        best = None if policy == CRITICAL else self.best()
+        if best is not None and best.state != SUSPECT:   # (SUSPECT: in doubt, every live path)
+            if policy == ADAPTIVE:      # duplicate while the best path is poor, with hysteresis
+                srtt = best.srtt or 0
+                if self._dup:
+                    if best.loss < _ADAPTIVE_LOSS_OFF and srtt < _ADAPTIVE_RTT_MS:
+                        self._dup = False
+                elif best.loss > _ADAPTIVE_LOSS_ON or srtt > _ADAPTIVE_RTT_MS:
+                    self._dup = True
+            if policy != ADAPTIVE or not self._dup:
+                one = self._one
+                one[0] = best
+                return one
         live = [p for p in self.paths if p.live]
-        if not live:
-            # nothing validated: every path that is not known dead, else all
-            cand = [p for p in self.paths if p.state != DOWN]
-            return cand or list(self.paths)
-        if policy == CRITICAL:
-            return live
-        best = self.best()
-        if best.state == SUSPECT:      # in doubt: use every live path
-            return live
-        if policy == ADAPTIVE:          # duplicate while the best path is poor, with hysteresis
-            srtt = best.srtt or 0
-            if self._dup:
-                if best.loss < _ADAPTIVE_LOSS_OFF and srtt < _ADAPTIVE_RTT_MS:
-                    self._dup = False
-            elif best.loss > _ADAPTIVE_LOSS_ON or srtt > _ADAPTIVE_RTT_MS:
-                self._dup = True
-            if self._dup:
-                return live
-        return [best]
+        if live:
+            return live                 # critical, suspect, adaptive duplicating
+        # nothing validated: every path that is not known dead, else all
+        cand = [p for p in self.paths if p.state != DOWN]
+        return cand or list(self.paths)
 
     # -- timers ----------------------------------------------------------------
     def note_app_send(self, now):

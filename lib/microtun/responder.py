@@ -226,7 +226,7 @@ def _mac_checker(key):
     the check every INIT of a flood pays (mac1). The key's HMAC pads are
     precomputed the way a hop key's are (microtun.hop: hashed once where
     hashlib objects copy)."""
-    hk = HopKey(key)
+    hk = HopKey(key, any_message=True)
     return lambda data, end: _equal(_hop_hmac(hk, data[:end])[:m.MAC_LEN], data[end:end + m.MAC_LEN])
 
 

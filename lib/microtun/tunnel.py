@@ -115,11 +115,13 @@ class TunnelCore:
         if not 0 <= i < len(self.paths.paths):
             raise ValueError("no path %r" % (i,))
         p = self.paths.paths[i]
-        parsed = hop.parse(pkt)
-        if parsed is None:
-            self._count("outer_" + (hop.reject_reason(pkt) or "malformed"))
+        # hop.parse()'s checks without its tuple per packet
+        why = hop.reject_reason(pkt)
+        if why is not None:
+            self._count("outer_" + why)
             return
-        ptype, label = parsed
+        ptype = pkt[0] & 0x0F
+        label = (pkt[1] << 16) | (pkt[2] << 8) | pkt[3]
         if ptype == hop.TYPE_PATH_CHALLENGE:
             # The first PoP saw us at a new address and will move its return
             # address only when we echo its nonce from there (docs/OUTER.md
@@ -281,7 +283,8 @@ class TunnelCore:
             # the outer header is written in place; only a second path copies it
             n = len(data) - hop.HEADER_LEN
             last = len(paths) - 1
-            for k, p in enumerate(paths):
+            for k in range(last + 1):       # (no enumerate object per packet)
+                p = paths[k]
                 pkt = data if k == last else bytearray(data)
                 hop.seal_in_place(pkt, hop.TYPE_DATA, p.label, p.key, n)
                 self._emit(p, pkt, now)

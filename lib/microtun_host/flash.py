@@ -58,10 +58,17 @@ FEATURES = {"ops": ("ops", "logring"), "update": ("update", "ed25519")}
 # the firmware runtime, compiled, to /lib; microtun_slot is the boot loader that picks the code set
 FW_MODULES = ("microtun_fw.py", "microtun_boot.py", "microtun_slot.py")
 FW_FILES = ("boot.py", "main.py")             # copied as source, to /
-NATIVE_MODULES = ("xorbuf", "fe25519")       # viper: mpy-cross needs the board's -march
+NATIVE_MODULES = ("xorbuf", "fe25519", "hopmac")   # viper: mpy-cross needs the board's -march
 # Frozen builds only: native code loaded from a .mpy sits in RAM (the GC heap
-# on rp2), and fe25519 is ~26 KB of it; without it x25519 uses big ints.
-FROZEN_ONLY = ("fe25519",)
+# on rp2): fe25519 is ~26 KB of it (without it x25519 uses big ints), hopmac
+# ~4 KB (without it the hop MAC uses hashlib: ~500 B more garbage per packet).
+FROZEN_ONLY = ("fe25519", "hopmac")
+# what a device does without each, for the log of `microtun flash` and `make mpy`
+_FROZEN_ONLY_WHY = {
+    "fe25519": "~26 KB of native code that a .mpy would load into RAM; X25519 uses big ints here (2.6x slower)",
+    "hopmac": "~4 KB of native code that a .mpy would load into RAM; the hop MAC uses hashlib here "
+              "(~500 B more garbage per packet)",
+}
 MPY_VERSION = 6                               # .mpy format of MicroPython >= 1.23 (mpy-cross 1.29)
 BOARD_FACTS = ("NAME", "PLATFORM", "MACHINE_HAS", "MPY_ARCH", "CRYPTOLIB")
 ARCHS = ("none", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
@@ -224,9 +231,8 @@ def build(board, out, frozen=False, log=print, features=tuple(FEATURES)):
         for m in FROZEN_ONLY:
             if m in mods:
                 mods.remove(m)
-                log("  skip    microtun/%s.py: ~26 KB of native code that a .mpy would load into RAM; "
-                    "X25519 uses big ints here (2.6x slower); freeze microtun into the firmware "
-                    "to have it (docs/FIRMWARE.md)" % m)
+                log("  skip    microtun/%s.py: %s; freeze microtun into the firmware "
+                    "to have it (docs/FIRMWARE.md)" % (m, _FROZEN_ONLY_WHY[m]))
         for m in mods:
             dst = out / "lib" / "microtun" / (m + ".mpy")
             total += compile_mpy(LIB / (m + ".py"), dst, "microtun/%s.py" % m, board.arch, exe)
@@ -551,8 +557,8 @@ def build_bundle(out, log=print):
     dev_all = [m for m in device_modules(cryptolib=True) if m in sizes]
     for name in NATIVE_MODULES:
         if name in FROZEN_ONLY:
-            log("   (not in the bundle)  microtun/%s.py: viper code, frozen into firmware builds only; "
-                "without it x25519.py uses big ints" % name)
+            log("   (not in the bundle)  microtun/%s.py: viper code, frozen into firmware builds only (%s)"
+                % (name, _FROZEN_ONLY_WHY[name].split("; ", 1)[1]))
         else:
             log("   (not in the bundle)  microtun/%s.py: viper code, compiled for each board's -march by "
                 "`microtun flash`; without it aead.py uses its big-int XOR" % name)
