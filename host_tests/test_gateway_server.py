@@ -358,3 +358,46 @@ def test_file_mode_registry_expires(tmp_path, caplog):
     reg_path.write_text(json.dumps(reg))
     with pytest.raises(ConfigError, match=r"devices\[0\]\.expires: expected \"YYYY-MM-DDTHH:MM:SSZ\" \(UTC\)"):
         g.load_gateway_config(str(n.out / "gateway.json"))
+
+
+def test_handshake_budget_is_a_setting_with_a_default_per_backend(tmp_path):
+    """dh_per_s / link_dh_per_s (docs/CONFIG.md): the flood budgets the
+    portable core sized for pure-Python X25519 are settings of the gateway,
+    from the topology through provision; the default follows the crypto
+    backend; an INIT over the budget costs no DH and is counted."""
+    import random
+    from microtun import outer, messages as m
+    from microtun_host import gateway as g
+    from microtun_host.config import ConfigError
+    from microtun.responder import GATEWAY_DH_PER_S
+
+    n = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {}})
+    gw_path = n.out / "gateway.json"
+    cfg = g.load_gateway_config(str(gw_path))
+    assert (cfg.crypto, cfg.dh_per_s) == ("cryptography", g.DH_PER_S_DEFAULT["cryptography"])
+    raw = json.loads(gw_path.read_text())
+    gw_path.write_text(json.dumps(dict(raw, crypto="pure")))
+    assert g.load_gateway_config(str(gw_path)).dh_per_s == GATEWAY_DH_PER_S
+
+    # from the topology, through provision, into the running core
+    n.topology.write_text(n.topology.read_text().replace("[gateway]\n", "[gateway]\ndh_per_s = 3\n", 1))
+    n.provision()
+    assert json.loads(gw_path.read_text())["dh_per_s"] == 3
+    srv = g.GatewayServer(g.load_gateway_config(str(gw_path)))
+    srv._transport = _FakeTransport()
+    assert srv.status()["dh_per_s"] == 3
+    link = srv.links[0]
+    mk = m.mac1_key(srv.core.public_key)
+    rng = random.Random(5)
+    for _ in range(5):      # fresh INITs with a valid mac1 from nobody registered: the 4th and 5th cost no DH
+        init = m.finish(m.header(m.TYPE_INIT) + rng.randbytes(m.INIT_MAC1 - 4), mk, None)[0]
+        srv._on_outer(outer.seal(outer.TYPE_DATA, link.in_label, link.key, init), ("127.0.0.1", 4000))
+    c = srv.counters()
+    assert c.get("init_budget") == 2 and c.get("unknown_peer", 0) + c.get("bad_init", 0) == 3, c
+
+    # a reload applies a new budget; a bad one is one line naming the field
+    gw_path.write_text(json.dumps(dict(json.loads(gw_path.read_text()), dh_per_s=500, link_dh_per_s=20)))
+    assert srv.reload()[0] and (srv.core.dh_per_s, srv.core.link_dh_per_s) == (500, 20)
+    gw_path.write_text(json.dumps(dict(json.loads(gw_path.read_text()), dh_per_s=0)))
+    with pytest.raises(ConfigError, match=r"dh_per_s"):
+        g.load_gateway_config(str(gw_path))

@@ -35,7 +35,7 @@ from microtun_host import hostcrypto
 from microtun_host.pop import encode_source
 from microtun_host.config import ConfigError
 from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, STALE
-from microtun.responder import Gateway, FAILED, DENIED, SWEEP_MS
+from microtun.responder import Gateway, FAILED, DENIED, SWEEP_MS, GATEWAY_DH_PER_S, LINK_DH_PER_S
 from microtun.ticks import TICKS_MASK, ticks_diff
 from microtun import timers
 from microtun.replay import GATEWAY_WINDOW
@@ -118,6 +118,12 @@ class DeviceEntry:
                                  % hconfig._short(str(node.value["expires"])))
 
 
+# the default of `dh_per_s` by crypto backend: the portable code's budget was sized for
+# pure-Python X25519 (a few hundred handshakes per CPU second); with OpenSSL a first
+# contact costs ~0.5 ms, so 1,000 a second is about half a core (docs/DEPLOY.md)
+DH_PER_S_DEFAULT = {"cryptography": 1000, "pure": GATEWAY_DH_PER_S}
+
+
 class GatewayConfig:
     """devices: the registry itself instead of the file "registry" names
     (fleet.py: the registry and the links come from etcd, and a fleet may
@@ -126,7 +132,7 @@ class GatewayConfig:
     def __init__(self, root, devices=None):
         root.only("name", "listen", "control", "private_key", "registry", "links", "services",
                   "rekey_after_s", "window", "log_level", "metrics", "crypto", "keepalive_s", "workers",
-                  "operators")
+                  "operators", "dh_per_s", "link_dh_per_s")
         self.source = root.file
         self.path = root.file
         # processes on the one port, each device's links steered to one (microtun_host.workers)
@@ -168,6 +174,10 @@ class GatewayConfig:
         self.log_level = root.text("log_level", "info", choices=("debug", "info", "warning", "error"))
         self.metrics = root.address("metrics", None)        # Prometheus over HTTP (metrics.py); off by default
         self.crypto = root.text("crypto", "cryptography", choices=tuple(sorted(hostcrypto.BACKENDS)))
+        # handshakes that may cost a DH per second, per process over all links and per link (the flood
+        # budgets of docs/PROTOCOL.md); the default follows the backend: ~half a core with OpenSSL
+        self.dh_per_s = root.integer("dh_per_s", 1, 1000000, DH_PER_S_DEFAULT.get(self.crypto, GATEWAY_DH_PER_S))
+        self.link_dh_per_s = root.integer("link_dh_per_s", 1, 1000000, LINK_DH_PER_S)
         self.devices = load_registry(self.registry_path) if devices is None else devices
         # Ed25519 public keys (hex) that may log in to the ops channel (docs/OPS.md)
         ops = root.items("operators", default=[])
@@ -271,6 +281,7 @@ class GatewayServer:
                           reject_after_ms=cfg.rekey_after_ms + (timers.REJECT_AFTER_TIME_MS - timers.REKEY_AFTER_TIME_MS))
         self.crypto, suite = hostcrypto.choose(cfg.crypto)    # the one place the crypto backend is chosen
         self.core = Gateway(cfg.private_key, params=p, window=cfg.window, suite=suite)
+        self._set_budgets(cfg)
         self._lazy_timer = p.keepalive_ms >= SWEEP_MS       # see _handle_outer
         self._set_links(cfg.links)
         self.names = {}                   # device name -> public key
@@ -293,6 +304,10 @@ class GatewayServer:
         self._apply_registry(cfg.devices)
         from microtun_host.opsgw import GatewayOps
         self.ops = GatewayOps(self)       # the operations channel (docs/OPS.md)
+
+    def _set_budgets(self, cfg):
+        self.core.dh_per_s = cfg.dh_per_s
+        self.core.link_dh_per_s = cfg.link_dh_per_s
 
     # -- links and registry ------------------------------------------------------
     # A session's path is the *name* of the link its packets arrived on
@@ -414,6 +429,7 @@ class GatewayServer:
             return False, msg
         cfg.metrics, cfg.crypto = self.cfg.metrics, self.cfg.crypto     # these two: on restart only
         self._set_links(cfg.links, time.monotonic())
+        self._set_budgets(cfg)
         self._apply_registry(cfg.devices)
         if cfg.services != self.cfg.services:
             for t in list(self._services.values()):
@@ -457,9 +473,11 @@ class GatewayServer:
         self._schedule()
         self._arm_expiry()
         self._drop_task = loop.create_task(self._drop_lines())
-        log.info("gateway %s listening on %s, %d links, %d devices, services %s, crypto %s",
+        log.info("gateway %s listening on %s, %d links, %d devices, services %s, crypto %s, "
+                 "handshakes %d/s (%d per link)",
                  self.cfg.name, hconfig.format_sockaddr(self.address), len(self.links), len(self.core.peers),
-                 {c: "%s:%d" % a for c, a in self.cfg.services.items()}, self.crypto.name)
+                 {c: "%s:%d" % a for c, a in self.cfg.services.items()}, self.crypto.name,
+                 self.core.dh_per_s, self.core.link_dh_per_s)
 
     def extra_commands(self):
         """More control commands {name: fn(request) -> dict} (fleet.py adds "fleet")."""
@@ -794,7 +812,8 @@ class GatewayServer:
                           for a, seen in sorted(s.paths.items(), key=lambda x: str(x[0]))]
             devices.append(d)
         st = {"gateway": self.cfg.name, "uptime_s": round(time.monotonic() - self._started, 1),
-              "crypto": self.crypto.name, "devices": devices, "counters": self.counters()}
+              "crypto": self.crypto.name, "dh_per_s": self.core.dh_per_s, "link_dh_per_s": self.core.link_dh_per_s,
+              "devices": devices, "counters": self.counters()}
         if self.expiry:
             st["expiring"] = {n: utc_text(t) for n, t in sorted(self.expiry.items(), key=lambda x: x[1])[:20]}
         return st

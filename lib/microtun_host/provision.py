@@ -202,6 +202,8 @@ def _node(n, kind, extra_fields):
             extra[k] = n.integer(k, 64, 65536)
         elif k == "keepalive_s":
             extra[k] = n.integer(k, 1, 10)
+        elif k in ("dh_per_s", "link_dh_per_s"):
+            extra[k] = n.integer(k, 1, 1000000)
     return Node(name, listen, reach, control, extra, where)
 
 
@@ -219,8 +221,8 @@ def parse_topology(path):
     # gateway
     g = root.obj("gateway")
     g.only("name", "listen", "reach", "control", "services", "log_level", "rekey_after_s", "window", "keepalive_s",
-           "standby", "standby_control", "operators", "pool")
-    gateway = _node(g, "gateway", ("log_level", "rekey_after_s", "window", "keepalive_s"))
+           "standby", "standby_control", "operators", "pool", "dh_per_s", "link_dh_per_s")
+    gateway = _node(g, "gateway", ("log_level", "rekey_after_s", "window", "keepalive_s", "dh_per_s", "link_dh_per_s"))
     if g.has("operators"):              # who may log in to the ops channel (docs/OPS.md)
         ops = g.items("operators")
         for i, k in enumerate(ops):
