@@ -1219,6 +1219,8 @@ class Pop:
         s = self.fwd.stats()
         s.update(name=self.cfg.name, uptime_s=round(time.monotonic() - self.started, 3),
                  reloads=self.reloads, reload_failures=self.reload_failures)
+        if self.reader is not None:
+            s["socket_io"] = "recvmmsg/sendmmsg" if self.reader.mm is not None else "recvfrom/sendto"
         if self.worker is not None:
             s.update(worker=self.worker, pid=os.getpid())
         if self.monitor is not None:
