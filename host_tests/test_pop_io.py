@@ -199,3 +199,24 @@ def test_pop_reader_same_behaviour_batched_or_not(batch):
         r.close()
         for s in (sock, dev, dev2, sink):
             s.close()
+
+
+@needs_mmsg
+def test_pop_reader_batch_send_bug_is_counted_not_lost():
+    dev, other, sink = _pair()
+    other.close()
+    r, sock = _reader(True, sink.getsockname())
+    try:
+        def broken(items):
+            raise RuntimeError("a bug in the batch sender")
+        r.mm.send = broken
+        for _ in range(3):
+            dev.sendto(bytes(outer.seal(outer.TYPE_DATA, 100, HK1, b"y" * 50)), sock.getsockname())
+        r.readable()
+        s = r.fwd.stats()
+        assert (s["rx"], s["forwarded"], s["drops"]["send_error"]) == (3, 0, 3)
+        assert s["rx"] == s["forwarded"] + s["dropped"]
+    finally:
+        r.close()
+        for s in (sock, dev, sink):
+            s.close()

@@ -1000,7 +1000,14 @@ class PopReader:
                 return
 
     def _send_batch(self, out):
-        for i in self.mm.send(out):
+        try:
+            failed = self.mm.send(out)
+        except Exception:                   # a bug: count the batch as send errors, say so, go on
+            failed = range(len(out))
+            if self._errors_logged < 10:
+                self._errors_logged += 1
+                self.log.exception("internal error sending a batch of %d datagrams", len(out))
+        for i in failed:
             self.fwd.send_failed(out[i][0])
 
     def send_extra(self):
