@@ -74,7 +74,7 @@ class _Gateway:
         self.workers = workers
         self.port = _udp().getsockname()[1]     # a free port (closed again: the socket object goes)
         self.ctl = os.path.join(tmp, "gw%d.sock" % workers)
-        reg = os.path.join(tmp, "registry.json")
+        reg = os.path.join(tmp, "registry-w%d.json" % workers)    # one each: the second write raced the first gateway reading it
         with open(reg, "w") as f:
             json.dump({"devices": [{"name": "d%d" % i, "public_key": public_key(k).hex(), "channels": [1]}
                                    for i, k in enumerate(keys)]}, f)

@@ -17,6 +17,9 @@ which is what one core can forward; "wall_pps" is packets / wall time of
 the drain. Generator and relays are pinned to different CPUs when there
 are two. Each figure is the median over rounds, in packets/s.
 "ratio" = pop / relay (target >= 1.0, issue 15), per payload size.
+"pop_socket_io" says how the PoP reads and sends (recvmmsg/sendmmsg on
+Linux; MICROTUN_POP_MMSG=0 in the environment: recvfrom/sendto, for an A/B).
+The bare relays stay plain asyncio: they are the yardstick.
 
 Workers (issue 15): the same PoP as one process and as `--workers 2`
 (supervisor + 2 processes on one SO_REUSEPORT port, steered by label),
@@ -430,7 +433,7 @@ def main():
             "burst": BURST, "rounds": args.rounds, "round_s": args.seconds, "cpus": os.cpu_count(), "pinned": pinned,
             "payload_bytes": SIZES[0], "pop_pps": first["pop_pps"], "relay_pps": first["relay_pps"],
             "ratio": first["ratio"], "target_ratio": 1.0, "by_payload_bytes": results,
-            "pop_drops": {k: v for k, v in st["drops"].items() if v},
+            "pop_drops": {k: v for k, v in st["drops"].items() if v}, "pop_socket_io": st.get("socket_io"),
         }
         if wk is not None:
             out["workers"] = dict(wk, scaling=wk[str(SIZES[0])]["scaling"], target_scaling=1.6)

@@ -26,7 +26,7 @@ import time
 from hmac import compare_digest
 
 from microtun import outer
-from microtun_host import config, control, segment
+from microtun_host import config, control, hoprelay, segment
 from microtun_host import log as logs
 from microtun_host.config import ConfigError, format_sockaddr
 
@@ -229,7 +229,7 @@ class Route:
 
     __slots__ = ("spec", "in_label", "in_key", "dest", "learn_from", "learns",
                  "out_label", "out_key", "packets", "bytes", "drops", "init_bucket", "probe_bucket",
-                 "reply_bucket", "seg_in", "seg_out", "seal_data", "seal_ce")
+                 "reply_bucket", "seg_in", "seg_out", "seal_data", "seal_ce", "relay", "plain")
 
     def __init__(self, spec, learns):
         self.spec = spec
@@ -240,6 +240,7 @@ class Route:
         self.learns = learns            # packets on this label set a learned address
         self.out_label = spec.out_label
         self.out_key = outer.HopKey(spec.out_key)
+        self.relay = hoprelay.relay_for(spec.in_key, spec.out_label, spec.out_key)   # verify + re-MAC
         self.packets = 0                # authenticated packets received on in_label
         self.bytes = 0
         self.drops = None               # {reason: n} for this label, made at its first drop
@@ -253,6 +254,7 @@ class Route:
         # what leaves a segment's egress: DATA / DATA_CE on out_label, header hash state prepared
         self.seal_data = segment.Sealer(outer.TYPE_DATA, self.out_label, self.out_key) if spec.seg_in else None
         self.seal_ce = segment.Sealer(outer.TYPE_DATA_CE, self.out_label, self.out_key) if spec.seg_in else None
+        self.plain = spec.seg_out is None   # DATA leaves as DATA (receive()'s inline path), not into a segment
         if SEG_TRACE:
             for seg in (self.seg_in, self.seg_out):
                 if seg is not None:
@@ -286,6 +288,8 @@ def _take(bucket, now, rate, burst):
     return False
 
 
+_HDR = outer.HEADER_LEN
+_B0_DATA = outer.BYTE0_DATA
 _INIT_OUTER_LEN = outer.HEADER_LEN + outer.INNER_INIT_LEN
 # outer lengths of DATA packets that may carry a handshake message (INIT, RESPONSE, COOKIE, STALE)
 _HANDSHAKE_LENS = frozenset(outer.HEADER_LEN + n for n in
@@ -354,13 +358,31 @@ class Forwarder:
         self.seg_q = []                 # LOOPS packets (datagram, destination) for the driver to send
         self.seg_kick = False           # a LOOPS segment has a new, maybe earlier deadline: run seg_tick soon
 
-    # the hot path: DATA on a known label is handled before any other branch
+    # the hot path: DATA on a known label is handled before any other branch,
+    # and plain DATA (no handshake message, no segment) inline: _data() is
+    # the reference for what this does
     def receive(self, data, addr):
         self.rx += 1
-        if len(data) >= outer.HEADER_LEN and data[0] == outer.BYTE0_DATA:
+        n = len(data)
+        if n >= _HDR and data[0] == _B0_DATA:
             r = self.routes.get((data[1] << 16) | (data[2] << 8) | data[3])
             if r is not None:
-                return self._data(r, data, addr)
+                if not r.plain or n in _HANDSHAKE_LENS:
+                    return self._data(r, data, addr)
+                out = r.relay(data)
+                if out is None:
+                    return self._drop(outer.DROP_BAD_MAC, addr, r)
+                r.packets += 1
+                r.bytes += n
+                if r.learns and self.learned.get(r.in_label) != addr:
+                    self._new_source(r, addr, True)
+                dest = r.dest
+                if dest is None:
+                    dest = self.learned.get(r.learn_from)
+                    if dest is None:
+                        return self._drop("no_route", addr, r)
+                self.forwarded += 1
+                return out, dest
         return self._other(data, addr)
 
     def _data(self, r, data, addr):
@@ -372,20 +394,14 @@ class Forwarder:
                 return self._reply(r, data, addr)
         if r.seg_out is not None:
             return self._seg_send(r, data, addr)
-        out = outer.relay(data, r.in_key, r.out_label, r.out_key)
+        out = r.relay(data)
         if out is None:
             return self._drop(outer.DROP_BAD_MAC, addr, r)
         r.packets += 1
         r.bytes += len(data)
         if r.learns and self.learned.get(r.in_label) != addr:
             self._new_source(r, addr, True)
-        dest = r.dest                       # _forward(), inline on the hot path
-        if dest is None:
-            dest = self.learned.get(r.learn_from)
-            if dest is None:
-                return self._drop("no_route", addr, r)
-        self.forwarded += 1
-        return out, dest
+        return self._forward(r, out, addr)
 
     def _forward(self, r, out, addr):
         dest = r.dest
@@ -450,7 +466,7 @@ class Forwarder:
             self._challenge.pop(r.in_label, None)
             self._move(r.in_label, addr, self.learned[r.in_label], "fresh handshake from there")
         self._remember(data)
-        return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
+        return self._forward(r, r.relay(data), addr)
 
     def _reply(self, r, data, addr):
         # A handshake RESPONSE, COOKIE or STALE on its way to a device (the next hop
@@ -462,7 +478,7 @@ class Forwarder:
             return None
         _take(r.reply_bucket, now, REPLY_RATE, REPLY_BURST)
         self._remember(data)
-        return self._forward(r, outer.relay(data, r.in_key, r.out_label, r.out_key), addr)
+        return self._forward(r, r.relay(data), addr)
 
     def _source_bucket(self, addr, now):
         src = self._sources
@@ -879,9 +895,16 @@ class PopReader:
     the socket (a flood then costs one event-loop iteration per burst, not
     per datagram), each through Forwarder.receive, the results straight to
     the socket. A full send buffer drops the packet (counted), as a router
-    would, instead of queueing without bound."""
+    would, instead of queueing without bound.
 
-    def __init__(self, fwd, sock, log, loop=None):
+    On Linux the datagrams come and go in batches (recvmmsg / sendmmsg,
+    microtun_host.mmsg): what one receive call returned is forwarded, then
+    sent with one call; anything the Forwarder queues besides (LOOPS
+    packets, path challenges) goes after the datagrams before it, as with
+    recvfrom / sendto, which is the fallback elsewhere and with batch=False
+    (or MICROTUN_POP_MMSG=0 in the environment)."""
+
+    def __init__(self, fwd, sock, log, loop=None, batch=None):
         self.fwd = fwd
         self.sock = sock
         self.log = log
@@ -889,8 +912,27 @@ class PopReader:
         self._errors_logged = 0
         self._seg_handle = None         # the one pending seg_tick call (asyncio TimerHandle)
         self._seg_at = None             # its time, in the Forwarder's clock
+        if batch is None:
+            batch = os.environ.get("MICROTUN_POP_MMSG", "1") != "0"
+        self.mm = None                  # mmsg.MmsgSocket, or None: recvfrom / sendto
+        if batch:
+            from microtun_host import mmsg
+            self.mm = mmsg.MmsgSocket.open(sock)
+
+    def close(self):
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+
+    def _internal_error(self, data, addr):
+        self.fwd.internal_error()
+        if self._errors_logged < 10:
+            self._errors_logged += 1
+            self.log.exception("internal error on a %d-byte datagram from %s", len(data), addr)
 
     def readable(self):
+        if self.mm is not None:
+            return self._readable_batch()
         sock = self.sock
         fwd = self.fwd
         recv = sock.recvfrom
@@ -906,10 +948,7 @@ class PopReader:
                 res = fwd.receive(data, addr)
             except Exception:
                 res = None
-                fwd.internal_error()
-                if self._errors_logged < 10:
-                    self._errors_logged += 1
-                    self.log.exception("internal error on a %d-byte datagram from %s", len(data), addr)
+                self._internal_error(data, addr)
             if res is not None:
                 try:
                     sock.sendto(res[0], res[1])
@@ -921,14 +960,66 @@ class PopReader:
                 fwd.seg_kick = False
                 self.seg_schedule(fwd.clock())
             if fwd.extra:
-                for pkt, dest in fwd.extra:
-                    try:
-                        sock.sendto(pkt, dest)
-                    except OSError:
-                        fwd.challenges -= 1     # not sent; the next packet from there retries
-                        fwd.clear_challenge(dest)
-                fwd.extra.clear()
+                self.send_extra()
 
+    def _readable_batch(self):
+        mm = self.mm
+        fwd = self.fwd
+        receive = fwd.receive
+        for _ in range(max(1, READ_BURST // mm.n)):
+            try:
+                got = mm.recv()
+            except OSError as e:            # e.g. a queued ICMP error; the next read goes on
+                self.log.debug("socket error: %s", e)
+                continue
+            if not got:
+                return
+            out = []
+            for data, addr in got:
+                try:
+                    res = receive(data, addr)
+                except Exception:
+                    res = None
+                    self._internal_error(data, addr)
+                if res is not None:
+                    out.append(res)
+                if fwd.seg_q or fwd.extra:
+                    if out:                 # what came before goes first
+                        self._send_batch(out)
+                        out = []
+                    if fwd.seg_q:
+                        self.send_seg()
+                    if fwd.extra:
+                        self.send_extra()
+                if fwd.seg_kick:
+                    fwd.seg_kick = False
+                    self.seg_schedule(fwd.clock())
+            if out:
+                self._send_batch(out)
+            if len(got) < mm.n:
+                return
+
+    def _send_batch(self, out):
+        try:
+            failed = self.mm.send(out)
+        except Exception:                   # a bug: count the batch as send errors, say so, go on
+            failed = range(len(out))
+            if self._errors_logged < 10:
+                self._errors_logged += 1
+                self.log.exception("internal error sending a batch of %d datagrams", len(out))
+        for i in failed:
+            self.fwd.send_failed(out[i][0])
+
+    def send_extra(self):
+        """PATH_CHALLENGEs the Forwarder left in extra; a refused one frees its slot."""
+        fwd = self.fwd
+        for pkt, dest in fwd.extra:
+            try:
+                self.sock.sendto(pkt, dest)
+            except OSError:
+                fwd.challenges -= 1     # not sent; the next packet from there retries
+                fwd.clear_challenge(dest)
+        fwd.extra.clear()
 
     def send_seg(self):
         """LOOPS packets the Forwarder queued (parities, NACKs, pings,
@@ -1028,6 +1119,7 @@ class Pop:
                 self.log.error("cannot listen on %s: %s", cfg.listen, e.strerror or e)
                 return 1
         reader = self.reader = PopReader(self.fwd, sock, self.log, loop)
+        self.log.debug("socket I/O: %s", "recvmmsg / sendmmsg" if reader.mm is not None else "recvfrom / sendto")
         loop.add_reader(sock.fileno(), reader.readable)
         ctl = None
         if self.control_addr is not None:
@@ -1037,6 +1129,7 @@ class Pop:
                                                               "next_hops": self._cmd_next_hops}, self.log)
             except OSError as e:
                 loop.remove_reader(sock.fileno())
+                reader.close()
                 sock.close()
                 self.log.error("cannot open the control channel on %s: %s", self.control_addr, e.strerror or e)
                 return 1
@@ -1048,6 +1141,7 @@ class Pop:
                                               self.log)
             except OSError as e:
                 loop.remove_reader(sock.fileno())
+                reader.close()
                 sock.close()
                 if ctl:
                     ctl.close()
@@ -1070,6 +1164,7 @@ class Pop:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             loop.remove_reader(sock.fileno())
+            reader.close()
             sock.close()
             if ctl:
                 ctl.close()
@@ -1131,6 +1226,8 @@ class Pop:
         s = self.fwd.stats()
         s.update(name=self.cfg.name, uptime_s=round(time.monotonic() - self.started, 3),
                  reloads=self.reloads, reload_failures=self.reload_failures)
+        if self.reader is not None:
+            s["socket_io"] = "recvmmsg/sendmmsg" if self.reader.mm is not None else "recvfrom/sendto"
         if self.worker is not None:
             s.update(worker=self.worker, pid=os.getpid())
         if self.monitor is not None:

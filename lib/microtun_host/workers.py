@@ -480,7 +480,8 @@ class Supervisor:
                  "alive": w.proc is not None, "last_exit": w.last_exit}
             if r and r.get("ok"):
                 e.update(rx=r.get("rx"), forwarded=r.get("forwarded"), dropped=r.get("dropped"),
-                         uptime_s=r.get("uptime_s"), learned=len(r.get("learned", {})))
+                         uptime_s=r.get("uptime_s"), learned=len(r.get("learned", {})),
+                         socket_io=r.get("socket_io"))
             else:
                 e["error"] = err or (r or {}).get("error")
             per.append(e)
