@@ -21,6 +21,16 @@ are two. Each figure is the median over rounds, in packets/s.
 Linux; MICROTUN_POP_MMSG=0 in the environment: recvfrom/sendto, for an A/B).
 The bare relays stay plain asyncio: they are the yardstick.
 
+Allocator: asyncio's datagram transport reads with recvfrom(256 KiB).
+Above glibc's mmap threshold (128 KiB until a large free() raises it)
+that buffer is a fresh mmap + mremap + munmap for every datagram (strace
+shows it), so the bare relay runs at one of two speeds, ~4x apart,
+depending on the process's malloc history: the "collapse under load" of
+earlier runs. By default every relay and the PoP run with
+MALLOC_MMAP_THRESHOLD_=4 MiB (the buffer comes from the heap: the bare
+relay's fast mode, the harder yardstick); --malloc default leaves glibc's
+default ("malloc" in the JSON says which).
+
 Workers (issue 15): the same PoP as one process and as `--workers 2`
 (supervisor + 2 processes on one SO_REUSEPORT port, steered by label),
 driven with packets on two labels that the steering puts on different
@@ -360,6 +370,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--no-workers", action="store_true", help="skip the 2-worker comparison")
+    ap.add_argument("--malloc", choices=("heap", "default"), default="heap",
+                    help="heap (default): MALLOC_MMAP_THRESHOLD_=4 MiB for every relay process, so asyncio's "
+                         "256 KiB receive buffer is not an mmap per datagram; default: glibc's own threshold")
     ap.add_argument("--no-realtime", action="store_true",
                     help="workers comparison at normal priority (on a shared machine it then measures the neighbours)")
     ap.add_argument("--bare-relay", nargs=3, metavar=("PORT", "DEST_PORT", "MODE"), help=argparse.SUPPRESS)
@@ -390,6 +403,8 @@ def main():
     with open(path, "w") as f:
         json.dump(cfg, f)
     env = dict(os.environ, PYTHONPATH=os.environ.get("BENCH_LIB", os.path.join(ROOT, "lib")))
+    if args.malloc == "heap":
+        env["MALLOC_MMAP_THRESHOLD_"] = str(4 << 20)
     procs = [subprocess.Popen([sys.executable, "-m", "microtun_host.cli", "pop", "--config", path], env=env)]
     for name, mode in (("relay", "transport"), ("relay_raw", "raw")):
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--bare-relay",
@@ -434,6 +449,7 @@ def main():
             "payload_bytes": SIZES[0], "pop_pps": first["pop_pps"], "relay_pps": first["relay_pps"],
             "ratio": first["ratio"], "target_ratio": 1.0, "by_payload_bytes": results,
             "pop_drops": {k: v for k, v in st["drops"].items() if v}, "pop_socket_io": st.get("socket_io"),
+            "malloc": "MALLOC_MMAP_THRESHOLD_=%d" % (4 << 20) if args.malloc == "heap" else "glibc default",
         }
         if wk is not None:
             out["workers"] = dict(wk, scaling=wk[str(SIZES[0])]["scaling"], target_scaling=1.6)
