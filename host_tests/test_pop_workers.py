@@ -55,6 +55,35 @@ def test_steering_puts_each_learn_group_on_one_worker():
     assert 70 <= on0 <= 130, on0
 
 
+def test_steering_puts_a_segments_feedback_with_its_route():
+    """A LOOPS segment's ingress keeps the packets it sent (for NACKs) in the
+    worker its route's in_label reaches; the egress's NACKs and pongs come
+    back labelled with the route's out_label, so that label must reach the
+    same worker, or a NACK finds an empty ring and nothing is repaired."""
+    from microtun_host.segment import SegConfig
+    routes = []
+    for i in range(40):
+        r = spec(101 + 2 * i, "x")              # out_label in_label + 1000: odd in, odd out
+        r.out_label = 2000 + 2 * i              # ... now even: label % 2 would split them
+        r.seg_out = SegConfig("nack")
+        routes.append(r)
+    routes.append(spec(500, "x"))               # no segment: no entry for its out_label
+    for n in (2, 3):
+        ex = workers.steering(routes, n)
+        for r in routes[:-1]:
+            assert workers.worker_of(r.out_label, n, ex) == workers.worker_of(r.in_label, n, ex), (n, r.in_label)
+        assert 1500 not in ex
+
+
+def test_aggregate_takes_each_segment_from_the_worker_its_label_reaches():
+    seg = lambda sent: {"role": "ingress", "sent": sent, "srtt_ms": 40.0 if sent else None}     # noqa: E731
+    a = {"rx": 1, "segments": {"out:2000": seg(0), "in:7": {"role": "egress", "received": 9}}}
+    b = {"rx": 2, "segments": {"out:2000": seg(50), "in:7": {"role": "egress", "received": 0}}}
+    s = workers.aggregate([a, b], worker_of_label=lambda label: {2000: 1, 7: 0}[label])
+    assert s["segments"] == {"out:2000": seg(50), "in:7": {"role": "egress", "received": 9}}
+    assert workers.aggregate([None, b], worker_of_label=lambda label: 0)["segments"] == {}
+
+
 def test_steering_refuses_a_table_the_program_cannot_hold():
     routes = []
     for i in range(workers.MAX_EXCEPTIONS + 1):

@@ -27,8 +27,9 @@ class LoopsNet(Net):
     """Net with the emulator between a1 and a2 (a2 is reached through it) and
     a [[segment]] a1-a2 in the topology."""
 
-    def __init__(self, tmp, mode, seg=None, imp=None, second_route=False, policy="best"):
+    def __init__(self, tmp, mode, seg=None, imp=None, second_route=False, policy="best", pop_workers=1):
         self.seg_mode = mode
+        self.pop_workers = pop_workers
         self.seg_opts = dict(seg or {})
         self.mid_imp = dict(imp or {})
         routes = {"a": ["a1", "a2"]}
@@ -52,6 +53,26 @@ class LoopsNet(Net):
         # only a1 goes through the emulator: the gateway sends to a2 directly
         g = self.out / "gateway.json"
         g.write_text(g.read_text().replace('"%s"' % self.netem["a"]["listen"], '"%s"' % self.pops["a2"]["listen"]))
+        if self.pop_workers > 1:            # every PoP as a supervisor and its workers (microtun_host.workers)
+            import json
+            pops = {f.stem: (f, json.loads(f.read_text())) for f in (self.out / "pops").glob("*.json")}
+            for f, cfg in pops.values():
+                cfg["workers"] = self.pop_workers
+            # provision gives a1 -> a2 the same label both ways (per-node label spaces); swap it for one
+            # of the other parity, so the segment's in_label at a1 and its out_label (the label its NACKs
+            # come back with) reach different workers unless the steering groups them
+            a1 = [r for r in pops["a1"][1]["routes"] if "seg_out" in r][0]
+            a2 = [r for r in pops["a2"][1]["routes"] if "seg_in" in r and r["in_label"] == a1["out_label"]][0]
+            from microtun_host import workers
+            group = [r["in_label"] for r in pops["a1"][1]["routes"]
+                     if r is a1 or r.get("next") == "learn:%d" % a1["in_label"]]
+            w = workers.group_worker(group, self.pop_workers)
+            used = {r["in_label"] for r in pops["a2"][1]["routes"]}
+            new = next(x for x in range(a1["in_label"] + 1, a1["in_label"] + 100)
+                       if x not in used and x % self.pop_workers != w)
+            a1["out_label"] = a2["in_label"] = new
+            for f, cfg in pops.values():
+                f.write_text(json.dumps(cfg))
         return out
 
     def start_netem(self, route, **imp):
@@ -109,13 +130,13 @@ def quantiles(xs):
 
 
 def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy="best", second_route=False,
-        trace=True):
+        trace=True, pop_workers=1):
     """One scenario on a fresh network. trace=False: the PoPs run without the
     per-packet trace (no segment_delay; the environment is left untouched, so
     several runs may go at once from threads, as the CPU pairs do)."""
     import os
     import time
-    net = LoopsNet(tmp, mode, seg, imp, second_route=second_route, policy=policy)
+    net = LoopsNet(tmp, mode, seg, imp, second_route=second_route, policy=policy, pop_workers=pop_workers)
     old = os.environ.get("MICROTUN_SEG_TRACE")
     if trace:
         os.environ["MICROTUN_SEG_TRACE"] = str(4 * count + 1000)      # the PoPs started now record per packet

@@ -21,6 +21,9 @@ any sharing on the hot path:
                                           labels whose own label % N differs
                                           are the program's exceptions (one
                                           compare each, MAX_EXCEPTIONS at most)
+    a LOOPS segment's ingress route:      its out_label joins its group (the
+                                          egress's NACKs and pongs come back
+                                          on it, and need the kept packets)
     a gateway: a device's links           one worker per device (link_groups)
 
 Socket indexes in a reuseport group are the order the sockets joined it, and
@@ -112,14 +115,26 @@ def _learn_groups(routes):
             x = parent[x]
         return x
 
+    def union(x, y):
+        a, b = find(x), find(y)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+
+    labels = []
     for r in routes:
+        labels.append(r.in_label)
         if r.learn_from:
-            a, b = find(r.in_label), find(r.learn_from)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
+            union(r.in_label, r.learn_from)
+        if getattr(r, "seg_out", None) is not None:
+            # a LOOPS segment's NACKs and pongs come back on the route's out_label
+            # and need the packets its ingress kept: the same worker
+            union(r.in_label, r.out_label)
+            labels.append(r.out_label)
     groups = {}
-    for r in routes:
-        groups.setdefault(find(r.in_label), []).append(r.in_label)
+    for label in labels:
+        g = groups.setdefault(find(label), [])
+        if label not in g:
+            g.append(label)
     return list(groups.values())
 
 
@@ -202,9 +217,11 @@ _SUMMED = ("rx", "forwarded", "probes", "keepalives", "path_responses", "challen
            "dropped", "sources_tracked", "reloads", "reload_failures")
 
 
-def aggregate(replies):
-    """One PoP's stats from its workers' (a list of stats dicts, None for a
-    worker that did not answer)."""
+def aggregate(replies, worker_of_label=None):
+    """One PoP's stats from its workers' (a list of stats dicts in worker
+    order, None for a worker that did not answer). Every worker holds every
+    LOOPS segment, but only the one its label reaches (worker_of_label)
+    carries its traffic: each segment's stats are taken from that one."""
     live = [r for r in replies if r is not None]
     out = {k: sum(r.get(k, 0) for r in live) for k in _SUMMED}
     drops = {}
@@ -221,7 +238,13 @@ def aggregate(replies):
                 d = t.setdefault("drops", {})
                 d[k] = d.get(k, 0) + v
         learned.update(r.get("learned", {}))
-    out.update(drops=drops, labels=labels, learned=learned,
+    segments = {}
+    if worker_of_label is not None:
+        for key in sorted({k for r in live for k in r.get("segments", {})}):
+            r = replies[worker_of_label(int(key.split(":", 1)[1]))]
+            if r is not None and key in r.get("segments", {}):
+                segments[key] = r["segments"][key]
+    out.update(drops=drops, labels=labels, learned=learned, segments=segments,
                routes=max((r.get("routes", 0) for r in live), default=0),
                draining=max((r.get("draining", 0) for r in live), default=0))
     return out
@@ -473,7 +496,8 @@ class Supervisor:
 
     def _cmd_stats(self, req):
         answers = self._ask_all({"cmd": "stats"})
-        out = aggregate([r if r and r.get("ok") else None for _, r, _ in answers])
+        out = aggregate([r if r and r.get("ok") else None for _, r, _ in answers],
+                        worker_of_label=lambda label: worker_of(label, self.n, self.exceptions))
         per = []
         for w, r, err in answers:
             e = {"index": w.index, "pid": w.proc.pid if w.proc else None, "restarts": w.restarts,
