@@ -27,9 +27,11 @@ that buffer is a fresh mmap + mremap + munmap for every datagram (strace
 shows it), so the bare relay runs at one of two speeds, ~4x apart,
 depending on the process's malloc history: the "collapse under load" of
 earlier runs. By default every relay and the PoP run with
-MALLOC_MMAP_THRESHOLD_=4 MiB (the buffer comes from the heap: the bare
-relay's fast mode, the harder yardstick); --malloc default leaves glibc's
-default ("malloc" in the JSON says which).
+MALLOC_MMAP_THRESHOLD_=4 MiB and MALLOC_TRIM_THRESHOLD_=16 MiB (the buffer
+comes from the heap, and shrinking it does not hand the heap's top back
+with brk each time either: no system call but the recvfrom, the bare
+relay's fast mode and the harder yardstick); --malloc default leaves
+glibc's defaults ("malloc" in the JSON says which).
 
 Workers (issue 15): the same PoP as one process and as `--workers 2`
 (supervisor + 2 processes on one SO_REUSEPORT port, steered by label),
@@ -371,8 +373,9 @@ def main():
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--no-workers", action="store_true", help="skip the 2-worker comparison")
     ap.add_argument("--malloc", choices=("heap", "default"), default="heap",
-                    help="heap (default): MALLOC_MMAP_THRESHOLD_=4 MiB for every relay process, so asyncio's "
-                         "256 KiB receive buffer is not an mmap per datagram; default: glibc's own threshold")
+                    help="heap (default): MALLOC_MMAP_THRESHOLD_=4 MiB and MALLOC_TRIM_THRESHOLD_=16 MiB for every "
+                         "relay process, so asyncio's 256 KiB receive buffer costs no mmap/brk per datagram; "
+                         "default: glibc's own thresholds")
     ap.add_argument("--no-realtime", action="store_true",
                     help="workers comparison at normal priority (on a shared machine it then measures the neighbours)")
     ap.add_argument("--bare-relay", nargs=3, metavar=("PORT", "DEST_PORT", "MODE"), help=argparse.SUPPRESS)
@@ -404,7 +407,7 @@ def main():
         json.dump(cfg, f)
     env = dict(os.environ, PYTHONPATH=os.environ.get("BENCH_LIB", os.path.join(ROOT, "lib")))
     if args.malloc == "heap":
-        env["MALLOC_MMAP_THRESHOLD_"] = str(4 << 20)
+        env.update(MALLOC_MMAP_THRESHOLD_=str(4 << 20), MALLOC_TRIM_THRESHOLD_=str(16 << 20))
     procs = [subprocess.Popen([sys.executable, "-m", "microtun_host.cli", "pop", "--config", path], env=env)]
     for name, mode in (("relay", "transport"), ("relay_raw", "raw")):
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--bare-relay",
@@ -449,7 +452,8 @@ def main():
             "payload_bytes": SIZES[0], "pop_pps": first["pop_pps"], "relay_pps": first["relay_pps"],
             "ratio": first["ratio"], "target_ratio": 1.0, "by_payload_bytes": results,
             "pop_drops": {k: v for k, v in st["drops"].items() if v}, "pop_socket_io": st.get("socket_io"),
-            "malloc": "MALLOC_MMAP_THRESHOLD_=%d" % (4 << 20) if args.malloc == "heap" else "glibc default",
+            "malloc": "MALLOC_MMAP_THRESHOLD_=%d MALLOC_TRIM_THRESHOLD_=%d" % (4 << 20, 16 << 20)
+            if args.malloc == "heap" else "glibc default",
         }
         if wk is not None:
             out["workers"] = dict(wk, scaling=wk[str(SIZES[0])]["scaling"], target_scaling=1.6)
