@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Net, Recorder, parse_result, ROOT, PY, py_env
+from harness import Net, Recorder, ROOT, PY, py_env
 from microtun import outer
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -154,15 +154,20 @@ def test_channel_access_control(net):
 
 
 def test_pop_reload_mid_stream_loses_nothing(net):
-    p = net.device("d1", "--count", "300", "--interval", "10", background=True)
-    time.sleep(2.0)
-    for _ in range(3):
-        net.reload("a1")
-        net.reload("a2")
-        time.sleep(0.3)
-    out, _ = p.communicate(timeout=60)
-    res = parse_result(out)
-    assert res["sent"] == 300 and res["delivered"] == 300, res
+    run = Run(net, "d1", "--count", "200", "--interval", "10")
+    try:
+        run.wait_connected()
+        run.at(0.5)                 # three reloads of both PoPs from 0.5 s to 1.4 s of a 2 s stream
+        for _ in range(3):
+            net.reload("a1")
+            net.reload("a2")
+            time.sleep(0.3)
+        res = run.result(timeout=60)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+    assert res["sent"] == 200 and res["delivered"] == 200, res
     assert "reload" in net.log("a1").lower()
 
 
