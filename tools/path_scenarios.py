@@ -105,13 +105,17 @@ def scenario_loss10_critical(tmp, count=1000, interval=10):
         net.stop()
 
 
-def _failover(tmp, action, restore=None, count=400, interval=20, at=3.0, restore_at=6.0, linger=2000):
+def _failover(tmp, action, restore=None, count=400, interval=20, at=3.0, restore_at=6.0, linger=2000,
+              started=None):
     """Half the messages critical, half best effort; `action` breaks path a
     `at` s after connecting; `restore` repairs it at restore_at. (The tests
-    pass shorter runs than these defaults, the benchmark's.)"""
+    pass shorter runs than these defaults, the benchmark's.) started(): called
+    once every process is up (its ports bound)."""
     net = make_net(tmp)
     try:
         net.start()
+        if started is not None:
+            started()
         r = Run(net, "d1", "--count", str(count), "--interval", str(interval),
                 "--critical-every", "2", "--linger", str(linger))
         r.wait_connected()
@@ -203,13 +207,15 @@ def adaptive_pair(tmp):
     return deg
 
 
-def scenario_resplice(tmp, count=400, interval=20, at=3.0, drain_at=5.0):
+def scenario_resplice(tmp, count=400, interval=20, at=3.0, drain_at=5.0, started=None):
     """Route a (the device's only route) is re-spliced under load: its middle
     PoP a2 is replaced by a3 by re-provisioning and reloading (`at` s after
     connecting; a2 reloaded at drain_at)."""
     net = Net(tmp, routes={"a": ["a1", "a2"]}, devices={"d1": {}}, spare_pops=("a3",))
     try:
         net.start()
+        if started is not None:
+            started()
         r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--linger", "2000")
         r.wait_connected()
         r.at(at)
