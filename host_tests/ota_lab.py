@@ -104,10 +104,12 @@ class Netem:
 class Lab:
     """Rig + operator key + one board + its firmware process + a client."""
 
-    def __init__(self, where, loss=0.0, client_factory=None, heap="512K", trial_s=TRIAL_S, log=None, ops=False):
+    def __init__(self, where, loss=0.0, client_factory=None, heap="512K", trial_s=TRIAL_S, log=None, ops=False,
+                 fault_trial_s=FAULT_TRIAL_S):
         """ops=True: the device's client is the real OpsClient through the
         gateway and the tunnel (the device and the registry allow ops, the
-        gateway trusts the operator key), so the files cross the lossy link."""
+        gateway trusts the operator key), so the files cross the lossy link.
+        fault_trial_s: the trial of a release that never connects (waited out)."""
         self.dir = Path(where)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key = OperatorKey.generate(str(self.dir / "operator.key"))
@@ -123,6 +125,7 @@ class Lab:
         self.rig.start()
         self.netems = []
         self.trial_s = trial_s
+        self.fault_trial_s = fault_trial_s
         try:
             cfg = json.loads(json.dumps(self.rig.device_config))
             if ops:
@@ -154,7 +157,7 @@ class Lab:
         files = self._releases.get(fault)
         if files is None:
             files = self._releases[fault] = release_files(fault)
-        trial = self.trial_s if fault in ("good", "raises", "fw_raises") else min(self.trial_s, FAULT_TRIAL_S)
+        trial = self.trial_s if fault in ("good", "raises", "fw_raises") else min(self.trial_s, self.fault_trial_s)
         return release.Bundle.build(files, version or "r%d-%s" % (self.n, fault), self.key, trial)
 
     def status(self):

@@ -1,42 +1,75 @@
 """End to end over loopback with real processes (issue 4): a unix-port device,
-two PoPs, the gateway and a local UDP echo service."""
+two PoPs, the gateway and a local UDP echo service.
+
+The tests that leave the network as they found it share one (`net`, per
+module) and check what changed during the test (counters before and
+after); a test that changes the network (a revoked device, a killed
+gateway) or needs another one builds its own."""
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from harness import Net, Recorder, parse_result, ROOT, PY, py_env
+from harness import Net, Recorder, ROOT, PY, py_env
 from microtun import outer
 
+sys.path.insert(0, str(ROOT / "tools"))
+from path_scenarios import Run  # noqa: E402
 
-@pytest.fixture
-def net(tmp_path):
-    n = Net(tmp_path, routes={"a": ["a1", "a2"]}, devices={"d1": {}, "d2": {}})
-    n.start()
+
+def _new_net(tmp):
+    n = Net(tmp, routes={"a": ["a1", "a2"]}, devices={"d1": {}, "d2": {}})
+    try:
+        n.start()
+    except BaseException:
+        n.stop()
+        raise
+    return n
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    """One network for the tests that leave it as it was (d2 never connects to it)."""
+    n = _new_net(tmp_path_factory.mktemp("e2e"))
     yield n
     n.stop()
 
 
+@pytest.fixture
+def own_net(tmp_path):
+    """A network of its own, for a test that changes it."""
+    n = _new_net(tmp_path)
+    yield n
+    n.stop()
+
+
+def _d1_rx(net):
+    return sum(d["rx_packets"] for d in net.gw_status()["devices"] if d["name"] == "d1")
+
+
 def test_device_to_service_and_back(net):
+    echoed, rx = net.echo.count, _d1_rx(net)
     res = net.device("d1", "--count", "60", "--interval", "10")
     assert res["sent"] == 60
     assert res["delivered"] == 60, res
     assert res["duplicate_replies"] == 0
     st = net.gw_status()
     d1 = [d for d in st["devices"] if d["name"] == "d1"][0]
-    assert d1["established"] and d1["rx_packets"] >= 60
+    assert d1["established"] and d1["rx_packets"] - rx >= 60
     assert [p["link"] for p in d1["paths"]] == ["d1/a"]
-    assert net.echo.count == 60
+    assert net.echo.count - echoed == 60
 
 
 def test_pop_drops_and_counts_forged_datagrams(net):
     res = net.device("d1", "--count", "5")
     assert res["delivered"] == 5
+    before = net.pop_stats("a1")["drops"]
     host, port = net.pops["a1"]["listen"].rsplit(":", 1)
     cfg = json.loads((net.out / "pops" / "a1.json").read_text())
     label = cfg["routes"][0]["in_label"]
@@ -47,8 +80,9 @@ def test_pop_drops_and_counts_forged_datagrams(net):
     s.sendto(b"\x11\x00", (host, int(port)))                                                      # short
     s.close()
     time.sleep(0.3)
-    drops = net.pop_stats("a1")["drops"]
-    assert drops.get("bad_mac") == 1 and drops.get("unknown_label") == 1 and drops.get("short") == 1, drops
+    after = net.pop_stats("a1")["drops"]
+    drops = {k: v - before.get(k, 0) for k, v in after.items()}
+    assert drops.get("bad_mac") == 1 and drops.get("unknown_label") == 1 and drops.get("short") == 1, (before, after)
     res = net.device("d1", "--count", "5")
     assert res["delivered"] == 5
 
@@ -79,7 +113,8 @@ def test_pop_never_sees_plaintext(tmp_path):
         rec.stop()
 
 
-def test_revoke_device_after_reload(net):
+def test_revoke_device_after_reload(own_net):
+    net = own_net
     assert net.device("d2", "--count", "5")["delivered"] == 5
     # re-provision without d2, reload the gateway and the PoPs
     net.devices = {"d1": {}}
@@ -87,7 +122,9 @@ def test_revoke_device_after_reload(net):
     net.provision()
     for name in ("gw", "a1", "a2"):
         net.reload(name)
-    time.sleep(0.5)
+    end = time.monotonic() + 10             # the gateway has reloaded when d2 is gone from its status
+    while [d["name"] for d in net.gw_status()["devices"]] != ["d1"] and time.monotonic() < end:
+        time.sleep(0.05)
     assert net.device("d1", "--count", "10")["delivered"] == 10
     cfg_d2 = json.loads(open(net.device_config("d2")).read()) if os.path.exists(net.device_config("d2")) else None
     assert cfg_d2 is None                      # the provisioner removed its config
@@ -96,51 +133,64 @@ def test_revoke_device_after_reload(net):
     assert [d["name"] for d in st["devices"]] == ["d1"]
 
 
-def test_channel_access_control(tmp_path):
-    n = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {}})
-    n.start()
+def test_channel_access_control(net):
+    denied = net.gw_status()["counters"].get("channel_denied", 0)
+    echoed = net.echo.count
+    # the device's config lists its channels (1, 2): it refuses 9 itself
+    res = net.device("d1", "--count", "5", "--channel", "9", "--linger", "500")
+    assert res["delivered"] == 0 and res["health"]["driver"].get("channel_denied") == 5
+    assert net.gw_status()["counters"].get("channel_denied", 0) == denied
+    # a device config without the list (an older one): the gateway drops and counts
+    cfg = Path(net.device_config("d1"))
+    text = cfg.read_text()
+    d = json.loads(text)
+    del d["channels"]
+    cfg.write_text(json.dumps(d))
     try:
-        # the device's config lists its channels (1, 2): it refuses 9 itself
-        res = n.device("d1", "--count", "5", "--channel", "9", "--linger", "500")
-        assert res["delivered"] == 0 and res["health"]["driver"].get("channel_denied") == 5
-        assert n.gw_status()["counters"].get("channel_denied") is None
-        # a device config without the list (an older one): the gateway drops and counts
-        cfg = Path(n.device_config("d1"))
-        d = json.loads(cfg.read_text())
-        del d["channels"]
-        cfg.write_text(json.dumps(d))
-        res = n.device("d1", "--count", "5", "--channel", "9", "--linger", "500")
-        assert res["delivered"] == 0
-        assert n.gw_status()["counters"].get("channel_denied") == 5
-        assert n.echo.count == 0
+        res = net.device("d1", "--count", "5", "--channel", "9", "--linger", "500")
     finally:
-        n.stop()
+        cfg.write_text(text)        # the shared network's d1 as it was
+    assert res["delivered"] == 0
+    assert net.gw_status()["counters"].get("channel_denied", 0) - denied == 5
+    assert net.echo.count == echoed
 
 
 def test_pop_reload_mid_stream_loses_nothing(net):
-    p = net.device("d1", "--count", "300", "--interval", "10", background=True)
-    time.sleep(2.0)
-    for _ in range(3):
-        net.reload("a1")
-        net.reload("a2")
-        time.sleep(0.3)
-    out, _ = p.communicate(timeout=60)
-    res = parse_result(out)
-    assert res["sent"] == 300 and res["delivered"] == 300, res
+    run = Run(net, "d1", "--count", "200", "--interval", "10")
+    try:
+        run.wait_connected()
+        run.at(0.5)                 # three reloads of both PoPs from 0.5 s to 1.4 s of a 2 s stream
+        for _ in range(3):
+            net.reload("a1")
+            net.reload("a2")
+            time.sleep(0.3)
+        res = run.result(timeout=60)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+    assert res["sent"] == 200 and res["delivered"] == 200, res
     assert "reload" in net.log("a1").lower()
 
 
-def test_gateway_restart_device_reconnects(net):
-    p = net.device("d1", "--count", "600", "--interval", "20", "--linger", "3000", background=True)
-    time.sleep(3.0)
-    net.kill("gw", signal.SIGKILL)
-    time.sleep(1.0)
-    net.start_gateway()
-    out, _ = p.communicate(timeout=90)
-    res = parse_result(out)
+def test_gateway_restart_device_reconnects(own_net):
+    net = own_net
+    # 20 ms apart: message i leaves i * 20 ms after the device reports its session
+    run = Run(net, "d1", "--count", "400", "--interval", "20", "--linger", "2000")
+    try:
+        run.wait_connected()
+        run.at(1.0)                 # paths up and probed for 1 s (id 50)
+        net.kill("gw", signal.SIGKILL)
+        run.at(2.0)                 # id 100
+        net.start_gateway()
+        res = run.result(timeout=90)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
     assert res["handshakes"] >= 2, res
-    # everything sent well after the restart was delivered
-    late = [i for i in res["lost_ids"] if i > 400]
+    # everything sent well after the restart (from 4 s after it, id 300) was delivered
+    late = [i for i in res["lost_ids"] if i > 300]
     assert late == [], res["lost_ids"]
     assert res["health"]["driver"].get("rehandshake_all_paths_down", 0) >= 1
 
@@ -175,6 +225,20 @@ def test_fuzz_gateway_and_pop_keep_working(net):
 
 
 def test_status_command_shows_devices(net):
+    # nothing answers there: the command waits its 2 s out, meanwhile the rest of the test runs
+    dead = subprocess.Popen([PY, "-m", "microtun_host.cli", "status", "--control", "127.0.0.1:1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=py_env(), cwd=str(ROOT))
+    try:
+        _status_shows_d1(net)
+        _, err = dead.communicate(timeout=30)
+    finally:
+        if dead.poll() is None:
+            dead.kill()
+            dead.wait()
+    assert dead.returncode == 1 and "is the gateway running?" in err
+
+
+def _status_shows_d1(net):
     # 1 s of traffic: several path probes, so the device has reported its RTT
     assert net.device("d1", "--count", "40", "--interval", "25")["delivered"] == 40
     r = subprocess.run([PY, "-m", "microtun_host.cli", "status", "--config", str(net.out / "gateway.json")],
@@ -186,9 +250,6 @@ def test_status_command_shows_devices(net):
     assert " yes " in row and "d1/a" in row and "ms" in row       # established, path, srtt
     assert [l for l in lines if l.startswith("d2 ")][0].split()[1] == "no"
     assert lines[-1].startswith("counters:")
-    r = subprocess.run([PY, "-m", "microtun_host.cli", "status", "--control", "127.0.0.1:1"],
-                       capture_output=True, text=True, env=py_env(), cwd=str(ROOT), timeout=30)
-    assert r.returncode == 1 and "is the gateway running?" in r.stderr
 
 
 def test_embedded_gateway_api(tmp_path):

@@ -14,7 +14,9 @@ import path_scenarios as sc  # noqa: E402
 
 
 def test_primary_gateway_killed_devices_move_to_the_standby(tmp_path):
-    r = sc.scenario_gateway_failover(tmp_path, count=400)     # 5 s of messages after the kill
+    # killed 1.5 s after the device connects (its paths are up within ~0.1 s, the last PoPs
+    # probe both gateways every second); 5 s of messages after the kill
+    r = sc.scenario_gateway_failover(tmp_path, count=325, at=1.5, linger=2000)
     assert r["resume_s"] is not None and r["resume_s"] <= 5.0, r
     assert r["duplicates_delivered"] == 0, r
     assert r["critical_lost"] <= r["in_flight"], r      # only what the kill caught in flight

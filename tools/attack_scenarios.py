@@ -128,11 +128,13 @@ def flood_pool(net, kind, tap, rnd, n=4096):
     raise ValueError("unknown flood kind %r (expected one of %s)" % (kind, ", ".join(KINDS)))
 
 
-def flood(tmp, kind, seconds=20.0, sources=2, workers=1, interval=20, fresh_after=2.0, rate=0, pin=False):
+def flood(tmp, kind, seconds=20.0, sources=2, workers=1, interval=20, fresh_after=2.0, rate=0, pin=False,
+          linger=2000):
     """A flood of `kind` at PoP a1 (kind "replay_gw": at the gateway) for
     `seconds` while device d1 (behind a Tap) sends an echo every `interval`
-    ms; `fresh_after` s into the flood device d3 starts for the first time.
-    d2's keys are the insider's."""
+    ms (and waits up to `linger` ms for the last replies); `fresh_after` s
+    into the flood device d3 starts for the first time. d2's keys are the
+    insider's."""
     net = AttackNet(tmp, routes={"a": ["a1", "a2"]}, devices={"d1": {}, "d2": {}, "d3": {}})
     tap = None
     d1 = None
@@ -142,7 +144,7 @@ def flood(tmp, kind, seconds=20.0, sources=2, workers=1, interval=20, fresh_afte
         tap = Tap(net.pops["a1"]["listen"])
         net.point("d1", tap.addr)
         count = int((seconds + 1.0) * 1000 / interval)
-        d1 = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--linger", "2000")
+        d1 = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--linger", str(linger))
         d1.wait_connected()
         rnd = random.Random(11)
         pool = flood_pool(net, kind, tap, rnd) if kind != "none" else []

@@ -105,14 +105,19 @@ def scenario_loss10_critical(tmp, count=1000, interval=10):
         net.stop()
 
 
-def _failover(tmp, action, restore=None, count=400, interval=20, at=3.0, restore_at=6.0):
+def _failover(tmp, action, restore=None, count=400, interval=20, at=3.0, restore_at=6.0, linger=2000,
+              started=None):
     """Half the messages critical, half best effort; `action` breaks path a
-    `at` s after connecting; `restore` repairs it at restore_at."""
+    `at` s after connecting; `restore` repairs it at restore_at. (The tests
+    pass shorter runs than these defaults, the benchmark's.) started(): called
+    once every process is up (its ports bound)."""
     net = make_net(tmp)
     try:
         net.start()
+        if started is not None:
+            started()
         r = Run(net, "d1", "--count", str(count), "--interval", str(interval),
-                "--critical-every", "2", "--linger", "2000")
+                "--critical-every", "2", "--linger", str(linger))
         r.wait_connected()
         r.at(at)
         action(net)
@@ -133,23 +138,23 @@ def _failover(tmp, action, restore=None, count=400, interval=20, at=3.0, restore
         net.stop()
 
 
-def scenario_blackhole(tmp):
+def scenario_blackhole(tmp, **kw):
     """Path a's link goes dark mid-stream (and stays dark)."""
-    return _failover(tmp, lambda net: net.blackhole("a", True))
+    return _failover(tmp, lambda net: net.blackhole("a", True), **kw)
 
 
-def scenario_pop_kill(tmp):
+def scenario_pop_kill(tmp, **kw):
     """PoP a2 (middle of path a) is SIGKILLed mid-stream, restarted 3 s later."""
-    return _failover(tmp, lambda net: net.kill("a2", signal.SIGKILL), lambda net: net.start_pop("a2"))
+    return _failover(tmp, lambda net: net.kill("a2", signal.SIGKILL), lambda net: net.start_pop("a2"), **kw)
 
 
-def scenario_rebind(tmp, count=300, interval=20):
+def scenario_rebind(tmp, count=300, interval=20, rebind_at_ms=3000):
     """The device's sockets are rebound mid-stream (new source ports, as after
     a NAT rebinding or a network change)."""
     net = make_net(tmp)
     try:
         net.start()
-        r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--rebind-at", "3000",
+        r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--rebind-at", str(rebind_at_ms),
                 "--linger", "2000")
         r.wait_connected()
         res = r.result()
@@ -202,15 +207,18 @@ def adaptive_pair(tmp):
     return deg
 
 
-def scenario_resplice(tmp, count=400, interval=20):
+def scenario_resplice(tmp, count=400, interval=20, at=3.0, drain_at=5.0, started=None):
     """Route a (the device's only route) is re-spliced under load: its middle
-    PoP a2 is replaced by a3 by re-provisioning and reloading."""
+    PoP a2 is replaced by a3 by re-provisioning and reloading (`at` s after
+    connecting; a2 reloaded at drain_at)."""
     net = Net(tmp, routes={"a": ["a1", "a2"]}, devices={"d1": {}}, spare_pops=("a3",))
     try:
         net.start()
+        if started is not None:
+            started()
         r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--linger", "2000")
         r.wait_connected()
-        r.at(3.0)
+        r.at(at)
         before = open(net.device_config("d1")).read()
         net.routes = {"a": ["a1", "a3"]}
         net.write_topology()
@@ -219,7 +227,7 @@ def scenario_resplice(tmp, count=400, interval=20):
         net.start_pop("a3")
         net.reload("gw")
         net.reload("a1")
-        r.at(5.0)
+        r.at(drain_at)
         net.reload("a2")            # a2 has no routes left for this path: they drain
         res = r.result()
         got = set(service_ids(net))
@@ -232,7 +240,7 @@ def scenario_resplice(tmp, count=400, interval=20):
         net.stop()
 
 
-def scenario_gateway_failover(tmp, count=300, interval=20, at=3.0):
+def scenario_gateway_failover(tmp, count=300, interval=20, at=3.0, linger=3000):
     """Issue 15: a standby gateway (same identity) beside the primary; the
     primary is killed with SIGKILL mid-stream, every message critical. The
     last PoP of each route probes both gateways and switches; the device
@@ -247,7 +255,7 @@ def scenario_gateway_failover(tmp, count=300, interval=20, at=3.0):
               standby=True)
     try:
         net.start()
-        r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--linger", "3000")
+        r = Run(net, "d1", "--count", str(count), "--interval", str(interval), "--linger", str(linger))
         r.wait_connected()
         r.at(at)
         n_before = len(net.echo.seen)

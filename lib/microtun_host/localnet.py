@@ -236,27 +236,41 @@ class Net:
     def start(self):
         self.echo = Echo(self.echo_port)
         used = {p for chain in self.routes.values() for p in chain}
-        for p in sorted(self.pops):
-            if p in used:
-                self.start_pop(p)
-        self.start_gateway()
-        if self.standby:
-            self.start_gateway_standby()
-        for r, imp in sorted(self.lossy.items()):
-            self.start_netem(r, **dict(imp))
+        # every process starts at once (none needs another one up to start), then we wait for each
+        self._deferred = []
+        try:
+            for p in sorted(self.pops):
+                if p in used:
+                    self.start_pop(p)
+            self.start_gateway()
+            if self.standby:
+                self.start_gateway_standby()
+            for r, imp in sorted(self.lossy.items()):
+                self.start_netem(r, **dict(imp))
+        finally:
+            waits, self._deferred = self._deferred, None
+        for args in waits:
+            self.wait_control(*args)
+
+    _deferred = None        # inside start(): the wait_control() calls still to make
 
     def wait_control(self, addr, name, netem=False, timeout=15):
         from microtun_host import control
+        if self._deferred is not None:
+            self._deferred.append((addr, name, netem, timeout))
+            return None
         end = time.monotonic() + timeout
+        wait = 0.05         # UDP (netem) has no refusal while it starts: short tries first, longer if slow
         while time.monotonic() < end:
             if self.procs[name].poll() is not None:
                 raise RuntimeError("%s exited at start: %s" % (name, self.logs[name].read_text()[-3000:]))
             try:
                 if netem:
-                    return self.netem_cmd(addr, {"stats": True})
+                    return self.netem_cmd(addr, {"stats": True}, timeout=wait)
                 return control.query(addr, {"cmd": "ping"}, timeout=0.3)
             except Exception:
-                time.sleep(0.1)
+                wait = min(1.0, wait * 2)
+                time.sleep(0.05)
         raise RuntimeError("%s did not come up: %s" % (name, self.logs[name].read_text()[-3000:]))
 
     def netem_cmd(self, addr, cmd, timeout=1.0):
