@@ -360,24 +360,21 @@ def test_file_mode_registry_expires(tmp_path, caplog):
         g.load_gateway_config(str(n.out / "gateway.json"))
 
 
-def test_handshake_budget_is_a_setting_with_a_default_per_backend(tmp_path):
-    """dh_per_s / link_dh_per_s (docs/CONFIG.md): the flood budgets the
-    portable core sized for pure-Python X25519 are settings of the gateway,
-    from the topology through provision; the default follows the crypto
-    backend; an INIT over the budget costs no DH and is counted."""
+def test_handshake_budget_is_a_setting(tmp_path):
+    """dh_per_s / link_dh_per_s (docs/CONFIG.md): the flood budgets of the
+    portable core are settings of the gateway, from the topology through
+    provision, live on reload; an INIT over the budget costs no DH and is
+    counted."""
     import random
     from microtun import outer, messages as m
     from microtun_host import gateway as g
     from microtun_host.config import ConfigError
-    from microtun.responder import GATEWAY_DH_PER_S
+    from microtun.responder import GATEWAY_DH_PER_S, LINK_DH_PER_S
 
     n = Net(tmp_path, routes={"a": ["a1"]}, devices={"d1": {}})
     gw_path = n.out / "gateway.json"
     cfg = g.load_gateway_config(str(gw_path))
-    assert (cfg.crypto, cfg.dh_per_s) == ("cryptography", g.DH_PER_S_DEFAULT["cryptography"])
-    raw = json.loads(gw_path.read_text())
-    gw_path.write_text(json.dumps(dict(raw, crypto="pure")))
-    assert g.load_gateway_config(str(gw_path)).dh_per_s == GATEWAY_DH_PER_S
+    assert (cfg.crypto, cfg.dh_per_s, cfg.link_dh_per_s) == ("cryptography", GATEWAY_DH_PER_S, LINK_DH_PER_S)
 
     # from the topology, through provision, into the running core
     n.topology.write_text(n.topology.read_text().replace("[gateway]\n", "[gateway]\ndh_per_s = 3\n", 1))

@@ -118,10 +118,6 @@ class DeviceEntry:
                                  % hconfig._short(str(node.value["expires"])))
 
 
-# the default of `dh_per_s` by crypto backend: the portable code's budget was sized for
-# pure-Python X25519 (a few hundred handshakes per CPU second); with OpenSSL a first
-# contact costs ~0.5 ms, so 1,000 a second is about half a core (docs/DEPLOY.md)
-DH_PER_S_DEFAULT = {"cryptography": 1000, "pure": GATEWAY_DH_PER_S}
 
 
 class GatewayConfig:
@@ -175,8 +171,8 @@ class GatewayConfig:
         self.metrics = root.address("metrics", None)        # Prometheus over HTTP (metrics.py); off by default
         self.crypto = root.text("crypto", "cryptography", choices=tuple(sorted(hostcrypto.BACKENDS)))
         # handshakes that may cost a DH per second, per process over all links and per link (the flood
-        # budgets of docs/PROTOCOL.md); the default follows the backend: ~half a core with OpenSSL
-        self.dh_per_s = root.integer("dh_per_s", 1, 1000000, DH_PER_S_DEFAULT.get(self.crypto, GATEWAY_DH_PER_S))
+        # budgets of docs/PROTOCOL.md); the portable core's defaults, for either backend (docs/DEPLOY.md)
+        self.dh_per_s = root.integer("dh_per_s", 1, 1000000, GATEWAY_DH_PER_S)
         self.link_dh_per_s = root.integer("link_dh_per_s", 1, 1000000, LINK_DH_PER_S)
         self.devices = load_registry(self.registry_path) if devices is None else devices
         # Ed25519 public keys (hex) that may log in to the ops channel (docs/OPS.md)
