@@ -495,7 +495,7 @@ def test_firmware_answers_ops_and_mpremote_through_the_tunnel(tmp_path, running)
     the bridge, and an ops reboot resets the board (the unix port's exit 3)."""
     from microtun_host.changelog import OperatorKey
     from microtun_host.ops import OpsClient
-    from microtun_host import opsbridge
+    from harness import mpremote_bridge
     key_path = str(tmp_path / "op.key")
     key = OperatorKey.generate(key_path)
     r = Rig(tmp_path / "rig")
@@ -513,13 +513,8 @@ def test_firmware_answers_ops_and_mpremote_through_the_tunnel(tmp_path, running)
         assert "session up" in c.logs(0)[1]          # the firmware's own lines are in the ring
         c.put("note.txt", b"from afar\n")
         assert (d / "note.txt").read_bytes() == b"from afar\n"
-        urls = []
-        threading.Thread(target=opsbridge.serve, args=(c, "127.0.0.1:0"), kwargs={"ready": urls.append},
-                         daemon=True).start()
-        end = time.monotonic() + 5
-        while not urls and time.monotonic() < end:
-            time.sleep(0.05)
-        mp = subprocess.run([str(Path(PY).with_name("mpremote")), "connect", urls[0], "fs", "cat", "note.txt"],
+        url = mpremote_bridge(c)
+        mp = subprocess.run([str(Path(PY).with_name("mpremote")), "connect", url, "fs", "cat", "note.txt"],
                             capture_output=True, text=True, timeout=30)
         assert mp.returncode == 0 and mp.stdout == "from afar\n", (mp.stdout, mp.stderr)
         c.reboot()

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from harness import Net, ROOT, PY, py_env
+from harness import Net, ROOT, PY, py_env, mpremote_bridge
 from microtun_host.changelog import OperatorKey
 from microtun_host.localnet import micropython, mp_env
 from microtun_host.ops import OpsClient, OpsError, REBOOT_EXIT
-from microtun_host import control, opsbridge
+from microtun_host import control
 
 MPREMOTE = os.path.join(os.path.dirname(sys.executable), "mpremote")
 
@@ -149,22 +149,17 @@ def test_ops_end_to_end(rig, tmp_path):
     t_short = time.monotonic()
 
     # -- mpremote through the bridge ----------------------------------------------------------
-    urls = []
-    threading.Thread(target=opsbridge.serve, args=(c, "127.0.0.1:0"), kwargs={"ready": urls.append},
-                     daemon=True).start()
-    end = time.monotonic() + 5
-    while not urls and time.monotonic() < end:
-        time.sleep(0.05)
+    url = mpremote_bridge(c)
     (tmp_path / "hello.txt").write_text("hello\n" * 100)
     for args, want in ((["exec", "print('via', 'mpremote')"], "via mpremote\n"),
                        (["fs", "cp", str(tmp_path / "hello.txt"), ":hello.txt"], None),
                        (["fs", "cat", "hello.txt"], "hello\nhello\n")):
-        r = subprocess.run([MPREMOTE, "connect", urls[0]] + args, capture_output=True, text=True, timeout=30)
+        r = subprocess.run([MPREMOTE, "connect", url] + args, capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, (args, r.stdout, r.stderr)
         if want:
             assert want in r.stdout, (args, r.stdout)
     assert (root / "hello.txt").read_text() == "hello\n" * 100
-    after, out, err = exec_streamed([MPREMOTE, "connect", urls[0], "exec", STREAMED], "first")
+    after, out, err = exec_streamed([MPREMOTE, "connect", url, "exec", STREAMED], "first")
     assert out.replace("\r\n", "\n") == "first\nsecond\n" and after > 0.9, (after, out, err)    # streamed too
 
     # -- refusals: one clear line each, counted, logged --------------------------------------------
