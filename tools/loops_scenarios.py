@@ -186,9 +186,8 @@ def run(tmp, mode, imp=None, seg=None, count=2000, interval=5, size=200, policy=
         }
     finally:
         net.stop()
-        if not trace:
-            pass
-        elif old is None:
-            os.environ.pop("MICROTUN_SEG_TRACE", None)
-        else:
-            os.environ["MICROTUN_SEG_TRACE"] = old
+        if trace:
+            if old is None:
+                os.environ.pop("MICROTUN_SEG_TRACE", None)
+            else:
+                os.environ["MICROTUN_SEG_TRACE"] = old

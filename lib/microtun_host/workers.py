@@ -125,7 +125,7 @@ def _learn_groups(routes):
         labels.append(r.in_label)
         if r.learn_from:
             union(r.in_label, r.learn_from)
-        if getattr(r, "seg_out", None) is not None:
+        if r.seg_out is not None:
             # a LOOPS segment's NACKs and pongs come back on the route's out_label
             # and need the packets its ingress kept: the same worker
             union(r.in_label, r.out_label)
