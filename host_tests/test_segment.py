@@ -413,6 +413,111 @@ def test_sealer_gives_outer_seal_bytes():
             assert sl.seal2(b"\x81\x02", p) == outer.seal(t, 0x123456, KEY, b"\x81\x02" + p), n
 
 
+# --- the PoP's per-route functions (segment.ingress_for / egress_for) ----------------------
+
+SIZES = (0, 1, 17, 29, 30, 31, 32, 33, 34, 250, 1200, 2100)
+IN_KEY = outer.HopKey(bytes(range(5, 37)))
+OUT_KEY = outer.HopKey(bytes(range(9, 41)))
+
+
+def _state(snd):
+    return (snd.seq, snd.sent, snd.sent_bytes, snd.last_data, list(snd._pkt or ()), list(snd.group), snd.parities)
+
+
+def test_ingress_function_gives_send_bytes_and_state():
+    for mode in ("nack", "fec", "nack+fec"):
+        cfg = SegConfig(mode, fec_k=4)
+        a, b = Sender(cfg, LABEL, KEY, 32760), Sender(cfg, LABEL, KEY, 32760)     # across the seq wrap
+        ingress = segment.ingress_for(b, IN_KEY)
+        for i, n in enumerate(SIZES * 2):
+            ce = i % 3 == 0
+            data = bytes(outer.seal(outer.TYPE_DATA_CE if ce else outer.TYPE_DATA, 100, IN_KEY, inner(i, n)
+                                    if n >= 4 else bytes(n)))
+            got = ingress(data, 1.0 + i * 0.001)
+            want = a.send(data[outer.HEADER_LEN:], ce, 1.0 + i * 0.001)
+            assert got == want, (mode, n, ce)
+            assert b.extra == a.extra
+            a.extra, b.extra = [], []
+        assert _state(a) == _state(b)
+
+
+def test_ingress_function_refuses_a_forged_packet_without_spending_a_seq():
+    snd = Sender(SegConfig("nack"), LABEL, KEY, 7)
+    ingress = segment.ingress_for(snd, IN_KEY)
+    for n in (0, 20, 250):
+        good = bytearray(outer.seal(outer.TYPE_DATA, 100, IN_KEY, bytes(n)))
+        for forged in (bytes(outer.seal(outer.TYPE_DATA, 100, OTHER, bytes(n))),
+                       bytes(good[:-1] + bytes((good[-1] ^ 1,))) if n else bytes(good[:4]) + bytes(8),
+                       bytes(good[:11])):
+            assert ingress(forged, 1.0) is None
+    assert snd.seq == 7 and snd.sent == 0 and not any(snd._pkt)
+
+
+def test_egress_function_gives_data_then_seal_bytes():
+    for mode in ("nack", "fec"):
+        cfg = SegConfig(mode)
+        snd = Sender(cfg, LABEL, KEY, 32700)
+        a, b = Receiver(cfg, LABEL, KEY), Receiver(cfg, LABEL, KEY)
+        egress = segment.egress_for(b, 300, OUT_KEY)
+        seal = {False: segment.Sealer(outer.TYPE_DATA, 300, OUT_KEY),
+                True: segment.Sealer(outer.TYPE_DATA_CE, 300, OUT_KEY)}
+        pkts = [snd.send(inner(i, n) if n >= 4 else bytes(n), i % 4 == 1, 1.0 + i * 0.001)
+                for i, n in enumerate(SIZES * 3)]
+        order = list(range(len(pkts)))
+        order[5], order[9] = order[9], order[5]        # a gap, then its late original
+        order.insert(12, 3)                            # a duplicate
+        for k, i in enumerate(order):
+            now = 1.02 + k * 0.001
+            want = a.data(pkts[i], ("10.0.0.1", 1), now)
+            got = egress(pkts[i], ("10.0.0.1", 1), now)
+            assert (got is None) == (want is None), (mode, i)
+            if want is not None:
+                assert got == seal[a.ce].seal(want), (mode, i)
+                assert b.ce == a.ce
+        assert a.stats() == b.stats() and a.replies == b.replies
+        assert b.st.drops["seg_duplicate"] == 1
+
+
+def test_egress_function_counts_what_it_refuses():
+    cfg = SegConfig("nack")
+    rcv = Receiver(cfg, LABEL, KEY)
+    egress = segment.egress_for(rcv, 300, OUT_KEY)
+    good = Sender(cfg, LABEL, KEY).send(inner(1), False, 1.0)
+    assert egress(Sender(cfg, LABEL, OTHER).send(inner(1), False, 1.0), ("10.0.0.1", 1), 1.0) is None
+    assert egress(good[:outer.HEADER_LEN + 2], ("10.0.0.1", 1), 1.0) is None
+    assert egress(good[:-1] + bytes((good[-1] ^ 1,)), ("10.0.0.1", 1), 1.0) is None
+    assert rcv.st.drops["seg_bad_mac"] == 2 and rcv.st.drops["seg_malformed"] == 1
+    assert rcv.received == 0 and rcv.top is None and rcv.peer is None     # no state from a refused packet
+    assert egress(good, ("10.0.0.1", 1), 1.0) is not None and rcv.received == 1
+
+
+def test_a_new_hop_key_gets_a_new_segment_on_reload():
+    """swap() carries a segment's state over only when its hop key is the
+    same: a Sender or Receiver kept across a key change would go on with
+    the old key, and every packet would fail at the next PoP."""
+    import logging
+    from microtun_host import pop
+    from microtun_host.config import Address
+    k_in, k_out, k_new = bytes(range(32)), bytes(range(1, 33)), bytes(range(2, 34))
+    nxt = Address(4, "127.0.0.1", 9)
+
+    def table(out_key, in_key):
+        return pop.build_table([pop.RouteSpec(100, k_in, nxt, 0, 200, out_key, seg_out=SegConfig("nack")),
+                                pop.RouteSpec(300, in_key, nxt, 0, 400, k_out, seg_in=SegConfig("nack"))])
+    f = pop.Forwarder(table(k_out, k_out), logging.getLogger("t"))
+    data = bytes(outer.seal(outer.TYPE_DATA, 100, outer.HopKey(k_in), inner(1)))
+    assert outer.verify(outer.HopKey(k_out), f.receive(data, ("127.0.0.1", 5))[0])
+    kept = f.routes[100].seg_out
+    f.swap(table(k_out, k_out))
+    assert f.routes[100].seg_out is kept                  # same key: the state goes on
+    f.swap(table(k_new, k_new))
+    assert f.routes[100].seg_out is not kept
+    out = f.receive(data, ("127.0.0.1", 5))[0]
+    assert outer.verify(outer.HopKey(k_new), out) and not outer.verify(outer.HopKey(k_out), out)
+    seg = Sender(SegConfig("nack"), 300, outer.HopKey(k_new)).send(inner(2), False, 1.0)
+    assert f.receive(seg, ("127.0.0.1", 6)) is not None   # the egress verifies under the new key
+
+
 # --- adaptive FEC -------------------------------------------------------------------------
 
 ADAPTIVE = dict(fec_k=24, fec_m_min=0, fec_m=6, fec_target=0.01)

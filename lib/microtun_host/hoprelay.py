@@ -40,8 +40,10 @@ _LEN = [n.to_bytes(2, "big") for n in range(2048)]     # the length field of pay
 _B0_DATA = outer.BYTE0_DATA
 
 
-def _states(key):
-    """SHA-256 states after the key XOR ipad and XOR opad blocks (RFC 2104)."""
+def states(key):
+    """SHA-256 states after the key XOR ipad and XOR opad blocks (RFC 2104);
+    key: 32 bytes or a microtun.outer.HopKey."""
+    key = getattr(key, "key", key)
     return (_sha256(bytes(b ^ 0x36 for b in key) + b"\x36" * 32),
             _sha256(bytes(b ^ 0x5C for b in key) + b"\x5c" * 32))
 
@@ -50,8 +52,8 @@ def relay_for(in_key, out_label, out_key):
     """relay(packet) -> the packet under out_label and out_key (new bytes),
     or None when its hop MAC does not verify under in_key or its length is
     out of range. in_key, out_key: 32 bytes (or microtun.outer.HopKey)."""
-    ih1, oh1 = _states(getattr(in_key, "key", in_key))
-    ih2, oh2 = _states(getattr(out_key, "key", out_key))
+    ih1, oh1 = states(in_key)
+    ih2, oh2 = states(out_key)
     lbl = bytes((out_label >> 16, (out_label >> 8) & 0xFF, out_label & 0xFF))
     hdr_data = bytes((_B0_DATA,)) + lbl
 

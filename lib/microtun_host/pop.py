@@ -229,7 +229,8 @@ class Route:
 
     __slots__ = ("spec", "in_label", "in_key", "dest", "learn_from", "learns",
                  "out_label", "out_key", "packets", "bytes", "drops", "init_bucket", "probe_bucket",
-                 "reply_bucket", "seg_in", "seg_out", "seal_data", "seal_ce", "relay", "plain")
+                 "reply_bucket", "seg_in", "seg_out", "seal_data", "seal_ce", "relay", "plain",
+                 "seg_ingress", "seg_egress")
 
     def __init__(self, spec, learns):
         self.spec = spec
@@ -259,6 +260,13 @@ class Route:
             for seg in (self.seg_in, self.seg_out):
                 if seg is not None:
                     seg.trace = collections.deque(maxlen=SEG_TRACE)
+        self.arm()
+
+    def arm(self):
+        """The segment's per-packet functions for this route's Sender and
+        Receiver (again when swap() hands them over from the old table)."""
+        self.seg_ingress = segment.ingress_for(self.seg_out, self.in_key) if self.seg_out else None
+        self.seg_egress = segment.egress_for(self.seg_in, self.out_label, self.out_key) if self.seg_in else None
 
 
 def _more(n):
@@ -290,6 +298,7 @@ def _take(bucket, now, rate, burst):
 
 _HDR = outer.HEADER_LEN
 _B0_DATA = outer.BYTE0_DATA
+_B0_SEG_DATA = 0x10 | outer.TYPE_SEG_DATA     # (version 1) a LOOPS segment's data
 _INIT_OUTER_LEN = outer.HEADER_LEN + outer.INNER_INIT_LEN
 # outer lengths of DATA packets that may carry a handshake message (INIT, RESPONSE, COOKIE, STALE)
 _HANDSHAKE_LENS = frozenset(outer.HEADER_LEN + n for n in
@@ -384,6 +393,10 @@ class Forwarder:
                         return self._drop("no_route", addr, r)
                 self.forwarded += 1
                 return out, dest
+        elif n >= _HDR and data[0] == _B0_SEG_DATA:     # out of a LOOPS segment: the next hot path
+            r = self.routes.get((data[1] << 16) | (data[2] << 8) | data[3])
+            if r is not None and r.seg_in is not None:
+                return self._seg_receive(r, data, addr)
         return self._other(data, addr)
 
     def _data(self, r, data, addr):
@@ -540,19 +553,28 @@ class Forwarder:
 
     # -- LOOPS segments (docs/LOOPS.md; the logic is in segment.py) -------------------
     def _seg_send(self, r, data, addr):
-        """DATA into a segment: verified here, numbered (and buffered, FEC
-        coded) by the route's Sender; parities go out after it."""
-        if not outer.verify(r.in_key, data):
+        """DATA into a segment: verified, numbered (and buffered, FEC coded)
+        by the route's ingress function (segment.ingress_for, the route's
+        Sender's state); parities go out after it."""
+        dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
+        if dest is None or (r.learns and self.learned.get(r.in_label) != addr):
+            # the rare case (a source to learn, no next hop yet): authentic first, then
+            # learn, then numbered only if it can leave (no seq spent on a dropped packet)
+            if not outer.verify(r.in_key, data):
+                return self._drop(outer.DROP_BAD_MAC, addr, r)
+            if r.learns and self.learned.get(r.in_label) != addr:
+                self._new_source(r, addr, True)
+            dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
+            if dest is None:
+                r.packets += 1
+                r.bytes += len(data)
+                return self._drop("no_route", addr, r)
+        pkt = r.seg_ingress(data, self.clock())      # verified, numbered, kept (segment.ingress_for)
+        if pkt is None:
             return self._drop(outer.DROP_BAD_MAC, addr, r)
         r.packets += 1
         r.bytes += len(data)
-        if r.learns and self.learned.get(r.in_label) != addr:
-            self._new_source(r, addr, True)
-        dest = r.dest if r.dest is not None else self.learned.get(r.learn_from)
-        if dest is None:
-            return self._drop("no_route", addr, r)
         snd = r.seg_out
-        pkt = snd.send(data[outer.HEADER_LEN:], data[0] == outer.BYTE0_DATA_CE, self.clock())
         if snd.extra:                       # FEC parities, after the packet that completed their group
             for p in snd.extra:
                 self.seg_q.append((p, dest))
@@ -570,9 +592,9 @@ class Forwarder:
         seg = r.seg_in
         n = seg.st.total
         ptype = data[0] & 0x0F
-        inner = None
+        out = None                          # the SEG_DATA's packet, already under out_label (DATA or DATA_CE)
         if ptype == outer.TYPE_SEG_DATA:
-            inner = seg.data(data, addr, self.clock())
+            out = r.seg_egress(data, addr, self.clock())
         elif ptype == outer.TYPE_SEG_REPAIR:
             seg.repair(data, self.clock())
         else:
@@ -586,7 +608,7 @@ class Forwarder:
             seg.replies.clear()
         if seg.kick:
             self.seg_kick = True
-        if inner is None and not seg.rebuilt:
+        if out is None and not seg.rebuilt:
             self.drops["segment"] += 1      # consumed by the segment layer (see its own counters)
             return None
         r.packets += 1
@@ -600,10 +622,10 @@ class Forwarder:
                 self.seg_q.append(((r.seal_ce if ce else r.seal_data).seal(inner2), dest))
                 self.forwarded += 1
             seg.rebuilt.clear()
-            if inner is None:
+            if out is None:
                 return None
         self.forwarded += 1
-        return (r.seal_ce if seg.ce else r.seal_data).seal(inner), dest
+        return out, dest
 
     def _seg_feedback(self, data, label, addr):
         """SEG_NACK / SEG_PONG: label is our out_label on the segment.
@@ -834,10 +856,14 @@ class Forwarder:
             if o is not None:
                 r.packets, r.bytes, r.drops = o.packets, o.bytes, o.drops
                 r.init_bucket, r.probe_bucket, r.reply_bucket = o.init_bucket, o.probe_bucket, o.reply_bucket
-                if r.spec.seg_in == o.spec.seg_in:
+                # a segment's state carries over only with the same settings and hop key
+                # (the key is the Sender's / Receiver's; a new key gets a new one)
+                if r.spec.seg_in == o.spec.seg_in and r.spec.in_key == o.spec.in_key:
                     r.seg_in = o.seg_in
-                if r.spec.seg_out == o.spec.seg_out and r.out_label == o.out_label:
+                if r.spec.seg_out == o.spec.seg_out and r.out_label == o.out_label and \
+                        r.spec.out_key == o.spec.out_key:
                     r.seg_out = o.seg_out
+                r.arm()
         expiry = self.clock() + DRAIN_S
         for label, r in old.items():
             if label not in routes:

@@ -28,9 +28,10 @@ in_label for the route, key = that link's hop key, in both directions:
     SEG_PONG    echoed ticks(4) || gaps seen(4) || packets received(4)
 """
 from array import array
+from hmac import compare_digest
 
 from microtun import outer
-from microtun_host import fec
+from microtun_host import fec, hoprelay
 
 # --- wire constants -----------------------------------------------------------------
 TYPE_SEG_DATA = outer.TYPE_SEG_DATA
@@ -340,6 +341,12 @@ class Sender:
         seq = self.seq
         self.seq = (seq + 1) & (SEQ_MOD - 1)
         pkt = self.sealer.seal2((seq | CE_BIT if ce else seq).to_bytes(2, "big"), inner)
+        self.keep(seq, pkt, inner, now)
+        return pkt
+
+    def keep(self, seq, pkt, inner, now):
+        """What sending SEG_DATA seq (pkt, made from inner) changes: counters,
+        the ring, the FEC group (send() and ingress_for()'s function)."""
         self.sent += 1
         self.sent_bytes += len(pkt)
         last = self.last_data
@@ -351,6 +358,11 @@ class Sender:
             self._pkt[i] = pkt
             self._t[i] = now
             self._retx[i] = 0
+        if self.trace is not None or self.cfg.fec:
+            self.keep_more(seq, inner, now)
+
+    def keep_more(self, seq, inner, now):
+        """keep()'s rarer part: the trace and the FEC group."""
         if self.trace is not None:
             self.trace.append((seq, now))
         if self.cfg.fec:
@@ -361,7 +373,6 @@ class Sender:
             self.group.append(len(inner).to_bytes(2, "big") + inner)
             if len(self.group) >= self.cfg.fec_k:
                 self.extra += self._close_group()
-        return pkt
 
     def data(self, inner, ce, now):
         """[SEG_DATA, parities...] for one inner packet (send() as a list)."""
@@ -622,6 +633,11 @@ class Receiver:
         if not outer.verify(self.key, pkt):
             self.st.drop("seg_bad_mac")
             return None
+        return self.take(pkt, src, now)
+
+    def take(self, pkt, src, now):
+        """data() for a SEG_DATA whose length and hop MAC were checked
+        (egress_for()'s function checks them itself)."""
         h = (pkt[outer.HEADER_LEN] << 8) | pkt[outer.HEADER_LEN + 1]
         seq = h & (SEQ_MOD - 1)
         top = self.top
@@ -642,7 +658,7 @@ class Receiver:
                     return None
                 self._reset()
                 self.top = (seq - 1) & (SEQ_MOD - 1)
-                return self.data(pkt, src, now)
+                return self.take(pkt, src, now)
             if d <= 0:
                 how = self._late(seq, now)
                 if how is None:
@@ -928,3 +944,167 @@ class Receiver:
                 "min_rtt_ms": self.min_rtt_ms, "congested": self._congested(),
                 "repair_ms": _quantiles(self.repair_ms),
                 "drops": {k: v for k, v in self.st.drops.items() if v}}
+
+
+# --- the PoP's hot path (CPython) ---------------------------------------------------------
+# One function per route for the usual packet into and out of a segment, as
+# hoprelay.relay_for is for a plain relay: the hash states of both keys
+# prepared once (two compressions per MAC, CPython's built-in SHA-256), the
+# excerpt read once, no generic verify or sealer call between. The bytes
+# and every change of state are Sender.send's and Receiver.data's
+# (Sender.keep, Receiver.take; host_tests/test_segment.py compares them);
+# docs/LOOPS.md "CPU" says why it matters at a PoP's packet rates.
+
+_HDR = outer.HEADER_LEN
+_LEN = [n.to_bytes(2, "big") for n in range(2048)]      # length fields of payloads up to 2047 bytes
+_PMAX = outer.PAYLOAD_MAX
+
+
+def ingress_for(snd, in_key):
+    """ingress(packet, now) -> the SEG_DATA (bytes) that carries a DATA or
+    DATA_CE packet received under in_key into snd's segment, or None when
+    its hop MAC does not verify (nothing changes then); parities it
+    completes are in snd.extra, as after Sender.send."""
+    ih1, oh1 = hoprelay.states(in_key)
+    ih2, oh2 = hoprelay.states(snd.key)
+    hdr = snd.sealer.hdr
+    ih2.update(hdr)
+    keep_more = snd.keep_more
+    fec_on = snd.cfg.fec
+    ring = snd._pkt
+    times, retx = (snd._t, snd._retx) if ring is not None else (None, None)
+    ce_byte = outer.BYTE0_DATA_CE
+    half, whole, mac_len, mask = _EXCERPT_HALF, _EXCERPT_WHOLE, outer.MAC_LEN, SEQ_MOD - 1
+
+    def ingress(packet, now):
+        n = len(packet) - _HDR
+        if n > whole:
+            if n > _PMAX - DATA_HDR:
+                return None
+            first = packet[_HDR:_HDR + half]
+            last = packet[-half:]
+            h = ih1.copy()
+            h.update(packet[0:4])
+            h.update(_LEN[n] if n < 2048 else n.to_bytes(2, "big"))
+            h.update(first)
+            h.update(last)
+        elif n >= 0:
+            h = ih1.copy()
+            h.update(packet[0:4])
+            h.update(_LEN[n])
+            h.update(packet[_HDR:])
+        else:
+            return None
+        o = oh1.copy()
+        o.update(h.digest())
+        if not compare_digest(o.digest()[:mac_len], packet[4:_HDR]):
+            return None
+        seq = snd.seq
+        snd.seq = (seq + 1) & mask
+        sb = (seq | CE_BIT if packet[0] == ce_byte else seq).to_bytes(2, "big")
+        inner = packet[_HDR:]
+        m = n + DATA_HDR
+        h = ih2.copy()
+        h.update(_LEN[m] if m < 2048 else m.to_bytes(2, "big"))
+        h.update(sb)
+        if m <= whole:
+            h.update(inner)
+        else:
+            h.update(inner[:half - DATA_HDR])
+            h.update(inner[-half:])
+        o = oh2.copy()
+        o.update(h.digest())
+        pkt = b"".join((hdr, o.digest()[:mac_len], sb, inner))
+        # Sender.keep, inline (the ring is the Sender's for its whole life)
+        snd.sent += 1
+        snd.sent_bytes += len(pkt)
+        last = snd.last_data
+        snd.last_data = now
+        if last is None or now - last >= PING_IDLE_S:
+            snd.kick = True
+        if ring is not None:
+            i = seq & _RING_MASK
+            ring[i] = pkt
+            times[i] = now
+            retx[i] = 0
+        if fec_on or snd.trace is not None:
+            keep_more(seq, inner, now)
+        return pkt
+
+    return ingress
+
+
+def egress_for(rcv, out_label, out_key):
+    """egress(packet, src, now) -> the DATA (or DATA_CE, when rcv marks it)
+    under out_label and out_key that a SEG_DATA of rcv's segment leaves as,
+    or None: dropped and counted in rcv (too short, hop MAC, late,
+    duplicate...), as Receiver.data does."""
+    ih1, oh1 = hoprelay.states(rcv.key)
+    lbl = bytes((out_label >> 16, (out_label >> 8) & 0xFF, out_label & 0xFF))
+    hdr_data = bytes((outer.BYTE0_DATA,)) + lbl
+    hdr_ce = bytes((outer.BYTE0_DATA_CE,)) + lbl
+    ih2, oh2 = hoprelay.states(out_key)
+    ih_ce = ih2.copy()
+    ih_ce.update(hdr_ce)
+    ih2.update(hdr_data)
+    take = rcv.take
+    drop = rcv.st.drop
+    simple = rcv._rin is None                # no FEC symbols to keep: take()'s usual case inline
+    half, whole, mac_len, mask = _EXCERPT_HALF, _EXCERPT_WHOLE, outer.MAC_LEN, SEQ_MOD - 1
+    least = DATA_HDR + 1
+
+    def egress(packet, src, now):
+        n = len(packet) - _HDR
+        if n < least:
+            drop("seg_malformed")
+            return None
+        h = ih1.copy()
+        h.update(packet[0:4])
+        if n > whole:
+            h.update(_LEN[n] if n < 2048 else n.to_bytes(2, "big"))
+            h.update(packet[_HDR:_HDR + half])
+            h.update(packet[-half:])
+        else:
+            h.update(_LEN[n])
+            h.update(packet[_HDR:])
+        o = oh1.copy()
+        o.update(h.digest())
+        if not compare_digest(o.digest()[:mac_len], packet[4:_HDR]):
+            drop("seg_bad_mac")
+            return None
+        h = (packet[_HDR] << 8) | packet[_HDR + 1]
+        seq = h & mask
+        top = rcv.top
+        if simple and top is not None and (seq - top) & mask == 1 and not rcv.ce_pending and rcv.trace is None:
+            # Receiver.take for the next seq in order, inline
+            rcv.top = seq
+            rcv.far = 0
+            rcv.peer = src
+            i = seq & _RECENT_MASK
+            rcv._rseq[i] = seq
+            rcv._rt[i] = now
+            inner = packet[_HDR + DATA_HDR:]
+            rcv.received += 1
+            ce = rcv.ce = h >= CE_BIT
+        else:
+            inner = take(packet, src, now)
+            if inner is None:
+                return None
+            ce = rcv.ce
+        m = n - DATA_HDR
+        if ce:
+            h, hdr = ih_ce.copy(), hdr_ce
+        else:
+            h, hdr = ih2.copy(), hdr_data
+        if m > whole:
+            h.update(_LEN[m] if m < 2048 else m.to_bytes(2, "big"))
+            h.update(inner[:half])
+            h.update(inner[-half:])
+        else:
+            h.update(_LEN[m])
+            h.update(inner)
+        o = oh2.copy()
+        o.update(h.digest())
+        return b"".join((hdr, o.digest()[:mac_len], inner))
+
+    return egress
