@@ -130,14 +130,14 @@ def test_mmsg_address_forms():
 
 # --- PopReader, batched and not ---------------------------------------------------------
 
-def _reader(batch, sink_addr):
+def _reader(batch, sink_addr, specs=None):
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     sock.bind(("127.0.0.1", 0))
     sock.setblocking(False)
-    specs = [pop.RouteSpec(100, K1, Address(4, *sink_addr), 0, 200, K2),
-             pop.RouteSpec(201, K2, None, 100, 101, K1),
-             pop.RouteSpec(300, K1, Address(4, "255.255.255.255", 9), 0, 301, K2)]     # every send refused
+    specs = specs or [pop.RouteSpec(100, K1, Address(4, *sink_addr), 0, 200, K2),
+                      pop.RouteSpec(201, K2, None, 100, 101, K1),
+                      pop.RouteSpec(300, K1, Address(4, "255.255.255.255", 9), 0, 301, K2)]     # every send refused
     log = logging.getLogger("test_pop_io")
     log.addHandler(logging.NullHandler())
     log.propagate = False
@@ -216,6 +216,42 @@ def test_pop_reader_batch_send_bug_is_counted_not_lost():
         s = r.fwd.stats()
         assert (s["rx"], s["forwarded"], s["drops"]["send_error"]) == (3, 0, 3)
         assert s["rx"] == s["forwarded"] + s["dropped"]
+    finally:
+        r.close()
+        for s in (sock, dev, sink):
+            s.close()
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["recvmmsg", "recvfrom"])
+def test_segment_packets_leave_after_the_packet_that_made_them(batch):
+    """A LOOPS ingress (FEC, groups of 2): each group's parity leaves right
+    after the packet that completed it, in the batch or alone; a refused one
+    is a send error and takes nothing off `forwarded`."""
+    if batch and (not LINUX or mmsg._calls() is None):
+        pytest.skip("recvmmsg / sendmmsg: Linux only")
+    from microtun_host.segment import SegConfig
+    dev, _, sink = _pair()
+    fec = SegConfig("fec", fec_k=2, fec_m=1)
+    r, sock = _reader(batch, None, [pop.RouteSpec(100, K1, Address(4, *sink.getsockname()), 0, 200, K2, seg_out=fec)])
+    try:
+        for i in range(6):
+            dev.sendto(bytes(outer.seal(outer.TYPE_DATA, 100, HK1, bytes((i,)) * 40)), sock.getsockname())
+        while r.fwd.rx < 6:
+            r.readable()
+        kinds = [outer.parse(d)[0] for d, _ in _drain(sink)]
+        D, P = outer.TYPE_SEG_DATA, outer.TYPE_SEG_REPAIR
+        assert kinds[:9] == [D, D, P, D, D, P, D, D, P], kinds       # (a ping may follow: the timer's)
+        assert r.fwd.forwarded == 6
+        if batch:
+            def refuse_parities(items):
+                return [i for i, (d, _) in enumerate(items) if outer.parse(d)[0] == P]
+            r.mm.send = refuse_parities
+            for i in range(2):
+                dev.sendto(bytes(outer.seal(outer.TYPE_DATA, 100, HK1, b"z" * 40)), sock.getsockname())
+            while r.fwd.rx < 8:
+                r.readable()
+            s = r.fwd.stats()
+            assert s["forwarded"] == 8 and s["drops"]["send_error"] == 1
     finally:
         r.close()
         for s in (sock, dev, sink):

@@ -592,3 +592,28 @@ def test_pop_forwarder_runs_segment_timers_by_deadline():
     now[0] += 2.0                                   # idle: pings stop, the buffer lets go
     f.seg_tick()
     assert f.seg_tick() is None
+
+
+def test_a_new_fec_group_schedules_its_close_not_an_immediate_run():
+    """An FEC group's first packet gives the segment a new deadline (the
+    group closes by time): the PoP learns when (seg_due) instead of running
+    every segment's timers at once on each new group."""
+    import logging
+    from microtun_host import pop
+    from microtun_host.config import Address
+    now = [100.0]
+    k1, k2 = bytes(range(32)), bytes(range(1, 33))
+    cfg = SegConfig("fec", fec_k=4, fec_window_ms=150)
+    spec = pop.RouteSpec(100, k1, Address(4, "127.0.0.1", 9), 0, 200, k2, seg_out=cfg)
+    f = pop.Forwarder(pop.build_table([spec]), logging.getLogger("t"), clock=lambda: now[0])
+    data = bytes(outer.seal(outer.TYPE_DATA, 100, outer.HopKey(k1), inner(1)))
+    f.receive(data, ("127.0.0.1", 5))
+    assert f.seg_kick and f.seg_due <= now[0]                   # pings start: due now
+    f.seg_tick()
+    for _ in range(3):                                          # the group of 4 closes by count
+        now[0] += 0.01
+        f.receive(data, ("127.0.0.1", 5))
+    assert not f.seg_kick
+    now[0] += 0.01
+    f.receive(data, ("127.0.0.1", 5))                           # a new group
+    assert f.seg_kick and abs(f.seg_due - (now[0] + 0.150)) < 1e-9

@@ -89,19 +89,33 @@ def _invert(mat):
     return [row[n:] for row in a]
 
 
+_ROWS = {}           # j -> [translate table for C[j][i], i = 0 .. K_MAX - 1]
+
+
+def _row(j):
+    r = _ROWS.get(j)
+    if r is None:
+        r = _ROWS[j] = [_table(coef(j, i)) for i in range(K_MAX)]
+    return r
+
+
 def encode(symbols, m):
     """m parity symbols (bytes, each as long as the longest symbol) for the
-    data symbols (at most K_MAX, m at most M_MAX)."""
+    data symbols (at most K_MAX, m at most M_MAX). Parity j is the XOR of
+    C[j][i] * symbol i: one translate, one int.from_bytes and one XOR per
+    symbol, the tables of row j made once (a PoP encodes a group every few
+    tens of milliseconds per segment)."""
     n = len(symbols)
     if not 1 <= n <= K_MAX or not 1 <= m <= M_MAX:
         raise ValueError("FEC group of %d symbols with %d parities: expected 1..%d and 1..%d"
                          % (n, m, K_MAX, M_MAX))
     length = max(len(s) for s in symbols)
+    frm = int.from_bytes
     out = []
     for j in range(m):
         acc = 0
-        for i, s in enumerate(symbols):
-            acc ^= scale(coef(j, i), s)
+        for s, t in zip(symbols, _row(j)):
+            acc ^= frm(s.translate(t), "little")
         out.append(acc.to_bytes(length, "little"))
     return out
 

@@ -365,7 +365,8 @@ class Forwarder:
         self._events = {}               # (label, event) -> count, for "move" and "challenge" lines
         self._debug = log.isEnabledFor(10)
         self.seg_q = []                 # LOOPS packets (datagram, destination) for the driver to send
-        self.seg_kick = False           # a LOOPS segment has a new, maybe earlier deadline: run seg_tick soon
+        self.seg_kick = False           # a LOOPS segment has a new, maybe earlier deadline: run seg_tick by seg_due
+        self.seg_due = None             # ... that deadline (self.clock() time); None: now (recompute them all)
 
     # the hot path: DATA on a known label is handled before any other branch,
     # and plain DATA (no handshake message, no segment) inline: _data() is
@@ -580,9 +581,20 @@ class Forwarder:
                 self.seg_q.append((p, dest))
             snd.extra.clear()
         if snd.kick:
-            self.seg_kick = True
+            self._kicked(snd)
         self.forwarded += 1
         return pkt, dest
+
+    def _kicked(self, seg):
+        """seg has a new deadline, maybe earlier than the timer set: note it
+        (seg_due) for the reader to schedule seg_tick then, not at once (an
+        FEC group's start kicks: its close is fec_window_ms away)."""
+        seg.kick = False
+        t = seg.timer(self.clock())
+        if t is not None:
+            if not self.seg_kick or (self.seg_due is not None and t < self.seg_due):
+                self.seg_due = t
+            self.seg_kick = True
 
     def _seg_receive(self, r, data, addr):
         """SEG_DATA, SEG_REPAIR or SEG_PING at the segment's egress: what
@@ -607,7 +619,7 @@ class Forwarder:
                     self.seg_q.append((p, seg.peer))
             seg.replies.clear()
         if seg.kick:
-            self.seg_kick = True
+            self._kicked(seg)
         if out is None and not seg.rebuilt:
             self.drops["segment"] += 1      # consumed by the segment layer (see its own counters)
             return None
@@ -663,6 +675,7 @@ class Forwarder:
         one (the next packet that makes one sets seg_kick)."""
         now = self.clock()
         self.seg_kick = False
+        self.seg_due = None
         nxt = None
         for r in self.routes.values():
             for seg in (r.seg_out, r.seg_in):
@@ -872,7 +885,8 @@ class Forwarder:
             self.draining.pop(label, None)
         for r in routes.values():
             self._apply_next_hop(r)
-        self.seg_kick = True                # segments' timers: recomputed on the new table
+        self.seg_kick = True                # segments' timers: recomputed on the new table, now
+        self.seg_due = None
         keep = lambda k: k in routes or k in self.draining     # noqa: E731
         self.learned = {k: v for k, v in self.learned.items() if keep(k)}
         self._challenge = {k: v for k, v in self._challenge.items() if keep(k)}
@@ -984,8 +998,7 @@ class PopReader:
             if fwd.seg_q:
                 self.send_seg()
             if fwd.seg_kick:
-                fwd.seg_kick = False
-                self.seg_schedule(fwd.clock())
+                self.seg_kicked()
             if fwd.extra:
                 self.send_extra()
 
@@ -1002,6 +1015,7 @@ class PopReader:
             if not got:
                 return
             out = []
+            seg = None                      # indexes in out of LOOPS packets (seg_q's: not receive() results)
             for data, addr in got:
                 try:
                     res = receive(data, addr)
@@ -1010,23 +1024,27 @@ class PopReader:
                     self._internal_error(data, addr)
                 if res is not None:
                     out.append(res)
-                if fwd.seg_q or fwd.extra:
+                if fwd.seg_q:               # parities, pings, NACKs...: in the same batch, after what came before
+                    if seg is None:
+                        seg = set()
+                    seg.update(range(len(out), len(out) + len(fwd.seg_q)))
+                    out += fwd.seg_q
+                    fwd.seg_q.clear()
+                if fwd.extra:
                     if out:                 # what came before goes first
-                        self._send_batch(out)
-                        out = []
-                    if fwd.seg_q:
-                        self.send_seg()
-                    if fwd.extra:
-                        self.send_extra()
+                        self._send_batch(out, seg)
+                        out, seg = [], None
+                    self.send_extra()
                 if fwd.seg_kick:
-                    fwd.seg_kick = False
-                    self.seg_schedule(fwd.clock())
+                    self.seg_kicked()
             if out:
-                self._send_batch(out)
+                self._send_batch(out, seg)
             if len(got) < mm.n:
                 return
 
-    def _send_batch(self, out):
+    def _send_batch(self, out, seg=None):
+        """Send out [(datagram, address)]; seg: the indexes of LOOPS packets
+        among them (a refused one is a send_error, as in send_seg)."""
         try:
             failed = self.mm.send(out)
         except Exception:                   # a bug: count the batch as send errors, say so, go on
@@ -1035,7 +1053,10 @@ class PopReader:
                 self._errors_logged += 1
                 self.log.exception("internal error sending a batch of %d datagrams", len(out))
         for i in failed:
-            self.fwd.send_failed(out[i][0])
+            if seg is not None and i in seg:
+                self.fwd.drops["send_error"] += 1
+            else:
+                self.fwd.send_failed(out[i][0])
 
     def send_extra(self):
         """PATH_CHALLENGEs the Forwarder left in extra; a refused one frees its slot."""
@@ -1058,6 +1079,12 @@ class PopReader:
             except OSError:
                 fwd.drops["send_error"] += 1
         fwd.seg_q.clear()
+
+    def seg_kicked(self):
+        fwd = self.fwd
+        fwd.seg_kick = False
+        due, fwd.seg_due = fwd.seg_due, None
+        self.seg_schedule(fwd.clock() if due is None else due)
 
     def seg_schedule(self, when):
         """Run seg_tick at `when` (the Forwarder's clock), unless a run at

@@ -304,6 +304,7 @@ class Sender:
         self.key = hopkey
         self.seq = seq0 & (SEQ_MOD - 1)
         self.sealer = Sealer(TYPE_SEG_DATA, label, hopkey)
+        self.repair_sealer = Sealer(TYPE_SEG_REPAIR, label, hopkey) if cfg.fec else None
         self.extra = []               # parities send() made, for the caller to send after its packet
         self.trace = None             # [(seq, first send time)] while a benchmark traces (docs/LOOPS.md)
         if cfg.nack:
@@ -313,7 +314,7 @@ class Sender:
         else:
             self._pkt = None
         self._clean = self.seq        # ring slots before this seq are empty
-        self.group = []               # FEC symbols of the open group
+        self.group = []               # the open FEC group's inner packets (symbols when it closes)
         self.group_first = 0
         self.group_t = 0.0
         self.fec_m = cfg.fec_m        # parities per full group now (adaptive: moves within the bounds)
@@ -370,7 +371,7 @@ class Sender:
                 self.group_first = seq
                 self.group_t = now
                 self.kick = True      # the group closes by time
-            self.group.append(len(inner).to_bytes(2, "big") + inner)
+            self.group.append(inner)      # made a symbol (length || inner) when the group closes
             if len(self.group) >= self.cfg.fec_k:
                 self.extra += self._close_group()
 
@@ -383,18 +384,19 @@ class Sender:
         return out
 
     def _close_group(self):
-        syms = self.group
+        group = self.group
         self.group = []
-        n = len(syms)
+        n = len(group)
         cfg = self.cfg
         full = self.fec_m
         if full == 0:
             return []
+        syms = [(_LEN[len(x)] if len(x) < 2048 else len(x).to_bytes(2, "big")) + x for x in group]
         m = min(full, max(1, int(full * n / cfg.fec_k + 0.5)))
         hdr = bytes((self.group_first >> 8, self.group_first & 0xFF, n, m))
         out = []
         for j, par in enumerate(fec.encode(syms, m)):
-            p = seal(TYPE_SEG_REPAIR, self.label, self.key, hdr + bytes((j,)) + par)
+            p = self.repair_sealer.seal(b"".join((hdr, bytes((j,)), par)))
             out.append(p)
             self.parities += 1
             self.parity_bytes += len(p)
@@ -803,9 +805,12 @@ class Receiver:
             return []
         g[2][j] = par
         seqs = [(first + i) & (SEQ_MOD - 1) for i in range(n)]
-        miss = [i for i, s in enumerate(seqs) if s in self.missing]
+        missing = self.missing
+        miss = [i for i, s in enumerate(seqs) if s in missing] if missing else None
         if not miss:
-            if all(self._has(s, now) for s in seqs):
+            # complete when every seq was received (_has, inline: the usual parity, all its group in)
+            rseq, rt, since = self._rseq, self._rt, now - 2 * self.cfg.hold_ms / 1000.0
+            if all(rseq[s & _RECENT_MASK] == s and rt[s & _RECENT_MASK] >= since for s in seqs):
                 g[4] = True
             return []
         have = {}
@@ -1049,7 +1054,6 @@ def egress_for(rcv, out_label, out_key):
     ih2.update(hdr_data)
     take = rcv.take
     drop = rcv.st.drop
-    simple = rcv._rin is None                # no FEC symbols to keep: take()'s usual case inline
     half, whole, mac_len, mask = _EXCERPT_HALF, _EXCERPT_WHOLE, outer.MAC_LEN, SEQ_MOD - 1
     least = DATA_HDR + 1
 
@@ -1075,7 +1079,7 @@ def egress_for(rcv, out_label, out_key):
         h = (packet[_HDR] << 8) | packet[_HDR + 1]
         seq = h & mask
         top = rcv.top
-        if simple and top is not None and (seq - top) & mask == 1 and not rcv.ce_pending and rcv.trace is None:
+        if top is not None and (seq - top) & mask == 1 and not rcv.ce_pending and rcv.trace is None:
             # Receiver.take for the next seq in order, inline
             rcv.top = seq
             rcv.far = 0
@@ -1084,6 +1088,9 @@ def egress_for(rcv, out_label, out_key):
             rcv._rseq[i] = seq
             rcv._rt[i] = now
             inner = packet[_HDR + DATA_HDR:]
+            rin = rcv._rin
+            if rin is not None:
+                rin[i] = inner
             rcv.received += 1
             ce = rcv.ce = h >= CE_BIT
         else:
