@@ -617,3 +617,33 @@ def test_a_new_fec_group_schedules_its_close_not_an_immediate_run():
     now[0] += 0.01
     f.receive(data, ("127.0.0.1", 5))                           # a new group
     assert f.seg_kick and abs(f.seg_due - (now[0] + 0.150)) < 1e-9
+
+
+def test_fec_egress_lets_go_of_old_symbols():
+    """The FEC egress keeps each packet as a symbol for its group's repair,
+    not for as long as its ring slot lasts (8192 packets: 10 MB per route at
+    1200 bytes): what is 2 hold_ms old is let go of in batches."""
+    cfg = SegConfig("fec")
+    snd, rcv = Sender(cfg, LABEL, KEY), Receiver(cfg, LABEL, KEY)
+    egress = segment.egress_for(rcv, 300, OUT_KEY)
+    for i in range(3000):                   # 15 s at 200 packets/s, half through each path
+        pkt = snd.send(inner(i), False, 1.0 + i * 0.005)
+        if i % 2:
+            assert egress(pkt, ("10.0.0.1", 1), 1.02 + i * 0.005) is not None
+        else:
+            assert rcv.data(pkt, ("10.0.0.1", 1), 1.02 + i * 0.005) is not None
+    kept = sum(x is not None for x in rcv._rin)
+    assert kept <= 512 + 64, kept           # not 3000
+    # what a late parity may still need is there: the last 2 hold_ms (100 packets)
+    assert all(rcv._inner((snd.seq - k) % segment.SEQ_MOD, 1.02 + 2999 * 0.005) is not None for k in range(1, 100))
+
+
+def test_parities_of_a_complete_group_are_not_drops():
+    """With no loss every parity arrives for a complete group: counted as
+    unused, not as a drop (a drop is logged: a PoP would log "segment
+    dropped" lines for normal FEC)."""
+    link = Link(SegConfig("fec"), loss=0.0, seed=1)
+    link.stream(480)                                  # 20 groups of 24
+    st = link.rcv.stats()
+    assert st["parities_unused"] == link.snd.parities == 60
+    assert link.rcv.st.total == 0 and not st["drops"]
