@@ -1,14 +1,25 @@
 """The device side of the memory scenarios (tools/bench_memory.py,
 host_tests/test_device_heap.py): a device alone in a small MicroPython heap,
 driven over stdin/stdout by CPython, which plays the gateway (and the PoPs).
-Precompiled with mpy-cross and run as
 
-    micropython -m heap_device MODE GC ARGS...
+One source, four scripts: tools/bench_memory.build() compiles it with
+mpy-cross once per scenario with _CORE and _COUNT set (the compiler drops
+the branches of a false const), so that what a scenario's figure carries of
+this harness is its own code only (docs/MEMORY.md, "What the harness
+costs"). As written here (both 0) it is the endpoint's heap-minimum script:
 
-MODE "endpoint": a microtun.endpoint.Device; its private key, the gateway's
-public key and the psk (hex) on the first line of stdin. MODE "core": the config file ARGS[0] loaded and its
-module forgotten (microtun.config.forget(), as the firmware does), then
-everything microtun.driver imports, and a microtun.tunnel.TunnelCore.
+  heap_device             "endpoint": a microtun.endpoint.Device; its private
+                          key, the gateway's public key and the psk (hex) on
+                          the first line of stdin
+  heap_device_core        "core": the config file ARGS[0] loaded and its module
+                          forgotten (microtun.config.forget(), as the firmware
+                          does), then everything microtun.driver imports, and a
+                          microtun.tunnel.TunnelCore
+  heap_device_count, heap_device_core_count
+                          the same, with the commands that count the bytes
+                          allocated per packet (B, S)
+
+run as `micropython -m heap_device[_core][_count] GC ARGS...`.
 GC: 0, or N to set gc.threshold(N) (collect after every N bytes allocated)
 while the modules load and the device is made, then gc.threshold(a quarter
 of the free heap) while it runs, as the firmware does (docs/MEMORY.md); a
@@ -16,14 +27,14 @@ negative N keeps the threshold N for the whole run.
 
 One line per command, from the host:
   D <path> <hex>   a datagram for the device (path: ignored by "endpoint")
+  s <n> <len>      send n app packets of len bytes on channel 1
+  T <ms>           advance the clock and run the timers
+  Q                report and quit
+and in the _count scripts:
   B <n>            the next n lines are D lines: take them in one batch and
                    count the bytes allocated per datagram (GC off: needs
                    more heap, so only for counting)
-  S <n> <len>      send n app packets of len bytes on channel 1, counting
-                   the bytes allocated per packet (GC off)
-  s <n> <len>      the same with the GC on and nothing counted
-  T <ms>           advance the clock and run the timers
-  Q                report and quit
+  S <n> <len>      as s, counting the bytes allocated per packet (GC off)
 The device answers with "D <path> <hex>" per datagram it sends (path -1:
 "any path", from the bare endpoint), "E" per app message,
 "K" after each command, and finally its qstr pool figures and
@@ -36,19 +47,22 @@ Everything lives in main(): its variables are locals, which cost no qstr
 import sys
 import gc
 import micropython
+from micropython import const
+
+_CORE = const(0)    # 1: the "core" scenario (set by tools/bench_memory.build())
+_COUNT = const(0)   # 1: with the counting commands B and S
 
 
 def main():
     gc.collect()
     base = gc.mem_alloc()
-    core = sys.argv[1] == "core"
-    threshold = int(sys.argv[2])
+    threshold = int(sys.argv[1])
     if threshold:
         gc.threshold(abs(threshold))
-    if core:
+    if _CORE:
         # as the firmware starts: the config first, its code dropped, then the stack
         from microtun import config
-        cfg = config.load(sys.argv[3])
+        cfg = config.load(sys.argv[2])
         config.forget()
         config = None
         gc.collect()
@@ -78,38 +92,40 @@ def main():
             # in 16-byte pieces: a whole datagram's hex line (~2.2x its size,
             # 320 bytes for an INIT) was the largest thing this script made,
             # where a device hands the socket the bytes it has
-            if core:
+            if _CORE:
                 w("D %d " % a)
             else:
-                a, b = -1, a
+                b = a
                 w("D -1 ")
             for i in range(0, len(b), 16):
                 w(b[i:i + 16].hex())
             w("\n")
         while True:
-            e = dev.next_message() if core else dev.next_event()
+            if _CORE:
+                e = dev.next_message()
+            else:
+                e = dev.next_event()
             if e is None:
                 break
-            if core or e.kind == "data":
+            if _CORE or e.kind == "data":
                 w("E\n")
         w("K\n")
         line = sys.stdin.readline()
         op = line[:1]
         batch = [line] if op == "D" else []
-        if op == "B":
+        if _COUNT and op == "B":
             batch = [sys.stdin.readline() for _ in range(int(line[2:]))]
         if batch:
             for k in range(len(batch)):
                 _, i, h = batch[k].split()
                 batch[k] = (int(i), bytes.fromhex(h))
-            if op != "D":
+            if _COUNT and op == "B":
                 gc.collect()
-            if op == "B":
                 gc.disable()
-            a0 = gc.mem_alloc()
+                a0 = gc.mem_alloc()
             got = 0
             for i, data in batch:
-                if core:
+                if _CORE:
                     dev.receive(i, data, now)
                     e = dev.next_message()
                 else:
@@ -118,22 +134,22 @@ def main():
                     if e is not None and e.kind != "data":
                         e = None
                 got += e is not None
-            if op == "B":
+            if _COUNT and op == "B":
                 per_receive = (gc.mem_alloc() - a0) // len(batch)
                 gc.enable()
             batch = None
             w("E\n" * got)
-        elif op in "Ss":
+        elif op == "s" or (_COUNT and op == "S"):
             n, payload = line[2:].split()
             n = int(n)
             payload = bytes(int(payload))
             gc.collect()
-            if op == "S":
+            if _COUNT and op == "S":
                 gc.disable()
-            a0 = gc.mem_alloc()
+                a0 = gc.mem_alloc()
             for _ in range(n):
                 dev.send(1, payload, now)
-            if op == "S":
+            if _COUNT and op == "S":
                 per_send = (gc.mem_alloc() - a0) // n
                 gc.enable()
             payload = None

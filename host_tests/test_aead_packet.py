@@ -102,7 +102,7 @@ def test_native_xor_is_used_on_micropython():
     except ImportError:
         assert not MICROPYTHON
     else:
-        assert aead._xor is xorbuf.xor and aead._stamp is xorbuf.stamp
+        assert aead._xor is xorbuf.xor and aead._ctr is xorbuf.ctr
 
 
 def _py_xor(dst, doff, src, soff, n):
@@ -110,20 +110,21 @@ def _py_xor(dst, doff, src, soff, n):
         dst[doff + i] ^= src[soff + i]
 
 
-def _py_stamp(ctr, nonce, k, end):
-    for o in range(1, end, 16):
-        for i in range(k):
-            ctr[o + i] = nonce[i]
+def _py_ctr(dst, off, nonce, k, end):
+    # RFC 3610 §2.3's A_i = flags || nonce || i, written as the RFC says it.
+    for i in range((end + 15) // 16):
+        dst[off + 16 * i:off + 16 * i + 16] = bytes([14 - k]) + bytes(nonce) + i.to_bytes(15 - k, "big")
 
 
-def test_xor_and_stamp_against_python():
+def test_xor_and_ctr_against_python():
     # xor: every alignment of both ends (the native word loop only runs when
     # both are 4-byte aligned) and lengths around a word, into a memoryview
-    # too; stamp: nonce sizes and message lengths.
+    # too; ctr: nonce sizes, message lengths and offsets, nothing written
+    # outside the blocks.
     from microtun import aead, xorbig
     rng = Rng(8)
     src = rng.bytes(64)
-    for xor, stamp in ((aead._xor, aead._stamp), (xorbig.xor, xorbig.stamp)):
+    for xor, ctr in ((aead._xor, aead._ctr), (xorbig.xor, xorbig.ctr)):
         for n in (0, 1, 3, 4, 5, 8, 31, 33):
             for doff in range(5):
                 for soff in range(5):
@@ -132,31 +133,31 @@ def test_xor_and_stamp_against_python():
                     _py_xor(want, doff, src, soff, n)
                     xor(memoryview(got) if n & 1 else got, doff, src, soff, n)
                     assert got == want, (n, doff, soff)
-        for k, end in ((12, 16), (12, 1232), (7, 48), (13, 17)):
+        for k, off, end in ((12, 0, 16), (12, 16, 1232), (7, 0, 4112), (13, 3, 32), (8, 16, 80)):
             nonce = rng.bytes(k)
-            want = bytearray(rng.bytes(end + 16))
+            want = bytearray(rng.bytes(off + end + 16))
             got = bytearray(want)
-            _py_stamp(want, nonce, k, end)
-            stamp(memoryview(got), memoryview(nonce) if k & 1 else nonce, k, end)
-            assert got == want, (k, end)
+            _py_ctr(want, off, nonce, k, end)
+            ctr(memoryview(got), off, memoryview(nonce) if k & 1 else nonce, k, end)
+            assert got == want, (k, off, end)
 
 
 def test_xor_in_use_and_python_loops_give_the_same_packets():
-    # seal/open with the XOR and stamp in use (native on MicroPython, big
+    # seal/open with the XOR and counter blocks in use (native on MicroPython, big
     # ints on CPython), with plain Python loops and with the big-int
     # fallback in their place: the same packets, each opened, and the same
     # as the plain seal.
     from microtun import aead, xorbig
     rng = Rng(9)
-    saved = aead._xor, aead._stamp
+    saved = aead._xor, aead._ctr
     be = "cryptolib" if "cryptolib" in backends() else "pure"
     try:
         for case, hl, ll, n, la in CASES + [(10, 16, 1, 1200, 0), (11, 17, 3, 97, 5), (12, 1, 0, 4, 0)]:
             nonce, head, lead, pt, aad = rng.bytes(12), rng.bytes(hl), rng.bytes(ll), rng.bytes(n), rng.bytes(la)
             key = rng.bytes(32)
             out = []
-            for fns in (saved, (_py_xor, _py_stamp), (xorbig.xor, xorbig.stamp)):
-                aead._xor, aead._stamp = fns
+            for fns in (saved, (_py_xor, _py_ctr), (xorbig.xor, xorbig.ctr)):
+                aead._xor, aead._ctr = fns
                 a = AEAD(key, backend=be)
                 packet = a.seal(nonce, pt, aad, head, lead)
                 out.append(packet)
@@ -164,7 +165,7 @@ def test_xor_in_use_and_python_loops_give_the_same_packets():
                 assert a.open(nonce, packet, aad, hl, got) == pt and got == lead, (case, fns)
                 assert a.open(nonce, packet[:-1] + bytes([packet[-1] ^ 1]), aad, hl, got) is None, (case, fns)
             assert out[0] == out[1] == out[2], case
-            aead._xor, aead._stamp = saved
+            aead._xor, aead._ctr = saved
             assert out[0] == head + AEAD(key).seal(nonce, lead + pt, aad), case
     finally:
-        aead._xor, aead._stamp = saved
+        aead._xor, aead._ctr = saved

@@ -41,9 +41,12 @@ and the bytes allocated per 1200-byte packet sent and received (GC off,
 On the frozen build microtun and the firmware runtime are frozen in (as
 boards/*/manifest.py do for a board): the .mpy files of the package are
 not on the path at all, so nothing can load from the filesystem by
-mistake; the scenario script itself (heap_device.py) is a .mpy file, so
-its load (1.6K on 32 bits, with its qstrs) is in every scenario figure,
-unless the build freezes it too ("scenario_script" in the JSON says which). On the .mpy build the package is compiled with --mpy-cross exactly as
+mistake; the scenario script itself (heap_device.py, compiled once per
+scenario with only that scenario's code) is a .mpy file, so its load
+(1,056 B for the endpoint's heap minimum, 1,072 B for the core's, on the
+frozen build with its qstrs; docs/MEMORY.md) is in every scenario figure,
+unless the build freezes it too ("scenario_script" in the JSON says which;
+that replaces the endpoint's script only). On the .mpy build the package is compiled with --mpy-cross exactly as
 `microtun flash` compiles it for a board.
 """
 import json

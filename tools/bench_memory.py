@@ -20,8 +20,9 @@ compiling .py files on the device needs far more heap than running them.
   microtun.driver and microtun.config import);
 - endpoint: a microtun.endpoint.Device with an established session and a
   1024-packet window, driven over a pipe by a CPython gateway
-  (host_tests/heap_device.py): heap in use, bytes allocated per packet sent
-  and received (64 and 1200 bytes of app data);
+  (host_tests/heap_device.py, compiled per scenario: the heap minimums load
+  neither the core's code nor the counting commands): heap in use, bytes
+  allocated per packet sent and received (64 and 1200 bytes of app data);
 - core: the same for the whole device stack, microtun.tunnel.TunnelCore
   with two paths (outer framing, path probes) behind a simulated first PoP;
 - min_heapsize: the smallest `-X heapsize` (bytes, found by bisection to
@@ -70,7 +71,11 @@ TIMEOUT = 120
 # firmware should do the same (docs/MEMORY.md). The figures are taken both
 # ways.
 STARTUP_GC = 2048
-DEVICE_MODULE = "heap_device"  # what DeviceProcess runs (romrun with --romfs)
+DEVICE_MODULE = "heap_device"  # what DeviceProcess runs (romrun with --romfs), + _core / _count
+# heap_device.py compiled once per script (build()): the core scenario's code
+# and the counting commands only where they are used (docs/MEMORY.md)
+DEVICE_SCRIPTS = {"heap_device": (0, 0), "heap_device_core": (1, 0),
+                  "heap_device_count": (0, 1), "heap_device_core_count": (1, 1)}
 # sys.path of the interpreter measured: "lib" (the .mpy files build() makes);
 # ".frozen:lib" on a build with microtun frozen in (tools/bench_board.py),
 # where build(out, package=False) leaves the package out of lib.
@@ -192,7 +197,13 @@ def build(out, package=True):
         if src.stem in FROZEN_ONLY:
             continue        # as `microtun flash` does: frozen builds only (x25519 uses big ints)
         jobs.append((src, lib / "microtun" / (src.stem + ".mpy"), "microtun/" + src.name))
-    jobs.append((DEVICE_SCRIPT, lib / "heap_device.mpy", "heap_device.py"))
+    device = DEVICE_SCRIPT.read_text()
+    for name, (core, count) in DEVICE_SCRIPTS.items():
+        text = device.replace("\n_CORE = const(0)", "\n_CORE = const(%d)" % core, 1)
+        text = text.replace("\n_COUNT = const(0)", "\n_COUNT = const(%d)" % count, 1)
+        (lib / (name + ".py")).write_text(text)
+        # one source name for all four: the same qstr, the same length
+        jobs.append((lib / (name + ".py"), lib / (name + ".mpy"), "heap_device.py"))
     scripts = [("crypto_heap", CRYPTO_SCRIPT.replace("#BEFORE", "").replace("#AFTER", "")),
                ("crypto_heap_gc", CRYPTO_SCRIPT.replace("#BEFORE", "gc.threshold(%d)" % STARTUP_GC)
                 .replace("#AFTER", "gc.threshold(-1)"))]
@@ -208,7 +219,7 @@ def build(out, package=True):
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         for f in [pool.submit(_mpy, *job) for job in jobs]:
             f.result()
-    for name, _ in scripts:
+    for name in [n for n, _ in scripts] + list(DEVICE_SCRIPTS):
         (lib / (name + ".py")).unlink()
     return out
 
@@ -318,12 +329,13 @@ def run_crypto(out, heapsize, gc=False):
 class DeviceProcess:
     """A heap_device.py process and the CPython side of its pipe."""
 
-    def __init__(self, out, mode, args, heapsize=None, gc=0, first=None):
+    def __init__(self, out, mode, args, heapsize=None, gc=0, first=None, count=False):
         cmd = [micropython_exe()]
         if heapsize:
             cmd += ["-X", "heapsize=%d" % heapsize]
         self.mode = mode
-        self.proc = subprocess.Popen(cmd + ["-m", DEVICE_MODULE, mode, str(gc)] + list(args),
+        module = DEVICE_MODULE + ("_core" if mode == "core" else "") + ("_count" if count else "")
+        self.proc = subprocess.Popen(cmd + ["-m", module, str(gc)] + list(args),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env={"MICROPYPATH": MICROPYPATH}, cwd=str(out))
         self.received = 0           # app messages the device delivered
@@ -452,7 +464,7 @@ def scenario(out, mode, heapsize=None, packets=20, size=64, count=True, gc=0):
         far = Far()
         args = []
     keys = None if mode == "core" else " ".join((DEV_KEY.hex(), public_key(GW_KEY).hex(), PSK.hex()))
-    dev = DeviceProcess(out, mode, args, heapsize, gc, keys)
+    dev = DeviceProcess(out, mode, args, heapsize, gc, keys, count)
     try:
         exchange(dev, far, dev.start())            # handshake
         if mode == "core":
@@ -592,12 +604,13 @@ vfs.mount(vfs.VfsRom(img), '/rom')
 sys.path.insert(0, '/rom')
 del f
 """
-ROMFS_RUN = ROMFS_MOUNT + "import heap_device\n"
+ROMFS_RUN = ROMFS_MOUNT + "import %s\n"
 
 
 def build_romfs(out):
     """Move the device's modules from out/lib into out/rom.img; returns the
-    image size. heap_device then runs through romrun.py."""
+    image size. heap_device then runs through romrun.py (heap_device_core
+    through romrun_core.py)."""
     src = Path(out) / "romsrc" / "microtun"
     src.mkdir(parents=True)
     for m in device_modules() + ["__init__"]:
@@ -610,7 +623,8 @@ def build_romfs(out):
     subprocess.run([str(Path(micropython_exe()).parent / "mpremote"), "romfs", "-o", str(Path(out) / "rom.img"),
                     "build", str(src.parent)], check=True, capture_output=True, env=env, timeout=TIMEOUT)
     shutil.rmtree(Path(out) / "lib" / "microtun")
-    (Path(out) / "lib" / "romrun.py").write_text(ROMFS_RUN)
+    for suffix in ("", "_core"):
+        (Path(out) / "lib" / ("romrun%s.py" % suffix)).write_text(ROMFS_RUN % ("heap_device" + suffix))
     return (Path(out) / "rom.img").stat().st_size
 
 

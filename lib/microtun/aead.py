@@ -12,11 +12,13 @@ slow in Python, so CCM it is, with exactly two AES calls per message
 
   CBC-MAC  ONE CBC call over B0 || encoded aad || message, each zero-padded
            to whole blocks; the tag T comes from the last block (§2.2).
-  CTR      ONE ECB call over the counter blocks A_0 .. A_n (§2.3); then
+  CTR      the counter blocks A_0 .. A_n (§2.3) written into the work
+           buffer, then ONE ECB call encrypting them in place; then
            (P || T) ^ (S_1 .. || S_0) gives ciphertext || tag, XORed into
-           the key stream in place by microtun.xorbuf (viper: native code)
-           where the port has it, else by microtun.xorbig as big ints
-           (about 4x the message in heap per call; the same bytes).
+           the key stream in place. Both by microtun.xorbuf (viper: native
+           code) where the port has it, else by microtun.xorbig in Python
+           (the XOR as big ints: about 4x the message in heap per call;
+           the same bytes).
 
 Both cryptolib objects are made per message (a CBC one chains across
 calls): two key expansions in C per message instead of about 300 bytes of
@@ -32,11 +34,13 @@ byte so never cost a concatenation or a slice of the whole packet: the
 XOR that makes the ciphertext makes the packet in the work buffer, and the
 bytes returned are the one allocation of its size (docs/MEMORY.md).
 
-Work happens in two buffers shared by every CCM object, grown to the
-largest message seen, and a 16-byte one that keeps X (seal) or S_0 ^ the
-tag received (open) while the other is overwritten, so that no message
-allocates more than its result, its two cryptolib objects and a few views:
-seal and open are not re-entrant (one thread).
+Work happens in one buffer shared by every CCM object, grown to the
+largest message seen (the CBC-MAC input, then the counter blocks and the
+key stream over it: both AES calls work in place), and a 16-byte one that
+keeps X (seal) or S_0 ^ the tag received (open) while the other is
+overwritten, so that no message allocates more than its result, its two
+cryptolib objects and a few views: seal and open are not re-entrant (one
+thread).
 
 Only the board's cryptolib is imported here. Where it is missing (CPython, a
 port built without it) or a backend is named, microtun.ccm_backends supplies
@@ -60,14 +64,14 @@ except ImportError:
 from struct import pack_into
 
 try:
-    from microtun.xorbuf import xor as _xor, stamp as _stamp  # native code
+    from microtun.xorbuf import xor as _xor, ctr as _ctr  # native code
     XOR = "viper"
 except (ImportError, SyntaxError, ValueError):
     # CPython; a port without native emitters (SyntaxError compiling the
     # viper source); a .mpy of another -march (ValueError) or none shipped:
     # the same two operations in Python (its own module: no heap for that
     # code where the native one is used), the same bytes.
-    from microtun.xorbig import xor as _xor, stamp as _stamp
+    from microtun.xorbig import xor as _xor, ctr as _ctr
     XOR = "big-int"
 
 BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
@@ -75,8 +79,8 @@ BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 BYTES = (bytes, bytearray, memoryview)   # what the API takes (endpoint.py checks payloads with it)
 _ZERO16 = bytes(16)
 _GROW = const(64)  # buffers grow in steps of this many bytes
-_work = None  # memoryview: CBC-MAC input, then the key stream, XORed into head || C || T
-_ctr = None   # memoryview: counter blocks A_0, A_1, .. for one L (flags, i filled in)
+_work = None  # memoryview: CBC-MAC input, then the counter blocks, encrypted
+              # in place into the key stream, XORed into head || C || T
 _t = bytearray(16)  # seal: X while the key stream is made; open: S_0 ^ the tag received
 
 
@@ -115,12 +119,13 @@ class CCM:
             raise ValueError("plaintext, data and aad must be bytes, bytearray or memoryview")
 
     def _stream(self, nonce, aad, n, ecb=True, off=0):
-        """Grow the shared buffers (never shrunk) for an n-byte message: work
+        """Grow the shared buffer (never shrunk) for an n-byte message: work
         to hold the CBC-MAC input (B0, aad and its length, message), or the
         key stream with X after it, off bytes in (ecb False: only that).
         Then work[off:off+16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the
-        message's blocks, in ONE ECB call. Returns work (from off: a view)."""
-        global _work, _ctr
+        message's blocks: the counter blocks made there and encrypted in
+        place by ONE ECB call. Returns work (from off: a view)."""
+        global _work
         end = (n + 15) // 16 * 16 + 16
         la = len(aad)
         size = off + end + ((la + 25) // 16 * 16 if la else 16)
@@ -128,16 +133,9 @@ class CCM:
             _work = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
         if not ecb:
             return _work
-        L = 15 - self.nonce_size
-        ctr = _ctr
-        if ctr is None or len(ctr) < end or ctr[0] != L - 1:
-            ctr = memoryview(bytearray((end + _GROW - 1) // _GROW * _GROW))
-            for o in range(0, len(ctr), 16):
-                # A_i = flags || nonce || i (RFC 3610 §2.3); the nonce comes below.
-                ctr[o] = L - 1
-                ctr[o + 16 - L:o + 16] = (o >> 4).to_bytes(L, "big")
-            _ctr = ctr
-        _stamp(ctr, nonce, self.nonce_size, end)
+        # A_i = flags || nonce || i (RFC 3610 §2.3) for every block, over
+        # what the CBC-MAC left there.
+        _ctr(_work, off, nonce, self.nonce_size, end)
         # A new ECB object per message (320 bytes of garbage on a 32-bit
         # board): keeping one per key would keep 320 bytes per AEAD, four
         # per session, and the endpoint's heap budget is the tighter one
@@ -145,9 +143,9 @@ class CCM:
         e = self._make(self._key, 1)  # MODE_ECB
         if off:
             w = _work[off:]
-            e.encrypt(ctr[:end], w)
+            e.encrypt(w[:end], w)
             return w
-        e.encrypt(ctr[:end], _work)
+        e.encrypt(_work[:end], _work)
         return _work
 
     def _cbc_mac(self, nonce, aad, lead, data, n):

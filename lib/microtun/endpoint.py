@@ -36,9 +36,11 @@ from microtun.x25519 import public_key, x25519
 
 try:
     from micropython import const
+    from gc import collect as _collect
 except ImportError:
     def const(x):
         return x
+    _collect = None     # CPython: its allocator has no free pointer to steer
 
 CONTROL_CHANNEL = const(0)   # path probes; never subject to channel access control
 _MAX_CHANNEL = const(255)
@@ -305,10 +307,16 @@ class Device(_Endpoint):
         if keys is None:
             self._count("handshake_failed")
             return
+        # The handshake's state and keys die here, not when this returns:
+        # what is sent below needs room in a board's heap. One collection
+        # (a board, once a handshake) before the keypair's long-lived
+        # objects are made puts them low in the heap, not among the
+        # handshake's garbage where they would split the free space.
+        hs = s.hs = None
+        if _collect:
+            _collect()
         kp = Keypair(keys[1], keys[2], s.hs_index, keys[0], True, now, self._window)
-        # the handshake's state and keys die here, not when this returns:
-        # what is sent below needs room in a board's heap
-        hs = keys = s.hs = None
+        keys = None
         self._by_index[s.hs_index] = (s, kp)
         s.hs_attempts = 0
         self._forget(s.install(kp, now))

@@ -12,11 +12,20 @@ def xor(dst, doff, src, soff, n):
                               int.from_bytes(memoryview(src)[soff:soff + n], "big")).to_bytes(n, "big")
 
 
-def stamp(ctr, nonce, k, end):
-    """The k-byte nonce into every CCM counter block (at 1, 17, .. < end):
-    pack_into, not a slice per block (3x the instructions on a Cortex-M3)."""
-    f = "%ds" % k
+def ctr(dst, off, nonce, k, end):
+    """The CCM counter blocks A_0, A_1, .. (flags || nonce || i, RFC 3610
+    §2.3) over dst[off:off + end]: pack_into for flags and nonce, not a
+    slice per block (3x the instructions on a Cortex-M3), and the L-byte
+    counter byte by byte (no bytes object per block)."""
+    f = "B%ds" % k
     if not isinstance(nonce, bytes):
         nonce = bytes(nonce)    # CPython's "s" takes bytes only
-    for o in range(1, end, 16):
-        pack_into(f, ctr, o, nonce)
+    flags = 14 - k
+    c = 0
+    for o in range(off, off + end, 16):
+        pack_into(f, dst, o, flags, nonce)
+        v = c
+        for j in range(o + 15, o + k, -1):
+            dst[j] = v & 255
+            v >>= 8
+        c += 1
