@@ -299,6 +299,8 @@ def _take(bucket, now, rate, burst):
 _HDR = outer.HEADER_LEN
 _B0_DATA = outer.BYTE0_DATA
 _B0_SEG_DATA = 0x10 | outer.TYPE_SEG_DATA     # (version 1) a LOOPS segment's data
+# ... and what else reaches a segment's egress: its parities and pings
+_B0_SEG_IN = frozenset((_B0_SEG_DATA, 0x10 | outer.TYPE_SEG_REPAIR, 0x10 | outer.TYPE_SEG_PING))
 _INIT_OUTER_LEN = outer.HEADER_LEN + outer.INNER_INIT_LEN
 # outer lengths of DATA packets that may carry a handshake message (INIT, RESPONSE, COOKIE, STALE)
 _HANDSHAKE_LENS = frozenset(outer.HEADER_LEN + n for n in
@@ -394,7 +396,7 @@ class Forwarder:
                         return self._drop("no_route", addr, r)
                 self.forwarded += 1
                 return out, dest
-        elif n >= _HDR and data[0] == _B0_SEG_DATA:     # out of a LOOPS segment: the next hot path
+        elif n >= _HDR and data[0] in _B0_SEG_IN:      # out of a LOOPS segment: the next hot path
             r = self.routes.get((data[1] << 16) | (data[2] << 8) | data[3])
             if r is not None and r.seg_in is not None:
                 return self._seg_receive(r, data, addr)

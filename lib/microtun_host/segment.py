@@ -308,6 +308,7 @@ class Sender:
         self.key = hopkey
         self.seq = seq0 & (SEQ_MOD - 1)
         self.sealer = Sealer(TYPE_SEG_DATA, label, hopkey)
+        self._verify = verifier_for(hopkey)     # NACKs and pongs from the egress
         self.repair_sealer = Sealer(TYPE_SEG_REPAIR, label, hopkey) if cfg.fec else None
         self.extra = []               # parities send() made, for the caller to send after its packet
         self.trace = None             # [(seq, first send time)] while a benchmark traces (docs/LOOPS.md)
@@ -443,7 +444,7 @@ class Sender:
         of n seqs at most n retransmissions, each an earlier SEG_DATA
         unchanged, each packet at most max_retx times in all, within a byte
         budget of retx_ratio times the bytes sent (plus RETX_BURST)."""
-        if not outer.verify(self.key, pkt):
+        if not self._verify(pkt):
             self.st.drop("seg_bad_mac")
             return []
         ptype = pkt[0] & 0x0F
@@ -580,6 +581,7 @@ class Receiver:
         self.cfg = cfg
         self.label = label
         self.key = hopkey
+        self._verify = verifier_for(hopkey)
         self.peer = None              # where NACKs go: source of the last fresh authentic SEG_DATA / SEG_PING
         self.top = None               # highest seq received
         self._rseq = array("l", [-1]) * RECENT_MAX     # ring of received seqs: slot seq & _RECENT_MASK
@@ -637,7 +639,7 @@ class Receiver:
         if len(pkt) < outer.HEADER_LEN + DATA_HDR + 1:
             self.st.drop("seg_malformed")
             return None
-        if not outer.verify(self.key, pkt):
+        if not self._verify(pkt):
             self.st.drop("seg_bad_mac")
             return None
         return self.take(pkt, src, now)
@@ -793,7 +795,7 @@ class Receiver:
         if len(pkt) < outer.HEADER_LEN + REPAIR_HDR + 3:
             self.st.drop("seg_malformed")
             return
-        if not outer.verify(self.key, pkt):
+        if not self._verify(pkt):
             self.st.drop("seg_bad_mac")
             return
         self.rebuilt += self._repair(pkt, now)
@@ -887,7 +889,7 @@ class Receiver:
         if len(pkt) != outer.HEADER_LEN + PING_LEN:
             self.st.drop("seg_malformed")
             return
-        if not outer.verify(self.key, pkt):
+        if not self._verify(pkt):
             self.st.drop("seg_bad_mac")
             return
         self.replies += self._ping(pkt, src, now)
@@ -989,6 +991,34 @@ class Receiver:
 _HDR = outer.HEADER_LEN
 _LEN = [n.to_bytes(2, "big") for n in range(2048)]      # length fields of payloads up to 2047 bytes
 _PMAX = outer.PAYLOAD_MAX
+
+
+def verifier_for(key):
+    """verify(packet) -> True when its hop MAC checks out under key (outer.verify's
+    answer), with the key's hash states prepared once: for the segment
+    packets that are not the hot path's (parities, pings, NACKs, pongs, and
+    SEG_DATA out of order)."""
+    ih, oh = hoprelay.states(key)
+    half, whole, mac_len = _EXCERPT_HALF, _EXCERPT_WHOLE, outer.MAC_LEN
+
+    def verify(packet):
+        n = len(packet) - _HDR
+        if n < 0 or n > _PMAX:
+            return False
+        h = ih.copy()
+        h.update(packet[0:4])
+        if n > whole:
+            h.update(_LEN[n] if n < 2048 else n.to_bytes(2, "big"))
+            h.update(packet[_HDR:_HDR + half])
+            h.update(packet[-half:])
+        else:
+            h.update(_LEN[n])
+            h.update(packet[_HDR:])
+        o = oh.copy()
+        o.update(h.digest())
+        return compare_digest(o.digest()[:mac_len], packet[4:_HDR])
+
+    return verify
 
 
 def ingress_for(snd, in_key):
