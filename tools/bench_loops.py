@@ -97,7 +97,7 @@ def figures(rows):
     return out
 
 
-def per_packet_cost(n=20000, size=250, runs=3, cold_n=200):
+def per_packet_cost(n=20000, size=250, runs=3, cold_n=200, fec_groups=8):
     """CPU µs per packet through pop.Forwarder (sans-I/O, no sockets):
     plain relay, into a NACK segment (ingress), out of one (egress). The
     PoP-CPU difference of a mode at a packet rate follows from it, without
@@ -140,19 +140,45 @@ def per_packet_cost(n=20000, size=250, runs=3, cold_n=200):
     # the real processes' cost follows this one, not the warm loop's (docs/LOOPS.md).
     junk = bytearray(16 << 20)
     lists = [list(range(64)) for _ in range(3000)]
+
+    def cold_receive(f, pkt, src):
+        for j in range(0, len(junk), 64):
+            junk[j] ^= 1
+        sum(x[3] for x in lists)
+        t = time.perf_counter_ns()
+        f.receive(pkt, src)
+        dt = time.perf_counter_ns() - t
+        f.seg_q.clear()
+        return dt
     fwd = {k: pop.Forwarder(pop.build_table([specs[k]]), log) for k in specs}
     cold = {k: [] for k in specs}
     for i in range(cold_n):
         for k in specs:
-            for j in range(0, len(junk), 64):
-                junk[j] ^= 1
-            sum(x[3] for x in lists)
-            t = time.perf_counter_ns()
-            fwd[k].receive(pkts[k][i], ("127.0.0.1", 5))
-            cold[k].append(time.perf_counter_ns() - t)
-            fwd[k].seg_q.clear()
+            cold[k].append(cold_receive(fwd[k], pkts[k][i], ("127.0.0.1", 5)))
     for k, key in (("plain", "cold_plain_us"), ("ingress", "cold_nack_ingress_us"), ("egress", "cold_nack_egress_us")):
         out[key] = round(statistics.median(cold[k][10:]) / 1000, 1)
+    # fixed FEC (3 parities per 24): the packet that closes a group at the ingress
+    # (it encodes the group), and a parity at the egress, against a data packet
+    fcfg = segment.SegConfig("fec")
+    now = [1.0]
+    fi = pop.Forwarder(pop.build_table([pop.RouteSpec(100, k1, nxt, 0, 200, k2, seg_out=fcfg)]), log,
+                       clock=lambda: now[0])
+    fe = pop.Forwarder(pop.build_table([pop.RouteSpec(100, k1, nxt, 0, 200, k2, seg_in=fcfg)]), log,
+                       clock=lambda: now[0] + 0.02)
+    fsnd = segment.Sender(fcfg, 100, outer.HopKey(k1))
+    fc = {"data_in": [], "close_in": [], "data_out": [], "parity_out": []}
+    for g in range(fec_groups):
+        for i in range(fcfg.fec_k):
+            now[0] += 0.005
+            fc["close_in" if i == fcfg.fec_k - 1 else "data_in"].append(cold_receive(fi, data, ("127.0.0.1", 5)))
+            for p in fsnd.data(inner, False, now[0]):
+                p = bytes(p)
+                fc["parity_out" if p[0] & 0x0F == outer.TYPE_SEG_REPAIR else "data_out"].append(
+                    cold_receive(fe, p, ("127.0.0.1", 6)))
+    med = {k: statistics.median(v[2:]) / 1000 for k, v in fc.items()}
+    out["cold_fec_group_close_extra_us"] = round(med["close_in"] - med["data_in"], 1)
+    out["cold_fec_parity_at_egress_us"] = round(med["parity_out"], 1)
+    out["cold_fec_data_at_egress_us"] = round(med["data_out"], 1)
     return out
 
 
