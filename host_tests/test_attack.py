@@ -51,11 +51,18 @@ def test_a_device_whose_boot_counter_was_reset_gets_back(netdir):
     assert r["connect_ms"] is not None and r["connect_ms"] <= 5000, r
 
 
-@pytest.mark.long      # ~35 s; test_gateway_server's mixed fuzz checks flat memory in 3 s
+@pytest.mark.long      # ~40 s; test_gateway_server's mixed fuzz checks flat memory in 3 s
 def test_gateway_memory_stays_bounded_under_mixed_fuzz(netdir):
-    # 1.6 B per datagram grew before the fix (defect 5): ~100 KB over these 60,000
-    r = sc.fuzz(netdir, "gateway", n=100000, warmup=40000, samples=6)
-    _check(r["datagrams"] == 100000 and r["rss_kb_after_warmup"], "datagrams or RSS", r)
+    # 1.6 B per datagram grew before the fix (defect 5): 240 KB over the 150,000
+    # measured here. The warmup is long because a fresh gateway's RSS first grows
+    # and levels off, by how much depending on the heap's slack at start: ~250 KB
+    # over the first ~170,000 datagrams when its modules came from .pyc files, 0
+    # when they were compiled at start (a clean clone); after 150,000, 0-72 KB
+    # more in either case (measured 2026-12-07; 96 KB is 0.64 B per datagram).
+    # A warmup of 40,000 made this test fail in any checkout whose __pycache__
+    # was warm.
+    r = sc.fuzz(netdir, "gateway", n=300000, warmup=150000, samples=6)
+    _check(r["datagrams"] == 300000 and r["rss_kb_after_warmup"], "datagrams or RSS", r)
     assert r["alive"] and r["answers_control"] and not r["internal_errors"], r
-    assert r["rss_growth_kb"] <= 48, r
+    assert r["rss_growth_kb"] <= 96, r
     assert r["legit_after"]["delivered"] == r["legit_after"]["sent"] == 50, r
