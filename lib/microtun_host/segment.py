@@ -1042,13 +1042,11 @@ def ingress_for(snd, in_key):
         if n > whole:
             if n > _PMAX - DATA_HDR:
                 return None
-            first = packet[_HDR:_HDR + half]
-            last = packet[-half:]
             h = ih1.copy()
             h.update(packet[0:4])
             h.update(_LEN[n] if n < 2048 else n.to_bytes(2, "big"))
-            h.update(first)
-            h.update(last)
+            h.update(packet[_HDR:_HDR + half])
+            h.update(packet[-half:])
         elif n >= 0:
             h = ih1.copy()
             h.update(packet[0:4])
