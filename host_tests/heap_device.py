@@ -100,6 +100,9 @@ def main():
             for i in range(0, len(b), 16):
                 w(b[i:i + 16].hex())
             w("\n")
+        # what was sent is gone, as on a device: the loop's names would
+        # hold the last datagram (an INIT: 160 bytes) until the next one
+        a = b = None
         while True:
             if _CORE:
                 e = dev.next_message()
@@ -119,6 +122,9 @@ def main():
             for k in range(len(batch)):
                 _, i, h = batch[k].split()
                 batch[k] = (int(i), bytes.fromhex(h))
+            # the datagrams' hex lines go before the device takes them (a
+            # device holds the bytes it read, not twice their size in text)
+            line = h = None
             if _COUNT and op == "B":
                 gc.collect()
                 gc.disable()
