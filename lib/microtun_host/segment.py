@@ -1116,6 +1116,8 @@ def egress_for(rcv, out_label, out_key):
         if n < least:
             drop("seg_malformed")
             return None
+        # verifier_for's check, inline: calling it costs ~2 us more per packet
+        # with the caches cold (measured 2026-12-07), a PoP's usual state
         h = ih1.copy()
         h.update(packet[0:4])
         if n > whole:
