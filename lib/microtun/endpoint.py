@@ -78,6 +78,10 @@ class _Endpoint:
     def __init__(self, private_key, params, window):
         private_key = _key32("private_key", private_key)
         self.public_key = public_key(private_key)
+        if _collect:
+            # the X25519's garbage goes before the objects kept for good are
+            # made, so they land low in the heap, not above it
+            _collect()
         self._static = (private_key, self.public_key)
         self.params = params if params is not None else timers.Params()
         self._window = window

@@ -42,7 +42,12 @@ class ReplayWindow:
         while blocks < need:
             blocks <<= 1
         self._mask = blocks - 1
-        self._ring = array("I", bytes(4 * blocks))
+        # Sized from a range, then zeroed: from bytes(4 * blocks) the ring
+        # would be made above that temporary of its own size, so it landed
+        # higher in a board's heap than it needs to (docs/MEMORY.md).
+        ring = self._ring = array("I", range(blocks))
+        for i in range(blocks):
+            ring[i] = 0
         self.window = (blocks - 1) * _WORD_BITS
         self.last = -1  # highest counter marked so far; -1: none yet
 
