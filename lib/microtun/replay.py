@@ -13,7 +13,10 @@ from array import array
 
 try:
     from micropython import const
+    _BOARD = True
 except ImportError:
+    _BOARD = False
+
     def const(x):
         return x
 
@@ -42,12 +45,17 @@ class ReplayWindow:
         while blocks < need:
             blocks <<= 1
         self._mask = blocks - 1
-        # Sized from a range, then zeroed: from bytes(4 * blocks) the ring
-        # would be made above that temporary of its own size, so it landed
-        # higher in a board's heap than it needs to (docs/MEMORY.md).
-        ring = self._ring = array("I", range(blocks))
-        for i in range(blocks):
-            ring[i] = 0
+        if _BOARD:
+            # Sized from a range, then zeroed: from bytes(4 * blocks) the ring
+            # would be made above that temporary of its own size, so it landed
+            # higher in a board's heap than it needs to (docs/MEMORY.md).
+            ring = self._ring = array("I", range(blocks))
+            for i in range(blocks):
+                ring[i] = 0
+        else:
+            # CPython (the gateway: 256 words per session): the zeroing loop
+            # would cost ~25 us per handshake, 5 % of a first contact
+            self._ring = array("I", bytes(4 * blocks))
         self.window = (blocks - 1) * _WORD_BITS
         self.last = -1  # highest counter marked so far; -1: none yet
 
