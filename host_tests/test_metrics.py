@@ -225,7 +225,7 @@ def test_segment_loss_and_rtt_are_exported():
     text = metrics.exposition(metrics.PopCollector(lambda: stats)).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     assert 0.04 < value(fams, "microtun_pop_segment_loss_ratio", segment="in:200") == r["loss"] < 0.06
-    for kind in ("received", "gaps", "recovered_nack", "unrecovered"):
+    for kind in ("received", "gaps", "recovered_nack", "unrecovered", "parities_unused"):
         assert value(fams, "microtun_pop_segment_packets", segment="in:200", kind=kind) == r[kind]
     assert value(fams, "microtun_pop_segment_rtt_seconds", segment="out:201") == s["srtt_ms"] / 1000
     assert 0.035 < s["srtt_ms"] / 1000 < 0.045

@@ -89,7 +89,7 @@ class PopCollector:
 
 
 # A LOOPS segment's egress counts what crossed it (microtun_host.segment.Receiver.stats)
-_SEG_PACKETS = ("received", "gaps", "reordered", "recovered_nack", "recovered_fec", "unrecovered")
+_SEG_PACKETS = ("received", "gaps", "reordered", "recovered_nack", "recovered_fec", "unrecovered", "parities_unused")
 
 
 def _segment_metrics(segments):
@@ -98,7 +98,8 @@ def _segment_metrics(segments):
     measured from sequence gaps) and "out:<label>" (the ingress: RTT from
     its pings). Bounded by configuration: one entry per segment route."""
     pk = _counter("microtun_pop_segment_packets", "LOOPS segment egress: packets received, sequence gaps seen, "
-                  "gaps that were reordering, repaired by NACK or FEC, given up.", ("segment", "kind"))
+                  "gaps that were reordering, repaired by NACK or FEC, given up; FEC parities that had nothing "
+                  "to repair.", ("segment", "kind"))
     loss = _gauge("microtun_pop_segment_loss_ratio", "LOOPS segment egress: share of packets lost on the "
                   "segment before repair (gaps that were not reordering).", ("segment",))
     rtt = _gauge("microtun_pop_segment_rtt_seconds", "LOOPS segment: smoothed RTT (the ingress from its pings, "
