@@ -510,6 +510,9 @@ def test_a_new_hop_key_gets_a_new_segment_on_reload():
     kept = f.routes[100].seg_out
     f.swap(table(k_out, k_out))
     assert f.routes[100].seg_out is kept                  # same key: the state goes on
+    seq = kept.seq
+    f.receive(data, ("127.0.0.1", 5))
+    assert kept.seq == (seq + 1) % segment.SEQ_MOD        # ... and numbers the next packet
     f.swap(table(k_new, k_new))
     assert f.routes[100].seg_out is not kept
     out = f.receive(data, ("127.0.0.1", 5))[0]

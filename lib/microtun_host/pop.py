@@ -873,12 +873,14 @@ class Forwarder:
                 r.init_bucket, r.probe_bucket, r.reply_bucket = o.init_bucket, o.probe_bucket, o.reply_bucket
                 # a segment's state carries over only with the same settings and hop key
                 # (the key is the Sender's / Receiver's; a new key gets a new one)
-                if r.spec.seg_in == o.spec.seg_in and r.spec.in_key == o.spec.in_key:
-                    r.seg_in = o.seg_in
-                if r.spec.seg_out == o.spec.seg_out and r.out_label == o.out_label and \
+                handed = False
+                if o.seg_in is not None and r.spec.seg_in == o.spec.seg_in and r.spec.in_key == o.spec.in_key:
+                    r.seg_in, handed = o.seg_in, True
+                if o.seg_out is not None and r.spec.seg_out == o.spec.seg_out and r.out_label == o.out_label and \
                         r.spec.out_key == o.spec.out_key:
-                    r.seg_out = o.seg_out
-                r.arm()
+                    r.seg_out, handed = o.seg_out, True
+                if handed:
+                    r.arm()             # the per-packet functions for the segment state kept
         expiry = self.clock() + DRAIN_S
         for label, r in old.items():
             if label not in routes:
