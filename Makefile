@@ -97,15 +97,16 @@ demo-fleet: $(STAMP)
 # Firmware and deployment (docs/FIRMWARE.md).
 #   make mpy      the portable package compiled to build/mpy/, with its size
 #   make flash PORT=/dev/ttyACM0 DEVICE=sensor-1 [DEPLOY=deploy] [BOARD=rpi_pico_w]
+#   LINES=1 on either: line numbers kept in tracebacks (mpy-cross without -O3)
 DEPLOY ?= deploy
 .PHONY: mpy flash
 
 mpy: $(STAMP)
-	@$(PY) -m microtun_host.flash mpy
+	@$(PY) -m microtun_host.flash mpy $(if $(LINES),--lines)
 
 flash: $(STAMP)
 	@test -n "$(PORT)" -a -n "$(DEVICE)" || { echo "usage: make flash PORT=/dev/ttyACM0 DEVICE=NAME [DEPLOY=deploy] [BOARD=board]"; exit 2; }
-	$(PY) -m microtun_host.cli flash --port $(PORT) --device $(DEVICE) --config-dir $(DEPLOY) $(if $(BOARD),--board $(BOARD))
+	$(PY) -m microtun_host.cli flash --port $(PORT) --device $(DEVICE) --config-dir $(DEPLOY) $(if $(BOARD),--board $(BOARD)) $(if $(LINES),--lines)
 
 # MicroPython built from source (docs/FIRMWARE.md, "Build MicroPython with
 # microtun frozen in"). MICROPY_SRC: a v1.28 checkout or the release tarball;

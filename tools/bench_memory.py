@@ -6,12 +6,18 @@
                                             # (e.g. an older checkout's lib)
     python tools/bench_memory.py --romfs    # the device's code in a ROMFS image
                                             # (measure_romfs(): how, and what not)
+    python tools/bench_memory.py --lines    # the package with line numbers
+                                            # (`microtun flash --lines`)
 
 Runs on CPython and measures the MicroPython unix port (64-bit: objects are
 about twice their size on a 32-bit board). The portable package is
 precompiled with mpy-cross into a temporary directory first, exactly as
-`microtun flash` builds it for a board (bytecode only, `-s microtun/X.py`):
-compiling .py files on the device needs far more heap than running them.
+`microtun flash` builds it for a board (the same function,
+microtun_host.flash.compile_mpy: bytecode, the interpreter's -march,
+`-s microtun/X.py`, -O3 unless --lines): compiling .py files on the device
+needs far more heap than running them. The measuring scripts (the scenario
+script, the import and crypto scripts) are compiled with line numbers and
+asserts: they are the harness, not the device's code.
 
 - import: heap each device module costs when imported in dependency order
   (module by module, after gc.collect(); new qstrs and their string bytes
@@ -55,7 +61,7 @@ sys.path.insert(0, str(LIB))
 from microtun import outer  # noqa: E402
 from microtun.responder import Gateway  # noqa: E402
 from microtun.x25519 import public_key  # noqa: E402
-from microtun_host.flash import FROZEN_ONLY, NATIVE_MODULES  # noqa: E402
+from microtun_host.flash import FROZEN_ONLY, NATIVE_MODULES, compile_mpy  # noqa: E402
 
 ENTRY = ("config", "driver")   # what the firmware imports from the package
 SETS = {"device": ENTRY, "endpoint": ("endpoint",), "crypto": ("aead", "x25519")}
@@ -80,6 +86,9 @@ DEVICE_SCRIPTS = {"heap_device": (0, 0), "heap_device_core": (1, 0),
 # ".frozen:lib" on a build with microtun frozen in (tools/bench_board.py),
 # where build(out, package=False) leaves the package out of lib.
 MICROPYPATH = "lib"
+# The package compiled with line numbers (`microtun flash --lines`), not
+# with -O3 as `microtun flash` ships it by default (--lines).
+LINES = False
 
 # Budgets (bytes of -X heapsize on the 64-bit unix port).
 TARGETS = {"crypto": 16 * 1024, "endpoint": 32 * 1024, "core": 48 * 1024}
@@ -177,10 +186,14 @@ def native_arch(exe=None):
 
 
 def _mpy(src, dst, name):
-    # The viper module (microtun/xorbuf.py) needs the interpreter's -march, as
-    # `microtun flash` passes the board's; the rest is bytecode for any arch.
-    march = ["-march=" + native_arch()] if Path(src).name == "xorbuf.py" else []
-    subprocess.run([mpy_cross_exe()] + march + ["-s", name, "-o", str(dst), str(src)], check=True, capture_output=True)
+    """One module of the package as `microtun flash` compiles it for a board
+    whose -march is the interpreter's (the viper module, microtun/xorbuf.py,
+    needs it; the rest is bytecode either way); anything else (the
+    measuring scripts) with line numbers and asserts."""
+    if name.startswith("microtun/"):
+        compile_mpy(Path(src), Path(dst), name, native_arch(), mpy_cross_exe(), LINES)
+    else:
+        compile_mpy(Path(src), Path(dst), name, None, mpy_cross_exe(), lines=True)
 
 
 def build(out, package=True):
@@ -674,7 +687,8 @@ def measure_romfs(out, bisect=True):
 
 
 def main(argv):
-    global PKG
+    global PKG, LINES
+    LINES = "--lines" in argv
     if "--lib" in argv:     # measure another tree's package (the device side only)
         PKG = Path(argv[argv.index("--lib") + 1]) / "microtun"
     with tempfile.TemporaryDirectory(prefix="microtun-mpy-") as d:

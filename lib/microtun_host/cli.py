@@ -115,6 +115,9 @@ def _flash(sub):
     p.add_argument("--frozen", action="store_true", help="microtun is frozen into the board's firmware: copy no .mpy")
     p.add_argument("--safe-first", action="store_true", default=None,
                    help="SAFE file + reset before copying (automatic when the config turns the watchdog on)")
+    p.add_argument("--lines", action="store_true",
+                   help="keep line numbers in tracebacks (mpy-cross without -O3: ~1.7K more heap on the board; "
+                        "docs/FIRMWARE.md)")
     p.set_defaults(run=lambda args: _lazy("flash").run(args))
 
 

