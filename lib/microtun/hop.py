@@ -204,8 +204,7 @@ def seal_in_place(buf, ptype, label, hopkey, plen):
     HEADER_LEN once, and sending it on two paths is two seal_in_place calls
     (each rewrites only the header) and two sends."""
     if ptype < TYPE_DATA or ptype > _TYPE_MAX:
-        raise ValueError("outer type must be 1..12 (DATA, HOP_PROBE, HOP_PROBE_REPLY, HOP_KEEPALIVE, "
-                         "PATH_CHALLENGE, PATH_RESPONSE, DATA_CE, SEG_*), got %r" % (ptype,))
+        raise ValueError("outer type must be 1..%d (a TYPE_* of microtun.hop), got %r" % (_TYPE_MAX, ptype))
     if label < LABEL_MIN or label > LABEL_MAX:
         raise ValueError("label must be in 1..%d, got %r" % (LABEL_MAX, label))
     end = HEADER_LEN + plen
