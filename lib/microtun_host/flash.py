@@ -189,7 +189,8 @@ def mpy_cross_exe():
 # table of each function. A traceback still names the file (-s
 # microtun/x.py) and the function, but every line reads as 1. It is about
 # 11 % of the bytecode, which a .mpy deployment loads into the heap: 1.7K
-# of the device's 50.6K import set on a 32-bit build (docs/MEMORY.md).
+# of the 50.2K the device's modules cost on import on a 32-bit build
+# (docs/MEMORY.md, ".mpy round").
 # -O3 also drops asserts and makes __debug__ False; lib/microtun and
 # firmware/ use neither. lines=True (`microtun flash --lines`, `make mpy
 # LINES=1`) compiles without it, for debugging with line numbers.
