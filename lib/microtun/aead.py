@@ -47,10 +47,8 @@ port built without it) or a backend is named, microtun.ccm_backends supplies
 one: on CPython by default cryptography's AESCCM (same bytes, C speed),
 which is how the host tests prove every path agrees byte for byte.
 """
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 try:

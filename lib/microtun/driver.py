@@ -22,10 +22,8 @@ from microtun.freshness import next_boot_counter
 from microtun.ticks import ticks_add, ticks_diff, TICKS_MASK
 from microtun.tunnel import TunnelCore
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 try:

@@ -34,13 +34,13 @@ from microtun.session import Session
 from microtun.ticks import ticks_add, ticks_diff, ticks_min
 from microtun.x25519 import public_key, x25519
 
-try:
-    from micropython import const
+if __import__("sys").implementation.name == "micropython":
     from gc import collect as _collect
-except ImportError:
-    def const(x):
-        return x
+else:
     _collect = None     # CPython: its allocator has no free pointer to steer
+
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
+        return x
 
 CONTROL_CHANNEL = const(0)   # path probes; never subject to channel access control
 _MAX_CHANNEL = const(255)

@@ -23,13 +23,7 @@ same results.
 Data-independent: no branch or index depends on a limb's value or a key
 bit, and cswap swaps by mask (unlike the big-int ladder, docs/CRYPTO.md).
 """
-import micropython
-
-try:
-    from micropython import const
-except ImportError:     # (never: this module is MicroPython-only)
-    def const(x):
-        return x
+__import__("micropython")   # on CPython an ImportError here; not bound: the decorators are the compiler's
 
 _P = const(2**255 - 19)
 

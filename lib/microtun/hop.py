@@ -28,10 +28,8 @@ label out of range, an oversized payload) raises ValueError.
 """
 from hashlib import sha256
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 # --- wire constants (docs/OUTER.md, "Header") -----------------------------

@@ -10,10 +10,8 @@ States, and what moves a path between them (printable: `print_table()`):
 """
 from microtun.ticks import ticks_add, ticks_diff, ticks_min
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 NEW = "new"

@@ -11,13 +11,9 @@ once. It must cover rate x (worst delay difference between paths + jitter).
 """
 from array import array
 
-try:
-    from micropython import const
-    _BOARD = True
-except ImportError:
-    _BOARD = False
-
-    def const(x):
+_BOARD = __import__("sys").implementation.name == "micropython"
+if not _BOARD:
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 _WORD_BITS = const(32)

@@ -40,10 +40,8 @@ from microtun.session import Session
 from microtun.stale import seal_stale
 from microtun.ticks import ticks_add, ticks_diff
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 PATH_PROBE = const(1)        # channel 0: [1, path, seq(4), ticks(4), srtt(2)] -> answered with [2, ...]

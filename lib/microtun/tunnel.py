@@ -17,10 +17,8 @@ from microtun.endpoint import Device, DATA, HANDSHAKE, STALE, CONTROL_CHANNEL
 from microtun.paths import Path, PathSet, probe_message, CTL_PATH_PROBE, CTL_PATH_REPLY, PROBE_LEN, POLICIES
 from microtun.ticks import ticks_diff, ticks_min
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 _ALL_DOWN_MS = const(2000)   # every path down this long: handshake again (doubling while it lasts)

@@ -17,10 +17,8 @@ branch); the native path has no secret-dependent branch or index, but
 MicroPython makes no timing promises either. See docs/CRYPTO.md
 ("Constant-time caveat").
 """
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 try:
