@@ -22,9 +22,13 @@ ValueError.
 """
 from collections import namedtuple
 
-from microtun import messages as m
-from microtun import timers
-from microtun.aead import BYTES
+# `import microtun.x as y` names both microtun.x and x in the code, so a
+# frozen build has them as qstrs in flash; `from microtun import x` and
+# `from microtun.x import y` make the import system intern the missing one
+# in RAM (docs/MEMORY.md)
+import microtun.aead as aead
+import microtun.messages as m
+import microtun.timers as timers
 from microtun.freshness import Freshness
 from microtun.handshake import create_initiation, read_response
 from microtun.keypair import Keypair
@@ -68,7 +72,7 @@ def _key32(name, v):
 def _check_send(channel, payload):
     if not isinstance(channel, int) or not 0 <= channel <= _MAX_CHANNEL:
         raise ValueError("channel must be an int from 0 to 255")
-    if not isinstance(payload, BYTES):   # a tuple built per call would be 32 bytes per packet
+    if not isinstance(payload, aead.BYTES):   # a tuple built per call would be 32 bytes per packet
         raise ValueError("payload must be bytes")
     if len(payload) > _MAX_PAYLOAD:
         raise ValueError("payload must be at most %d bytes" % _MAX_PAYLOAD)

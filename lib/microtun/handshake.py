@@ -23,21 +23,22 @@ every InitializeKey).
 """
 from hashlib import sha256
 
-from microtun import messages as m
+import microtun.messages as m   # (the `import x.y as z` form: endpoint.py says why)
 from microtun.aead import AEAD
 from microtun.hmac import noise_hkdf
-from microtun.rand import random_bytes
-from microtun import x25519 as ecdh   # (one global for its two functions: each costs a board heap)
+import microtun.rand as rand
+import microtun.x25519 as ecdh   # (one global for its two functions: each costs a board heap)
 
 if __import__("sys").implementation.name != "micropython":
     def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 # The protocol name is exactly HASHLEN (32) bytes, so h starts as the name
-# itself (§5.2 InitializeSymmetric), and so does ck.
-# (const: in flash on a frozen build, no global)
+# itself (§5.2 InitializeSymmetric), and so does ck. (const bytes: in flash
+# on a frozen build, and no module global.)
 _NAME = const(b"Noise_IKpsk2_25519_AESCCM_SHA256")
-_NONCE0 = const(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")   # the AEAD nonce for n = 0 (§12.4 layout: 4 zero bytes, 64-bit n)
+# the AEAD nonce for n = 0 (§12.4 layout: 4 zero bytes, 64-bit n)
+_NONCE0 = const(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")
 _NO_PSK = const(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
                 b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")
 
@@ -70,7 +71,7 @@ def create_initiation(static, peer_public, psk, sender_index, freshness, mac1k, 
     mac1)."""
     dh = 2
     if e is None:
-        e = random_bytes(32)
+        e = rand.random_bytes(32)
     epub = ecdh.public_key(e)
     h = _mix_hash(_mix_hash(_NAME, m.PROLOGUE), peer_public)    # prologue, pre-message s
     h = _mix_hash(h, epub)                                       # e

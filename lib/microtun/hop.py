@@ -95,7 +95,7 @@ _COPY = hasattr(sha256(), "copy")
 try:
     if _COPY:
         raise ImportError       # CPython: hashlib's copies
-    from microtun import hopmac as _native
+    import microtun.hopmac as _native   # (not `from microtun import`: endpoint.py says why)
 except (ImportError, SyntaxError, ValueError, MemoryError):
     # ImportError: CPython, a big-endian port, or not shipped; SyntaxError: a
     # port without the native emitter compiling the viper source; ValueError:

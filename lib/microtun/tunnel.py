@@ -12,8 +12,8 @@ the paths (PathSet) and the outer framing, driven by datagrams and `now`.
 microtun.driver wraps it with sockets and select.poll; tests wrap it with a
 fake network and a fake clock (a simulated hour takes a second).
 """
-from microtun import hop
-from microtun.endpoint import Device, DATA, HANDSHAKE, STALE, CONTROL_CHANNEL
+import microtun.hop as hop   # (the `import x.y as z` form: endpoint.py says why)
+import microtun.endpoint as endpoint
 from microtun.paths import Path, PathSet, probe_message, CTL_PATH_PROBE, CTL_PATH_REPLY, PROBE_LEN, POLICIES
 from microtun.ticks import ticks_diff, ticks_min
 
@@ -45,8 +45,8 @@ class TunnelCore:
         if params is None and getattr(cfg, "unresponsive_ms", 0):
             from microtun import timers
             params = timers.Params(unresponsive_ms=cfg.unresponsive_ms)
-        self.device = Device(cfg.private_key, cfg.gateway_public, psk=cfg.psk, boot_counter=boot_counter,
-                             params=params, window=cfg.window, room=True)
+        self.device = endpoint.Device(cfg.private_key, cfg.gateway_public, psk=cfg.psk, boot_counter=boot_counter,
+                                      params=params, window=cfg.window, room=True)
         self.paths = PathSet([Path(i, pc.name, pc.label, pc.rx_label, hop.HopKey(pc.hop_key))
                               for i, pc in enumerate(cfg.paths)], cfg.policy, cfg.nat_keepalive_ms)
         self.stats = {}
@@ -70,7 +70,7 @@ class TunnelCore:
         """Send data on an app channel. ValueError for a policy that is not
         None/best/critical/adaptive or channel 0; False (counted as
         `channel_denied`, logged) for a channel the config does not list."""
-        if channel == CONTROL_CHANNEL:
+        if channel == endpoint.CONTROL_CHANNEL:
             raise ValueError("channel 0 is reserved for path control; use 1..255")
         if not isinstance(channel, int) or not 0 < channel < 256:
             raise ValueError("channel must be an int from 1 to 255, got %r" % (channel,))
@@ -167,8 +167,8 @@ class TunnelCore:
             e = self.device.next_event()
             if e is None:
                 return
-            if e.kind == DATA:
-                if e.channel != CONTROL_CHANNEL:
+            if e.kind == endpoint.DATA:
+                if e.channel != endpoint.CONTROL_CHANNEL:
                     self._inbox.append((e.channel, e.data))
                     continue
                 # channel 0 is path control: the gateway's reply to a path probe
@@ -187,7 +187,7 @@ class TunnelCore:
                         serve(self, d, now)
                     else:
                         self._count("ops_disabled")
-            elif e.kind == STALE:
+            elif e.kind == endpoint.STALE:
                 # Our boot counter went backwards (re-flashed, storage wiped):
                 # persist the one the gateway's answer names, before the retry goes out.
                 n = self.device._fresh.boot
@@ -199,7 +199,7 @@ class TunnelCore:
                         save_boot_counter(self.storage, n)
                     except OSError as err:
                         self.log("warn", "cannot persist boot counter %d (%s)" % (n, err))
-            elif e.kind == HANDSHAKE:
+            elif e.kind == endpoint.HANDSHAKE:
                 self.log("info", "session established (handshake %d)" % self.device.session.handshakes)
                 self._all_down_since = None     # the paths get probed now: give them time
                 for p in self.paths.paths:
@@ -217,7 +217,7 @@ class TunnelCore:
         before = [p.state for p in self.paths.paths]
         if self.device.established:
             for p, seq in self.paths.due_probes(now):
-                self.device.send(CONTROL_CHANNEL, probe_message(CTL_PATH_PROBE, p.index, seq, now, p.srtt),
+                self.device.send(endpoint.CONTROL_CHANNEL, probe_message(CTL_PATH_PROBE, p.index, seq, now, p.srtt),
                                  now, route=p.index)
         else:
             for p in self.paths.paths:

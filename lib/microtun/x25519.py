@@ -22,7 +22,7 @@ if __import__("sys").implementation.name != "micropython":
         return x
 
 try:
-    from microtun import fe25519 as _fe
+    import microtun.fe25519 as _fe   # (not `from microtun import`: endpoint.py says why)
     BACKEND = "native"
 except (ImportError, SyntaxError, ValueError, MemoryError):
     # ImportError: CPython (no micropython module) or no fe25519 shipped;
