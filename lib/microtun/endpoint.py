@@ -25,18 +25,19 @@ from collections import namedtuple
 # `import microtun.x as y` names both microtun.x and x in the code, so a
 # frozen build has them as qstrs in flash; `from microtun import x` and
 # `from microtun.x import y` make the import system intern the missing one
-# in RAM (docs/MEMORY.md)
+# in RAM. A module import is also one global for its functions: each global
+# is a dict slot in a board's heap (docs/MEMORY.md).
 import microtun.aead as aead
+import microtun.handshake as handshake
 import microtun.messages as m
+import microtun.ticks as ticks
 import microtun.timers as timers
+import microtun.x25519 as ecdh
 from microtun.freshness import Freshness
-from microtun.handshake import create_initiation, read_response
 from microtun.keypair import Keypair
 from microtun.rand import random_u32
 from microtun.replay import DEVICE_WINDOW
 from microtun.session import Session
-from microtun.ticks import ticks_add, ticks_diff, ticks_min
-from microtun.x25519 import public_key, x25519
 
 if __import__("sys").implementation.name == "micropython":
     from gc import collect as _collect
@@ -53,7 +54,7 @@ _MAX_PAYLOAD = const(65000)
 # Event kinds
 HANDSHAKE = "handshake"   # a session was (re)established: peer
 DATA = "data"             # app data: peer, channel, data
-EXPIRED = "expired"       # a peer's keys were wiped after a long silence: peer
+# (EXPIRED, a gateway's, is in microtun.responder: a device never emits it)
 STALE = "stale"           # device: the gateway named a freshness value to pass (data); gateway: see responder
 
 
@@ -61,6 +62,7 @@ STALE = "stale"           # device: the gateway named a freshness value to pass 
 # the channel, the data and the addr it came from (else None). A namedtuple:
 # made in C with no per-object dict, which matters once per packet.
 Event = namedtuple("Event", ("kind", "peer", "channel", "data", "addr"))
+del namedtuple   # (its dict slot is taken by the next global: a board's heap)
 
 
 def _key32(name, v):
@@ -81,7 +83,7 @@ def _check_send(channel, payload):
 class _Endpoint:
     def __init__(self, private_key, params, window):
         private_key = _key32("private_key", private_key)
-        self.public_key = public_key(private_key)
+        self.public_key = ecdh.public_key(private_key)
         if _collect:
             # the X25519's garbage goes before the objects kept for good are
             # made, so they land low in the heap, not above it
@@ -133,7 +135,7 @@ class _Endpoint:
             self._count("unknown_index")
             return
         s, kp = entry
-        if ticks_diff(now, kp.created) >= self.params.reject_after_ms:   # timers.is_expired
+        if ticks.ticks_diff(now, kp.created) >= self.params.reject_after_ms:   # timers.is_expired
             self._count("expired_key", s)
             return
         # An empty plaintext is a keepalive; anything else starts with the
@@ -222,7 +224,7 @@ class Device(_Endpoint):
         s = self.session
         p = self.params
         kp = s.current
-        if kp is not None and ticks_diff(now, kp.created) < p.reject_after_ms:   # not timers.is_expired
+        if kp is not None and ticks.ticks_diff(now, kp.created) < p.reject_after_ms:   # not timers.is_expired
             if timers.should_rekey_on_send(s, now, p):
                 self._initiate(now)
             pkt = s.sealed(payload, now, channel)
@@ -243,17 +245,18 @@ class Device(_Endpoint):
         if s.hs is not None:
             self._by_index.pop(s.hs_index, None)
         if s.ss is None:
-            s.ss = x25519(self._static[0], s.public_key)
+            s.ss = ecdh.x25519(self._static[0], s.public_key)
             self.dh_count += 1
         idx = self._new_index(s, None, 2)
         cookie = None if self._cookies is None else self._cookies.current(now)
-        hs, msg, self._mac1 = create_initiation(self._static, s.public_key, s.psk, idx, self._fresh.next(now),
-                                                m.mac1_key(s.public_key), cookie, ss=s.ss)
+        hs, msg, self._mac1 = handshake.create_initiation(self._static, s.public_key, s.psk, idx,
+                                                          self._fresh.next(now), m.mac1_key(s.public_key), cookie,
+                                                          ss=s.ss)
         self.dh_count += hs.dh_count
         s.hs = hs
         s.hs_index = idx
         s.hs_attempts += 1
-        s.hs_retry_at = ticks_add(now, timers.retry_interval(self.params, s.hs_attempts, random_u32()))
+        s.hs_retry_at = ticks.ticks_add(now, timers.retry_interval(self.params, s.hs_attempts, random_u32()))
         self._count("handshake_init_tx")
         self._out.append((msg, None))
 
@@ -310,7 +313,7 @@ class Device(_Endpoint):
             return
         hs = s.hs
         before = hs.dh_count
-        keys = read_response(hs, data)
+        keys = handshake.read_response(hs, data)
         self.dh_count += hs.dh_count - before
         if keys is None:
             self._count("handshake_failed")
@@ -354,18 +357,18 @@ class Device(_Endpoint):
         if s.hs is not None:
             cands.append(s.hs_retry_at)
         elif s.data_sent_unanswered is not None:    # timers.should_handshake_unresponsive
-            cands.append(ticks_add(s.data_sent_unanswered, timers.unresponsive_after(p)))
+            cands.append(ticks.ticks_add(s.data_sent_unanswered, timers.unresponsive_after(p)))
         for kp in (s.current, s.previous, s.next):
             if kp is not None:
-                cands.append(ticks_add(kp.created, p.reject_after_ms))
+                cands.append(ticks.ticks_add(kp.created, p.reject_after_ms))
         kp = s.current
         if kp is not None and p.keep_session and s.hs is None:
-            cands.append(ticks_add(kp.created, p.rekey_after_ms))
+            cands.append(ticks.ticks_add(kp.created, p.rekey_after_ms))
         if p.persistent_keepalive_ms and kp is not None and s.last_sent is not None:
-            cands.append(ticks_add(s.last_sent, p.persistent_keepalive_ms))
+            cands.append(ticks.ticks_add(s.last_sent, p.persistent_keepalive_ms))
         best = None
         for c in cands:
-            best = ticks_min(best, c)
+            best = ticks.ticks_min(best, c)
         return best
 
     def handle_timer(self, now):

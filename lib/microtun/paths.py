@@ -8,16 +8,18 @@ them); the gateway answers each probe on the path it arrived on.
 
 States, and what moves a path between them (printable: `print_table()`):
 """
-from microtun.ticks import ticks_add, ticks_diff, ticks_min
+import microtun.ticks as ticks   # (one global, not three: each costs a board heap)
 
 if __import__("sys").implementation.name != "micropython":
     def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
-NEW = "new"
-UP = "up"
-SUSPECT = "suspect"
-DOWN = "down"
+# (const str: the tables below are then built of constants, which a frozen
+# build keeps in flash, instead of tuples made in RAM at import)
+NEW = const("new")
+UP = const("up")
+SUSPECT = const("suspect")
+DOWN = const("down")
 
 # (state, event) -> new state.  Events: "reply" (a probe answered), "miss" (a
 # probe not answered within RTO), "misses" (_DOWN_AFTER misses in a row).
@@ -40,9 +42,9 @@ _RTO_INIT_MS = const(1000)
 _NAT_KEEPALIVE_MS = const(25000)  # some NATs drop UDP mappings after 30 s
 
 # Policies (docs/PATHS.md, "Choosing a policy")
-BEST = "best"
-CRITICAL = "critical"
-ADAPTIVE = "adaptive"
+BEST = const("best")
+CRITICAL = const("critical")
+ADAPTIVE = const("adaptive")
 POLICIES = (BEST, CRITICAL, ADAPTIVE)
 _ADAPTIVE_LOSS_ON = const(0.05)   # duplicate while the best path loses > 5 % ...
 _ADAPTIVE_LOSS_OFF = const(0.02)  # ... and stop once it is back under 2 %
@@ -142,7 +144,7 @@ class Path:
         changed = False
         rto = self.rto()
         for seq in list(self.outstanding):
-            if ticks_diff(now, self.outstanding[seq]) >= rto:
+            if ticks.ticks_diff(now, self.outstanding[seq]) >= rto:
                 del self.outstanding[seq]
                 self.probes_lost += 1
                 self.loss = (self.loss * 15 + 1) / 16     # EWMA weight 1/16, a loss counts 1
@@ -248,13 +250,13 @@ class PathSet:
         """The app sent something: probe at the active pace for _ACTIVE_MS."""
         if not self.active(now):
             for p in self.paths:
-                due = ticks_add(now, PROBE_ACTIVE_MS[p.state])
-                if p.next_probe is not None and ticks_diff(p.next_probe, due) > 0:
+                due = ticks.ticks_add(now, PROBE_ACTIVE_MS[p.state])
+                if p.next_probe is not None and ticks.ticks_diff(p.next_probe, due) > 0:
                     p.next_probe = due
-        self._active_until = ticks_add(now, _ACTIVE_MS)
+        self._active_until = ticks.ticks_add(now, _ACTIVE_MS)
 
     def active(self, now):
-        return self._active_until is not None and ticks_diff(self._active_until, now) > 0
+        return self._active_until is not None and ticks.ticks_diff(self._active_until, now) > 0
 
     def due_probes(self, now):
         """Paths whose probe is due; marks them probed. The caller sends
@@ -264,12 +266,12 @@ class PathSet:
         for p in self.paths:
             p.check_timeouts(now)
             interval = table[p.state]
-            if p.next_probe is None or ticks_diff(now, p.next_probe) >= 0 or \
-                    ticks_diff(p.next_probe, ticks_add(now, interval)) > 0:
+            if p.next_probe is None or ticks.ticks_diff(now, p.next_probe) >= 0 or \
+                    ticks.ticks_diff(p.next_probe, ticks.ticks_add(now, interval)) > 0:
                 p.seq = (p.seq + 1) & 0xFFFFFFFF
                 p.outstanding[p.seq] = now
                 p.probes_sent += 1
-                p.next_probe = ticks_add(now, interval)
+                p.next_probe = ticks.ticks_add(now, interval)
                 out.append((p, p.seq))
         return out
 
@@ -277,20 +279,20 @@ class PathSet:
         """Paths that sent nothing for nat_keepalive_ms (to keep NAT mappings)."""
         out = []
         for p in self.paths:
-            if p.last_tx is None or ticks_diff(now, p.last_tx) >= self.nat_keepalive_ms:
+            if p.last_tx is None or ticks.ticks_diff(now, p.last_tx) >= self.nat_keepalive_ms:
                 out.append(p)
         return out
 
     def get_timer(self):
         t = None
         for p in self.paths:
-            t = ticks_min(t, p.next_probe)
+            t = ticks.ticks_min(t, p.next_probe)
             if p.outstanding:
                 rto = p.rto()
                 for sent in p.outstanding.values():
-                    t = ticks_min(t, ticks_add(sent, rto))
+                    t = ticks.ticks_min(t, ticks.ticks_add(sent, rto))
             if p.last_tx is not None:
-                t = ticks_min(t, ticks_add(p.last_tx, self.nat_keepalive_ms))
+                t = ticks.ticks_min(t, ticks.ticks_add(p.last_tx, self.nat_keepalive_ms))
         return t
 
     def on_probe_reply(self, data, now):
@@ -303,7 +305,7 @@ class PathSet:
         sent = p.outstanding.pop(f[2], None)
         if sent is None:
             return False                # late (already counted lost), duplicate or never sent
-        rtt = ticks_diff(now, sent)
+        rtt = ticks.ticks_diff(now, sent)
         if rtt < 0:
             return False
         if p.srtt is None:
@@ -318,7 +320,7 @@ class PathSet:
             return False
         # probe at the new state's pace from now on
         table = PROBE_ACTIVE_MS if self.active(now) else PROBE_IDLE_MS
-        p.next_probe = ticks_add(now, table[p.state])
+        p.next_probe = ticks.ticks_add(now, table[p.state])
         return True
 
     def health(self):
