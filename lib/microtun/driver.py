@@ -19,7 +19,7 @@ import select
 import socket
 
 from microtun.freshness import next_boot_counter
-from microtun.ticks import ticks_add, ticks_diff, TICKS_MASK
+import microtun.ticks as ticks   # (one global, not three: each is a dict slot in a board's heap)
 from microtun.tunnel import TunnelCore
 
 if __import__("sys").implementation.name != "micropython":
@@ -30,19 +30,15 @@ try:
     from time import ticks_ms
 
     def now_ms():
-        return ticks_ms() & TICKS_MASK
+        return ticks_ms() & ticks.TICKS_MASK
 except ImportError:             # CPython
     import time
 
     def now_ms():
-        return int(time.monotonic() * 1000) & TICKS_MASK
+        return int(time.monotonic() * 1000) & ticks.TICKS_MASK
 
 _EAGAIN = const((11, 35))    # EAGAIN on Linux / lwIP, macOS
 _RECV_MAX = const(2048)
-
-
-def _log_print(level, msg):
-    print("microtun %s: %s" % (level, msg))
 
 
 class FileStorage:
@@ -73,7 +69,8 @@ class Tunnel:
     """A device's tunnel: connect, send, recv, health. Sockets and polling
     around microtun.tunnel.TunnelCore."""
 
-    def __init__(self, cfg, storage=None, log=_log_print, params=None):
+    def __init__(self, cfg, storage=None, log=lambda level, msg: print("microtun %s: %s" % (level, msg)),
+                 params=None):
         self.cfg = cfg
         self.log = log
         self.storage = storage if storage is not None else FileStorage(cfg.state_dir)
@@ -177,9 +174,9 @@ class Tunnel:
         self.core.connect(now_ms())
         self._send_out()
         if timeout_ms:
-            end = ticks_add(now_ms(), timeout_ms)
-            while not self.core.established and ticks_diff(end, now_ms()) > 0:
-                self.poll(ticks_diff(end, now_ms()))
+            end = ticks.ticks_add(now_ms(), timeout_ms)
+            while not self.core.established and ticks.ticks_diff(end, now_ms()) > 0:
+                self.poll(ticks.ticks_diff(end, now_ms()))
         return self.core.established
 
     def send(self, channel, data, policy=None):
@@ -196,11 +193,11 @@ class Tunnel:
         m = self.core.next_message()
         if m is not None:
             return m
-        end = ticks_add(now_ms(), timeout_ms)
+        end = ticks.ticks_add(now_ms(), timeout_ms)
         while True:
-            self.poll(max(0, ticks_diff(end, now_ms())))
+            self.poll(max(0, ticks.ticks_diff(end, now_ms())))
             m = self.core.next_message()
-            if m is not None or ticks_diff(end, now_ms()) <= 0:
+            if m is not None or ticks.ticks_diff(end, now_ms()) <= 0:
                 return m
 
     def health(self):
@@ -228,7 +225,7 @@ class Tunnel:
         wait = timeout_ms
         d = self.core.get_timer()
         if d is not None:
-            wait = min(wait, max(0, ticks_diff(d, now)))
+            wait = min(wait, max(0, ticks.ticks_diff(d, now)))
         for obj, ev in self._poller.poll(wait):
             i = self._by_sock.get(id(obj))
             if i is None:
@@ -249,7 +246,7 @@ class Tunnel:
                 self.core.receive(i, data, now_ms())
         now = now_ms()
         d = self.core.get_timer()
-        if d is not None and ticks_diff(d, now) <= 0:
+        if d is not None and ticks.ticks_diff(d, now) <= 0:
             self.core.handle_timer(now)
         o = self.core.ops
         if o is not None:
@@ -262,6 +259,6 @@ class Tunnel:
                 m = self.core.next_message()
 
     def run(self, duration_ms):
-        end = ticks_add(now_ms(), duration_ms)
-        while ticks_diff(end, now_ms()) > 0:
-            self.poll(ticks_diff(end, now_ms()))
+        end = ticks.ticks_add(now_ms(), duration_ms)
+        while ticks.ticks_diff(end, now_ms()) > 0:
+            self.poll(ticks.ticks_diff(end, now_ms()))
