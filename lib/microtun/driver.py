@@ -88,7 +88,7 @@ class Tunnel:
             self.core.ops_io = (now_ms, self._send_out)   # ops pushes go out mid-exec (microtun.ops, docs/OPS.md)
         self.device = self.core.device
         self.paths = self.core.paths
-        self.stats = self.core.stats
+        self.stats = self.core.stats         # the driver's counts too (self.core._count)
         self.on_data = None          # optional callback(channel, data)
         self._poller = select.poll()
         self._socks = [None] * len(cfg.paths)
@@ -105,15 +105,12 @@ class Tunnel:
         return cls(load(path), **kw)
 
     # -- sockets ---------------------------------------------------------------
-    def _count(self, reason):
-        self.stats[reason] = self.stats.get(reason, 0) + 1
-
     def _open(self, i):
         host, port = self.cfg.paths[i].pop
         try:
             ai = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
         except OSError as e:
-            self._count("resolve_failed")
+            self.core._count("resolve_failed")
             self.log("warn", "path %s: cannot resolve %s:%d (%s); will retry" % (self.cfg.paths[i].name, host, port, e))
             return False
         s = socket.socket(ai[0], socket.SOCK_DGRAM)
@@ -151,18 +148,18 @@ class Tunnel:
         for i in (range(len(self._socks)) if index is None else (index,)):
             self._close(i)
             self._open(i)
-        self._count("rebind")
+        self.core._count("rebind")
 
     def _send_out(self):
         for i, pkt in self.core.datagrams_to_send():
             s = self._socks[i]
             if s is None and not self._open(i):
-                self._count("send_error")
+                self.core._count("send_error")
                 continue
             try:
                 self._socks[i].sendto(pkt, self._addrs[i])
             except OSError:
-                self._count("send_error")
+                self.core._count("send_error")
 
     # -- app API ---------------------------------------------------------------
     @property
@@ -241,7 +238,7 @@ class Tunnel:
                     data, src = s.recvfrom(_RECV_MAX)
                 except OSError as e:
                     if e.args and e.args[0] not in _EAGAIN:
-                        self._count("recv_error")
+                        self.core._count("recv_error")
                     break
                 self.core.receive(i, data, now_ms())
         now = now_ms()

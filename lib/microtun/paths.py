@@ -93,8 +93,14 @@ class Path:
     # or loss is another object than when it was last made (floats are heap
     # objects on a board, and best() runs for every packet sent); a path with
     # no RTT sample yet scores 1000 s
-    score = 1000000
-    _scored = (None, 0.0)       # (srtt, loss) the score was made of: compared by identity
+    _scored = (None, 0.0, 1000000)   # (srtt, loss, score): srtt and loss compared by identity
+    # Counters that stay at zero while nothing is lost are class attributes
+    # until first set (a path's attribute table is a board's heap; the reply
+    # path leaves them alone while they are zero).
+    loss = 0.0                  # EWMA of probe outcomes
+    misses = 0                  # in a row
+    probes_lost = 0
+    duplicates = 0              # copies dropped because the other path was faster
 
     def __init__(self, index, name, label, rx_label, key):
         self.index = index
@@ -106,8 +112,6 @@ class Path:
         self.live = False              # state is UP or SUSPECT (set by _move)
         self.srtt = None               # RFC 6298 estimators, ms
         self.rttvar = None
-        self.loss = 0.0                # EWMA of probe outcomes
-        self.misses = 0                # in a row
         self.seq = 0
         self.outstanding = {}          # seq -> sent ticks
         self.next_probe = None
@@ -121,8 +125,6 @@ class Path:
         self.rx_packets = 0
         self.rx_bytes = 0
         self.probes_sent = 0
-        self.probes_lost = 0
-        self.duplicates = 0            # copies dropped because the other path was faster
 
     def rto(self):
         if self.srtt is None:
@@ -198,9 +200,9 @@ class PathSet:
             if p.live:
                 k = p._scored
                 if k[0] is not p.srtt or k[1] is not p.loss:
-                    p._scored = (p.srtt, p.loss)
-                    p.score = (p.srtt if p.srtt is not None else 1000000) + p.loss * _LOSS_PENALTY_MS
-                score = p.score
+                    k = p._scored = (p.srtt, p.loss,
+                                     (p.srtt if p.srtt is not None else 1000000) + p.loss * _LOSS_PENALTY_MS)
+                score = k[2]
                 if p is cur:
                     cur_score = score
                 # the lowest score; on a tie, an UP path before a SUSPECT one
@@ -314,8 +316,10 @@ class PathSet:
         else:                           # RFC 6298 §2.3, alpha 1/8, beta 1/4
             p.rttvar = (3 * p.rttvar + abs(p.srtt - rtt)) / 4
             p.srtt = (7 * p.srtt + rtt) / 8
-        p.loss = p.loss * 15 / 16       # EWMA weight 1/16, a reply counts 0
-        p.misses = 0
+        if p.loss:
+            p.loss = p.loss * 15 / 16   # EWMA weight 1/16, a reply counts 0
+        if p.misses:
+            p.misses = 0
         if not p._move("reply"):
             return False
         # probe at the new state's pace from now on
