@@ -261,14 +261,22 @@ class Device(_Endpoint):
         self._out.append((msg, None))
 
     def receive_datagram(self, data, addr, now):
+        # Small on purpose: a call's frame with more than 11 words of
+        # locals and stack is taken from the heap, and on a board the
+        # transport path's frames compete with its cryptolib objects for
+        # room (docs/MEMORY.md); the handshake messages' names live in
+        # _handshake_in's frame.
         t = m.message_type(data)
         if t == m.TYPE_TRANSPORT:
             self._transport_in(data, addr, now)
-            return
+        else:
+            self._handshake_in(t, data, addr, now)
+
+    def _handshake_in(self, t, data, addr, now):
+        """A handshake message (or a malformed datagram); a RESPONSE's code
+        is below, in this function (one function object, not two)."""
         self._fresh.observe(now)
-        if t == m.TYPE_RESPONSE:
-            self._response_in(data, addr, now)
-        elif t == m.TYPE_COOKIE:
+        if t == m.TYPE_COOKIE:
             # The gateway is under load and wants mac2 on our retry. Rare:
             # the cookie code is loaded, and its AEAD made, only now.
             s = self.session
@@ -279,7 +287,8 @@ class Device(_Endpoint):
                 from microtun.cookie import CookieJar
                 self._cookies = CookieJar(s.public_key)
             self._count("cookie_rx" if self._cookies.consume(data, self._mac1, now) else "bad_cookie")
-        elif t == m.TYPE_STALE:
+            return
+        if t == m.TYPE_STALE:
             # The gateway already accepted a higher freshness from us (our
             # boot counter went backwards): jump past it and retry at once.
             # Rare: its code is loaded only now.
@@ -296,14 +305,12 @@ class Device(_Endpoint):
             self._events.append(Event(STALE, s, None, v, addr))
             s.hs_attempts = 0
             self._initiate(now)
-        elif t == m.TYPE_INIT:
-            self._count("unexpected_init")
-        else:
-            self._count("malformed")
-
-    def _response_in(self, data, addr, now):
-        # mac1 keys are made when needed (a hash each): a device handshakes
-        # rarely, and keeping them costs a board heap for its whole life.
+            return
+        if t != m.TYPE_RESPONSE:
+            self._count("unexpected_init" if t == m.TYPE_INIT else "malformed")
+            return
+        # A RESPONSE. mac1 keys are made when needed (a hash each): a device
+        # handshakes rarely, and keeping them costs a board heap for its whole life.
         if not m.check_mac(m.mac1_key(self.public_key), data, m.RESP_MAC1):
             self._count("bad_mac1")
             return
