@@ -1,5 +1,9 @@
-"""HMAC-SHA256 (RFC 2104), HKDF (RFC 5869) and a constant-time compare,
-written for MicroPython's hashlib: no copy(), one digest() per object."""
+"""HMAC-SHA256 (RFC 2104), Noise's HKDF (rev 34 §4.3, RFC 5869 with the
+chaining key as salt and empty info) and a constant-time compare, written
+for MicroPython's hashlib: no copy(), one digest() per object. (RFC 5869's
+general extract and expand, which nothing here uses, are in
+host_tests/test_hmac_hkdf.py as the reference noise_hkdf is checked against:
+every function is heap on a board.)"""
 import hashlib
 
 
@@ -20,30 +24,6 @@ def hmac_sha256(key, data, more=None):
     o = hashlib.sha256(_pad(key, 0x5C))
     o.update(h.digest())
     return o.digest()
-
-
-def hkdf_extract(salt, ikm):
-    """RFC 5869 §2.2. An empty salt means HashLen zero bytes."""
-    return hmac_sha256(salt if salt else bytes(32), ikm)
-
-
-def hkdf_expand(prk, info, n):
-    """RFC 5869 §2.3: n bytes of output keying material."""
-    if n > 255 * 32:
-        raise ValueError("hkdf length must be at most 8160 bytes, got %d" % n)
-    out = b""
-    t = b""
-    i = 1
-    while len(out) < n:
-        t = hmac_sha256(prk, t + info + bytes((i,)))
-        out += t
-        i += 1
-    return out[:n]
-
-
-def hkdf(salt, ikm, info, n):
-    """RFC 5869 extract-then-expand."""
-    return hkdf_expand(hkdf_extract(salt, ikm), info, n)
 
 
 def noise_hkdf(key, ikm, n):
