@@ -89,25 +89,26 @@ class CCM:
         except ImportError:
             _make = None  # CPython, or a port without cryptolib: ccm_backends
     _lib = None            # a ccm_backends.AESCCM: CPython's fast path
-    nonce_size = tag_size = _b0 = None   # per object, unless the class fixes them (AEAD)
+    # nonce_size, tag_size and _b0 (B0's flags byte, RFC 3610 §2.2; 64 is
+    # added when there is aad): per object, unless the class fixes them
+    # (AEAD's are class attributes: ~100 bytes less per object on a board;
+    # CCM's own class has none, so its table stays under 12 entries)
 
     def __init__(self, key, nonce_size, tag_size, backend=None):
         if not isinstance(key, BYTES) or len(key) not in (16, 32):
             raise ValueError("AES-CCM key must be 16 or 32 bytes")
         if not 7 <= nonce_size <= 13 or tag_size not in (4, 6, 8, 10, 12, 14, 16):
             raise ValueError("CCM needs a 7..13-byte nonce and a 4, 6, .., 16-byte tag")
-        if nonce_size != self.nonce_size or tag_size != self.tag_size:
-            self.nonce_size = nonce_size    # (AEAD's are class attributes: ~100 bytes
-            self.tag_size = tag_size        # less per object on a board)
+        if nonce_size != getattr(self, "nonce_size", 0) or tag_size != getattr(self, "tag_size", 0):
+            self.nonce_size = nonce_size
+            self.tag_size = tag_size
+            self._b0 = 8 * ((tag_size - 2) // 2) + 14 - nonce_size
         key = bytes(key)
         if backend is not None or CCM._make is None:
             from microtun.ccm_backends import choose
             if choose(self, backend, key):
                 return
         self._key = key
-        if self._b0 is None:
-            # B0's flags byte (RFC 3610 §2.2); 64 is added when there is aad.
-            self._b0 = 8 * ((tag_size - 2) // 2) + 14 - nonce_size
 
     def _check(self, nonce, data, aad):
         # API misuse is a loud ValueError; bad peer data never raises.

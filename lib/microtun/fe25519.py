@@ -115,7 +115,7 @@ def ladder(k, x1):
         fsub_a24(w, _OP_EF)
         fmul(w, _OP_Z2)
     fswap(w, swap)
-    # 1 / z2 = z2 ** (p - 2): x25519._inverse's addition chain on slots
+    # 1 / z2 = z2 ** (p - 2): x25519._ladder_big's inversion (its addition chain) on slots
     # (z = _Z2; x2 = _A, b = _B, x11 = _C, x10 = _D, x50 = _X3, scratch _Z3)
     fsq(w, _A | _Z2 << 4)                      # z**2
     _sqn(w, _B, _A, 2)
