@@ -29,7 +29,8 @@ GATEWAY_WINDOW = const(8128)
 
 
 class ReplayWindow:
-    __slots__ = ("_ring", "_mask", "window", "last")
+    if not _BOARD:      # CPython (a gateway keeps one per session); MicroPython has no slots
+        __slots__ = ("_ring", "_mask", "window", "last")
 
     def __init__(self, size=DEVICE_WINDOW):
         if not isinstance(size, int) or size < 32 or size > 1 << 20:
@@ -91,8 +92,3 @@ class ReplayWindow:
             return False
         ring[i] = word | (1 << (n & _BIT_MASK))
         return True
-
-    def reset(self):
-        for i in range(self._mask + 1):
-            self._ring[i] = 0
-        self.last = -1
