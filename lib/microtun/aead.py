@@ -47,19 +47,9 @@ port built without it) or a backend is named, microtun.ccm_backends supplies
 one: on CPython by default cryptography's AESCCM (same bytes, C speed),
 which is how the host tests prove every path agrees byte for byte.
 """
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
-
-try:
-    from cryptolib import aes as _native
-except ImportError:
-    try:
-        from ucryptolib import aes as _native  # MicroPython before v1.21
-    except ImportError:
-        _native = None  # CPython, or a port without cryptolib: ccm_backends
 
 from struct import pack_into
 
@@ -77,7 +67,7 @@ except (ImportError, SyntaxError, ValueError):
 BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 
 BYTES = (bytes, bytearray, memoryview)   # what the API takes (endpoint.py checks payloads with it)
-_ZERO16 = bytes(16)
+_ZERO16 = const(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # (frozen: in flash)
 _GROW = const(64)  # buffers grow in steps of this many bytes
 _work = None  # memoryview: CBC-MAC input, then the counter blocks, encrypted
               # in place into the key stream, XORed into head || C || T
@@ -89,27 +79,36 @@ class CCM:
     (4, 6, .., 16). backend: None takes the fastest available (cryptolib on
     a board, AESCCM on CPython), or one of BACKENDS."""
     backend = "cryptolib"  # the path in use (tests and benchmarks read it)
-    _make = _native        # a cryptolib-style aes(key, mode[, iv]) constructor
+    # _make: a cryptolib-style aes(key, mode[, iv]) constructor, the board's
+    # (imported into the class, not the module: a global costs a board heap)
+    try:
+        from cryptolib import aes as _make
+    except ImportError:
+        try:
+            from ucryptolib import aes as _make  # MicroPython before v1.21
+        except ImportError:
+            _make = None  # CPython, or a port without cryptolib: ccm_backends
     _lib = None            # a ccm_backends.AESCCM: CPython's fast path
-    nonce_size = tag_size = _b0 = None   # per object, unless the class fixes them (AEAD)
+    # nonce_size, tag_size and _b0 (B0's flags byte, RFC 3610 §2.2; 64 is
+    # added when there is aad): per object, unless the class fixes them
+    # (AEAD's are class attributes: ~100 bytes less per object on a board;
+    # CCM's own class has none, so its table stays under 12 entries)
 
     def __init__(self, key, nonce_size, tag_size, backend=None):
         if not isinstance(key, BYTES) or len(key) not in (16, 32):
             raise ValueError("AES-CCM key must be 16 or 32 bytes")
         if not 7 <= nonce_size <= 13 or tag_size not in (4, 6, 8, 10, 12, 14, 16):
             raise ValueError("CCM needs a 7..13-byte nonce and a 4, 6, .., 16-byte tag")
-        if nonce_size != self.nonce_size or tag_size != self.tag_size:
-            self.nonce_size = nonce_size    # (AEAD's are class attributes: ~100 bytes
-            self.tag_size = tag_size        # less per object on a board)
+        if nonce_size != getattr(self, "nonce_size", 0) or tag_size != getattr(self, "tag_size", 0):
+            self.nonce_size = nonce_size
+            self.tag_size = tag_size
+            self._b0 = 8 * ((tag_size - 2) // 2) + 14 - nonce_size
         key = bytes(key)
-        if backend is not None or _native is None:
+        if backend is not None or CCM._make is None:
             from microtun.ccm_backends import choose
             if choose(self, backend, key):
                 return
         self._key = key
-        if self._b0 is None:
-            # B0's flags byte (RFC 3610 §2.2); 64 is added when there is aad.
-            self._b0 = 8 * ((tag_size - 2) // 2) + 14 - nonce_size
 
     def _check(self, nonce, data, aad):
         # API misuse is a loud ValueError; bad peer data never raises.
@@ -118,7 +117,7 @@ class CCM:
         if not isinstance(data, BYTES) or not isinstance(aad, BYTES):
             raise ValueError("plaintext, data and aad must be bytes, bytearray or memoryview")
 
-    def _stream(self, nonce, aad, n, ecb=True, off=0):
+    def _stream(self, nonce, aad, n, ecb, off):
         """Grow the shared buffer (never shrunk) for an n-byte message: work
         to hold the CBC-MAC input (B0, aad and its length, message), or the
         key stream with X after it, off bytes in (ecb False: only that).
@@ -206,7 +205,7 @@ class CCM:
         # A head of 17..32 bytes: the key stream starts 16 bytes in, so the
         # head fits before the message too.
         off = 16 if hl > 16 else 0
-        self._stream(nonce, aad, n + off, False)
+        self._stream(nonce, aad, n + off, False, 0)
         x = self._cbc_mac(nonce, aad, lead, plaintext, n)
         t = _t
         t[:] = _work[x:x + 16]             # X: the key stream goes over it in _work
@@ -242,7 +241,7 @@ class CCM:
                 lead[:] = p[:ll]
                 return p[ll:]
             return p
-        w = self._stream(nonce, aad, n)
+        w = self._stream(nonce, aad, n, True, 0)
         t = _t
         t[:] = w[0:16]                     # S_0 ^ the tag received: the CBC-MAC
         _xor(t, 0, data, start + n, m)     # input goes over S_0 in _work

@@ -20,10 +20,8 @@ backend's bare constructor. Bad key, IV and mode raise
 ValueError naming the argument and the allowed values, where cryptolib says
 just ValueError('key'), ('IV') or ('mode').
 """
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 MODE_ECB = const(1)

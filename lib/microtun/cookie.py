@@ -16,10 +16,8 @@ from microtun.rand import random_bytes
 from microtun.ticks import ticks_diff
 from microtun import messages as m
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 COOKIE_SECRET_MS = const(120000)   # responder secret lifetime (WireGuard: 120 s)

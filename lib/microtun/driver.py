@@ -19,32 +19,26 @@ import select
 import socket
 
 from microtun.freshness import next_boot_counter
-from microtun.ticks import ticks_add, ticks_diff, TICKS_MASK
+import microtun.ticks as ticks   # (one global, not three: each is a dict slot in a board's heap)
 from microtun.tunnel import TunnelCore
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 try:
     from time import ticks_ms
 
     def now_ms():
-        return ticks_ms() & TICKS_MASK
+        return ticks_ms() & ticks.TICKS_MASK
 except ImportError:             # CPython
     import time
 
     def now_ms():
-        return int(time.monotonic() * 1000) & TICKS_MASK
+        return int(time.monotonic() * 1000) & ticks.TICKS_MASK
 
 _EAGAIN = const((11, 35))    # EAGAIN on Linux / lwIP, macOS
 _RECV_MAX = const(2048)
-
-
-def _log_print(level, msg):
-    print("microtun %s: %s" % (level, msg))
 
 
 class FileStorage:
@@ -75,7 +69,8 @@ class Tunnel:
     """A device's tunnel: connect, send, recv, health. Sockets and polling
     around microtun.tunnel.TunnelCore."""
 
-    def __init__(self, cfg, storage=None, log=_log_print, params=None):
+    def __init__(self, cfg, storage=None, log=lambda level, msg: print("microtun %s: %s" % (level, msg)),
+                 params=None):
         self.cfg = cfg
         self.log = log
         self.storage = storage if storage is not None else FileStorage(cfg.state_dir)
@@ -93,7 +88,7 @@ class Tunnel:
             self.core.ops_io = (now_ms, self._send_out)   # ops pushes go out mid-exec (microtun.ops, docs/OPS.md)
         self.device = self.core.device
         self.paths = self.core.paths
-        self.stats = self.core.stats
+        self.stats = self.core.stats         # the driver's counts too (self.core._count)
         self.on_data = None          # optional callback(channel, data)
         self._poller = select.poll()
         self._socks = [None] * len(cfg.paths)
@@ -110,15 +105,12 @@ class Tunnel:
         return cls(load(path), **kw)
 
     # -- sockets ---------------------------------------------------------------
-    def _count(self, reason):
-        self.stats[reason] = self.stats.get(reason, 0) + 1
-
     def _open(self, i):
         host, port = self.cfg.paths[i].pop
         try:
             ai = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
         except OSError as e:
-            self._count("resolve_failed")
+            self.core._count("resolve_failed")
             self.log("warn", "path %s: cannot resolve %s:%d (%s); will retry" % (self.cfg.paths[i].name, host, port, e))
             return False
         s = socket.socket(ai[0], socket.SOCK_DGRAM)
@@ -156,18 +148,18 @@ class Tunnel:
         for i in (range(len(self._socks)) if index is None else (index,)):
             self._close(i)
             self._open(i)
-        self._count("rebind")
+        self.core._count("rebind")
 
     def _send_out(self):
         for i, pkt in self.core.datagrams_to_send():
             s = self._socks[i]
             if s is None and not self._open(i):
-                self._count("send_error")
+                self.core._count("send_error")
                 continue
             try:
                 self._socks[i].sendto(pkt, self._addrs[i])
             except OSError:
-                self._count("send_error")
+                self.core._count("send_error")
 
     # -- app API ---------------------------------------------------------------
     @property
@@ -179,9 +171,9 @@ class Tunnel:
         self.core.connect(now_ms())
         self._send_out()
         if timeout_ms:
-            end = ticks_add(now_ms(), timeout_ms)
-            while not self.core.established and ticks_diff(end, now_ms()) > 0:
-                self.poll(ticks_diff(end, now_ms()))
+            end = ticks.ticks_add(now_ms(), timeout_ms)
+            while not self.core.established and ticks.ticks_diff(end, now_ms()) > 0:
+                self.poll(ticks.ticks_diff(end, now_ms()))
         return self.core.established
 
     def send(self, channel, data, policy=None):
@@ -198,11 +190,11 @@ class Tunnel:
         m = self.core.next_message()
         if m is not None:
             return m
-        end = ticks_add(now_ms(), timeout_ms)
+        end = ticks.ticks_add(now_ms(), timeout_ms)
         while True:
-            self.poll(max(0, ticks_diff(end, now_ms())))
+            self.poll(max(0, ticks.ticks_diff(end, now_ms())))
             m = self.core.next_message()
-            if m is not None or ticks_diff(end, now_ms()) <= 0:
+            if m is not None or ticks.ticks_diff(end, now_ms()) <= 0:
                 return m
 
     def health(self):
@@ -230,7 +222,7 @@ class Tunnel:
         wait = timeout_ms
         d = self.core.get_timer()
         if d is not None:
-            wait = min(wait, max(0, ticks_diff(d, now)))
+            wait = min(wait, max(0, ticks.ticks_diff(d, now)))
         for obj, ev in self._poller.poll(wait):
             i = self._by_sock.get(id(obj))
             if i is None:
@@ -246,12 +238,12 @@ class Tunnel:
                     data, src = s.recvfrom(_RECV_MAX)
                 except OSError as e:
                     if e.args and e.args[0] not in _EAGAIN:
-                        self._count("recv_error")
+                        self.core._count("recv_error")
                     break
                 self.core.receive(i, data, now_ms())
         now = now_ms()
         d = self.core.get_timer()
-        if d is not None and ticks_diff(d, now) <= 0:
+        if d is not None and ticks.ticks_diff(d, now) <= 0:
             self.core.handle_timer(now)
         o = self.core.ops
         if o is not None:
@@ -264,6 +256,6 @@ class Tunnel:
                 m = self.core.next_message()
 
     def run(self, duration_ms):
-        end = ticks_add(now_ms(), duration_ms)
-        while ticks_diff(end, now_ms()) > 0:
-            self.poll(ticks_diff(end, now_ms()))
+        end = ticks.ticks_add(now_ms(), duration_ms)
+        while ticks.ticks_diff(end, now_ms()) > 0:
+            self.poll(ticks.ticks_diff(end, now_ms()))

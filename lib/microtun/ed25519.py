@@ -21,10 +21,8 @@ but not required"); the group equation is then exactly the one the
 `cryptography` package (OpenSSL) checks, so a signature it makes verifies
 here and a test compares the two on many random keys and messages.
 """
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 _P = const(2**255 - 19)

@@ -22,25 +22,30 @@ ValueError.
 """
 from collections import namedtuple
 
-from microtun import messages as m
-from microtun import timers
-from microtun.aead import BYTES
+# `import microtun.x as y` names both microtun.x and x in the code, so a
+# frozen build has them as qstrs in flash; `from microtun import x` and
+# `from microtun.x import y` make the import system intern the missing one
+# in RAM. A module import is also one global for its functions: each global
+# is a dict slot in a board's heap (docs/MEMORY.md).
+import microtun.aead as aead
+import microtun.handshake as handshake
+import microtun.messages as m
+import microtun.ticks as ticks
+import microtun.timers as timers
+import microtun.x25519 as ecdh
 from microtun.freshness import Freshness
-from microtun.handshake import create_initiation, read_response
 from microtun.keypair import Keypair
 from microtun.rand import random_u32
 from microtun.replay import DEVICE_WINDOW
 from microtun.session import Session
-from microtun.ticks import ticks_add, ticks_diff, ticks_min
-from microtun.x25519 import public_key, x25519
 
-try:
-    from micropython import const
+if __import__("sys").implementation.name == "micropython":
     from gc import collect as _collect
-except ImportError:
-    def const(x):
-        return x
+else:
     _collect = None     # CPython: its allocator has no free pointer to steer
+
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
+        return x
 
 CONTROL_CHANNEL = const(0)   # path probes; never subject to channel access control
 _MAX_CHANNEL = const(255)
@@ -49,7 +54,7 @@ _MAX_PAYLOAD = const(65000)
 # Event kinds
 HANDSHAKE = "handshake"   # a session was (re)established: peer
 DATA = "data"             # app data: peer, channel, data
-EXPIRED = "expired"       # a peer's keys were wiped after a long silence: peer
+# (EXPIRED, a gateway's, is in microtun.responder: a device never emits it)
 STALE = "stale"           # device: the gateway named a freshness value to pass (data); gateway: see responder
 
 
@@ -57,6 +62,7 @@ STALE = "stale"           # device: the gateway named a freshness value to pass 
 # the channel, the data and the addr it came from (else None). A namedtuple:
 # made in C with no per-object dict, which matters once per packet.
 Event = namedtuple("Event", ("kind", "peer", "channel", "data", "addr"))
+del namedtuple   # (its dict slot is taken by the next global: a board's heap)
 
 
 def _key32(name, v):
@@ -68,7 +74,7 @@ def _key32(name, v):
 def _check_send(channel, payload):
     if not isinstance(channel, int) or not 0 <= channel <= _MAX_CHANNEL:
         raise ValueError("channel must be an int from 0 to 255")
-    if not isinstance(payload, BYTES):   # a tuple built per call would be 32 bytes per packet
+    if not isinstance(payload, aead.BYTES):   # a tuple built per call would be 32 bytes per packet
         raise ValueError("payload must be bytes")
     if len(payload) > _MAX_PAYLOAD:
         raise ValueError("payload must be at most %d bytes" % _MAX_PAYLOAD)
@@ -77,7 +83,7 @@ def _check_send(channel, payload):
 class _Endpoint:
     def __init__(self, private_key, params, window):
         private_key = _key32("private_key", private_key)
-        self.public_key = public_key(private_key)
+        self.public_key = ecdh.public_key(private_key)
         if _collect:
             # the X25519's garbage goes before the objects kept for good are
             # made, so they land low in the heap, not above it
@@ -129,7 +135,7 @@ class _Endpoint:
             self._count("unknown_index")
             return
         s, kp = entry
-        if ticks_diff(now, kp.created) >= self.params.reject_after_ms:   # timers.is_expired
+        if ticks.ticks_diff(now, kp.created) >= self.params.reject_after_ms:   # timers.is_expired
             self._count("expired_key", s)
             return
         # An empty plaintext is a keepalive; anything else starts with the
@@ -218,7 +224,7 @@ class Device(_Endpoint):
         s = self.session
         p = self.params
         kp = s.current
-        if kp is not None and ticks_diff(now, kp.created) < p.reject_after_ms:   # not timers.is_expired
+        if kp is not None and ticks.ticks_diff(now, kp.created) < p.reject_after_ms:   # not timers.is_expired
             if timers.should_rekey_on_send(s, now, p):
                 self._initiate(now)
             pkt = s.sealed(payload, now, channel)
@@ -239,29 +245,38 @@ class Device(_Endpoint):
         if s.hs is not None:
             self._by_index.pop(s.hs_index, None)
         if s.ss is None:
-            s.ss = x25519(self._static[0], s.public_key)
+            s.ss = ecdh.x25519(self._static[0], s.public_key)
             self.dh_count += 1
         idx = self._new_index(s, None, 2)
         cookie = None if self._cookies is None else self._cookies.current(now)
-        hs, msg, self._mac1 = create_initiation(self._static, s.public_key, s.psk, idx, self._fresh.next(now),
-                                                m.mac1_key(s.public_key), cookie, ss=s.ss)
+        hs, msg, self._mac1 = handshake.create_initiation(self._static, s.public_key, s.psk, idx,
+                                                          self._fresh.next(now), m.mac1_key(s.public_key), cookie,
+                                                          ss=s.ss)
         self.dh_count += hs.dh_count
         s.hs = hs
         s.hs_index = idx
         s.hs_attempts += 1
-        s.hs_retry_at = ticks_add(now, timers.retry_interval(self.params, s.hs_attempts, random_u32()))
+        s.hs_retry_at = ticks.ticks_add(now, timers.retry_interval(self.params, s.hs_attempts, random_u32()))
         self._count("handshake_init_tx")
         self._out.append((msg, None))
 
     def receive_datagram(self, data, addr, now):
+        # Small on purpose: a call's frame with more than 11 words of
+        # locals and stack is taken from the heap, and on a board the
+        # transport path's frames compete with its cryptolib objects for
+        # room (docs/MEMORY.md); the handshake messages' names live in
+        # _handshake_in's frame.
         t = m.message_type(data)
         if t == m.TYPE_TRANSPORT:
             self._transport_in(data, addr, now)
-            return
+        else:
+            self._handshake_in(t, data, addr, now)
+
+    def _handshake_in(self, t, data, addr, now):
+        """A handshake message (or a malformed datagram); a RESPONSE's code
+        is below, in this function (one function object, not two)."""
         self._fresh.observe(now)
-        if t == m.TYPE_RESPONSE:
-            self._response_in(data, addr, now)
-        elif t == m.TYPE_COOKIE:
+        if t == m.TYPE_COOKIE:
             # The gateway is under load and wants mac2 on our retry. Rare:
             # the cookie code is loaded, and its AEAD made, only now.
             s = self.session
@@ -272,7 +287,8 @@ class Device(_Endpoint):
                 from microtun.cookie import CookieJar
                 self._cookies = CookieJar(s.public_key)
             self._count("cookie_rx" if self._cookies.consume(data, self._mac1, now) else "bad_cookie")
-        elif t == m.TYPE_STALE:
+            return
+        if t == m.TYPE_STALE:
             # The gateway already accepted a higher freshness from us (our
             # boot counter went backwards): jump past it and retry at once.
             # Rare: its code is loaded only now.
@@ -289,14 +305,12 @@ class Device(_Endpoint):
             self._events.append(Event(STALE, s, None, v, addr))
             s.hs_attempts = 0
             self._initiate(now)
-        elif t == m.TYPE_INIT:
-            self._count("unexpected_init")
-        else:
-            self._count("malformed")
-
-    def _response_in(self, data, addr, now):
-        # mac1 keys are made when needed (a hash each): a device handshakes
-        # rarely, and keeping them costs a board heap for its whole life.
+            return
+        if t != m.TYPE_RESPONSE:
+            self._count("unexpected_init" if t == m.TYPE_INIT else "malformed")
+            return
+        # A RESPONSE. mac1 keys are made when needed (a hash each): a device
+        # handshakes rarely, and keeping them costs a board heap for its whole life.
         if not m.check_mac(m.mac1_key(self.public_key), data, m.RESP_MAC1):
             self._count("bad_mac1")
             return
@@ -306,7 +320,7 @@ class Device(_Endpoint):
             return
         hs = s.hs
         before = hs.dh_count
-        keys = read_response(hs, data)
+        keys = handshake.read_response(hs, data)
         self.dh_count += hs.dh_count - before
         if keys is None:
             self._count("handshake_failed")
@@ -350,18 +364,18 @@ class Device(_Endpoint):
         if s.hs is not None:
             cands.append(s.hs_retry_at)
         elif s.data_sent_unanswered is not None:    # timers.should_handshake_unresponsive
-            cands.append(ticks_add(s.data_sent_unanswered, timers.unresponsive_after(p)))
+            cands.append(ticks.ticks_add(s.data_sent_unanswered, timers.unresponsive_after(p)))
         for kp in (s.current, s.previous, s.next):
             if kp is not None:
-                cands.append(ticks_add(kp.created, p.reject_after_ms))
+                cands.append(ticks.ticks_add(kp.created, p.reject_after_ms))
         kp = s.current
         if kp is not None and p.keep_session and s.hs is None:
-            cands.append(ticks_add(kp.created, p.rekey_after_ms))
+            cands.append(ticks.ticks_add(kp.created, p.rekey_after_ms))
         if p.persistent_keepalive_ms and kp is not None and s.last_sent is not None:
-            cands.append(ticks_add(s.last_sent, p.persistent_keepalive_ms))
+            cands.append(ticks.ticks_add(s.last_sent, p.persistent_keepalive_ms))
         best = None
         for c in cands:
-            best = ticks_min(best, c)
+            best = ticks.ticks_min(best, c)
         return best
 
     def handle_timer(self, now):

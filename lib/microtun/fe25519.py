@@ -23,13 +23,7 @@ same results.
 Data-independent: no branch or index depends on a limb's value or a key
 bit, and cswap swaps by mask (unlike the big-int ladder, docs/CRYPTO.md).
 """
-import micropython
-
-try:
-    from micropython import const
-except ImportError:     # (never: this module is MicroPython-only)
-    def const(x):
-        return x
+__import__("micropython")   # on CPython an ImportError here; not bound: the decorators are the compiler's
 
 _P = const(2**255 - 19)
 
@@ -121,7 +115,7 @@ def ladder(k, x1):
         fsub_a24(w, _OP_EF)
         fmul(w, _OP_Z2)
     fswap(w, swap)
-    # 1 / z2 = z2 ** (p - 2): x25519._inverse's addition chain on slots
+    # 1 / z2 = z2 ** (p - 2): x25519._ladder_big's inversion (its addition chain) on slots
     # (z = _Z2; x2 = _A, b = _B, x11 = _C, x10 = _D, x50 = _X3, scratch _Z3)
     fsq(w, _A | _Z2 << 4)                      # z**2
     _sqn(w, _B, _A, 2)

@@ -15,10 +15,8 @@ with `save_boot_counter`.
 """
 from microtun.ticks import ticks_diff
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 _MAX_BOOT = const(0xFFFFFFFF)

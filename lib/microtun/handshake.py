@@ -23,17 +23,24 @@ every InitializeKey).
 """
 from hashlib import sha256
 
-from microtun import messages as m
+import microtun.messages as m   # (the `import x.y as z` form: endpoint.py says why)
 from microtun.aead import AEAD
 from microtun.hmac import noise_hkdf
-from microtun.rand import random_bytes
-from microtun.x25519 import x25519, public_key
+import microtun.rand as rand
+import microtun.x25519 as ecdh   # (one global for its two functions: each costs a board heap)
+
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
+        return x
 
 # The protocol name is exactly HASHLEN (32) bytes, so h starts as the name
-# itself (§5.2 InitializeSymmetric), and so does ck.
-_NAME = b"Noise_IKpsk2_25519_AESCCM_SHA256"
-_NONCE0 = bytes(12)   # the AEAD nonce for n = 0 (§12.4 layout: 4 zero bytes, 64-bit n)
-_NO_PSK = bytes(32)
+# itself (§5.2 InitializeSymmetric), and so does ck. (const bytes: in flash
+# on a frozen build, and no module global.)
+_NAME = const(b"Noise_IKpsk2_25519_AESCCM_SHA256")
+# the AEAD nonce for n = 0 (§12.4 layout: 4 zero bytes, 64-bit n)
+_NONCE0 = const(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")
+_NO_PSK = const(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+                b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")
 
 
 def _mix_hash(h, data):
@@ -64,16 +71,16 @@ def create_initiation(static, peer_public, psk, sender_index, freshness, mac1k, 
     mac1)."""
     dh = 2
     if e is None:
-        e = random_bytes(32)
-    epub = public_key(e)
+        e = rand.random_bytes(32)
+    epub = ecdh.public_key(e)
     h = _mix_hash(_mix_hash(_NAME, m.PROLOGUE), peer_public)    # prologue, pre-message s
     h = _mix_hash(h, epub)                                       # e
     ck, k = noise_hkdf(_NAME, epub, 2)                           # e, psk mode (§9.2)
-    ck, k = noise_hkdf(ck, x25519(e, peer_public), 2)            # es
+    ck, k = noise_hkdf(ck, ecdh.x25519(e, peer_public), 2)       # es
     enc_s = AEAD(k).seal(_NONCE0, static[1], h)                  # s
     h = _mix_hash(h, enc_s)
     if ss is None:
-        ss = x25519(static[0], peer_public)
+        ss = ecdh.x25519(static[0], peer_public)
         dh += 1
     ck, k = noise_hkdf(ck, ss, 2)                                # ss
     enc_p = AEAD(k).seal(_NONCE0, freshness, h)                  # payload
@@ -92,9 +99,9 @@ def read_response(hs, data):
     ck = noise_hkdf(hs.ck, re, 2)[0]                             # e, psk mode
     try:
         hs.dh_count += 1
-        ck = noise_hkdf(ck, x25519(hs.e, re), 2)[0]              # ee
+        ck = noise_hkdf(ck, ecdh.x25519(hs.e, re), 2)[0]         # ee
         hs.dh_count += 1
-        ck = noise_hkdf(ck, x25519(hs.s, re), 2)[0]              # se
+        ck = noise_hkdf(ck, ecdh.x25519(hs.s, re), 2)[0]         # se
     except ValueError:                                           # all-zero DH: a low-order point
         return None
     ck, t, k = noise_hkdf(ck, hs.psk, 3)                         # psk

@@ -1,9 +1,9 @@
-"""HMAC-SHA256 (RFC 2104), Noise's HKDF (RFC 5869 with the chaining key
-as salt, empty info, 2 or 3 outputs) and a constant-time compare, written
-for MicroPython's hashlib: no copy(), one digest() per object. The general
-RFC 5869 HKDF, which nothing on a device uses, is the reference the tests
-check noise_hkdf against (host_tests/test_hmac_hkdf.py): a .mpy board
-loads every function of a module into its heap."""
+"""HMAC-SHA256 (RFC 2104), Noise's HKDF (rev 34 §4.3, RFC 5869 with the
+chaining key as salt and empty info) and a constant-time compare, written
+for MicroPython's hashlib: no copy(), one digest() per object. (RFC 5869's
+general extract and expand, which nothing here uses, are in
+host_tests/test_hmac_hkdf.py as the reference noise_hkdf is checked against:
+every function is heap on a board.)"""
 import hashlib
 
 

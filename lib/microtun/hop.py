@@ -28,10 +28,8 @@ label out of range, an oversized payload) raises ValueError.
 """
 from hashlib import sha256
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 # --- wire constants (docs/OUTER.md, "Header") -----------------------------
@@ -97,7 +95,7 @@ _COPY = hasattr(sha256(), "copy")
 try:
     if _COPY:
         raise ImportError       # CPython: hashlib's copies
-    from microtun import hopmac as _native
+    import microtun.hopmac as _native   # (not `from microtun import`: endpoint.py says why)
 except (ImportError, SyntaxError, ValueError, MemoryError):
     # ImportError: CPython, a big-endian port, or not shipped; SyntaxError: a
     # port without the native emitter compiling the viper source; ValueError:
@@ -265,25 +263,21 @@ def reject_reason(packet):
     return None
 
 
-def _mac_ok_portable(d, packet):
-    """Constant time: d[0:8] == packet[4:12]."""
-    r = 0
-    for i in range(MAC_LEN):
-        r |= d[i] ^ packet[4 + i]
-    return r == 0
-
-
-def _mac_ok_c(d, packet):
-    # the same in C where CPython has it (a PoP or gateway verifies every
-    # packet: the Python loop was ~12 % of the gateway's per-packet time)
-    return _compare_digest(d[:MAC_LEN], packet[4:HEADER_LEN])
-
-
+# _mac_ok(d, packet): constant time, d[0:8] == packet[4:12]. One function
+# defined, not both (each is a function object and a global in a board's heap).
 try:
     from _operator import _compare_digest     # CPython's hmac.compare_digest, without importing hmac
-    _mac_ok = _mac_ok_c
+
+    def _mac_ok(d, packet):
+        # in C where CPython has it (a PoP or gateway verifies every
+        # packet: the Python loop was ~12 % of the gateway's per-packet time)
+        return _compare_digest(d[:MAC_LEN], packet[4:HEADER_LEN])
 except ImportError:                           # MicroPython
-    _mac_ok = _mac_ok_portable
+    def _mac_ok(d, packet):
+        r = 0
+        for i in range(MAC_LEN):
+            r |= d[i] ^ packet[4 + i]
+        return r == 0
 
 
 def verify(hopkey, packet):

@@ -26,10 +26,9 @@ follows, so the same code is right on 32- and 64-bit ports.
 none shipped) or the port is big-endian, importing this module fails and
 hop.py keeps its hashlib HMAC: the same MACs, more heap per packet.
 """
-import micropython
-import sys
+__import__("micropython")   # on CPython an ImportError here; not bound: the decorators are the compiler's
 
-if sys.byteorder != "little":
+if __import__("sys").byteorder != "little":
     raise ImportError("microtun.hopmac reads its constants as little-endian words")
 
 # SHA-256's round constants K[0..63], then the initial hash value H(0)[0..7]

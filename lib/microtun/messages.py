@@ -16,12 +16,10 @@ only required while the responder is under load.
 """
 import hashlib
 
-from microtun.hmac import hmac_sha256, ct_equal
+import microtun.hmac as hmac   # (the `import x.y as z` form: endpoint.py says why)
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 # Wire constants. Those no other module needs are private (const: free on
@@ -93,10 +91,10 @@ def message_type(data):
 
 def check_mac(key, data, end):
     """True if the 16 bytes at data[end:end+16] are the MAC of data[:end]."""
-    return ct_equal(hmac_sha256(key, data[:end])[:MAC_LEN], data[end:end + MAC_LEN])
+    return hmac.ct_equal(hmac.hmac_sha256(key, data[:end])[:MAC_LEN], data[end:end + MAC_LEN])
 
 
-def finish(data, key, cookie, mac=hmac_sha256):
+def finish(data, key, cookie, mac=hmac.hmac_sha256):
     """Append mac1 (under key) and mac2 (under the cookie if we hold one,
     else zeros) to a handshake message body. Returns (message, mac1).
     mac: the HMAC-SHA256 function (a crypto backend's, microtun.crypto)."""

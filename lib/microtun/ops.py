@@ -36,10 +36,8 @@ import hashlib
 import os
 import sys
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 CTL_OPS_REQ = const(0x10)

@@ -18,10 +18,8 @@ from microtun.hop import (_COPY, _check_buf, _check_mac, _hmac, _hmac_copy, _hma
                           TYPE_SEG_DATA, TYPE_SEG_REPAIR, TYPE_SEG_NACK, TYPE_SEG_PING, TYPE_SEG_PONG,
                           verify as _verify_portable)
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 TYPE_NAMES = {TYPE_DATA: "DATA", TYPE_HOP_PROBE: "HOP_PROBE", TYPE_HOP_PROBE_REPLY: "HOP_PROBE_REPLY",

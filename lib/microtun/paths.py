@@ -8,18 +8,18 @@ them); the gateway answers each probe on the path it arrived on.
 
 States, and what moves a path between them (printable: `print_table()`):
 """
-from microtun.ticks import ticks_add, ticks_diff, ticks_min
+import microtun.ticks as ticks   # (one global, not three: each costs a board heap)
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
-NEW = "new"
-UP = "up"
-SUSPECT = "suspect"
-DOWN = "down"
+# (const str: the tables below are then built of constants, which a frozen
+# build keeps in flash, instead of tuples made in RAM at import)
+NEW = const("new")
+UP = const("up")
+SUSPECT = const("suspect")
+DOWN = const("down")
 
 # (state, event) -> new state.  Events: "reply" (a probe answered), "miss" (a
 # probe not answered within RTO), "misses" (_DOWN_AFTER misses in a row).
@@ -42,9 +42,9 @@ _RTO_INIT_MS = const(1000)
 _NAT_KEEPALIVE_MS = const(25000)  # some NATs drop UDP mappings after 30 s
 
 # Policies (docs/PATHS.md, "Choosing a policy")
-BEST = "best"
-CRITICAL = "critical"
-ADAPTIVE = "adaptive"
+BEST = const("best")
+CRITICAL = const("critical")
+ADAPTIVE = const("adaptive")
 POLICIES = (BEST, CRITICAL, ADAPTIVE)
 _ADAPTIVE_LOSS_ON = const(0.05)   # duplicate while the best path loses > 5 % ...
 _ADAPTIVE_LOSS_OFF = const(0.02)  # ... and stop once it is back under 2 %
@@ -93,8 +93,14 @@ class Path:
     # or loss is another object than when it was last made (floats are heap
     # objects on a board, and best() runs for every packet sent); a path with
     # no RTT sample yet scores 1000 s
-    score = 1000000
-    _scored = (None, 0.0)       # (srtt, loss) the score was made of: compared by identity
+    _scored = (None, 0.0, 1000000)   # (srtt, loss, score): srtt and loss compared by identity
+    # Counters that stay at zero while nothing is lost are class attributes
+    # until first set (a path's attribute table is a board's heap; the reply
+    # path leaves them alone while they are zero).
+    loss = 0.0                  # EWMA of probe outcomes
+    misses = 0                  # in a row
+    probes_lost = 0
+    duplicates = 0              # copies dropped because the other path was faster
 
     def __init__(self, index, name, label, rx_label, key):
         self.index = index
@@ -106,8 +112,6 @@ class Path:
         self.live = False              # state is UP or SUSPECT (set by _move)
         self.srtt = None               # RFC 6298 estimators, ms
         self.rttvar = None
-        self.loss = 0.0                # EWMA of probe outcomes
-        self.misses = 0                # in a row
         self.seq = 0
         self.outstanding = {}          # seq -> sent ticks
         self.next_probe = None
@@ -121,8 +125,6 @@ class Path:
         self.rx_packets = 0
         self.rx_bytes = 0
         self.probes_sent = 0
-        self.probes_lost = 0
-        self.duplicates = 0            # copies dropped because the other path was faster
 
     def rto(self):
         if self.srtt is None:
@@ -144,7 +146,7 @@ class Path:
         changed = False
         rto = self.rto()
         for seq in list(self.outstanding):
-            if ticks_diff(now, self.outstanding[seq]) >= rto:
+            if ticks.ticks_diff(now, self.outstanding[seq]) >= rto:
                 del self.outstanding[seq]
                 self.probes_lost += 1
                 self.loss = (self.loss * 15 + 1) / 16     # EWMA weight 1/16, a loss counts 1
@@ -198,9 +200,9 @@ class PathSet:
             if p.live:
                 k = p._scored
                 if k[0] is not p.srtt or k[1] is not p.loss:
-                    p._scored = (p.srtt, p.loss)
-                    p.score = (p.srtt if p.srtt is not None else 1000000) + p.loss * _LOSS_PENALTY_MS
-                score = p.score
+                    k = p._scored = (p.srtt, p.loss,
+                                     (p.srtt if p.srtt is not None else 1000000) + p.loss * _LOSS_PENALTY_MS)
+                score = k[2]
                 if p is cur:
                     cur_score = score
                 # the lowest score; on a tie, an UP path before a SUSPECT one
@@ -250,13 +252,13 @@ class PathSet:
         """The app sent something: probe at the active pace for _ACTIVE_MS."""
         if not self.active(now):
             for p in self.paths:
-                due = ticks_add(now, PROBE_ACTIVE_MS[p.state])
-                if p.next_probe is not None and ticks_diff(p.next_probe, due) > 0:
+                due = ticks.ticks_add(now, PROBE_ACTIVE_MS[p.state])
+                if p.next_probe is not None and ticks.ticks_diff(p.next_probe, due) > 0:
                     p.next_probe = due
-        self._active_until = ticks_add(now, _ACTIVE_MS)
+        self._active_until = ticks.ticks_add(now, _ACTIVE_MS)
 
     def active(self, now):
-        return self._active_until is not None and ticks_diff(self._active_until, now) > 0
+        return self._active_until is not None and ticks.ticks_diff(self._active_until, now) > 0
 
     def due_probes(self, now):
         """Paths whose probe is due; marks them probed. The caller sends
@@ -266,12 +268,12 @@ class PathSet:
         for p in self.paths:
             p.check_timeouts(now)
             interval = table[p.state]
-            if p.next_probe is None or ticks_diff(now, p.next_probe) >= 0 or \
-                    ticks_diff(p.next_probe, ticks_add(now, interval)) > 0:
+            if p.next_probe is None or ticks.ticks_diff(now, p.next_probe) >= 0 or \
+                    ticks.ticks_diff(p.next_probe, ticks.ticks_add(now, interval)) > 0:
                 p.seq = (p.seq + 1) & 0xFFFFFFFF
                 p.outstanding[p.seq] = now
                 p.probes_sent += 1
-                p.next_probe = ticks_add(now, interval)
+                p.next_probe = ticks.ticks_add(now, interval)
                 out.append((p, p.seq))
         return out
 
@@ -279,20 +281,20 @@ class PathSet:
         """Paths that sent nothing for nat_keepalive_ms (to keep NAT mappings)."""
         out = []
         for p in self.paths:
-            if p.last_tx is None or ticks_diff(now, p.last_tx) >= self.nat_keepalive_ms:
+            if p.last_tx is None or ticks.ticks_diff(now, p.last_tx) >= self.nat_keepalive_ms:
                 out.append(p)
         return out
 
     def get_timer(self):
         t = None
         for p in self.paths:
-            t = ticks_min(t, p.next_probe)
+            t = ticks.ticks_min(t, p.next_probe)
             if p.outstanding:
                 rto = p.rto()
                 for sent in p.outstanding.values():
-                    t = ticks_min(t, ticks_add(sent, rto))
+                    t = ticks.ticks_min(t, ticks.ticks_add(sent, rto))
             if p.last_tx is not None:
-                t = ticks_min(t, ticks_add(p.last_tx, self.nat_keepalive_ms))
+                t = ticks.ticks_min(t, ticks.ticks_add(p.last_tx, self.nat_keepalive_ms))
         return t
 
     def on_probe_reply(self, data, now):
@@ -305,7 +307,7 @@ class PathSet:
         sent = p.outstanding.pop(f[2], None)
         if sent is None:
             return False                # late (already counted lost), duplicate or never sent
-        rtt = ticks_diff(now, sent)
+        rtt = ticks.ticks_diff(now, sent)
         if rtt < 0:
             return False
         if p.srtt is None:
@@ -314,13 +316,15 @@ class PathSet:
         else:                           # RFC 6298 §2.3, alpha 1/8, beta 1/4
             p.rttvar = (3 * p.rttvar + abs(p.srtt - rtt)) / 4
             p.srtt = (7 * p.srtt + rtt) / 8
-        p.loss = p.loss * 15 / 16       # EWMA weight 1/16, a reply counts 0
-        p.misses = 0
+        if p.loss:
+            p.loss = p.loss * 15 / 16   # EWMA weight 1/16, a reply counts 0
+        if p.misses:
+            p.misses = 0
         if not p._move("reply"):
             return False
         # probe at the new state's pace from now on
         table = PROBE_ACTIVE_MS if self.active(now) else PROBE_IDLE_MS
-        p.next_probe = ticks_add(now, table[p.state])
+        p.next_probe = ticks.ticks_add(now, table[p.state])
         return True
 
     def health(self):

@@ -11,13 +11,9 @@ once. It must cover rate x (worst delay difference between paths + jitter).
 """
 from array import array
 
-try:
-    from micropython import const
-    _BOARD = True
-except ImportError:
-    _BOARD = False
-
-    def const(x):
+_BOARD = __import__("sys").implementation.name == "micropython"
+if not _BOARD:
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 _WORD_BITS = const(32)
@@ -33,7 +29,8 @@ GATEWAY_WINDOW = const(8128)
 
 
 class ReplayWindow:
-    __slots__ = ("_ring", "_mask", "window", "last")
+    if not _BOARD:      # CPython (a gateway keeps one per session); MicroPython has no slots
+        __slots__ = ("_ring", "_mask", "window", "last")
 
     def __init__(self, size=DEVICE_WINDOW):
         if not isinstance(size, int) or size < 32 or size > 1 << 20:
@@ -95,8 +92,3 @@ class ReplayWindow:
             return False
         ring[i] = word | (1 << (n & _BIT_MASK))
         return True
-
-    def reset(self):
-        for i in range(self._mask + 1):
-            self._ring[i] = 0
-        self.last = -1

@@ -31,7 +31,7 @@ from microtun import messages as m
 from microtun import timers
 from microtun.cookie import CookieChecker
 from microtun.hop import HopKey, _hmac as _hop_hmac
-from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, DATA, HANDSHAKE, EXPIRED, STALE
+from microtun.endpoint import _Endpoint, _key32, _check_send, Event, CONTROL_CHANNEL, DATA, HANDSHAKE, STALE
 from microtun.keypair import Keypair
 from microtun.rand import random_bytes
 from microtun.noise import HandshakeState, NoiseError, NOISE_IKPSK2_25519_AESCCM_SHA256 as SUITE
@@ -40,10 +40,8 @@ from microtun.session import Session
 from microtun.stale import seal_stale
 from microtun.ticks import ticks_add, ticks_diff
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 PATH_PROBE = const(1)        # channel 0: [1, path, seq(4), ticks(4), srtt(2)] -> answered with [2, ...]
@@ -82,6 +80,7 @@ def probe_loss(state, seq):
     return [seq, (1.0 - (1.0 - state[1]) * (1.0 - _PROBE_GAIN) ** (gap - 1)) * (1.0 - _PROBE_GAIN)]
 
 
+EXPIRED = "expired"          # event: a peer's keys were wiped after a long silence: peer
 FAILED = "handshake_failed"  # event: a handshake was answered and never confirmed: peer
 DENIED = "denied"            # event: app data on a channel the device may not use: peer, channel
 _NO_PSK = bytes(32)

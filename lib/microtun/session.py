@@ -13,7 +13,7 @@ Keypair rotation (as WireGuard, whitepaper §6.3):
 """
 from microtun.keypair import ROOM
 from microtun.ticks import ticks_add
-from microtun import timers
+import microtun.timers as timers   # (not `from microtun import`: endpoint.py says why)
 
 
 class Session:

@@ -5,10 +5,8 @@ tick counter that wraps at TICKS_PERIOD (2**30, as on MicroPython MCU ports;
 the unix port's 2**62 period is a multiple, so drivers simply mask). Compare
 ticks only through ticks_diff / ticks_add, exactly like time.ticks_diff.
 """
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 TICKS_PERIOD = const(0x40000000)

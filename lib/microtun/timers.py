@@ -11,10 +11,8 @@ gateway's config reads; every one is also a Params default below.
 """
 from microtun.ticks import ticks_diff
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 # --- specification-level constants (WireGuard value in the comment) --------

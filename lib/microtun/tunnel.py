@@ -12,15 +12,14 @@ the paths (PathSet) and the outer framing, driven by datagrams and `now`.
 microtun.driver wraps it with sockets and select.poll; tests wrap it with a
 fake network and a fake clock (a simulated hour takes a second).
 """
-from microtun import hop
-from microtun.endpoint import Device, DATA, HANDSHAKE, STALE, CONTROL_CHANNEL
-from microtun.paths import Path, PathSet, probe_message, CTL_PATH_PROBE, CTL_PATH_REPLY, PROBE_LEN, POLICIES
-from microtun.ticks import ticks_diff, ticks_min
+# whole modules, as `import microtun.x as y`: endpoint.py says why
+import microtun.endpoint as endpoint
+import microtun.hop as hop
+import microtun.paths as paths
+import microtun.ticks as ticks
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 _ALL_DOWN_MS = const(2000)   # every path down this long: handshake again (doubling while it lasts)
@@ -47,9 +46,9 @@ class TunnelCore:
         if params is None and getattr(cfg, "unresponsive_ms", 0):
             from microtun import timers
             params = timers.Params(unresponsive_ms=cfg.unresponsive_ms)
-        self.device = Device(cfg.private_key, cfg.gateway_public, psk=cfg.psk, boot_counter=boot_counter,
-                             params=params, window=cfg.window, room=True)
-        self.paths = PathSet([Path(i, pc.name, pc.label, pc.rx_label, hop.HopKey(pc.hop_key))
+        self.device = endpoint.Device(cfg.private_key, cfg.gateway_public, psk=cfg.psk, boot_counter=boot_counter,
+                                      params=params, window=cfg.window, room=True)
+        self.paths = paths.PathSet([paths.Path(i, pc.name, pc.label, pc.rx_label, hop.HopKey(pc.hop_key))
                               for i, pc in enumerate(cfg.paths)], cfg.policy, cfg.nat_keepalive_ms)
         self.stats = {}
         self.tx_bytes = 0            # outer bytes sent, all paths
@@ -72,13 +71,13 @@ class TunnelCore:
         """Send data on an app channel. ValueError for a policy that is not
         None/best/critical/adaptive or channel 0; False (counted as
         `channel_denied`, logged) for a channel the config does not list."""
-        if channel == CONTROL_CHANNEL:
+        if channel == endpoint.CONTROL_CHANNEL:
             raise ValueError("channel 0 is reserved for path control; use 1..255")
         if not isinstance(channel, int) or not 0 < channel < 256:
             raise ValueError("channel must be an int from 1 to 255, got %r" % (channel,))
-        if policy is not None and policy not in POLICIES:
+        if policy is not None and policy not in paths.POLICIES:
             raise ValueError("policy must be None (the config's default) or one of %s, got %r" % (
-                ", ".join(POLICIES), policy))
+                ", ".join(paths.POLICIES), policy))
         allowed = self.cfg.channels
         if allowed is not None and channel not in allowed:
             # The gateway would drop it (counted there): refuse it here, where the app can see it.
@@ -169,14 +168,14 @@ class TunnelCore:
             e = self.device.next_event()
             if e is None:
                 return
-            if e.kind == DATA:
-                if e.channel != CONTROL_CHANNEL:
+            if e.kind == endpoint.DATA:
+                if e.channel != endpoint.CONTROL_CHANNEL:
                     self._inbox.append((e.channel, e.data))
                     continue
                 # channel 0 is path control: the gateway's reply to a path probe
                 d = e.data
                 i = e.addr
-                if isinstance(i, int) and len(d) == PROBE_LEN and d[0] == CTL_PATH_REPLY and d[1] == i:
+                if isinstance(i, int) and len(d) == paths.PROBE_LEN and d[0] == paths.CTL_PATH_REPLY and d[1] == i:
                     p = self.paths.paths[i]
                     if self.paths.on_probe_reply(d, now):
                         self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
@@ -189,7 +188,7 @@ class TunnelCore:
                         serve(self, d, now)
                     else:
                         self._count("ops_disabled")
-            elif e.kind == STALE:
+            elif e.kind == endpoint.STALE:
                 # Our boot counter went backwards (re-flashed, storage wiped):
                 # persist the one the gateway's answer names, before the retry goes out.
                 n = self.device._fresh.boot
@@ -201,7 +200,7 @@ class TunnelCore:
                         save_boot_counter(self.storage, n)
                     except OSError as err:
                         self.log("warn", "cannot persist boot counter %d (%s)" % (n, err))
-            elif e.kind == HANDSHAKE:
+            elif e.kind == endpoint.HANDSHAKE:
                 self.log("info", "session established (handshake %d)" % self.device.session.handshakes)
                 self._all_down_since = None     # the paths get probed now: give them time
                 for p in self.paths.paths:
@@ -210,17 +209,17 @@ class TunnelCore:
 
     # -- timers ----------------------------------------------------------------------
     def get_timer(self):
-        return ticks_min(self.device.get_timer(), self.paths.get_timer())
+        return ticks.ticks_min(self.device.get_timer(), self.paths.get_timer())
 
     def handle_timer(self, now):
         d = self.device.get_timer()
-        if d is not None and ticks_diff(d, now) <= 0:
+        if d is not None and ticks.ticks_diff(d, now) <= 0:
             self.device.handle_timer(now)
         before = [p.state for p in self.paths.paths]
         if self.device.established:
             for p, seq in self.paths.due_probes(now):
-                self.device.send(CONTROL_CHANNEL, probe_message(CTL_PATH_PROBE, p.index, seq, now, p.srtt),
-                                 now, route=p.index)
+                probe = paths.probe_message(paths.CTL_PATH_PROBE, p.index, seq, now, p.srtt)
+                self.device.send(endpoint.CONTROL_CHANNEL, probe, now, route=p.index)
         else:
             for p in self.paths.paths:
                 p.check_timeouts(now)
@@ -234,7 +233,7 @@ class TunnelCore:
             # with the address it sees, while we do not know that address yet
             # and every _PUBLIC_ADDR_REFRESH_MS to notice NAT changes.
             if p.public_addr is None or p.hop_probe_at is None or \
-                    ticks_diff(now, p.hop_probe_at) >= _PUBLIC_ADDR_REFRESH_MS:
+                    ticks.ticks_diff(now, p.hop_probe_at) >= _PUBLIC_ADDR_REFRESH_MS:
                 p.hop_probe_at = now
                 pkt = hop.seal(hop.TYPE_HOP_PROBE, p.label, p.key, hop.probe_body(p.seq, now))
                 self._count("hop_probe_tx")
@@ -252,7 +251,7 @@ class TunnelCore:
             self._all_down_n = 0
         elif self._all_down_since is None:
             self._all_down_since = now
-        elif self.device.session.hs is None and ticks_diff(now, self._all_down_since) >= min(
+        elif self.device.session.hs is None and ticks.ticks_diff(now, self._all_down_since) >= min(
                 _ALL_DOWN_MS << self._all_down_n, self.device.params.max_retry_ms):
             self._all_down_since = now
             if self._all_down_n < _ALL_DOWN_MAX_SHIFT:
@@ -273,18 +272,18 @@ class TunnelCore:
 
     def _flush(self, now):
         for data, route in self.device.datagrams_to_send(now):
-            paths = self.paths.select(route, now)
+            chosen = self.paths.select(route, now)
             if data[0]:
                 # a handshake message (it starts with its type): framed anew
-                for p in paths:
+                for p in chosen:
                     self._emit(p, hop.seal(hop.TYPE_DATA, p.label, p.key, data), now)
                 continue
             # a transport packet after HEADER_LEN bytes of room (Device(room=True)):
             # the outer header is written in place; only a second path copies it
             n = len(data) - hop.HEADER_LEN
-            last = len(paths) - 1
+            last = len(chosen) - 1
             for k in range(last + 1):       # (no enumerate object per packet)
-                p = paths[k]
+                p = chosen[k]
                 pkt = data if k == last else bytearray(data)
                 hop.seal_in_place(pkt, hop.TYPE_DATA, p.label, p.key, n)
                 self._emit(p, pkt, now)

@@ -17,14 +17,12 @@ branch); the native path has no secret-dependent branch or index, but
 MicroPython makes no timing promises either. See docs/CRYPTO.md
 ("Constant-time caveat").
 """
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
+if __import__("sys").implementation.name != "micropython":
+    def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
 try:
-    from microtun import fe25519 as _fe
+    import microtun.fe25519 as _fe   # (not `from microtun import`: endpoint.py says why)
     BACKEND = "native"
 except (ImportError, SyntaxError, ValueError, MemoryError):
     # ImportError: CPython (no micropython module) or no fe25519 shipped;
@@ -38,29 +36,6 @@ _P = const(2**255 - 19)
 _A24P1 = const(121666)    # RFC 7748's a24 = 121665, plus one
 _U_MASK = const(2**255 - 1)
 BASE_POINT = b"\x09" + bytes(31)
-
-def _inverse(x):
-    # x**(p-2) mod p by the classic curve25519 addition chain: 254 squarings
-    # and 11 multiplications (each run of squarings one pow(x, 2**n, p), a
-    # loop in C). On MicroPython's MPZ this is ~2.5x faster than the
-    # 3-argument pow() over the whole exponent.
-    # Names are reused as soon as a power is spent (x_n = x**(2**n - 1)).
-    p = _P
-    x2 = x * x % p
-    b = pow(x2, 4, p) * x % p          # x**9
-    x11 = b * x2 % p                   # x**11
-    x2 = None
-    b = x11 * x11 % p * b % p          # x_5
-    x10 = b = pow(b, 1 << 5, p) * b % p  # x_10
-    b = pow(b, 1 << 10, p) * b % p     # x_20
-    b = pow(b, 1 << 20, p) * b % p     # x_40
-    x50 = b = pow(b, 1 << 10, p) * x10 % p  # x_50
-    x10 = None
-    b = pow(b, 1 << 50, p) * b % p     # x_100
-    b = pow(b, 1 << 100, p) * b % p    # x_200
-    b = pow(b, 1 << 50, p) * x50 % p   # x_250
-    return pow(b, 1 << 5, p) * x11 % p
-
 
 def _ladder_big(k, x1):
     # RFC 7748 §5: the Montgomery ladder over bits 254..0 of k, in big ints.
@@ -91,7 +66,29 @@ def _ladder_big(k, x1):
         z2 = a * (z2 + _A24P1 * a) % p          # E * (AA + a24 E) = E * (BB + (a24 + 1) E)
     if swap:
         x2, z2 = x3, z3
-    return x2 * _inverse(z2) % p
+    # 1 / z2 = z2**(p-2) mod p by the classic curve25519 addition chain: 254
+    # squarings and 11 multiplications (each run of squarings one
+    # pow(x, 2**n, p), a loop in C). On MicroPython's MPZ this is ~2.5x
+    # faster than the 3-argument pow() over the whole exponent. Written
+    # here, not as a function: it has no other caller, and a function is
+    # heap on a board. Names are reused as soon as a power is spent
+    # (x_n = x**(2**n - 1)).
+    x = z2
+    z2 = x3 = z3 = a = None
+    c = x * x % p
+    b = pow(c, 4, p) * x % p           # x**9
+    x11 = b * c % p                    # x**11
+    c = None
+    b = x11 * x11 % p * b % p          # x_5
+    x10 = b = pow(b, 1 << 5, p) * b % p  # x_10
+    b = pow(b, 1 << 10, p) * b % p     # x_20
+    b = pow(b, 1 << 20, p) * b % p     # x_40
+    x50 = b = pow(b, 1 << 10, p) * x10 % p  # x_50
+    x10 = None
+    b = pow(b, 1 << 50, p) * b % p     # x_100
+    b = pow(b, 1 << 100, p) * b % p    # x_200
+    b = pow(b, 1 << 50, p) * x50 % p   # x_250
+    return x2 * (pow(b, 1 << 5, p) * x11 % p) % p
 
 
 def x25519(scalar, u):

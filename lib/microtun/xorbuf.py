@@ -16,7 +16,7 @@ Where that is missing (CPython, a port without native emitters, a .mpy
 built without -march, so "invalid arch"), importing this module fails and
 aead.py keeps its big-int XOR: the same bytes, more heap.
 """
-import micropython
+__import__("micropython")   # on CPython an ImportError here; not bound: the decorators are the compiler's
 
 
 @micropython.viper

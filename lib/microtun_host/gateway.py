@@ -34,8 +34,8 @@ from microtun_host import log as logs
 from microtun_host import hostcrypto
 from microtun_host.pop import encode_source
 from microtun_host.config import ConfigError
-from microtun.endpoint import DATA, HANDSHAKE, EXPIRED, STALE
-from microtun.responder import Gateway, FAILED, DENIED, SWEEP_MS, GATEWAY_DH_PER_S, LINK_DH_PER_S
+from microtun.endpoint import DATA, HANDSHAKE, STALE
+from microtun.responder import Gateway, EXPIRED, FAILED, DENIED, SWEEP_MS, GATEWAY_DH_PER_S, LINK_DH_PER_S
 from microtun.ticks import TICKS_MASK, ticks_diff
 from microtun import timers
 from microtun.replay import GATEWAY_WINDOW
