@@ -212,6 +212,11 @@ def compile_mpy(src, dst, source_name, arch=None, exe=None, lines=False):
     .mpy is made: `microtun flash`, `make mpy`, releases, and the
     benchmarks that measure them (tools/bench_memory.py). Returns its size."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if not lines and source_name.endswith(".py"):
+        # Without line numbers the name only says which module: its dotted
+        # name ("microtun.hop"), a qstr the import already interns, where
+        # "microtun/hop.py" would be one more per module in a board's heap.
+        source_name = source_name[:-3].replace("/", ".")
     cmd = [exe or mpy_cross_exe()]
     if arch and arch != "none":
         cmd.append("-march=" + arch)
