@@ -217,6 +217,8 @@ def compile_mpy(src, dst, source_name, arch=None, exe=None, lines=False):
         # name ("microtun.hop"), a qstr the import already interns, where
         # "microtun/hop.py" would be one more per module in a board's heap.
         source_name = source_name[:-3].replace("/", ".")
+        if source_name.endswith(".__init__"):
+            source_name = source_name[:-9]          # the package's own name
     cmd = [exe or mpy_cross_exe()]
     if arch and arch != "none":
         cmd.append("-march=" + arch)
