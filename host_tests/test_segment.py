@@ -625,7 +625,8 @@ def test_a_new_fec_group_schedules_its_close_not_an_immediate_run():
 def test_fec_egress_lets_go_of_old_symbols():
     """The FEC egress keeps each packet as a symbol for its group's repair,
     not for as long as its ring slot lasts (8192 packets: 10 MB per route at
-    1200 bytes): what is 2 hold_ms old is let go of in batches."""
+    1200 bytes), nor a fixed number of packets: what is 2 hold_ms old is let
+    go of every 16 packets."""
     cfg = SegConfig("fec")
     snd, rcv = Sender(cfg, LABEL, KEY), Receiver(cfg, LABEL, KEY)
     egress = segment.egress_for(rcv, 300, OUT_KEY)
@@ -636,7 +637,7 @@ def test_fec_egress_lets_go_of_old_symbols():
         else:
             assert rcv.data(pkt, ("10.0.0.1", 1), 1.02 + i * 0.005) is not None
     kept = sum(x is not None for x in rcv._rin)
-    assert kept <= 512 + 64, kept           # not 3000
+    assert 100 <= kept <= 100 + 16 + 1, kept    # 2 hold_ms (100 packets) and what came since the last run
     # what a late parity may still need is there: the last 2 hold_ms (100 packets)
     assert all(rcv._inner((snd.seq - k) % segment.SEQ_MOD, 1.02 + 2999 * 0.005) is not None for k in range(1, 100))
 
@@ -650,3 +651,84 @@ def test_parities_of_a_complete_group_are_not_drops():
     st = link.rcv.stats()
     assert st["parities_unused"] == link.snd.parities == 60
     assert link.rcv.st.total == 0 and not st["drops"]
+
+
+def test_parity_function_takes_complete_groups_and_leaves_the_rest():
+    """segment.parity_for (the PoP's path for a SEG_REPAIR): a parity of a
+    complete group is counted unused with nothing else done; a forged one
+    and one that may repair go on to Receiver.repair, which gives what it
+    gives alone (same rebuilt packets, same counters), across the seq wrap."""
+    cfg = SegConfig("fec", fec_k=6, fec_m=2)
+    for lost in ((), (3,), (8, 9), (13, 14, 15), (26,)):       # seq index in the stream (none, one, two, too many)
+        snd = Sender(cfg, LABEL, KEY, segment.SEQ_MOD - 10)
+        a, b = Receiver(cfg, LABEL, KEY), Receiver(cfg, LABEL, KEY)
+        parity = segment.parity_for(b)
+        got_a, got_b, k = [], [], 0
+        for i in range(30):
+            for p in snd.data(inner(i), False, 1.0 + i * 0.005):
+                now = 1.02 + i * 0.005
+                if p[0] & 0x0F == outer.TYPE_SEG_DATA:
+                    k += 1
+                    if k - 1 in lost:
+                        continue
+                    fa, _ = a.receive(p, ("10.0.0.1", 1), now)
+                    fb, _ = b.receive(p, ("10.0.0.1", 1), now)
+                else:
+                    fa, _ = a.receive(p, ("10.0.0.1", 1), now)
+                    ok = parity(p)
+                    if ok:
+                        fb = []
+                    else:
+                        assert ok is False
+                        b.repair(p, now, verified=True)
+                        fb, b.rebuilt = b.rebuilt, []
+                got_a += fa
+                got_b += fb
+        assert got_a == got_b and a.stats() == b.stats(), lost
+        st = b.stats()
+        if not lost:
+            assert st["parities_unused"] == snd.parities == 10 and not b.groups    # no group entry either
+        elif len(lost) <= 2:
+            assert st["recovered_fec"] == len(lost)
+    forged = outer.seal(outer.TYPE_SEG_REPAIR, LABEL, OTHER, bytes(30))
+    assert parity(forged) is None and parity(forged[:outer.HEADER_LEN + 4]) is None
+    assert b.st.total == 0                    # refused by the function: Receiver.repair counts it
+    b.repair(forged, 2.0)
+    assert b.st.drops["seg_bad_mac"] == 1
+
+
+def test_complete_groups_need_every_seq_since_the_last_gap():
+    cfg = SegConfig("fec")
+    snd, rcv = Sender(cfg, LABEL, KEY, 100), Receiver(cfg, LABEL, KEY)
+    pkts = [snd.send(inner(i), False, 1.0) for i in range(60)]
+    for p in pkts[:30]:
+        rcv.data(p, ("10.0.0.1", 1), 1.0)
+    assert rcv.complete(100, 24) and rcv.complete(105, 25) and not rcv.complete(110, 24)   # 130 not in yet
+    assert not rcv.complete(99, 2)                                   # before the first seq seen
+    for p in pkts[31:40]:                                           # 130 missing
+        rcv.data(p, ("10.0.0.1", 1), 1.0)
+    assert not rcv.complete(120, 24) and not rcv.complete(100, 24) and rcv.complete(131, 9)
+    rcv.data(pkts[30], ("10.0.0.1", 1), 1.0)                        # its late original: still not "complete"
+    assert not rcv.complete(120, 24)                                 # (the group's own check finds it whole)
+    for i in range(40, 60):
+        rcv.data(pkts[i], ("10.0.0.1", 1), 1.0 + i * 0.001)
+    assert rcv.complete(131, 29)
+
+
+def test_complete_groups_over_many_seq_wraps():
+    """The no-loss mark follows the top (forget keeps it within JUMP_MAX):
+    after 40,000 packets without a gap, more than the 15-bit seq space, a
+    parity still finds its group complete without a lookup."""
+    cfg = SegConfig("fec")
+    snd, rcv = Sender(cfg, LABEL, KEY), Receiver(cfg, LABEL, KEY)
+    egress = segment.egress_for(rcv, 300, OUT_KEY)
+    pars = []
+    for i in range(40000):
+        for p in snd.data(inner(i, 8), False, 1.0 + i * 0.001):
+            if p[0] & 0x0F == outer.TYPE_SEG_DATA:
+                assert egress(p, ("10.0.0.1", 1), 1.0 + i * 0.001) is not None
+            else:
+                pars.append(p)
+    parity = segment.parity_for(rcv)
+    assert all(parity(p) for p in pars[-30:]) and not rcv.groups
+    assert segment.seq_diff(rcv.top, rcv.clean) <= segment.JUMP_MAX + 16

@@ -230,7 +230,7 @@ class Route:
     __slots__ = ("spec", "in_label", "in_key", "dest", "learn_from", "learns",
                  "out_label", "out_key", "packets", "bytes", "drops", "init_bucket", "probe_bucket",
                  "reply_bucket", "seg_in", "seg_out", "seal_data", "seal_ce", "relay", "plain",
-                 "seg_ingress", "seg_egress")
+                 "seg_ingress", "seg_egress", "seg_parity")
 
     def __init__(self, spec, learns):
         self.spec = spec
@@ -267,6 +267,7 @@ class Route:
         Receiver (again when swap() hands them over from the old table)."""
         self.seg_ingress = segment.ingress_for(self.seg_out, self.in_key) if self.seg_out else None
         self.seg_egress = segment.egress_for(self.seg_in, self.out_label, self.out_key) if self.seg_in else None
+        self.seg_parity = segment.parity_for(self.seg_in) if self.seg_in and self.seg_in.cfg.fec else None
 
 
 def _more(n):
@@ -610,7 +611,11 @@ class Forwarder:
         if ptype == outer.TYPE_SEG_DATA:
             out = r.seg_egress(data, addr, self.clock())
         elif ptype == outer.TYPE_SEG_REPAIR:
-            seg.repair(data, self.clock())
+            ok = r.seg_parity(data) if r.seg_parity is not None else None
+            if ok:                          # its group is complete (no loss): counted as unused, nothing else
+                self.drops["segment"] += 1
+                return None
+            seg.repair(data, self.clock(), verified=ok is False)
         else:
             seg.ping(data, addr, self.clock())
         if seg.st.total != n:
