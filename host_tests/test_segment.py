@@ -411,6 +411,8 @@ def test_sealer_gives_outer_seal_bytes():
             assert sl.seal(p) == outer.seal(t, 0x123456, KEY, p)
             assert sl.seal(bytearray(p)) == outer.seal(t, 0x123456, KEY, p)
             assert sl.seal2(b"\x81\x02", p) == outer.seal(t, 0x123456, KEY, b"\x81\x02" + p), n
+            for pre in (b"", b"\x01\x02\x03\x04\x05", bytes(range(16))):          # a SEG_REPAIR's header: 5
+                assert sl.seal2(pre, p) == outer.seal(t, 0x123456, KEY, pre + p), (n, pre)
 
 
 # --- the PoP's per-route functions (segment.ingress_for / egress_for) ----------------------
@@ -732,3 +734,39 @@ def test_complete_groups_over_many_seq_wraps():
     parity = segment.parity_for(rcv)
     assert all(parity(p) for p in pars[-30:]) and not rcv.groups
     assert segment.seq_diff(rcv.top, rcv.clean) <= segment.JUMP_MAX + 16
+
+
+def test_pop_egress_parities_complete_group_or_repair():
+    """A PoP's egress (pop.Forwarder): with no loss each parity is consumed
+    (counted unused, in the "segment" drop reason, every datagram counted
+    once); with a packet lost the same parities rebuild it, and a forged
+    parity is a counted seg_bad_mac, as before the fast path."""
+    import logging
+    from microtun_host import pop
+    from microtun_host.config import Address
+    k1, k2 = bytes(range(32)), bytes(range(1, 33))
+    cfg = SegConfig("fec", fec_k=8, fec_m=2)
+    spec = pop.RouteSpec(200, k1, Address(4, "127.0.0.1", 9), 0, 300, k2, seg_in=cfg)
+    for lost in (None, 5):
+        now = [10.0]
+        f = pop.Forwarder(pop.build_table([spec]), logging.getLogger("t"), clock=lambda: now[0])
+        snd = Sender(cfg, 200, outer.HopKey(k1))
+        out = []
+        for i in range(16):
+            now[0] += 0.005
+            for k, p in enumerate(snd.data(inner(i), False, now[0])):
+                if k == 0 and i == lost:
+                    continue
+                r = f.receive(bytes(p), ("127.0.0.1", 6))
+                if r is not None:
+                    out.append(r[0])
+                out += [q for q, _ in f.seg_q]
+                f.seg_q.clear()
+        rcv = f.routes[200].seg_in
+        assert len(out) == 16 and rcv.received == 16 - (lost is not None)
+        assert rcv.parities_unused == (4 if lost is None else 3) and rcv.recovered_fec == (lost is not None)
+        assert f.drops["segment"] == rcv.parities_unused and rcv.st.total == 0     # the parity that rebuilt: forwarded
+        assert f.rx == f.forwarded + sum(f.drops.values())
+    forged = outer.seal(outer.TYPE_SEG_REPAIR, 200, outer.HopKey(k2), bytes((0, 0, 8, 2, 0)) + bytes(40))
+    assert f.receive(bytes(forged), ("127.0.0.1", 6)) is None
+    assert rcv.st.drops["seg_bad_mac"] == 1 and f.drops["segment"] == 4 and f.rx == f.forwarded + sum(f.drops.values())

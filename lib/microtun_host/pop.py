@@ -301,7 +301,8 @@ _HDR = outer.HEADER_LEN
 _B0_DATA = outer.BYTE0_DATA
 _B0_SEG_DATA = 0x10 | outer.TYPE_SEG_DATA     # (version 1) a LOOPS segment's data
 # ... and what else reaches a segment's egress: its parities and pings
-_B0_SEG_IN = frozenset((_B0_SEG_DATA, 0x10 | outer.TYPE_SEG_REPAIR, 0x10 | outer.TYPE_SEG_PING))
+_B0_SEG_REPAIR = 0x10 | outer.TYPE_SEG_REPAIR
+_B0_SEG_IN = frozenset((_B0_SEG_DATA, _B0_SEG_REPAIR, 0x10 | outer.TYPE_SEG_PING))
 _INIT_OUTER_LEN = outer.HEADER_LEN + outer.INNER_INIT_LEN
 # outer lengths of DATA packets that may carry a handshake message (INIT, RESPONSE, COOKIE, STALE)
 _HANDSHAKE_LENS = frozenset(outer.HEADER_LEN + n for n in
@@ -400,6 +401,12 @@ class Forwarder:
         elif n >= _HDR and data[0] in _B0_SEG_IN:      # out of a LOOPS segment: the next hot path
             r = self.routes.get((data[1] << 16) | (data[2] << 8) | data[3])
             if r is not None and r.seg_in is not None:
+                if data[0] == _B0_SEG_REPAIR and r.seg_parity is not None:
+                    ok = r.seg_parity(data)     # segment.parity_for: authentic, and is its group complete?
+                    if ok:                      # (no loss: every parity) counted as unused, nothing else
+                        self.drops["segment"] += 1
+                        return None
+                    return self._seg_receive(r, data, addr, ok is False)
                 return self._seg_receive(r, data, addr)
         return self._other(data, addr)
 
@@ -599,9 +606,10 @@ class Forwarder:
                 self.seg_due = t
             self.seg_kick = True
 
-    def _seg_receive(self, r, data, addr):
+    def _seg_receive(self, r, data, addr, verified=False):
         """SEG_DATA, SEG_REPAIR or SEG_PING at the segment's egress: what
-        arrives or is rebuilt leaves as DATA (DATA_CE when marked)."""
+        arrives or is rebuilt leaves as DATA (DATA_CE when marked).
+        verified: a SEG_REPAIR whose hop MAC receive() checked already."""
         if r.seg_in is None:
             return self._drop("unexpected_type", addr, r)
         seg = r.seg_in
@@ -611,11 +619,7 @@ class Forwarder:
         if ptype == outer.TYPE_SEG_DATA:
             out = r.seg_egress(data, addr, self.clock())
         elif ptype == outer.TYPE_SEG_REPAIR:
-            ok = r.seg_parity(data) if r.seg_parity is not None else None
-            if ok:                          # its group is complete (no loss): counted as unused, nothing else
-                self.drops["segment"] += 1
-                return None
-            seg.repair(data, self.clock(), verified=ok is False)
+            seg.repair(data, self.clock(), verified)
         else:
             seg.ping(data, addr, self.clock())
         if seg.st.total != n:

@@ -243,17 +243,19 @@ class Sealer:
         return b"".join((self.hdr, o.digest()[:outer.MAC_LEN], payload))
 
     def seal2(self, prefix, payload):
-        """seal(prefix + payload) for a 2-byte prefix."""
+        """seal(prefix + payload) for a prefix of at most _EXCERPT_HALF bytes
+        (a SEG_DATA's seq, a SEG_REPAIR's header)."""
         if self.ih is None:
             return outer.seal(self.ptype, self.label, self.key, prefix + payload)
-        n = len(payload) + 2
+        k = len(prefix)
+        n = len(payload) + k
         h = self.ih.copy()
         h.update(n.to_bytes(2, "big"))
         h.update(prefix)
         if n <= _EXCERPT_WHOLE:
             h.update(payload)
         else:
-            h.update(payload[:_EXCERPT_HALF - 2])
+            h.update(payload[:_EXCERPT_HALF - k])
             h.update(payload[-_EXCERPT_HALF:])
         o = self.oh.copy()
         o.update(h.digest())
@@ -399,10 +401,11 @@ class Sender:
             return []
         syms = [(_LEN[len(x)] if len(x) < 2048 else len(x).to_bytes(2, "big")) + x for x in group]
         m = min(full, max(1, int(full * n / cfg.fec_k + 0.5)))
-        hdr = bytes((self.group_first >> 8, self.group_first & 0xFF, n, m))
+        f0, f1 = self.group_first >> 8, self.group_first & 0xFF
         out = []
+        seal2 = self.repair_sealer.seal2
         for j, par in enumerate(fec.encode(syms, m)):
-            p = self.repair_sealer.seal(b"".join((hdr, bytes((j,)), par)))
+            p = seal2(bytes((f0, f1, n, m, j)), par)
             out.append(p)
             self.parities += 1
             self.parity_bytes += len(p)
