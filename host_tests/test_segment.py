@@ -770,3 +770,31 @@ def test_pop_egress_parities_complete_group_or_repair():
     forged = outer.seal(outer.TYPE_SEG_REPAIR, 200, outer.HopKey(k2), bytes((0, 0, 8, 2, 0)) + bytes(40))
     assert f.receive(bytes(forged), ("127.0.0.1", 6)) is None
     assert rcv.st.drops["seg_bad_mac"] == 1 and f.drops["segment"] == 4 and f.rx == f.forwarded + sum(f.drops.values())
+
+
+def test_pop_ingress_inline_path_gives_the_senders_packets():
+    """Forwarder.receive's inline path into a segment: the same SEG_DATA and
+    parities as Sender.send alone, in order, every datagram counted; a
+    forged DATA is a bad_mac drop that spends no seq."""
+    import logging
+    from microtun_host import pop
+    from microtun_host.config import Address
+    k1, k2 = bytes(range(32)), bytes(range(1, 33))
+    cfg = SegConfig("nack+fec", fec_k=8, fec_m=2)
+    spec = pop.RouteSpec(100, k1, Address(4, "127.0.0.1", 9), 0, 200, k2, seg_out=cfg)
+    now = [50.0]
+    f = pop.Forwarder(pop.build_table([spec]), logging.getLogger("t"), clock=lambda: now[0])
+    snd = f.routes[100].seg_out
+    ref = Sender(cfg, 200, outer.HopKey(k2), snd.seq)
+    for i in range(20):
+        now[0] += 0.005
+        data = bytes(outer.seal(outer.TYPE_DATA, 100, outer.HopKey(k1), inner(i)))
+        out = f.receive(data, ("127.0.0.1", 5))
+        got = [out[0]] + [p for p, _ in f.seg_q]
+        assert all(d == ("127.0.0.1", 9) for _, d in f.seg_q)
+        f.seg_q.clear()
+        assert got == ref.data(inner(i), False, now[0]), i
+    forged = bytes(outer.seal(outer.TYPE_DATA, 100, outer.HopKey(k2), inner(99)))
+    assert f.receive(forged, ("127.0.0.1", 5)) is None and f.drops[outer.DROP_BAD_MAC] == 1
+    assert snd.seq == ref.seq and snd.parities == ref.parities == 4
+    assert f.rx == 21 and f.forwarded == 20 and f.routes[100].packets == 20
