@@ -798,3 +798,28 @@ def test_pop_ingress_inline_path_gives_the_senders_packets():
     assert f.receive(forged, ("127.0.0.1", 5)) is None and f.drops[outer.DROP_BAD_MAC] == 1
     assert snd.seq == ref.seq and snd.parities == ref.parities == 4
     assert f.rx == 21 and f.forwarded == 20 and f.routes[100].packets == 20
+
+
+def test_a_tail_gap_keeps_its_group_incomplete_until_repaired():
+    """A tail loss found by a ping leaves nothing known clean (the mark one
+    past the top); a late packet that lands on a forget slot then must not
+    make the lost seqs look received: the group's parities still rebuild."""
+    cfg = SegConfig("fec", fec_k=16, fec_m=4)
+    snd, rcv = Sender(cfg, LABEL, KEY, 80), Receiver(cfg, LABEL, KEY)
+    pkts, pars = [], []
+    for i in range(32):
+        for p in snd.data(inner(i), False, 1.0 + i * 0.001):
+            (pkts if p[0] & 0x0F == outer.TYPE_SEG_DATA else pars).append(p)
+    for p in pkts[:15]:                                   # seqs 80..94; 95.. not (yet)
+        rcv.data(p, ("10.0.0.1", 1), 1.05)
+    ping = [q for q in snd.tick(1.06) if q[0] & 0x0F == outer.TYPE_SEG_PING]
+    rcv.ping(ping[0], ("10.0.0.1", 1), 1.07)              # next seq 112: 95..111 missing, top 111
+    assert rcv.top == 111 and not rcv.complete(96, 16) and not rcv.complete(80, 16)
+    assert (96 & segment._FORGET_MASK) == 0
+    assert rcv.data(pkts[16], ("10.0.0.1", 1), 1.08) is not None     # seq 96 late, on a forget slot
+    assert not rcv.complete(96, 16) and not rcv.complete(80, 16)
+    rebuilt = []
+    for p in pars[:4]:                                    # the first group's parities: seq 95 comes back
+        fwd, _ = rcv.receive(p, ("10.0.0.1", 1), 1.09)
+        rebuilt += fwd
+    assert [f[0] for f in rebuilt] == [inner(15)]

@@ -749,7 +749,7 @@ class Receiver:
         top = self.top
         mask = SEQ_MOD - 1
         c = self.clean
-        if c is not None and (top - c) & mask > JUMP_MAX:
+        if c is not None and seq_diff(top, c) > JUMP_MAX:     # (not when c is top + 1: nothing clean yet)
             self.clean = (top - JUMP_MAX) & mask
         s = self._fseq
         d = -1 if s is None else (top - s) & mask
