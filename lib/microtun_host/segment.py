@@ -56,8 +56,8 @@ _RING_MASK = BUFFER_MAX - 1
 MISSING_MAX = 512             # gaps an egress tracks (beyond: counted lost at once)
 RECENT_MAX = 8192             # seqs an egress remembers (dedup, FEC symbols; a power of 2: a ring)
 _RECENT_MASK = RECENT_MAX - 1
-_FORGET_MASK = 63             # an FEC egress lets go of old symbols every 64 packets ...
-_FORGET_BACK = 512            # ... the 64 received 512 to 449 packets ago, if 2 hold_ms old (Receiver.forget)
+_FORGET_MASK = 15             # an FEC egress lets go of symbols 2 hold_ms old every 16 packets (Receiver.forget) ...
+_FORGET_STEPS = 64            # ... walking at most this many ring slots each time
 GROUPS_MAX = 64               # FEC groups an egress keeps parities for
 JUMP_MAX = 1024               # a seq further ahead than this is not a gap but a resync candidate
 RESYNC_AFTER = 8              # consecutive far seqs (authentic) before the egress follows them
@@ -243,17 +243,19 @@ class Sealer:
         return b"".join((self.hdr, o.digest()[:outer.MAC_LEN], payload))
 
     def seal2(self, prefix, payload):
-        """seal(prefix + payload) for a 2-byte prefix."""
+        """seal(prefix + payload) for a prefix of at most _EXCERPT_HALF bytes
+        (a SEG_DATA's seq, a SEG_REPAIR's header)."""
         if self.ih is None:
             return outer.seal(self.ptype, self.label, self.key, prefix + payload)
-        n = len(payload) + 2
+        k = len(prefix)
+        n = len(payload) + k
         h = self.ih.copy()
         h.update(n.to_bytes(2, "big"))
         h.update(prefix)
         if n <= _EXCERPT_WHOLE:
             h.update(payload)
         else:
-            h.update(payload[:_EXCERPT_HALF - 2])
+            h.update(payload[:_EXCERPT_HALF - k])
             h.update(payload[-_EXCERPT_HALF:])
         o = self.oh.copy()
         o.update(h.digest())
@@ -368,10 +370,11 @@ class Sender:
             self.keep_more(seq, inner, now)
 
     def keep_more(self, seq, inner, now):
-        """keep()'s rarer part: the trace and the FEC group."""
+        """keep()'s rarer part: the trace and the FEC group (none opens while
+        adaptive FEC sends no parities: it would close with nothing to send)."""
         if self.trace is not None:
             self.trace.append((seq, now))
-        if self.cfg.fec:
+        if self.cfg.fec and (self.group or self.fec_m):
             if not self.group:
                 self.group_first = seq
                 self.group_t = now
@@ -398,10 +401,11 @@ class Sender:
             return []
         syms = [(_LEN[len(x)] if len(x) < 2048 else len(x).to_bytes(2, "big")) + x for x in group]
         m = min(full, max(1, int(full * n / cfg.fec_k + 0.5)))
-        hdr = bytes((self.group_first >> 8, self.group_first & 0xFF, n, m))
+        f0, f1 = self.group_first >> 8, self.group_first & 0xFF
         out = []
+        seal2 = self.repair_sealer.seal2
         for j, par in enumerate(fec.encode(syms, m)):
-            p = self.repair_sealer.seal(b"".join((hdr, bytes((j,)), par)))
+            p = seal2(bytes((f0, f1, n, m, j)), par)
             out.append(p)
             self.parities += 1
             self.parity_bytes += len(p)
@@ -589,6 +593,9 @@ class Receiver:
         self._rin = [None] * RECENT_MAX if cfg.fec else None   # their inner packets (FEC symbols)
         self.missing = {}             # seq -> [noticed at, NACKs sent, next NACK time]
         self.groups = {}              # first seq -> [n, m, {j: parity}, arrival, done]
+        self.clean = None             # every seq from this one to top was received, none seen missing (FEC:
+                                      # a parity of a group within is unused, with no lookup; Receiver.complete)
+        self._fseq = None             # FEC: the oldest seq whose ring slot may still hold a symbol (forget)
         self.far = 0                  # consecutive authentic seqs beyond JUMP_MAX
         self.last_ping = None
         self.srtt_ms = 0
@@ -652,6 +659,7 @@ class Receiver:
         top = self.top
         if top is None:
             top = self.top = (seq - 1) & (SEQ_MOD - 1)
+            self.clean = seq
         d = (seq - top) & (SEQ_MOD - 1)
         if d == 1:                                    # the usual case: the next one
             self.top = seq
@@ -667,6 +675,7 @@ class Receiver:
                     return None
                 self._reset()
                 self.top = (seq - 1) & (SEQ_MOD - 1)
+                self.clean = seq
                 return self.take(pkt, src, now)
             if d <= 0:
                 how = self._late(seq, now)
@@ -727,18 +736,45 @@ class Receiver:
         return self._rseq[i] == seq and now - self._rt[i] <= 2 * self.cfg.hold_ms / 1000.0
 
     def forget(self, i, now):
-        """Let go of the FEC symbols kept in the _FORGET_MASK + 1 slots that
-        lie _FORGET_BACK behind slot i, those past their use (2 hold_ms old:
-        _has() no longer takes them). Called every _FORGET_MASK + 1 packets:
-        the ring then holds about 2 hold_ms of packets (at 200 packets/s 100,
-        not 8192: 0.5 MB less per route at 250 bytes, 10 MB at 1200), and
-        they go back in a batch, not one long-forgotten packet per packet."""
+        """Let go of the FEC symbols past their use (2 hold_ms old: _has()
+        no longer takes them): from the oldest slot that may hold one
+        (self._fseq) towards the top, up to the first younger symbol, at most
+        _FORGET_STEPS slots. Called every _FORGET_MASK + 1 packets (slot i is
+        the packet's): the ring then holds 2 hold_ms of packets and at most
+        16 more (at 200 packets/s about 110, not 8192: 2 MB less per route at
+        250 bytes, 10 MB at 1200), so the allocator reuses the few blocks it
+        freed instead of handing out cold ones. Also keeps self.clean within
+        JUMP_MAX of the top (its seq distance must not wrap)."""
         rin, rt = self._rin, self._rt
+        top = self.top
+        mask = SEQ_MOD - 1
+        c = self.clean
+        if c is not None and seq_diff(top, c) > JUMP_MAX:     # (not when c is top + 1: nothing clean yet)
+            self.clean = (top - JUMP_MAX) & mask
+        s = self._fseq
+        d = -1 if s is None else (top - s) & mask
+        if not 0 <= d < RECENT_MAX:                  # new, or behind by more than the ring: the whole ring
+            s = (top - RECENT_MAX + 1) & mask
+            d = RECENT_MAX - 1
         horizon = now - 2 * self.cfg.hold_ms / 1000.0
-        for j in range(i - _FORGET_BACK, i - _FORGET_BACK + _FORGET_MASK + 1):
-            j &= _RECENT_MASK
-            if rin[j] is not None and rt[j] < horizon:
+        for _ in range(min(d, _FORGET_STEPS)):
+            j = s & _RECENT_MASK
+            if rin[j] is not None:
+                if rt[j] >= horizon:
+                    break
                 rin[j] = None
+            s = (s + 1) & mask
+        self._fseq = s
+
+    def complete(self, first, n):
+        """Every seq of the group (first, n) was received, none ever seen
+        missing: its parities have nothing to repair (one comparison, no
+        lookup per seq: with no loss every parity ends here)."""
+        c = self.clean
+        if c is None:
+            return False
+        a = (first - c) & (SEQ_MOD - 1)
+        return a < SEQ_HALF and a + n - 1 <= seq_diff(self.top, c)
 
     def _inner(self, seq, now):
         """The inner packet of a received seq (FEC modes), or None."""
@@ -747,6 +783,9 @@ class Receiver:
         return self._rin[seq & _RECENT_MASK]
 
     def _gaps(self, seq, d, now):
+        """seq arrived (or is next, from a ping or a parity) and the d - 1
+        seqs before it are missing."""
+        self.clean = seq
         due = now + self.cfg.nack_delay_ms / 1000.0
         for k in range(d - 1, 0, -1):
             s = (seq - k) & (SEQ_MOD - 1)
@@ -788,14 +827,18 @@ class Receiver:
         self.missing.clear()
         self.groups.clear()
         self.far = 0
+        self.clean = self._fseq = None
 
-    def repair(self, pkt, now):
+    def repair(self, pkt, now, verified=False):
         """A SEG_REPAIR: packets it rebuilds go to self.rebuilt, NACKs now
-        due to self.replies."""
-        if len(pkt) < outer.HEADER_LEN + REPAIR_HDR + 3:
+        due to self.replies. verified: its length and hop MAC were checked
+        (parity_for()'s function)."""
+        if verified:
+            pass
+        elif len(pkt) < outer.HEADER_LEN + REPAIR_HDR + 3:
             self.st.drop("seg_malformed")
             return
-        if not self._verify(pkt):
+        elif not self._verify(pkt):
             self.st.drop("seg_bad_mac")
             return
         self.rebuilt += self._repair(pkt, now)
@@ -807,6 +850,9 @@ class Receiver:
         par = b[REPAIR_HDR:]
         if not self.cfg.fec or not 1 <= n <= fec.K_MAX or not 1 <= m <= fec.M_MAX or j >= m or first >= SEQ_MOD:
             self.st.drop("seg_malformed")
+            return []
+        if self.complete(first, n):              # no loss: the usual case
+            self.parities_unused += 1
             return []
         last = (first + n - 1) & (SEQ_MOD - 1)
         d = JUMP_MAX + 1 if self.top is None else seq_diff(last, self.top)
@@ -1030,6 +1076,7 @@ def ingress_for(snd, in_key):
     ih2.update(hdr)
     keep_more = snd.keep_more
     fec_on = snd.cfg.fec
+    fec_k = snd.cfg.fec_k
     ring = snd._pkt
     times, retx = (snd._t, snd._retx) if ring is not None else (None, None)
     ce_byte = outer.BYTE0_DATA_CE
@@ -1085,11 +1132,62 @@ def ingress_for(snd, in_key):
             ring[i] = pkt
             times[i] = now
             retx[i] = 0
-        if fec_on or snd.trace is not None:
+        if fec_on:
+            # Sender.keep_more for a packet into an open group, inline (a call
+            # per packet costs as much as the append)
+            group = snd.group
+            if group and snd.trace is None:
+                group.append(inner)
+                if len(group) >= fec_k:
+                    snd.extra += snd._close_group()
+            elif group or snd.fec_m or snd.trace is not None:
+                keep_more(seq, inner, now)
+        elif snd.trace is not None:
             keep_more(seq, inner, now)
         return pkt
 
     return ingress
+
+
+def parity_for(rcv):
+    """parity(packet) -> True when a SEG_REPAIR of rcv's segment is authentic
+    and its group complete (no loss: every parity): counted in
+    rcv.parities_unused and nothing else runs for it. False: a parity that
+    may repair (authentic: Receiver.repair(packet, now, verified=True) goes
+    on with it) or None: not authentic or too short (Receiver.repair checks
+    and counts it)."""
+    ih, oh = hoprelay.states(rcv.key)
+    half, whole, mac_len, mask = _EXCERPT_HALF, _EXCERPT_WHOLE, outer.MAC_LEN, SEQ_MOD - 1
+    complete = rcv.complete
+    least = REPAIR_HDR + 3
+
+    def parity(packet):
+        n = len(packet) - _HDR
+        if n < least or n > _PMAX:
+            return None
+        h = ih.copy()
+        h.update(packet[0:4])
+        if n > whole:
+            h.update(_LEN[n] if n < 2048 else n.to_bytes(2, "big"))
+            h.update(packet[_HDR:_HDR + half])
+            h.update(packet[-half:])
+        else:
+            h.update(_LEN[n])
+            h.update(packet[_HDR:])
+        o = oh.copy()
+        o.update(h.digest())
+        if not compare_digest(o.digest()[:mac_len], packet[4:_HDR]):
+            return None
+        first = (packet[_HDR] << 8) | packet[_HDR + 1]
+        k = packet[_HDR + 2]
+        # the fields as Receiver._repair checks them: anything odd goes that way
+        if first > mask or not 1 <= k <= fec.K_MAX or not packet[_HDR + 4] < packet[_HDR + 3] <= fec.M_MAX \
+                or not rcv.cfg.fec or not complete(first, k):
+            return False
+        rcv.parities_unused += 1
+        return True
+
+    return parity
 
 
 def egress_for(rcv, out_label, out_key):
