@@ -14,7 +14,7 @@ about twice their size on a 32-bit board). The portable package is
 precompiled with mpy-cross into a temporary directory first, exactly as
 `microtun flash` builds it for a board (the same function,
 microtun_host.flash.compile_mpy: bytecode, the interpreter's -march,
-`-s microtun/X.py`, -O3 unless --lines): compiling .py files on the device
+-O3 and `-s microtun.X`, or `-s microtun/X.py` with --lines): compiling .py files on the device
 needs far more heap than running them. The measuring scripts (the scenario
 script, the import and crypto scripts) are compiled with line numbers and
 asserts: they are the harness, not the device's code.

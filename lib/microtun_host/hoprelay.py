@@ -4,7 +4,7 @@ hop's label and key, as one function per route, for CPython.
     relay = relay_for(in_key, out_label, out_key)     # once per route
     out = relay(packet)                              # bytes, or None: MAC does not verify
 
-The same bytes as microtun.outer.relay (host_tests/test_hoprelay.py checks
+The same bytes as microtun.outer.relay (host_tests/test_pop_io.py checks
 every excerpt shape, DATA and DATA_CE, both keys): the wire format and the
 MAC are docs/OUTER.md's, HMAC-SHA256 truncated to 8 bytes over header[0:4]
 || len(payload) || excerpt. What differs is only how CPython gets there:

@@ -833,14 +833,13 @@ class Receiver:
         """A SEG_REPAIR: packets it rebuilds go to self.rebuilt, NACKs now
         due to self.replies. verified: its length and hop MAC were checked
         (parity_for()'s function)."""
-        if verified:
-            pass
-        elif len(pkt) < outer.HEADER_LEN + REPAIR_HDR + 3:
-            self.st.drop("seg_malformed")
-            return
-        elif not self._verify(pkt):
-            self.st.drop("seg_bad_mac")
-            return
+        if not verified:
+            if len(pkt) < outer.HEADER_LEN + REPAIR_HDR + 3:
+                self.st.drop("seg_malformed")
+                return
+            if not self._verify(pkt):
+                self.st.drop("seg_bad_mac")
+                return
         self.rebuilt += self._repair(pkt, now)
         self.replies += self._nacks(now)
 
@@ -1033,7 +1032,7 @@ class Receiver:
 # docs/LOOPS.md "CPU" says why it matters at a PoP's packet rates.
 
 _HDR = outer.HEADER_LEN
-_LEN = [n.to_bytes(2, "big") for n in range(2048)]      # length fields of payloads up to 2047 bytes
+_LEN = hoprelay._LEN      # length fields of payloads up to 2047 bytes (the relay's table)
 _PMAX = outer.PAYLOAD_MAX
 
 
