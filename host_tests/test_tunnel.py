@@ -250,6 +250,46 @@ def test_rekey_during_continuous_traffic_loses_nothing():
     assert sim.gw.stats.get("no_session", 0) == n - len(down)
 
 
+def test_device_keeps_at_most_the_current_keypair_through_a_handshake():
+    # The previous keypair catches packets in flight when the keys turn;
+    # once a new handshake starts it is gone, so a board never holds it
+    # beside the current one and a handshake (docs/MEMORY.md, "Keypairs
+    # through a handshake").
+    sim = connected()
+    s = sim.dev.session
+    peer = sim.gw.peers[sim.dev.public_key]
+    first = s.current
+    assert sim.gw.send(peer.public_key, 2, b"late", sim.now)
+    held = [d for d, _ in sim.gw.datagrams_to_send(sim.now)]     # in flight while the keys turn
+    assert len(held) == 1
+    sim.dev.rekey(sim.now)
+    sim.run(200)
+    assert s.current is not first and s.previous is first
+    for d in held:
+        sim.inject(TO_DEV, d)
+    sim.run(50)
+    assert sim.take_data("dev") == [(2, b"late")]               # accepted under the previous keys
+    assert sim.gw.send(peer.public_key, 2, b"later", sim.now)
+    held = [d for d, _ in sim.gw.datagrams_to_send(sim.now)]     # under the second keys
+    second = s.current
+    sim.run(20000)
+    sim.dev.rekey(sim.now)
+    assert s.hs is not None and s.previous is None and s.current is second
+    assert first.local_index not in sim.dev._by_index
+    sim.run(200)
+    assert s.current is not second and s.previous is second and s.hs is None
+    assert sorted(k for k, (_, kp) in sim.dev._by_index.items()) == sorted((second.local_index, s.current.local_index))
+    unknown = sim.dev.stats.get("unknown_index", 0)
+    for d in held:
+        sim.inject(TO_DEV, d)
+    sim.run(50)
+    assert sim.take_data("dev") == [(2, b"later")]
+    sim.dev.send(1, b"up", sim.now)
+    sim.run(100)
+    assert sim.take_data("gw") == [(1, b"up")]
+    assert sim.dev.stats.get("unknown_index", 0) == unknown
+
+
 def test_passive_keepalive_sent_on_time():
     sim = connected()
     sim.dev.send(1, b"hello", sim.now)
