@@ -12,15 +12,18 @@ CASES = [
     (2, "duplicate", W, [0, 1, 1, 0], [True, True, False, False]),
     (3, "reordered within window", W, [5, 3, 4, 0, 1, 2], [True] * 6),
     (4, "reordered then duplicate", W, [10, 2, 7, 2, 10], [True, True, True, False, False]),
-    (5, "too old", W, [5000, 5000 - 2016, 5000 - 2015, 5000 - 2017], [True, False, True, False]),
+    (5, "too old", W, [5000, 5000 - 1024, 5000 - 1023, 5000 - 1025], [True, False, True, False]),
     (6, "far jump ahead clears ring", W, [1, 2, 100000, 1, 2, 99999], [True, True, True, False, False, True]),
     (7, "jump by exactly a word", W, [31, 63, 31, 32, 63], [True, True, False, True, False]),
     (8, "counter limit", W, [REJECT_AFTER_MESSAGES - 1, REJECT_AFTER_MESSAGES], [True, False]),
     (9, "negative counter", W, [-1, 0], [False, True]),
     (10, "small window", 32, [100, 69, 68, 37], [True, True, False, False]),
-    (11, "edge of window", W, [3000, 3000 - 2015, 3000 - 2016], [True, True, False]),
+    (11, "edge of window", W, [3000, 3000 - 1023, 3000 - 1024], [True, True, False]),
     (12, "first packet is not zero", W, [7, 0, 7], [True, True, False]),
-    (13, "ring wrap reuses words", W, list(range(0, 6000, 7)) + [0, 5999 - 2016], None),
+    (13, "ring wrap reuses words", W, list(range(0, 6000, 7)) + [0, 5999 - 1024], None),
+    # block 40 takes ring word 40 % 33 = 7, block 7's: too old, not a duplicate
+    (14, "ring of 33 words wraps", W, [40 * 32 + 5, 7 * 32 + 5, 9 * 32 + 5, 40 * 32 + 4, 40 * 32 + 5],
+     [True, False, True, True, False]),
 ]
 
 
@@ -58,7 +61,8 @@ def test_will_accept_agrees_with_mark():
 def test_window_sizes():
     assert ReplayWindow().window >= DEVICE_WINDOW
     assert ReplayWindow(GATEWAY_WINDOW).window >= 8128
-    assert ReplayWindow(1024).window == 2016
+    assert ReplayWindow(1024).window == 1024      # 33 words, not a power of two (64: 2016)
+    assert ReplayWindow(1000).window == 1024
     assert ReplayWindow(32).window == 32
 
 

@@ -30,18 +30,19 @@ GATEWAY_WINDOW = const(8128)
 
 class ReplayWindow:
     if not _BOARD:      # CPython (a gateway keeps one per session); MicroPython has no slots
-        __slots__ = ("_ring", "_mask", "window", "last")
+        __slots__ = ("_ring", "_blocks", "window", "last")
 
     def __init__(self, size=DEVICE_WINDOW):
         if not isinstance(size, int) or size < 32 or size > 1 << 20:
             raise ValueError("replay window size must be an int from 32 to 1048576 packets")
-        # RFC 6479 §3: a power-of-two number of blocks, one of which is the
-        # block being filled, so the usable window is (blocks - 1) * 32 >= size.
-        need = (size + _WORD_BITS - 1) // _WORD_BITS + 1
-        blocks = 2
-        while blocks < need:
-            blocks <<= 1
-        self._mask = blocks - 1
+        # RFC 6479 §3: a ring of blocks, one of which is the block being
+        # filled, so the usable window is (blocks - 1) * 32 >= size. The RFC
+        # rounds the blocks up to a power of two to index with a mask; here
+        # the index is block % blocks, so 1024 packets take 33 words, not
+        # 64 (124 bytes less per keypair on a board, which holds two
+        # through every rekey: docs/MEMORY.md).
+        blocks = (size + _WORD_BITS - 1) // _WORD_BITS + 1
+        self._blocks = blocks
         if _BOARD:
             # Sized from a range, then zeroed: from bytes(4 * blocks) the ring
             # would be made above that temporary of its own size, so it landed
@@ -65,7 +66,7 @@ class ReplayWindow:
             return True
         if last - n >= self.window:
             return False
-        return not (self._ring[(n >> _WORD_SHIFT) & self._mask] >> (n & _BIT_MASK)) & 1
+        return not (self._ring[(n >> _WORD_SHIFT) % self._blocks] >> (n & _BIT_MASK)) & 1
 
     def mark(self, n):
         """Record n after its packet authenticated. Returns False (and records
@@ -73,20 +74,20 @@ class ReplayWindow:
         if n < 0 or n >= REJECT_AFTER_MESSAGES:
             return False
         ring = self._ring
-        mask = self._mask
+        blocks = self._blocks
         last = self.last
         block = n >> _WORD_SHIFT
         if n > last:
             cur = last >> _WORD_SHIFT if last >= 0 else -1
             diff = block - cur
-            if diff > mask:
-                diff = mask + 1
+            if diff > blocks:
+                diff = blocks
             for i in range(1, diff + 1):
-                ring[(cur + i) & mask] = 0
+                ring[(cur + i) % blocks] = 0
             self.last = n
         elif last - n >= self.window:
             return False
-        i = block & mask
+        i = block % blocks
         word = ring[i]
         if (word >> (n & _BIT_MASK)) & 1:
             return False
