@@ -29,6 +29,7 @@ One line per command, from the host:
   D <path> <hex>   a datagram for the device (path: ignored by "endpoint")
   s <n> <len>      send n app packets of len bytes on channel 1
   T <ms>           advance the clock and run the timers
+  H                a new handshake now, the session up (Device.rekey)
   Q                report and quit
 and in the _count scripts:
   B <n>            the next n lines are D lines: take them in one batch and
@@ -162,6 +163,11 @@ def main():
         elif op == "T":
             now = ticks_add(now, int(line[2:]))
             dev.handle_timer(now)
+        elif op == "H":
+            if _CORE:
+                dev.device.rekey(now)
+            else:
+                dev.rekey(now)
     gc.collect()
     micropython.qstr_info()
     w("R %d %d %d %d %d %d\n" % (dev.established, gc.mem_alloc(), gc.mem_alloc() - base,

@@ -64,8 +64,8 @@ def mpy(tmp_path_factory):
     return bm.build(tmp_path_factory.mktemp("mpy"))
 
 
-def fits(mpy, mode, heapsize, gc=0):
-    return bm.scenario(mpy, mode, heapsize, count=False, gc=gc) is not None
+def fits(mpy, mode, heapsize, gc=0, rekeys=False):
+    return bm.scenario(mpy, mode, heapsize, count=False, gc=gc, rekeys=rekeys) is not None
 
 
 def test_endpoint_session_fits_todays_heap(mpy):
@@ -158,9 +158,12 @@ def build32(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["frozen", "mpy"])
 @pytest.mark.parametrize("mode", ["endpoint", "core"])
 def test_device_fits_todays_heap_on_32bit(build32, kind, mode):
+    # through handshakes under a live session too (bench_memory.REKEYS): the
+    # pins hold what a device needs after its first session (2026-12-07,
+    # 17:20 UTC: frozen endpoint 13.0K, core 18.75K; .mpy 33.0K, 53.0K)
     out = build32(kind)
     with board_heap.use(kind):
-        assert fits(out, mode, int(TODAY_32[kind][mode]), GC)
+        assert fits(out, mode, int(TODAY_32[kind][mode]), GC, rekeys=True)
         assert not fits(out, mode, int(TODAY_32[kind][mode]) // 2, GC)    # -X heapsize bites there too
 
 
@@ -175,15 +178,27 @@ def test_device_fits_todays_heap_on_32bit(build32, kind, mode):
 # one run at 32K works in 28 of 30 (31.75K: 2 of 30; 2026-12-07 15:46-15:50 UTC).
 # A test at the target would fail now and then whichever way it is marked,
 # so it has none; the pin above (TODAY_32, 2K over) holds it.
-@pytest.mark.parametrize("kind,mode", [
-    ("frozen", "endpoint"),
-    ("frozen", "core"),
-    pytest.param("mpy", "core", marks=pytest.mark.xfail(strict=True, reason=UNMET % ".mpy")),
+# Through handshakes under a live session (rekeys: the current keypair
+# through a handshake, then two; bench_memory.REKEYS) the frozen endpoint
+# needs 13.0K and the core 18.75K (2026-12-07, 17:20 UTC, after the device
+# stopped keeping its previous keypair through a handshake: 13.75K before):
+# ~1K over the targets, the first session's state held beside a handshake's
+# peak (docs/MEMORY.md, "Keypairs through a handshake").
+REKEYS_UNMET = ("issue 10 target not reached through handshakes under a live session on the 32-bit frozen "
+                "build: the session's ~1.2K beside a handshake (docs/MEMORY.md)")
+
+
+@pytest.mark.parametrize("kind,mode,rekeys", [
+    ("frozen", "endpoint", False),
+    ("frozen", "core", False),
+    pytest.param("frozen", "endpoint", True, marks=pytest.mark.xfail(strict=True, reason=REKEYS_UNMET)),
+    pytest.param("frozen", "core", True, marks=pytest.mark.xfail(strict=True, reason=REKEYS_UNMET)),
+    pytest.param("mpy", "core", False, marks=pytest.mark.xfail(strict=True, reason=UNMET % ".mpy")),
 ])
-def test_device_fits_the_32bit_target(build32, kind, mode):
+def test_device_fits_the_32bit_target(build32, kind, mode, rekeys):
     out = build32(kind)
     with board_heap.use(kind):
-        assert fits(out, mode, bb.TARGETS[kind][mode], GC)
+        assert fits(out, mode, bb.TARGETS[kind][mode], GC, rekeys=rekeys)
 
 
 @pytest.mark.parametrize("kind", ["frozen", "mpy"])

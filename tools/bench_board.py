@@ -31,13 +31,19 @@ three fresh processes per candidate; tools/bench_memory.py) in which
             microtun.driver imports) behind two simulated first PoPs;
 
 each started as the firmware starts (gc.threshold(STARTUP_GC) while the
-modules load) and also without it; and
+modules load) and also without it; the endpoint and core again ending with
+three handshakes under a live session (endpoint_rekeys, core_rekeys: what a
+device holds once its first session is up, the current keypair through a
+handshake and then two keypairs; bench_memory.handshakes_under_session); and
 
   firmware  the whole firmware (firmware/, the unix board) running against
             two real PoPs and a gateway on loopback, the smallest heap (1K
             steps, one run of FW_SECONDS per candidate, the result run
-            again) in which the session comes up and the telemetry flows
-            with no MemoryError (host_tests/test_firmware.py's rig);
+            again) in which the session comes up, the telemetry flows and
+            the device handshakes again every REKEY_MS with its session up
+            (the sample app and REKEY_APP: what a board lives through after
+            its first session), with no MemoryError
+            (host_tests/test_firmware.py's rig);
 
 and the bytes allocated per 1200-byte packet sent and received (GC off,
 20 packets in a row, endpoint and core).
@@ -86,6 +92,31 @@ HI = {"frozen": 64 * K, "mpy": 128 * K, "wheel": 256 * K}     # bisection upper 
 FW_SECONDS = 6
 FW_HI = {"frozen": 96, "mpy": 160, "wheel": 320}               # K
 ENV0 = {k: os.environ.get(v) for k, v in ENV.items()}          # before measure() sets MICROPYTHON
+# The firmware trial's app: the sample app (firmware/app.py), and a new
+# handshake every REKEY_MS once the session is up (Device.rekey, as the
+# driver calls it when every path went dark; a rekey after 30 minutes, or a
+# re-handshake on unanswered data, holds the same objects): a board's heap
+# after its first session, the current keypair through a handshake, then two.
+REKEY_MS = 1500
+REKEYS_MIN = 2               # handshakes after the first that a trial must see
+REKEY_APP = '''
+
+
+class App(App):
+    # tools/bench_board.py: the sample app, handshaking again every %d ms
+    rekey_at = None
+
+    def tick(self, now):
+        if self.t.established:
+            if self.rekey_at is None or ticks_diff(now, self.rekey_at) >= 0:
+                if self.rekey_at is not None:
+                    self.t.device.rekey(now)
+                self.rekey_at = ticks_add(now, %d)
+        w = super().tick(now)
+        if self.rekey_at is None:
+            return w
+        return min(w, max(0, ticks_diff(self.rekey_at, now)))
+''' % (REKEY_MS, REKEY_MS)
 
 
 def _arg(argv, name):
@@ -167,7 +198,8 @@ class FirmwareRig:
         tf, rig = self.tf, self.rig
         d = self.base / "board"
         tf.make_board(d, dict(rig.device_config, app={"telemetry_s": 1, "health_s": 1},
-                              firmware={"boot_window_ms": 0}), arch=self.arch, lines=bm.LINES)
+                              firmware={"boot_window_ms": 0}),
+                      app=(ROOT / "firmware" / "app.py").read_text() + REKEY_APP, arch=self.arch, lines=bm.LINES)
         if self.kind == "frozen":    # frozen in: nothing of it on the board's filesystem
             shutil.rmtree(d / "lib" / "microtun", ignore_errors=True)
             for m in ("microtun_fw.mpy", "microtun_boot.mpy"):
@@ -186,8 +218,10 @@ class FirmwareRig:
         got = [t for t, _, _ in rig.echo.got[n0:] if t >= fw.t0]
         up = re.search(r"session up (\d+) ms after boot, (\d+) X25519 operations, heap used (\d+)", text)
         used = [int(x) for x in re.findall(r"health: .*heap used (\d+)", text)]
-        ok = up is not None and len(got) >= seconds - 2 and "MemoryError" not in text
-        self.trials.append({"heap_k": k, "works": ok, "delivered": len(got),
+        handshakes = [int(x) for x in re.findall(r"session established \(handshake (\d+)\)", text)]
+        rekeys = max(handshakes) - 1 if handshakes else 0
+        ok = up is not None and len(got) >= seconds - 2 and rekeys >= REKEYS_MIN and "MemoryError" not in text
+        self.trials.append({"heap_k": k, "works": ok, "delivered": len(got), "rekeys": rekeys,
                             "used_at_session_up": int(up.group(3)) if up else None,
                             "steady_used_max": max(used) if used else None,
                             "memory_error": "MemoryError" in text})
@@ -252,6 +286,13 @@ def measure(exe, kind, firmware=True, quick=False):
                     "core": bm.heap_k(bm.min_heapsize(
                         lambda h: bm.scenario(out, "core", h, count=False, gc=g) is not None, 2048, HI[kind])),
                 }
+            # the same two, ending with handshakes under a live session (what a
+            # device holds after its first session: bench_memory.REKEYS)
+            res["min_heapsize_rekeys_k"] = {
+                mode: bm.heap_k(bm.min_heapsize(
+                    lambda h: bm.scenario(out, mode, h, count=False, gc=bm.STARTUP_GC, rekeys=True) is not None,
+                    2048, HI[kind]))
+                for mode in ("endpoint", "core")}
     if firmware and not quick:
         res["firmware"] = firmware_minimum(exe, kind)
     return res
@@ -260,16 +301,18 @@ def measure(exe, kind, firmware=True, quick=False):
 def table(results):
     """{figure: {kind: {"k": measured, "target_k", "meets"}}}: the issue's table."""
     rows = {}
-    for fig in ("crypto", "endpoint", "core", "firmware"):
+    for fig in ("crypto", "endpoint", "core", "endpoint_rekeys", "core_rekeys", "firmware"):
         rows[fig] = {}
         for kind, r in results.items():
             if "skipped" in r:
                 continue
             if fig == "firmware":
                 k = r.get("firmware", {}).get("min_heap_k")
+            elif fig.endswith("_rekeys"):
+                k = r.get("min_heapsize_rekeys_k", {}).get(fig[:-7])
             else:
                 k = r.get("min_heapsize_startup_gc_k", {}).get(fig)
-            t = TARGETS.get(kind, {}).get(fig)
+            t = TARGETS.get(kind, {}).get(fig.replace("_rekeys", ""))
             rows[fig][kind] = {"k": k, "target_k": t and t // K,
                                "meets": None if t is None or k is None else k * K <= t}
     rows["packet_1200"] = {}
