@@ -67,6 +67,26 @@ def test_service_not_listening_counted_and_logged(net):
     assert 1 <= len(lines) <= 2 and "device d1: channel 1 service 127.0.0.1:%d" % net.echo_port in lines[0], lines
 
 
+def test_service_reply_longer_than_a_device_takes_counted_and_logged(net):
+    # The echo service sends back what the device sent: 2003 bytes is the
+    # most a device takes (its driver reads 2048-byte datagrams), 2500 is
+    # more. The gateway drops the long reply where it can say why, instead of
+    # letting the device's socket cut it into a forgery.
+    from microtun import driver, hop
+    from microtun.responder import DEVICE_PAYLOAD_MAX
+    assert DEVICE_PAYLOAD_MAX == driver._RECV_MAX - hop.HEADER_LEN - 16 - 1 - 16
+    res = net.device("d1", "--count", "3", "--size", str(DEVICE_PAYLOAD_MAX), "--linger", "500")
+    assert res["delivered"] == 3, res
+    res = net.device("d1", "--count", "3", "--size", "2500", "--interval", "50", "--linger", "500")
+    assert res["delivered"] == 0, res
+    time.sleep(0.3)
+    d1 = _dev(net.gw_status(), "d1")
+    assert d1["counters"].get("too_long_for_device") == 3, d1["counters"]
+    lines = [l for l in net.log("gw").splitlines() if "too_long_for_device" in l or "takes at most" in l]
+    assert lines and "device d1: a 2500-byte reply from the channel 1 service 127.0.0.1:%d dropped: a device " \
+        "takes at most %d bytes per message" % (net.echo_port, DEVICE_PAYLOAD_MAX) in lines[0], lines
+
+
 def _run_cli(*args):
     return subprocess.run([PY, "-m", "microtun_host.cli"] + list(args), capture_output=True, text=True,
                           env=py_env(), cwd=str(ROOT), timeout=30)

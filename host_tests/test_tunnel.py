@@ -290,6 +290,23 @@ def test_device_keeps_at_most_the_current_keypair_through_a_handshake():
     assert sim.dev.stats.get("unknown_index", 0) == unknown
 
 
+def test_gateway_refuses_a_message_longer_than_a_device_takes():
+    # A device's driver reads datagrams of at most 2048 bytes: a longer
+    # message would be cut by its socket and dropped there as a forgery.
+    from microtun.responder import DEVICE_PAYLOAD_MAX
+    sim = connected()
+    peer = sim.gw.peers[sim.dev.public_key]
+    assert sim.gw.send(peer.public_key, 2, b"x" * DEVICE_PAYLOAD_MAX, sim.now)
+    sim.run(100)
+    assert sim.take_data("dev") == [(2, b"x" * DEVICE_PAYLOAD_MAX)]
+    e = raises(ValueError, sim.gw.send, peer.public_key, 2, b"x" * (DEVICE_PAYLOAD_MAX + 1), sim.now)
+    assert "at most %d bytes" % DEVICE_PAYLOAD_MAX in str(e), e
+    assert sim.gw.datagrams_to_send(sim.now) == []
+    assert sim.dev.send(1, b"y" * 3000, sim.now)      # the other way, up to 65000 bytes
+    sim.run(100)
+    assert sim.take_data("gw") == [(1, b"y" * 3000)]
+
+
 def test_passive_keepalive_sent_on_time():
     sim = connected()
     sim.dev.send(1, b"hello", sim.now)

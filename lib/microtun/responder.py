@@ -48,6 +48,13 @@ PATH_PROBE = const(1)        # channel 0: [1, path, seq(4), ticks(4), srtt(2)] -
 PATH_REPLY = const(2)
 PATH_PROBE_LEN = const(12)   # after the channel byte (microtun.paths.PROBE_LEN)
 PATH_FRESH_MS = const(900000)
+# The largest app message a device takes: its driver reads datagrams of at
+# most 2048 bytes (microtun.driver._RECV_MAX: one buffer of that size per
+# datagram, in a board's heap), and a message to it is 45 bytes more (the
+# outer header 12, the transport header 16, the channel byte, the tag 16).
+# A longer one would be cut by the device's socket and dropped there as a
+# forgery, so send() refuses it here, where the sender can be told.
+DEVICE_PAYLOAD_MAX = 2003
 MAX_PATHS_PER_PEER = const(8)  # a device path seen this recently gets "critical" copies
 SWEEP_MS = const(1000)       # how often sessions are checked for expiry
 # Flood limits (implementation, not specification). A "link" is the addr the
@@ -348,8 +355,12 @@ class Gateway(_Endpoint):
         the device was last heard on), "critical" (a copy on every path the
         device used within PATH_FRESH_MS; the device keeps the first), or an
         address. Returns False (and counts `no_session`) if the device has
-        no usable session."""
+        no usable session. ValueError for a payload longer than a device
+        takes (DEVICE_PAYLOAD_MAX bytes)."""
         _check_send(channel, payload)
+        if len(payload) > DEVICE_PAYLOAD_MAX:
+            raise ValueError("a device takes messages of at most %d bytes (its driver reads datagrams of 2048 "
+                             "bytes), got %d: split it" % (DEVICE_PAYLOAD_MAX, len(payload)))
         s = peer_public if isinstance(peer_public, Session) else self.peers.get(bytes(peer_public))
         if s is None:
             raise ValueError("unknown peer")

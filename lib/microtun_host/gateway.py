@@ -35,7 +35,8 @@ from microtun_host import hostcrypto
 from microtun_host.pop import encode_source
 from microtun_host.config import ConfigError
 from microtun.endpoint import DATA, HANDSHAKE, STALE
-from microtun.responder import Gateway, EXPIRED, FAILED, DENIED, SWEEP_MS, GATEWAY_DH_PER_S, LINK_DH_PER_S
+from microtun.responder import Gateway, EXPIRED, FAILED, DENIED, SWEEP_MS, GATEWAY_DH_PER_S, LINK_DH_PER_S, \
+    DEVICE_PAYLOAD_MAX
 from microtun.ticks import TICKS_MASK, ticks_diff
 from microtun import timers
 from microtun.replay import GATEWAY_WINDOW
@@ -715,6 +716,12 @@ class GatewayServer:
         pub = peer.public_key
 
         def on_reply(data, addr):
+            if len(data) > DEVICE_PAYLOAD_MAX:
+                self._dev_count(peer, "too_long_for_device")
+                self._rlog(peer.name, "too_long_for_device", "device %%s: a %d-byte reply from the channel %d "
+                           "service %s:%d dropped: a device takes at most %d bytes per message" % (
+                               len(data), channel, svc[0], svc[1], DEVICE_PAYLOAD_MAX))
+                return
             try:
                 self.send(pub, channel, data)
             except ValueError:      # the device was revoked meanwhile
