@@ -48,6 +48,10 @@ def test_init_is_byte_for_byte_the_general_state_machines():
             assert hs.h == ini.handshake_hash
             assert len(msg) == m.INIT_LEN and mac1 == msg[m.INIT_MAC1:m.INIT_MAC2]
             assert hs.dh_count == (2 if ss is not None else 3)
+            # mac1's key None: made from the responder's public key inside
+            # (the device's way: not held through the X25519s), same message
+            hs2, msg2, mac1b = create_initiation(S_I, S_R[1], psk, 0x01020304, FRESH, None, None, ss=ss, e=E_I[0])
+            assert (msg2, mac1b, hs2.h, hs2.ck) == (msg, mac1, hs.h, hs.ck)
 
 
 def test_response_gives_the_split_keys():

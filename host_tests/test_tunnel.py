@@ -343,6 +343,24 @@ def test_cookie_path_under_load():
     assert sim.gw.stats["cookie_sent"] == 1
 
 
+def test_cookie_path_under_load_on_a_rekey():
+    # The device lets go of its INIT's mac1 once the session is up; the
+    # next INIT's own mac1 answers the next cookie (the device's cookie has
+    # expired by then, so the gateway under load asks again).
+    sim = pair()
+    sim.gw.under_load = True
+    sim.dev.connect(sim.now)
+    sim.run(8000)
+    assert sim.dev.established and sim.dev.session.handshakes == 1
+    sim.run(115000)   # past COOKIE_VALID_MS
+    sim.dev.rekey(sim.now)
+    sim.run(1000)
+    assert sim.gw.stats["cookie_sent"] == 2 and sim.dev.stats["cookie_rx"] == 2
+    assert sim.dev.session.handshakes == 1
+    sim.run(6000)     # the retry carries mac2
+    assert sim.dev.session.handshakes == 2 and sim.dev.stats.get("bad_cookie", 0) == 0
+
+
 def test_wrong_gateway_key_dropped_before_dh():
     sim = pair()
     wrong = Gateway(bytes(range(50, 82)))

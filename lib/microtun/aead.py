@@ -69,8 +69,14 @@ BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 BYTES = (bytes, bytearray, memoryview)   # what the API takes (endpoint.py checks payloads with it)
 _ZERO16 = const(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # (frozen: in flash)
 _GROW = const(64)  # buffers grow in steps of this many bytes
-_work = None  # memoryview: CBC-MAC input, then the counter blocks, encrypted
-              # in place into the key stream, XORed into head || C || T
+# memoryview: CBC-MAC input, then the counter blocks, encrypted in place
+# into the key stream, XORed into head || C || T. Made at import, big enough
+# for an INIT's seals and a 64-byte packet (128 bytes; it grows for larger
+# messages): where the module's objects are, low in a board's heap. Made at
+# the first seal, it was made during the first handshake, among that
+# handshake's garbage, and stayed there for good, splitting the free space
+# the handshakes after it need (docs/MEMORY.md, "Handshakes under a session").
+_work = memoryview(bytearray(2 * _GROW))
 _t = bytearray(16)  # seal: X while the key stream is made; open: S_0 ^ the tag received
 
 
@@ -128,7 +134,7 @@ class CCM:
         end = (n + 15) // 16 * 16 + 16
         la = len(aad)
         size = off + end + ((la + 25) // 16 * 16 if la else 16)
-        if _work is None or len(_work) < size:
+        if len(_work) < size:
             _work = memoryview(bytearray((size + _GROW - 1) // _GROW * _GROW))
         if not ecb:
             return _work

@@ -262,8 +262,9 @@ class Device(_Endpoint):
             self.dh_count += 1
         idx = self._new_index(s, None, 2)
         cookie = None if self._cookies is None else self._cookies.current(now)
+        # (mac1's key None: made there after the X25519s, not held through them)
         hs, msg, self._mac1 = handshake.create_initiation(self._static, s.public_key, s.psk, idx,
-                                                          self._fresh.next(now), m.mac1_key(s.public_key), cookie,
+                                                          self._fresh.next(now), None, cookie,
                                                           ss=s.ss)
         self.dh_count += hs.dh_count
         s.hs = hs
@@ -344,8 +345,15 @@ class Device(_Endpoint):
         # objects are made puts them low in the heap, not among the
         # handshake's garbage where they would split the free space.
         hs = s.hs = None
+        self._mac1 = None         # a cookie answers only an INIT still outstanding
         if _collect:
             _collect()
+            # The keys and the gateway's index (a big int 3 times in 4)
+            # were made during the handshake, high among its garbage; kept
+            # as they are, they stayed there for the session's life and
+            # split the free space the next handshake needs. Copies made now
+            # land low with the keypair (a bytes slice is a copy here).
+            keys = (m.u32(data, 4), keys[1][:], keys[2][:])
         kp = Keypair(keys[1], keys[2], s.hs_index, keys[0], True, now, self._window)
         keys = None
         self._by_index[s.hs_index] = (s, kp)

@@ -89,9 +89,14 @@ def ladder(k, x1):
     """x2 / z2 (an int mod p) after RFC 7748's ladder over bits 254..0 of
     the clamped scalar k, for u-coordinate x1 (< 2**255)."""
     # The same ladder as x25519._ladder_big on the slots above; every step
-    # is a fixed sequence of calls whatever the key bits are.
+    # is a fixed sequence of calls whatever the key bits are. The field
+    # functions are called as globals, not through local aliases: with five
+    # aliases this frame took 16 words, so MicroPython made it on the heap
+    # (over 11 words: py/objfun.c), ~100 bytes live beside the workspace
+    # just when a handshake needs room most; with 11 it is on the C stack.
+    # The lookups cost ~1 % of an X25519 (13.61 M -> 13.74 M Cortex-M3
+    # instructions, tools/bench_qemu.py).
     w = bytearray(9 * _SLOT)
-    fmul, fsq, faddsub, fsub_a24, fswap = mul, sq, addsub, sub_a24, cswap   # locals: no dict lookups
     _put(w, _X2, 1)
     _put(w, _X3, x1)
     _put(w, _Z3, 1)
@@ -99,47 +104,47 @@ def ladder(k, x1):
     swap = 0
     for t in range(254, -1, -1):
         kt = (k[t >> 3] >> (t & 7)) & 1
-        fswap(w, swap ^ kt)
+        cswap(w, swap ^ kt)
         swap = kt
-        faddsub(w, _OP_AB)
-        faddsub(w, _OP_CD)
-        fmul(w, _OP_DA)
-        fmul(w, _OP_CB)
-        fsq(w, _OP_AA)
-        fsq(w, _OP_BB)
-        faddsub(w, _OP_X3Z3)
-        fsq(w, _OP_X3SQ)
-        fsq(w, _OP_Z3SQ)
-        fmul(w, _OP_Z3X1)
-        fmul(w, _OP_X2)
-        fsub_a24(w, _OP_EF)
-        fmul(w, _OP_Z2)
-    fswap(w, swap)
+        addsub(w, _OP_AB)
+        addsub(w, _OP_CD)
+        mul(w, _OP_DA)
+        mul(w, _OP_CB)
+        sq(w, _OP_AA)
+        sq(w, _OP_BB)
+        addsub(w, _OP_X3Z3)
+        sq(w, _OP_X3SQ)
+        sq(w, _OP_Z3SQ)
+        mul(w, _OP_Z3X1)
+        mul(w, _OP_X2)
+        sub_a24(w, _OP_EF)
+        mul(w, _OP_Z2)
+    cswap(w, swap)
     # 1 / z2 = z2 ** (p - 2): x25519._ladder_big's inversion (its addition chain) on slots
     # (z = _Z2; x2 = _A, b = _B, x11 = _C, x10 = _D, x50 = _X3, scratch _Z3)
-    fsq(w, _A | _Z2 << 4)                      # z**2
+    sq(w, _A | _Z2 << 4)                      # z**2
     _sqn(w, _B, _A, 2)
-    fmul(w, _B | _B << 4 | _Z2 << 8)           # z**9
-    fmul(w, _C | _B << 4 | _A << 8)            # z**11
-    fsq(w, _Z3 | _C << 4)
-    fmul(w, _B | _Z3 << 4 | _B << 8)            # z_5 = z**(2**5 - 1)
+    mul(w, _B | _B << 4 | _Z2 << 8)           # z**9
+    mul(w, _C | _B << 4 | _A << 8)            # z**11
+    sq(w, _Z3 | _C << 4)
+    mul(w, _B | _Z3 << 4 | _B << 8)            # z_5 = z**(2**5 - 1)
     _sqn(w, _Z3, _B, 5)
-    fmul(w, _D | _Z3 << 4 | _B << 8)            # z_10
+    mul(w, _D | _Z3 << 4 | _B << 8)            # z_10
     _sqn(w, _Z3, _D, 10)
-    fmul(w, _B | _Z3 << 4 | _D << 8)            # z_20
+    mul(w, _B | _Z3 << 4 | _D << 8)            # z_20
     _sqn(w, _Z3, _B, 20)
-    fmul(w, _B | _Z3 << 4 | _B << 8)            # z_40
+    mul(w, _B | _Z3 << 4 | _B << 8)            # z_40
     _sqn(w, _Z3, _B, 10)
-    fmul(w, _X3 | _Z3 << 4 | _D << 8)           # z_50
+    mul(w, _X3 | _Z3 << 4 | _D << 8)           # z_50
     _sqn(w, _Z3, _X3, 50)
-    fmul(w, _B | _Z3 << 4 | _X3 << 8)           # z_100
+    mul(w, _B | _Z3 << 4 | _X3 << 8)           # z_100
     _sqn(w, _Z3, _B, 100)
-    fmul(w, _B | _Z3 << 4 | _B << 8)            # z_200
+    mul(w, _B | _Z3 << 4 | _B << 8)            # z_200
     _sqn(w, _Z3, _B, 50)
-    fmul(w, _B | _Z3 << 4 | _X3 << 8)           # z_250
+    mul(w, _B | _Z3 << 4 | _X3 << 8)           # z_250
     _sqn(w, _Z3, _B, 5)
-    fmul(w, _B | _Z3 << 4 | _C << 8)            # z**(2**255 - 21) = 1 / z
-    fmul(w, _A | _X2 << 4 | _B << 8)           # x2 / z2
+    mul(w, _B | _Z3 << 4 | _C << 8)            # z**(2**255 - 21) = 1 / z
+    mul(w, _A | _X2 << 4 | _B << 8)           # x2 / z2
     return _get(w, _A) % _P
 
 

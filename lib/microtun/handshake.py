@@ -66,9 +66,10 @@ class Initiation:
 def create_initiation(static, peer_public, psk, sender_index, freshness, mac1k, cookie, ss=None, e=None):
     """INIT for the responder whose static public key is peer_public.
     static: our (private, public) pair; psk: 32 bytes or None (32 zero
-    bytes); ss: the cached DH(s, rs), computed when None; e: our ephemeral
-    private key, random when None (tests). Returns (Initiation, message,
-    mac1)."""
+    bytes); mac1k: the key of mac1 (messages.mac1_key(peer_public)), made
+    here, after the X25519s, when None; ss: the cached DH(s, rs), computed
+    when None; e: our ephemeral private key, random when None (tests).
+    Returns (Initiation, message, mac1)."""
     dh = 2
     if e is None:
         e = rand.random_bytes(32)
@@ -86,7 +87,9 @@ def create_initiation(static, peer_public, psk, sender_index, freshness, mac1k, 
     enc_p = AEAD(k).seal(_NONCE0, freshness, h)                  # payload
     h = _mix_hash(h, enc_p)
     body = m.header(m.TYPE_INIT) + sender_index.to_bytes(4, "big") + epub + enc_s + enc_p
-    msg, mac1 = m.finish(body, mac1k, cookie)
+    # (mac1's key made only now: passed in, its 64 bytes were held through
+    # the X25519s and seals above, where a board's heap is at its fullest)
+    msg, mac1 = m.finish(body, m.mac1_key(peer_public) if mac1k is None else mac1k, cookie)
     return Initiation(static[0], e, h, ck, _NO_PSK if psk is None else psk, dh), msg, mac1
 
 

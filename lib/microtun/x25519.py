@@ -95,9 +95,13 @@ def x25519(scalar, u):
     """Scalar multiplication: 32-byte scalar, 32-byte u-coordinate -> 32 bytes.
     Raises ValueError for an all-zero result (a low-order point), which must
     never be used as a shared secret (RFC 7748 §6.1)."""
-    for name, v in (("scalar", scalar), ("u", u)):
-        if not isinstance(v, (bytes, bytearray)) or len(v) != 32:
-            raise ValueError("x25519 %s must be 32 bytes" % name)
+    # (checked one by one, not in a loop over (name, value) pairs: its
+    # names and iterator made this frame 15 words, taken from the heap
+    # while the ladder wants its workspace; 9 words go on the C stack)
+    if not isinstance(scalar, (bytes, bytearray)) or len(scalar) != 32:
+        raise ValueError("x25519 scalar must be 32 bytes")
+    if not isinstance(u, (bytes, bytearray)) or len(u) != 32:
+        raise ValueError("x25519 u must be 32 bytes")
     k = bytearray(scalar)  # clamped (RFC 7748 §5, decodeScalar25519)
     k[0] &= 248
     k[31] = (k[31] & 127) | 64
