@@ -1,17 +1,31 @@
-"""The firmware's start-up checks (docs/FIRMWARE.md): safe mode, the config,
-the watchdog, and the shared Wi-Fi join. Used once per boot by microtun_fw,
-which then drops this module so its bytecode leaves the heap; a board whose
-link drops imports it again for wifi_connect().
+"""The firmware's start-up (docs/FIRMWARE.md): safe mode, the config and
+the settings, the watchdog, the network, and the shared Wi-Fi join. Used
+once per boot by microtun_fw, which then drops this module so its bytecode
+leaves the heap; the firmware imports it again if the link drops
+(network_up()), and so does a Wi-Fi board's board.py (wifi_connect()).
 
     cfg = microtun_boot.start(fw)    # raises SafeMode(why, level) to stop
+    microtun_boot.network_up(fw)     # returns once the network is up
 """
 import json
 import os
 from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
 
-from microtun_fw import CONFIG, DEFAULTS
-
+CONFIG = "microtun.json"
 SAFE_FILES = ("SAFE", "safe_mode")
+
+DEFAULTS = {
+    "boot_window_ms": 3000,      # Ctrl-C / safe button window before anything starts
+    "crash_delay_ms": 5000,      # wait before the reset after a fatal error ...
+    "crash_delay_max_ms": 600000,  # ... doubling per consecutive fatal error, up to this
+    "stable_ms": 60000,          # session up this long: the fatal error count goes back to 0
+    "net_timeout_ms": 20000,     # one attempt to bring the network up
+    "net_retry_ms": 2000,        # wait after a failed attempt ...
+    "net_retry_max_ms": 60000,   # ... doubling up to this
+    "net_check_ms": 5000,        # how often the link is checked while running
+    "loop_ms": 500,              # longest wait in the main loop (watchdog feeding, app ticks)
+    "log_bytes": 4096,           # size of each of the two log files
+}
 
 
 class SafeMode(Exception):
@@ -27,10 +41,36 @@ def exists(name):
         return False
 
 
+class NoBoard:
+    """Stands in when board.py is missing: no network to bring up, no LED.
+    (Its methods keep this module loaded: a desk setup, not a tight heap.)"""
+    NAME = "unknown"
+
+    def network_up(self, net, timeout_ms, feed):
+        return "no board.py: assuming the network is up"
+
+    def network_ok(self):
+        return True
+
+    def safe_button(self):
+        return False
+
+    def led(self, on):
+        pass
+
+    def temperature(self):
+        return None
+
+
 def start(fw):
     """Safe mode checks, boot window, config, watchdog: the validated
-    config (microtun.config.Settings), or SafeMode."""
+    config (microtun.config.Settings), or SafeMode. fw.board is None when
+    board.py is missing: a NoBoard stands in."""
+    fw.s = dict(DEFAULTS)
     board = fw.board
+    if board is None:
+        board = fw.board = NoBoard()
+        fw.log("warn", "no board.py (%s); running without board support" % fw.no_board)
     fw.log("boot", "boot %d on %s (%s)%s" % (
         fw.boots, getattr(board, "NAME", "?"), reset_cause(),
         "" if not fw.crashes else ", after %d fatal error(s) in a row" % fw.crashes))
@@ -95,6 +135,24 @@ def load_config(fw):
             raise SafeMode("config: " + err, "error")
     fw.log.max = fw.s["log_bytes"]
     return cfg
+
+
+def network_up(fw):
+    """board.network_up(), retried with a growing delay until it works."""
+    delay = fw.s["net_retry_ms"]
+    attempt = 0
+    while True:
+        attempt += 1
+        fw.feed()
+        try:
+            what = fw.board.network_up(fw.cfg.network, fw.s["net_timeout_ms"], fw.feed)
+            fw.log("info", "network up: %s" % what)
+            return
+        except OSError as e:
+            level = "warn" if attempt == 1 or attempt % 20 == 0 else "info"
+            fw.log(level, "network attempt %d failed: %s; next in %d s" % (attempt, e, delay // 1000))
+        fw.sleep(delay)
+        delay = min(delay * 2, fw.s["net_retry_max_ms"])
 
 
 def start_watchdog(fw, ms):

@@ -230,6 +230,11 @@ def test_ctrl_c_while_running_drops_to_the_repl(tmp_path, running):
     fw.wait_for(r"stopped by Ctrl-C; the REPL is yours", 5)
     fw.repl("print('at the REPL')", r"at the REPL")
     assert "Traceback" not in fw.text
+    # what of the firmware's own code stayed loaded while the tunnel ran: the
+    # loop only (start-up dropped; the loader, with no /ota, and the rare
+    # paths never loaded: a loaded module's names stay in the heap for good)
+    fw.repl("import sys; print('FW', sorted(m for m in sys.modules if m.startswith('microtun_')))",
+            r"FW \['microtun_fw'\]")
 
 
 def test_watchdog_is_opt_in_and_missing_on_the_unix_port(tmp_path, running):
@@ -267,6 +272,18 @@ def test_fatal_error_is_logged_then_a_growing_delay_then_reset(tmp_path, running
     assert 'File "app.py", line 4, in __init__' in log
     assert "boot 3 on unix (hard reset), after 2 fatal error(s) in a row" in log
     assert (d / "microtun_fw.txt").read_text().split() == ["3", "3"]
+
+
+def test_fatal_error_resets_even_without_microtun_rare(tmp_path, running):
+    """The fatal path loads microtun_rare; if that fails, the board still
+    waits crash_delay_ms and resets rather than stop at the REPL."""
+    d = make_board(tmp_path / "board", device_config(firmware={"boot_window_ms": 0, "crash_delay_ms": 300}),
+                   app=CRASHING_APP)
+    (d / "lib" / "microtun_rare.mpy").unlink()
+    fw = running(d)
+    logged = fw.wait_for(r"fatal error RuntimeError\('sensor on fire',\); cannot load microtun_rare", 10)
+    reset = fw.wait_for(RESET, 10)
+    assert re.search(RESET, fw.text).group(1) == "3" and reset - logged >= 0.25
 
 
 def test_crash_delay_is_capped(tmp_path, running):
