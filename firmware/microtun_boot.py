@@ -1,11 +1,9 @@
 """The firmware's start-up (docs/FIRMWARE.md): safe mode, the config and
-the settings, the watchdog, the network, and the shared Wi-Fi join. Used
-once per boot by microtun_fw, which then drops this module so its bytecode
-leaves the heap; the firmware imports it again if the link drops
-(network_up()), and so does a Wi-Fi board's board.py (wifi_connect()).
+the settings, the watchdog. Used once per boot by microtun_fw, which then
+drops this module so its bytecode leaves the heap (the network comes up
+through microtun_net).
 
     cfg = microtun_boot.start(fw)    # raises SafeMode(why, level) to stop
-    microtun_boot.network_up(fw)     # returns once the network is up
 """
 import json
 import os
@@ -137,24 +135,6 @@ def load_config(fw):
     return cfg
 
 
-def network_up(fw):
-    """board.network_up(), retried with a growing delay until it works."""
-    delay = fw.s["net_retry_ms"]
-    attempt = 0
-    while True:
-        attempt += 1
-        fw.feed()
-        try:
-            what = fw.board.network_up(fw.cfg.network, fw.s["net_timeout_ms"], fw.feed)
-            fw.log("info", "network up: %s" % what)
-            return
-        except OSError as e:
-            level = "warn" if attempt == 1 or attempt % 20 == 0 else "info"
-            fw.log(level, "network attempt %d failed: %s; next in %d s" % (attempt, e, delay // 1000))
-        fw.sleep(delay)
-        delay = min(delay * 2, fw.s["net_retry_max_ms"])
-
-
 def start_watchdog(fw, ms):
     if not ms:
         return
@@ -223,45 +203,3 @@ def reset_cause():
         if getattr(machine, name, None) == c:
             return name.lower().replace("_", " ")
     return "reset cause %s" % c
-
-
-# -- Wi-Fi, shared by the Wi-Fi boards ---------------------------------------------------
-_FAIL = ("STAT_WRONG_PASSWORD", "STAT_NO_AP_FOUND", "STAT_CONNECT_FAIL")
-
-
-def wifi_connect(net, timeout_ms, feed, setup=None):
-    """Join the Wi-Fi network in `net` ({"ssid", "password", optional
-    "country", "hostname"}) as a station. Returns a short description;
-    raises OSError with the reason (the firmware retries with backoff)."""
-    import network
-    for name in ("country", "hostname"):
-        if net.get(name):
-            try:
-                getattr(network, name)(net[name])
-            except (AttributeError, ValueError, OSError):
-                pass
-    wlan = network.WLAN(network.STA_IF)
-    wlan.active(True)
-    if setup is not None:
-        setup(wlan)
-    if not wlan.isconnected():
-        wlan.connect(net["ssid"], net.get("password", ""))
-        end = ticks_add(ticks_ms(), timeout_ms)
-        fail = [getattr(network, n) for n in _FAIL if hasattr(network, n)]
-        while not wlan.isconnected() and ticks_diff(end, ticks_ms()) > 0:
-            if wlan.status() in fail:
-                break
-            feed()
-            sleep_ms(100)
-        if not wlan.isconnected():
-            st = wlan.status()
-            why = "timed out after %d ms" % timeout_ms
-            for n in _FAIL:
-                if getattr(network, n, None) == st:
-                    why = n[5:].lower().replace("_", " ")
-            try:
-                wlan.disconnect()
-            except OSError:
-                pass
-            raise OSError("Wi-Fi %r: %s (status %s)" % (net["ssid"], why, st))
-    return "Wi-Fi %r, address %s" % (net["ssid"], wlan.ifconfig()[0])

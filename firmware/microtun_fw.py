@@ -20,10 +20,10 @@ started, machine.WDT cannot be stopped, so it also resets the board while
 you sit at the REPL; the boot window and the SAFE file come before it.
 
 This module stays in memory while the tunnel runs, so it holds only the
-loop and the log. The start-up checks, the network bring-up and the
-settings live in microtun_boot, dropped once the network is up; what a
-normal run never does (a fatal error, the console's log dump) lives in
-microtun_rare, loaded only then. Board specifics (network, LED,
+loop and the log. The start-up checks and the settings live in
+microtun_boot, the network bring-up in microtun_net, both dropped once the
+network is up; what a normal run never does (a fatal error, the console's
+log dump) lives in microtun_rare, loaded only then. Board specifics (network, LED,
 safe-mode button, limits) come from board.py, the application from app.py.
 Timings: microtun_boot.DEFAULTS, then board.FIRMWARE, then the config's
 "firmware" object (e.g. {"boot_window_ms": 0, "crash_delay_ms": 200} for a
@@ -177,11 +177,10 @@ class Firmware:
             self.log(e.args[1] if len(e.args) > 1 else "boot", "safe mode: %s" % e.args[0])
             print("microtun: nothing started; the REPL is yours (machine.reset() to try again)")
             return
+        del microtun_boot
+        sys.modules.pop("microtun_boot", None)   # start-up code: off the heap
         try:
-            microtun_boot.network_up(self)
-            del microtun_boot
-            sys.modules.pop("microtun_boot", None)   # start-up code (and Wi-Fi join): off the heap
-            gc.collect()
+            self.network_up()
             self.run_tunnel()
         except KeyboardInterrupt:
             raise
@@ -189,11 +188,12 @@ class Firmware:
             self.fatal(e)
 
     def network_up(self):
-        """The link was lost: up again, retrying (microtun_boot, loaded for it)."""
-        import microtun_boot
-        microtun_boot.network_up(self)
-        del microtun_boot
-        sys.modules.pop("microtun_boot", None)
+        """At boot, and when the link was lost: microtun_net, loaded for it."""
+        import microtun_net
+        microtun_net.network_up(self)
+        del microtun_net
+        sys.modules.pop("microtun_net", None)
+        gc.collect()
 
     def run_tunnel(self):
         app = None
