@@ -140,8 +140,9 @@ class Firmware:
         # a stale copy of a pointer to them, left on the C stack (the GC
         # scans it conservatively), then holds that object for good. Let it
         # be board.py, which stays anyway: when microtun_boot came first, it
-        # was held, 6.2K of dropped code on every boot but the first (32-bit
-        # .mpy build, heap used at session up 70,784 against 64,768 B).
+        # was held, 6.2K of dropped code on every boot that found the state
+        # file (32-bit .mpy build, heap used at session up 70,784 against
+        # 64,768 B, tools/bench_board.py FirmwareRig, boot 1 against boot 2).
         try:
             import board
         except ImportError as e:
