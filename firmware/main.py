@@ -3,14 +3,18 @@
 # committed one or a new release on trial, and imports microtun_fw from it:
 # safe mode, config check, network, tunnel, the app in app.py. Ctrl-C drops
 # to the REPL. Kept short: its bytecode stays in RAM while the board runs.
+# A board never updated over the air has no /ota: nothing to pick, and the
+# loader is not even loaded (a loaded module's names stay in the heap).
+import os
 try:
+    os.stat("ota")
     import microtun_slot
     go = microtun_slot.start()
+except OSError:                      # no /ota: the flashed files
+    go = True
 except Exception as e:               # no loader (flashed before updates), or a broken one
     print("microtun: boot loader: %r" % (e,))
-    microtun_slot = None
     go = True
 if go:
-    del microtun_slot
     import microtun_fw
     microtun_fw.main()

@@ -1,7 +1,7 @@
-"""The firmware's start-up checks (docs/FIRMWARE.md): safe mode, the config,
-the watchdog, and the shared Wi-Fi join. Used once per boot by microtun_fw,
-which then drops this module so its bytecode leaves the heap; a board whose
-link drops imports it again for wifi_connect().
+"""The firmware's start-up (docs/FIRMWARE.md): safe mode, the config and
+the settings, the watchdog. Used once per boot by microtun_fw, which then
+drops this module so its bytecode leaves the heap (the network comes up
+through microtun_net).
 
     cfg = microtun_boot.start(fw)    # raises SafeMode(why, level) to stop
 """
@@ -9,9 +9,21 @@ import json
 import os
 from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
 
-from microtun_fw import CONFIG, DEFAULTS
-
+CONFIG = "microtun.json"
 SAFE_FILES = ("SAFE", "safe_mode")
+
+DEFAULTS = {
+    "boot_window_ms": 3000,      # Ctrl-C / safe button window before anything starts
+    "crash_delay_ms": 5000,      # wait before the reset after a fatal error ...
+    "crash_delay_max_ms": 600000,  # ... doubling per consecutive fatal error, up to this
+    "stable_ms": 60000,          # session up this long: the fatal error count goes back to 0
+    "net_timeout_ms": 20000,     # one attempt to bring the network up
+    "net_retry_ms": 2000,        # wait after a failed attempt ...
+    "net_retry_max_ms": 60000,   # ... doubling up to this
+    "net_check_ms": 5000,        # how often the link is checked while running
+    "loop_ms": 500,              # longest wait in the main loop (watchdog feeding, app ticks)
+    "log_bytes": 4096,           # size of each of the two log files
+}
 
 
 class SafeMode(Exception):
@@ -27,10 +39,36 @@ def exists(name):
         return False
 
 
+class NoBoard:
+    """Stands in when board.py is missing: no network to bring up, no LED.
+    (Its methods keep this module loaded: a desk setup, not a tight heap.)"""
+    NAME = "unknown"
+
+    def network_up(self, net, timeout_ms, feed):
+        return "no board.py: assuming the network is up"
+
+    def network_ok(self):
+        return True
+
+    def safe_button(self):
+        return False
+
+    def led(self, on):
+        pass
+
+    def temperature(self):
+        return None
+
+
 def start(fw):
     """Safe mode checks, boot window, config, watchdog: the validated
-    config (microtun.config.Settings), or SafeMode."""
+    config (microtun.config.Settings), or SafeMode. fw.board is None when
+    board.py is missing: a NoBoard stands in."""
+    fw.s = dict(DEFAULTS)
     board = fw.board
+    if board is None:
+        board = fw.board = NoBoard()
+        fw.log("warn", "no board.py (%s); running without board support" % fw.no_board)
     fw.log("boot", "boot %d on %s (%s)%s" % (
         fw.boots, getattr(board, "NAME", "?"), reset_cause(),
         "" if not fw.crashes else ", after %d fatal error(s) in a row" % fw.crashes))
@@ -165,45 +203,3 @@ def reset_cause():
         if getattr(machine, name, None) == c:
             return name.lower().replace("_", " ")
     return "reset cause %s" % c
-
-
-# -- Wi-Fi, shared by the Wi-Fi boards ---------------------------------------------------
-_FAIL = ("STAT_WRONG_PASSWORD", "STAT_NO_AP_FOUND", "STAT_CONNECT_FAIL")
-
-
-def wifi_connect(net, timeout_ms, feed, setup=None):
-    """Join the Wi-Fi network in `net` ({"ssid", "password", optional
-    "country", "hostname"}) as a station. Returns a short description;
-    raises OSError with the reason (the firmware retries with backoff)."""
-    import network
-    for name in ("country", "hostname"):
-        if net.get(name):
-            try:
-                getattr(network, name)(net[name])
-            except (AttributeError, ValueError, OSError):
-                pass
-    wlan = network.WLAN(network.STA_IF)
-    wlan.active(True)
-    if setup is not None:
-        setup(wlan)
-    if not wlan.isconnected():
-        wlan.connect(net["ssid"], net.get("password", ""))
-        end = ticks_add(ticks_ms(), timeout_ms)
-        fail = [getattr(network, n) for n in _FAIL if hasattr(network, n)]
-        while not wlan.isconnected() and ticks_diff(end, ticks_ms()) > 0:
-            if wlan.status() in fail:
-                break
-            feed()
-            sleep_ms(100)
-        if not wlan.isconnected():
-            st = wlan.status()
-            why = "timed out after %d ms" % timeout_ms
-            for n in _FAIL:
-                if getattr(network, n, None) == st:
-                    why = n[5:].lower().replace("_", " ")
-            try:
-                wlan.disconnect()
-            except OSError:
-                pass
-            raise OSError("Wi-Fi %r: %s (status %s)" % (net["ssid"], why, st))
-    return "Wi-Fi %r, address %s" % (net["ssid"], wlan.ifconfig()[0])

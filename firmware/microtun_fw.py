@@ -19,14 +19,17 @@ relies on it). The watchdog is opt-in ("watchdog_s" in microtun.json): once
 started, machine.WDT cannot be stopped, so it also resets the board while
 you sit at the REPL; the boot window and the SAFE file come before it.
 
-This module stays in memory while the tunnel runs; the start-up checks live
-in microtun_boot, dropped once they are done. Board specifics (network, LED,
+This module stays in memory while the tunnel runs, so it holds only the
+loop and the log. The start-up checks and the settings live in
+microtun_boot, the network bring-up in microtun_net, both dropped once the
+network is up; what a normal run never does (a fatal error, the console's
+log dump) lives in microtun_rare, loaded only then. Board specifics (network, LED,
 safe-mode button, limits) come from board.py, the application from app.py.
-Timings: DEFAULTS, then board.FIRMWARE, then the config's "firmware" object
-(e.g. {"boot_window_ms": 0, "crash_delay_ms": 200} for a test rig).
+Timings: microtun_boot.DEFAULTS, then board.FIRMWARE, then the config's
+"firmware" object (e.g. {"boot_window_ms": 0, "crash_delay_ms": 200} for a
+test rig).
 """
 import gc
-import io
 import os
 import sys
 from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
@@ -43,23 +46,9 @@ try:
 except AttributeError:           # a port built without gc.threshold
     pass
 
-CONFIG = "microtun.json"
 LOG = "microtun.log"             # and microtun.log.1: two files of log_bytes each
 STATE = "microtun_fw.txt"        # "<boots> <consecutive fatal errors>"
 FILE_LEVELS = ("boot", "warn", "error", "fatal")   # info goes to the console only: flash wears
-
-DEFAULTS = {
-    "boot_window_ms": 3000,      # Ctrl-C / safe button window before anything starts
-    "crash_delay_ms": 5000,      # wait before the reset after a fatal error ...
-    "crash_delay_max_ms": 600000,  # ... doubling per consecutive fatal error, up to this
-    "stable_ms": 60000,          # session up this long: the fatal error count goes back to 0
-    "net_timeout_ms": 20000,     # one attempt to bring the network up
-    "net_retry_ms": 2000,        # wait after a failed attempt ...
-    "net_retry_max_ms": 60000,   # ... doubling up to this
-    "net_check_ms": 5000,        # how often the link is checked while running
-    "loop_ms": 500,              # longest wait in the main loop (watchdog feeding, app ticks)
-    "log_bytes": 4096,           # size of each of the two log files
-}
 
 
 def read_state():
@@ -85,7 +74,7 @@ class Log:
     (LOG, LOG + ".1"). Never raises: a full or read-only filesystem must not
     take the board down."""
 
-    def __init__(self, boot, max_bytes=DEFAULTS["log_bytes"]):
+    def __init__(self, boot, max_bytes=4096):     # microtun_boot sets log_bytes from the settings
         self.boot = boot
         self.max = max_bytes
         self._last = None
@@ -124,31 +113,9 @@ class Log:
             pass
 
     def exception(self, what, e):
-        buf = io.StringIO()
-        sys.print_exception(e, buf)
-        tb = buf.getvalue()
-        print(tb)
-        self("fatal", "%s: %s" % (what, tb.strip().replace("\n", "\n    ")))
-
-
-class NoBoard:
-    """Stands in when board.py is missing: no network to bring up, no LED."""
-    NAME = "unknown"
-
-    def network_up(self, net, timeout_ms, feed):
-        return "no board.py: assuming the network is up"
-
-    def network_ok(self):
-        return True
-
-    def safe_button(self):
-        return False
-
-    def led(self, on):
-        pass
-
-    def temperature(self):
-        return None
+        """The traceback to the console and, as one fatal line, to the file."""
+        import microtun_rare
+        microtun_rare.exception(self, what, e)
 
 
 def reset():
@@ -159,20 +126,28 @@ def reset():
 
 
 class Firmware:
+    # microtun_boot.start() sets s (the settings), cfg and wdt
+    wdt = None
+    tunnel = None
+
     def __init__(self):
         self.boots, self.crashes = read_state()
         self.boots += 1
         write_state(self.boots, self.crashes)
         self.log = Log(self.boots)
-        self.s = dict(DEFAULTS)
-        self.wdt = None
-        self.tunnel = None
-        self.cfg = None
+        # board.py right after the state file, before anything else: what is
+        # allocated next lands where the file's transient objects were, and
+        # a stale copy of a pointer to them, left on the C stack (the GC
+        # scans it conservatively), then holds that object for good. Let it
+        # be board.py, which stays anyway: when microtun_boot came first, it
+        # was held, 6.2K of dropped code on every boot that found the state
+        # file (32-bit .mpy build, heap used at session up 70,784 against
+        # 64,768 B, tools/bench_board.py FirmwareRig, boot 1 against boot 2).
         try:
             import board
         except ImportError as e:
-            board = NoBoard()
-            self.log("warn", "no board.py (%s); running without board support" % e)
+            board = None             # microtun_boot stands in a NoBoard and says so
+            self.no_board = e
         self.board = board
 
     def feed(self):
@@ -204,6 +179,7 @@ class Firmware:
             print("microtun: nothing started; the REPL is yours (machine.reset() to try again)")
             return
         del microtun_boot
+        sys.modules.pop("microtun_boot", None)   # start-up code: off the heap
         try:
             self.network_up()
             self.run_tunnel()
@@ -213,52 +189,22 @@ class Firmware:
             self.fatal(e)
 
     def network_up(self):
-        delay = self.s["net_retry_ms"]
-        attempt = 0
-        while True:
-            attempt += 1
-            self.feed()
-            try:
-                what = self.board.network_up(self.cfg.network, self.s["net_timeout_ms"], self.feed)
-                self.log("info", "network up: %s" % what)
-                sys.modules.pop("microtun_boot", None)   # start-up code (and Wi-Fi join): off the heap
-                gc.collect()
-                return
-            except OSError as e:
-                level = "warn" if attempt == 1 or attempt % 20 == 0 else "info"
-                self.log(level, "network attempt %d failed: %s; next in %d s" % (attempt, e, delay // 1000))
-            self.sleep(delay)
-            delay = min(delay * 2, self.s["net_retry_max_ms"])
+        """At boot, and when the link was lost: microtun_net, loaded for it."""
+        import microtun_net
+        microtun_net.network_up(self)
+        del microtun_net
+        sys.modules.pop("microtun_net", None)
+        gc.collect()
 
-    def load_app(self):
-        """app.py, compiled while the heap is still empty (before the tunnel)."""
-        try:
+    def run_tunnel(self):
+        app = None
+        try:                         # compiled while the heap is still empty (before the tunnel)
             import app
         except ImportError as e:
             if "app" not in str(e):
                 raise
             self.log("warn", "no app.py: the tunnel runs without an application")
-            return None
         gc.collect()
-        return app
-
-    def dump_log(self):
-        """The log files to the console, between two marker lines: what
-        `microtun logs --port` asks for with an "l" typed at the console.
-        mpremote's fs cat would stop the tunnel (raw REPL, soft reset)."""
-        print("microtun log begin")
-        for name in (LOG + ".1", LOG):
-            try:
-                with open(name) as f:
-                    for line in f:
-                        print(line, end="")
-            except OSError:
-                pass
-            self.feed()
-        print("microtun log end")
-
-    def run_tunnel(self):
-        app = self.load_app()
         from microtun.driver import Tunnel
         self.tunnel = t = Tunnel(self.cfg, log=self.log)
         if t.core.log_ring is not None:
@@ -306,8 +252,13 @@ class Firmware:
                 c = sys.stdin.read(1)
                 if not c:            # no console (stdin closed)
                     con = None
-                elif c == "l":
-                    self.dump_log()
+                elif c == "l":       # the log files, for `microtun logs --port`
+                    try:
+                        import microtun_rare
+                        microtun_rare.dump_log(self)
+                    except MemoryError:  # ~1 KB of code to load: not worth a fatal error
+                        print("microtun: no heap free for the log dump just now; try again")
+                    sys.modules.pop("microtun_rare", None)
             now = ticks_ms()
             up = t.established
             if up != was_up:
@@ -338,47 +289,34 @@ class Firmware:
                     self.network_up()
                     t.rebind()
 
-    def fatal(self, e):
-        if self.tunnel is not None:
+    def close(self):
+        t = self.tunnel
+        self.tunnel = None
+        if t is not None:
             try:
-                self.tunnel.close()
+                t.close()
             except Exception:
                 pass
-            self.tunnel = None
-        self.unload()
-        slot = sys.modules.get("microtun_slot")
-        if slot is not None:             # a release on trial: roll back, the next boot runs the last good set
-            try:
-                slot.failed("fatal error: %r" % (e,))
-            except Exception:
-                pass
-        self.crashes += 1
-        write_state(self.boots, self.crashes)
-        try:
-            self.log.exception("fatal error", e)
-        except Exception:            # even logging failed (MemoryError): still wait and reset
-            pass
-        n = self.crashes - 1 if self.crashes < 24 else 23
-        delay = min(self.s["crash_delay_ms"] << n, self.s["crash_delay_max_ms"])
-        self.log("fatal", "fatal error %d in a row; reset in %d.%03d s (Ctrl-C for the REPL)" % (
-            self.crashes, delay // 1000, delay % 1000))
-        self.sleep(delay)
-        reset()
 
-    def unload(self):
-        """Forget the tunnel's modules: after a MemoryError the heap is full
-        of them, and logging, waiting and resetting need a little room."""
+    def fatal(self, e):
+        """Log, roll back a release on trial, wait (doubling), reset: in
+        microtun_rare, loaded once the tunnel and its modules are off the
+        heap (after a MemoryError the heap is full of them)."""
+        self.close()
         for name in list(sys.modules):
             if name.startswith("microtun.") or name in ("microtun", "app"):
                 del sys.modules[name]
         gc.collect()
+        try:
+            import microtun_rare
+        except Exception as x:       # cannot even load it: still wait and reset
+            print("microtun: fatal error %r; cannot load microtun_rare (%r); reset" % (e, x))
+            self.sleep(self.s["crash_delay_ms"])
+            reset()
+        microtun_rare.fatal(self, e)
 
     def stopped(self):
-        if self.tunnel is not None:
-            try:
-                self.tunnel.close()
-            except Exception:
-                pass
+        self.close()
         print("microtun: stopped by Ctrl-C; the REPL is yours (machine.reset() or Ctrl-D restarts)")
         if self.wdt is not None:
             print("microtun: the watchdog is running and will reset the board")

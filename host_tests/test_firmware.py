@@ -11,6 +11,7 @@ Figures for docs/FIRMWARE.md (heap, time to first message, X25519 count):
 
     .venv/bin/python host_tests/test_firmware.py figures
 """
+import ast
 import atexit
 import json
 import os
@@ -230,6 +231,11 @@ def test_ctrl_c_while_running_drops_to_the_repl(tmp_path, running):
     fw.wait_for(r"stopped by Ctrl-C; the REPL is yours", 5)
     fw.repl("print('at the REPL')", r"at the REPL")
     assert "Traceback" not in fw.text
+    # what of the firmware's own code stayed loaded while the tunnel ran: the
+    # loop only (start-up dropped; the loader, with no /ota, and the rare
+    # paths never loaded: a loaded module's names stay in the heap for good)
+    fw.repl("import sys; print('FW', sorted(m for m in sys.modules if m.startswith('microtun_')))",
+            r"FW \['microtun_fw'\]")
 
 
 def test_watchdog_is_opt_in_and_missing_on_the_unix_port(tmp_path, running):
@@ -267,6 +273,18 @@ def test_fatal_error_is_logged_then_a_growing_delay_then_reset(tmp_path, running
     assert 'File "app.py", line 4, in __init__' in log
     assert "boot 3 on unix (hard reset), after 2 fatal error(s) in a row" in log
     assert (d / "microtun_fw.txt").read_text().split() == ["3", "3"]
+
+
+def test_fatal_error_resets_even_without_microtun_rare(tmp_path, running):
+    """The fatal path loads microtun_rare; if that fails, the board still
+    waits crash_delay_ms and resets rather than stop at the REPL."""
+    d = make_board(tmp_path / "board", device_config(firmware={"boot_window_ms": 0, "crash_delay_ms": 300}),
+                   app=CRASHING_APP)
+    (d / "lib" / "microtun_rare.mpy").unlink()
+    fw = running(d)
+    logged = fw.wait_for(r"fatal error RuntimeError\('sensor on fire',\); cannot load microtun_rare", 10)
+    reset = fw.wait_for(RESET, 10)
+    assert re.search(RESET, fw.text).group(1) == "3" and reset - logged >= 0.25
 
 
 def test_crash_delay_is_capped(tmp_path, running):
@@ -312,8 +330,13 @@ WIFI_CASES = [
 
 def test_wifi_settings_are_checked_before_anything_starts(tmp_path):
     d = make_board(tmp_path / "board", None)
-    script = "import microtun_boot as b, json\nfor c in %s:\n    print('R', json.dumps(b.check_wifi(c)))\n" % (
-        json.dumps([c for c, _ in WIFI_CASES]),)
+    # and the join each Wi-Fi board's board.py imports is where it looks for it
+    joins = sorted({n.module for f in flash.BOARDS.glob("*/board.py") for n in ast.walk(ast.parse(f.read_text()))
+                    if isinstance(n, ast.ImportFrom) and any(a.name == "wifi_connect" for a in n.names)})
+    assert joins
+    script = "".join("from %s import wifi_connect\n" % m for m in joins) + (
+        "import microtun_boot as b, json\nfor c in %s:\n    print('R', json.dumps(b.check_wifi(c)))\n" % (
+            json.dumps([c for c, _ in WIFI_CASES]),))
     r = subprocess.run([MICROPYTHON, "-c", script], cwd=str(d), env=dict(os.environ, MICROPYPATH="lib"),
                        capture_output=True, text=True, timeout=20)
     got = [json.loads(l[2:]) for l in r.stdout.splitlines() if l.startswith("R ")]

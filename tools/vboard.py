@@ -102,7 +102,9 @@ def _vb_run(name):
     except OSError:
         return
     try:
-        exec(compile(src, name, "exec"), globals())
+        code = compile(src, name, "exec")
+        src = None                      # a board does not keep main.py's text while main.py runs
+        exec(code, globals())
     except SystemExit as e:
         code = e.args[0] if e.args and isinstance(e.args[0], int) else (0 if not e.args else 1)
         sys.stdout.write(%(exit)r + str(code) + "\x00")

@@ -32,7 +32,7 @@ def _setup(wlan):
 
 
 def network_up(net, timeout_ms, feed):
-    from microtun_boot import wifi_connect      # shared: firmware/microtun_boot.py
+    from microtun_net import wifi_connect       # shared: firmware/microtun_net.py
     return wifi_connect(net, timeout_ms, feed, _setup)
 
 

@@ -19,7 +19,8 @@ Steps, each shown as it happens:
 What lands on the board:
 
     /boot.py /main.py /app.py /board.py /microtun.json
-    /lib/microtun_fw.mpy /lib/microtun_boot.mpy /lib/microtun_slot.mpy /lib/microtun/*.mpy
+    /lib/microtun_fw.mpy /lib/microtun_boot.mpy /lib/microtun_net.mpy /lib/microtun_rare.mpy
+    /lib/microtun_slot.mpy /lib/microtun/*.mpy
 
 Left alone: the boot counter (microtun_boot.bin: handshake freshness depends
 on it), the logs and anything else of yours. Modules the device never needs
@@ -56,8 +57,11 @@ ENTRY_MODULES = ("config", "driver", "update")   # what the firmware imports fro
 # when it names update operators (docs/UPDATE.md). Frozen builds and
 # releases carry them all (a release travels over the ops channel).
 FEATURES = {"ops": ("ops", "logring"), "update": ("update", "ed25519")}
-# the firmware runtime, compiled, to /lib; microtun_slot is the boot loader that picks the code set
-FW_MODULES = ("microtun_fw.py", "microtun_boot.py", "microtun_slot.py")
+# the firmware runtime, compiled, to /lib: microtun_fw the loop (resident), microtun_boot the
+# start-up and microtun_net the network bring-up (both dropped once the network is up), microtun_rare
+# what a normal run never loads (a fatal error, the console's log dump), microtun_slot the boot
+# loader that picks the code set
+FW_MODULES = ("microtun_fw.py", "microtun_boot.py", "microtun_net.py", "microtun_rare.py", "microtun_slot.py")
 FW_FILES = ("boot.py", "main.py")             # copied as source, to /
 NATIVE_MODULES = ("xorbuf", "fe25519", "hopmac")   # viper: mpy-cross needs the board's -march
 # Frozen builds only: native code loaded from a .mpy sits in RAM (the GC heap
@@ -377,13 +381,13 @@ for d in ("lib", "lib/microtun"):
 for n in os.listdir("lib/microtun"):
     if "lib/microtun/" + n not in keep:
         _rm("lib/microtun/" + n)
-for m in ("microtun_fw", "microtun_boot", "microtun_slot"):
+for m in %r:
     for p in ("lib/%%s.py" %% m, "lib/%%s.mpy" %% m):
         if p not in keep:
             _rm(p)
 if %r:
     _rm("lib/microtun")
-""" % (sorted(keep), frozen)
+""" % (sorted(keep), tuple(n[:-3] for n in FW_MODULES), frozen)
 
 
 def verify_code(paths):
