@@ -1,8 +1,10 @@
 # Freezes microtun into a custom MicroPython firmware: the portable package
 # modules the device imports (the same set `microtun flash` copies: gateway-
 # only modules stay out, aes_pure only without cryptolib) and the firmware
-# runtime (firmware/microtun_fw.py, firmware/microtun_boot.py). Included by
-# each board's manifest.py; paths are relative to this file.
+# runtime (microtun_host.flash.FW_MODULES: firmware/microtun_fw.py, and the
+# modules it loads for a while and drops: microtun_boot, microtun_net,
+# microtun_rare, the update loader microtun_slot). Included by each board's
+# manifest.py; paths are relative to this file.
 #
 # Frozen code runs from flash: it costs no heap for bytecode, where .mpy
 # files on the filesystem are loaded into RAM (docs/FIRMWARE.md, "Figures").
