@@ -6,15 +6,19 @@
 # A board never updated over the air has no /ota: nothing to pick, and the
 # loader is not even loaded (a loaded module's names stay in the heap).
 import os
+go = True
 try:
     os.stat("ota")
-    import microtun_slot
-    go = microtun_slot.start()
 except OSError:                      # no /ota: the flashed files
-    go = True
-except Exception as e:               # no loader (flashed before updates), or a broken one
-    print("microtun: boot loader: %r" % (e,))
-    go = True
+    pass
+else:
+    try:
+        import microtun_slot
+        go = microtun_slot.start()
+        del microtun_slot            # the loader keeps itself in sys.modules only while a release is on trial
+    except Exception as e:           # no loader (flashed before updates), or a broken one
+        print("microtun: boot loader: %r" % (e,))
+        go = True
 if go:
     import microtun_fw
     microtun_fw.main()
