@@ -756,7 +756,10 @@ class GatewayServer:
 
     def send(self, device, channel, data, critical=False):
         """Send data to a device (name or public key) on a channel. Returns
-        False if the device has no session now (counted as no_session)."""
+        False if the device has no session now (counted as no_session).
+        ValueError for an unknown device, or for data longer than a device
+        takes (DEVICE_PAYLOAD_MAX, 2003 bytes: its driver reads datagrams of
+        2048)."""
         pub = self.names.get(device, device) if isinstance(device, str) else device
         if pub not in self.core.peers:
             raise ValueError("unknown device %r" % (device,))
