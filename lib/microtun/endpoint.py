@@ -255,7 +255,7 @@ class Device(_Endpoint):
             # handshakes, 13.0K without it (docs/MEMORY.md, "Keypairs
             # through a handshake").
             s.previous = None
-            self._by_index.pop(kp.local_index, None)
+            self._forget((kp,))
             kp = None
         if s.ss is None:
             s.ss = ecdh.x25519(self._static[0], s.public_key)
