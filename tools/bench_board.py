@@ -75,6 +75,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_memory as bm  # noqa: E402
+from microtun_host.flash import FW_MODULES  # noqa: E402  (bench_memory put lib/ on the path)
 
 K = 1024
 KINDS = ("frozen", "mpy", "wheel")
@@ -202,8 +203,8 @@ class FirmwareRig:
                       app=(ROOT / "firmware" / "app.py").read_text() + REKEY_APP, arch=self.arch, lines=bm.LINES)
         if self.kind == "frozen":    # frozen in: nothing of it on the board's filesystem
             shutil.rmtree(d / "lib" / "microtun", ignore_errors=True)
-            for m in ("microtun_fw.mpy", "microtun_boot.mpy"):
-                (d / "lib" / m).unlink(missing_ok=True)
+            for m in FW_MODULES:
+                (d / "lib" / (m[:-3] + ".mpy")).unlink(missing_ok=True)
         n0 = len(rig.echo.got)
         saved, tf.MICROPYTHON = tf.MICROPYTHON, self.exe
         try:
