@@ -463,7 +463,7 @@ def exchange(dev, far, datagrams):
             datagrams += dev.command(line)
 
 
-# The episode every scenario ends with (rekeys=True): REKEYS handshakes, 20 s
+# The episode a scenario ends with when rekeys=True: REKEYS handshakes, 20 s
 # apart, each started with the session up (the "H" command: Device.rekey,
 # as the driver calls it when every path went dark; a rekey after
 # rekey_after_ms and a re-handshake on unanswered data hold the same
@@ -492,7 +492,6 @@ def handshakes_under_session(dev, far, size):
             raise RuntimeError("handshake %d under a live session: %d completed, a packet each way: %d to the "
                                "gateway, %d to the device" % (i + 1, far.gw.stats.get("handshake_ok", 0) - hs0,
                                                               far.delivered - sent, dev.received - got))
-    return REKEYS
 
 
 def scenario(out, mode, heapsize=None, packets=20, size=64, count=True, gc=0, rekeys=False):
@@ -544,7 +543,7 @@ def scenario(out, mode, heapsize=None, packets=20, size=64, count=True, gc=0, re
                     exchange(dev, far, dev.command(line))
         got_gw, got_dev = far.delivered - sent_before, dev.received - before
         if rekeys:
-            rehandshakes = handshakes_under_session(dev, far, size)
+            handshakes_under_session(dev, far, size)
         report = dev.finish()
     except (EOFError, BrokenPipeError, OSError) as e:
         dev.kill()
@@ -558,7 +557,7 @@ def scenario(out, mode, heapsize=None, packets=20, size=64, count=True, gc=0, re
     report["delivered_to_device"] = got_dev
     ok = report["established"] and got_gw == packets and got_dev == packets
     if rekeys:
-        report["handshakes_under_session"] = rehandshakes
+        report["handshakes_under_session"] = REKEYS
     if not ok:
         raise RuntimeError("%s device: %r, gateway %r" % (mode, report, far.gw.stats))
     return report
