@@ -16,38 +16,37 @@ from microtun.ticks import ticks_add
 import microtun.timers as timers   # (not `from microtun import`: endpoint.py says why)
 
 
+_BOARD = __import__("sys").implementation.name == "micropython"
+
+
+def _empty(o):
+    """Set on o the fields that start empty. On CPython o is the class: the
+    gateway keeps thousands of sessions, mostly idle, and a field stays a
+    class attribute until first set (10,000 idle sessions: 3,464 B each,
+    4,579 B with every field set in __init__; tools/bench_gateway.py
+    session_memory). On a board o is the session: a device keeps one and
+    sets nearly every field, so a class table of them would be ~230 B held
+    for good beside the session's own (docs/MEMORY.md, "Session fields")."""
+    o.ss = None                     # cached DH(s, rs)
+    o.current = o.previous = o.next = None   # keypairs
+    o.hs = None                     # the handshake in flight (initiator)
+    o.hs_index = o.hs_retry_at = o.hs_attempts = 0
+    o.last_sent = o.last_received = o.keepalive_due = None
+    o.data_sent_unanswered = o.established_at = None
+    o.addr = None                   # where the peer was last authenticated (opaque)
+    o.room = False                  # transport packets after keypair.ROOM zero bytes (microtun.tunnel)
+    o.handshakes = o.tx_packets = o.tx_bytes = o.rx_packets = o.rx_bytes = 0
+
+
 class Session:
-    """The state both ends keep per peer. Fields that start empty are class
-    attributes until first set, so an idle session is a small object (the
-    gateway keeps thousands; the gateway's own fields are in
-    microtun.responder.Peer)."""
-    ss = None                     # cached DH(s, rs)
-    current = None                # keypairs
-    previous = None
-    next = None
-    # outstanding initiation (initiator side)
-    hs = None
-    hs_index = 0
-    hs_retry_at = 0
-    hs_attempts = 0
-    # timer marks (ticks) or None
-    last_sent = None
-    last_received = None
-    keepalive_due = None
-    data_sent_unanswered = None
-    established_at = None
-    addr = None                   # where the peer was last authenticated (opaque)
-    room = False                  # transport packets after keypair.ROOM zero bytes (microtun.tunnel)
-    # counters
-    handshakes = 0
-    tx_packets = 0
-    tx_bytes = 0
-    rx_packets = 0
-    rx_bytes = 0
+    """The state both ends keep per peer (the gateway's own fields are in
+    microtun.responder.Peer); the fields that start empty are in _empty."""
 
     def __init__(self, public_key, psk=None):
         self.public_key = public_key
         self.psk = psk
+        if _BOARD:
+            _empty(self)
 
     def install(self, keypair, now):
         """Install a fresh keypair as `current` at once (the initiator, on
@@ -103,3 +102,7 @@ class Session:
         if self.current is None:
             self.keepalive_due = None
         return dropped
+
+
+if not _BOARD:
+    _empty(Session)
