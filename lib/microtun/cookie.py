@@ -96,3 +96,13 @@ class CookieJar:
         if self.cookie is not None and ticks_diff(now, self._got) >= COOKIE_VALID_MS:
             self.cookie = None
         return self.cookie
+
+
+def device_in(dev, data, addr, now):
+    """A COOKIE for the INIT a microtun.endpoint.Device has in flight (it
+    checked the index): kept for mac2 on the retry. The device's rare path,
+    here so that its code stays out of the device's heap until a COOKIE
+    comes; the jar is made then too."""
+    if dev._cookies is None:
+        dev._cookies = CookieJar(dev.session.public_key)
+    dev._count("cookie_rx" if dev._cookies.consume(data, dev._mac1, now) else "bad_cookie")

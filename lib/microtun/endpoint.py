@@ -290,35 +290,21 @@ class Device(_Endpoint):
         """A handshake message (or a malformed datagram); a RESPONSE's code
         is below, in this function (one function object, not two)."""
         self._fresh.observe(now)
-        if t == m.TYPE_COOKIE:
-            # The gateway is under load and wants mac2 on our retry. Rare:
-            # the cookie code is loaded, and its AEAD made, only now.
+        if t == m.TYPE_COOKIE or t == m.TYPE_STALE:
+            # For our INIT in flight: the gateway is under load and wants
+            # mac2 on our retry (COOKIE), or it accepted a higher freshness
+            # from us already (STALE: our boot counter went backwards). Rare:
+            # their code is loaded only now, not held in a board's heap
+            # with this module (microtun.cookie, microtun.stale).
             s = self.session
             if s.hs is None or m.u32(data, 4) != s.hs_index:
                 self._count("unknown_index")
                 return
-            if self._cookies is None:
-                from microtun.cookie import CookieJar
-                self._cookies = CookieJar(s.public_key)
-            self._count("cookie_rx" if self._cookies.consume(data, self._mac1, now) else "bad_cookie")
-            return
-        if t == m.TYPE_STALE:
-            # The gateway already accepted a higher freshness from us (our
-            # boot counter went backwards): jump past it and retry at once.
-            # Rare: its code is loaded only now.
-            s = self.session
-            if s.hs is None or m.u32(data, 4) != s.hs_index:
-                self._count("unknown_index")
-                return
-            from microtun.stale import open_stale, jump
-            v = open_stale(s.hs.ck, s.hs.h, data)
-            if v is None or jump(self._fresh, v) is None:
-                self._count("bad_stale")
-                return
-            self._count("stale_rx")
-            self._events.append(Event(STALE, s, None, v, addr))
-            s.hs_attempts = 0
-            self._initiate(now)
+            if t == m.TYPE_COOKIE:
+                from microtun.cookie import device_in
+            else:
+                from microtun.stale import device_in
+            device_in(self, data, addr, now)
             return
         if t != m.TYPE_RESPONSE:
             self._count("unexpected_init" if t == m.TYPE_INIT else "malformed")

@@ -48,3 +48,21 @@ def jump(fresh, value):
     fresh._uptime = 0
     fresh._last_value = -1
     return fresh.boot
+
+
+def device_in(dev, data, addr, now):
+    """A STALE for the INIT a microtun.endpoint.Device has in flight (it
+    checked the index): jump past the value it names, tell the app (a STALE
+    event) and handshake again at once; counted bad_stale if it does not
+    authenticate. The device's rare path, here so that its code stays out
+    of the device's heap until a STALE comes."""
+    from microtun.endpoint import Event, STALE
+    s = dev.session
+    v = open_stale(s.hs.ck, s.hs.h, data)
+    if v is None or jump(dev._fresh, v) is None:
+        dev._count("bad_stale")
+        return
+    dev._count("stale_rx")
+    dev._events.append(Event(STALE, s, None, v, addr))
+    s.hs_attempts = 0
+    dev._initiate(now)
