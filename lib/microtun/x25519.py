@@ -60,7 +60,7 @@ def _ladder_big(k, x1):
         z3 = (x3 - z3) % p
         x3 = a % p
         x3 = x3 * x3 % p
-        z3 = x1 * z3 * z3 % p
+        z3 = z3 * z3 % p * x1 % p               # (no 765-bit product: 510 at most)
         a = x2 - z2                             # E = AA - BB
         x2 = x2 * z2 % p
         z2 = a * (z2 + _A24P1 * a) % p          # E * (AA + a24 E) = E * (BB + (a24 + 1) E)
