@@ -10,6 +10,8 @@ use it. The initiator then puts mac2 = MAC(cookie, message) in its retries.
 A device imports this module only when a COOKIE message arrives (rare: the
 gateway is under load), so it costs a board no heap until then.
 """
+import hashlib
+
 from microtun.aead import AEAD
 from microtun.hmac import hmac_sha256
 from microtun.rand import random_bytes
@@ -26,6 +28,13 @@ _CACHED = const(512)               # responder: cookies kept per secret (one per
 _NO_MAC = bytes(16)
 
 
+def cookie_key(key):
+    """The key a COOKIE message is sealed under, from the responder's static
+    public key (here, not in microtun.messages: a device needs it only once
+    a COOKIE comes, and then loads this module)."""
+    return hashlib.sha256(b"cookie--" + key).digest()
+
+
 def addr_bytes(addr):
     """A stable byte form of an opaque address object."""
     if isinstance(addr, (bytes, bytearray)):
@@ -37,7 +46,7 @@ class CookieChecker:
     """Responder side."""
 
     def __init__(self, public_key):
-        self._aead = AEAD(m.cookie_key(public_key))
+        self._aead = AEAD(cookie_key(public_key))
         self._secret = None
         self._born = 0
         self._cache = {}          # addr -> its cookie under the current secret
@@ -76,7 +85,7 @@ class CookieJar:
     the first COOKIE message arrives (this module is loaded only then)."""
 
     def __init__(self, responder_public):
-        self._aead = AEAD(m.cookie_key(responder_public))
+        self._aead = AEAD(cookie_key(responder_public))
         self.cookie = None
         self._got = 0
 

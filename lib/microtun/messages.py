@@ -47,18 +47,14 @@ INIT_MAC2 = const(132)
 RESP_NOISE = const(12)
 RESP_MAC1 = const(60)
 
-# Domain separation: the Noise prologue (the MAC key labels are below).
+# Domain separation: the Noise prologue (mac1's key label is below, the
+# cookie key's in microtun.cookie).
 PROLOGUE = b"microtun v1"
 
 
 def mac1_key(key):
     """mac1's key: HASH("mac1----" || the responder's static public key)."""
     return hashlib.sha256(b"mac1----" + key).digest()
-
-
-def cookie_key(key):
-    """The key a COOKIE message is sealed under, from the responder's key."""
-    return hashlib.sha256(b"cookie--" + key).digest()
 
 
 def header(t):
