@@ -69,6 +69,7 @@ BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 BYTES = (bytes, bytearray, memoryview)   # what the API takes (endpoint.py checks payloads with it)
 _ZERO16 = const(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # (frozen: in flash)
 _GROW = const(64)  # buffers grow in steps of this many bytes
+_SHORT = const(32)  # a message of up to this many bytes is sealed with one cryptolib object (_stream)
 # memoryview: CBC-MAC input, then the counter blocks, encrypted in place
 # into the key stream, XORed into head || C || T. Made at import, big enough
 # for an INIT's seals and a 64-byte packet (128 bytes; it grows for larger
@@ -129,7 +130,9 @@ class CCM:
         key stream with X after it, off bytes in (ecb False: only that).
         Then work[off:off+16*b+16] = E(A_0) || E(A_1) .. || E(A_b), b the
         message's blocks: the counter blocks made there and encrypted in
-        place by ONE ECB call. Returns work (from off: a view)."""
+        place, by ONE ECB call (ecb True), or for a short message by ecb, the
+        CBC object that made its MAC, whose chain's value X is in _t.
+        Returns work (from off: a view)."""
         global _work
         end = (n + 15) // 16 * 16 + 16
         la = len(aad)
@@ -141,22 +144,36 @@ class CCM:
         # A_i = flags || nonce || i (RFC 3610 §2.3) for every block, over
         # what the CBC-MAC left there.
         _ctr(_work, off, nonce, self.nonce_size, end)
-        # A new ECB object per message (320 bytes of garbage on a 32-bit
-        # board): keeping one per key would keep 320 bytes per AEAD, four
-        # per session, and the endpoint's heap budget is the tighter one
-        # (docs/MEMORY.md).
-        e = self._make(self._key, 1)  # MODE_ECB
-        if off:
-            w = _work[off:]
-            e.encrypt(w[:end], w)
+        w = _work[off:] if off else _work
+        if ecb is True:
+            # A new ECB object per message (304 bytes of garbage on a 32-bit
+            # board): keeping one per key would keep 304 bytes per AEAD, four
+            # per session, and the endpoint's heap budget is the tighter one
+            # (docs/MEMORY.md).
+            self._make(self._key, 1).encrypt(w[:end], w)  # MODE_ECB
             return w
-        e.encrypt(_work[:end], _work)
-        return _work
+        # A short message (seal, n <= _SHORT: the handshake's seals,
+        # keepalives): through the CBC object, a block at a time. CBC
+        # encrypts A_i ^ (the block before it: X, then S_0, S_1 ..), which is
+        # E(A_i). Its second cryptolib object (304 bytes, the largest
+        # allocation of a handshake after the X25519 ladder's workspace) is
+        # not made, nor can the first, garbage by then but still named by a
+        # stale word on the C stack, keep its room from it (docs/MEMORY.md,
+        # "One cryptolib object for a short message"). (la, size, e: the
+        # chain's value, the offset, the block; names reused, as a local
+        # more would make this frame a heap block bigger.)
+        la = _t
+        for size in range(0, end, 16):
+            e = w[size:size + 16]
+            _xor(e, 0, la, 0, 16)
+            ecb.encrypt(e, e)
+            la = e
+        return w
 
     def _cbc_mac(self, nonce, aad, lead, data, n):
         """RFC 3610 §2.2's X (16 bytes) from ONE CBC call over
-        B0 || encoded aad || lead || data, each zero-padded to whole blocks:
-        where it is in _work (its offset)."""
+        B0 || encoded aad || lead || data, each zero-padded to whole blocks,
+        XORed into _t. Returns the CBC object: its chain's value is X."""
         w = _work
         la = len(aad)
         # B0 = flags || nonce || n (n in the last L bytes; the nonce over the
@@ -184,8 +201,12 @@ class CCM:
             w[o:o + ll] = lead
             w[o + ll:o + n] = data
             o = end
-        self._make(self._key, 2, _ZERO16).encrypt(w[:o], w)  # MODE_CBC, IV 0
-        return o - 16   # X is the last block: _work[o - 16:o] (no bytes object per message)
+        # (`enc` reused for the object: one local more would make this
+        # frame a heap block bigger)
+        enc = self._make(self._key, 2, _ZERO16)  # MODE_CBC, IV 0
+        enc.encrypt(w[:o], w)
+        _xor(_t, 0, w, o - 16, 16)               # X is the last block
+        return enc
 
     def seal(self, nonce, plaintext, aad=b"", head=b"", lead=b""):
         """ciphertext || tag (len(plaintext) + tag_size bytes). With head
@@ -212,10 +233,15 @@ class CCM:
         # head fits before the message too.
         off = 16 if hl > 16 else 0
         self._stream(nonce, aad, n + off, False, 0)
-        x = self._cbc_mac(nonce, aad, lead, plaintext, n)
         t = _t
-        t[:] = _work[x:x + 16]             # X: the key stream goes over it in _work
-        w = self._stream(nonce, aad, n, True, off)
+        t[:] = _ZERO16
+        x = self._cbc_mac(nonce, aad, lead, plaintext, n)     # X into t
+        if n > _SHORT:
+            x = None
+            w = self._stream(nonce, aad, n, True, off)
+        else:
+            w = self._stream(nonce, aad, n, x, off)
+        x = None
         _xor(t, 0, w, 0, m)                # T = X ^ S_0, after the message
         w[16 + n:32 + n] = t
         _xor(w, 16, lead, 0, ll)
@@ -255,13 +281,12 @@ class CCM:
             lead[i] = data[start + i] ^ w[16 + i]
         _xor(w, 16 + ll, data, start + ll, n - ll)   # the key stream becomes P
         p = bytes(w[16 + ll:16 + n])
-        x = self._cbc_mac(nonce, aad, lead or b"", p, n)
+        self._cbc_mac(nonce, aad, lead or b"", p, n)   # X XORed into t
         # T = X ^ S_0, so X ^ (S_0 ^ tag) is zero for a good tag.
         # Constant time: every tag byte is looked at.
         r = 0
-        w = _work
         for i in range(m):
-            r |= w[x + i] ^ t[i]
+            r |= t[i]
         return p if r == 0 else None
 
 
