@@ -172,14 +172,11 @@ class Firmware:
 
     def run(self):
         import microtun_boot
-        try:
-            self.cfg = microtun_boot.start(self)
-        except microtun_boot.SafeMode as e:
-            self.log(e.args[1] if len(e.args) > 1 else "boot", "safe mode: %s" % e.args[0])
-            print("microtun: nothing started; the REPL is yours (machine.reset() to try again)")
-            return
+        self.cfg = microtun_boot.start(self)     # None: safe mode, said there
         del microtun_boot
         sys.modules.pop("microtun_boot", None)   # start-up code: off the heap
+        if self.cfg is None:
+            return
         try:
             self.network_up()
             self.run_tunnel()
@@ -315,16 +312,13 @@ class Firmware:
             reset()
         microtun_rare.fatal(self, e)
 
-    def stopped(self):
-        self.close()
-        print("microtun: stopped by Ctrl-C; the REPL is yours (machine.reset() or Ctrl-D restarts)")
-        if self.wdt is not None:
-            print("microtun: the watchdog is running and will reset the board")
-
 
 def main():
     fw = Firmware()
     try:
         fw.run()
-    except KeyboardInterrupt:
-        fw.stopped()
+    except KeyboardInterrupt:        # (here, not in a Firmware method: a method's function and bytecode stay in the heap)
+        fw.close()
+        print("microtun: stopped by Ctrl-C; the REPL is yours (machine.reset() or Ctrl-D restarts)")
+        if fw.wdt is not None:
+            print("microtun: the watchdog is running and will reset the board")
