@@ -108,7 +108,6 @@ class Path:
         self.outstanding = {}          # seq -> sent ticks
         self.next_probe = None
         self.last_tx = None
-        self.last_rx = None
         self.public_addr = None        # as the first PoP sees us
         self.hop_probe_at = None       # when we last asked for it
         self.switches = 0              # state changes

@@ -149,7 +149,6 @@ class TunnelCore:
         if not hop.verify(p.key, pkt):
             self._count("outer_bad_mac")
             return
-        p.last_rx = now
         p.rx_packets += 1
         p.rx_bytes += len(pkt)
         self.rx_bytes += len(pkt)
