@@ -21,7 +21,8 @@ if __import__("sys").implementation.name != "micropython":
 # folded str constants to be made as objects in the heap when the .mpy
 # loads, where a literal is a qstr. Import cost of this module on the
 # 32-bit .mpy build (after microtun.ticks, qstr pools alike): 5,648 B with
-# public names, 6,160 B with private consts, 5,312 B with literals.
+# public names, 6,160 B with private consts, 5,312 B with literals. The
+# tables' tuples of literals are still constants (in flash, frozen).
 
 # (state, event) -> new state.  Events: "reply" (a probe answered), "miss" (a
 # probe not answered within RTO), "misses" (_DOWN_AFTER misses in a row).
