@@ -40,20 +40,20 @@ T0 = ticks_ms()                  # imported first thing by main.py: "boot" time
 # then fills the holes the loading of the one before left, instead of piling
 # up behind its garbage (docs/MEMORY.md, "Start-up"). Back to collecting only
 # when the heap is full once the tunnel is built.
-STARTUP_GC = 2048
+_STARTUP_GC = const(2048)
 try:
-    gc.threshold(STARTUP_GC)
+    gc.threshold(_STARTUP_GC)
 except AttributeError:           # a port built without gc.threshold
     pass
 
 LOG = "microtun.log"             # and microtun.log.1: two files of log_bytes each
-STATE = "microtun_fw.txt"        # "<boots> <consecutive fatal errors>"
-FILE_LEVELS = ("boot", "warn", "error", "fatal")   # info goes to the console only: flash wears
+_STATE = const("microtun_fw.txt")   # "<boots> <consecutive fatal errors>"
+_FILE_LEVELS = const(("boot", "warn", "error", "fatal"))   # info goes to the console only: flash wears
 
 
 def read_state():
     try:
-        with open(STATE) as f:
+        with open(_STATE) as f:
             b, c = f.read().split()[:2]
         return int(b), int(c)
     except (OSError, ValueError):
@@ -62,7 +62,7 @@ def read_state():
 
 def write_state(boots, crashes):
     try:
-        with open(STATE, "w") as f:
+        with open(_STATE, "w") as f:
             f.write("%d %d\n" % (boots, crashes))
     except OSError:
         pass
@@ -82,7 +82,7 @@ class Log:
 
     def __call__(self, level, msg):
         print("microtun %s: %s" % (level, msg))
-        if level not in FILE_LEVELS:
+        if level not in _FILE_LEVELS:
             return
         if msg == self._last:
             self._repeat += 1
@@ -212,7 +212,7 @@ class Firmware:
             t.on_data = a.on_data
         gc.collect()
         try:
-            # Loading is over (STARTUP_GC). Running, collect once a quarter of
+            # Loading is over (_STARTUP_GC). Running, collect once a quarter of
             # what is free has been allocated: what lives on (path figures,
             # queued datagrams) is then made near the rest, not strewn over
             # a heap filled with garbage, and a datagram's receive buffer
