@@ -3,7 +3,7 @@ the settings, the watchdog. Used once per boot by microtun_fw, which then
 drops this module so its bytecode leaves the heap (the network comes up
 through microtun_net).
 
-    cfg = microtun_boot.start(fw)    # raises SafeMode(why, level) to stop
+    cfg = microtun_boot.start(fw)    # None: safe mode (said here, in the log and on the console)
 """
 import json
 import os
@@ -62,7 +62,9 @@ class NoBoard:
 
 def start(fw):
     """Safe mode checks, boot window, config, watchdog: the validated
-    config (microtun.config.Settings), or SafeMode. fw.board is None when
+    config (microtun.config.Settings), or None in safe mode, which is
+    logged and said on the console here (its lines are then off the heap
+    with this module: microtun_fw stays resident). fw.board is None when
     board.py is missing: a NoBoard stands in."""
     fw.s = dict(DEFAULTS)
     board = fw.board
@@ -78,8 +80,13 @@ def start(fw):
             break
         except ValueError:
             pass                     # reported after the boot window, with the config
-    check_safe_mode(fw)
-    cfg = load_config(fw)
+    try:
+        check_safe_mode(fw)
+        cfg = load_config(fw)
+    except SafeMode as e:
+        fw.log(e.args[1] if len(e.args) > 1 else "boot", "safe mode: %s" % e.args[0])
+        print("microtun: nothing started; the REPL is yours (machine.reset() to try again)")
+        return None
     start_watchdog(fw, cfg.watchdog_ms)
     return cfg
 

@@ -40,20 +40,20 @@ T0 = ticks_ms()                  # imported first thing by main.py: "boot" time
 # then fills the holes the loading of the one before left, instead of piling
 # up behind its garbage (docs/MEMORY.md, "Start-up"). Back to collecting only
 # when the heap is full once the tunnel is built.
-STARTUP_GC = 2048
+_STARTUP_GC = const(2048)
 try:
-    gc.threshold(STARTUP_GC)
+    gc.threshold(_STARTUP_GC)
 except AttributeError:           # a port built without gc.threshold
     pass
 
 LOG = "microtun.log"             # and microtun.log.1: two files of log_bytes each
-STATE = "microtun_fw.txt"        # "<boots> <consecutive fatal errors>"
-FILE_LEVELS = ("boot", "warn", "error", "fatal")   # info goes to the console only: flash wears
+_STATE = const("microtun_fw.txt")   # "<boots> <consecutive fatal errors>"
+_FILE_LEVELS = const(("boot", "warn", "error", "fatal"))   # info goes to the console only: flash wears
 
 
 def read_state():
     try:
-        with open(STATE) as f:
+        with open(_STATE) as f:
             b, c = f.read().split()[:2]
         return int(b), int(c)
     except (OSError, ValueError):
@@ -62,7 +62,7 @@ def read_state():
 
 def write_state(boots, crashes):
     try:
-        with open(STATE, "w") as f:
+        with open(_STATE, "w") as f:
             f.write("%d %d\n" % (boots, crashes))
     except OSError:
         pass
@@ -82,7 +82,7 @@ class Log:
 
     def __call__(self, level, msg):
         print("microtun %s: %s" % (level, msg))
-        if level not in FILE_LEVELS:
+        if level not in _FILE_LEVELS:
             return
         if msg == self._last:
             self._repeat += 1
@@ -172,14 +172,11 @@ class Firmware:
 
     def run(self):
         import microtun_boot
-        try:
-            self.cfg = microtun_boot.start(self)
-        except microtun_boot.SafeMode as e:
-            self.log(e.args[1] if len(e.args) > 1 else "boot", "safe mode: %s" % e.args[0])
-            print("microtun: nothing started; the REPL is yours (machine.reset() to try again)")
-            return
+        self.cfg = microtun_boot.start(self)     # None: safe mode, said there
         del microtun_boot
         sys.modules.pop("microtun_boot", None)   # start-up code: off the heap
+        if self.cfg is None:
+            return
         try:
             self.network_up()
             self.run_tunnel()
@@ -215,7 +212,7 @@ class Firmware:
             t.on_data = a.on_data
         gc.collect()
         try:
-            # Loading is over (STARTUP_GC). Running, collect once a quarter of
+            # Loading is over (_STARTUP_GC). Running, collect once a quarter of
             # what is free has been allocated: what lives on (path figures,
             # queued datagrams) is then made near the rest, not strewn over
             # a heap filled with garbage, and a datagram's receive buffer
@@ -315,16 +312,13 @@ class Firmware:
             reset()
         microtun_rare.fatal(self, e)
 
-    def stopped(self):
-        self.close()
-        print("microtun: stopped by Ctrl-C; the REPL is yours (machine.reset() or Ctrl-D restarts)")
-        if self.wdt is not None:
-            print("microtun: the watchdog is running and will reset the board")
-
 
 def main():
     fw = Firmware()
     try:
         fw.run()
-    except KeyboardInterrupt:
-        fw.stopped()
+    except KeyboardInterrupt:        # (here, not in a Firmware method: a method's function and bytecode stay in the heap)
+        fw.close()
+        print("microtun: stopped by Ctrl-C; the REPL is yours (machine.reset() or Ctrl-D restarts)")
+        if fw.wdt is not None:
+            print("microtun: the watchdog is running and will reset the board")

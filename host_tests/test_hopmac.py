@@ -50,6 +50,28 @@ def test_macs_are_hmac_sha256_of_the_excerpt():
             assert not hop.verify(hk, bad), (n, i)
 
 
+def test_portable_mac_on_every_interpreter():
+    # hashlib's MAC, written into the header byte by byte: what a board runs
+    # without the native module (a .mpy deployment: hopmac is frozen only),
+    # forced here on every interpreter the suite has
+    saved = hop._native, hop._COPY, hop._hmac
+    hop._native, hop._COPY, hop._hmac = None, False, hop._hmac_portable
+    try:
+        rng = Rng(43)
+        for n in LENGTHS:
+            key = rng.bytes(32)
+            hk = hop.HopKey(key)
+            pkt = bytearray(12 + n)
+            pkt[12:] = rng.bytes(n)
+            hop.seal_in_place(pkt, hop.TYPE_DATA, 1 + rng.below(hop.LABEL_MAX), hk, n)
+            assert bytes(pkt[4:12]) == hmac_sha256(key, mac_input(pkt, n))[:8], n
+            assert hop.verify(hk, pkt), n
+            pkt[4] ^= 0x80
+            assert not hop.verify(hk, pkt), n
+    finally:
+        hop._native, hop._COPY, hop._hmac = saved
+
+
 def test_nothing_allocated_per_mac():
     hk = hop.HopKey(bytes(range(32)))
     pkt = bytearray(12 + 1200)

@@ -12,7 +12,7 @@ def test_both_paths_come_up():
     s.connect()
     s.stream(20, 50)
     states = [p["state"] for p in s.core.health()["paths"]]
-    assert states == [P.UP, P.UP], states
+    assert states == ["up", "up"], states
     assert sorted(s.delivered_ids()) == list(range(20))
 
 
@@ -69,7 +69,7 @@ def test_blackhole_best_effort_recovers_fast_and_critical_loses_nothing():
     assert gap_ms <= 1000, (gap_ms, lost)
     assert all(k >= 50 for k in lost)
     assert s.peer.handshakes == handshakes    # no new handshake
-    assert s.core.health()["paths"][0]["state"] == P.DOWN
+    assert s.core.health()["paths"][0]["state"] == "down"
     # critical traffic through the same event loses nothing
     nets[0].blackhole = False
     s.run(3000)

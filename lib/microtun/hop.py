@@ -173,8 +173,13 @@ def _put_mac(hk, buf, n):
     n bytes of payload from byte 12."""
     if _native:
         _native.seal(hk._st, buf, n)
-    else:
-        buf[4:HEADER_LEN] = _hmac(hk, _message(hk, buf, n))[:MAC_LEN]
+        return
+    d = _hmac(hk, _message(hk, buf, n))
+    if _COPY:                       # CPython: the slice is faster (seal_in_place 2.0 us, +0.2 us with the loop)
+        buf[4:HEADER_LEN] = d[:MAC_LEN]
+    else:                           # byte by byte: no 8-byte slice object per packet sent (48 B on a board)
+        for i in range(MAC_LEN):
+            buf[4 + i] = d[i]
 
 
 def _check_mac(hk, packet, n):

@@ -14,26 +14,29 @@ if __import__("sys").implementation.name != "micropython":
     def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
 
-# (const str: the tables below are then built of constants, which a frozen
-# build keeps in flash, instead of tuples made in RAM at import)
-NEW = const("new")
-UP = const("up")
-SUSPECT = const("suspect")
-DOWN = const("down")
+# A path's state is one of four strings, "new", "up", "suspect", "down"
+# (Path.state, info()["state"]), written out where they are used, as the
+# policies are. Not names: a public NAME = const("up") is a global (a qstr
+# and a slot in the module's dict on a board), and a private one leaves its
+# folded str constants to be made as objects in the heap when the .mpy
+# loads, where a literal is a qstr. Import cost of this module on the
+# 32-bit .mpy build (after microtun.ticks, qstr pools alike): 5,648 B with
+# public names, 6,160 B with private consts, 5,312 B with literals. The
+# tables' tuples of literals are still constants (in flash, frozen).
 
 # (state, event) -> new state.  Events: "reply" (a probe answered), "miss" (a
 # probe not answered within RTO), "misses" (_DOWN_AFTER misses in a row).
 TRANSITIONS = {
-    (NEW, "reply"): UP,
-    (NEW, "misses"): DOWN,
-    (UP, "miss"): SUSPECT,
-    (SUSPECT, "reply"): UP,
-    (SUSPECT, "misses"): DOWN,
-    (DOWN, "reply"): UP,          # validated by an end-to-end reply: make-before-break
+    ("new", "reply"): "up",
+    ("new", "misses"): "down",
+    ("up", "miss"): "suspect",
+    ("suspect", "reply"): "up",
+    ("suspect", "misses"): "down",
+    ("down", "reply"): "up",          # validated by an end-to-end reply: make-before-break
 }
 # How often each state probes (ms), when the app is active / idle.
-PROBE_ACTIVE_MS = {NEW: 250, UP: 200, SUSPECT: 100, DOWN: 1000}
-PROBE_IDLE_MS = {NEW: 1000, UP: 300000, SUSPECT: 500, DOWN: 30000}
+PROBE_ACTIVE_MS = {"new": 250, "up": 200, "suspect": 100, "down": 1000}
+PROBE_IDLE_MS = {"new": 1000, "up": 300000, "suspect": 500, "down": 30000}
 _DOWN_AFTER = const(3)            # misses in a row
 _ACTIVE_MS = const(3000)          # "active" for this long after the app sent
 _RTO_MIN_MS = const(100)
@@ -41,21 +44,20 @@ _RTO_MAX_MS = const(3000)
 _RTO_INIT_MS = const(1000)
 _NAT_KEEPALIVE_MS = const(25000)  # some NATs drop UDP mappings after 30 s
 
-# Policies (docs/PATHS.md, "Choosing a policy")
-BEST = const("best")
-CRITICAL = const("critical")
-ADAPTIVE = const("adaptive")
-POLICIES = (BEST, CRITICAL, ADAPTIVE)
+# Policies (docs/PATHS.md, "Choosing a policy"), strings as the states are;
+# POLICIES is public (microtun.config and the provisioning tool check it)
+POLICIES = ("best", "critical", "adaptive")
 _ADAPTIVE_LOSS_ON = const(0.05)   # duplicate while the best path loses > 5 % ...
 _ADAPTIVE_LOSS_OFF = const(0.02)  # ... and stop once it is back under 2 %
 _ADAPTIVE_RTT_MS = const(1000)    # or while its srtt exceeds this
 _LOSS_PENALTY_MS = const(1000)    # path score = srtt + loss x this (5 % loss "costs" 50 ms)
 _SWITCH_MARGIN_MS = const(10)     # a path must score this much better to take over
 
-# Control messages on channel 0 (inside the tunnel)
-CTL_PATH_PROBE = const(1)
-CTL_PATH_REPLY = const(2)
-PROBE_LEN = const(12)             # type, path, seq (4), ticks (4), srtt ms (2)
+# Control messages on channel 0 (inside the tunnel; the gateway's side is
+# microtun.responder): private, so no global, no qstr on a board
+_CTL_PATH_PROBE = const(1)
+_CTL_PATH_REPLY = const(2)
+_PROBE_LEN = const(12)            # type, path, seq (4), ticks (4), srtt ms (2)
 
 
 def print_table():
@@ -63,29 +65,20 @@ def print_table():
     for (s, e), t in sorted(TRANSITIONS.items()):
         lines.append("%-8s %-7s -> %s" % (s, e, t))
     pace = []
-    for s in (NEW, UP, SUSPECT, DOWN):
+    for s in ("new", "up", "suspect", "down"):
         pace.append("%s %d active / %d idle" % (s, PROBE_ACTIVE_MS[s], PROBE_IDLE_MS[s]))
     lines.append("")
     lines.append("probe every (ms): " + ", ".join(pace))
     return "\n".join(lines)
 
 
-def probe_message(kind, path_index, seq, ticks, srtt=None):
-    """A channel-0 path probe. The device reports its smoothed RTT for the
-    path (0xFFFF: unknown) so the gateway can show it without probing."""
+def probe_message(index, seq, ticks, srtt=None, kind=_CTL_PATH_PROBE):
+    """A channel-0 path probe for path `index` (kind=2: the gateway's
+    PATH_REPLY to it). The device reports its smoothed RTT for the path
+    (0xFFFF: unknown) so the gateway can show it without probing."""
     r = 0xFFFF if srtt is None else min(int(srtt), 0xFFFE)
-    return (bytes((kind, path_index)) + (seq & 0xFFFFFFFF).to_bytes(4, "big") +
+    return (bytes((kind, index)) + (seq & 0xFFFFFFFF).to_bytes(4, "big") +
             (ticks & 0xFFFFFFFF).to_bytes(4, "big") + r.to_bytes(2, "big"))
-
-
-def parse_probe(data):
-    """(kind, path_index, seq, ticks, srtt or None) of a channel-0 probe
-    message, or None."""
-    if len(data) != PROBE_LEN or data[0] not in (CTL_PATH_PROBE, CTL_PATH_REPLY):
-        return None
-    r = int.from_bytes(data[10:12], "big")
-    return (data[0], data[1], int.from_bytes(data[2:6], "big"), int.from_bytes(data[6:10], "big"),
-            None if r == 0xFFFF else r)
 
 
 class Path:
@@ -108,15 +101,14 @@ class Path:
         self.label = label
         self.rx_label = rx_label
         self.key = key                 # hop.HopKey
-        self.state = NEW
-        self.live = False              # state is UP or SUSPECT (set by _move)
+        self.state = "new"
+        self.live = False              # state is up or suspect (set by _move)
         self.srtt = None               # RFC 6298 estimators, ms
         self.rttvar = None
         self.seq = 0
         self.outstanding = {}          # seq -> sent ticks
         self.next_probe = None
         self.last_tx = None
-        self.last_rx = None
         self.public_addr = None        # as the first PoP sees us
         self.hop_probe_at = None       # when we last asked for it
         self.switches = 0              # state changes
@@ -136,7 +128,7 @@ class Path:
         new = TRANSITIONS.get((self.state, event))
         if new is not None and new != self.state:
             self.state = new
-            self.live = new in (UP, SUSPECT)
+            self.live = new in ("up", "suspect")
             self.switches += 1
             return True
         return False
@@ -175,7 +167,7 @@ class PathSet:
     which paths a datagram goes on (`select`), which probes are due
     (`due_probes`) and which paths need a NAT keepalive (`due_keepalives`)."""
 
-    def __init__(self, paths, default_policy=BEST, nat_keepalive_ms=_NAT_KEEPALIVE_MS):
+    def __init__(self, paths, default_policy="best", nat_keepalive_ms=_NAT_KEEPALIVE_MS):
         if not paths:
             raise ValueError("a device needs at least one path")
         if default_policy not in POLICIES:
@@ -192,7 +184,7 @@ class PathSet:
     # -- choosing paths ------------------------------------------------------
     def best(self):
         """The live path with the lowest score (srtt + loss penalty), kept
-        until another one is better by _SWITCH_MARGIN_MS. If it is SUSPECT,
+        until another one is better by _SWITCH_MARGIN_MS. If it is suspect,
         select() sends on every live path until it is decided."""
         cur = self._best
         cand = cand_score = cur_score = None
@@ -205,9 +197,9 @@ class PathSet:
                 score = k[2]
                 if p is cur:
                     cur_score = score
-                # the lowest score; on a tie, an UP path before a SUSPECT one
+                # the lowest score; on a tie, an up path before a suspect one
                 if cand is None or score < cand_score or \
-                        score == cand_score and p.state == UP and cand.state != UP:
+                        score == cand_score and p.state == "up" and cand.state != "up":
                     cand = p
                     cand_score = score
         if cur is None or not cur.live:
@@ -227,16 +219,16 @@ class PathSet:
         if isinstance(route, int):
             return [self.paths[route]] if 0 <= route < len(self.paths) else []
         policy = route or self.default_policy
-        best = None if policy == CRITICAL else self.best()
-        if best is not None and best.state != SUSPECT:   # (SUSPECT: in doubt, every live path)
-            if policy == ADAPTIVE:      # duplicate while the best path is poor, with hysteresis
+        best = None if policy == "critical" else self.best()
+        if best is not None and best.state != "suspect":   # (suspect: in doubt, every live path)
+            if policy == "adaptive":      # duplicate while the best path is poor, with hysteresis
                 srtt = best.srtt or 0
                 if self._dup:
                     if best.loss < _ADAPTIVE_LOSS_OFF and srtt < _ADAPTIVE_RTT_MS:
                         self._dup = False
                 elif best.loss > _ADAPTIVE_LOSS_ON or srtt > _ADAPTIVE_RTT_MS:
                     self._dup = True
-            if policy != ADAPTIVE or not self._dup:
+            if policy != "adaptive" or not self._dup:
                 one = self._one
                 one[0] = best
                 return one
@@ -244,7 +236,7 @@ class PathSet:
         if live:
             return live                 # critical, suspect, adaptive duplicating
         # nothing validated: every path that is not known dead, else all
-        cand = [p for p in self.paths if p.state != DOWN]
+        cand = [p for p in self.paths if p.state != "down"]
         return cand or list(self.paths)
 
     # -- timers ----------------------------------------------------------------
@@ -262,7 +254,7 @@ class PathSet:
 
     def due_probes(self, now):
         """Paths whose probe is due; marks them probed. The caller sends
-        probe_message(CTL_PATH_PROBE, p.index, seq, now) for each (p, seq)."""
+        probe_message(p.index, seq, now, p.srtt) for each (p, seq)."""
         out = []
         table = PROBE_ACTIVE_MS if self.active(now) else PROBE_IDLE_MS
         for p in self.paths:
@@ -297,14 +289,17 @@ class PathSet:
                 t = ticks.ticks_min(t, ticks.ticks_add(p.last_tx, self.nat_keepalive_ms))
         return t
 
-    def on_probe_reply(self, data, now):
-        """Handle a channel-0 PATH_REPLY from the gateway: an RTT sample for
-        the path it names. Returns True on a state change."""
-        f = parse_probe(data)
-        if f is None or f[0] != CTL_PATH_REPLY or f[1] >= len(self.paths):
+    def on_probe_reply(self, data, now, index=None):
+        """Handle a channel-0 message from the gateway: for a PATH_REPLY
+        (type, path, seq, ticks, srtt: probe_message) naming one of our
+        paths, and `index` when given (the path it came back on), an RTT
+        sample for that path. True on a state change; False for anything
+        else, a late, duplicate or unknown reply included."""
+        if len(data) != _PROBE_LEN or data[0] != _CTL_PATH_REPLY or data[1] >= len(self.paths) or \
+                index is not None and data[1] != index:
             return False
-        p = self.paths[f[1]]
-        sent = p.outstanding.pop(f[2], None)
+        p = self.paths[data[1]]
+        sent = p.outstanding.pop(int.from_bytes(data[2:6], "big"), None)
         if sent is None:
             return False                # late (already counted lost), duplicate or never sent
         rtt = ticks.ticks_diff(now, sent)

@@ -149,7 +149,6 @@ class TunnelCore:
         if not hop.verify(p.key, pkt):
             self._count("outer_bad_mac")
             return
-        p.last_rx = now
         p.rx_packets += 1
         p.rx_bytes += len(pkt)
         self.rx_bytes += len(pkt)
@@ -187,14 +186,10 @@ class TunnelCore:
                 if e.channel != endpoint.CONTROL_CHANNEL:
                     self._inbox.append((e.channel, e.data))
                     continue
-                # channel 0 is path control: the gateway's reply to a path probe
+                # channel 0 is control: an ops request, or the gateway's reply to a path probe
                 d = e.data
                 i = e.addr
-                if isinstance(i, int) and len(d) == paths.PROBE_LEN and d[0] == paths.CTL_PATH_REPLY and d[1] == i:
-                    p = self.paths.paths[i]
-                    if self.paths.on_probe_reply(d, now):
-                        self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
-                elif len(d) and d[0] == _CTL_OPS_REQ:
+                if len(d) and d[0] == _CTL_OPS_REQ:
                     # an operations request (docs/OPS.md): microtun.ops is imported on the
                     # first one, and only if the config allows ops; otherwise a counted drop
                     # (the gateway tells the operator when no answer comes)
@@ -203,6 +198,10 @@ class TunnelCore:
                         serve(self, d, now)
                     else:
                         self._count("ops_disabled")
+                elif isinstance(i, int) and self.paths.on_probe_reply(d, now, i):
+                    # a path probe's reply, back on the path it names, that moved its state
+                    p = self.paths.paths[i]
+                    self.log("info", "path %s is %s (srtt %s ms)" % (p.name, p.state, p.srtt))
             elif e.kind == endpoint.STALE:
                 # Our boot counter went backwards (re-flashed, storage wiped):
                 # persist the one the gateway's answer names, before the retry goes out.
@@ -233,7 +232,7 @@ class TunnelCore:
         before = [p.state for p in self.paths.paths]
         if self.device.established:
             for p, seq in self.paths.due_probes(now):
-                probe = paths.probe_message(paths.CTL_PATH_PROBE, p.index, seq, now, p.srtt)
+                probe = paths.probe_message(p.index, seq, now, p.srtt)
                 self.device.send(endpoint.CONTROL_CHANNEL, probe, now, route=p.index)
         else:
             for p in self.paths.paths:
