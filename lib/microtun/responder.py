@@ -46,7 +46,7 @@ if __import__("sys").implementation.name != "micropython":
 
 PATH_PROBE = const(1)        # channel 0: [1, path, seq(4), ticks(4), srtt(2)] -> answered with [2, ...]
 PATH_REPLY = const(2)
-PATH_PROBE_LEN = const(12)   # after the channel byte (microtun.paths.PROBE_LEN)
+PATH_PROBE_LEN = const(12)   # after the channel byte (microtun.paths._PROBE_LEN)
 PATH_FRESH_MS = const(900000)
 # The largest app message a device takes: its driver reads datagrams of at
 # most 2048 bytes (microtun.driver._RECV_MAX: one buffer of that size per
