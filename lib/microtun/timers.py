@@ -6,8 +6,8 @@ given next to ours. Ours differ where an idle battery-powered device pays for
 every packet: a sensor that reports once a minute should not run a handshake
 (~270 bytes on the air and four X25519 on the MCU) every two minutes.
 
-The constants are private (`const`: free on a board) except the two the
-gateway's config reads; every one is also a Params default below.
+The constants are private (`const`: free on a board); every one is a
+Params default below, which is where the gateway's config reads them.
 """
 from microtun.ticks import ticks_diff
 
@@ -17,8 +17,8 @@ if __import__("sys").implementation.name != "micropython":
 
 # --- specification-level constants (WireGuard value in the comment) --------
 _REKEY_AFTER_MESSAGES = const(1 << 60)   # same as WireGuard
-REKEY_AFTER_TIME_MS = const(1800000)     # WG 120 s; ours 30 min: forward-secrecy window vs airtime
-REJECT_AFTER_TIME_MS = const(2100000)    # WG 180 s (= rekey + 60 s); ours rekey + 5 min
+_REKEY_AFTER_TIME_MS = const(1800000)    # WG 120 s; ours 30 min: forward-secrecy window vs airtime
+_REJECT_AFTER_TIME_MS = const(2100000)   # WG 180 s (= rekey + 60 s); ours rekey + 5 min
 _REKEY_TIMEOUT_MS = const(5000)          # WG 5 s: first handshake retry
 _REKEY_TIMEOUT_JITTER_MS = const(333)    # WG 0..333 ms
 _MAX_RETRY_INTERVAL_MS = const(60000)    # WG retries every 5 s for 90 s, then gives up; we back
@@ -32,8 +32,8 @@ class Params:
     """Per-endpoint timer settings: the constants above, overridable (tests
     use short ones; a gateway may choose a shorter rekey). The defaults are
     class attributes, so a Params costs a board nothing until one is set."""
-    rekey_after_ms = REKEY_AFTER_TIME_MS
-    reject_after_ms = REJECT_AFTER_TIME_MS
+    rekey_after_ms = _REKEY_AFTER_TIME_MS
+    reject_after_ms = _REJECT_AFTER_TIME_MS
     rekey_after_messages = _REKEY_AFTER_MESSAGES
     rekey_timeout_ms = _REKEY_TIMEOUT_MS
     jitter_ms = _REKEY_TIMEOUT_JITTER_MS

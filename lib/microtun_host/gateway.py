@@ -163,7 +163,7 @@ class GatewayConfig:
             reg = root.text("registry")
             base = os.path.dirname(os.path.abspath(root.file))
             self.registry_path = reg if os.path.isabs(reg) else os.path.join(base, reg)
-        self.rekey_after_ms = root.integer("rekey_after_s", 10, 86400, timers.REKEY_AFTER_TIME_MS // 1000) * 1000
+        self.rekey_after_ms = root.integer("rekey_after_s", 10, 86400, timers.Params.rekey_after_ms // 1000) * 1000
         self.window = root.integer("window", 64, 65536, GATEWAY_WINDOW)
         # passive keepalive: an answer to a device's data within this, even with nothing to say; shorter
         # than the devices' unresponsive_s when a standby waits (docs/DEPLOY.md "Many cores and failover")
@@ -275,7 +275,7 @@ class GatewayServer:
     def __init__(self, cfg):
         self.cfg = cfg
         p = timers.Params(rekey_after_ms=cfg.rekey_after_ms, keepalive_ms=cfg.keepalive_ms,
-                          reject_after_ms=cfg.rekey_after_ms + (timers.REJECT_AFTER_TIME_MS - timers.REKEY_AFTER_TIME_MS))
+                          reject_after_ms=cfg.rekey_after_ms + (timers.Params.reject_after_ms - timers.Params.rekey_after_ms))
         self.crypto, suite = hostcrypto.choose(cfg.crypto)    # the one place the crypto backend is chosen
         self.core = Gateway(cfg.private_key, params=p, window=cfg.window, suite=suite)
         self._set_budgets(cfg)
