@@ -109,6 +109,7 @@ def read_response(hs, data):
         return None
     ck, t, k = noise_hkdf(ck, hs.psk, 3)                         # psk
     h = _mix_hash(h, t)
+    re = t = None
     if AEAD(k).open(_NONCE0, data[m.RESP_NOISE + 32:m.RESP_MAC1], h) != b"":
         return None                                              # empty payload, or not authentic
     send, recv = noise_hkdf(ck, b"", 2)                          # Split()
