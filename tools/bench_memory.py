@@ -474,12 +474,18 @@ def exchange(dev, far, datagrams):
 # them, not the 11.75K of its first handshake (docs/MEMORY.md, "Keypairs
 # through a handshake").
 REKEYS = 3
+# Three do not show what a device that rekeys for days needs: at the frozen
+# endpoint's 12.0K each handshake failed ~5 % of the time for want of a
+# 19-block hole, so three passed most runs where twenty failed half of them
+# (docs/MEMORY.md, "How many handshakes a figure should hold"). The bench
+# also reports the minimum through REKEYS_LONG (rekeys=REKEYS_LONG).
+REKEYS_LONG = 20
 
 
-def handshakes_under_session(dev, far, size):
-    """The episode above; RuntimeError if a handshake did not complete or a
-    packet did not get through."""
-    for i in range(REKEYS):
+def handshakes_under_session(dev, far, size, n=REKEYS):
+    """The episode above, n handshakes; RuntimeError if a handshake did not
+    complete or a packet did not get through."""
+    for i in range(n):
         far.now += 20000
         exchange(dev, far, dev.command("T 20000"))
         hs0, sent, got = far.gw.stats.get("handshake_ok", 0), far.delivered, dev.received
@@ -499,8 +505,9 @@ def scenario(out, mode, heapsize=None, packets=20, size=64, count=True, gc=0, re
     and with count=True bytes allocated per packet, counted with the GC off,
     which needs more heap), or None if the device ran out of memory.
     RuntimeError if it failed in any other way. rekeys: end with
-    handshakes_under_session (the heap minimums need it; the counts of
-    bytes per packet are taken before it)."""
+    handshakes_under_session, REKEYS of them (True) or that many (an int;
+    the heap minimums need it; the counts of bytes per packet are taken
+    before it)."""
     if mode == "core":
         cfg = core_config()
         far = Far(cfg)
@@ -543,7 +550,7 @@ def scenario(out, mode, heapsize=None, packets=20, size=64, count=True, gc=0, re
                     exchange(dev, far, dev.command(line))
         got_gw, got_dev = far.delivered - sent_before, dev.received - before
         if rekeys:
-            handshakes_under_session(dev, far, size)
+            handshakes_under_session(dev, far, size, REKEYS if rekeys is True else rekeys)
         report = dev.finish()
     except (EOFError, BrokenPipeError, OSError) as e:
         dev.kill()
@@ -557,7 +564,7 @@ def scenario(out, mode, heapsize=None, packets=20, size=64, count=True, gc=0, re
     report["delivered_to_device"] = got_dev
     ok = report["established"] and got_gw == packets and got_dev == packets
     if rekeys:
-        report["handshakes_under_session"] = REKEYS
+        report["handshakes_under_session"] = REKEYS if rekeys is True else rekeys
     if not ok:
         raise RuntimeError("%s device: %r, gateway %r" % (mode, report, far.gw.stats))
     return report
