@@ -336,6 +336,19 @@ def test_board_definitions():
         assert (b.dir / "manifest.py").is_file()
 
 
+
+def test_board_facts_read_in_both_forms(tmp_path):
+    # ours are private consts (nothing on the board); a board.py written
+    # with the public names, as before, is read the same
+    want = {"NAME": "x", "PLATFORM": "rp2", "MACHINE_HAS": "Pico W", "MPY_ARCH": "armv6m", "CRYPTOLIB": False}
+    public = 'NAME = "x"\nPLATFORM = "rp2"\nMACHINE_HAS = "Pico W"\nMPY_ARCH = "armv6m"\nCRYPTOLIB = False\n'
+    private = ('NAME = "x"\n_PLATFORM = const("rp2")\n_MACHINE_HAS = const("Pico W")\n'
+               '_MPY_ARCH = const("armv6m")\n_CRYPTOLIB = const(False)\nLED_PIN = 2\n')
+    for i, src in enumerate((public, private)):
+        f = tmp_path / ("board%d.py" % i)
+        f.write_text(src)
+        assert flash.board_facts(f) == want, src
+
 MATCHES = [
     # platform, sys.implementation._machine, .mpy arch -> board
     ("esp32", "Generic ESP32 module with ESP32", "xtensawin", "esp32"),

@@ -5,7 +5,7 @@ the hop MAC is hashlib's (hop.HMAC == "copy") and only the agreement of
 HopKey kinds is checked."""
 import gc
 
-from microtun import hop
+from microtun import hop, outer
 from microtun.hmac import hmac_sha256
 from mtest import Rng, MICROPYTHON
 
@@ -34,7 +34,7 @@ def test_macs_are_hmac_sha256_of_the_excerpt():
         key = rng.bytes(32)
         hk = hop.HopKey(key)
         t = 1 + rng.below(7)
-        label = 1 + rng.below(hop.LABEL_MAX)
+        label = 1 + rng.below(outer.LABEL_MAX)
         pkt = bytearray(12 + n)
         pkt[12:] = rng.bytes(n)
         assert hop.seal_in_place(pkt, t, label, hk, n) == 12 + n
@@ -63,7 +63,7 @@ def test_portable_mac_on_every_interpreter():
             hk = hop.HopKey(key)
             pkt = bytearray(12 + n)
             pkt[12:] = rng.bytes(n)
-            hop.seal_in_place(pkt, hop.TYPE_DATA, 1 + rng.below(hop.LABEL_MAX), hk, n)
+            hop.seal_in_place(pkt, hop.TYPE_DATA, 1 + rng.below(outer.LABEL_MAX), hk, n)
             assert bytes(pkt[4:12]) == hmac_sha256(key, mac_input(pkt, n))[:8], n
             assert hop.verify(hk, pkt), n
             pkt[4] ^= 0x80

@@ -3,7 +3,7 @@ interpreters: a 12-byte PATH_CHALLENGE on a path's send label is answered
 with the 12-byte PATH_RESPONSE that binds its nonce under the path's hop
 key, sent on that path (to its first PoP, never to the challenge's source);
 anything else that looks like a challenge is counted and not answered."""
-from microtun import hop
+from microtun import hop, outer
 from microtun.tunnel import TunnelCore
 from stack_sim import make_config
 
@@ -24,7 +24,7 @@ def test_challenge_answered_on_its_path_with_the_bound_nonce():
         assert len(out) == 1 and out[0][0] == i
         resp = out[0][1]
         assert len(resp) == hop.HEADER_LEN == len(chal)             # no larger than the challenge
-        assert hop.parse(resp) == (hop.TYPE_PATH_RESPONSE, pc.label)
+        assert outer.parse(resp) == (hop.TYPE_PATH_RESPONSE, pc.label)
         # the MAC is that of seal(PATH_RESPONSE, label, key, nonce)
         assert hop.verify(hop.HopKey(pc.hop_key), resp + chal[4:])
         assert resp == hop.path_response(pc.label, hop.HopKey(pc.hop_key), chal)

@@ -22,11 +22,9 @@ def bring_up(ps, now, rtts=(20, 40)):
     return ticks_add(now, max(rtts))
 
 
-def test_state_table_is_printable_and_complete():
-    text = P.print_table()
-    for s in ("new", "up", "suspect", "down"):
-        assert s in text
-    # every state can be left, and DOWN comes back only through a reply
+def test_state_table_is_complete():
+    # (printed on the host: test_pathtable.py) every state can be left, and
+    # DOWN comes back only through a reply
     assert P.TRANSITIONS[("down", "reply")] == "up"
     assert ("down", "miss") not in P.TRANSITIONS
 

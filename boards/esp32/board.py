@@ -7,10 +7,10 @@ GPIO2, found on many DevKit clones; set LED_PIN = None if yours has none.
 from machine import Pin
 
 NAME = "esp32"
-PLATFORM = "esp32"
-MACHINE_HAS = "ESP32"
-MPY_ARCH = "xtensawin"
-CRYPTOLIB = True
+_PLATFORM = const("esp32")
+_MACHINE_HAS = const("ESP32")
+_MPY_ARCH = const("xtensawin")
+_CRYPTOLIB = const(True)
 
 NETWORK = "wifi"
 SAFE_BUTTON = "BOOT (GPIO0)"

@@ -7,10 +7,10 @@ With PSRAM (SPIRAM firmware) the heap is megabytes: no memory concerns.
 from machine import Pin
 
 NAME = "esp32s3"
-PLATFORM = "esp32"
-MACHINE_HAS = "ESP32S3"
-MPY_ARCH = "xtensawin"
-CRYPTOLIB = True
+_PLATFORM = const("esp32")
+_MACHINE_HAS = const("ESP32S3")
+_MPY_ARCH = const("xtensawin")
+_CRYPTOLIB = const(True)
 
 NETWORK = "wifi"
 SAFE_BUTTON = "BOOT (GPIO0)"

@@ -8,10 +8,10 @@ from machine import Pin, ADC
 import rp2
 
 NAME = "rpi_pico2_w"
-PLATFORM = "rp2"
-MACHINE_HAS = "Pico 2 W"
-MPY_ARCH = "armv7emsp"
-CRYPTOLIB = True
+_PLATFORM = const("rp2")
+_MACHINE_HAS = const("Pico 2 W")
+_MPY_ARCH = const("armv7emsp")
+_CRYPTOLIB = const(True)
 
 NETWORK = "wifi"
 SAFE_BUTTON = "BOOTSEL"

@@ -8,10 +8,10 @@ from machine import Pin, ADC
 import rp2
 
 NAME = "rpi_pico_w"
-PLATFORM = "rp2"
-MACHINE_HAS = "Pico W"
-MPY_ARCH = "armv6m"
-CRYPTOLIB = True
+_PLATFORM = const("rp2")
+_MACHINE_HAS = const("Pico W")
+_MPY_ARCH = const("armv6m")
+_CRYPTOLIB = const(True)
 
 NETWORK = "wifi"
 SAFE_BUTTON = "BOOTSEL"

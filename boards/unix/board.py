@@ -6,12 +6,14 @@ app's alarms can be tried. docs/BOARDS.md says what every name is for.
 """
 from time import ticks_ms
 
-# -- facts the host reads too (microtun flash: detection, mpy-cross, modules) --
+# -- facts: NAME is read here too (the boot log); the rest only by the host
+# (microtun flash: detection, mpy-cross, modules), from the source: private
+# consts, compiled to nothing here --------------------------------------------
 NAME = "unix"
-PLATFORM = "linux"           # sys.platform
-MACHINE_HAS = ""             # a substring of sys.implementation._machine
-MPY_ARCH = "x64"             # mpy-cross -march; bytecode-only .mpy load on any arch
-CRYPTOLIB = True             # False: ship microtun/aes_pure.mpy too
+_PLATFORM = const("linux")   # sys.platform
+_MACHINE_HAS = const("")     # a substring of sys.implementation._machine
+_MPY_ARCH = const("x64")     # mpy-cross -march; bytecode-only .mpy load on any arch
+_CRYPTOLIB = const(True)     # False: ship microtun/aes_pure.mpy too
 
 # -- board settings ------------------------------------------------------------
 NETWORK = None               # nothing to bring up

@@ -17,9 +17,10 @@ costs 4 SHA-256 compressions whatever the packet size (2 where the key's
 pad blocks are hashed once: CPython, and microtun/hopmac.py's native code
 on a frozen build).
 
-This module is what a device loads: seal, parse, verify, the probe reply.
+This module is what a device loads: seal, verify, the probe reply.
 microtun.outer is the whole plane (this module, plus what relays and the
-gateway do: relay(), CPython fast paths, encoding an observed address), so
+gateway do: parse(), relay(), CPython fast paths, encoding an observed
+address, the wire's limits and the LOOPS segment types by name), so
 that a device's heap holds none of the relay side (docs/MEMORY.md).
 
 Sans-I/O and allocation-light. Input from the network never raises here:
@@ -33,13 +34,18 @@ if __import__("sys").implementation.name != "micropython":
         return x
 
 # --- wire constants (docs/OUTER.md, "Header") -----------------------------
-VERSION = const(1)
+# Public only what the device's other modules and the relays both use; the
+# rest are private here (ints folded in: no global, no qstr on a board) and
+# public in microtun.outer, with the LOOPS segment types, the probe's
+# bounds and parse(), which only relays and the gateway use (as public names
+# here they cost a .mpy board 496 B of heap and 13 qstrs).
+_VERSION = const(1)
 HEADER_LEN = const(12)
-MAC_LEN = const(8)
-KEY_LEN = const(32)
-LABEL_MIN = const(1)
-LABEL_MAX = const(0xFFFFFF)
-PAYLOAD_MAX = const(0xFFFF)   # the MAC's length field is 2 bytes
+_MAC_LEN = const(8)
+_KEY_LEN = const(32)
+_LABEL_MIN = const(1)
+_LABEL_MAX = const(0xFFFFFF)
+_PAYLOAD_MAX = const(0xFFFF)   # the MAC's length field is 2 bytes
 
 TYPE_DATA = const(1)
 TYPE_HOP_PROBE = const(2)
@@ -56,21 +62,13 @@ TYPE_PATH_RESPONSE = const(6)
 # DATA whose path crossed a congested LOOPS segment (docs/LOOPS.md, LOOPS
 # §6.2): handled as DATA, and counted ("ce_marks") by the device and gateway
 TYPE_DATA_CE = const(7)
-# 8..12: LOOPS segment types, between two PoPs only (docs/OUTER.md §1);
-# a device verifies and drops them as unexpected
-TYPE_SEG_DATA = const(8)
-TYPE_SEG_REPAIR = const(9)
-TYPE_SEG_NACK = const(10)
-TYPE_SEG_PING = const(11)
-TYPE_SEG_PONG = const(12)
+# 8..12: LOOPS segment types, between two PoPs only (microtun.outer.TYPE_SEG_*,
+# docs/OUTER.md §1); a device verifies and drops them as unexpected
 _TYPE_MAX = const(12)
 # types 0 and 13..15 are reserved; receivers drop them as "unknown_type"
 
 _EXCERPT_WHOLE = const(32)    # payloads up to this length are MACed whole
 _EXCERPT_HALF = const(16)     # longer ones: first 16 || last 16 bytes
-
-PROBE_MAX = const(32)         # HOP_PROBE payload: opaque, at most 32 bytes ...
-PROBE_MIN = const(19)         # ... and at least the longest address a reply carries
 
 # observed-address encoding in HOP_PROBE_REPLY: family, port (BE), address
 _V4 = const(4)
@@ -115,8 +113,8 @@ class HopKey:
     any length (the responder's mac1 check), which the native MAC is not."""
 
     def __init__(self, key, any_message=False):
-        if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_LEN:
-            raise ValueError("a hop key must be %d bytes" % KEY_LEN)
+        if not isinstance(key, (bytes, bytearray)) or len(key) != _KEY_LEN:
+            raise ValueError("a hop key must be %d bytes" % _KEY_LEN)
         self.key = bytes(key)
         if _native:
             self._st = _native.keyed(key)
@@ -176,9 +174,9 @@ def _put_mac(hk, buf, n):
         return
     d = _hmac(hk, _message(hk, buf, n))
     if _COPY:                       # CPython: the slice is faster (seal_in_place 2.0 us, +0.2 us with the loop)
-        buf[4:HEADER_LEN] = d[:MAC_LEN]
+        buf[4:HEADER_LEN] = d[:_MAC_LEN]
     else:                           # byte by byte: no 8-byte slice object per packet sent (48 B on a board)
-        for i in range(MAC_LEN):
+        for i in range(_MAC_LEN):
             buf[4 + i] = d[i]
 
 
@@ -193,8 +191,8 @@ def _check_mac(hk, packet, n):
 # --- sending ---------------------------------------------------------------
 
 def _check_buf(buf, end):
-    if end - HEADER_LEN > PAYLOAD_MAX:
-        raise ValueError("outer payload must be at most %d bytes, got %d" % (PAYLOAD_MAX, end - HEADER_LEN))
+    if end - HEADER_LEN > _PAYLOAD_MAX:
+        raise ValueError("outer payload must be at most %d bytes, got %d" % (_PAYLOAD_MAX, end - HEADER_LEN))
     if len(buf) < end:
         raise ValueError("buffer of %d bytes is too small for a %d-byte packet" % (len(buf), end))
 
@@ -207,12 +205,12 @@ def seal_in_place(buf, ptype, label, hopkey, plen):
     HEADER_LEN once, and sending it on two paths is two seal_in_place calls
     (each rewrites only the header) and two sends."""
     if ptype < TYPE_DATA or ptype > _TYPE_MAX:
-        raise ValueError("outer type must be 1..%d (a TYPE_* of microtun.hop), got %r" % (_TYPE_MAX, ptype))
-    if label < LABEL_MIN or label > LABEL_MAX:
-        raise ValueError("label must be in 1..%d, got %r" % (LABEL_MAX, label))
+        raise ValueError("outer type must be 1..%d (a TYPE_* of microtun.outer), got %r" % (_TYPE_MAX, ptype))
+    if label < _LABEL_MIN or label > _LABEL_MAX:
+        raise ValueError("label must be in 1..%d, got %r" % (_LABEL_MAX, label))
     end = HEADER_LEN + plen
     _check_buf(buf, end)
-    buf[0] = (VERSION << 4) | ptype
+    buf[0] = (_VERSION << 4) | ptype
     buf[1] = label >> 16
     buf[2] = (label >> 8) & 0xFF
     buf[3] = label & 0xFF
@@ -233,32 +231,16 @@ def seal(ptype, label, hopkey, payload):
 
 # --- receiving -------------------------------------------------------------
 
-def parse(packet):
-    """The cheap checks, before any MAC: (type, label), or None when the
-    packet is too short/long, of another version, of a reserved type, or
-    has label 0. reject_reason() names the failure for counters."""
-    n = len(packet)
-    if n < HEADER_LEN or n - HEADER_LEN > PAYLOAD_MAX:
-        return None
-    b0 = packet[0]
-    ptype = b0 & 0x0F
-    if b0 >> 4 != VERSION or ptype < TYPE_DATA or ptype > _TYPE_MAX:
-        return None
-    label = (packet[1] << 16) | (packet[2] << 8) | packet[3]
-    if label == 0:
-        return None
-    return ptype, label
-
-
 def reject_reason(packet):
-    """Why parse(packet) returns None, named for counters (outer.DROP_*),
-    or None if it doesn't."""
+    """Why the packet fails the cheap checks before any MAC (too short or
+    long, another version, a reserved type, label 0), named for counters
+    (outer.DROP_*), or None if it passes them (outer.parse())."""
     n = len(packet)
     if n < HEADER_LEN:
         return "short"            # shorter than the 12-byte header
-    if n - HEADER_LEN > PAYLOAD_MAX:
-        return "too_long"         # payload longer than PAYLOAD_MAX
-    if packet[0] >> 4 != VERSION:
+    if n - HEADER_LEN > _PAYLOAD_MAX:
+        return "too_long"         # payload longer than 65535 bytes
+    if packet[0] >> 4 != _VERSION:
         return "bad_version"      # version nibble != 1
     ptype = packet[0] & 0x0F
     if ptype < TYPE_DATA or ptype > _TYPE_MAX:
@@ -276,11 +258,11 @@ try:
     def _mac_ok(d, packet):
         # in C where CPython has it (a PoP or gateway verifies every
         # packet: the Python loop was ~12 % of the gateway's per-packet time)
-        return _compare_digest(d[:MAC_LEN], packet[4:HEADER_LEN])
+        return _compare_digest(d[:_MAC_LEN], packet[4:HEADER_LEN])
 except ImportError:                           # MicroPython
     def _mac_ok(d, packet):
         r = 0
-        for i in range(MAC_LEN):
+        for i in range(_MAC_LEN):
             r |= d[i] ^ packet[4 + i]
         return r == 0
 
@@ -289,7 +271,7 @@ def verify(hopkey, packet):
     """True when packet's hop MAC verifies under hopkey. Never raises on
     packets of any length; call parse() first for the cheap checks."""
     n = len(packet) - HEADER_LEN
-    if n < 0 or n > PAYLOAD_MAX:
+    if n < 0 or n > _PAYLOAD_MAX:
         return False
     return _check_mac(hopkey, packet, n)
 
@@ -298,7 +280,7 @@ def verify(hopkey, packet):
 # A HOP_PROBE payload is opaque to the node that answers it. The reply
 # carries the observed address first, then as much of the probe as fits in
 # the probe's own length: a reply is never longer than its probe. A probe
-# must therefore be at least PROBE_MIN bytes; microtun's senders use
+# must therefore be at least outer.PROBE_MIN (19) bytes; microtun's senders use
 # probe_body(): 4-byte id || 4-byte ticks, zero-padded to 27 bytes, so the
 # 8 meaningful bytes come back even behind an IPv6 address.
 

@@ -12,15 +12,32 @@ import sys
 
 from microtun.hop import *  # noqa: F401,F403  (the device-side plane, re-exported)
 from microtun.hop import (_COPY, _check_buf, _check_mac, _hmac, _hmac_copy, _hmac_portable, _put_mac,
-                          HEADER_LEN, MAC_LEN, PAYLOAD_MAX, PROBE_MAX, seal_in_place,
+                          HEADER_LEN, seal_in_place,
                           TYPE_DATA, TYPE_HOP_PROBE, TYPE_HOP_PROBE_REPLY, TYPE_HOP_KEEPALIVE,
-                          TYPE_PATH_CHALLENGE, TYPE_PATH_RESPONSE, PROBE_MIN, TYPE_DATA_CE,
-                          TYPE_SEG_DATA, TYPE_SEG_REPAIR, TYPE_SEG_NACK, TYPE_SEG_PING, TYPE_SEG_PONG,
+                          TYPE_PATH_CHALLENGE, TYPE_PATH_RESPONSE, TYPE_DATA_CE,
                           verify as _verify_portable)
 
 if __import__("sys").implementation.name != "micropython":
     def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
         return x
+
+# --- wire constants microtun.hop keeps private (a device's code uses them
+# folded in; as public names there they were globals in its heap) ----------
+VERSION = const(1)
+MAC_LEN = const(8)
+KEY_LEN = const(32)
+LABEL_MIN = const(1)
+LABEL_MAX = const(0xFFFFFF)
+PAYLOAD_MAX = const(0xFFFF)   # the MAC's length field is 2 bytes
+PROBE_MAX = const(32)         # HOP_PROBE payload: opaque, at most 32 bytes ...
+PROBE_MIN = const(19)         # ... and at least the longest address a reply carries
+# 8..12: LOOPS segment types, between two PoPs only (docs/OUTER.md §1)
+TYPE_SEG_DATA = const(8)
+TYPE_SEG_REPAIR = const(9)
+TYPE_SEG_NACK = const(10)
+TYPE_SEG_PING = const(11)
+TYPE_SEG_PONG = const(12)
+_TYPE_MAX = const(12)        # types 0 and 13..15 are reserved (as in microtun.hop)
 
 TYPE_NAMES = {TYPE_DATA: "DATA", TYPE_HOP_PROBE: "HOP_PROBE", TYPE_HOP_PROBE_REPLY: "HOP_PROBE_REPLY",
               TYPE_HOP_KEEPALIVE: "HOP_KEEPALIVE", TYPE_PATH_CHALLENGE: "PATH_CHALLENGE",
@@ -74,6 +91,23 @@ if sys.implementation.name != "micropython":
         from hmac import compare_digest as _equal_bytes
     except ImportError:
         _equal_bytes = None
+
+
+def parse(packet):
+    """The cheap checks, before any MAC: (type, label), or None when the
+    packet is too short/long, of another version, of a reserved type, or
+    has label 0. reject_reason() names the failure for counters."""
+    n = len(packet)
+    if n < HEADER_LEN or n - HEADER_LEN > PAYLOAD_MAX:
+        return None
+    b0 = packet[0]
+    ptype = b0 & 0x0F
+    if b0 >> 4 != VERSION or ptype < TYPE_DATA or ptype > _TYPE_MAX:
+        return None
+    label = (packet[1] << 16) | (packet[2] << 8) | packet[3]
+    if label == 0:
+        return None
+    return ptype, label
 
 
 def seal_into(buf, ptype, label, hopkey, payload):

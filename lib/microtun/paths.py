@@ -6,7 +6,9 @@ N >= 1 of them and measures each one end to end with PATH_PROBEs carried
 inside the encrypted tunnel on channel 0 (so a PoP can neither read nor fake
 them); the gateway answers each probe on the path it arrived on.
 
-States, and what moves a path between them (printable: `print_table()`):
+States, and what moves a path between them (printed by the host's
+microtun_host.pathtable.print_table(), kept off the device: 400 B of a
+board's heap as a .mpy):
 """
 import microtun.ticks as ticks   # (one global, not three: each costs a board heap)
 
@@ -58,18 +60,6 @@ _SWITCH_MARGIN_MS = const(10)     # a path must score this much better to take o
 _CTL_PATH_PROBE = const(1)
 _CTL_PATH_REPLY = const(2)
 _PROBE_LEN = const(12)            # type, path, seq (4), ticks (4), srtt ms (2)
-
-
-def print_table():
-    lines = ["state    event   -> state"]
-    for (s, e), t in sorted(TRANSITIONS.items()):
-        lines.append("%-8s %-7s -> %s" % (s, e, t))
-    pace = []
-    for s in ("new", "up", "suspect", "down"):
-        pace.append("%s %d active / %d idle" % (s, PROBE_ACTIVE_MS[s], PROBE_IDLE_MS[s]))
-    lines.append("")
-    lines.append("probe every (ms): " + ", ".join(pace))
-    return "\n".join(lines)
 
 
 def probe_message(index, seq, ticks, srtt=None, kind=_CTL_PATH_PROBE):

@@ -126,7 +126,7 @@ class TunnelCore:
         if not 0 <= i < len(self.paths.paths):
             raise ValueError("no path %r" % (i,))
         p = self.paths.paths[i]
-        # hop.parse()'s checks without its tuple per packet
+        # outer.parse()'s checks without its tuple per packet
         why = hop.reject_reason(pkt)
         if why is not None:
             self._count("outer_" + why)

@@ -123,14 +123,23 @@ class Board:
 
 def board_facts(path):
     """The module-level constants of a board.py that the host needs, read
-    without importing it (it imports machine)."""
+    without importing it (it imports machine). The host-only facts are
+    written `_PLATFORM = const("rp2")`: a private const the board never
+    reads is compiled to nothing there, where a public name is a global
+    (tools/bench_board.py's firmware on the 32-bit unix port: 48 B less in
+    use at session up); a board.py with the public names
+    (`PLATFORM = "rp2"`) is read the same."""
     tree = ast.parse(Path(path).read_text(), str(path))
     facts = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
+            name = node.targets[0].id.lstrip("_")
             if name in BOARD_FACTS:
-                facts[name] = ast.literal_eval(node.value)
+                value = node.value
+                if (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "const"
+                        and len(value.args) == 1 and not value.keywords):
+                    value = value.args[0]
+                facts[name] = ast.literal_eval(value)
     return facts
 
 
