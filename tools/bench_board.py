@@ -226,6 +226,9 @@ class FirmwareRig:
         rekeys = max(handshakes) - 1 if handshakes else 0
         ok = up is not None and len(got) >= seconds - 2 and rekeys >= REKEYS_MIN and "MemoryError" not in text
         self.trials.append({"heap_k": k, "works": ok, "delivered": len(got), "rekeys": rekeys,
+                            # when the session came up: a trial that missed without a
+                            # MemoryError is told from a slow start by it
+                            "session_up_ms": int(up.group(1)) if up else None,
                             "used_at_session_up": int(up.group(3)) if up else None,
                             "steady_used_max": max(used) if used else None,
                             "memory_error": "MemoryError" in text})
