@@ -315,3 +315,15 @@ def test_16_fast_and_portable_paths_agree():
                 assert outer._verify_copy(HK, packet) == want_v, n
                 assert outer._relay_copy(packet, HK, 0x345678, HK2) == want_r, n
         assert outer._verify_portable(HK, pkt) and not outer._verify_portable(HK, bad), n
+
+
+def test_hop_keeps_the_same_wire_constants_as_outer():
+    # microtun.hop keeps these private (folded into a board's code: no
+    # global, no qstr) and microtun.outer public for the relays and the
+    # gateway: one wire format, so the same numbers. CPython keeps hop's as
+    # globals (const is the identity there), so that is where it is checked.
+    if MICROPYTHON:
+        return
+    from microtun import hop
+    for name in ("VERSION", "MAC_LEN", "KEY_LEN", "LABEL_MIN", "LABEL_MAX", "PAYLOAD_MAX"):
+        assert getattr(hop, "_" + name) == getattr(outer, name), name
