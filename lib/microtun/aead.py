@@ -235,10 +235,8 @@ class CCM:
         t[:] = _ZERO16
         x = self._cbc_mac(nonce, aad, lead, plaintext, n)     # X into t
         if n > _SHORT:
-            x = None
-            w = self._stream(nonce, aad, n, True, off)
-        else:
-            w = self._stream(nonce, aad, n, x, off)
+            x = True       # the key stream by ECB: the CBC object let go before that one is made
+        w = self._stream(nonce, aad, n, x, off)
         x = None
         _xor(t, 0, w, 0, m)                # T = X ^ S_0, after the message
         w[16 + n:32 + n] = t
