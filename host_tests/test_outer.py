@@ -327,3 +327,4 @@ def test_hop_keeps_the_same_wire_constants_as_outer():
     from microtun import hop
     for name in ("VERSION", "MAC_LEN", "KEY_LEN", "LABEL_MIN", "LABEL_MAX", "PAYLOAD_MAX"):
         assert getattr(hop, "_" + name) == getattr(outer, name), name
+    assert hop._TYPE_MAX == outer._TYPE_MAX == outer.TYPE_SEG_PONG    # both keep the last type
