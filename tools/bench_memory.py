@@ -508,6 +508,8 @@ def scenario(out, mode, heapsize=None, packets=20, size=64, count=True, gc=0, re
     handshakes_under_session, REKEYS of them (True) or that many (an int;
     the heap minimums need it; the counts of bytes per packet are taken
     before it)."""
+    if rekeys is True:
+        rekeys = REKEYS
     if mode == "core":
         cfg = core_config()
         far = Far(cfg)
@@ -550,7 +552,7 @@ def scenario(out, mode, heapsize=None, packets=20, size=64, count=True, gc=0, re
                     exchange(dev, far, dev.command(line))
         got_gw, got_dev = far.delivered - sent_before, dev.received - before
         if rekeys:
-            handshakes_under_session(dev, far, size, REKEYS if rekeys is True else rekeys)
+            handshakes_under_session(dev, far, size, rekeys)
         report = dev.finish()
     except (EOFError, BrokenPipeError, OSError) as e:
         dev.kill()
@@ -564,7 +566,7 @@ def scenario(out, mode, heapsize=None, packets=20, size=64, count=True, gc=0, re
     report["delivered_to_device"] = got_dev
     ok = report["established"] and got_gw == packets and got_dev == packets
     if rekeys:
-        report["handshakes_under_session"] = REKEYS if rekeys is True else rekeys
+        report["handshakes_under_session"] = rekeys
     if not ok:
         raise RuntimeError("%s device: %r, gateway %r" % (mode, report, far.gw.stats))
     return report
