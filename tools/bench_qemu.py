@@ -4,7 +4,8 @@
     make bench-qemu
 
 Runs MicroPython's qemu port for the MPS2_AN385 board (Cortex-M3) with
-microtun frozen in (build/qemu-an385/firmware.elf, `make qemu`; or --elf,
+microtun frozen in (build/qemu-an385/firmware.elf, built or brought up to
+date by tools/mpbuild.py as `make qemu` does; or --elf,
 or QEMU_ELF) under `qemu-system-arm -icount shift=0`: the virtual clock
 advances exactly 1 ns per instruction executed, so the port's
 time.ticks_us() (SysTick, driven by the virtual clock) read around an
@@ -351,16 +352,18 @@ def find_elf(argv):
         return argv[argv.index("--elf") + 1]
     if os.environ.get("QEMU_ELF"):
         return os.environ["QEMU_ELF"]
+    # Through tools/mpbuild.py every time (cached: it rebuilds only when
+    # lib/microtun, the manifests or the source changed), so the image
+    # measured is the code in the checkout, not the last one built.
     built = ROOT / "build" / "qemu-an385" / "firmware.elf"
-    if built.exists():
-        return str(built)
-    if (ROOT / "tools" / "mpbuild.py").exists():
-        r = subprocess.run([sys.executable, str(ROOT / "tools" / "mpbuild.py"), "qemu"],
-                           capture_output=True, text=True, timeout=1200)
-        if r.returncode == 0 and r.stdout.strip():
-            return r.stdout.strip().splitlines()[-1]
-        raise SystemExit("bench_qemu: " + ((r.stderr.strip().splitlines() or ["tools/mpbuild.py qemu failed"])[-1]))
-    raise SystemExit("bench_qemu: no build/qemu-an385/firmware.elf: run `make qemu` or pass --elf PATH")
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "mpbuild.py"), "qemu"],
+                       capture_output=True, text=True, timeout=1200)
+    if r.returncode == 0 and r.stdout.strip():
+        return r.stdout.strip().splitlines()[-1]
+    why = (r.stderr.strip().splitlines() or ["tools/mpbuild.py qemu failed"])[-1]
+    raise SystemExit("bench_qemu: %s%s" % (why, " (not measuring the %s there: it may be older than lib/microtun; "
+                                                "pass --elf PATH to measure it anyway)" % built.relative_to(ROOT)
+                                           if built.exists() else ""))
 
 
 def main(argv):
