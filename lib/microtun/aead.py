@@ -44,8 +44,10 @@ thread).
 
 Only the board's cryptolib is imported here. Where it is missing (CPython, a
 port built without it) or a backend is named, microtun.ccm_backends supplies
-one: on CPython by default cryptography's AESCCM (same bytes, C speed),
-which is how the host tests prove every path agrees byte for byte.
+one: on CPython by default cryptography's AESCCM (same bytes, C speed; the
+object then belongs to a subclass whose seal and open call it, so that
+this module's code is only what a board runs), which is how the host tests
+prove every path agrees byte for byte.
 """
 if __import__("sys").implementation.name != "micropython":
     def const(x):   # CPython; MicroPython's compiler folds const() with no name bound (a global costs a board heap)
@@ -64,7 +66,6 @@ except (ImportError, SyntaxError, ValueError):
     from microtun.xorbig import xor as _xor, ctr as _ctr
     XOR = "big-int"
 
-BACKENDS = ("aesccm", "cryptolib", "cryptography", "pure")
 
 BYTES = (bytes, bytearray, memoryview)   # what the API takes (endpoint.py checks payloads with it)
 _ZERO16 = const(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # (frozen: in flash)
@@ -81,10 +82,24 @@ _work = memoryview(bytearray(2 * _GROW))
 _t = bytearray(16)  # seal: X while the key stream is made; open: S_0 ^ the tag received
 
 
+# Slices through two small functions that stay bytecode on every build
+# (`# bytecode`: microtun_host.flash.native_source leaves them): a frozen
+# build compiles this module to native code, whose frames are on the C
+# stack, not in the heap a handshake's cryptolib objects need; but native
+# code makes a heap slice object (16 B) for each a[i:j], where bytecode
+# makes it on the C stack (docs/MEMORY.md).
+def _put(data, start, end, value):  # bytecode
+    data[start:end] = value
+
+
+def _view(data, start, end):  # bytecode
+    return data[start:end]
+
+
 class CCM:
     """CCM with `nonce_size`-byte nonces (7..13) and `tag_size`-byte tags
     (4, 6, .., 16). backend: None takes the fastest available (cryptolib on
-    a board, AESCCM on CPython), or one of BACKENDS."""
+    a board, AESCCM on CPython), or one of microtun.ccm_backends.BACKENDS."""
     backend = "cryptolib"  # the path in use (tests and benchmarks read it)
     # _make: a cryptolib-style aes(key, mode[, iv]) constructor, the board's
     # (imported into the class, not the module: a global costs a board heap)
@@ -95,7 +110,6 @@ class CCM:
             from ucryptolib import aes as _make  # MicroPython before v1.21
         except ImportError:
             _make = None  # CPython, or a port without cryptolib: ccm_backends
-    _lib = None            # a ccm_backends.AESCCM: CPython's fast path
     # nonce_size, tag_size and _b0 (B0's flags byte, RFC 3610 §2.2; 64 is
     # added when there is aad): per object, unless the class fixes them
     # (AEAD's are class attributes: ~100 bytes less per object on a board;
@@ -144,13 +158,13 @@ class CCM:
         # A_i = flags || nonce || i (RFC 3610 §2.3) for every block, over
         # what the CBC-MAC left there.
         _ctr(_work, off, nonce, self.nonce_size, end)
-        w = _work[off:] if off else _work
+        w = _view(_work, off, len(_work)) if off else _work
         if ecb is True:
             # A new ECB object per message (304 bytes of garbage on a 32-bit
             # board): keeping one per key would keep 304 bytes per AEAD, four
             # per session, and the endpoint's heap budget is the tighter one
             # (docs/MEMORY.md).
-            self._make(self._key, 1).encrypt(w[:end], w)  # MODE_ECB
+            self._make(self._key, 1).encrypt(_view(w, 0, end), w)  # MODE_ECB
             return w
         # A short message (seal, n <= _SHORT: the handshake's seals,
         # keepalives): through the CBC object, a block at a time. CBC
@@ -164,7 +178,7 @@ class CCM:
         # more would make this frame a heap block bigger.)
         la = _t
         for size in range(0, end, 16):
-            e = w[size:size + 16]
+            e = _view(w, size, size + 16)
             _xor(e, 0, la, 0, 16)
             ecb.encrypt(e, e)
             la = e
@@ -179,7 +193,7 @@ class CCM:
         # B0 = flags || nonce || n (n in the last L bytes; the nonce over the
         # top bytes of the word, zero as n < 2**(8L)): no big ints.
         pack_into(">BBHIII", w, 0, self._b0 | 64 if la else self._b0, 0, 0, 0, 0, n)
-        w[1:1 + self.nonce_size] = nonce
+        _put(w, 1, 1 + self.nonce_size, nonce)
         o = 16
         if la:
             # The aad's length in 2 or 6 bytes (RFC 3610 §2.2), written in
@@ -187,22 +201,22 @@ class CCM:
             # pack_into's error: no board, nor a gateway's packet, has such.)
             h = 2 if la < 0xFF00 else 6
             o = 16 + (h + la + 15) // 16 * 16
-            w[o - 16:o] = _ZERO16  # the padding (the part in use is overwritten)
+            _put(w, o - 16, o, _ZERO16)  # the padding (the part in use is overwritten)
             if h == 2:
                 pack_into(">H", w, 16, la)
             else:
                 pack_into(">HI", w, 16, 0xFFFE, la)
-            w[16 + h:16 + h + la] = aad
+            _put(w, 16 + h, 16 + h + la, aad)
         if n:
             end = o + (n + 15) // 16 * 16
             if n & 15:
-                w[end - 16:end] = _ZERO16
+                _put(w, end - 16, end, _ZERO16)
             ll = len(lead)
-            w[o:o + ll] = lead
-            w[o + ll:o + n] = data
+            _put(w, o, o + ll, lead)
+            _put(w, o + ll, o + n, data)
             o = end
         c = self._make(self._key, 2, _ZERO16)  # MODE_CBC, IV 0
-        c.encrypt(w[:o], w)
+        c.encrypt(_view(w, 0, o), w)
         _xor(_t, 0, w, o - 16, 16)             # X is the last block
         return c
 
@@ -218,11 +232,6 @@ class CCM:
         if n >> (120 - 8 * self.nonce_size):  # the length field has L bytes (RFC 3610 §2)
             raise ValueError("plaintext must be at most %d bytes" % ((1 << (120 - 8 * self.nonce_size)) - 1))
         hl = len(head)
-        if self._lib is not None:
-            ct = self._lib.encrypt(nonce, lead + plaintext if ll else plaintext, aad)
-            if hl > 16:
-                return bytearray(head) + ct
-            return b"".join((head, ct)) if head else ct
         m = self.tag_size
         # X first (the CBC-MAC input fills the work buffer), then the key
         # stream S_0 || S_1 .. into it, and X and the message XORed into that
@@ -232,14 +241,14 @@ class CCM:
         off = 16 if hl > 16 else 0
         self._stream(nonce, aad, n + off, False, 0)
         t = _t
-        t[:] = _ZERO16
+        _put(t, 0, 16, _ZERO16)
         x = self._cbc_mac(nonce, aad, lead, plaintext, n)     # X into t
         if n > _SHORT:
             x = True       # the key stream by ECB: the CBC object let go before that one is made
         w = self._stream(nonce, aad, n, x, off)
         x = None
         _xor(t, 0, w, 0, m)                # T = X ^ S_0, after the message
-        w[16 + n:32 + n] = t
+        _put(w, 16 + n, 32 + n, t)
         _xor(w, 16, lead, 0, ll)
         _xor(w, 16 + ll, plaintext, 0, n - ll)
         if off:
@@ -247,10 +256,10 @@ class CCM:
             s = off + 16 - hl
             if s < 0:    # over 32 bytes of head: not the tunnel's
                 return bytearray(head) + w[off + 16:off + 16 + n + m]
-            w[s:off + 16] = head           # over S_0 and the bytes before it, unused
-            return bytearray(w[s:off + 16 + n + m])
-        w[16 - hl:16] = head               # over S_0, used
-        return bytes(w[16 - hl:16 + n + m])
+            _put(w, s, off + 16, head)     # over S_0 and the bytes before it, unused
+            return bytearray(_view(w, s, off + 16 + n + m))
+        _put(w, 16 - hl, 16, head)         # over S_0, used
+        return bytes(_view(w, 16 - hl, 16 + n + m))
 
     def open(self, nonce, data, aad=b"", start=0, lead=None):
         """The plaintext of ciphertext || tag (from data[start:]), or None
@@ -263,20 +272,14 @@ class CCM:
         n = len(data) - start - m
         if n < ll or n >> (120 - 8 * self.nonce_size):
             return None
-        if self._lib is not None:
-            p = self._lib.decrypt(nonce, memoryview(data)[start:], aad)
-            if p is not None and ll:
-                lead[:] = p[:ll]
-                return p[ll:]
-            return p
         w = self._stream(nonce, aad, n, True, 0)
         t = _t
-        t[:] = w[0:16]                     # S_0 ^ the tag received: the CBC-MAC
+        _put(t, 0, 16, _view(w, 0, 16))    # S_0 ^ the tag received: the CBC-MAC
         _xor(t, 0, data, start + n, m)     # input goes over S_0 in _work
         for i in range(ll):
             lead[i] = data[start + i] ^ w[16 + i]
         _xor(w, 16 + ll, data, start + ll, n - ll)   # the key stream becomes P
-        p = bytes(w[16 + ll:16 + n])
+        p = bytes(_view(w, 16 + ll, 16 + n))
         self._cbc_mac(nonce, aad, lead or b"", p, n)   # X XORed into t
         # T = X ^ S_0, so X ^ (S_0 ^ tag) is zero for a good tag.
         # Constant time: every tag byte is looked at.

