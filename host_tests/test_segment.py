@@ -694,9 +694,8 @@ def test_parity_function_takes_complete_groups_and_leaves_the_rest():
             assert st["recovered_fec"] == len(lost)
     forged = outer.seal(outer.TYPE_SEG_REPAIR, LABEL, OTHER, bytes(30))
     assert parity(forged) is None and parity(forged[:outer.HEADER_LEN + 4]) is None
-    assert b.st.total == 0                    # refused by the function: Receiver.repair counts it
-    b.repair(forged, 2.0)
-    assert b.st.drops["seg_bad_mac"] == 1
+    # refused and counted by the function, as Receiver.repair would count them
+    assert b.st.total == 2 and b.st.drops["seg_bad_mac"] == 1 and b.st.drops["seg_malformed"] == 1
 
 
 def test_complete_groups_need_every_seq_since_the_last_gap():
@@ -768,8 +767,12 @@ def test_pop_egress_parities_complete_group_or_repair():
         assert f.drops["segment"] == rcv.parities_unused and rcv.st.total == 0     # the parity that rebuilt: forwarded
         assert f.rx == f.forwarded + sum(f.drops.values())
     forged = outer.seal(outer.TYPE_SEG_REPAIR, 200, outer.HopKey(k2), bytes((0, 0, 8, 2, 0)) + bytes(40))
-    assert f.receive(bytes(forged), ("127.0.0.1", 6)) is None
+    second = []                     # a forged parity costs one hop MAC: Receiver.repair does not check it again
+    rcv._verify = lambda pkt: second.append(pkt)
+    assert f.receive(bytes(forged), ("127.0.0.1", 6)) is None and second == []
     assert rcv.st.drops["seg_bad_mac"] == 1 and f.drops["segment"] == 4 and f.rx == f.forwarded + sum(f.drops.values())
+    assert f.receive(bytes(forged[:outer.HEADER_LEN + 4]), ("127.0.0.1", 6)) is None
+    assert rcv.st.drops["seg_malformed"] == 1 and f.drops["segment"] == 5 and f.rx == f.forwarded + sum(f.drops.values())
 
 
 def test_pop_ingress_inline_path_gives_the_senders_packets():

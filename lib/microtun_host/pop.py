@@ -435,11 +435,15 @@ class Forwarder:
                     self.forwarded += 1
                     return out, dest
                 if data[0] == _B0_SEG_REPAIR and r.seg_parity is not None:
+                    seg = r.seg_in
+                    total = seg.st.total
                     ok = r.seg_parity(data)     # segment.parity_for: authentic, and is its group complete?
                     if ok:                      # (no loss: every parity) counted as unused, nothing else
                         self.drops["segment"] += 1
                         return None
-                    return self._seg_receive(r, data, addr, ok is False)
+                    if ok is None:              # refused and counted there (one hop MAC, not a second in repair)
+                        return self._seg_after(r, seg, data, addr, None, total)
+                    return self._seg_receive(r, data, addr, True)
                 return self._seg_receive(r, data, addr)
         return self._other(data, addr)
 

@@ -1153,16 +1153,22 @@ def parity_for(rcv):
     and its group complete (no loss: every parity): counted in
     rcv.parities_unused and nothing else runs for it. False: a parity that
     may repair (authentic: Receiver.repair(packet, now, verified=True) goes
-    on with it) or None: not authentic or too short (Receiver.repair checks
-    and counts it)."""
+    on with it) or None: too short or long ("seg_malformed") or not
+    authentic ("seg_bad_mac"), counted in rcv as Receiver.repair counts
+    them, so that a forged parity costs one hop MAC, not two."""
     verify = verifier_for(rcv.key)      # a parity is one packet in 8: the call is not worth an inline copy
     mask = SEQ_MOD - 1
     complete = rcv.complete
+    drop = rcv.st.drop
     least = REPAIR_HDR + 3
 
     def parity(packet):
         n = len(packet) - _HDR
-        if n < least or n > _PMAX or not verify(packet):
+        if n < least or n > _PMAX:
+            drop("seg_malformed")
+            return None
+        if not verify(packet):
+            drop("seg_bad_mac")
             return None
         first = (packet[_HDR] << 8) | packet[_HDR + 1]
         k = packet[_HDR + 2]
