@@ -64,6 +64,12 @@ def test_another_version_is_refused(tmp_path):
     one_line_exit_2(mpbuild("unix32-frozen", "--src", str(tmp_path)), "1.22", "v1.28")
 
 
+def test_a_source_naming_no_version_is_refused(tmp_path):
+    (tmp_path / "py").mkdir()
+    (tmp_path / "py" / "mpconfig.h").write_text('#define MICROPY_VERSION_STRING "1.28.0"\n')
+    one_line_exit_2(mpbuild("unix32", "--src", str(tmp_path)), "version is unknown", "v1.28")
+
+
 def test_checkout_without_mbedtls_submodule(tmp_path):
     (tmp_path / "py").mkdir()
     (tmp_path / "py" / "mpconfig.h").write_text("#define MICROPY_VERSION_MAJOR (1)\n#define MICROPY_VERSION_MINOR (28)\n")

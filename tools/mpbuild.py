@@ -175,6 +175,9 @@ def check_source(top, given):
         m = re.search(r"#define MICROPY_VERSION_%s \((\d+)\)" % part, text) or \
             re.search(r"#define MICROPY_VERSION_%s (\d+)" % part, text)
         ver.append(int(m.group(1)) if m else -1)
+    if -1 in ver:
+        raise Missing("%s: its py/mpconfig.h names no MICROPY_VERSION_MAJOR/MINOR, so its version is unknown: "
+                      "set MICROPY_SRC to a MicroPython v1.28 checkout or %s" % (given, TARBALL))
     if tuple(ver) != VERSION:
         raise Missing("%s is MicroPython %d.%d, microtun builds against v%d.%d: set MICROPY_SRC to a v1.28 checkout "
                       "(git checkout v1.28.0) or %s" % (given, ver[0], ver[1], VERSION[0], VERSION[1], TARBALL))
