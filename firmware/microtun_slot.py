@@ -361,10 +361,11 @@ def _guard(ms):
         print("microtun update: no machine.Timer and no threads: the trial has no deadline, only MAX_TRIES")
         return
     _lock = _thread.allocate_lock()
-    _thread.start_new_thread(_watch, (ms,))
-
-
-def _watch(ms):
+    # The clock is imported here, by the thread that boots, and handed to
+    # the guard: the guard thread imports nothing, so it never searches the
+    # filesystem while the boot's own imports do (MicroPython's VFS is not
+    # thread-safe; once, under load, both threads of the unix port took
+    # `time` for a directory: "no module named 'time.ticks_ms'").
     try:
         from time import ticks_ms, ticks_diff, sleep_ms
     except ImportError:              # CPython (the tests)
@@ -378,6 +379,10 @@ def _watch(ms):
 
         def sleep_ms(ms):
             sleep(ms / 1000)
+    _thread.start_new_thread(_watch, (ms, ticks_ms, ticks_diff, sleep_ms))
+
+
+def _watch(ms, ticks_ms, ticks_diff, sleep_ms):
     start = ticks_ms()
     while _trial is not None:
         if ticks_diff(ticks_ms(), start) >= ms:
