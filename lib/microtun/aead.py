@@ -192,7 +192,7 @@ class CCM:
         la = len(aad)
         # B0 = flags || nonce || n (n in the last L bytes; the nonce over the
         # top bytes of the word, zero as n < 2**(8L)): no big ints.
-        pack_into(">BBHIII", w, 0, self._b0 | 64 if la else self._b0, 0, 0, 0, 0, n)
+        pack_into(">B11xI", w, 0, self._b0 | 64 if la else self._b0, n)
         _put(w, 1, 1 + self.nonce_size, nonce)
         o = 16
         if la:
