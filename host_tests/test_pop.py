@@ -41,9 +41,9 @@ START_TIMEOUT = 10.0
 # --- helpers -------------------------------------------------------------------
 
 def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # below the ephemeral range, not bind(0)'s: localnet.free_ports says why
+    from microtun_host.localnet import free_ports
+    return free_ports(1)[0]
 
 
 def udp(timeout=2.0):

@@ -453,6 +453,6 @@ def test_two_workers_serve_one_metrics_endpoint(tmp_path):
 
 
 def free_tcp_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # free for TCP and UDP, below the ephemeral range: localnet.free_ports
+    from microtun_host.localnet import free_ports
+    return free_ports(1)[0]

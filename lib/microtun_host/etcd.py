@@ -305,11 +305,10 @@ def etcd_binary():
 
 
 def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    # for the etcd process to listen on: below the ephemeral range, where a
+    # port found free stays free until it binds (localnet.free_ports)
+    from microtun_host.localnet import free_ports
+    return free_ports(1)[0]
 
 
 class LocalEtcd:

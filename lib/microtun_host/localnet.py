@@ -13,6 +13,7 @@ tools/device_run.py`. Every process is killed at stop(), also on failure.
 """
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,15 +27,59 @@ ROOT = LIB.parent
 PY = sys.executable
 
 
+def _ephemeral_low():
+    """The first port of the kernel's ephemeral range (Linux's
+    ip_local_port_range; 32768 where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_given = set()                    # ports this process handed out already
+_given_lock = threading.Lock()    # (tests run scenarios side by side in threads)
+_cursor = [None]                  # where this process looks next (see free_ports)
+
+
 def free_ports(n):
-    socks = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    """n ports on 127.0.0.1, free for UDP and TCP when checked, for the
+    processes a test starts to listen on. Picked below the kernel's
+    ephemeral range: a port from bind(0) was free when checked, but any
+    other socket's bind(0) or outgoing datagram could take it before the
+    child bound it (seen: "cannot listen on 127.0.0.1:60576: Address
+    already in use" with two scenarios side by side). Below the range only
+    an explicit bind takes a port, and none is handed out twice here; each
+    process walks the range from its own place (its pid), so that two test
+    processes at once look at different ports."""
+    hi = min(_ephemeral_low(), 65536)
+    lo = max(1024, hi - 12000)
+    span = hi - lo
+    ports = []
+    with _given_lock:
+        if _cursor[0] is None:
+            _cursor[0] = (os.getpid() * 613 + random.randrange(64)) % span
+        for _ in range(50 * n + 100):
+            if len(ports) == n:
+                break
+            p = lo + _cursor[0] % span
+            _cursor[0] += 1
+            if p in _given:
+                continue
+            free = True
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                s = socket.socket(socket.AF_INET, kind)
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    free = False
+                finally:
+                    s.close()
+            if free:
+                _given.add(p)
+                ports.append(p)
+    if len(ports) < n:
+        raise RuntimeError("free_ports: found only %d free loopback ports of %d in %d..%d" % (len(ports), n, lo, hi - 1))
     return ports
 
 
