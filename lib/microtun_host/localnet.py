@@ -39,7 +39,7 @@ def _ephemeral_low():
 
 _given = set()                    # ports this process handed out already
 _given_lock = threading.Lock()    # (tests run scenarios side by side in threads)
-_cursor = [None]                  # where this process looks next (see free_ports)
+_cursor = None                    # where this process looks next (see free_ports)
 
 
 def free_ports(n):
@@ -52,18 +52,19 @@ def free_ports(n):
     an explicit bind takes a port, and none is handed out twice here; each
     process walks the range from its own place (its pid), so that two test
     processes at once look at different ports."""
+    global _cursor
     hi = min(_ephemeral_low(), 65536)
     lo = max(1024, hi - 12000)
     span = hi - lo
     ports = []
     with _given_lock:
-        if _cursor[0] is None:
-            _cursor[0] = (os.getpid() * 613 + random.randrange(64)) % span
+        if _cursor is None:
+            _cursor = (os.getpid() * 613 + random.randrange(64)) % span
         for _ in range(50 * n + 100):
             if len(ports) == n:
                 break
-            p = lo + _cursor[0] % span
-            _cursor[0] += 1
+            p = lo + _cursor % span
+            _cursor += 1
             if p in _given:
                 continue
             free = True
