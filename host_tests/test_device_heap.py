@@ -194,6 +194,9 @@ def test_device_fits_todays_heap_on_32bit(build32, kind, mode):
     ("frozen", "endpoint", False),
     ("frozen", "core", False),
     ("mpy", "endpoint", False),
+    # since the .mpy build folds the wire constants (microtun_host.fold):
+    # 29.0K through twenty handshakes by bisection, against 32.0-32.25K
+    ("mpy", "endpoint", True),
     pytest.param("mpy", "core", False, marks=pytest.mark.xfail(strict=True, reason=UNMET % ".mpy")),
 ])
 def test_device_fits_the_32bit_target(build32, kind, mode, rekeys):

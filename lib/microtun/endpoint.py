@@ -52,10 +52,10 @@ _MAX_CHANNEL = const(255)
 _MAX_PAYLOAD = const(65000)
 
 # Event kinds
-HANDSHAKE = "handshake"   # a session was (re)established: peer
-DATA = "data"             # app data: peer, channel, data
+HANDSHAKE = const("handshake")   # a session was (re)established: peer
+DATA = const("data")             # app data: peer, channel, data
 # (EXPIRED, a gateway's, is in microtun.responder: a device never emits it)
-STALE = "stale"           # device: the gateway named a freshness value to pass (data); gateway: see responder
+STALE = const("stale")           # device: the gateway named a freshness value to pass (data); gateway: see responder
 
 
 # What next_event() returns: kind (above), peer (the Session), and for DATA

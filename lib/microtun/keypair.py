@@ -21,9 +21,8 @@ from microtun.replay import ReplayWindow, REJECT_AFTER_MESSAGES
 _HEAD = bytearray(b"\x04\x00\x00\x00" + bytes(12))
 # The same header after ROOM zero bytes: room for the outer (hop) header,
 # which microtun.tunnel then writes in place (no copy of the packet).
-_ROOM = const(12)
-ROOM = _ROOM
-_HEAD_ROOM = bytearray(bytes(_ROOM) + b"\x04\x00\x00\x00" + bytes(12))
+ROOM = const(12)
+_HEAD_ROOM = bytearray(bytes(ROOM) + b"\x04\x00\x00\x00" + bytes(12))
 _NONCE = bytearray(12)
 _LEAD = bytearray(1)
 
@@ -54,7 +53,7 @@ class Keypair:
         self.send_counter = n + 1
         if room:
             head = _HEAD_ROOM
-            pack_into(">IQ", head, _ROOM + 4, self.remote_index, n)  # no bytes object per packet
+            pack_into(">IQ", head, ROOM + 4, self.remote_index, n)  # no bytes object per packet
         else:
             head = _HEAD
             pack_into(">IQ", head, 4, self.remote_index, n)

@@ -49,7 +49,7 @@ RESP_MAC1 = const(60)
 
 # Domain separation: the Noise prologue (mac1's key label is below, the
 # cookie key's in microtun.cookie).
-PROLOGUE = b"microtun v1"
+PROLOGUE = const(b"microtun v1")
 
 
 def mac1_key(key):

@@ -22,7 +22,7 @@ _BIT_MASK = const(31)
 
 # WireGuard's REJECT_AFTER_MESSAGES (protocol paper §6.1): a counter at or above
 # this is never accepted, far below the 2**64 nonce space.
-REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
+REJECT_AFTER_MESSAGES = const(2**64 - 2**13 - 1)
 
 DEVICE_WINDOW = const(1024)
 GATEWAY_WINDOW = const(8128)

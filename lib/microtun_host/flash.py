@@ -45,6 +45,8 @@ import threading
 import time
 from pathlib import Path
 
+from microtun_host import fold
+
 ROOT = Path(__file__).resolve().parents[2]
 LIB = ROOT / "lib" / "microtun"
 FIRMWARE = ROOT / "firmware"
@@ -257,6 +259,16 @@ def mpy_options(lines=False):
     return [] if lines else [MPY_OPTIMIZE]
 
 
+_FOLD = []
+
+
+def _fold_table():
+    """The package's public constants (fold.table()), read once per process."""
+    if not _FOLD:
+        _FOLD.append(fold.table(LIB))
+    return _FOLD[0]
+
+
 def compile_mpy(src, dst, source_name, arch=None, exe=None, lines=False):
     """mpy-cross src to dst, bytecode (native only where the source asks,
     for -march=arch), named source_name in tracebacks; the one way every
@@ -273,8 +285,20 @@ def compile_mpy(src, dst, source_name, arch=None, exe=None, lines=False):
     cmd = [exe or mpy_cross_exe()]
     if arch and arch != "none":
         cmd.append("-march=" + arch)
-    cmd += mpy_options(lines) + ["-s", source_name, "-o", str(dst), str(src)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    # the package's public constants folded into the code (microtun_host.fold)
+    src = Path(src)
+    text = src.read_text()
+    try:
+        folded = fold.fold(text, src.stem if src.parent.resolve() == LIB.resolve() else None,
+                           _fold_table(), str(src))
+    except (fold.FoldError, SyntaxError) as e:
+        raise FlashError("cannot compile %s: %s" % (src, e))
+    with tempfile.TemporaryDirectory(prefix="microtun-mpy-") as tmp:
+        if folded is not text:
+            src = Path(tmp) / src.name
+            src.write_text(folded)
+        cmd += mpy_options(lines) + ["-s", source_name, "-o", str(dst), str(src)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise FlashError("mpy-cross %s: %s" % (src, (r.stderr or r.stdout).strip().splitlines()[-1:]))
     return dst.stat().st_size
