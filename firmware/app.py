@@ -22,10 +22,13 @@ The firmware calls:
 """
 import gc
 import json
+from micropython import const
 from time import ticks_ms, ticks_diff, ticks_add
 
-TELEMETRY = 1
-COMMANDS = 2
+# channels; private consts: compiled into the code, no name or global on
+# the board (docs/FIRMWARE.md, "The application")
+_TELEMETRY = const(1)
+_COMMANDS = const(2)
 
 
 class App:
@@ -60,11 +63,11 @@ class App:
 
     def on_link(self, up):
         if up:
-            self.t.send(COMMANDS, json.dumps({"hello": self.t.cfg.name, "boot": self.t.boot_counter}).encode())
+            self.t.send(_COMMANDS, json.dumps({"hello": self.t.cfg.name, "boot": self.t.boot_counter}).encode())
             self.next_send = ticks_ms()          # first telemetry right away
 
     def on_data(self, channel, data):
-        if channel == COMMANDS:
+        if channel == _COMMANDS:
             self.command(bytes(data).decode().strip())
         else:
             self.replies += 1
@@ -76,12 +79,12 @@ class App:
         temp = self.board.temperature()
         self.n += 1
         msg = {"n": self.n, "up": ticks_diff(now, self.start) // 1000, "temp": temp, "mem": gc.mem_free()}
-        self.t.send(TELEMETRY, json.dumps(msg).encode())
+        self.t.send(_TELEMETRY, json.dumps(msg).encode())
         if self.alarm_above is None or temp is None:
             return
         if not self.alarm_on and temp > self.alarm_above:
             self.alarm_on = True
-            self.t.send(TELEMETRY, json.dumps({"alarm": "temp", "temp": temp, "above": self.alarm_above}).encode(),
+            self.t.send(_TELEMETRY, json.dumps({"alarm": "temp", "temp": temp, "above": self.alarm_above}).encode(),
                         policy="critical")
             self.log("warn", "alarm: temperature %s above %s" % (temp, self.alarm_above))
         elif self.alarm_on and temp < self.alarm_above - 1:
@@ -101,7 +104,7 @@ class App:
             reply = "ok, rebooting"
         else:
             reply = "unknown command %r (ping, led on, led off, health, reboot)" % cmd
-        self.t.send(COMMANDS, reply.encode())
+        self.t.send(_COMMANDS, reply.encode())
 
     def summary(self):
         h = self.t.health()

@@ -7,10 +7,11 @@ through microtun_net).
 """
 import json
 import os
+from micropython import const
 from time import ticks_ms, ticks_diff, ticks_add, sleep_ms
 
-CONFIG = "microtun.json"
-SAFE_FILES = ("SAFE", "safe_mode")
+_CONFIG = const("microtun.json")
+_SAFE_FILES = const(("SAFE", "safe_mode"))
 
 DEFAULTS = {
     "boot_window_ms": 3000,      # Ctrl-C / safe button window before anything starts
@@ -92,7 +93,7 @@ def start(fw):
 
 
 def check_safe_mode(fw):
-    for name in SAFE_FILES:
+    for name in _SAFE_FILES:
         if exists(name):
             raise SafeMode("the file %s exists (remove it: mpremote rm :%s)" % (name, name))
     board = fw.board
@@ -125,7 +126,7 @@ def load_config(fw):
     except ImportError as e:
         raise SafeMode("the microtun package is missing or incomplete (%s); flash it: microtun flash" % e, "error")
     try:
-        cfg = mconfig.load(CONFIG)
+        cfg = mconfig.load(_CONFIG)
     except mconfig.ConfigError as e:
         raise SafeMode("config: %s" % e, "error")
     finally:
@@ -163,7 +164,7 @@ def firmware_object():
     """The config's "firmware" object. Read on its own, before the boot
     window; a broken file is reported by load_config() instead."""
     try:
-        with open(CONFIG) as f:
+        with open(_CONFIG) as f:
             d = json.load(f)
         fw = d.get("firmware")
         return fw if isinstance(fw, dict) else {}
@@ -171,7 +172,7 @@ def firmware_object():
         return {}
 
 
-def settings(board_fw, config_fw, source=CONFIG):
+def settings(board_fw, config_fw, source=_CONFIG):
     """DEFAULTS, then the board's FIRMWARE dict, then the config's "firmware"
     object; an unknown name or a bad value raises ValueError (one line)."""
     s = dict(DEFAULTS)
@@ -188,7 +189,7 @@ def settings(board_fw, config_fw, source=CONFIG):
     return s
 
 
-def check_wifi(net, source=CONFIG):
+def check_wifi(net, source=_CONFIG):
     """The "network" object of a Wi-Fi board: None if usable, else one line."""
     ssid = net.get("ssid")
     if not isinstance(ssid, str) or not ssid or len(ssid) > 32:

@@ -66,10 +66,10 @@ def release_files(fault="good"):
             p.write_text(src)
             flash.compile_mpy(p, Path(tmp) / "handshake.mpy", "microtun/handshake.py", "x64")
             files["lib/microtun/handshake.mpy"] = (Path(tmp) / "handshake.mpy").read_bytes()
-    elif fault == "raises":
-        files["app.py"] = b"raise RuntimeError('release bug: app.py raises at import')\n" + files["app.py"]
-    elif fault == "hangs":
-        files["app.py"] = b"while True:\n    pass\n" + files["app.py"]
+    elif fault in ("raises", "hangs"):       # an app.py in the release, in place of its app.mpy
+        del files["app.mpy"]
+        files["app.py"] = (b"raise RuntimeError('release bug: app.py raises at import')\n" if fault == "raises"
+                           else b"while True:\n    pass\n") + (flash.FIRMWARE / "app.py").read_bytes()
     elif fault == "fw_raises":
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / "microtun_fw.py"

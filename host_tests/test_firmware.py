@@ -60,15 +60,17 @@ def built_files(arch=None, lines=False):
         atexit.register(shutil.rmtree, out, True)
         files = flash.build(b, out / "unix", log=lambda *a: None, lines=lines)
         files += [(flash.FIRMWARE / n, n) for n in flash.FW_FILES]
-        files += [(flash.FIRMWARE / "app.py", "app.py"), (b.dir / "board.py", "board.py")]
+        files += flash.build_app(flash.FIRMWARE / "app.py", b, out / "app", lines)
         _BUILD[key] = files
     return _BUILD[key]
 
 
-def make_board(path, config, app=None, arch=None, lines=False):
+def make_board(path, config, app=None, arch=None, lines=False, compile_app=False):
     """A board filesystem at path: firmware, unix board.py, config (a dict,
-    or text for broken-config tests), app (source text) or the sample app;
-    compiled for `arch` (built_files)."""
+    or text for broken-config tests), app (source text: app.py, as a user
+    copies it by hand, imported before app.mpy; compile_app: app.mpy, as
+    `microtun flash --app` ships it) or the sample app; compiled for `arch`
+    (built_files)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for local, remote in built_files(arch, lines):
@@ -77,6 +79,9 @@ def make_board(path, config, app=None, arch=None, lines=False):
         shutil.copyfile(local, dst)
     if app is not None:
         (path / "app.py").write_text(app)
+        if compile_app:
+            flash.compile_mpy(path / "app.py", path / "app.mpy", "app.py", arch, lines=lines)
+            (path / "app.py").unlink()
     if config is not None:
         (path / "microtun.json").write_text(config if isinstance(config, str) else json.dumps(config))
     return path
@@ -538,7 +543,7 @@ def test_firmware_answers_ops_and_mpremote_through_the_tunnel(tmp_path, running)
         fw = running(d, heap=WORKING_HEAP)
         fw.wait_for(r"session up \d+ ms after boot", 15)
         c = OpsClient.connect(r.control, "dev1", operator_key=key_path)
-        assert c.exec("import os\nprint(sorted(os.listdir('/'))[:3])").startswith("['app.py', 'board.py'")
+        assert c.exec("import os\nprint(sorted(os.listdir('/'))[:3])").startswith("['app.mpy', 'board.mpy'")
         assert "session up" in c.logs(0)[1]          # the firmware's own lines are in the ring
         c.put("note.txt", b"from afar\n")
         assert (d / "note.txt").read_bytes() == b"from afar\n"

@@ -129,7 +129,7 @@ def test_flash_the_virtual_board_then_it_connects_through_two_pops(tmp_path, rig
 
     # mpremote gets in while the firmware runs (Ctrl-C drops main.py to the REPL)
     files = vb.mpremote("exec", "import os; print(sorted(os.listdir('/')))")
-    for f in ("app.py", "board.py", "boot.py", "lib", "main.py", "microtun.json", "microtun_boot.bin"):
+    for f in ("app.mpy", "board.mpy", "boot.py", "lib", "main.py", "microtun.json", "microtun_boot.bin"):
         assert "'%s'" % f in files, files
     log = vb.mpremote("fs", "cat", ":microtun.log")
     assert re.search(r"#1 \+\d+\.\d+s boot boot 1 on unix \(hard reset\)", log), log

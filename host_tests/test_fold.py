@@ -104,3 +104,10 @@ def test_compile_mpy_refuses_what_it_cannot_fold(tmp_path):
     src.write_text("import microtun.messages as m\ndef f(m):\n    return m.TYPE_INIT\n")
     with pytest.raises(flash.FlashError, match="cannot compile .*bad.py.*'m' is both"):
         flash.compile_mpy(src, tmp_path / "bad.mpy", "bad.py")
+
+
+def test_slots_leave_the_class_body_and_nothing_else_changes():
+    src = ("class K:\n    __slots__ = ('a',\n                 'b')  # CPython\n    x = 1\n\n"
+           "def f():\n    __slots__ = 3\n    return __slots__\n")
+    out = fold.fold(src, None, {})
+    assert out == "class K:\n    pass  # CPython\n\n    x = 1\n\ndef f():\n    __slots__ = 3\n    return __slots__\n"

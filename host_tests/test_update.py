@@ -329,8 +329,8 @@ def test_unsigned_wrongly_signed_tampered_or_too_big_is_refused(lab, tmp_path):
     d = _staged(lab, good)
     release.make_dirs(lab.client, d, good.files)
     for p, data in good.files.items():
-        lab.client.put(d + "/" + p, data if p != "app.py" else data + b"#")
-    with pytest.raises(release.Refused, match=r"1 file\(s\) missing or not as the manifest says: app.py"):
+        lab.client.put(d + "/" + p, data if p != "app.mpy" else data + b"#")
+    with pytest.raises(release.Refused, match=r"1 file\(s\) missing or not as the manifest says: app.mpy"):
         release.device_call(lab.client, "arm()")
     st = lab.status()
     assert st["trial"] is None and st["committed"] == before["committed"] and lab.device.up()

@@ -203,7 +203,8 @@ class FirmwareRig:
         d = self.base / "board"
         tf.make_board(d, dict(rig.device_config, app={"telemetry_s": 1, "health_s": 1},
                               firmware={"boot_window_ms": 0}),
-                      app=(ROOT / "firmware" / "app.py").read_text() + REKEY_APP, arch=self.arch, lines=bm.LINES)
+                      app=(ROOT / "firmware" / "app.py").read_text() + REKEY_APP, arch=self.arch, lines=bm.LINES,
+                      compile_app=True)     # as `microtun flash --app` ships it
         if self.kind == "frozen":    # frozen in: nothing of it on the board's filesystem
             shutil.rmtree(d / "lib" / "microtun", ignore_errors=True)
             for m in FW_MODULES:

@@ -300,11 +300,15 @@ class Device(_Endpoint):
             if s.hs is None or m.u32(data, 4) != s.hs_index:
                 self._count("unknown_index")
                 return
+            # (`from microtun import x`, not `import microtun.x`: on a
+            # .mpy board the name microtun.x would be interned at load,
+            # for a path that may never run; endpoint.py's head says why
+            # the module-level imports are the other way)
             if t == m.TYPE_COOKIE:
-                from microtun.cookie import device_in
+                from microtun import cookie as rare
             else:
-                from microtun.stale import device_in
-            device_in(self, data, addr, now)
+                from microtun import stale as rare
+            rare.device_in(self, data, addr, now)
             return
         if t != m.TYPE_RESPONSE:
             self._count("unexpected_init" if t == m.TYPE_INIT else "malformed")

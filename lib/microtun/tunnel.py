@@ -194,8 +194,8 @@ class TunnelCore:
                     # first one, and only if the config allows ops; otherwise a counted drop
                     # (the gateway tells the operator when no answer comes)
                     if self.cfg.ops:
-                        from microtun.ops import serve
-                        serve(self, d, now)
+                        from microtun import ops    # (not microtun.ops: endpoint.py's rare imports say why)
+                        ops.serve(self, d, now)
                     else:
                         self._count("ops_disabled")
                 elif isinstance(i, int) and self.paths.on_probe_reply(d, now, i):

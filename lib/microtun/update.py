@@ -38,7 +38,7 @@ MAX_MANIFEST = 64 * 1024
 MARGIN = 4096                # bytes left free after staging (logs, state records)
 CONFIG = "microtun.json"
 # never part of a release: the loader, what the loader needs, the device's own files
-RESERVED = ("main.py", "boot.py", "board.py", "microtun.json", "lib/microtun_slot.mpy", "lib/microtun_slot.py",
+RESERVED = ("main.py", "boot.py", "board.py", "board.mpy", "microtun.json", "lib/microtun_slot.mpy", "lib/microtun_slot.py",
             "manifest.json", "manifest.sig", "microtun_boot.bin", "microtun_fw.txt", "microtun.log",
             "microtun.log.1", "SAFE", "safe_mode")
 

@@ -35,7 +35,8 @@ except (ImportError, SyntaxError, ValueError, MemoryError):
 _P = const(2**255 - 19)
 _A24P1 = const(121666)    # RFC 7748's a24 = 121665, plus one
 _U_MASK = const(2**255 - 1)
-BASE_POINT = b"\x09" + bytes(31)
+BASE_POINT = const(b"\x09\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+                   b"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # u = 9
 
 def _ladder_big(k, x1):
     # RFC 7748 §5: the Montgomery ladder over bits 254..0 of k, in big ints.

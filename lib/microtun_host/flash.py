@@ -12,13 +12,14 @@ Steps, each shown as it happens:
           board's -march and -O3 (no line numbers: --lines keeps them),
           into a temporary directory
   copy    one mpremote session: stale files out, .mpy files to /lib, boot.py,
-          main.py, app.py, board.py and the config (as microtun.json) to /
+          main.py, app.mpy, board.mpy (the app and board.py, compiled) and
+          the config (as microtun.json) to /
   verify  size and sha256 of every file, computed on the board, against ours
   reset   machine.reset(): the board boots into main.py
 
 What lands on the board:
 
-    /boot.py /main.py /app.py /board.py /microtun.json
+    /boot.py /main.py /app.mpy /board.mpy /microtun.json
     /lib/microtun_fw.mpy /lib/microtun_boot.mpy /lib/microtun_net.mpy /lib/microtun_rare.mpy
     /lib/microtun_slot.mpy /lib/microtun/*.mpy
 
@@ -65,6 +66,17 @@ FEATURES = {"ops": ("ops", "logring"), "update": ("update", "ed25519")}
 # loader that picks the code set
 FW_MODULES = ("microtun_fw.py", "microtun_boot.py", "microtun_net.py", "microtun_rare.py", "microtun_slot.py")
 FW_FILES = ("boot.py", "main.py")             # copied as source, to /
+# The application and board.py, compiled to /app.mpy and /board.mpy
+# (bytecode; build_app): MicroPython imports them as it would the .py, but a
+# board compiling a .py at boot interns every name in it (locals and private
+# consts too) as a qstr in its heap for good, and needs the compiler's heap
+# while it does: 7 qstrs for the sample app and the unix board.py, which put
+# the 32-bit .mpy firmware over the 620 at which MicroPython allocates its
+# sixth qstr pool (4.5K in one block; docs/MEMORY.md). A mistake in the app
+# is reported by `microtun flash`, not at boot. An app.py copied by hand is
+# imported first (MicroPython looks for .py before .mpy); the next flash
+# removes it.
+APP_MODULES = ("app", "board")
 NATIVE_MODULES = ("xorbuf", "fe25519", "hopmac")   # viper: mpy-cross needs the board's -march
 # Frozen builds only: native code loaded from a .mpy sits in RAM (the GC heap
 # on rp2): fe25519 is ~26 KB of it (without it x25519 uses big ints), hopmac
@@ -304,6 +316,18 @@ def compile_mpy(src, dst, source_name, arch=None, exe=None, lines=False):
     return dst.stat().st_size
 
 
+def build_app(app_path, board, out, lines=False):
+    """The application (app_path) and the board's board.py compiled into
+    out/ for `board`: [(local Path, remote path)] (APP_MODULES)."""
+    exe = mpy_cross_exe()
+    files = []
+    for name, src in (("app", Path(app_path)), ("board", board.dir / "board.py")):
+        dst = Path(out) / (name + ".mpy")
+        compile_mpy(src, dst, name + ".py", board.arch, exe, lines)
+        files.append((dst, name + ".mpy"))
+    return files
+
+
 def device_features(cfg_path):
     """The FEATURES a device config turns on: "ops" for "ops": true, "update"
     for a non-empty "update": {"operators": [...]}."""
@@ -429,7 +453,8 @@ def probe(port):
 
 def prepare_code(keep, frozen):
     """Board-side: make /lib and /lib/microtun, remove package files that
-    are not in `keep` (stale modules; a .py would shadow our .mpy)."""
+    are not in `keep` (stale modules; a .py would shadow our .mpy), and an
+    app or board module that is not (app.py after app.mpy is shipped)."""
     return """\
 import os
 def _rm(p):
@@ -456,9 +481,13 @@ for m in %r:
     for p in ("lib/%%s.py" %% m, "lib/%%s.mpy" %% m):
         if p not in keep:
             _rm(p)
+for m in %r:
+    for p in (m + ".py", m + ".mpy"):
+        if p not in keep:
+            _rm(p)
 if %r:
     _rm("lib/microtun")
-""" % (sorted(keep), tuple(n[:-3] for n in FW_MODULES), frozen)
+""" % (sorted(keep), tuple(n[:-3] for n in FW_MODULES), APP_MODULES, frozen)
 
 
 def verify_code(paths):
@@ -622,7 +651,7 @@ def flash(port, device, config_dir="deploy", board=None, app=None, reset=True, f
         files = build(b, Path(tmp) / b.name, frozen=frozen, log=log, features=device_features(cfg_path),
                       lines=lines)
         files += [(FIRMWARE / n, n) for n in FW_FILES]
-        files += [(app_path, "app.py"), (b.dir / "board.py", "board.py"), (cfg_path, "microtun.json")]
+        files += build_app(app_path, b, Path(tmp) / "app", lines) + [(cfg_path, "microtun.json")]
         copy_and_verify(port, files, frozen, log)
 
     if made_safe:

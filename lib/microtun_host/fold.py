@@ -1,5 +1,6 @@
 """Fold the package's public constants into the code that uses them, for the
-.mpy files a board loads (flash.compile_mpy).
+.mpy files a board loads (flash.compile_mpy), and leave out what MicroPython
+ignores (`__slots__`).
 
 A module-level `NAME = const(1)` costs a MicroPython board heap when NAME is
 public: the compiler folds the value into the module's own code, but it
@@ -125,19 +126,23 @@ def fold(text, module, consts, name="<source>"):
         if ("_" + c) in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}:
             raise FoldError("%s: both %s and _%s are defined; the constant fold (microtun_host.fold) "
                             "would merge them" % (name, c, c))
-    if not (own or aliases or direct):
+    # __slots__ in a class body: CPython's memory saving (the gateway keeps
+    # one Keypair per session); MicroPython ignores it, so on a board it is
+    # only a tuple of names and one more qstr
+    slots = [n for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for n in c.body
+             if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
+             and n.targets[0].id == "__slots__"]
+    if not (own or aliases or direct or slots):
         return text
 
     lines = text.splitlines(True)
-    # the import statements first, each to the same number of lines
-    for n, kept in sorted(imports, key=lambda x: -x[0].lineno):
+    # whole statements first (the imports, __slots__), each to as many lines
+    stmts = [(n, "from %s import %s" % (n.module, ", ".join(a.name + (" as " + a.asname if a.asname else "")
+                                                            for a in kept)) if kept else "pass")
+             for n, kept in imports] + [(n, "pass") for n in slots]
+    for n, stmt in sorted(stmts, key=lambda x: -x[0].lineno):
         first = lines[n.lineno - 1]
         indent = first[:len(first) - len(first.lstrip())]
-        if kept:
-            stmt = "from %s import %s" % (n.module, ", ".join(
-                a.name + (" as " + a.asname if a.asname else "") for a in kept))
-        else:
-            stmt = "pass"
         end = lines[n.end_lineno - 1]
         tail = end[n.end_col_offset:]       # a comment, `; more`, the newline
         new = [indent + stmt + tail] + ["\n"] * (n.end_lineno - n.lineno)

@@ -37,7 +37,7 @@ PREFIX = b"microtun release v1\n"
 VERSION = 1
 TRIAL_S = 60
 # never in a release (lib/microtun/update.py refuses them too): the loader and the device's own files
-RESERVED = ("main.py", "boot.py", "board.py", "microtun.json", "lib/microtun_slot.mpy", "lib/microtun_slot.py",
+RESERVED = ("main.py", "boot.py", "board.py", "board.mpy", "microtun.json", "lib/microtun_slot.mpy", "lib/microtun_slot.py",
             "manifest.json", "manifest.sig", "microtun_boot.bin", "microtun_fw.txt", "microtun.log",
             "microtun.log.1", "SAFE", "safe_mode")
 MAX_FILES = 400
@@ -74,16 +74,16 @@ def collect(src):
 
 def board_files(board_name, app=None, log=lambda *a: None):
     """The file set `microtun flash` puts on a board of that kind, compiled
-    now: the package and firmware runtime as .mpy, plus app.py."""
+    now: the package and firmware runtime as .mpy, plus the app as app.mpy
+    (flash.build_app)."""
     from microtun_host import flash
     known = flash.boards()
     if board_name not in known:
         raise ReleaseError("unknown board %r; known: %s" % (board_name, ", ".join(sorted(known))))
     with tempfile.TemporaryDirectory(prefix="microtun-release-") as tmp:
         files = flash.build(known[board_name], Path(tmp) / "out", log=log)
-        out = [(remote, Path(local).read_bytes()) for local, remote in files if remote not in RESERVED]
-    out.append(("app.py", Path(app or flash.FIRMWARE / "app.py").read_bytes()))
-    return out
+        files += flash.build_app(app or flash.FIRMWARE / "app.py", known[board_name], Path(tmp) / "app")
+        return [(remote, Path(local).read_bytes()) for local, remote in files if remote not in RESERVED]
 
 
 def make_manifest(files, version, operator_public, trial_s=TRIAL_S):
