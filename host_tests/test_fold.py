@@ -111,3 +111,22 @@ def test_slots_leave_the_class_body_and_nothing_else_changes():
            "def f():\n    __slots__ = 3\n    return __slots__\n")
     out = fold.fold(src, None, {})
     assert out == "class K:\n    pass  # CPython\n\n    x = 1\n\ndef f():\n    __slots__ = 3\n    return __slots__\n"
+
+
+def test_an_app_mpy_cross_refuses_is_named_with_its_line(tmp_path):
+    # valid for CPython's parser, refused by MicroPython's compiler
+    # (MicroPython has no `nonlocal` at module level either, but this is
+    # one both agree on being wrong only at compile time)
+    src = tmp_path / "my_app.py"
+    src.write_text("x = 1\n\n\ndef f():\n    nonlocal x\n")
+    with pytest.raises(flash.FlashError) as e:
+        flash.build_app(src, flash.boards()["unix"], tmp_path / "out")
+    assert "my_app.py" in str(e.value) and "line 5" in str(e.value), e.value
+    assert "microtun-mpy-" not in str(e.value)      # the user's file, not our temporary copy
+
+
+def test_an_app_with_a_syntax_error_is_refused_before_the_board(tmp_path):
+    src = tmp_path / "my_app.py"
+    src.write_text("x = 1\ndef f(:\n    pass\n")
+    with pytest.raises(flash.FlashError, match=r"cannot compile .*my_app.py: .*line 2"):
+        flash.build_app(src, flash.boards()["unix"], tmp_path / "out")

