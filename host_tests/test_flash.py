@@ -96,11 +96,17 @@ def microtun_flash(*args, timeout=120):
 
 # -- the whole thing --------------------------------------------------------------------------
 def test_flash_the_virtual_board_then_it_connects_through_two_pops(tmp_path, rig, vboards):
+    # a board flashed before the app shipped compiled: its app.py and board.py
+    # would be imported before the new app.mpy and board.mpy
+    (tmp_path / "board").mkdir()
+    (tmp_path / "board" / "app.py").write_text("raise RuntimeError('the old app.py ran')\n")
+    (tmp_path / "board" / "board.py").write_text("raise RuntimeError('the old board.py ran')\n")
     vb = vboards(tmp_path / "board")
-    vb.wait_console(r">>> ", 10)               # an empty board: straight to the REPL
+    vb.wait_console(r">>> ", 10)               # no main.py: straight to the REPL
     r = microtun_flash("--port", vb.port, "--device", "dev1", "--config-dir", str(rig.dir / "deploy"))
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
+    assert "clean   removed app.py" in out and "clean   removed board.py" in out, out
     feats = flash.device_features(rig.dir / "deploy" / "devices" / "dev1.json")
     n = len(flash.device_modules(True, features=feats)) - len(flash.FROZEN_ONLY) + len(flash.FW_MODULES) + 5
     assert re.search(r"board   unix: .*\.mpy v6 x64", out), out              # detected, not told
@@ -131,6 +137,7 @@ def test_flash_the_virtual_board_then_it_connects_through_two_pops(tmp_path, rig
     files = vb.mpremote("exec", "import os; print(sorted(os.listdir('/')))")
     for f in ("app.mpy", "board.mpy", "boot.py", "lib", "main.py", "microtun.json", "microtun_boot.bin"):
         assert "'%s'" % f in files, files
+    assert "'app.py'" not in files and "'board.py'" not in files, files
     log = vb.mpremote("fs", "cat", ":microtun.log")
     assert re.search(r"#1 \+\d+\.\d+s boot boot 1 on unix \(hard reset\)", log), log
 
