@@ -2,6 +2,7 @@
 policies, idle airtime. Deterministic, both interpreters."""
 from stack_sim import StackSim, PathNet
 from microtun import paths as P
+from microtun.ticks import ticks_diff
 
 PORTABLE = True
 QEMU = True      # also runs on the qemu Cortex-M board (host_tests/qemu_manifest.py)
@@ -122,3 +123,25 @@ def test_idle_airtime_per_hour():
     print("idle bytes/hour:", per_hour, "up", s.bytes_up - up, "down", s.bytes_down - down)
     assert s.core.established
     assert per_hour <= 8192, per_hour
+
+
+
+def test_a_device_that_only_receives_replaces_its_keypair_before_it_is_rejected():
+    # keep_session off and nothing sent by the device: no rekey at
+    # REKEY_AFTER_TIME (idle, and none on send), but while the gateway's data
+    # keeps coming, a keypair within keepalive + rekey timeout (15 s) of
+    # REJECT_AFTER_TIME is replaced before it lapses (docs/PROTOCOL.md,
+    # "Timers": rekey on receive), and nothing the gateway sent is lost
+    from microtun import timers
+    s = StackSim(params=timers.Params(rekey_after_ms=60000, reject_after_ms=90000, keep_session=False))
+    s.connect()
+    t0 = s.now
+    got = []
+    for k in range(48):                   # 96 s of the gateway's data, one every 2 s
+        s.gw.send(s.peer, 1, b"%d" % k, s.now)
+        s.run(2000)
+        if s.peer.handshakes > 1 and not got:
+            got.append(ticks_diff(s.now, t0))
+    assert got and 72000 <= got[0] < 90000, (got, s.core.device.stats)     # 75 s after the keypair was made
+    assert s.peer.handshakes == 2 and s.core.established, s.peer.handshakes
+    assert sorted(int(d) for _, d in s.dev_rx) == list(range(48))

@@ -170,7 +170,7 @@ class _Endpoint:
         """Forget expired keypairs; send a keepalive if one is owed."""
         p = self.params
         self._forget(s.expire(now, p))
-        if timers.should_send_keepalive(s, now, p) or timers.should_send_persistent_keepalive(s, now, p):
+        if timers.should_send_keepalive(s, now, p):
             self._keepalive(s, now, addr)
 
 
@@ -376,7 +376,7 @@ class Device(_Endpoint):
         cands = [s.keepalive_due]
         if s.hs is not None:
             cands.append(s.hs_retry_at)
-        elif s.data_sent_unanswered is not None:    # timers.should_handshake_unresponsive
+        elif s.data_sent_unanswered is not None:    # timers.should_rekey_on_timer: unresponsive
             cands.append(ticks.ticks_add(s.data_sent_unanswered, timers.unresponsive_after(p)))
         for kp in (s.current, s.previous, s.next):
             if kp is not None:
@@ -400,9 +400,7 @@ class Device(_Endpoint):
             self._initiate(now)
         self._session_timers(s, now, None)
         if s.hs is None and self._wanted:
-            if (s.current is None or timers.should_rekey_idle(s, now, p) or
-                    timers.should_rekey_on_receive(s, now, p) or
-                    timers.should_handshake_unresponsive(s, now, p)):
+            if s.current is None or timers.should_rekey_on_timer(s, now, p):
                 s.data_sent_unanswered = None
                 self._initiate(now)
         elif s.hs is None and s.current is None and self._queue:

@@ -74,36 +74,37 @@ def should_rekey_on_send(s, now, params):
             (ticks_diff(now, kp.created) >= params.rekey_after_ms or kp.send_counter >= params.rekey_after_messages))
 
 
-def should_rekey_on_receive(s, now, params):
-    """Initiator: the keypair is about to be rejected (WG: reject - keepalive - rekey timeout)."""
+def should_rekey_on_timer(s, now, params):
+    """Initiator with no handshake in flight, at a timer: a new handshake is
+    due because (one function for three rules: each is a board's heap)
+    - idle: it keeps its session up while idle (keep_session), so the far
+      end can reach it, and the keypair is REKEY_AFTER_TIME old;
+    - on receive: the keypair is about to be rejected (WG: reject -
+      keepalive - rekey timeout);
+    - unresponsive: it sent data and heard nothing back for
+      unresponsive_after(params): the far end may have lost our session
+      (e.g. it restarted)."""
+    if s.hs is not None:
+        return False
     kp = s.current
-    return (kp is not None and kp.initiator and s.hs is None and
-            ticks_diff(now, kp.created) >= params.reject_after_ms - params.keepalive_ms - params.rekey_timeout_ms)
-
-
-def should_rekey_idle(s, now, params):
-    """Initiator that keeps its session up while idle, so the far end can reach it."""
-    kp = s.current
-    return (params.keep_session and kp is not None and kp.initiator and s.hs is None and
-            ticks_diff(now, kp.created) >= params.rekey_after_ms)
+    if kp is not None and kp.initiator:
+        age = ticks_diff(now, kp.created)
+        if params.keep_session and age >= params.rekey_after_ms:
+            return True
+        if age >= params.reject_after_ms - params.keepalive_ms - params.rekey_timeout_ms:
+            return True
+    return s.data_sent_unanswered is not None and ticks_diff(now, s.data_sent_unanswered) >= unresponsive_after(params)
 
 
 def should_send_keepalive(s, now, params):
-    """Passive keepalive: we received data and have sent nothing back for a while."""
-    return (s.current is not None and s.keepalive_due is not None and
-            ticks_diff(now, s.keepalive_due) >= 0)
-
-
-def should_send_persistent_keepalive(s, now, params):
-    return (params.persistent_keepalive_ms > 0 and s.current is not None and
-            ticks_diff(now, s.last_sent) >= params.persistent_keepalive_ms)
-
-
-def should_handshake_unresponsive(s, now, params):
-    """Initiator sent data and heard nothing back for keepalive + rekey timeout:
-    the far end may have lost our session (e.g. it restarted)."""
-    return (s.hs is None and s.data_sent_unanswered is not None and
-            ticks_diff(now, s.data_sent_unanswered) >= unresponsive_after(params))
+    """A keepalive is owed: passive (we received data and have sent nothing
+    back for KEEPALIVE_TIMEOUT), or persistent (persistent_keepalive_ms,
+    off by default: the path layer keeps NATs open)."""
+    if s.current is None:
+        return False
+    if s.keepalive_due is not None and ticks_diff(now, s.keepalive_due) >= 0:
+        return True
+    return params.persistent_keepalive_ms > 0 and ticks_diff(now, s.last_sent) >= params.persistent_keepalive_ms
 
 
 def unresponsive_after(params):
