@@ -60,6 +60,14 @@ def test_importers_get_the_values_and_lose_the_names():
     ast.parse(out)
 
 
+def test_a_dotted_import_is_folded_too():
+    # an app's `import microtun.endpoint` and `microtun.endpoint.DATA`: on a
+    # .mpy board that name is not there, so the use must not be left as it is
+    src = "import microtun.defs\nimport microtun\nx = (microtun.defs.TYPE_A, microtun.defs.other, microtun.x)\n"
+    assert fold.fold(src, "user", TABLE) == (
+        "import microtun.defs\nimport microtun\nx = (1, microtun.defs.other, microtun.x)\n")
+
+
 def test_module_without_folded_names_is_returned_as_is():
     src = "import microtun.defs as d\nx = d.other\n"
     assert fold.fold(src, "user", TABLE) is src

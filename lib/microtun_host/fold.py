@@ -87,14 +87,18 @@ def fold(text, module, consts, name="<source>"):
     tree = ast.parse(text, name)
     own = consts.get(module, {})
     aliases = {}        # local name -> module, for `m.NAME`
+    dotted = set()      # modules imported as `import microtun.m`, for `microtun.m.NAME`
     direct = {}         # local name -> value, from `from microtun.m import NAME`
     imports = []        # (ImportFrom node, [alias nodes kept])
     for n in ast.walk(tree):
         if isinstance(n, ast.Import):
             for a in n.names:
                 parts = a.name.split(".")
-                if a.asname and len(parts) == 2 and parts[0] == _PACKAGE and parts[1] in consts:
-                    aliases[a.asname] = parts[1]
+                if len(parts) == 2 and parts[0] == _PACKAGE and parts[1] in consts:
+                    if a.asname:
+                        aliases[a.asname] = parts[1]
+                    else:
+                        dotted.add(parts[1])        # microtun.m.NAME
         elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
             if n.module == _PACKAGE:
                 for a in n.names:
@@ -112,7 +116,7 @@ def fold(text, module, consts, name="<source>"):
             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
             and n.attr in consts[aliases[n.value.id]]}
     aliases = {k: v for k, v in aliases.items() if k in used}
-    for local in list(aliases) + list(direct):
+    for local in list(aliases) + list(direct) + ([_PACKAGE] if dotted else []):
         # a name bound twice (an alias reassigned, a parameter that shadows
         # it) would be folded where it means something else
         binds = [n for n in ast.walk(tree) if (isinstance(n, ast.Name) and n.id == local
@@ -132,7 +136,7 @@ def fold(text, module, consts, name="<source>"):
     slots = [n for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for n in c.body
              if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
              and n.targets[0].id == "__slots__"]
-    if not (own or aliases or direct or slots):
+    if not (own or aliases or direct or dotted or slots):
         return text
 
     lines = text.splitlines(True)
@@ -157,6 +161,12 @@ def fold(text, module, consts, name="<source>"):
         t = toks[i]
         prev = toks[i - 1].string if i else ""
         if t.type == tokenize.NAME and prev != ".":
+            if (t.string == _PACKAGE and dotted and i + 4 < len(toks) and toks[i + 1].string == "."
+                    and toks[i + 2].string in dotted and toks[i + 3].string == "."
+                    and toks[i + 4].string in consts[toks[i + 2].string]):
+                edits.append((t.start, toks[i + 4].end, _literal(consts[toks[i + 2].string][toks[i + 4].string])))
+                i += 5
+                continue
             if (t.string in aliases and i + 2 < len(toks) and toks[i + 1].string == "."
                     and toks[i + 2].type == tokenize.NAME
                     and toks[i + 2].string in consts[aliases[t.string]]):
