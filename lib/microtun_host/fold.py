@@ -153,7 +153,6 @@ def fold(text, module, consts, name="<source>"):
         lines[n.lineno - 1:n.end_lineno] = new
     text = "".join(lines)
 
-    out = []
     toks = list(tokenize.generate_tokens(io.StringIO(text).readline))
     i = 0
     edits = []          # ((row, col) start, (row, col) end, replacement)
