@@ -80,7 +80,7 @@ def make_board(path, config, app=None, arch=None, lines=False, compile_app=False
     if app is not None:
         (path / "app.py").write_text(app)
         if compile_app:
-            flash.compile_mpy(path / "app.py", path / "app.mpy", "app.py", arch, lines=True)   # as build_app
+            flash.compile_app_module(path / "app.py", path / "app.mpy", "app", arch)
             (path / "app.py").unlink()
     if config is not None:
         (path / "microtun.json").write_text(config if isinstance(config, str) else json.dumps(config))

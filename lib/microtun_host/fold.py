@@ -116,18 +116,26 @@ def fold(text, module, consts, name="<source>"):
             if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
             and n.attr in consts[aliases[n.value.id]]}
     aliases = {k: v for k, v in aliases.items() if k in used}
+    # every name the module binds (an assignment, a parameter, `except as`),
+    # with its first line, and every name it uses
+    bound = {}
+    names = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name):
+            names.add(n.id)
+            got = n.id if isinstance(n.ctx, ast.Store) else None
+        else:
+            got = n.arg if isinstance(n, ast.arg) else n.name if isinstance(n, ast.ExceptHandler) else None
+        if got is not None and got not in bound:
+            bound[got] = n.lineno
     for local in list(aliases) + list(direct) + ([_PACKAGE] if dotted else []):
         # a name bound twice (an alias reassigned, a parameter that shadows
         # it) would be folded where it means something else
-        binds = [n for n in ast.walk(tree) if (isinstance(n, ast.Name) and n.id == local
-                                               and isinstance(n.ctx, ast.Store))
-                 or (isinstance(n, ast.arg) and n.arg == local)
-                 or (isinstance(n, ast.ExceptHandler) and n.name == local)]
-        if binds:
+        if local in bound:
             raise FoldError("%s:%d: %r is both an imported name and assigned; the constant fold "
-                            "(microtun_host.fold) cannot tell them apart" % (name, binds[0].lineno, local))
+                            "(microtun_host.fold) cannot tell them apart" % (name, bound[local], local))
     for c in own:
-        if ("_" + c) in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}:
+        if "_" + c in names:
             raise FoldError("%s: both %s and _%s are defined; the constant fold (microtun_host.fold) "
                             "would merge them" % (name, c, c))
     # __slots__ in a class body: CPython's memory saving (the gateway keeps
