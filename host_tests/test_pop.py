@@ -26,6 +26,7 @@ import pytest
 
 from microtun import outer
 from microtun_host import control, pop
+from microtun_host.localnet import free_port   # below the ephemeral range, not bind(0)'s: localnet.free_ports says why
 from microtun_host.config import Address, parse_address
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,12 +40,6 @@ START_TIMEOUT = 10.0
 
 
 # --- helpers -------------------------------------------------------------------
-
-def free_port():
-    # below the ephemeral range, not bind(0)'s: localnet.free_ports says why
-    from microtun_host.localnet import free_ports
-    return free_ports(1)[0]
-
 
 def udp(timeout=2.0):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

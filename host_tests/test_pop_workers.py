@@ -434,7 +434,7 @@ def test_two_workers_serve_one_metrics_endpoint(tmp_path):
     # the counters are the workers' added up, as `microtun status` shows.
     from test_metrics import scrape, value, _wait_http
     gw = udp()
-    mport = free_tcp_port()
+    mport = free_port()                  # free for TCP too (localnet.free_ports)
     routes = [route(100, K_DA, "127.0.0.1:%d" % gw.getsockname()[1], 300, K_BG),
               route(301, K_BG, "learn:100", 101, K_DA)]
     p = Workers(tmp_path, routes, metrics="127.0.0.1:%d" % mport)
@@ -450,9 +450,3 @@ def test_two_workers_serve_one_metrics_endpoint(tmp_path):
         assert "listening" in p.log() and "cannot serve metrics" not in p.log()
     finally:
         assert p.stop() == 0, p.log()
-
-
-def free_tcp_port():
-    # free for TCP and UDP, below the ephemeral range: localnet.free_ports
-    from microtun_host.localnet import free_ports
-    return free_ports(1)[0]

@@ -304,13 +304,6 @@ def etcd_binary():
     return shutil.which("etcd") or (os.path.exists("/usr/bin/etcd") and "/usr/bin/etcd") or None
 
 
-def _free_port():
-    # for the etcd process to listen on: below the ephemeral range, where a
-    # port found free stays free until it binds (localnet.free_ports)
-    from microtun_host.localnet import free_ports
-    return free_ports(1)[0]
-
-
 class LocalEtcd:
     """One etcd member on loopback, random ports, a temporary data dir.
 
@@ -326,8 +319,10 @@ class LocalEtcd:
             raise RuntimeError(INSTALL_HINT)
         self._own_dir = data_dir is None
         self.dir = data_dir or tempfile.mkdtemp(prefix="microtun-etcd-")
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
+        # for the etcd process to listen on: below the ephemeral range, where
+        # a port found free stays free until it binds (localnet.free_ports)
+        from microtun_host.localnet import free_ports
+        self.client_port, self.peer_port = free_ports(2)
         self.endpoint = "http://127.0.0.1:%d" % self.client_port
         self.proc = None
         self._log = None

@@ -84,6 +84,11 @@ def free_ports(n):
     return ports
 
 
+def free_port():
+    """One port, as free_ports(1) picks them."""
+    return free_ports(1)[0]
+
+
 def micropython():
     cand = Path(PY).with_name("micropython")
     return str(cand) if cand.exists() else "micropython"
