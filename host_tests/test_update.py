@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "firmware"))
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from microtun import ed25519                             # noqa: E402
-from microtun_host import release, rollout              # noqa: E402
+from microtun_host import flash, release, rollout       # noqa: E402
 from microtun_host.changelog import OperatorKey         # noqa: E402
 
 
@@ -161,6 +161,21 @@ def test_missing_committed_set_runs_the_flashed_files(slot):
 @pytest.fixture
 def key(tmp_path):
     return OperatorKey.generate(str(tmp_path / "op.key"))
+
+
+def test_a_boards_release_carries_what_flash_ships_but_the_boards_own_files(tmp_path):
+    # `release build --board`: the package and runtime as .mpy and the app
+    # compiled with its line numbers (flash.build_app's rule), never board.py
+    # or anything else a release may not write
+    app = tmp_path / "my_app.py"
+    app.write_text("x = 1\n\n\ndef f():\n    return x\n")
+    got = dict(release.board_files("unix", app=str(app)))
+    assert not set(got) & set(release.RESERVED), sorted(got)
+    assert "lib/microtun/tunnel.mpy" in got and "lib/microtun_fw.mpy" in got
+    want = tmp_path / "want.mpy"
+    flash.compile_app_module(app, want, "app", flash.boards()["unix"].arch)
+    assert got["app.mpy"] == want.read_bytes()
+    assert [p for p in got if not p.startswith("lib/")] == ["app.mpy"]
 
 
 def test_bundle_round_trip_and_tampering(tmp_path, key):

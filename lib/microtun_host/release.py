@@ -75,14 +75,18 @@ def collect(src):
 def board_files(board_name, app=None, log=lambda *a: None):
     """The file set `microtun flash` puts on a board of that kind, compiled
     now: the package and firmware runtime as .mpy, plus the app as app.mpy
-    (flash.build_app)."""
+    (as flash.build_app compiles it; board.py is the board's own, never in
+    a release)."""
     from microtun_host import flash
     known = flash.boards()
     if board_name not in known:
         raise ReleaseError("unknown board %r; known: %s" % (board_name, ", ".join(sorted(known))))
     with tempfile.TemporaryDirectory(prefix="microtun-release-") as tmp:
-        files = flash.build(known[board_name], Path(tmp) / "out", log=log)
-        files += flash.build_app(app or flash.FIRMWARE / "app.py", known[board_name], Path(tmp) / "app")
+        b = known[board_name]
+        files = flash.build(b, Path(tmp) / "out", log=log)
+        app_mpy = Path(tmp) / "app.mpy"
+        flash.compile_app_module(app or flash.FIRMWARE / "app.py", app_mpy, "app", b.arch)
+        files.append((app_mpy, "app.mpy"))
         return [(remote, Path(local).read_bytes()) for local, remote in files if remote not in RESERVED]
 
 
