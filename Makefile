@@ -5,7 +5,8 @@
 #   make bench   benchmarks (JSON) on both interpreters
 #   make demo    a local device -> PoPs -> gateway run over loopback
 #   make unix32-frozen / unix32 / qemu   MicroPython built from source with
-#                microtun frozen in (tools/mpbuild.py; MICROPY_SRC=checkout or tarball)
+#                microtun frozen in (tools/mpbuild.py; MICROPY_SRC=checkout or tarball);
+#                qemu-pyaes: the qemu board without cryptolib (bench-qemu's pure AES)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -111,13 +112,13 @@ flash: $(STAMP)
 # MicroPython built from source (docs/FIRMWARE.md, "Build MicroPython with
 # microtun frozen in"). MICROPY_SRC: a v1.28 checkout or the release tarball;
 # default ../shared/micropython/micropython-1.28.0.tar.xz. Cached under build/.
-.PHONY: unix32-frozen unix32 qemu
+.PHONY: unix32-frozen unix32 qemu qemu-pyaes
 ifdef MICROPY_SRC
 export MICROPY_SRC            # `make test MICROPY_SRC=...` reaches the suite's builds too
 endif
 MPBUILD = $(PY) tools/mpbuild.py
 
-unix32-frozen unix32 qemu: $(STAMP)
+unix32-frozen unix32 qemu qemu-pyaes: $(STAMP)
 	@$(MPBUILD) $@
 
 clean:

@@ -147,3 +147,23 @@ def test_qemu_device_image_boots_with_cryptolib_and_the_device_modules():
     # be imported there; everything else the device needs imports.
     assert eval(needs) == {"driver": "no module named 'socket'"}
     assert sorted(eval(frozen) + ["driver"]) == device_modules(cryptolib=True)
+
+
+def test_qemu_pyaes_image_has_no_cryptolib_and_seals_with_the_pure_aes():
+    # tools/bench_qemu.py's second image: the port's own board, so the AEAD
+    # runs on microtun.aes_pure (frozen there only); its bytes are CPython's
+    elf = artefact("qemu-pyaes")
+    from qemuboard import QemuBoard
+    from microtun.aead import AEAD
+    key, nonce, ad, msg = bytes(range(32)), bytes(range(12)), b"hdr", b"pure AES on a Cortex-M3"
+    code = ("try:\n import cryptolib\n print('cryptolib')\nexcept ImportError:\n print('none')\n"
+            "from microtun.aead import AEAD\na = AEAD(%r)\nc = a.seal(%r, %r, %r)\n"
+            "print(a.backend, c.hex(), a.open(%r, c, %r) == %r)\n" % (key, nonce, msg, ad, nonce, ad, msg))
+    with QemuBoard(elf) as b:
+        out, err = b.exec(code, timeout=120)
+    assert err == ""
+    lines = out.strip().splitlines()
+    assert lines[-2] == "none"
+    backend, sealed, opened = lines[-1].split()
+    assert (backend, opened) == ("pure", "True")
+    assert sealed == AEAD(key).seal(nonce, msg, ad).hex()

@@ -12,6 +12,10 @@ TARGET (artefact under build/, its absolute path printed as the last line):
                                                      microtun frozen (boards/qemu/manifest.py)
     qemu-test      build/qemu-an385-test/firmware.elf  the qemu board with the portable test modules and
                                                      their helpers frozen too (host_tests/qemu_manifest.py)
+    qemu-pyaes     build/qemu-an385-pyaes/firmware.elf  the port's own MPS2_AN385 board, without cryptolib:
+                                                     the AEAD on microtun.aes_pure, frozen in
+                                                     (boards/qemu/pyaes_manifest.py; tools/bench_qemu.py's
+                                                     pure-Python AES figures)
 
 The source is MICROPY_SRC (environment, or --src): a MicroPython v1.28 source
 directory (a git checkout with the lib/mbedtls submodule) or the release
@@ -68,6 +72,10 @@ TARGETS = {
     # device image keeps the port's 140 KB): some vectors allocate 64 KB.
     "qemu-test": ("qemu", "host_tests/qemu_manifest.py", "qemu-an385-test/firmware.elf",
                   FROZEN + ("boards/qemu", "host_tests"), ("MICROPY_HEAP_SIZE=%d" % TEST_HEAP,)),
+    # The port's own board directory (no BOARD_DIR of ours): no mbedtls, so
+    # no cryptolib, as on a port built without it
+    "qemu-pyaes": ("qemu", "boards/qemu/pyaes_manifest.py", "qemu-an385-pyaes/firmware.elf",
+                   FROZEN + ("boards/qemu",), ("MICROTUN_STOCK_BOARD=1",)),
 }
 
 APT = {"unix": "gcc-multilib", "qemu": "gcc-arm-none-eabi libnewlib-arm-none-eabi"}
@@ -335,7 +343,7 @@ def build(target, src_arg=None, verbose=False):
                 (objdir / f).unlink()
         shutil.rmtree(objdir / "frozen_mpy", ignore_errors=True)
         extra = []
-        if port == "qemu":
+        if port == "qemu" and "MICROTUN_STOCK_BOARD=1" not in target_flags:
             extra = ["BOARD_DIR=" + str(ROOT / "boards" / "qemu")]
         run_make(make_cmd(top, port, flags, objdir, mpycross, ROOT / manifest, libdir, extra), verbose,
                  "building %s" % target)
