@@ -148,7 +148,7 @@ def board_facts(path):
     (tools/bench_board.py's firmware on the 32-bit unix port: 48 B less in
     use at session up); a board.py with the public names
     (`PLATFORM = "rp2"`) is read the same."""
-    tree = ast.parse(Path(path).read_text(), str(path))
+    tree = fold.parse(Path(path).read_text(), str(path))
     facts = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -188,7 +188,7 @@ def match_board(known, platform, machine, arch):
 def _imports(path):
     """microtun modules a file imports, anywhere in it (also inside functions)."""
     mods = set()
-    for node in ast.walk(ast.parse(Path(path).read_text(), str(path))):
+    for node in ast.walk(fold.parse(Path(path).read_text(), str(path))):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "microtun":
                 mods.update(a.name for a in node.names)
@@ -230,7 +230,7 @@ def native_source(text, name="<source>"):
     are only inserted: the code is the same. SyntaxError if text is not
     Python."""
     lines = text.splitlines(True)
-    defs = sorted({n.lineno for n in ast.walk(ast.parse(text, name))
+    defs = sorted({n.lineno for n in ast.walk(fold.parse(text, name))
                    if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}, reverse=True)
     for ln in defs:
         line = lines[ln - 1]

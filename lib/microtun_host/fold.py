@@ -27,11 +27,25 @@ Lines are never added or removed: line numbers (`--lines`) stay true.
 """
 import ast
 import io
+import threading
 import tokenize
 from pathlib import Path
 
 LIB = Path(__file__).resolve().parent.parent / "microtun"
 _PACKAGE = "microtun"
+
+# CPython (3.11.7 here) keeps the AST constructor's recursion depth in
+# interpreter-wide state, so two threads parsing at once can fail with
+# "SystemError: AST constructor recursion depth mismatch" (python/cpython
+# gh-106905): tools/bench_memory.build compiles its .mpy files on a thread
+# pool, and every one is folded. The host's parses for a build go through here.
+_PARSE = threading.Lock()
+
+
+def parse(text, name="<source>"):
+    """ast.parse, one thread at a time."""
+    with _PARSE:
+        return ast.parse(text, name)
 
 
 class FoldError(Exception):
@@ -60,7 +74,7 @@ def _value(node):
 def public_consts(text, name="<source>"):
     """{NAME: value} of the module's top-level public `NAME = const(...)`."""
     got = {}
-    for n in ast.parse(text, name).body:
+    for n in parse(text, name).body:
         if (isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
                 and not n.targets[0].id.startswith("_") and isinstance(n.value, ast.Call)
                 and isinstance(n.value.func, ast.Name) and n.value.func.id == "const"
@@ -84,7 +98,7 @@ def _literal(v):
 def fold(text, module, consts, name="<source>"):
     """text with the constants of `consts` (table()) folded; module: the
     package module text is (its own constants become private), or None."""
-    tree = ast.parse(text, name)
+    tree = parse(text, name)
     own = consts.get(module, {})
     aliases = {}        # local name -> module, for `m.NAME`
     dotted = set()      # modules imported as `import microtun.m`, for `microtun.m.NAME`
@@ -192,5 +206,5 @@ def fold(text, module, consts, name="<source>"):
         line = lines[r0 - 1]
         lines[r0 - 1] = line[:c0] + rep + line[c1:]
     out = "".join(lines)
-    ast.parse(out, name)        # still Python
+    parse(out, name)            # still Python
     return out
