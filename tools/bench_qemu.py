@@ -66,7 +66,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
+sys.path.insert(0, str(ROOT / "tools"))
 
+import mpbuild  # noqa: E402  (its targets' artefacts)
 from microtun.responder import Gateway  # noqa: E402
 from microtun.x25519 import public_key  # noqa: E402
 
@@ -77,7 +79,6 @@ GW_KEY = bytes(range(101, 133))
 PSK = b"\x42" * 32
 TIMEOUT = 600          # seconds for one raw-REPL command (pure-Python AES on an emulated CPU is slow)
 TARGETS = {"handshake_s_133mhz": 1.0, "packets_per_s_133mhz_cryptolib": 200}
-TARGET_DIRS = {"qemu": "qemu-an385", "qemu-pyaes": "qemu-an385-pyaes"}
 PURE_PACKETS = 2       # packets each way on the pure-Python AES (~35 M instructions each)
 
 
@@ -357,7 +358,7 @@ def built_elf(target):
     Through tools/mpbuild.py every time (cached: it rebuilds only when
     lib/microtun, the manifests or the source changed), so the image
     measured is the code in the checkout, not the last one built."""
-    built = ROOT / "build" / TARGET_DIRS[target] / "firmware.elf"
+    built = ROOT / "build" / mpbuild.TARGETS[target][2]
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "mpbuild.py"), target],
                        capture_output=True, text=True, timeout=1200)
     if r.returncode == 0 and r.stdout.strip():

@@ -59,6 +59,9 @@ UNIX_FLAGS = ["CFLAGS_EXTRA=-m32", "LDFLAGS_EXTRA=-m32", "MICROPY_PY_BTREE=0", "
               # the port's arch (ports/unix sets none; a board port does).
               "MPY_CROSS_FLAGS=-march=x86"]
 QEMU_FLAGS = ["BOARD=MPS2_AN385", "MICROPY_PY_BTREE=0"]
+# microtun's qemu board (boards/qemu: the port's MPS2_AN385 plus cryptolib
+# through mbedtls); a target without it builds the port's own board
+OUR_QEMU_BOARD = "BOARD_DIR=" + str(ROOT / "boards" / "qemu")
 
 FROZEN = ("lib/microtun", "firmware", "boards/microtun_manifest.py", "lib/microtun_host/flash.py")
 TEST_HEAP = 2 * 1024 * 1024
@@ -67,15 +70,16 @@ TARGETS = {
     "unix32-frozen": ("unix", "boards/unix/manifest.py", "unix32-frozen/micropython",
                       FROZEN + ("boards/unix",), ()),
     "unix32": ("unix", "boards/unix/base_manifest.py", "unix32/micropython", ("boards/unix/base_manifest.py",), ()),
-    "qemu": ("qemu", "boards/qemu/manifest.py", "qemu-an385/firmware.elf", FROZEN + ("boards/qemu",), ()),
+    "qemu": ("qemu", "boards/qemu/manifest.py", "qemu-an385/firmware.elf", FROZEN + ("boards/qemu",),
+             (OUR_QEMU_BOARD,)),
     # The test image gets a 2 MB heap (the board's 4 MB RAM allows it; the
     # device image keeps the port's 140 KB): some vectors allocate 64 KB.
     "qemu-test": ("qemu", "host_tests/qemu_manifest.py", "qemu-an385-test/firmware.elf",
-                  FROZEN + ("boards/qemu", "host_tests"), ("MICROPY_HEAP_SIZE=%d" % TEST_HEAP,)),
-    # The port's own board directory (no BOARD_DIR of ours): no mbedtls, so
+                  FROZEN + ("boards/qemu", "host_tests"), (OUR_QEMU_BOARD, "MICROPY_HEAP_SIZE=%d" % TEST_HEAP)),
+    # The port's own board directory (not OUR_QEMU_BOARD): no mbedtls, so
     # no cryptolib, as on a port built without it
     "qemu-pyaes": ("qemu", "boards/qemu/pyaes_manifest.py", "qemu-an385-pyaes/firmware.elf",
-                   FROZEN + ("boards/qemu",), ("MICROTUN_STOCK_BOARD=1",)),
+                   FROZEN + ("boards/qemu",), ()),
 }
 
 APT = {"unix": "gcc-multilib", "qemu": "gcc-arm-none-eabi libnewlib-arm-none-eabi"}
@@ -262,11 +266,11 @@ def inputs_digest(paths):
     return h.hexdigest()
 
 
-def make_cmd(top, port, flags, objdir, mpycross, manifest, libdir, extra=()):
+def make_cmd(top, port, flags, objdir, mpycross, manifest, libdir):
     cmd = ["make", "-C", str(top / "ports" / port), "-j" + JOBS, "BUILD=" + str(objdir),
            "MICROPY_MPYCROSS=" + str(mpycross), "MICROPY_MPYCROSS_DEPENDENCY=" + str(mpycross),
            "MPY_LIB_DIR=" + str(libdir), "FROZEN_MANIFEST=" + str(manifest)]
-    return cmd + list(flags) + list(extra)
+    return cmd + list(flags)
 
 
 def run_make(cmd, verbose, what):
@@ -299,7 +303,8 @@ def build(target, src_arg=None, verbose=False):
         flags = (UNIX_FLAGS if port == "unix" else QEMU_FLAGS) + list(target_flags)
         # The object directory is keyed by source and flags: objects of another
         # source never meet this one (tarball mtimes could make them look newer).
-        port_cfg = inputs_digest(["boards/qemu/mpconfigboard.mk", "boards/qemu/mbedtls_config_port.h"]) if port == "qemu" else ""
+        port_cfg = (inputs_digest(["boards/qemu/mpconfigboard.mk", "boards/qemu/mbedtls_config_port.h"])
+                    if OUR_QEMU_BOARD in flags else "")
         obj_key = hashlib.sha256(("%s\n%s\n%s\n%s" % (top, src_id, flags, port_cfg)).encode()).hexdigest()[:16]
         frozen_id = inputs_digest(inputs)
         key = "%s %s %s" % (obj_key, frozen_id, script_id[:16])
@@ -342,10 +347,7 @@ def build(target, src_arg=None, verbose=False):
             if (objdir / f).exists():
                 (objdir / f).unlink()
         shutil.rmtree(objdir / "frozen_mpy", ignore_errors=True)
-        extra = []
-        if port == "qemu" and "MICROTUN_STOCK_BOARD=1" not in target_flags:
-            extra = ["BOARD_DIR=" + str(ROOT / "boards" / "qemu")]
-        run_make(make_cmd(top, port, flags, objdir, mpycross, ROOT / manifest, libdir, extra), verbose,
+        run_make(make_cmd(top, port, flags, objdir, mpycross, ROOT / manifest, libdir), verbose,
                  "building %s" % target)
         built = objdir / ("micropython" if port == "unix" else "firmware.elf")
         if not built.is_file():
